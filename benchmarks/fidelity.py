@@ -1,0 +1,153 @@
+"""Fidelity: predict every published run in public-runs.yaml with its published configuration pinned, and
+compare with what was measured; then let the planner choose freely on the same setup.
+
+    python benchmarks/fidelity.py [--runs ../shared/benchmarks/public-runs.yaml] [--json out.json]
+
+Nothing here is tuned per run: each entry is translated into meshplan's inputs (model shape, cluster,
+batch, pinned degrees) by the same rules, written below, and predicted by the same cost model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+from tabulate import tabulate
+
+from meshplan.planner.search import search
+from meshplan.spec import CLUSTER_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, ModelSpec, TrainSpec, load_model
+
+DEFAULT_RUNS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "public-runs.yaml"
+
+
+@dataclass
+class Case:
+    name: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    train: TrainSpec
+    fixes: dict
+    env: dict                 # pins that describe the software, not the split (kept in the free search too)
+    measured_iteration_s: float
+    measured_memory_gib: float | None
+    source: str
+
+
+def megatron_cases(entry: dict) -> list[Case]:
+    """Megatron-Core weak scaling: GPT models (GELU, f = 4h, LayerNorm, MHA as the table gives heads only),
+    vocab 131072, seq 4096, bf16, distributed optimizer (ZeRO-1), TP/DP/PP communication overlap on,
+    Transformer Engine fused kernels; the micro batch is not published and is left to the planner. The published TFLOP/s count
+    attention in full; iteration time = Megatron's FLOPs / (TFLOP/s * GPUs), as the file derives it."""
+    common = entry["common"]
+    device, intra, inter = CLUSTER_PRESETS["dgx-h100"]
+    cases = []
+    for run in entry["runs"]:
+        model = ModelSpec(name=f"megatron-gpt-{run['name']}", layers=run["layers"], hidden=run["hidden"],
+                          heads=run["heads"], vocab=common["vocab"], mlp="gelu", norm="layernorm", position="rope",
+                          bias=True)
+        cluster = ClusterSpec(f"dgx-h100:{run['gpus'] // 8}", run["gpus"] // 8, 8, device, intra, inter)
+        train = TrainSpec(run["global_batch"], common["seq_len"], "bf16", "adam")
+        fixes = {"dp": run["dp"], "tp": run["tp"], "pp": run["pp"], "cp": 1, "zero": 1, "vocab_parallel": False}
+        env = {"tp_overlap": run["tp"] > 1, "compile": False, "fused_kernels": True}
+        cases.append(Case(f"megatron {run['name']}", model, cluster, train, fixes, env,
+                          run["iteration_s_derived"], None, "Megatron-Core r0.8 H100"))
+    return cases
+
+
+def torchtitan_cases(entry: dict) -> list[Case]:
+    """torchtitan Llama 3.1 on H100 96GB HBM2e at 500 W. FSDP is ZeRO-3 without pipeline and ZeRO-2 with it
+    (torchtitan does not reshard after forward under PP). Local batch = per data-parallel rank; without PP it is
+    one micro-batch, with PP micro-batches of 1 (torchtitan's default pipeline micro-batch size). float8 runs are
+    precision fp8 (fp8 linears), compile runs have fused elementwise ops, asyncTP is tp_overlap. Interleaved 1F1B
+    uses 2 virtual stages per rank. Device: the H100 die with 95830 MiB (as the 96 GB H100 parts report) and
+    HBM2e at 2400 GB/s; its 500 W cap against the SXM part's 700 W lowers sustained clocks, modelled by the
+    cube-root law of dynamic power (P ~ f * V^2 ~ f^3): peaks x (500/700)^(1/3) = 0.894."""
+    common = entry["common"]
+    _, intra, _ = CLUSTER_PRESETS["dgx-h100"]
+    clock = (500 / 700) ** (1 / 3)
+    device = DeviceSpec("H100-96GB-HBM2e-500W", 95830 / 1024, 989.4 * clock, 2400.0, peak_tflops_fp32=494.7 * clock,
+                        peak_tflops_fp8=1978.9 * clock)
+    inter = LinkSpec(47.0, 10.0)   # 400 Gb/s RDMA per GPU
+    cases = []
+    for run in entry["runs"]:
+        model = load_model(run["model"])
+        par = run["parallel"]
+        dp, tp, pp = par.get("fsdp", 1), par.get("tp", 1), par.get("pp", 1)
+        gpus = run["gpus"]
+        cluster = ClusterSpec(f"h100-96gb:{gpus // 8}", gpus // 8, 8, device, intra, inter)
+        variant = run["variant"]
+        precision = "fp8" if "float8" in variant else "bf16"
+        local = run["local_batch"]
+        train = TrainSpec(local * dp, common["seq_len"], precision, "adamw")
+        recompute = "selective" if run["recompute"].startswith("selective") else run["recompute"]
+        fixes = {"dp": dp, "tp": tp, "pp": pp, "cp": 1, "zero": 2 if pp > 1 else 3, "recompute": recompute,
+                 "micro_batch": 1 if pp > 1 else local}
+        if pp > 1:
+            interleaved = "interleaved" in variant
+            fixes.update({"schedule": "interleaved" if interleaved else "1f1b",
+                          "virtual_stages": 2 if interleaved else 1, "vocab_parallel": False})
+        env = {"tp_overlap": "asyncTP" in variant, "compile": "compile" in variant, "fused_kernels": False}
+        # tokens per iteration (local batch x data-parallel ranks x seq) over the whole job's tokens/s
+        iteration = local * dp * common["seq_len"] / (run["tokens_per_s_per_gpu"] * gpus)
+        cases.append(Case(f"torchtitan {run['model']} {gpus}g {variant}", model, cluster, train, fixes, env,
+                          iteration, run["memory_gib"], "torchtitan 2024-12 H100"))
+    return cases
+
+
+def load_cases(path: Path) -> list[Case]:
+    data = yaml.safe_load(path.read_text())
+    return megatron_cases(data["megatron_core_h100_r0.8"]) + torchtitan_cases(data["torchtitan_llama3_h100_2024_12"])
+
+
+def run(path: Path) -> dict:
+    rows, errors, out = [], [], []
+    for case in load_cases(path):
+        pinned = search(case.model, case.cluster, case.train, {**case.fixes, **case.env}, top=1).plans[0]
+        free = search(case.model, case.cluster, case.train, dict(case.env), top=1).plans[0]
+        p, f = pinned.predicted, free.predicted
+        err = p.iteration_s / case.measured_iteration_s - 1
+        errors.append(abs(err))
+        fits = p.peak_memory_gib <= case.cluster.gpu.memory_gib
+        speedup = p.iteration_s / f.iteration_s - 1
+        choice = f"dp{free.dp} tp{free.tp} pp{free.pp} cp{free.cp} mb{free.micro_batch} z{free.zero}"
+        if free.pp > 1:
+            choice += f" {free.schedule}" + (f"v{free.virtual_stages}" if free.virtual_stages > 1 else "")
+        choice += f" rc={free.recompute}"
+        rows.append([case.name, f"{case.measured_iteration_s:.2f}", f"{p.iteration_s:.2f}", f"{err:+.1%}",
+                     f"{case.measured_memory_gib:.1f}" if case.measured_memory_gib else "-",
+                     f"{p.peak_memory_gib:.1f}", "yes" if fits else "NO", f"{p.mfu:.0%}", choice, f"{speedup:+.1%}"])
+        out.append({"name": case.name, "measured_iteration_s": case.measured_iteration_s,
+                    "predicted_iteration_s": p.iteration_s, "error": err,
+                    "measured_memory_gib": case.measured_memory_gib, "predicted_memory_gib": p.peak_memory_gib,
+                    "fits": fits, "planner_choice": free.fields_for_fix(), "planner_iteration_s": f.iteration_s,
+                    "planner_fits": f.peak_memory_gib <= case.cluster.gpu.memory_gib, "planner_notes": list(free.notes)})
+    headers = ["run", "measured s/it", "predicted s/it", "error", "measured GiB", "predicted GiB", "fits",
+               "pred. MFU", "planner's own choice", "published vs own"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    summary = {"median_abs_error": statistics.median(errors), "max_abs_error": max(errors), "runs": len(errors)}
+    print(f"\nmedian |error| {summary['median_abs_error']:.1%}, max |error| {summary['max_abs_error']:.1%} "
+          f"over {len(errors)} runs")
+    return {"summary": summary, "runs": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not args.runs.exists():
+        print(f"error: --runs: {args.runs} not found (give the path to public-runs.yaml)", file=sys.stderr)
+        return 2
+    result = run(args.runs)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""``meshplan plan``: search for the fastest split that fits, print it, write it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+
+from meshplan.errors import InputError, MeshplanError
+
+DEFAULT_MODEL = "llama3-8b"
+DEFAULT_CLUSTER = "dgx-h100:1"
+DEFAULT_GLOBAL_BATCH = 64
+DEFAULT_SEQ_LEN = 8192
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+    markdown = "markdown"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_command)
+
+
+def plan_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset name, model YAML, or Hugging Face config.json "
+                                        f"[default: {DEFAULT_MODEL}]"),
+    cluster: Optional[str] = typer.Option(None, "--cluster", "-c", help="PRESET:NODES (dgx-a100, dgx-h100, dgx-h200), "
+                                          f"localhost:N, or a cluster YAML [default: {DEFAULT_CLUSTER}]"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", help="Sequences per optimizer step "
+                                               f"[default: {DEFAULT_GLOBAL_BATCH}]"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help=f"Tokens per sequence [default: {DEFAULT_SEQ_LEN}]"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32 | fp8"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd"),
+    fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
+                                  "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
+                                  "compile, fused_kernels"),
+    top: int = typer.Option(3, "--top", "-k", help="How many plans to show"),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the best plan here (YAML, or JSON for .json)"),
+    no_refine: bool = typer.Option(False, "--no-refine", help="Skip the final partition + recompute ILP"),
+) -> None:
+    """Find the fastest way to split training that fits, and predict its time and memory."""
+    from meshplan.cli import fail
+    from meshplan.planner.search import parse_fixes, search
+    from meshplan.spec import TrainSpec, load_cluster, load_model
+
+    try:
+        assumed = []
+        if model is None:
+            assumed.append(f"--model {DEFAULT_MODEL}")
+        if cluster is None:
+            assumed.append(f"--cluster {DEFAULT_CLUSTER}")
+        if global_batch is None:
+            assumed.append(f"--global-batch {DEFAULT_GLOBAL_BATCH}")
+        if seq_len is None:
+            assumed.append(f"--seq-len {DEFAULT_SEQ_LEN}")
+        if assumed:
+            typer.echo(f"assuming {' '.join(assumed)} (pass them to plan your own job)", err=True)
+        if top < 1:
+            raise InputError("--top", f"must be >= 1, got {top}", "give --top 1 or more")
+        model_spec = load_model(model or DEFAULT_MODEL)
+        cluster_spec = load_cluster(cluster or DEFAULT_CLUSTER)
+        train = TrainSpec(global_batch if global_batch is not None else DEFAULT_GLOBAL_BATCH,
+                          seq_len if seq_len is not None else DEFAULT_SEQ_LEN, precision, optimizer)
+        if cluster_spec.gpu.kind == "cpu" and train.precision != "fp32":
+            raise InputError("--precision", f"{train.precision} on CPU ranks", "use --precision fp32 on CPU clusters")
+        fixes = parse_fixes(fix)
+        progress = _progress_bar() if sys.stderr.isatty() else None
+        try:
+            result = search(model_spec, cluster_spec, train, fixes, top=top, refine=not no_refine,
+                            progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        if out is not None:
+            try:
+                result.plans[0].save(out)
+            except OSError as exc:
+                raise InputError("--out", f"cannot write {out}: {exc.strerror}", "give a writable path") from None
+    except MeshplanError as error:
+        fail(error)
+        return
+
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif output_format is OutputFormat.yaml:
+        typer.echo(yaml.safe_dump(result.to_dict(), sort_keys=False))
+    else:
+        typer.echo(render_text(result, markdown=output_format is OutputFormat.markdown))
+    if out is not None:
+        typer.echo(f"wrote {out}", err=True)
+
+
+class _progress_bar:
+    """A small stderr progress bar over degree families (only on a terminal)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None and total > 200:
+            self.bar = typer.progressbar(length=total, label="searching", file=sys.stderr)
+            self.bar.__enter__()
+        if self.bar is not None:
+            self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def render_text(result, markdown: bool = False) -> str:
+    from tabulate import tabulate
+
+    fmt = "github" if markdown else "simple"
+    rows = []
+    for i, p in enumerate(result.plans, 1):
+        pr = p.predicted
+        sched = "-" if p.pp == 1 else (p.schedule + (f" v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
+        rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
+                     p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
+                     f"{pr.iteration_s:.3f}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.0f}", f"{pr.mfu:.1%}",
+                     f"{pr.peak_memory_gib:.1f}"])
+    headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
+               "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB"]
+    best = result.plans[0]
+    m, c, t = best.model, best.cluster, best.train
+    lines = []
+    head = (f"{m.name} on {c.name} ({c.world_size} x {c.gpu.name}, {c.gpu.memory_gib:g} GiB), "
+            f"global batch {t.global_batch} x {t.seq_len} tokens, {t.precision}")
+    lines.append(f"## {head}" if markdown else head)
+    lines.append("")
+    lines.append(tabulate(rows, headers=headers, tablefmt=fmt))
+    lines.append("")
+    stages = [[i, f"[{s.layers[0]}, {s.layers[1]})", s.recompute,
+               ", ".join(f"{k} {v}" for k, v in s.recompute_layers.items() if v), f"{s.peak_memory_gib:.1f}"]
+              for i, s in enumerate(best.stages)]
+    if len(stages) > 1:
+        if len(stages) > 12:
+            stages = stages[:6] + [["...", "", "", "", ""]] + stages[-3:]
+        lines.append("plan 1 stages:")
+        lines.append(tabulate(stages, headers=["stage", "layers", "recompute", "blocks", "peak GiB"], tablefmt=fmt))
+        lines.append("")
+    tb = best.predicted.time_breakdown_s
+    lines.append("plan 1 time: " + ", ".join(f"{k} {v:.3g}s" for k, v in tb.items() if v > 0))
+    mb = best.predicted.memory_breakdown_gib
+    lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mb.items() if v > 0))
+    for note in best.notes:
+        lines.append(f"note: {note}")
+    rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))
+    lines.append(f"searched {result.evaluated} configurations in {result.seconds:.2f}s; rejected: {rejected}")
+    pins = " ".join(f"--fix {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in best.fields_for_fix().items())
+    lines.append(f"reproduce plan 1: {pins}")
+    return "\n".join(lines)

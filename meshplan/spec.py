@@ -1,0 +1,577 @@
+"""The inputs of a plan: ModelSpec, ClusterSpec (DeviceSpec, LinkSpec) and TrainSpec.
+
+Plain frozen dataclasses that round-trip through YAML/JSON (``to_dict`` / ``from_dict``), each with a
+``schema_version``. This module imports nothing heavy (no torch): the planner runs on a laptop.
+
+Units in files are the ones people read on spec sheets (GiB, TFLOP/s, GB/s, microseconds); the planner
+converts to bytes, FLOP/s and seconds at its edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from meshplan.errors import InputError
+
+SCHEMA_VERSION = 1
+
+MLP_KINDS = ("gelu", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+POSITION_KINDS = ("learned", "rope")
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+# ----------------------------------------------------------------------------------------------
+# generic (de)serialisation with one-line errors
+# ----------------------------------------------------------------------------------------------
+
+def _check_keys(cls, data: Mapping[str, Any], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise InputError(where, f"expected a mapping of keys to values, got {type(data).__name__}",
+                         "write it as 'key: value' lines")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{where}.{unknown[0]}", "unknown key",
+                         f"known keys: {', '.join(sorted(known))}")
+
+
+def _as_int(value: Any, where: str, minimum: int = 1, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(where, f"expected a whole number, got {value!r}", f"give an integer >= {minimum}")
+    try:
+        number = int(value) if not isinstance(value, float) else value
+    except ValueError:
+        raise InputError(where, f"expected a whole number, got {value!r}", f"give an integer >= {minimum}") from None
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise InputError(where, f"expected a whole number, got {value!r}", f"give an integer >= {minimum}")
+        number = int(number)
+    if number < minimum:
+        raise InputError(where, f"must be >= {minimum}, got {number}", f"give an integer >= {minimum}")
+    if maximum is not None and number > maximum:
+        raise InputError(where, f"must be <= {maximum}, got {number}", f"give an integer <= {maximum}")
+    return number
+
+
+def _as_float(value: Any, where: str, minimum: float = 0.0, strict: bool = True) -> float:
+    if isinstance(value, bool):
+        raise InputError(where, f"expected a number, got {value!r}", "give a positive number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(where, f"expected a number, got {value!r}", "give a positive number") from None
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise InputError(where, f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}",
+                         "give a positive number")
+    return number
+
+
+def _as_choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    text = str(value).lower()
+    if text not in choices:
+        raise InputError(where, f"unknown value {value!r}", f"choose one of: {', '.join(choices)}")
+    return text
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise InputError(where, f"expected true or false, got {value!r}", "write true or false")
+
+
+def load_structured_file(path: str | os.PathLike, what: str) -> Any:
+    """Read a YAML or JSON file, turning every failure into a one-line InputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(what, f"no such file: {p}", "check the path")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(what, f"cannot read {p}: {exc}", "give a readable UTF-8 YAML or JSON file") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        if line is None:
+            line = getattr(exc, "lineno", None)
+            where = f" at line {line}" if line else ""
+        else:
+            where = f" at line {line + 1}"
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise InputError(what, f"{p} is not valid {kind}{where}", f"fix the {kind} syntax") from None
+    if not isinstance(data, Mapping):
+        raise InputError(what, f"{p} does not hold a mapping of keys to values", "write it as 'key: value' lines")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# ModelSpec
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer: everything the cost model and the runtime need.
+
+    Fields:
+        name: a label, shown in reports.
+        layers: number of transformer blocks.
+        hidden: model width h.
+        heads: attention (query) heads a; ``hidden % heads == 0``.
+        kv_heads: key/value heads (grouped-query attention); defaults to ``heads``; must divide ``heads``.
+        ffn_hidden: MLP inner width f. Default: ``4*hidden`` for gelu; for swiglu Llama's rule
+            ``256 * ceil((8/3*hidden) / 256)``.
+        vocab: vocabulary size V.
+        mlp: ``gelu`` (two matmuls) or ``swiglu`` (gate, up, down: three matmuls).
+        norm: ``layernorm`` or ``rmsnorm``.
+        position: ``learned`` (a max_seq_len x hidden table) or ``rope`` (no parameters).
+        tied_embeddings: the LM head reuses the input embedding matrix.
+        bias: linear layers and norms have biases (GPT-2/GPT-3, Megatron's default); Llama has none.
+        dropout: dropout probability on attention and residual branches (0 for Llama-style models).
+        max_seq_len: positions table size for ``learned``; 0 means the training sequence length.
+    """
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    kv_heads: int = 0
+    ffn_hidden: int = 0
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    position: str = "rope"
+    tied_embeddings: bool = False
+    bias: bool = False
+    dropout: float = 0.0
+    max_seq_len: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        where = f"model '{self.name}'"
+        for key in ("layers", "hidden", "heads", "vocab"):
+            object.__setattr__(self, key, _as_int(getattr(self, key), f"{where}: {key}", 1, 10**9))
+        object.__setattr__(self, "mlp", _as_choice(self.mlp, f"{where}: mlp", MLP_KINDS))
+        object.__setattr__(self, "norm", _as_choice(self.norm, f"{where}: norm", NORM_KINDS))
+        object.__setattr__(self, "position", _as_choice(self.position, f"{where}: position", POSITION_KINDS))
+        object.__setattr__(self, "tied_embeddings", _as_bool(self.tied_embeddings, f"{where}: tied_embeddings"))
+        object.__setattr__(self, "bias", _as_bool(self.bias, f"{where}: bias"))
+        dropout = _as_float(self.dropout, f"{where}: dropout", 0.0, strict=False)
+        if dropout >= 1.0:
+            raise InputError(f"{where}: dropout", f"must be below 1, got {dropout}", "give a probability in [0, 1)")
+        object.__setattr__(self, "dropout", dropout)
+        kv = self.kv_heads or self.heads
+        object.__setattr__(self, "kv_heads", _as_int(kv, f"{where}: kv_heads", 1, 10**6))
+        if self.hidden % self.heads:
+            raise InputError(f"{where}: heads", f"hidden {self.hidden} is not divisible by heads {self.heads}",
+                             "pick heads that divide hidden")
+        if self.heads % self.kv_heads:
+            raise InputError(f"{where}: kv_heads", f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}",
+                             "pick kv_heads that divide heads")
+        ffn = self.ffn_hidden or default_ffn_hidden(self.hidden, self.mlp)
+        object.__setattr__(self, "ffn_hidden", _as_int(ffn, f"{where}: ffn_hidden", 1, 10**9))
+        object.__setattr__(self, "max_seq_len", _as_int(self.max_seq_len, f"{where}: max_seq_len", 0, 10**9))
+        if self.schema_version != SCHEMA_VERSION:
+            raise InputError(f"{where}: schema_version", f"unsupported version {self.schema_version}",
+                             f"this meshplan reads version {SCHEMA_VERSION}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> "ModelSpec":
+        _check_keys(cls, data, where)
+        missing = [k for k in ("name", "layers", "hidden", "heads", "vocab") if k not in data]
+        if missing:
+            raise InputError(f"{where}.{missing[0]}", "missing", "add it to the model file")
+        return cls(**dict(data))
+
+
+def default_ffn_hidden(hidden: int, mlp: str) -> int:
+    """MLP width when none is given: 4h for GELU (Vaswani et al. 2017); for SwiGLU Llama's
+    ``multiple_of * ceil(int(2/3 * 4h) / multiple_of)`` with multiple_of = 256 (Touvron et al. 2023)."""
+    if mlp == "gelu":
+        return 4 * hidden
+    return 256 * math.ceil(int(2 * 4 * hidden / 3) / 256)
+
+
+def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, tied=False):
+    return ModelSpec(name=name, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn,
+                     vocab=vocab, mlp="swiglu", norm="rmsnorm", position="rope", tied_embeddings=tied)
+
+
+def _gpt(name, layers, hidden, heads, vocab, max_seq_len, tied=True):
+    return ModelSpec(name=name, layers=layers, hidden=hidden, heads=heads, vocab=vocab, mlp="gelu",
+                     norm="layernorm", position="learned", tied_embeddings=tied, bias=True,
+                     max_seq_len=max_seq_len)
+
+
+# Shapes from each model's published config.json / paper.
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        _gpt("gpt2", 12, 768, 12, 50257, 1024),                           # Radford et al. 2019, HF gpt2
+        _gpt("gpt3-175b", 96, 12288, 96, 50257, 2048),                    # Brown et al. 2020, Table 2.1
+        _llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000),             # Touvron et al. 2023b
+        _llama("llama2-13b", 40, 5120, 40, 40, 13824, 32000),
+        _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000),
+        _llama("llama3.2-1b", 16, 2048, 32, 8, 8192, 128256, tied=True),  # meta-llama/Llama-3.2-1B
+        _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256),             # Llama 3.1 config.json
+        _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256),
+        _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256),
+        _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000),             # mistralai/Mistral-7B-v0.1
+        _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064),            # Qwen/Qwen2.5-7B
+        _llama("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064),           # Qwen/Qwen2.5-72B
+        # A tiny model for CPU launches and tests.
+        _llama("tiny-llama", 4, 64, 4, 2, 176, 256),
+        _gpt("tiny-gpt", 4, 64, 4, 256, 256),
+    ]
+}
+
+
+def _from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
+    """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX) into a ModelSpec."""
+    where = f"--model {path}"
+    kind = str(data.get("model_type", "")).lower()
+    name = path.parent.name or kind or "hf-model"
+    try:
+        if kind in ("llama", "mistral", "qwen2", "qwen3"):
+            act = str(data.get("hidden_act", "silu"))
+            if act not in ("silu", "swish"):
+                raise InputError(f"{where}: hidden_act", f"{act!r} is not supported for {kind}", "use silu (SwiGLU)")
+            return ModelSpec(
+                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
+                heads=data["num_attention_heads"], kv_heads=data.get("num_key_value_heads") or 0,
+                ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
+                position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+            )
+        if kind == "gpt2":
+            hidden = data["n_embd"]
+            return ModelSpec(
+                name=name, layers=data["n_layer"], hidden=hidden, heads=data["n_head"],
+                ffn_hidden=data.get("n_inner") or 4 * hidden, vocab=data["vocab_size"], mlp="gelu",
+                norm="layernorm", position="learned", tied_embeddings=bool(data.get("tie_word_embeddings", True)),
+                bias=True, max_seq_len=data.get("n_positions", 0),
+            )
+        if kind == "gpt_neox":
+            return ModelSpec(
+                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
+                heads=data["num_attention_heads"], ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"],
+                mlp="gelu", norm="layernorm", position="rope",
+                tied_embeddings=bool(data.get("tie_word_embeddings", False)), bias=True,
+            )
+    except KeyError as exc:
+        raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None
+    raise InputError(f"{where}: model_type", f"unsupported model_type {kind!r}",
+                     "supported: llama, mistral, qwen2, gpt2, gpt_neox; or write a meshplan model YAML")
+
+
+def load_model(source: str | None) -> ModelSpec:
+    """A preset name, a meshplan model YAML/JSON, or a Hugging Face ``config.json``."""
+    if source is None:
+        return MODEL_PRESETS["llama3-8b"]
+    if source in MODEL_PRESETS:
+        return MODEL_PRESETS[source]
+    p = Path(source)
+    if not p.exists():
+        close = [n for n in MODEL_PRESETS if source.lower().replace("_", "-") in n]
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise InputError("--model", f"{source!r} is neither a preset nor a file",
+                         f"{hint}presets: {', '.join(MODEL_PRESETS)}")
+    data = load_structured_file(p, "--model")
+    if "model_type" in data or "num_hidden_layers" in data or "n_layer" in data:
+        return _from_hf_config(data, p)
+    if "model" in data and isinstance(data["model"], Mapping):
+        data = data["model"]
+    return ModelSpec.from_dict(data, where=f"--model {p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# ClusterSpec
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator.
+
+    Fields:
+        name: e.g. ``H100-SXM5-80GB``.
+        memory_gib: device memory in GiB (2**30 bytes), as ``torch.cuda.get_device_properties`` reports.
+        peak_tflops: dense 16-bit (bf16/fp16) tensor-core peak, TFLOP/s, from the vendor's spec sheet.
+        memory_bandwidth_gbps: HBM bandwidth, GB/s (1e9 bytes/s).
+        peak_tflops_fp32: dense fp32 peak used when training in fp32 (0: peak_tflops / 2, TF32 tensor cores).
+        peak_tflops_fp8: dense fp8 peak for fp8 matmuls (0: 2 * peak_tflops, as on Hopper).
+        kind: ``gpu`` or ``cpu`` (CPU processes: fp32 only, gloo).
+    """
+
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    memory_bandwidth_gbps: float
+    peak_tflops_fp32: float = 0.0
+    peak_tflops_fp8: float = 0.0
+    kind: str = "gpu"
+
+    def __post_init__(self) -> None:
+        w = f"gpu '{self.name}'"
+        object.__setattr__(self, "memory_gib", _as_float(self.memory_gib, f"{w}: memory_gib"))
+        object.__setattr__(self, "peak_tflops", _as_float(self.peak_tflops, f"{w}: peak_tflops"))
+        object.__setattr__(self, "memory_bandwidth_gbps",
+                           _as_float(self.memory_bandwidth_gbps, f"{w}: memory_bandwidth_gbps"))
+        object.__setattr__(self, "peak_tflops_fp32",
+                           _as_float(self.peak_tflops_fp32, f"{w}: peak_tflops_fp32", strict=False))
+        object.__setattr__(self, "peak_tflops_fp8",
+                           _as_float(self.peak_tflops_fp8, f"{w}: peak_tflops_fp8", strict=False))
+        object.__setattr__(self, "kind", _as_choice(self.kind, f"{w}: kind", ("gpu", "cpu")))
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense peak in FLOP/s for matmuls in ``precision``."""
+        if precision == "fp32":
+            return 1e12 * (self.peak_tflops_fp32 or self.peak_tflops / 2)
+        if precision == "fp8":
+            return 1e12 * (self.peak_tflops_fp8 or 2 * self.peak_tflops)
+        return 1e12 * self.peak_tflops
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One level of the interconnect, as seen by one GPU.
+
+    Fields:
+        bandwidth_gbps: achievable bus bandwidth per GPU in GB/s, in nccl-tests' "busbw" convention
+            (what a ring all-reduce sustains per rank); for inter-node links, per NIC (one NIC per GPU).
+        latency_us: per-step latency alpha of a collective on this level, microseconds.
+    """
+
+    bandwidth_gbps: float
+    latency_us: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bandwidth_gbps", _as_float(self.bandwidth_gbps, "bandwidth_gbps"))
+        object.__setattr__(self, "latency_us", _as_float(self.latency_us, "latency_us", strict=False))
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The machines a job runs on.
+
+    Fields:
+        name: a label (``dgx-h100:32``).
+        nodes: number of nodes.
+        gpus_per_node: ranks per node.
+        gpu: the device, see DeviceSpec.
+        intra_node: the link inside a node (NVLink/NVSwitch), see LinkSpec.
+        inter_node: the link between nodes (InfiniBand/RoCE per GPU NIC), see LinkSpec.
+        measured: tables written by ``meshplan profile`` (achieved compute rates, fitted links, per-pair
+            bandwidth matrix, raw samples). Kept verbatim; the planner uses what it knows and ignores the rest.
+    """
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    gpu: DeviceSpec
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    measured: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", _as_int(self.nodes, f"cluster '{self.name}': nodes", 1, 10**6))
+        object.__setattr__(self, "gpus_per_node",
+                           _as_int(self.gpus_per_node, f"cluster '{self.name}': gpus_per_node", 1, 4096))
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def __hash__(self) -> int:   # ``measured`` is a dict: hash its JSON form
+        return hash((self.name, self.nodes, self.gpus_per_node, self.gpu, self.intra_node, self.inter_node,
+                     json.dumps(self.measured, sort_keys=True, default=str)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "cluster") -> "ClusterSpec":
+        _check_keys(cls, data, where)
+        for key in ("name", "nodes", "gpus_per_node", "gpu", "intra_node"):
+            if key not in data:
+                raise InputError(f"{where}.{key}", "missing", "add it to the cluster file")
+        values = dict(data)
+        values["gpu"] = _sub(DeviceSpec, values["gpu"], f"{where}.gpu")
+        values["intra_node"] = _sub(LinkSpec, values["intra_node"], f"{where}.intra_node")
+        inter = values.get("inter_node")
+        if inter is None:
+            if _as_int(values["nodes"], f"{where}.nodes") > 1:
+                raise InputError(f"{where}.inter_node", "missing for a multi-node cluster",
+                                 "add inter_node {bandwidth_gbps, latency_us}")
+            inter = values["intra_node"]
+        values["inter_node"] = _sub(LinkSpec, inter, f"{where}.inter_node")
+        values["measured"] = dict(values.get("measured") or {})
+        return cls(**values)
+
+
+def _sub(cls, data: Any, where: str):
+    if isinstance(data, cls):
+        return data
+    _check_keys(cls, data, where)
+    try:
+        return cls(**dict(data))
+    except InputError as exc:
+        raise InputError(f"{where}.{exc.field}", exc.problem, exc.fix) from None
+    except TypeError as exc:
+        raise InputError(where, f"incomplete: {exc}", f"give all of: {', '.join(f.name for f in dataclasses.fields(cls))}") from None
+
+
+# Device figures from vendor spec sheets (dense, no sparsity). memory_gib as the driver reports it.
+DEVICE_PRESETS: dict[str, DeviceSpec] = {
+    # NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOP/s bf16 dense, 19.5 fp32 (156 TF32), 2039 GB/s HBM2e.
+    "a100": DeviceSpec("A100-SXM4-80GB", 80.0, 312.0, 2039.0, peak_tflops_fp32=156.0, peak_tflops_fp8=312.0),
+    # NVIDIA H100 datasheet (SXM5 80GB): 989.4 TFLOP/s bf16 dense, 1978.9 fp8, 3350 GB/s HBM3; 81559 MiB.
+    "h100": DeviceSpec("H100-SXM5-80GB", 79.6, 989.4, 3350.0, peak_tflops_fp32=494.7, peak_tflops_fp8=1978.9),
+    # NVIDIA H200 datasheet (SXM 141GB): same compute as H100 SXM, 4800 GB/s HBM3e; 143771 MiB.
+    "h200": DeviceSpec("H200-SXM-141GB", 140.4, 989.4, 4800.0, peak_tflops_fp32=494.7, peak_tflops_fp8=1978.9),
+}
+
+# Link figures: nccl-tests busbw (../shared/benchmarks/public-runs.yaml `collective_bandwidth`);
+# latencies: NCCL's base per-step latency on NVLink (~5 us) and over IB with one switch hop (~10 us).
+CLUSTER_PRESETS: dict[str, tuple[DeviceSpec, LinkSpec, LinkSpec]] = {
+    "dgx-a100": (DEVICE_PRESETS["a100"], LinkSpec(230.0, 5.0), LinkSpec(23.0, 10.0)),   # 8x HDR 200 Gb/s
+    "dgx-h100": (DEVICE_PRESETS["h100"], LinkSpec(370.0, 5.0), LinkSpec(47.0, 10.0)),   # 8x NDR 400 Gb/s
+    "dgx-h200": (DEVICE_PRESETS["h200"], LinkSpec(370.0, 5.0), LinkSpec(47.0, 10.0)),   # 8x NDR 400 Gb/s
+}
+CLUSTER_GPUS_PER_NODE = 8
+
+
+def _localhost_cluster(ranks: int) -> ClusterSpec:
+    """``localhost:N``: this machine's GPUs (from nvidia-smi) or N CPU processes when it has none."""
+    gpus = _local_gpus()
+    if gpus:
+        name, mem_gib = gpus[0]
+        if ranks > len(gpus):
+            raise InputError("--cluster", f"localhost:{ranks} asks for {ranks} ranks but this machine has {len(gpus)} GPUs",
+                             f"use localhost:{len(gpus)} or fewer")
+        base = next((d for k, d in DEVICE_PRESETS.items() if k in name.lower()), DEVICE_PRESETS["h100"])
+        device = dataclasses.replace(base, name=name, memory_gib=mem_gib)
+        return ClusterSpec(f"localhost:{ranks}", 1, ranks, device, LinkSpec(370.0, 5.0), LinkSpec(370.0, 5.0))
+    total_gib = _system_memory_gib()
+    # A CPU process: fp32 only. Peak is a rough default (one AVX2 core ~ 0.05 TFLOP/s fp32);
+    # run `meshplan profile` to measure it. Memory: the machine's RAM shared by the ranks.
+    cores = max(1, (os.cpu_count() or 1) // ranks)
+    device = DeviceSpec("cpu", max(0.5, total_gib / ranks), 0.05 * cores, 20.0, peak_tflops_fp32=0.05 * cores,
+                        kind="cpu")
+    # gloo over loopback: a few GB/s and tens of microseconds per message.
+    link = LinkSpec(2.0, 50.0)
+    return ClusterSpec(f"localhost:{ranks}", 1, ranks, device, link, link)
+
+
+def _local_gpus() -> list[tuple[str, float]]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, mib = [x.strip() for x in line.split(",")[:2]]
+        gpus.append((name, float(mib) / 1024))
+    return gpus
+
+
+def _system_memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 16.0
+
+
+def load_cluster(source: str | None) -> ClusterSpec:
+    """``PRESET:NODES`` (dgx-a100, dgx-h100, dgx-h200), ``localhost:N`` or a cluster YAML/JSON file."""
+    if source is None:
+        source = "dgx-h100:1"
+    if ":" in source and not Path(source).exists():
+        preset, _, count = source.partition(":")
+        n = _as_int(count, f"--cluster {source}", 1, 10**6) if count.strip().lstrip("-").isdigit() else None
+        if n is None:
+            raise InputError("--cluster", f"{source!r}: {count!r} is not a whole number",
+                             "write PRESET:NODES, e.g. dgx-h100:4")
+        if preset == "localhost":
+            return _localhost_cluster(n)
+        if preset not in CLUSTER_PRESETS:
+            raise InputError("--cluster", f"unknown cluster preset {preset!r}",
+                             f"presets: {', '.join(CLUSTER_PRESETS)}, localhost; or give a cluster YAML")
+        device, intra, inter = CLUSTER_PRESETS[preset]
+        return ClusterSpec(source, n, CLUSTER_GPUS_PER_NODE, device, intra, inter)
+    p = Path(source)
+    if source in CLUSTER_PRESETS:
+        raise InputError("--cluster", f"{source!r} needs a node count", f"write {source}:NODES, e.g. {source}:4")
+    if not p.exists():
+        raise InputError("--cluster", f"{source!r} is neither PRESET:NODES nor a file",
+                         f"presets: {', '.join(CLUSTER_PRESETS)}, localhost:N")
+    data = load_structured_file(p, "--cluster")
+    if "cluster" in data and isinstance(data["cluster"], Mapping):
+        data = data["cluster"]
+    return ClusterSpec.from_dict(data, where=f"--cluster {p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# TrainSpec
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What one training iteration is.
+
+    Fields:
+        global_batch: sequences per optimizer step (all data-parallel ranks, all micro-batches).
+        seq_len: tokens per sequence.
+        precision: ``bf16``/``fp16`` (fp32 master weights, 16-bit compute), ``fp32``, or ``fp8``
+            (fp8 matmuls with bf16 elsewhere, as torchtitan's float8 linears).
+        optimizer: ``adamw``/``adam`` (two fp32 moments per parameter) or ``sgd`` (one momentum buffer).
+    """
+
+    global_batch: int
+    seq_len: int
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_batch", _as_int(self.global_batch, "--global-batch", 1, 10**8))
+        object.__setattr__(self, "seq_len", _as_int(self.seq_len, "--seq-len", 1, 10**8))
+        object.__setattr__(self, "precision", _as_choice(self.precision, "--precision", PRECISIONS))
+        object.__setattr__(self, "optimizer", _as_choice(self.optimizer, "--optimizer", OPTIMIZERS))
+
+    @property
+    def tokens(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "train") -> "TrainSpec":
+        _check_keys(cls, data, where)
+        return cls(**dict(data))

@@ -1,0 +1,131 @@
+"""Compute-time terms: achieved rates and the time of matmuls, attention and memory-bound work.
+
+Time of a matmul [m, k] x [k, n] (a roofline with both terms added, which models the slow-down of small
+or skinny GEMMs):  2*m*n*k / matmul_rate + bytes(m*k + k*n + m*n) / memory_rate.
+
+Achieved rates come from the cluster's measured tables when ``meshplan profile`` wrote them
+(``cluster.measured['compute']`` with ``matmul_tflops``, ``attention_tflops``, ``memory_gbps``), else from the
+documented defaults below, as fractions of the spec-sheet peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.spec import ClusterSpec, ModelSpec
+
+# Fractions of spec-sheet peak reached by real kernels, used when no profile exists.
+# * matmul 0.58: the fraction of dense peak that reproduces Megatron-Core's published H100 weak-scaling
+#   table (../shared/benchmarks/public-runs.yaml; median error in docs/accuracy.md). It is consistent with
+#   cuBLAS at LLM shapes under sustained power and clock limits (~550-650 TFLOP/s of H100 SXM's 989).
+#   Calibrated once per device class from the public set, never per run.
+# * matmul_fp8 0.36 (of the fp8 peak, which is 2x bf16): fp8 linears with dynamic scaling pay casts and
+#   amax reductions; torchao's float8 training results show 1.2-1.5x end-to-end over bf16, i.e. ~1.25x per
+#   GEMM: 0.58 * 1.25 / 2 = 0.36.
+# * attention 0.50: flash attention forward+backward on Hopper/Ampere (FlashAttention-2 paper: 50-73% of
+#   peak on A100 forward, lower backward; cuDNN/FA3 on H100 reach 500-700 TFLOP/s).
+# * memory 0.80: elementwise kernels reach ~80-90% of HBM bandwidth (stream-style copy tests).
+# * CPU ranks: torch's fp32 GEMM reaches roughly half of a core's peak; memory-bound ops are cache-bound.
+DEFAULT_EFFICIENCY = {
+    "gpu": {"matmul": 0.58, "matmul_fp8": 0.36, "attention": 0.50, "memory": 0.80},
+    "cpu": {"matmul": 0.50, "matmul_fp8": 0.50, "attention": 0.25, "memory": 0.50},
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achieved rates of one device for one precision."""
+
+    matmul: float      # FLOP/s
+    attention: float   # FLOP/s
+    memory: float      # bytes/s
+    matmul_bytes: int  # bytes per element the matmuls read and write
+
+
+def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
+    device = cluster.gpu
+    measured = (cluster.measured or {}).get("compute") or {}
+    eff = DEFAULT_EFFICIENCY[device.kind]
+    peak = device.peak_flops(precision)
+    peak_16 = device.peak_flops("bf16")
+    matmul_eff = eff["matmul_fp8"] if precision == "fp8" else eff["matmul"]
+    matmul = measured.get("matmul_tflops", 0) * 1e12 or matmul_eff * peak
+    attention_peak = peak_16 if precision == "fp8" else peak          # attention stays in bf16 under fp8
+    attention = measured.get("attention_tflops", 0) * 1e12 or eff["attention"] * attention_peak
+    memory = measured.get("memory_gbps", 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
+    element = {"fp32": 4, "fp8": 1}.get(precision, 2)
+    return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element)
+
+
+def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:
+    """One GEMM: 2mnk FLOPs at the achieved matmul rate plus its operand traffic at the memory rate."""
+    if m <= 0 or k <= 0 or n <= 0:
+        return 0.0
+    return 2.0 * m * n * k / rates.matmul + rates.matmul_bytes * (m * k + k * n + m * n) / rates.memory
+
+
+def layer_matmul_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[float, float, float]]:
+    """The forward GEMMs of one block on one tensor-parallel rank, as (m, k, n): column-parallel QKV and
+    MLP-in (n split by tp), row-parallel output projection and MLP-out (k split by tp), Megatron-style."""
+    h, f = model.hidden, model.ffn_hidden
+    kv_width = model.kv_heads * model.head_dim
+    mlp_in = f * (2 if model.mlp == "swiglu" else 1)
+    return [
+        (tokens, h, (h + 2 * kv_width) / tp),   # QKV
+        (tokens, h / tp, h),                    # attention output projection
+        (tokens, h, mlp_in / tp),               # fc1 / gate+up
+        (tokens, f / tp, h),                    # fc2 / down
+    ]
+
+
+def selective_recompute_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[float, float, float]]:
+    """The GEMMs selective recompute re-runs (every other matmul of the block, torchtitan's policy; see
+    memory.activation_bytes_per_layer): wk and wo, plus w3 for SwiGLU or w2 for GELU."""
+    h, f = model.hidden, model.ffn_hidden
+    kv_width = model.kv_heads * model.head_dim
+    third = (tokens, h, f / tp) if model.mlp == "swiglu" else (tokens, f / tp, h)
+    return [(tokens, h, kv_width / tp), (tokens, h / tp, h), third]
+
+
+def attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: int, rates: Rates) -> tuple[float, float]:
+    """Flash attention forward and backward on one rank: causal forward FLOPs 2*b*s_local*s*h/tp
+    (4*b*s*s*h halved by the mask, the queries split over cp), backward 2.5x forward (5 matmuls against 2,
+    Dao 2023)."""
+    fwd_flops = 2.0 * micro_batch * (seq / cp) * seq * model.hidden / tp
+    return fwd_flops / rates.attention, 2.5 * fwd_flops / rates.attention
+
+
+def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bool, fused: bool,
+                                act_bytes: int) -> float:
+    """Forward bytes moved by the memory-bound ops of one block (backward moves about twice as much).
+
+    Counted as (reads + writes) of whole tensors, per op:
+        norm x2        fused: read x, write y (2 passes over h);  eager: ~6 passes (fp32 upcast, square,
+                       mean, rsqrt-scale, weight multiply, downcast)
+        rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes
+        activation     SwiGLU fused: read gate, up, write out (3 passes over f); eager: silu then multiply
+                       (5 passes); GELU fused 2 passes, eager 2
+        residual x2    read two, write one (3 passes over h)
+    Tensors outside the tensor-parallel region (norms, residuals) are split by tp under sequence parallel.
+    """
+    h, f = model.hidden, model.ffn_hidden
+    outside = tokens * h / (tp if sp else 1)
+    qk = tokens * (h + model.kv_heads * model.head_dim) / tp
+    norm_passes = 2 if fused else 6
+    rope_passes = (2 if fused else 6) if model.position == "rope" else 0
+    if model.mlp == "swiglu":
+        act = (3 if fused else 5) * tokens * f / tp
+    else:
+        act = 2 * tokens * f / tp
+    elements = 2 * norm_passes * outside + rope_passes * qk + act + 2 * 3 * outside
+    return act_bytes * elements
+
+
+def loss_bytes_per_logit(fused: bool, precision: str) -> float:
+    """Memory traffic of the loss per logit, forward + backward. Reference: write 16-bit logits (2), upcast
+    (read 2 + write 4), log-softmax (read 4 + write 4), backward softmax-gradient (read 4 + write 4) and
+    downcast (read 4 + write 2) = 30 B. Fused chunked kernel: logits written and read once at 16 bits plus
+    the 16-bit gradient written and read: 8 B."""
+    if precision == "fp32":
+        return 8.0 * 4 / 2 if fused else 4 * 8.0
+    return 8.0 if fused else 30.0

@@ -1,0 +1,526 @@
+"""Evaluate one parallel configuration: per-layer costs, stage partition, recompute, time and memory.
+
+``evaluate(config, ctx)`` returns an :class:`Evaluation` (a fitting plan with its prediction) or a
+:class:`Rejection` (why it cannot run). The search calls it many times, so per-layer costs are cached
+per (tp, cp, micro batch, ...) and everything here is plain arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Callable
+
+from meshplan.plan import DEFAULT_MESH_ORDER, KERNEL_NAMES, Plan, Prediction, StagePlan
+from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
+from meshplan.planner import comm, compute, flops, memory
+from meshplan.planner.partition import balance_layers
+from meshplan.planner.recompute import RecomputeChoice, choose_recompute
+
+GIB = memory.GIB
+MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the search space (everything but the layer partition and recompute counts, which
+    ``evaluate`` chooses). ``recompute`` pins a uniform mode; None lets the planner choose per stage."""
+
+    dp: int
+    tp: int
+    pp: int
+    cp: int
+    micro_batch: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    zero: int = 0
+    vocab_parallel: bool = False
+    cp_kind: str = "ulysses"
+    tp_overlap: bool = False
+    compile: bool = False
+    fused_kernels: bool = False
+    recompute: str | None = None
+    mesh_order: tuple[str, ...] = DEFAULT_MESH_ORDER
+
+
+@dataclass(frozen=True)
+class Context:
+    """The fixed inputs of a search."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    train: TrainSpec
+
+    @property
+    def act_bytes(self) -> int:
+        return memory.ACT_BYTES[self.train.precision]
+
+    @property
+    def capacity_bytes(self) -> float:
+        """What a rank may use: device memory less the CUDA context kept outside torch's allocator."""
+        context = memory.CUDA_CONTEXT_GIB if self.cluster.gpu.kind == "gpu" else 0.0
+        return (self.cluster.gpu.memory_gib - context) * GIB
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str               # a short family name used for counting ("OOM", "divisibility: ...")
+    detail: str = ""
+    over_bytes: float = 0.0   # for OOM: by how much the best variant missed
+
+
+@dataclass
+class Evaluation:
+    """A configuration that fits, with its partition, recompute counts per rank and predictions.
+    ``rank_detail(r)`` gives rank r's memory breakdown in bytes (computed on demand: the search makes
+    thousands of evaluations and reads the details of a few)."""
+
+    config: Config
+    iteration_s: float
+    peak_bytes: float
+    partition: list[int]                 # blocks per virtual stage
+    rank_counts: list[dict[str, int]]    # recompute counts per pipeline rank
+    rank_peaks: list[float]              # bytes, allocator margin included
+    rank_static: list[tuple[float, float]]   # per rank: (bytes with no blocks, bytes per block), no activations
+    time_breakdown: dict[str, float]
+    rank_detail: Callable[[int], dict[str, float]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst_rank(self) -> int:
+        return max(range(len(self.rank_peaks)), key=lambda r: self.rank_peaks[r])
+
+    def stages(self) -> list[StagePlan]:
+        p = self.config.pp
+        n_stages = len(self.partition)
+        out = []
+        for j in range(n_stages):
+            first = sum(self.partition[:j])
+            counts = _split_counts(self.rank_counts[j % p], self.partition, j, p, n_stages)
+            out.append(StagePlan((first, first + self.partition[j]), counts, self.rank_peaks[j % p] / GIB))
+        return out
+
+    def memory_gib(self) -> list[dict[str, float]]:
+        return [{k: x / GIB for k, x in self.rank_detail(r).items()} for r in range(self.config.pp)]
+
+
+# ------------------------------------------------------------------------------------------------
+# per-layer costs
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One block, one micro-batch, one rank."""
+
+    fwd: float                      # seconds, compute + exposed TP/CP communication
+    bwd: float
+    recompute: dict[str, float]     # extra seconds per mode (none: 0)
+    act: dict[str, float]           # bytes kept for backward per mode
+    act_full_layer: float           # bytes of one block's activations, re-materialised during its backward
+    params: float                   # parameters per rank
+    tp_comm: float                  # exposed seconds (fwd + bwd) included above
+    cp_comm: float
+    matmul_fwd: float
+
+
+def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
+    """The per-layer costs of ``cfg`` (cached)."""
+    return layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind,
+                      cfg.tp_overlap, cfg.compile or cfg.fused_kernels, cfg.fused_kernels, cfg.mesh_order,
+                      cfg.dp, cfg.pp)
+
+
+@lru_cache(maxsize=4096)
+def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
+               cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
+               mesh_order: tuple[str, ...], dp: int, pp: int) -> LayerCost:
+    """Time and memory of one block for one micro-batch on one rank. ``fused_elementwise``: norms, rotary,
+    activation and residual ops run fused (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel
+    that recomputes silu in backward (saves one f-wide tensor)."""
+    rates = compute.achieved_rates(cluster, train.precision)
+    act_bytes = memory.ACT_BYTES[train.precision]
+    seq = train.seq_len
+    tokens = micro_batch * seq / cp
+    sp = tp > 1
+    degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+
+    matmul_fwd = sum(compute.matmul_time(m, k, n, rates) for m, k, n in compute.layer_matmul_shapes(model, tokens, tp))
+    attn_fwd, attn_bwd = compute.attention_time(model, micro_batch, seq, tp, cp, rates)
+    ew_fwd = compute.elementwise_bytes_per_layer(model, tokens, tp, sp, fused_elementwise, act_bytes) / rates.memory
+
+    # Tensor parallel with sequence parallel: 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation
+    # per direction (Korthikanti et al. 2022, fig. 5).
+    tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
+    activation = tokens * model.hidden * act_bytes
+    tp_dir = 2 * comm.allgather_time(activation, tp_link) + 2 * comm.reducescatter_time(activation, tp_link)
+    if tp_overlap:   # async TP: the collectives run under the matmuls they feed
+        tp_fwd = max(0.0, tp_dir - matmul_fwd)
+        tp_bwd = max(0.0, tp_dir - 2 * matmul_fwd)
+    else:
+        tp_fwd = tp_bwd = tp_dir
+
+    # Context parallel.
+    cp_link = comm.group_link(cluster, cp, comm.group_stride(mesh_order, degrees, "cp"))
+    kv_width = model.kv_heads * model.head_dim
+    if cp == 1:
+        cp_fwd = cp_bwd = 0.0
+    elif cp_kind == "ulysses":
+        # all-to-all q, k, v before attention and the output after (Jacobs et al. 2023), same in backward
+        qkv_local = tokens * (model.hidden + 2 * kv_width) / tp * act_bytes
+        out_local = tokens * model.hidden / tp * act_bytes
+        cp_fwd = cp_bwd = comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
+    else:
+        # ring: cp-1 steps pass the local K, V block on (backward also dK, dV), each under one block of
+        # attention compute (Liu et al. 2023, Ring Attention)
+        kv_local = tokens * 2 * kv_width / tp * act_bytes
+        steps = cp - 1
+        cp_fwd = steps * max(0.0, comm.p2p_time(kv_local, cp_link) - attn_fwd / cp) + cp_link.latency
+        cp_bwd = steps * max(0.0, comm.p2p_time(2 * kv_local, cp_link) - attn_bwd / cp) + cp_link.latency
+
+    fwd_compute = matmul_fwd + attn_fwd + ew_fwd
+    fwd = fwd_compute + tp_fwd + cp_fwd
+    bwd = 2 * matmul_fwd + attn_bwd + 2 * ew_fwd + tp_bwd + cp_bwd
+    # Recompute: full re-runs the forward (its TP/CP communication included); selective re-runs every other
+    # matmul and the memory-bound ops (flash attention recomputes its scores in backward anyway).
+    selective_matmuls = sum(compute.matmul_time(m, k, n, rates)
+                            for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
+    recompute_cost = {"none": 0.0, "selective": selective_matmuls + ew_fwd, "full": fwd}
+
+    def act(mode: str) -> float:
+        return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
+                                                 flash=True, recompute=mode, fused_swiglu=fused_swiglu)
+
+    acts = {mode: act(mode) for mode in MODES}
+    return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
+                     params=_layer_params_per_rank(model, tp), tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
+                     matmul_fwd=matmul_fwd)
+
+
+def _layer_params_per_rank(model: ModelSpec, tp: int) -> float:
+    sharded = flops.attention_params_per_layer(model) + flops.mlp_params_per_layer(model)
+    return sharded / tp + 2 * flops.norm_params(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# vocabulary layers (embedding, head, loss)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VocabCost:
+    """Per micro-batch seconds and bytes of the embedding (first) and head + loss (last) work, as they
+    land on each pipeline rank; with vocab_parallel every rank carries an equal share."""
+
+    first_time: float
+    last_time: float
+    each_time: float             # vocab_parallel: per-rank share (plus its communication)
+    first_params: float
+    last_params: float
+    each_params: float
+    logits_peak: float           # bytes, transient at the loss of one micro-batch
+    logprob_saved: float         # bytes kept per in-flight micro-batch until its backward
+    vocab_comm: float            # seconds per micro-batch (vocab_parallel only)
+
+
+def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
+    model, train, cluster = ctx.model, ctx.train, ctx.cluster
+    rates = compute.achieved_rates(cluster, train.precision)
+    tokens = cfg.micro_batch * train.seq_len / cfg.cp
+    shards = cfg.tp * (cfg.pp if cfg.vocab_parallel else 1)
+    vocab_local = math.ceil(model.vocab / shards)
+    head_fwd = compute.matmul_time(tokens, model.hidden, vocab_local, rates)
+    loss = tokens * vocab_local * compute.loss_bytes_per_logit(cfg.fused_kernels, train.precision) / rates.memory
+    head_time = 3 * head_fwd + loss
+    embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
+    embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
+    head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
+    fused_loss = cfg.fused_kernels
+    logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden)
+    logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local)
+    if not cfg.vocab_parallel:
+        return VocabCost(embed_time, head_time, 0.0, embed_params, head_params, 0.0, logits_peak, logprob, 0.0)
+    # Vocabulary parallelism (Yeung et al. 2024): every pipeline rank holds V/(p*t) rows of the embedding
+    # and head. Per micro-batch: the input embedding partial sums are all-reduced over the pipeline group and
+    # the last stage's hidden states broadcast to it (forward), softmax statistics all-reduced, and the
+    # hidden-state gradient reduced back (backward): ~4 transfers of the [s, b, h] activation.
+    degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
+    pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+    activation = tokens * model.hidden / cfg.tp * ctx.act_bytes
+    stats = 3 * tokens * 4.0
+    vocab_comm = 4 * comm.allreduce_time(activation, pp_link) / 2 + 2 * comm.allreduce_time(stats, pp_link)
+    each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
+    each_time = (head_time + embed_time) + vocab_comm
+    return VocabCost(0.0, 0.0, each_time, flops.norm_params(model), flops.norm_params(model), each_params,
+                     logits_peak, logprob, vocab_comm)
+
+
+# ------------------------------------------------------------------------------------------------
+# the evaluation
+# ------------------------------------------------------------------------------------------------
+
+def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
+             recompute_counts: list[dict[str, int]] | None = None) -> Evaluation | Rejection:
+    """Predict one configuration. ``partition`` (layers per virtual stage) and ``recompute_counts``
+    (per virtual stage) may be given to evaluate an exact plan; otherwise they are chosen here."""
+    model, train, cluster = ctx.model, ctx.train, ctx.cluster
+    p, v = cfg.pp, cfg.virtual_stages
+    num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
+    lc = config_layer_cost(ctx, cfg)
+    vc = vocab_cost(ctx, cfg)
+    sb = memory.state_bytes(train.precision, train.optimizer)
+    degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
+    dp_link = comm.group_link(cluster, cfg.dp, comm.group_stride(cfg.mesh_order, degrees, "dp"))
+    pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+    n_stages = p * v
+
+    # Time of one micro-batch through each virtual stage, before recompute, and the extras per stage.
+    layer_time = lc.fwd + lc.bwd
+    extra_time = [0.0] * n_stages
+    extra_time[0] += vc.first_time
+    extra_time[-1] += vc.last_time
+    if cfg.vocab_parallel:
+        for rank in range(p):
+            extra_time[rank] += vc.each_time     # placed on each rank's first chunk
+    # Pipeline p2p: the [s/cp, b, h] activation (split by tp under SP) crosses each stage boundary forward
+    # and its gradient backward.
+    boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / cfg.tp * ctx.act_bytes
+    p2p = 2 * comm.p2p_time(boundary_bytes, pp_link) if p > 1 else 0.0
+
+    # Memory that does not depend on the partition, per pipeline rank.
+    in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p)]
+
+    def rank_fixed_params(rank: int) -> float:
+        params = 0.0
+        if cfg.vocab_parallel:
+            params += vc.each_params
+        if rank == 0:
+            params += vc.first_params
+        if rank == (n_stages - 1) % p:
+            params += vc.last_params
+        return params
+
+    def rank_static_bytes(rank: int, layers: int) -> dict[str, float]:
+        """Everything on rank ``rank`` but the saved activations of its blocks."""
+        params = rank_fixed_params(rank) + layers * lc.params
+        states = memory.model_state_bytes(params, cfg.zero, cfg.dp, sb)
+        largest = max(lc.params, vc.each_params, vc.first_params if rank == 0 else 0.0)
+        copy = memory.compute_copy_bytes(params, cfg.zero, largest, sb, accumulates_unsharded=p > 1)
+        holds_loss = cfg.vocab_parallel or rank == (n_stages - 1) % p
+        logits = 0.0
+        if holds_loss:
+            flight_loss = 2 if cfg.vocab_parallel else (num_mb if (cfg.schedule == "gpipe" and p > 1) else 1)
+            logits = vc.logits_peak + max(0, flight_loss - 1) * vc.logprob_saved
+        buffers = copy
+        if cfg.zero <= 1 and cfg.dp > 1:
+            buffers += 2 * memory.DDP_BUCKET_BYTES
+        if p > 1:
+            buffers += 2 * boundary_bytes * in_flight[rank]      # received inputs and sent outputs kept
+        return {**states, "logits": logits, "buffers": buffers}
+
+    def act_bytes(rank: int, counts: dict[str, int]) -> float:
+        return in_flight[rank] * sum(counts[m] * lc.act[m] for m in MODES)
+
+    # Static memory is linear in the number of blocks a rank holds: total(r, n) = base[r] + n * slope[r].
+    base = [sum(rank_static_bytes(r, 0).values()) for r in range(p)]
+    slope = [sum(rank_static_bytes(r, 1).values()) - base[r] for r in range(p)]
+
+    # Layer partition over virtual stages (balanced by time; memory enforced by recompute below).
+    if partition is None:
+        caps = _layer_caps(ctx, lc, base, slope, in_flight)
+        if caps is None:
+            need = min(base) + in_flight[0] * lc.act["full"] * model.layers / p
+            return Rejection("OOM", "even full recompute does not fit", max(0.0, need - ctx.capacity_bytes))
+        partition = balance_layers(model.layers, n_stages, layer_time, extra_time, caps, p)
+        if partition is None:
+            return Rejection("OOM", "no layer partition fits every stage's memory")
+    if len(partition) != n_stages or sum(partition) != model.layers:
+        return Rejection("partition", f"partition {partition} does not cover {model.layers} layers")
+
+    rank_layers = [sum(partition[j] for j in range(r, n_stages, p)) for r in range(p)]
+
+    # Recompute per pipeline rank: minimal recompute time that fits its memory.
+    choices: list[RecomputeChoice] = []
+    for r in range(p):
+        static = base[r] + rank_layers[r] * slope[r]
+        # (a recomputed block is re-materialised whole during its backward: keep room for one)
+        budget = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN) - static - lc.act_full_layer
+        if recompute_counts is not None:
+            counts = _rank_counts(recompute_counts, r, p, n_stages)
+            choice = RecomputeChoice(counts, sum(counts[m] * lc.recompute[m] for m in MODES),
+                                     act_bytes(r, counts))
+        else:
+            choice = choose_recompute(rank_layers[r], in_flight[r], lc.act, lc.recompute, budget, cfg.recompute)
+            if choice is None:
+                need = static + act_bytes(r, {"none": 0, "selective": 0, "full": rank_layers[r]})
+                over = need * (1 + memory.ALLOCATOR_MARGIN) - ctx.capacity_bytes
+                return Rejection("OOM", f"pipeline rank {r} needs {need / GIB:.1f} GiB", max(0.0, over))
+        choices.append(choice)
+
+    # Per-rank micro-batch time and the pipeline.
+    rank_time = []
+    for r in range(p):
+        t = rank_layers[r] * layer_time + choices[r].time
+        t += sum(extra_time[j] for j in range(r, n_stages, p))
+        t += p2p * v
+        rank_time.append(t)
+    slowest = max(rank_time)
+    if p == 1:
+        pipeline = num_mb * slowest
+    elif cfg.schedule == "interleaved" and v > 1:
+        # Narayanan et al. 2021: the fill/drain shrinks by v.
+        pipeline = num_mb * slowest + (sum(rank_time) - slowest) / v
+    else:
+        pipeline = (num_mb - 1) * slowest + sum(rank_time)
+    bubble = pipeline - num_mb * slowest
+
+    # Data-parallel / ZeRO traffic, per rank, with its overlap window.
+    dp_exposed = []
+    for r in range(p):
+        params = rank_fixed_params(r) + rank_layers[r] * lc.params
+        layers = max(1, rank_layers[r])
+        bwd_mb = rank_layers[r] * lc.bwd
+        fwd_mb = rank_layers[r] * lc.fwd
+        grads = sb.grad * params
+        weights = (sb.compute_copy or sb.param) * params
+        if cfg.dp == 1:
+            dp_exposed.append(0.0)
+            continue
+        if cfg.zero == 0:
+            # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
+            # bucket cannot overlap.
+            total = comm.allreduce_time(grads, dp_link)
+            last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
+            dp_exposed.append(max(0.0, total - bwd_mb) + last_bucket)
+        elif cfg.zero == 1:
+            # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
+            # last backward, all-gather the updated 16-bit weights under the next forward.
+            rs = comm.reducescatter_time(grads, dp_link)
+            ag = comm.allgather_time(weights, dp_link)
+            dp_exposed.append(max(0.0, rs - bwd_mb) + max(0.0, ag - fwd_mb) + (rs + ag) / layers)
+        elif cfg.zero == 2 or p > 1:
+            # FSDP2 with gradients accumulated unsharded and reduce-scattered once per step (ZeRO-2 always;
+            # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
+            # micro-batch). ZeRO-2 keeps weights gathered for the whole step (one all-gather); ZeRO-3 gathers
+            # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
+            rs = comm.reducescatter_time(grads, dp_link)
+            ag = comm.allgather_time(weights, dp_link)
+            exposed = max(0.0, rs - bwd_mb) + rs / layers
+            if cfg.zero == 2:
+                exposed += max(0.0, ag - fwd_mb) + ag / layers
+            else:
+                exposed += num_mb * (max(0.0, ag - fwd_mb) + max(0.0, ag - bwd_mb) + 2 * ag / layers)
+            dp_exposed.append(exposed)
+        else:
+            # FSDP2 ZeRO-3 without a pipeline: per micro-batch, all-gather each layer's weights before its
+            # forward and backward and reduce-scatter its gradients after backward, prefetched one layer ahead.
+            ag = comm.allgather_time(weights, dp_link)
+            rs = comm.reducescatter_time(grads, dp_link)
+            per_mb = max(0.0, ag - fwd_mb) + max(0.0, ag + rs - bwd_mb) + (2 * ag + rs) / layers
+            dp_exposed.append(num_mb * per_mb)
+    dp_time = max(dp_exposed)
+
+    # Optimizer step: Adam reads param, grad, two moments and writes param and moments (28 B/param, fp32),
+    # over the rank's shard; plus the gradient-norm read (4 B/param).
+    rates = compute.achieved_rates(cluster, train.precision)
+    opt_bytes = (28 if sb.optimizer == 8 else 20) + 4
+    opt_time = max((rank_fixed_params(r) + rank_layers[r] * lc.params) * opt_bytes
+                   / (cfg.dp if cfg.zero >= 1 else 1) / rates.memory for r in range(p))
+
+    iteration = pipeline + dp_time + opt_time
+
+    # Memory per rank and the worst one.
+    def rank_detail(r: int) -> dict[str, float]:
+        static = rank_static_bytes(r, rank_layers[r])
+        if choices[r].counts["full"] or choices[r].counts["selective"]:
+            static["buffers"] += lc.act_full_layer     # the block being recomputed, during its backward
+        entry = {"parameters": static["parameters"], "gradients": static["gradients"],
+                 "optimizer": static["optimizer"], "activations": choices[r].act_bytes, "logits": static["logits"],
+                 "buffers": static["buffers"]}
+        entry["margin"] = memory.ALLOCATOR_MARGIN * sum(entry.values())
+        return entry
+
+    peaks = []
+    for r in range(p):
+        allocated = base[r] + rank_layers[r] * slope[r] + choices[r].act_bytes
+        if choices[r].counts["full"] or choices[r].counts["selective"]:
+            allocated += lc.act_full_layer
+        peaks.append(allocated * (1 + memory.ALLOCATOR_MARGIN))
+    worst = max(range(p), key=lambda r: peaks[r])
+    if peaks[worst] > ctx.capacity_bytes:
+        return Rejection("OOM", f"pipeline rank {worst} peaks at {peaks[worst] / GIB:.1f} GiB",
+                         peaks[worst] - ctx.capacity_bytes)
+
+    n_layers_total = sum(rank_layers)
+    tp_comm = lc.tp_comm * n_layers_total / p * num_mb
+    cp_comm = lc.cp_comm * n_layers_total / p * num_mb
+    recompute_total = max(c.time for c in choices) * num_mb
+    compute_total = pipeline - bubble - tp_comm - cp_comm - recompute_total - p2p * v * num_mb - vc.vocab_comm * num_mb
+    breakdown = {"compute": compute_total, "recompute": recompute_total, "tp_comm": tp_comm, "cp_comm": cp_comm,
+                 "pp_comm": p2p * v * num_mb, "vocab_comm": vc.vocab_comm * num_mb, "dp_comm": dp_time,
+                 "bubble": bubble, "optimizer": opt_time}
+    return Evaluation(cfg, iteration, peaks[worst], list(partition), [c.counts for c in choices], peaks,
+                      list(zip(base, slope)), breakdown, rank_detail)
+
+
+def _layer_caps(ctx, lc, base, slope, in_flight) -> list[int] | None:
+    """The most blocks each pipeline rank can hold with full recompute (None if the ranks together cannot
+    hold the model)."""
+    capacity = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN)
+    caps = []
+    for r in range(len(base)):
+        per_layer = slope[r] + in_flight[r] * lc.act["full"]
+        room = capacity - base[r] - lc.act_full_layer
+        caps.append(max(0, int(room // per_layer)) if per_layer > 0 else ctx.model.layers)
+    if sum(caps) < ctx.model.layers:
+        return None
+    return caps
+
+
+def _rank_counts(stage_counts: list[dict[str, int]], rank: int, p: int, n_stages: int) -> dict[str, int]:
+    total = {m: 0 for m in MODES}
+    for j in range(rank, n_stages, p):
+        for m in MODES:
+            total[m] += stage_counts[j].get(m, 0)
+    return total
+
+
+def _split_counts(counts: dict[str, int], partition: list[int], stage: int, p: int, n_stages: int) -> dict[str, int]:
+    """Hand a rank's recompute counts to its virtual stages in order: full first, then selective."""
+    remaining = dict(counts)
+    result = {m: 0 for m in MODES}
+    for j in range(stage % p, n_stages, p):
+        layers = partition[j]
+        take = {}
+        for m in ("full", "selective", "none"):
+            take[m] = min(remaining[m], layers - sum(take.values()))
+            remaining[m] -= take[m]
+        if j == stage:
+            result = take
+            break
+    return result
+
+
+def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search: dict | None = None) -> Plan:
+    cfg, train = ev.config, ctx.train
+    num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
+    device_peak = ctx.cluster.gpu.peak_flops(train.precision)
+    model_flops = flops.model_flops_per_iteration(ctx.model, train.seq_len, train.global_batch)
+    tflops = model_flops / ev.iteration_s / ctx.cluster.world_size
+    per_rank = ev.memory_gib()
+    prediction = Prediction(
+        iteration_s=ev.iteration_s, tokens_per_s=train.tokens / ev.iteration_s, tflops_per_gpu=tflops / 1e12,
+        mfu=tflops / device_peak, peak_memory_gib=ev.peak_bytes / GIB, time_breakdown_s=ev.time_breakdown,
+        memory_breakdown_gib=per_rank[ev.worst_rank])
+    kernels = {k: ("fused" if cfg.fused_kernels else "reference") for k in KERNEL_NAMES}
+    search = dict(search or {})
+    search.setdefault("stage_memory_gib", [{k: round(x, 4) for k, x in m.items()} for m in per_rank])
+    return Plan(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, micro_batch=cfg.micro_batch, num_microbatches=num_mb,
+                stages=tuple(ev.stages()), model=ctx.model, cluster=ctx.cluster, train=train, cp_kind=cfg.cp_kind,
+                sequence_parallel=cfg.tp > 1, vocab_parallel=cfg.vocab_parallel,
+                schedule=cfg.schedule if cfg.pp > 1 else "1f1b", virtual_stages=cfg.virtual_stages, zero=cfg.zero,
+                tp_overlap=cfg.tp_overlap, compile=cfg.compile, kernels=kernels, mesh_order=cfg.mesh_order,
+                predicted=prediction, notes=tuple(notes or ev.notes), search=search)
+
+
+def with_recompute(cfg: Config, mode: str | None) -> Config:
+    return replace(cfg, recompute=mode)

@@ -1,0 +1,199 @@
+"""Memory terms of the cost model, each a small pure function returning bytes.
+
+Sources:
+    * ZeRO: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models".
+    * Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+      section 4 (per-layer saved bytes with TP, SP, selective/full recompute).
+    * Pipeline in-flight micro-batches: Narayanan et al. 2021 (1F1B keeps p - rank micro-batches) and
+      Korthikanti et al. 2022 section 4.2.3 (interleaved: p + (p - 1)/v on the first rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.spec import ModelSpec
+
+GIB = 2**30
+ACT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "fp32": 4}   # activations kept for backward (fp8 keeps bf16 inputs)
+
+# The PyTorch caching allocator reserves more than it hands out: reserved/allocated is typically 1.03-1.10
+# in transformer training (published estimator errors put reserved 7-8% above allocated). We add 5% of the
+# allocated peak, and keep CUDA_CONTEXT_GIB outside torch's view (CUDA context + cuBLAS/NCCL workspaces).
+ALLOCATOR_MARGIN = 0.05
+CUDA_CONTEXT_GIB = 0.75
+DDP_BUCKET_BYTES = 25 * 2**20     # torch DDP bucket_cap_mb default; two buckets in flight
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Per-parameter bytes of the training state, before sharding.
+
+    param: the stored parameter (fp32 master in meshplan's runtime: autocast / FSDP2 mixed precision keep
+        fp32 params and cast to 16 bits for compute); grad: gradient accumulation buffer; optimizer: optimizer
+        state (+ a separate master copy where a framework keeps one); compute_copy: the 16-bit copy used for
+        compute (autocast weight cache, or FSDP2's unsharded param_dtype), 0 in fp32.
+    """
+
+    param: int
+    grad: int
+    optimizer: int
+    compute_copy: int
+
+
+def state_bytes(precision: str, optimizer: str) -> StateBytes:
+    """meshplan runtime convention: fp32 params and fp32 gradients (mixed precision keeps both in fp32,
+    as torch autocast and FSDP2 with reduce_dtype=fp32 do), Adam's two fp32 moments (8 bytes), SGD momentum 4."""
+    moments = 8 if optimizer in ("adam", "adamw") else 4
+    compute_copy = 0 if precision == "fp32" else 2
+    return StateBytes(param=4, grad=4, optimizer=moments, compute_copy=compute_copy)
+
+
+def model_state_bytes(params: float, zero: int, dp: int, b: StateBytes) -> dict[str, float]:
+    """Parameters, gradients and optimizer state of one rank holding ``params`` parameters (already divided
+    by TP/PP), sharded over ``dp`` ranks per ZeRO stage (Rajbhandari et al. 2020, section 5):
+    stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters.
+
+    With the paper's mixed-precision Adam accounting (param 2, grad 2, optimizer 12 bytes) this gives
+    16P, 4P + 12P/d, 2P + 14P/d and 16P/d: the paper's 120, 31.4, 16.6 and 1.9 GB for 7.5B params, d = 64.
+    """
+    shard = 1.0 / dp
+    param = b.param * params * (shard if zero >= 3 else 1.0)
+    grad = b.grad * params * (shard if zero >= 2 else 1.0)
+    optim = b.optimizer * params * (shard if zero >= 1 else 1.0)
+    return {"parameters": param, "gradients": grad, "optimizer": optim}
+
+
+def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
+                       accumulates_unsharded: bool) -> float:
+    """The compute-dtype copies of weights and gradients that live beside the sharded state.
+
+    ZeRO 0/1 (DDP + autocast): autocast caches the cast of every weight for the whole forward/backward.
+    ZeRO 2 (FSDP2, weights kept gathered for the whole step): all unsharded weights, plus the unsharded
+    gradients accumulated over the micro-batches (compute dtype) until the one reduce-scatter.
+    ZeRO 3 (FSDP2): the current and the prefetched layer's unsharded weights and that layer's unsharded
+    gradient; under a pipeline (``accumulates_unsharded``) the gradients of every layer accumulate unsharded.
+    """
+    copy = b.compute_copy or b.param
+    if zero <= 1:
+        return b.compute_copy * params
+    if zero == 2:
+        return 2 * copy * params
+    grads = copy * params if accumulates_unsharded else b.grad * largest_layer_params
+    return 2 * copy * largest_layer_params + grads
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations
+# ------------------------------------------------------------------------------------------------
+
+def activation_bytes_per_layer(
+    m: ModelSpec, seq: int, micro_batch: int, *, tp: int = 1, sp: bool = False, cp: int = 1,
+    act_bytes: int = 2, flash: bool = True, recompute: str = "none", dropout: bool | None = None,
+    fused_swiglu: bool = False,
+) -> float:
+    """Bytes one block keeps for its backward pass, for one micro-batch (Korthikanti et al. 2022, sec. 4).
+
+    Korthikanti's GPT block (16-bit activations, 1-byte dropout masks, MHA, GELU with f = 4h, no flash,
+    no recompute) saves s*b*h*(34 + 5*a*s/h) bytes; with TP ``10 + 24/t + 5*a*s/(h*t)``; with TP+SP
+    ``(34 + 5*a*s/h)/t``. This function computes the same terms one tensor at a time, so that GQA
+    (k and v are kv/a of q), SwiGLU, flash attention, context parallel and 4-byte activations follow:
+
+        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP)
+        QKV input                    sbh               (sharded by SP)
+        Q, K, V                      sbh * (1 + 2*kv/a) / t
+        softmax out, mask, dropout   5*a*s^2*b / t  (bytes)   -- absent with flash attention, which saves
+                                                             its output and a fp32 logsumexp (4*a*s*b/t)
+        attention output (proj in)   sbh / t
+        attention dropout mask       sbh (1 byte)      (sharded by SP)
+        MLP input                    sbh               (sharded by SP)
+        GELU: fc1 out + GELU out     2 * sbf / t
+        SwiGLU: gate, up, silu, prod 4 * sbf / t       (3 with a fused SwiGLU kernel that recomputes silu)
+        MLP dropout mask             sbh (1 byte)      (sharded by SP)
+
+    The sequence dimension is divided by ``cp`` throughout (context parallel splits the sequence).
+
+    Recompute modes (what meshplan's runtime implements):
+        full: only the block input is kept (2*sbh/t with SP) -- Korthikanti's "full recomputation".
+        selective: op-level selective checkpointing with torchtitan's policy: the outputs of the attention
+            op and of every *other* matmul are kept (the 1st, 3rd, ... of wq, wk, wv, wo, w1, w3, w2: wq, wv,
+            w1 and, for SwiGLU, w2), everything else -- wk, wo, w3 (GELU: w2), norms, activation functions,
+            rotary, elementwise ops -- is recomputed from the block input. Kept: block input, q, v, attention
+            output (+ logsumexp), w1's output (f wide) and for SwiGLU w2's output (h wide).
+    """
+    b, h, f, a = micro_batch, m.hidden, m.ffn_hidden, m.heads
+    s = seq / cp
+    kv_ratio = m.kv_heads / a
+    dropout = (m.dropout > 0) if dropout is None else dropout
+    sbh = s * b * h
+    replicated = 1.0 / tp if sp else 1.0      # tensors outside the TP region: sharded by SP
+    mask = 1.0 if dropout else 0.0
+
+    if recompute == "full":
+        return act_bytes * sbh * replicated
+
+    qkv = act_bytes * sbh * (1 + 2 * kv_ratio) / tp
+    attn_out = act_bytes * sbh / tp
+    lse = 4.0 * a * s * b / tp if flash else 0.0
+    scores = 0.0 if flash else 5.0 * a * s * s * b / tp * (act_bytes / 2)   # 2*as^2b + as^2b + 2*as^2b at 16 bits
+
+    if recompute == "selective":
+        block_input = act_bytes * sbh * replicated
+        q_and_v = act_bytes * sbh * (1 + kv_ratio) / tp
+        w1_out = act_bytes * s * b * f / tp
+        w2_out = act_bytes * sbh * replicated if m.mlp == "swiglu" else 0.0
+        masks = 2 * mask * sbh * replicated
+        return block_input + q_and_v + attn_out + lse + w1_out + w2_out + masks
+
+    if recompute != "none":
+        raise ValueError(f"unknown recompute mode {recompute!r}")
+    norms = 2 * act_bytes * sbh * replicated
+    qkv_input = act_bytes * sbh * replicated
+    mlp_input = act_bytes * sbh * replicated
+    if m.mlp == "swiglu":
+        mlp_inner = (3 if fused_swiglu else 4) * act_bytes * s * b * f / tp
+    else:
+        mlp_inner = 2 * act_bytes * s * b * f / tp
+    masks = 2 * mask * sbh * replicated
+    return norms + qkv_input + qkv + scores + lse + attn_out + mlp_input + mlp_inner + masks
+
+
+def microbatches_in_flight(schedule: str, pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Micro-batches whose activations pipeline rank ``rank`` holds at its peak, in units of the rank's
+    whole share of layers.
+
+    GPipe: all m. 1F1B: min(p - rank, m) (Narayanan et al. 2021). Interleaved 1F1B (Megatron's schedule):
+    the rank runs (p - rank - 1)*2 + (v - 1)*p warm-up chunk passes, then holds one more: each chunk is 1/v
+    of its layers, so min(m*v, 2(p - rank - 1) + (v - 1)p + 1) / v -- on rank 0 this is
+    p + (p - 1)/v, Korthikanti et al. 2022 sec. 4.2.3.
+    """
+    m = num_microbatches
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved" and virtual_stages > 1:
+        chunks = min(m * virtual_stages, 2 * (pp - rank - 1) + (virtual_stages - 1) * pp + 1)
+        return chunks / virtual_stages
+    return float(min(pp - rank, m))
+
+
+def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, chunk_tokens: int = 4096,
+                 hidden: int = 0) -> float:
+    """Peak bytes of the LM head output and the loss for ``tokens`` tokens of one micro-batch.
+
+    Reference path (logits materialised): 16-bit logits (2 B), their fp32 upcast (4 B) and the fp32
+    log-softmax kept for backward (4 B) coexist at the loss: 10 bytes per logit (12 in fp32); in backward
+    the fp32 gradient replaces the upcast. Fused chunked linear + cross-entropy: only one chunk of
+    ``chunk_tokens`` tokens is materialised (16-bit logits + fp32 softmax/gradient, 10 B per logit), plus
+    the fp32 gradient of the hidden states it computes in the forward (4 * tokens * hidden).
+    """
+    per_logit = 12 if precision == "fp32" else 10
+    if not fused_loss:
+        return per_logit * tokens * vocab_local
+    return per_logit * min(tokens, chunk_tokens) * vocab_local + 4.0 * tokens * hidden
+
+
+def saved_logprob_bytes(tokens: float, vocab_local: float) -> float:
+    """The fp32 log-softmax a reference loss keeps until its micro-batch's backward (GPipe holds m of them)."""
+    return 4.0 * tokens * vocab_local

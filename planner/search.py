@@ -1,0 +1,434 @@
+"""The search: enumerate valid configurations, prune with lower bounds, evaluate, keep the top K, and count
+why the rest lost.
+
+1. Degrees: dp*tp*pp*cp = world; tp divides heads, and kv_heads (or kv heads are replicated: tp a multiple of
+   kv_heads); tp stays inside a node; seq divisible by tp*cp (ring: by 2*cp for load-balanced causal chunks;
+   Ulysses: heads divisible by tp*cp); pp <= layers; dp divides the global batch.
+2. For each degree family and micro batch, a lower bound on the iteration time (the work of the slowest
+   conceivable balanced pipeline, no bubble, no data-parallel or optimizer time) orders the families; a
+   family whose bound is no better than the current K-th best is pruned without evaluation.
+3. Each surviving family is evaluated for every schedule / virtual stages / ZeRO stage / vocab-parallel /
+   CP kind; ``evaluate`` partitions the blocks and chooses recomputation per rank.
+4. The finalists are re-solved with the joint partition + recompute ILP (PuLP/CBC) and re-evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from meshplan.errors import InputError, NoFeasiblePlan
+from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan
+from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
+from meshplan.planner import comm, memory
+from meshplan.planner.evaluate import (Config, Context, Evaluation, Rejection, config_layer_cost, evaluate, to_plan,
+                                       vocab_cost)
+from meshplan.planner.recompute import solve_partition_ilp
+
+MAX_MICRO_BATCH = 32
+MAX_VIRTUAL_STAGES = 4
+
+# --fix keys and their parsers
+FIX_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "dp": lambda v, w: _as_int(v, w, 1),
+    "tp": lambda v, w: _as_int(v, w, 1),
+    "pp": lambda v, w: _as_int(v, w, 1),
+    "cp": lambda v, w: _as_int(v, w, 1),
+    "cp_kind": lambda v, w: _as_choice(v, w, CP_KINDS),
+    "micro_batch": lambda v, w: _as_int(v, w, 1),
+    "schedule": lambda v, w: _as_choice(v, w, SCHEDULES),
+    "virtual_stages": lambda v, w: _as_int(v, w, 1),
+    "recompute": lambda v, w: _as_choice(v, w, RECOMPUTE_MODES),
+    "zero": lambda v, w: _as_int(v, w, 0, 3),
+    "vocab_parallel": lambda v, w: _as_bool(v, w),
+    "tp_overlap": lambda v, w: _as_bool(v, w),
+    "compile": lambda v, w: _as_bool(v, w),
+    "fused_kernels": lambda v, w: _as_bool(v, w),
+}
+
+
+def parse_fixes(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["tp=8", "pp=4"]`` (or a dict) into typed pins; one-line errors for unknown keys or bad values."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, dict) else []
+    if not isinstance(items, dict):
+        parsed = []
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise InputError("--fix", f"{item!r} is not KEY=VALUE", "write e.g. --fix tp=8")
+            parsed.append((key.strip().replace("-", "_"), value.strip()))
+        pairs = parsed
+    fixes: dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in FIX_KEYS:
+            raise InputError(f"--fix {key}", "unknown key", f"pin one of: {', '.join(FIX_KEYS)}")
+        fixes[key] = FIX_KEYS[key](value, f"--fix {key}")
+    return fixes
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+@dataclass
+class SearchResult:
+    plans: list[Plan]
+    seconds: float
+    evaluated: int
+    rejected: dict[str, int]
+    closest_oom: tuple[float, Config] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plans": [p.to_dict(with_inputs=False) for p in self.plans],
+                "search": {"seconds": round(self.seconds, 3), "evaluated": self.evaluated},
+                "rejected": dict(sorted(self.rejected.items(), key=lambda kv: -kv[1]))}
+
+
+def degree_problems(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, dp: int, tp: int, pp: int, cp: int,
+                    cp_kind: str | None = None) -> str | None:
+    """Why these degrees cannot run, as a short reason (None when valid). One place for divisibility rules."""
+    if dp * tp * pp * cp != cluster.world_size:
+        return "degrees: dp*tp*pp*cp != world size"
+    if model.heads % tp:
+        return "divisibility: heads % tp"
+    if model.kv_heads % tp and tp % model.kv_heads:
+        return "divisibility: kv_heads vs tp"
+    if tp > cluster.gpus_per_node:
+        return "placement: tp spans nodes"
+    if train.seq_len % (tp * cp):
+        return "divisibility: seq_len % (tp*cp)"
+    if cp > 1:
+        if cp_kind == "ulysses" and (model.heads // tp) % cp:
+            return "divisibility: heads/tp % cp (ulysses)"
+        if cp_kind == "ring" and train.seq_len % (2 * cp * tp):
+            return "divisibility: seq_len % (2*cp*tp) (ring)"
+    if pp > model.layers:
+        return "divisibility: pp > layers"
+    if train.global_batch % dp:
+        return "divisibility: global_batch % dp"
+    return None
+
+
+def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: dict[str, Any]) -> list[Config]:
+    """Every schedule / ZeRO / vocab-parallel / CP-kind / overlap variant of one degree family."""
+    gpu = ctx.cluster.gpu.kind == "gpu"
+    num_mb = ctx.train.global_batch // (dp * b)
+    schedules: list[tuple[str, int]] = []
+    if pp == 1:
+        schedules = [(fixes.get("schedule", "1f1b"), 1)]
+    else:
+        for sched in (["gpipe", "1f1b", "interleaved"] if "schedule" not in fixes else [fixes["schedule"]]):
+            if sched == "interleaved":
+                vs = [fixes["virtual_stages"]] if "virtual_stages" in fixes else range(2, MAX_VIRTUAL_STAGES + 1)
+                for v in vs:
+                    if v >= 2 and pp * v <= ctx.model.layers and num_mb % pp == 0:
+                        schedules.append((sched, v))
+            else:
+                schedules.append((sched, 1))
+    zeros = [fixes["zero"]] if "zero" in fixes else ([0, 1, 2, 3] if dp > 1 else [0])
+    vocab = [fixes["vocab_parallel"]] if "vocab_parallel" in fixes else ([False, True] if pp > 1 else [False])
+    cp_kinds = [fixes["cp_kind"]] if "cp_kind" in fixes else (list(CP_KINDS) if cp > 1 else ["ulysses"])
+    overlap = [fixes["tp_overlap"]] if "tp_overlap" in fixes else [gpu and tp > 1]
+    compiled = fixes.get("compile", gpu)
+    fused = fixes.get("fused_kernels", gpu)
+    out = []
+    for sched, v in schedules:
+        for z in zeros:
+            for vp in vocab:
+                for kind in cp_kinds:
+                    if degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind):
+                        continue
+                    for ov in overlap:
+                        out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
+                                          virtual_stages=v, zero=z, vocab_parallel=vp, cp_kind=kind, tp_overlap=ov,
+                                          compile=compiled, fused_kernels=fused, recompute=fixes.get("recompute"),
+                                          mesh_order=DEFAULT_MESH_ORDER))
+    return out
+
+
+def _lower_bound(ctx: Context, cfg: Config) -> float:
+    """No plan of this configuration is faster than its work spread perfectly over the pipeline ranks,
+    plus the smallest fill/drain its schedule allows ((p - 1)/v micro-batch slots)."""
+    lc = config_layer_cost(ctx, cfg)
+    vc = vocab_cost(ctx, cfg)
+    num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
+    work = ctx.model.layers * (lc.fwd + lc.bwd) + vc.first_time + vc.last_time + vc.each_time * cfg.pp
+    per_slot = work / cfg.pp
+    return per_slot * (num_mb + (cfg.pp - 1) / cfg.virtual_stages)
+
+
+def _family_bound(ctx: Context, variants: list[Config]) -> float:
+    return min(_lower_bound(ctx, replace(c, virtual_stages=MAX_VIRTUAL_STAGES) if c.schedule == "interleaved" else c)
+               for c in variants)
+
+
+def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
+    """The least memory any variant of this family needs on its first pipeline rank: fully sharded
+    training state (ZeRO-3) and full recompute with the fewest micro-batches in flight (1F1B)."""
+    lc = config_layer_cost(ctx, cfg)
+    num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
+    layers = ctx.model.layers / cfg.pp
+    b = memory.state_bytes(ctx.train.precision, ctx.train.optimizer)
+    states = (b.param + b.grad + b.optimizer) * layers * lc.params / cfg.dp
+    in_flight = min(cfg.pp, num_mb)
+    return states + in_flight * layers * lc.act["full"]
+
+
+def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any] | None = None,
+           top: int = 3, refine: bool = True, progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Find the ``top`` fastest plans that fit. Raises NoFeasiblePlan (with what would fit) when none does."""
+    start = time.perf_counter()
+    fixes = dict(fixes or {})
+    ctx = Context(model, cluster, train)
+    _check_fixes(ctx, fixes)
+    world = cluster.world_size
+    rejected: Counter[str] = Counter()
+    closest_oom: tuple[float, Config] | None = None
+
+    # 1. degree families x micro batch, with their lower bounds
+    families = []
+    for tp in ([fixes["tp"]] if "tp" in fixes else divisors(world)):
+        for cp in ([fixes["cp"]] if "cp" in fixes else divisors(world // tp) if world % tp == 0 else []):
+            rest = world // (tp * cp) if world % (tp * cp) == 0 else 0
+            if not rest:
+                continue
+            for pp in ([fixes["pp"]] if "pp" in fixes else divisors(rest)):
+                if rest % pp:
+                    continue
+                dp = rest // pp
+                if "dp" in fixes and fixes["dp"] != dp:
+                    continue
+                problem = degree_problems(model, cluster, train, dp, tp, pp, cp)
+                if problem:
+                    rejected[problem] += 1
+                    continue
+                per_dp = train.global_batch // dp
+                bs = [fixes["micro_batch"]] if "micro_batch" in fixes else [d for d in divisors(per_dp) if d <= MAX_MICRO_BATCH]
+                for b in bs:
+                    if per_dp % b:
+                        rejected["divisibility: global_batch % (dp*micro_batch)"] += 1
+                        continue
+                    variants = _variants(ctx, dp, tp, pp, cp, b, fixes)
+                    if not variants:
+                        rejected["divisibility: no valid schedule / CP kind"] += 1
+                        continue
+                    need = _memory_lower_bound(ctx, variants[0])
+                    if need > ctx.capacity_bytes:
+                        rejected["OOM"] += len(variants)
+                        over = need - ctx.capacity_bytes
+                        if closest_oom is None or over < closest_oom[0]:
+                            closest_oom = (over, variants[0])
+                        continue
+                    families.append((_family_bound(ctx, variants), dp, tp, pp, cp, b))
+    families.sort()
+
+    # 2-3. evaluate in bound order, pruning
+    best: list[Evaluation] = []
+    evaluated = 0
+    total = len(families)
+    for index, (bound, dp, tp, pp, cp, b) in enumerate(families):
+        if progress:
+            progress(index, total)
+        if len(best) >= top and bound >= best[top - 1].iteration_s:
+            rejected["pruned: lower bound slower than the top plans"] += total - index
+            break
+        for cfg in _variants(ctx, dp, tp, pp, cp, b, fixes):
+            if len(best) >= top and _lower_bound(ctx, cfg) >= best[top - 1].iteration_s:
+                rejected["pruned: lower bound slower than the top plans"] += 1
+                continue
+            evaluated += 1
+            result = evaluate(cfg, ctx)
+            if isinstance(result, Rejection):
+                rejected[result.reason] += 1
+                if result.reason == "OOM" and (closest_oom is None or result.over_bytes < closest_oom[0]):
+                    closest_oom = (result.over_bytes, cfg)
+                continue
+            best.append(result)
+            best.sort(key=lambda e: e.iteration_s)
+            dropped = best[top * 2:]           # keep a few spare for the ILP refinement
+            del best[top * 2:]
+            rejected["slower than the top plans"] += len(dropped)
+    if progress:
+        progress(total, total)
+
+    if not best:
+        raise NoFeasiblePlan(_nothing_fits_message(ctx, fixes, rejected, closest_oom))
+
+    # 4. refine finalists with the joint partition + recompute ILP
+    finalists = best[: top * 2]
+    if refine:
+        finalists = [_refine(ctx, ev) for ev in finalists]
+        finalists.sort(key=lambda e: e.iteration_s)
+    chosen = finalists[:top]
+    rejected["slower than the top plans"] += len(best) - len(chosen)
+    seconds = time.perf_counter() - start
+    plans = []
+    alternatives = [{"fix": _fix_of(ev.config), "iteration_s": round(ev.iteration_s, 6),
+                     "peak_memory_gib": round(ev.peak_bytes / memory.GIB, 3)} for ev in chosen]
+    for rank, ev in enumerate(chosen):
+        notes = _why(ev, chosen[0], rank)
+        search_info = {"seconds": round(seconds, 3), "evaluated": evaluated, "rank": rank + 1,
+                       "rejected": dict(rejected), "alternatives": alternatives}
+        plans.append(to_plan(ev, ctx, notes, search_info))
+    return SearchResult(plans, seconds, evaluated, dict(rejected), closest_oom)
+
+
+def _fix_of(cfg: Config) -> dict[str, Any]:
+    return {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "micro_batch": cfg.micro_batch,
+            "schedule": cfg.schedule, "virtual_stages": cfg.virtual_stages, "zero": cfg.zero,
+            "vocab_parallel": cfg.vocab_parallel, "cp_kind": cfg.cp_kind}
+
+
+def _refine(ctx: Context, ev: Evaluation) -> Evaluation:
+    """Re-solve the blocks per rank and their recomputation jointly with the ILP; keep it if faster."""
+    cfg = ev.config
+    if cfg.virtual_stages > 1:
+        return ev     # chunks of a rank are split evenly; the per-rank enumeration is already exact there
+    lc = config_layer_cost(ctx, cfg)
+    p = cfg.pp
+    num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
+    in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, 1) for r in range(p)]
+    # the same memory model as evaluate(): static bytes linear in blocks, room for one re-materialised block
+    static = [base + lc.act_full_layer for base, _ in ev.rank_static]
+    per_block = [slope for _, slope in ev.rank_static]
+    capacity = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN)
+    solved = solve_partition_ilp(ctx.model.layers, num_mb, lc.fwd + lc.bwd, _rank_extras(ctx, cfg), static,
+                                 per_block, in_flight, lc.act, lc.recompute, capacity, cfg.recompute)
+    if solved is None:
+        return ev
+    partition, counts = solved
+    better = evaluate(cfg, ctx, partition=partition, recompute_counts=counts)
+    if isinstance(better, Evaluation) and better.iteration_s < ev.iteration_s - 1e-12:
+        better.notes.append("layer partition and recomputation solved jointly by the ILP (CBC)")
+        return better
+    return ev
+
+
+def _rank_extras(ctx: Context, cfg: Config) -> list[float]:
+    """Per-rank fixed seconds per micro-batch: embedding, head + loss, vocab-parallel share, p2p."""
+    return [_stage_time(ctx, cfg, r) for r in range(cfg.pp)]
+
+
+def _stage_time(ctx: Context, cfg: Config, rank: int) -> float:
+    vc = vocab_cost(ctx, cfg)
+    degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
+    pp_link = comm.group_link(ctx.cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+    boundary = cfg.micro_batch * ctx.train.seq_len / cfg.cp * ctx.model.hidden / cfg.tp * ctx.act_bytes
+    extra = 2 * comm.p2p_time(boundary, pp_link) if cfg.pp > 1 else 0.0
+    if cfg.vocab_parallel:
+        extra += vc.each_time
+    if rank == 0:
+        extra += vc.first_time
+    if rank == cfg.pp - 1:
+        extra += vc.last_time
+    return extra
+
+
+def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
+    """Plain-language notes: what dominates the time, what bound memory."""
+    notes = list(ev.notes)
+    tb = ev.time_breakdown
+    total = ev.iteration_s
+    top_terms = sorted(((v, k) for k, v in tb.items() if v > 0), reverse=True)[:3]
+    notes.append("time goes to " + ", ".join(f"{k} {v / total:.0%}" for v, k in top_terms))
+    mem = ev.rank_detail(ev.worst_rank)
+    biggest = max(mem, key=mem.get)
+    notes.append(f"peak memory {ev.peak_bytes / memory.GIB:.1f} GiB (pipeline rank {ev.worst_rank}), "
+                 f"mostly {biggest} ({mem[biggest] / memory.GIB:.1f} GiB)")
+    if rank > 0:
+        notes.append(f"{(ev.iteration_s / best.iteration_s - 1):.1%} slower than plan 1")
+    return notes
+
+
+def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
+    """Pins that can never work are input errors (exit 2), named with the fix."""
+    world = ctx.cluster.world_size
+    for key in ("dp", "tp", "pp", "cp"):
+        if key in fixes and world % fixes[key]:
+            raise InputError(f"--fix {key}", f"{fixes[key]} does not divide the world size {world}",
+                             f"pick one of {divisors(world)[:12]}")
+    product = 1
+    for key in ("dp", "tp", "pp", "cp"):
+        product *= fixes.get(key, 1)
+    if world % product:
+        raise InputError("--fix", f"pinned degrees multiply to {product}, which does not divide {world} ranks",
+                         "make dp*tp*pp*cp equal the cluster's GPU count")
+    if all(k in fixes for k in ("dp", "tp", "pp", "cp")) and product != world:
+        raise InputError("--fix", f"dp*tp*pp*cp = {product} but the cluster has {world} ranks",
+                         "make dp*tp*pp*cp equal the cluster's GPU count")
+    m, t = ctx.model, ctx.train
+    if "tp" in fixes:
+        tp = fixes["tp"]
+        if m.heads % tp:
+            raise InputError("--fix tp", f"{tp} does not divide the model's {m.heads} heads", "pick a divisor of heads")
+        if m.kv_heads % tp and tp % m.kv_heads:
+            raise InputError("--fix tp", f"{tp} neither divides nor is a multiple of kv_heads {m.kv_heads}",
+                             "pick tp dividing kv_heads or a multiple of it")
+        if tp > ctx.cluster.gpus_per_node:
+            raise InputError("--fix tp", f"{tp} is more than the {ctx.cluster.gpus_per_node} GPUs of a node",
+                             "keep tensor parallel inside a node")
+    if "pp" in fixes and fixes["pp"] > m.layers:
+        raise InputError("--fix pp", f"{fixes['pp']} stages for {m.layers} layers", f"use pp <= {m.layers}")
+    if "dp" in fixes and t.global_batch % fixes["dp"]:
+        raise InputError("--fix dp", f"{fixes['dp']} does not divide the global batch {t.global_batch}",
+                         "pick dp dividing --global-batch")
+    if "micro_batch" in fixes:
+        b = fixes["micro_batch"]
+        if t.global_batch % b:
+            raise InputError("--fix micro_batch", f"{b} does not divide the global batch {t.global_batch}",
+                             "pick a divisor of --global-batch")
+        if "dp" in fixes and (t.global_batch // fixes["dp"]) % b:
+            raise InputError("--fix micro_batch", f"{b} does not divide the per-replica batch "
+                             f"{t.global_batch // fixes['dp']}", "pick a divisor of global_batch/dp")
+    tp_cp = fixes.get("tp", 1) * fixes.get("cp", 1)
+    if t.seq_len % tp_cp:
+        raise InputError("--fix cp", f"seq_len {t.seq_len} is not divisible by tp*cp = {tp_cp}",
+                         "pick tp and cp whose product divides --seq-len")
+    if "virtual_stages" in fixes and fixes["virtual_stages"] > 1:
+        pp = fixes.get("pp")
+        if fixes.get("schedule", "interleaved") != "interleaved":
+            raise InputError("--fix virtual_stages", "virtual stages need the interleaved schedule",
+                             "add --fix schedule=interleaved or drop virtual_stages")
+        if pp and pp * fixes["virtual_stages"] > m.layers:
+            raise InputError("--fix virtual_stages", f"pp*virtual_stages = {pp * fixes['virtual_stages']} "
+                             f"exceeds {m.layers} layers", "use fewer virtual stages")
+    if fixes.get("schedule") == "interleaved" and fixes.get("virtual_stages", 2) == 1 and fixes.get("pp", 2) > 1:
+        raise InputError("--fix schedule", "interleaved needs virtual_stages >= 2", "add --fix virtual_stages=2")
+    if fixes.get("vocab_parallel") and fixes.get("pp") == 1:
+        pass   # accepted and moot: with pp == 1 the vocabulary is already split over tp
+    if fixes.get("tp_overlap") and ctx.cluster.gpu.kind != "gpu":
+        raise InputError("--fix tp_overlap", "async tensor parallel needs GPUs", "drop the pin on CPU clusters")
+
+
+def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter, closest) -> str:
+    from meshplan.planner import flops
+    params = flops.total_params(ctx.model, ctx.train.seq_len)
+    capacity = ctx.capacity_bytes
+    state = 16 * params      # fp32 params + grads + Adam, fully sharded: the least any split keeps
+    min_gpus = math.ceil(state / capacity)
+    gpn = ctx.cluster.gpus_per_node
+    min_nodes = math.ceil(min_gpus / gpn)
+    reasons = ", ".join(f"{k} x{v}" for k, v in rejected.most_common(3))
+    text = f"no configuration fits ({reasons})"
+    if closest is not None:
+        over, cfg = closest
+        text += (f"; closest: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} micro_batch={cfg.micro_batch} "
+                 f"zero={cfg.zero} misses by {over / memory.GIB:.1f} GiB per GPU")
+    text += (f"; the model's training state alone needs {state / memory.GIB:,.0f} GiB, so at least {min_gpus} "
+             f"GPUs of {ctx.cluster.gpu.memory_gib:g} GiB ({min_nodes} nodes of {gpn})")
+    if fixes:
+        text += "; or drop some --fix pins"
+    text += "; shorter --seq-len or fewer layers also help"
+    return text
+
+
+def evaluate_pinned(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any]) -> Plan:
+    """The best plan consistent with ``fixes`` (exactly that configuration when everything is pinned)."""
+    return search(model, cluster, train, fixes, top=1).plans[0]

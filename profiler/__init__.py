@@ -1,0 +1,1 @@
+"""meshplan.profiler: measures compute, memory and links on the real cluster (torch)."""

@@ -1,0 +1,1 @@
+"""Templates shipped as package data (torchrun, Slurm, Kubernetes, CI workflow, report)."""
