@@ -332,7 +332,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             return Rejection("OOM", "even full recompute does not fit", max(0.0, need - ctx.capacity_bytes))
         partition = balance_layers(model.layers, n_stages, layer_time, extra_time, caps, p)
         if partition is None:
-            return Rejection("OOM", "no layer partition fits every stage's memory")
+            over = max(base[r] + in_flight[r] * lc.act["full"] * model.layers / n_stages for r in range(p))
+            return Rejection("OOM", "no layer partition fits every stage's memory",
+                             max(0.0, over - ctx.capacity_bytes))
     if len(partition) != n_stages or sum(partition) != model.layers:
         return Rejection("partition", f"partition {partition} does not cover {model.layers} layers")
 

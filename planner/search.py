@@ -224,7 +224,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                         rejected["OOM"] += len(variants)
                         over = need - ctx.capacity_bytes
                         if closest_oom is None or over < closest_oom[0]:
-                            closest_oom = (over, variants[0])
+                            closest_oom = (over, replace(variants[0], zero=3, recompute="full"))
                         continue
                     families.append((_family_bound(ctx, variants), dp, tp, pp, cp, b))
     families.sort()
@@ -420,7 +420,7 @@ def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter
     if closest is not None:
         over, cfg = closest
         text += (f"; closest: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} micro_batch={cfg.micro_batch} "
-                 f"zero={cfg.zero} misses by {over / memory.GIB:.1f} GiB per GPU")
+                 f"zero={cfg.zero}" + (f" misses by {over / memory.GIB:.1f} GiB per GPU" if over > 0 else ""))
     text += (f"; the model's training state alone needs {state / memory.GIB:,.0f} GiB, so at least {min_gpus} "
              f"GPUs of {ctx.cluster.gpu.memory_gib:g} GiB ({min_nodes} nodes of {gpn})")
     if fixes:
