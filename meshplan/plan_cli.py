@@ -128,14 +128,14 @@ def render_text(result, markdown: bool = False) -> str:
         sched = "-" if p.pp == 1 else (p.schedule + (f" v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
         rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
                      p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
-                     f"{pr.iteration_s:.3f}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.0f}", f"{pr.mfu:.1%}",
+                     f"{pr.iteration_s:.3f}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.3g}", f"{pr.mfu:.1%}",
                      f"{pr.peak_memory_gib:.1f}"])
     headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
                "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB"]
     best = result.plans[0]
     m, c, t = best.model, best.cluster, best.train
     lines = []
-    head = (f"{m.name} on {c.name} ({c.world_size} x {c.gpu.name}, {c.gpu.memory_gib:g} GiB), "
+    head = (f"{m.name} on {c.name} ({c.world_size} x {c.gpu.name}, {c.gpu.memory_gib:.1f} GiB), "
             f"global batch {t.global_batch} x {t.seq_len} tokens, {t.precision}")
     lines.append(f"## {head}" if markdown else head)
     lines.append("")

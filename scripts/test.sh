@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install meshplan with its test extras and run the test suite (the README's second command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.13.0"          # CPU wheel first (a GPU machine: skip this, keep your build)
+python -m pip install -q -e ".[test,report]"
+python -m pytest -q -p no:cacheprovider "$@"
