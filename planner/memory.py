@@ -10,6 +10,7 @@ Sources:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from meshplan.spec import ModelSpec
@@ -178,20 +179,21 @@ def microbatches_in_flight(schedule: str, pp: int, rank: int, num_microbatches: 
     return float(min(pp - rank, m))
 
 
-def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, chunk_tokens: int = 4096,
-                 hidden: int = 0) -> float:
-    """Peak bytes of the LM head output and the loss for ``tokens`` tokens of one micro-batch.
+def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, hidden: int = 0) -> float:
+    """Peak bytes of the LM head output and the loss for ``tokens`` tokens of one micro-batch, as measured
+    for meshplan's kernels (docs/kernels.md, benchmarks/bench_loss_memory.py: predicted = measured).
 
-    Reference path (logits materialised): 16-bit logits (2 B), their fp32 upcast (4 B) and the fp32
-    log-softmax kept for backward (4 B) coexist at the loss: 10 bytes per logit (12 in fp32); in backward
-    the fp32 gradient replaces the upcast. Fused chunked linear + cross-entropy: only one chunk of
-    ``chunk_tokens`` tokens is materialised (16-bit logits + fp32 softmax/gradient, 10 B per logit), plus
-    the fp32 gradient of the hidden states it computes in the forward (4 * tokens * hidden).
+    Reference path: the logits are materialised and the backward's three fp32 [T, V] buffers dominate:
+    12 bytes per logit. Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
+    weight shard are computed in the forward and kept, (T + V) * h * b, plus one chunk of logits at c bytes per
+    logit (c = b + 4, + 4 more when b != 4), with chunk = next_pow2(ceil(T / ceil(V / h))) tokens.
     """
-    per_logit = 12 if precision == "fp32" else 10
     if not fused_loss:
-        return per_logit * tokens * vocab_local
-    return per_logit * min(tokens, chunk_tokens) * vocab_local + 4.0 * tokens * hidden
+        return 12.0 * tokens * vocab_local
+    b = 4 if precision == "fp32" else 2
+    per_logit = b + 4 + (4 if b != 4 else 0)
+    chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(vocab_local / max(1, hidden)))))))
+    return (tokens + vocab_local) * hidden * b + min(tokens, chunk) * vocab_local * per_logit
 
 
 def saved_logprob_bytes(tokens: float, vocab_local: float) -> float:

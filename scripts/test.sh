@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"          # CPU wheel first (a GPU machine: skip this, keep your build)
-python -m pip install -q -e ".[test,report]"
+python -m pip install -q -e ".[test,report]" "triton==3.9.0"   # Triton kernels run under TRITON_INTERPRET=1
 python -m pytest -q -p no:cacheprovider "$@"

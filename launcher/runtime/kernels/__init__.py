@@ -1,0 +1,207 @@
+"""Fused kernels for training, each with the plain-PyTorch reference it is tested against.
+
+Every public function takes ``impl``:
+
+* ``"reference"``: eager PyTorch (``reference.py``), runs anywhere;
+* ``"fused"``: the Triton kernel (``triton_kernels.py``); needs ``triton`` and either the tensors on a CUDA
+  device or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, what CI uses). Otherwise a RuntimeError says why.
+  Exception: ``linear_cross_entropy(impl="fused")`` is the *chunked* loss (``cross_entropy.py``), whose memory
+  saving is plain PyTorch chunking; it runs everywhere and uses the Triton chunk kernels when they can run;
+* ``"auto"``: ``fused`` when it can run here, else ``reference``.
+
+The runtime reads the choice per kernel from ``Plan.kernels`` (``norm``, ``swiglu``, ``rope``, ``loss``);
+:func:`kernels_from_plan` binds it. Fused AdamW and flash SDPA are PyTorch's own (see the two ``*_available``
+helpers). ``docs/kernels.md`` lists the bytes each implementation keeps for backward, for the planner.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .cross_entropy import chunked_linear_cross_entropy, default_chunk_tokens
+from .reference import (linear_cross_entropy_reference, rms_norm_reference, rotary_reference, swiglu_reference,
+                        _check_rotary)
+
+__all__ = [
+    "IMPLS", "rms_norm", "swiglu", "apply_rotary", "linear_cross_entropy", "fused_adamw_available",
+    "sdpa_flash_available", "triton_available", "fused_available", "resolve_impl", "kernels_from_plan",
+    "KernelSet", "default_chunk_tokens",
+]
+
+IMPLS = ("fused", "reference", "auto")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    """``triton`` imports and can run somewhere here: a CUDA device is present or ``TRITON_INTERPRET=1``."""
+    return _triton_import_error() is None and (torch.cuda.is_available() or _interpreting())
+
+
+def _why_not_fused(device: torch.device | None) -> str | None:
+    """None when the Triton kernels can run on tensors of ``device``, else the reason."""
+    err = _triton_import_error()
+    if err is not None:
+        return f"triton is not importable ({err}); `pip install triton` or use impl='reference'/'auto'"
+    if _interpreting():
+        return None
+    if device is not None and device.type == "cuda":
+        return None
+    where = "no CUDA device is present" if not torch.cuda.is_available() else f"the tensors are on {device}"
+    return f"{where} and TRITON_INTERPRET=1 is not set; use impl='reference'/'auto' or move the tensors to CUDA"
+
+
+def fused_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``impl="fused"`` (the Triton kernels) can run on tensors of ``device`` here."""
+    return _why_not_fused(torch.device(device) if device is not None else None) is None
+
+
+def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "kernel") -> str:
+    """``fused`` or ``reference`` for ``impl`` in ``fused``/``reference``/``auto`` (raises if fused cannot run)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{kernel}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    why = _why_not_fused(device)
+    if why is None:
+        return "fused"
+    if impl == "auto":
+        return "reference"
+    raise RuntimeError(f"{kernel}(impl='fused') cannot run: {why}")
+
+
+# --- the kernels ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str = "reference") -> torch.Tensor:
+    """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in ``x.dtype``."""
+    if resolve_impl(impl, x.device, "rms_norm") == "reference":
+        return rms_norm_reference(x, weight, eps)
+    from .triton_kernels import RMSNormFunction
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
+    """``silu(gate) * up`` (SwiGLU's gate·up product). The fused kernel computes in fp32 and rounds once."""
+    if resolve_impl(impl, gate.device, "swiglu") == "reference":
+        return swiglu_reference(gate, up)
+    from .triton_kernels import SwiGLUFunction
+    return SwiGLUFunction.apply(gate, up)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding on q [batch, seq, heads, head_dim] and k [batch, seq, kv_heads, head_dim].
+
+    Convention: rotate-half ("GPT-NeoX", also Hugging Face Llama): dimension ``i`` is paired with ``i + d/2``;
+    ``cos``/``sin`` are ``[seq, head_dim//2]`` with ``cos[s, i] = cos(s * base^(-2i/d))``, and
+    ``out = cat(x1*cos - x2*sin, x2*cos + x1*sin)`` for ``x1, x2 = x[..., :d/2], x[..., d/2:]``.
+
+    ``reference`` returns new tensors. ``fused`` rotates q and k *in place* and returns them (autograd-correct
+    through ``mark_dirty``); it copies first only when it must (a leaf that requires grad, or a last dim that is
+    not contiguous). Always use the returned tensors.
+    """
+    _check_rotary(q, k, cos, sin)
+    if resolve_impl(impl, q.device, "apply_rotary") == "reference":
+        return rotary_reference(q, k, cos, sin)
+    from .triton_kernels import RotaryFunction
+
+    def writable(x: torch.Tensor) -> torch.Tensor:
+        if (x.is_leaf and x.requires_grad) or x.stride(-1) != 1:
+            return x.clone(memory_format=torch.contiguous_format)
+        return x
+
+    return RotaryFunction.apply(writable(q), cos, sin), RotaryFunction.apply(writable(k), cos, sin)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str = "reference",
+                         process_group=None, chunk_tokens: int | None = None, ignore_index: int = -100,
+                         reduce_hidden_grad: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` over tokens whose target is not ``ignore_index``.
+
+    hidden: ``[tokens, h]`` (leading dims are flattened); weight: ``[vocab_local, h]``, this rank's vocabulary
+    shard when ``process_group`` is given (group rank r holds rows ``[r*vocab_local, (r+1)*vocab_local)``);
+    targets: ``[tokens]`` *global* vocabulary ids. Returns an fp32 scalar, equal on every rank of the group.
+
+    ``reference`` materializes the ``[tokens, vocab_local]`` logits (max / sum-exp / target logit all-reduced
+    over the group). ``fused`` is chunked over ``chunk_tokens`` tokens (default :func:`default_chunk_tokens`)
+    and computes both gradients in the forward, so the full logits never exist; it runs everywhere (the
+    chunking is PyTorch) and uses the Triton chunk kernels when ``fused_available``. ``auto`` is ``fused``.
+
+    With a group and ``reduce_hidden_grad`` (default) the hidden gradient is all-reduced over the group, so it
+    is the full (unsharded) gradient on every rank; pass False when the caller's collective already sums it.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return linear_cross_entropy_reference(hidden, weight, targets, process_group, ignore_index,
+                                              reduce_hidden_grad)
+    backend = "triton" if fused_available(hidden.device) else "torch"
+    return chunked_linear_cross_entropy(hidden, weight, targets, process_group, chunk_tokens, ignore_index,
+                                        reduce_hidden_grad, backend)
+
+
+# --- PyTorch's own fused kernels -----------------------------------------------------------------------------
+
+def fused_adamw_available() -> bool:
+    """True when ``torch.optim.AdamW(..., fused=True)`` should be used: CUDA only (by contract)."""
+    return torch.cuda.is_available()
+
+
+def sdpa_flash_available() -> bool:
+    """True when SDPA can pick its flash-attention backend: CUDA, an sm80+ device, and the backend enabled."""
+    if not torch.cuda.is_available():
+        return False
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    checker = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    if checker is not None and not checker():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+# --- binding the plan's choices ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The four kernels with the implementation the plan chose bound in (``Plan.kernels``)."""
+
+    impls: Mapping[str, str]
+    norm: Callable[..., torch.Tensor]
+    swiglu: Callable[..., torch.Tensor]
+    rope: Callable[..., Any]
+    loss: Callable[..., torch.Tensor]
+
+
+def kernels_from_plan(kernels: Mapping[str, str] | None) -> KernelSet:
+    """Bind ``{"norm"|"swiglu"|"rope"|"loss": "fused"|"reference"|"auto"}`` (missing names: reference)."""
+    chosen = {name: "reference" for name in ("norm", "swiglu", "rope", "loss")}
+    for name, impl in (kernels or {}).items():
+        if name not in chosen:
+            raise ValueError(f"kernels.{name}: unknown kernel; known: {', '.join(chosen)}")
+        if impl not in IMPLS:
+            raise ValueError(f"kernels.{name}: impl must be one of {IMPLS}, got {impl!r}")
+        chosen[name] = impl
+    return KernelSet(
+        impls=dict(chosen),
+        norm=functools.partial(rms_norm, impl=chosen["norm"]),
+        swiglu=functools.partial(swiglu, impl=chosen["swiglu"]),
+        rope=functools.partial(apply_rotary, impl=chosen["rope"]),
+        loss=functools.partial(linear_cross_entropy, impl=chosen["loss"]),
+    )

@@ -1,0 +1,155 @@
+"""Fused linear + cross-entropy, chunked over tokens (optionally vocabulary-parallel).
+
+``hidden [T, h] @ weight[V_local, h].T`` is computed ``chunk`` tokens at a time, so only a ``[chunk, V_local]``
+block of logits ever exists. Because the loss is the last op, the gradient can be computed in the forward:
+per chunk we form the logits, their statistics (local log-sum-exp and target logit; all-gathered over the
+vocab-parallel group so the statistics are global), turn the logits buffer into ``(softmax - onehot) / n_valid``
+in place, and accumulate ``grad_hidden[chunk] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[chunk]``.
+Backward only multiplies the stored gradients by the incoming scalar. (Liger-Kernel's FusedLinearCrossEntropy
+and Megatron's vocab-parallel cross-entropy are the two ideas combined here.)
+
+What is Triton and what is not: the matmuls are PyTorch (cuBLAS on a GPU) either way; the per-chunk softmax
+statistics and the in-place gradient are the Triton kernels of ``triton_kernels`` (``_ce_stats_kernel``,
+``_ce_grad_kernel``) when the ``triton`` backend is used, and a few in-place PyTorch ops otherwise. The memory
+saving comes from the chunking, which both backends share; the Triton part saves the fp32 temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def default_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
+    """Tokens per chunk: ``next_pow2(ceil(T / ceil(V_local / h)))``, at most T.
+
+    This makes one chunk's logits about as large as the hidden states (``chunk * V_local ~ T * h``), the rule
+    Liger-Kernel uses; the planner can count ``chunk * V_local`` logits elements for the fused loss.
+    """
+    if tokens <= 0:
+        return 1
+    factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
+    chunk = max(1, math.ceil(tokens / factor))
+    return min(tokens, 1 << (chunk - 1).bit_length())
+
+
+def _torch_chunk_stats(logits: torch.Tensor, local_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.float()
+    owned = local_target >= 0
+    tlogit = torch.where(owned, z.gather(1, local_target.clamp(min=0)[:, None])[:, 0],
+                         torch.zeros((), dtype=z.dtype, device=z.device))
+    m = z.amax(dim=-1)
+    lse = m + (z - m[:, None]).exp_().sum(dim=-1).log_()     # one fp32 [n, V_local] temporary
+    return lse, tlogit
+
+
+def _torch_chunk_grad_(logits: torch.Tensor, local_target: torch.Tensor, lse: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """``(softmax - onehot) * scale`` into ``logits`` (in place when fp32; one fp32 temporary otherwise)."""
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    z.sub_(lse[:, None]).exp_()
+    rows = torch.nonzero(local_target >= 0)[:, 0]
+    z[rows, local_target[rows]] -= 1.0
+    z.mul_(scale[:, None])
+    if z is not logits:
+        logits.copy_(z)
+    return logits
+
+
+def _gather_stats(lse: torch.Tensor, tlogit: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-rank (local log-sum-exp, target logit) into global ones with one all-gather."""
+    world = dist.get_world_size(group)
+    packed = torch.stack((lse, tlogit))
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    stats = torch.stack(gathered)                    # [world, 2, n]
+    return torch.logsumexp(stats[:, 0], dim=0), stats[:, 1].sum(dim=0)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd Function of the chunked loss. Keeps for backward: grad_hidden [T, h] (hidden dtype) and
+    grad_weight [V_local, h] (weight dtype), computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group, chunk: int,  # type: ignore[override]
+                ignore_index: int, need_grad: bool, reduce_hidden_grad: bool, backend: str) -> torch.Tensor:
+        if backend == "triton":
+            from . import triton_kernels as tk
+            stats_fn, grad_fn = tk.ce_chunk_stats, tk.ce_chunk_grad_
+        else:
+            stats_fn, grad_fn = _torch_chunk_stats, _torch_chunk_grad_
+        tokens = hidden.shape[0]
+        v_local = weight.shape[0]
+        start = dist.get_rank(group) * v_local if group is not None else 0
+        valid = targets != ignore_index
+        n_valid = int(valid.sum())
+        inv = 1.0 / n_valid if n_valid else 0.0
+        local_all = targets - start
+        local_all = torch.where(valid & (local_all >= 0) & (local_all < v_local), local_all,
+                                torch.full_like(local_all, -1))
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wt = weight.t()
+        for c0 in range(0, tokens, chunk):
+            c1 = min(tokens, c0 + chunk)
+            h_c = hidden[c0:c1]
+            logits = h_c @ wt                                    # [n, V_local], the only logits that exist
+            local_t = local_all[c0:c1].contiguous()
+            lse, tlogit = stats_fn(logits, local_t)
+            if group is not None:
+                lse, tlogit = _gather_stats(lse, tlogit, group)
+            valid_c = valid[c0:c1]
+            total += torch.where(valid_c, lse - tlogit, torch.zeros_like(lse)).sum()
+            if need_grad:
+                scale = valid_c.to(torch.float32) * inv
+                dlogits = grad_fn(logits, local_t, lse.contiguous(), scale)
+                torch.mm(dlogits, weight, out=grad_hidden[c0:c1])
+                grad_weight.addmm_(dlogits.t(), h_c)
+                del dlogits
+            del logits                                           # before the next chunk's logits exist
+        if need_grad and group is not None and reduce_hidden_grad:
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.need_grad = need_grad
+        return total / n_valid if n_valid else total / 0.0
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        if not ctx.need_grad:
+            raise RuntimeError("linear_cross_entropy: backward through a loss computed without grad enabled")
+        # The stored gradients are owned by this Function; scale them in place (no second [V, h] buffer).
+        # A second backward (retain_graph=True) would scale twice, so it is refused.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("linear_cross_entropy(impl='fused') supports a single backward per forward")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        g = grad_out.to(torch.float32)
+        grad_hidden.mul_(g.to(grad_hidden.dtype))
+        grad_weight.mul_(g.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 process_group=None, chunk_tokens: int | None = None, ignore_index: int = -100,
+                                 reduce_hidden_grad: bool = True, backend: str = "torch") -> torch.Tensor:
+    """Chunked linear + cross-entropy; see the module doc. ``backend``: ``triton`` or ``torch`` (chunk math)."""
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    if t.shape[0] != h.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {t.shape[0]} targets for {h.shape[0]} tokens")
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    chunk = chunk_tokens or default_chunk_tokens(h.shape[0], h.shape[1], weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_tokens must be >= 1, got {chunk}")
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(h, weight, t, process_group, int(chunk), ignore_index, need_grad,
+                                           reduce_hidden_grad, backend)
