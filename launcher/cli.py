@@ -1,0 +1,136 @@
+"""``meshplan launch``: run a plan as torchrun job(s), or print / write the command and job scripts.
+
+Registered by ``meshplan.cli`` through :func:`register`. Torch-free at import time: torch is imported only
+when a job is started here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from meshplan.errors import InputError, MeshplanError
+
+EMIT_KINDS = ("slurm", "k8s", "sh")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("launch", help="Run a plan as torchrun job(s) (or --dry-run / --emit slurm|k8s|sh).")(launch)
+
+
+def launch(
+    plan: Path = typer.Argument(..., help="plan file written by `meshplan plan --out`"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the torchrun command(s) and environment, run nothing"),
+    emit: Optional[str] = typer.Option(None, "--emit", help="write a job script instead: slurm, k8s or sh"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where --emit writes (default: stdout)"),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="torchrun agents (default: the plan's nodes)"),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this node's rank (multi-node)"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="rendezvous host (node 0)"),
+    master_port: int = typer.Option(29500, "--master-port", help="rendezvous port"),
+    rdzv_id: str = typer.Option("meshplan", "--rdzv-id", help="rendezvous id shared by the nodes of one job"),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun restarts after a failure"),
+    steps: int = typer.Option(10, "--steps", help="optimizer steps"),
+    seed: int = typer.Option(0, "--seed", help="seeds the weights and the data"),
+    data: Optional[str] = typer.Option(None, "--data", help="flat token file (uint16/uint32); default synthetic"),
+    data_dtype: Optional[str] = typer.Option(None, "--data-dtype", help="uint16 or uint32"),
+    metrics_out: Optional[str] = typer.Option(None, "--metrics-out", help="JSON lines, one per step"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="DCP checkpoints; resumes from it"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="checkpoint every N steps (0: at the end)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)"),
+    image: str = typer.Option("meshplan:latest", "--image", help="container image for --emit k8s"),
+    replan: bool = typer.Option(False, "--replan", help="re-plan for this machine when the plan does not fit it"),
+) -> None:
+    try:
+        code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
+                       steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan)
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+    if code:
+        raise typer.Exit(code)
+
+
+def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
+            steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan) -> int:
+    from meshplan.launcher import render
+    from meshplan.launcher.checks import check_local, check_supported
+    from meshplan.launcher.runtime.checkpoint import find_latest
+    from meshplan.plan import Plan
+
+    if emit is not None and emit not in EMIT_KINDS:
+        raise InputError("--emit", f"unknown kind {emit!r}", f"choose one of: {', '.join(EMIT_KINDS)}")
+    if data_dtype is not None and data_dtype not in ("uint16", "uint32"):
+        raise InputError("--data-dtype", f"unknown dtype {data_dtype!r}", "use uint16 or uint32")
+    for name, value, low in (("--steps", steps, 1), ("--max-restarts", max_restarts, 0),
+                             ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1)):
+        if value < low:
+            raise InputError(name, f"must be >= {low}, got {value}", f"give an integer >= {low}")
+    plan = Plan.load(plan_path)
+    check_supported(plan)
+    nnodes = nnodes if nnodes is not None else plan.cluster.nodes
+    nproc = render.nproc_per_node(plan, nnodes)
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise InputError("--node-rank", f"{node_rank} is not in 0..{nnodes - 1}", "give this node's rank")
+    args = render.train_args(steps=steps, seed=seed, data=data, data_dtype=data_dtype, metrics_out=metrics_out,
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, lr=lr)
+    cfg = render.LaunchConfig(plan_path=str(plan_path), nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                              master_port=master_port, rdzv_id=rdzv_id, max_restarts=max_restarts, train_args=args)
+    if emit is not None:
+        if emit == "slurm":
+            text = render.render_slurm(plan, cfg)
+        elif emit == "sh":
+            text = render.render_sh(plan, cfg)
+        else:
+            text = render.render_k8s(plan, cfg, Path(plan_path).read_text(), image)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text)
+            if emit != "k8s":
+                out.chmod(0o755)
+            typer.echo(f"wrote {out}", err=True)
+        return 0
+    if dry_run:
+        typer.echo(render.dry_run_text(plan, cfg), nl=False)
+        return 0
+
+    try:
+        check_local(plan, nproc)
+    except InputError:
+        if not replan:
+            raise
+        plan_path = _replan(plan, Path(plan_path))
+        plan = Plan.load(plan_path)
+        nproc = render.nproc_per_node(plan, nnodes)
+        cfg = render.LaunchConfig(**{**cfg.__dict__, "plan_path": str(plan_path)})
+    if data is not None and not Path(data).is_file():
+        raise InputError("--data", f"no such file: {data}", "give a flat token file (nanoGPT-style train.bin)")
+    if checkpoint_dir is not None:
+        find_latest(Path(checkpoint_dir))  # a missing or corrupt checkpoint stops here, before any rank starts
+    if nnodes > 1 and node_rank is None and master_addr in ("127.0.0.1", "localhost"):
+        typer.echo("note: multi-node rendezvous on 127.0.0.1: every agent must run on this machine "
+                   "(pass --master-addr for real nodes)", err=True)
+    env = {**os.environ, **render.environment(plan, nproc)}
+    argv = render.torchrun_argv(plan, cfg)
+    typer.echo("meshplan: " + " ".join(argv), err=True)
+    return subprocess.run(argv, env=env).returncode
+
+
+def _replan(plan, plan_path: Path) -> Path:
+    """Re-plan the same model and batch for this machine (asked for with --replan)."""
+    import torch
+
+    from meshplan.planner.search import search
+    from meshplan.spec import load_cluster
+
+    ranks = torch.cuda.device_count() if torch.cuda.is_available() else plan.world_size
+    cluster = load_cluster(f"localhost:{ranks}")
+    new = search(plan.model, cluster, plan.train, {}, top=1).plans[0]
+    target = plan_path.with_name(plan_path.stem + ".replanned.yaml")
+    new.save(target)
+    typer.echo(f"meshplan: re-planned for localhost:{ranks} -> {target}", err=True)
+    return target

@@ -1,0 +1,1 @@
+"""The code each torchrun rank executes: model, parallelism, training loop."""

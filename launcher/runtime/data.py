@@ -1,0 +1,100 @@
+"""Training data: the same global batch for a step whatever the plan; each rank takes its slice.
+
+A step's global batch is ``train.global_batch`` sequences of ``seq_len + 1`` tokens (inputs and the
+next-token targets), drawn from a generator seeded by ``(seed, step)`` — so a resumed run sees exactly the
+batches an uninterrupted one would. Data-parallel rank ``d`` takes sequences ``[d*B/dp, (d+1)*B/dp)``;
+context-parallel rank ``c`` takes its contiguous chunk of every sequence.
+
+Sources:
+    * :class:`SyntheticTokens`: a learnable synthetic stream (arithmetic progressions modulo the vocabulary
+      with a little noise), so the loss visibly falls.
+    * :class:`TokenFile`: a flat file of token ids (``uint16`` or ``uint32``, nanoGPT's ``train.bin``);
+      each sequence starts at a random offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meshplan.errors import InputError
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + step)
+    return g
+
+
+class SyntheticTokens:
+    """Sequences ``t_i = (start + stride * i) mod V``, 5% of tokens replaced by noise."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self.vocab, self.seed = vocab, seed
+
+    def batch(self, step: int, sequences: int, length: int) -> torch.Tensor:
+        g = _generator(self.seed, step)
+        start = torch.randint(0, self.vocab, (sequences, 1), generator=g)
+        stride = torch.randint(1, 8, (sequences, 1), generator=g)
+        tokens = (start + stride * torch.arange(length)[None, :]) % self.vocab
+        noise = torch.rand(sequences, length, generator=g) < 0.05
+        return torch.where(noise, torch.randint(0, self.vocab, (sequences, length), generator=g), tokens)
+
+
+class TokenFile:
+    """A flat binary file of token ids, memory-mapped."""
+
+    def __init__(self, path: str | Path, vocab: int, dtype: str = "uint16", seed: int = 0):
+        p = Path(path)
+        if dtype not in ("uint16", "uint32"):
+            raise InputError("--data-dtype", f"unknown dtype {dtype!r}", "use uint16 or uint32")
+        if not p.is_file():
+            raise InputError("--data", f"no such file: {p}", "give a flat token file (nanoGPT-style train.bin)")
+        itemsize = np.dtype(dtype).itemsize
+        size = p.stat().st_size
+        if size % itemsize:
+            raise InputError("--data", f"{p} has {size} bytes, not a multiple of {itemsize} ({dtype})",
+                             "check --data-dtype")
+        self.tokens = np.memmap(p, dtype=dtype, mode="r")
+        self.vocab, self.seed, self.path = vocab, seed, p
+        sample = np.asarray(self.tokens[: min(len(self.tokens), 1 << 20)])
+        if sample.size and int(sample.max()) >= vocab:
+            raise InputError("--data", f"{p} holds token id {int(sample.max())} but the model's vocabulary is {vocab}",
+                             "tokenize for this model, or check --data-dtype")
+
+    def batch(self, step: int, sequences: int, length: int) -> torch.Tensor:
+        if len(self.tokens) < length + 1:
+            raise InputError("--data", f"{self.path} holds {len(self.tokens)} tokens, fewer than one sequence "
+                             f"({length})", "give a longer token file")
+        g = _generator(self.seed, step)
+        starts = torch.randint(0, len(self.tokens) - length + 1, (sequences,), generator=g).tolist()
+        rows = [torch.from_numpy(np.asarray(self.tokens[s: s + length]).astype(np.int64)) for s in starts]
+        return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Which part of the global batch a rank trains on."""
+
+    dp_rank: int
+    dp: int
+    cp_rank: int
+    cp: int
+
+    def take(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of this rank from the global ``(B, S+1)`` token batch."""
+        rows = tokens.shape[0] // self.dp
+        mine = tokens[self.dp_rank * rows: (self.dp_rank + 1) * rows]
+        inputs, targets = mine[:, :-1], mine[:, 1:]
+        chunk = inputs.shape[1] // self.cp
+        first = self.cp_rank * chunk
+        return inputs[:, first: first + chunk].contiguous(), targets[:, first: first + chunk].contiguous()
+
+
+def make_source(vocab: int, seed: int, path: str | None, dtype: str | None):
+    if path is None:
+        return SyntheticTokens(vocab, seed)
+    return TokenFile(path, vocab, dtype or ("uint16" if vocab <= 65536 else "uint32"), seed)

@@ -1,0 +1,98 @@
+"""Per-step metrics (JSON lines) and the end-of-run summary: measured next to the plan's predictions.
+
+Each line: ``step``, ``loss``, ``step_time_s``, ``tokens_per_s``, and on GPU ``peak_memory_gib`` (the worst
+rank's ``max_memory_allocated``) and ``mfu`` (model FLOPs per second over the ranks' dense peak). A resumed
+run keeps the lines up to the step it resumed from and rewrites the rest, so the file lists each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from meshplan.plan import Plan
+
+
+class MetricsWriter:
+    def __init__(self, path: str | None, resume_after: int = 0):
+        self.path = Path(path) if path else None
+        self.records: list[dict] = []
+        self.file = None
+        if self.path is None:
+            return
+        kept: list[dict] = []
+        if resume_after > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the crash
+                if record.get("step", 0) <= resume_after:
+                    kept.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("w")
+        for record in kept:
+            self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.records = kept
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def all_records(self) -> list[dict]:
+        return list(self.records)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def model_flops_per_token(plan: Plan) -> float:
+    """Training FLOPs per token: the planner's formula (one place decides it) when present; otherwise
+    ``6 * N + 6 * layers * seq * hidden`` (Kaplan et al. 2020 / PaLM's appendix B, attention causally halved)."""
+    try:
+        from meshplan.planner.flops import model_flops_per_token as planner_flops
+        return float(planner_flops(plan.model, plan.train.seq_len))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    m = plan.model
+    attn = 2 * m.hidden * m.hidden + 2 * m.hidden * m.kv_heads * m.head_dim   # q, o and the k, v projections
+    mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
+    head = m.hidden * m.vocab
+    params = m.layers * (attn + mlp) + head
+    return 6.0 * params + 6.0 * m.layers * plan.train.seq_len * m.hidden
+
+
+def summarize(records: list[dict]) -> dict:
+    """Median over the steps after the first (the first pays for warm-up and compilation)."""
+    steady = records[1:] or records
+    out = {"steps": len(records), "final_loss": records[-1]["loss"],
+           "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady)}
+    for key in ("mfu", "peak_memory_gib"):
+        values = [r[key] for r in steady if r.get(key) is not None]
+        if values:
+            out[key] = max(values) if key == "peak_memory_gib" else statistics.median(values)
+    return out
+
+
+def summary_table(plan: Plan, records: list[dict]) -> str:
+    from tabulate import tabulate
+
+    measured = summarize(records)
+    predicted = plan.predicted
+    rows = []
+    for label, key, pred_key, fmt in [("iteration time (s)", "step_time_s", "iteration_s", "{:.4f}"),
+                                      ("tokens/s", "tokens_per_s", "tokens_per_s", "{:,.0f}"),
+                                      ("MFU", "mfu", "mfu", "{:.3f}"),
+                                      ("peak memory (GiB)", "peak_memory_gib", "peak_memory_gib", "{:.2f}")]:
+        m = measured.get(key)
+        p = getattr(predicted, pred_key, None) if predicted is not None else None
+        ratio = f"{m / p:.2f}" if m is not None and p else "-"
+        rows.append([label, fmt.format(m) if m is not None else "n/a", fmt.format(p) if p is not None else "n/a", ratio])
+    title = f"meshplan run summary: {measured['steps']} steps, final loss {measured['final_loss']:.4f}"
+    return title + "\n" + tabulate(rows, headers=["", "measured", "predicted", "measured/predicted"])

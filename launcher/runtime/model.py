@@ -1,0 +1,317 @@
+"""The reference transformer: a plain ``nn.Module`` built from a :class:`meshplan.spec.ModelSpec`.
+
+Two families share one skeleton (torchtitan style, parallelism is applied from outside):
+
+* Llama: RMSNorm, rotary positions (RoPE), grouped-query attention, SwiGLU MLP, no biases.
+* GPT:   LayerNorm, learned positions, multi-head attention, GELU MLP, biases, usually tied embeddings.
+
+Names are what the rest of the runtime relies on: ``tok_embeddings``, ``pos_embeddings``, ``layers.<i>``
+(an ``nn.ModuleDict`` keyed by the *global* block index, so a pipeline stage that keeps blocks 4..7 still
+calls them ``layers.4`` .. ``layers.7``), ``norm`` and ``output``. Weights are initialised by parameter name
+(:func:`init_weights`), so every plan — whatever it shards or deletes — starts from the weights a single
+process would have.
+
+Every elementwise building block is a small function taking ``impl`` (``reference`` or ``fused``) so the
+kernels of ``meshplan.launcher.runtime.kernels`` plug in with one line each.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshplan.spec import ModelSpec
+
+try:  # the fused kernels live in their own package; the reference ops below are the fallback
+    from meshplan.launcher.runtime import kernels as _kernels
+except ImportError:  # pragma: no cover - depends on which helper landed first
+    _kernels = None
+
+
+# ----------------------------------------------------------------------------------------------
+# small ops, one per kernel (reference implementation here, fused through the kernels package)
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "reference") -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * weight``, computed in fp32."""
+    if impl == "fused" and _kernels is not None:
+        return _kernels.rms_norm(x, weight, eps, impl)
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).type_as(x) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
+    """SwiGLU activation (Shazeer 2020): ``silu(gate) * up``."""
+    if impl == "fused" and _kernels is not None:
+        return _kernels.swiglu(gate, up, impl)
+    return F.silu(gate) * up
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout.
+
+    ``q``/``k``: ``(batch, seq, heads, head_dim)``; ``cos``/``sin``: ``(seq, head_dim // 2)``.
+    """
+    if impl == "fused" and _kernels is not None:
+        return _kernels.apply_rotary(q, k, cos, sin, impl)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` of shape ``(len(positions), head_dim // 2)`` for the given absolute positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over ``(batch, heads, seq, head_dim)`` through ``scaled_dot_product_attention``
+    (flash / memory-efficient kernels on CUDA). Grouped-query attention: fewer k/v heads than q heads."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.impl = "reference"
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.impl)
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return RMSNorm(spec.hidden)
+    return nn.LayerNorm(spec.hidden, eps=1e-5, bias=spec.bias)
+
+
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention. ``core`` computes causal attention on
+    ``(batch, heads, seq, head_dim)``; context parallelism swaps it for Ulysses or ring attention.
+    Head counts are read from the projections' output widths, so tensor parallelism (which shards them)
+    needs no change here."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.head_dim = spec.head_dim
+        self.rope = spec.position == "rope"
+        self.rope_impl = "reference"
+        self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.bias)
+        self.wk = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.bias)
+        self.wv = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.bias)
+        self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
+        self.core: AttentionCore = causal_attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.rope:
+            q, k = apply_rotary(q, k, rope[0], rope[1], self.rope_impl)
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (``w2(silu(w1 x) * w3 x)``) or GELU (``w2(gelu(w1 x))``) MLP."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gated = spec.mlp == "swiglu"
+        self.swiglu_impl = "reference"
+        self.w1 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias)
+        self.w2 = nn.Linear(spec.ffn_hidden, spec.hidden, bias=spec.bias)
+        self.w3 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias) if self.gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_impl))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attention_norm = make_norm(spec)
+        self.attention = Attention(spec)
+        self.ffn_norm = make_norm(spec)
+        self.feed_forward = FeedForward(spec)
+        self.dropout = spec.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        h = x + F.dropout(self.attention(self.attention_norm(x), rope), self.dropout, self.training)
+        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
+
+
+class TiedHead(nn.Module):
+    """LM head that reuses the input embedding matrix (``logits = x @ E^T``); owns no parameter."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. ``forward`` takes token ids ``(batch, seq)`` on the stage that holds the
+    embedding, hidden states ``(batch, seq, hidden)`` on later pipeline stages, and returns logits on the
+    stage with the head (hidden states otherwise).
+
+    ``positions`` holds the absolute positions of the tokens this rank sees (``arange(seq)`` unless context
+    parallelism gives it a chunk); set it with :meth:`set_positions` after the model is materialised.
+    """
+
+    def __init__(self, spec: ModelSpec, max_seq_len: int):
+        super().__init__()
+        self.spec = spec
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(spec.vocab, spec.hidden)
+        self.pos_embeddings: nn.Embedding | None = None
+        if spec.position == "learned":
+            self.pos_embeddings = nn.Embedding(spec.max_seq_len or max_seq_len, spec.hidden)
+        self.layers = nn.ModuleDict({str(i): Block(spec) for i in range(spec.layers)})
+        self.norm: nn.Module | None = make_norm(spec)
+        self.tied = spec.tied_embeddings
+        self.output: nn.Module | None = TiedHead() if self.tied else nn.Linear(spec.hidden, spec.vocab, bias=False)
+        # Embedding kept only to serve as the tied head's weight (a last pipeline stage without the input embedding).
+        self.head_embedding_only = False
+        self.positions: torch.Tensor | None = None
+        self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Absolute positions of this rank's tokens (a 1-D LongTensor)."""
+        self.positions = positions
+        if self.spec.position == "rope":
+            self.rope_cache = rotary_tables(positions, self.spec.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tok_embeddings is not None and not self.head_embedding_only:
+            h = self.tok_embeddings(x)
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(self.positions[None, :])
+            h = F.dropout(h, self.spec.dropout, self.training)
+        else:
+            h = x
+        for block in self.layers.values():
+            h = block(h, self.rope_cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h, self.tok_embeddings.weight) if self.tied else self.output(h)
+        return h
+
+
+def build_model(spec: ModelSpec, max_seq_len: int, device: str | torch.device = "meta") -> Transformer:
+    """The full model; on the meta device by default (no memory until the plan has been applied)."""
+    with torch.device(device):
+        return Transformer(spec, max_seq_len)
+
+
+def keep_only(model: Transformer, first: int, end: int, *, embedding: bool, head: bool) -> Transformer:
+    """Cut ``model`` down to one pipeline stage: blocks ``[first, end)``, the embedding if ``embedding``,
+    the final norm and head if ``head``. A tied head on a stage without the embedding keeps a copy of the
+    embedding matrix (same name, same initial values); the runtime keeps the copies' gradients summed."""
+    for name in list(model.layers.keys()):
+        if not first <= int(name) < end:
+            del model.layers[name]
+    if not embedding:
+        model.pos_embeddings = None
+        if head and model.tied:
+            model.head_embedding_only = True
+        else:
+            model.tok_embeddings = None
+    if not head:
+        model.norm = None
+        model.output = None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# deterministic initialisation by parameter name
+# ----------------------------------------------------------------------------------------------
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", "module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the unwrapped model (drops activation-checkpoint / compile / DDP prefixes)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """How weights are drawn. ``std`` for embeddings and projections (GPT-2 / Megatron: 0.02); output
+    projections of each block (``wo``, ``w2``) use ``std / sqrt(2 * layers)`` (GPT-2's residual scaling)."""
+
+    seed: int = 0
+    std: float = 0.02
+
+
+def initial_value(name: str, shape: torch.Size, spec: ModelSpec, config: InitConfig,
+                  device: torch.device) -> torch.Tensor:
+    """The full initial tensor of parameter ``name`` (canonical), the same in every process and plan:
+    drawn from a generator seeded by ``(seed, crc32(name))``."""
+    leaf = name.rsplit(".", 1)[-1]
+    owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    if leaf == "bias":
+        return torch.zeros(shape, device=device)
+    if "norm" in owner:
+        return torch.ones(shape, device=device)
+    std = config.std
+    if owner in ("wo", "w2"):
+        std = config.std / math.sqrt(2 * spec.layers)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    generator = torch.Generator(device=gen_device)
+    generator.manual_seed((config.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    value = torch.randn(shape, generator=generator, device=gen_device) * std
+    return value.to(device)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, spec: ModelSpec, config: InitConfig, device: torch.device) -> None:
+    """Fill every parameter of ``module`` (possibly sharded DTensors, possibly a pipeline stage) with its
+    slice of :func:`initial_value`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, param in module.named_parameters():
+        full_shape = param.shape  # a DTensor reports its global shape
+        full = initial_value(canonical_name(name), full_shape, spec, config, device)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+
+
+def count_parameters(spec: ModelSpec, max_seq_len: int) -> int:
+    """Parameters of the full model (the tied head counted once)."""
+    model = build_model(spec, max_seq_len, "meta")
+    return sum(p.numel() for p in model.parameters())

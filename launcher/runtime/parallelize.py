@@ -1,0 +1,275 @@
+"""Apply a Plan to the reference model, one small function per dimension (torchtitan style).
+
+    build_mesh        DeviceMesh over the plan's ``mesh_order`` (outermost first)
+    build_stages      the plan's layer partition: one model part per (virtual) stage of this pipeline rank
+    apply_tp          tensor + sequence parallel with DTensor; embedding and head sharded by vocabulary
+    apply_cp          Ulysses or ring attention over the context-parallel group
+    apply_ac          activation checkpointing per block: none / selective (op level) / full
+    apply_compile     torch.compile per block
+    apply_dp          ZeRO 0 (replicate, i.e. DDP), ZeRO 1/2 (FSDP2, parameters kept after forward),
+                      ZeRO 3 (FSDP2, parameters resharded after forward), over the dp x cp ranks
+    build_schedule    torch.distributed.pipelining stages and schedule (GPipe, 1F1B, interleaved 1F1B)
+
+Nothing here chooses anything: every decision is read from the Plan.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from meshplan.launcher.runtime.context_parallel import RingAttention, UlyssesAttention
+from meshplan.launcher.runtime.model import Transformer, keep_only
+from meshplan.plan import Plan
+
+
+# ----------------------------------------------------------------------------------------------
+# mesh
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Meshes:
+    """The world mesh and the views the runtime uses.
+
+    Fields:
+        world: the full mesh, dimension names = ``plan.mesh_order``.
+        tp, cp, pp: one-dimensional sub-meshes (``None`` when the degree is 1).
+        dp_cp: the ranks that hold the same parameters and average gradients (dp flattened with cp);
+            ``None`` when dp * cp == 1.
+        coords: this rank's coordinate along each dimension.
+    """
+
+    world: DeviceMesh
+    tp: DeviceMesh | None
+    cp: DeviceMesh | None
+    pp: DeviceMesh | None
+    dp_cp: DeviceMesh | None
+    coords: dict[str, int]
+
+
+def build_mesh(plan: Plan, device_type: str) -> Meshes:
+    world = init_device_mesh(device_type, plan.mesh_shape(), mesh_dim_names=tuple(plan.mesh_order))
+    coords = {name: world.get_local_rank(name) for name in plan.mesh_order}
+    data_dims = tuple(d for d in plan.mesh_order if d in ("dp", "cp") and getattr(plan, d) > 1)
+    if len(data_dims) == 2:
+        dp_cp = world[data_dims]._flatten("dp_cp")
+    elif len(data_dims) == 1:
+        dp_cp = world[data_dims[0]]
+    else:
+        dp_cp = None
+
+    def sub(name: str) -> DeviceMesh | None:
+        return world[name] if getattr(plan, name) > 1 else None
+
+    return Meshes(world, sub("tp"), sub("cp"), sub("pp"), dp_cp, coords)
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline partition
+# ----------------------------------------------------------------------------------------------
+
+def stage_indices(plan: Plan, pp_rank: int) -> list[int]:
+    """The (virtual) stages this pipeline rank runs: stage ``j`` lives on pipeline rank ``j % pp``."""
+    if plan.pp == 1:
+        return [0]
+    return [j for j in range(len(plan.stages)) if j % plan.pp == pp_rank]
+
+
+def build_stages(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[int, Transformer]]:
+    """One model part per stage of this pipeline rank, cut from the (meta-device) full model."""
+    if plan.pp == 1:
+        return [(0, model)]
+    last = len(plan.stages) - 1
+    parts = []
+    for j in stage_indices(plan, pp_rank):
+        first, end = plan.stages[j].layers
+        part = keep_only(copy.deepcopy(model), first, end, embedding=j == 0, head=j == last)
+        parts.append((j, part))
+    return parts
+
+
+def layer_recompute(plan: Plan, layer: int) -> str:
+    return plan.stages[plan.stage_of_layer(layer)].layer_recompute(layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor + sequence parallel
+# ----------------------------------------------------------------------------------------------
+
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron tensor parallelism with DTensor: column-parallel q/k/v and MLP-in, row-parallel attention-out
+    and MLP-out; with sequence parallelism the norms and residual stream are sharded on the sequence
+    dimension. The embedding is sharded by vocabulary (row-wise) and the head by vocabulary (column-wise),
+    its logits left as a DTensor sharded on the vocabulary for ``loss_parallel``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    residual = Shard(1) if sequence_parallel else Replicate()
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.pos_embeddings is not None:
+        top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        if model.tied:   # x @ E^T with E the vocabulary-sharded embedding: logits sharded on the vocabulary
+            top["output"] = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None),
+                                               use_local_output=False)
+        else:
+            top["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, top)
+
+    for block in model.layers.values():
+        plan: dict[str, object] = {
+            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=residual),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w2": RowwiseParallel(output_layouts=residual),
+        }
+        if block.feed_forward.w3 is not None:
+            plan["feed_forward.w3"] = ColwiseParallel()
+        if sequence_parallel:
+            plan.update({
+                "attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# context parallel
+# ----------------------------------------------------------------------------------------------
+
+def apply_cp(model: Transformer, cp_mesh: DeviceMesh, kind: str) -> None:
+    """Swap every block's attention core for Ulysses (all-to-all) or ring (P2P) attention."""
+    group = cp_mesh.get_group()
+    core = UlyssesAttention(group) if kind == "ulysses" else RingAttention(group)
+    for block in model.layers.values():
+        block.attention.core = core
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing
+# ----------------------------------------------------------------------------------------------
+
+def _saved_ops() -> tuple[set, set]:
+    """(matmul ops, other ops) whose outputs selective recompute may keep."""
+    aten = torch.ops.aten
+    matmuls = {getattr(aten, n).default for n in ("mm", "addmm") if hasattr(aten, n)}
+    names = ["bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+             "_efficient_attention_forward"]
+    return matmuls, {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def selective_context():
+    """torchtitan's op-level policy, which the planner's memory and time model assume
+    (planner/memory.py activation_bytes_per_layer): keep the attention op's output and every *other* linear
+    layer's output (1st, 3rd, ...), recompute the rest. Called once per checkpointed forward, so the
+    matmul counters start fresh each time."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    matmuls, saved = _saved_ops()
+    counts = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in matmuls:
+            key = "recompute" if ctx.is_recompute else "forward"
+            counts[key] += 1
+            return CheckpointPolicy.MUST_SAVE if counts[key] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_ac(model: Transformer, mode_of_layer) -> None:
+    """Wrap each block per its recompute mode: ``full`` keeps only the block input, ``selective`` keeps
+    the attention output and every other matmul output and recomputes the rest (torchtitan's policy)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for name, block in list(model.layers.items()):
+        mode = mode_of_layer(int(name))
+        if mode == "full":
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif mode == "selective":
+            model.layers[name] = checkpoint_wrapper(block, context_fn=selective_context, preserve_rng_state=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel: ZeRO 0 / 1-2 / 3
+# ----------------------------------------------------------------------------------------------
+
+def apply_dp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -> None:
+    """ZeRO 0: ``replicate`` (DDP on FSDP2's machinery, composable with TP and PP): gradients all-reduced.
+    ZeRO 1 and 2: FSDP2 with ``reshard_after_forward=False``: optimizer state and gradients sharded,
+    parameters kept gathered between forward and backward. ZeRO 3: FSDP2 resharding parameters after
+    forward. Each block is its own communication unit, the rest (embedding, norm, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if zero == 0:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in model.layers.values():
+            replicate(block, mesh=dp_mesh, **kwargs)
+        replicate(model, mesh=dp_mesh, **kwargs)
+        return
+    reshard = zero == 3
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline schedule
+# ----------------------------------------------------------------------------------------------
+
+def build_schedule(plan: Plan, parts: list[tuple[int, nn.Module]], pp_mesh: DeviceMesh, device: torch.device,
+                   loss_fn):
+    """``torch.distributed.pipelining`` stages for this rank's parts and the plan's schedule."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    group = pp_mesh.get_group()
+    stages = [PipelineStage(part, j, len(plan.stages), device, group=group) for j, part in parts]
+    if plan.virtual_stages > 1 or plan.schedule == "interleaved":
+        return ScheduleInterleaved1F1B(stages, plan.num_microbatches, loss_fn=loss_fn)
+    if plan.schedule == "gpipe":
+        return ScheduleGPipe(stages[0], plan.num_microbatches, loss_fn=loss_fn)
+    return Schedule1F1B(stages[0], plan.num_microbatches, loss_fn=loss_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# tied embeddings across pipeline stages
+# ----------------------------------------------------------------------------------------------
+
+def tied_embedding_group(plan: Plan, meshes: Meshes) -> dist.ProcessGroup | None:
+    """With a tied head and pp > 1 the first pipeline rank (embedding) and the last (head) each hold a copy of
+    the embedding matrix; this group joins the two so their gradients are summed (Megatron-LM's approach)."""
+    if not plan.model.tied_embeddings or plan.pp == 1:
+        return None
+    last_rank = (len(plan.stages) - 1) % plan.pp
+    if last_rank == 0:
+        return None
+    mine = None
+    ranks = meshes.world.mesh  # tensor of global ranks, dims in mesh_order
+    pp_dim = list(plan.mesh_order).index("pp")
+    moved = ranks.movedim(pp_dim, -1).reshape(-1, plan.pp)
+    me = dist.get_rank()
+    for row in moved.tolist():
+        pair = [row[0], row[last_rank]]
+        group = dist.new_group(pair)
+        if me in pair:
+            mine = group
+    return mine

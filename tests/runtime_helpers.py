@@ -1,0 +1,91 @@
+"""Helpers for the launcher/runtime tests: tiny plans built directly, torchrun jobs, their metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from meshplan.plan import Plan, StagePlan
+from meshplan.spec import MODEL_PRESETS, ModelSpec, TrainSpec, load_cluster
+
+# 4 blocks, hidden 64, 8 query heads over 4 key/value heads (GQA that splits over tp=4), seq 32.
+TINY_LLAMA = ModelSpec(name="tiny-llama-gqa", layers=4, hidden=64, heads=8, kv_heads=4, ffn_hidden=128, vocab=256)
+TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, biases, tied embeddings
+GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
+PARITY_RTOL = 1e-4
+JOB_TIMEOUT_S = 240
+
+
+def make_plan(*, dp=1, tp=1, pp=1, cp=1, virtual_stages=1, num_microbatches=None, zero=0, schedule="1f1b",
+              cp_kind="ulysses", recompute="none", model: ModelSpec = TINY_LLAMA, bounds=None,
+              global_batch=GLOBAL_BATCH, seq_len=SEQ_LEN, **extra) -> Plan:
+    """A plan pinned by hand (the planner is not involved): even layer split unless ``bounds`` is given."""
+    stages_count = pp * virtual_stages
+    if bounds is None:
+        bounds = [round(i * model.layers / stages_count) for i in range(stages_count + 1)]
+    stages = tuple(StagePlan((bounds[i], bounds[i + 1]), {recompute: bounds[i + 1] - bounds[i]})
+                   for i in range(stages_count))
+    num_microbatches = num_microbatches or max(1, pp)
+    world = dp * tp * pp * cp
+    return Plan(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=global_batch // (dp * num_microbatches),
+                num_microbatches=num_microbatches, stages=stages, model=model,
+                cluster=load_cluster(f"localhost:{world}"), train=TrainSpec(global_batch, seq_len, precision="fp32"),
+                cp_kind=cp_kind, sequence_parallel=tp > 1, schedule=schedule, virtual_stages=virtual_stages,
+                zero=zero, **extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MESHPLAN_FAULT_STEP", None)
+    env.pop("MESHPLAN_FAULT_RANK", None)
+    env.update(extra)
+    return env
+
+
+def run_launch(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+               timeout: int = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``meshplan launch ARGS`` through the launcher's own entry point (``python -m meshplan.launcher``)."""
+    return subprocess.run([sys.executable, "-m", "meshplan.launcher", *args], cwd=cwd, env=env or job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train(plan: Plan, workdir: Path, name: str, steps: int = STEPS, extra: list[str] | None = None,
+          env: dict[str, str] | None = None) -> list[dict]:
+    """Save ``plan``, run it with ``meshplan launch`` (torchrun; a 1-rank plan runs in-process without it)
+    and return the metrics lines."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan_path = workdir / f"{name}.yaml"
+    plan.save(plan_path)
+    metrics = workdir / f"{name}.jsonl"
+    common = ["--steps", str(steps), "--metrics-out", str(metrics), *(extra or [])]
+    if plan.world_size == 1:
+        proc = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan", str(plan_path),
+                               *common], cwd=workdir, env=env or job_env(), capture_output=True, text=True,
+                              timeout=JOB_TIMEOUT_S)
+    else:
+        proc = run_launch([str(plan_path), *common], workdir, env)
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return read_metrics(metrics)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+def max_relative_difference(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
