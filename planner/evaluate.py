@@ -8,7 +8,7 @@ per (tp, cp, micro batch, ...) and everything here is plain arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
@@ -523,6 +523,3 @@ def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search
                 tp_overlap=cfg.tp_overlap, compile=cfg.compile, kernels=kernels, mesh_order=cfg.mesh_order,
                 predicted=prediction, notes=tuple(notes or ev.notes), search=search)
 
-
-def with_recompute(cfg: Config, mode: str | None) -> Config:
-    return replace(cfg, recompute=mode)

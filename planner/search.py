@@ -401,8 +401,6 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
                              f"exceeds {m.layers} layers", "use fewer virtual stages")
     if fixes.get("schedule") == "interleaved" and fixes.get("virtual_stages", 2) == 1 and fixes.get("pp", 2) > 1:
         raise InputError("--fix schedule", "interleaved needs virtual_stages >= 2", "add --fix virtual_stages=2")
-    if fixes.get("vocab_parallel") and fixes.get("pp") == 1:
-        pass   # accepted and moot: with pp == 1 the vocabulary is already split over tp
     if fixes.get("tp_overlap") and ctx.cluster.gpu.kind != "gpu":
         raise InputError("--fix tp_overlap", "async tensor parallel needs GPUs", "drop the pin on CPU clusters")
 
