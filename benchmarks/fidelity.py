@@ -59,13 +59,22 @@ def megatron_cases(entry: dict) -> list[Case]:
     return cases
 
 
+def torchtitan_pipeline_microbatches(pp: int, configured: int | None = None) -> int:
+    """How many micro-batches torchtitan splits a data-parallel rank's local batch into under pipeline
+    parallelism: ``experimental.pipeline_parallel_microbatches`` when set, else the pipeline degree, for every
+    schedule (torchtitan 9dec370, the benchmark's commit: ``pipeline_llama_manual_split`` and
+    ``build_pipeline_schedule``: ``n_microbatches = pipeline_parallel_microbatches or parallel_dims.pp``).
+    The published runs do not set it, so local batch 32 at PP 8 runs 8 micro-batches of 4."""
+    return configured or pp
+
+
 def torchtitan_cases(entry: dict) -> list[Case]:
     """torchtitan Llama 3.1 on H100 96GB HBM2e at 500 W. FSDP is ZeRO-3 without pipeline and ZeRO-2 with it
     (torchtitan does not reshard after forward under PP). Local batch = per data-parallel rank; without PP it is
-    one micro-batch, with PP micro-batches of 1 (torchtitan's default pipeline micro-batch size). float8 runs are
+    one micro-batch, with PP it is split into torchtitan_pipeline_microbatches(pp) micro-batches. float8 runs are
     precision fp8 (fp8 linears), compile runs have fused elementwise ops, asyncTP is tp_overlap. Interleaved 1F1B
-    uses 2 virtual stages per rank. Device: the H100 die with 95830 MiB (as the 96 GB H100 parts report) and
-    HBM2e at 2400 GB/s; its 500 W cap against the SXM part's 700 W lowers sustained clocks, modelled by the
+    uses 2 virtual stages per rank (torchtitan's ``generate_split_points`` default for multi-stage schedules).
+    Device: the H100 die with 95830 MiB (as the 96 GB H100 parts report) and HBM2e at 2400 GB/s; its 500 W cap against the SXM part's 700 W lowers sustained clocks, modelled by the
     cube-root law of dynamic power (P ~ f * V^2 ~ f^3): peaks x (500/700)^(1/3) = 0.894."""
     common = entry["common"]
     _, intra, _ = CLUSTER_PRESETS["dgx-h100"]
@@ -85,8 +94,9 @@ def torchtitan_cases(entry: dict) -> list[Case]:
         local = run["local_batch"]
         train = TrainSpec(local * dp, common["seq_len"], precision, "adamw")
         recompute = "selective" if run["recompute"].startswith("selective") else run["recompute"]
+        micro_batch = local // torchtitan_pipeline_microbatches(pp) if pp > 1 else local
         fixes = {"dp": dp, "tp": tp, "pp": pp, "cp": 1, "zero": 2 if pp > 1 else 3, "recompute": recompute,
-                 "micro_batch": 1 if pp > 1 else local}
+                 "micro_batch": micro_batch}
         if pp > 1:
             interleaved = "interleaved" in variant
             fixes.update({"schedule": "interleaved" if interleaved else "1f1b",

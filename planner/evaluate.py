@@ -255,6 +255,83 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
 
 
 # ------------------------------------------------------------------------------------------------
+# the pipeline: makespan of the compute and the p2p on its critical path
+# ------------------------------------------------------------------------------------------------
+
+def interleaved_warmup_passes(pp: int, virtual_stages: int) -> int:
+    """Forward chunk passes pipeline rank 0 runs before its first backward in interleaved 1F1B:
+    (v - 1) * p + 2 * (p - 1) (Megatron-LM ``forward_backward_pipelining_with_interleaving``;
+    torch.distributed.pipelining ``ScheduleInterleaved1F1B``, ``get_rank_warmup_ops`` at rank 0)."""
+    return (virtual_stages - 1) * pp + 2 * (pp - 1)
+
+
+def pipeline_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int = 1) -> float:
+    """Seconds from the first forward to the last backward of one step, compute only, where ``rank_time[r]``
+    is pipeline rank r's forward + backward time for one micro-batch over all its layers.
+
+        no pipeline (p = 1)    m * T
+        GPipe, 1F1B            (m - 1) * T_max + sum_r T_r           fill/drain (p - 1)/m of the work
+        interleaved, v chunks  m * T_max + (sum_r T_r - T_max) / v   fill/drain divided by v
+
+    (Narayanan et al. 2021, sec. 2.2: bubble fraction (p - 1)/m for 1F1B and (p - 1)/(v * m) interleaved.)
+    With m = p the 1F1B fill/drain is (p - 1)/p of the work and interleaving halves it at v = 2: the step
+    takes (2p - 1) T against (p + (p - 1)/2) T, 30% apart at p = 8. Both match a dependency simulation of the
+    schedules' op order exactly for equal stages (tests/test_cost_model.py)."""
+    p = len(rank_time)
+    slowest = max(rank_time)
+    if p == 1:
+        return num_mb * slowest
+    if schedule == "interleaved" and virtual_stages > 1:
+        return num_mb * slowest + (sum(rank_time) - slowest) / virtual_stages
+    return (num_mb - 1) * slowest + sum(rank_time)
+
+
+def pipeline_p2p_exposed(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int,
+                         hop: float) -> float:
+    """Seconds of pipeline send/recv on a step's critical path; ``hop`` is one boundary transfer (one
+    activation, or its gradient, between neighbouring ranks: alpha + S / bw).
+
+    Sends are asynchronous and a rank waits only for the input of its next op, so a transfer costs time only
+    where a rank idles for it. Read off the schedules' op order as a max-plus system (stage s waits on
+    stage s - 1's forward and stage s + 1's backward, each rank runs its ops in order):
+
+      fill and drain   the first micro-batch's forward crosses p*v - 1 boundaries and the last backward as
+                       many again: 2 (p v - 1) hops, every schedule.
+      steady state     the op chain "forward through every stage, backward through every stage, the next
+                       op on rank 0" is a cycle; when it is longer than T_max per micro-batch it sets the pace:
+          GPipe        no such cycle (all forwards, then all backwards): nothing more.
+          1F1B         rank 0 warms up p - 1 forwards, the cycle spans p micro-batches:
+                       (m - 1) * max(0, (sum_r T_r + 2 (p - 1) hop) / p - T_max)
+                       (for equal stages 2 hop (p - 1)/p per micro-batch: p2p is never hidden).
+          interleaved  rank 0 warms up w = (v - 1) p + 2 (p - 1) chunk passes (interleaved_warmup_passes),
+                       the cycle spans (2 p v - 1)/v micro-batches and only micro-batches after the warm-up,
+                       m - w/v of them, can be paced by it:
+                       max(0, m - w/v) * max(0, v (sum_r T_r + 2 (p v - 1) hop) / (2 p v - 1) - T_max)
+                       (zero unless a hop exceeds about half a chunk's compute: the extra warm-up hides it).
+
+    Sources: the op orders of Megatron-LM (Narayanan et al. 2021) as implemented in
+    torch.distributed.pipelining (Schedule1F1B, ScheduleInterleaved1F1B). Checked against a dependency
+    simulation of those orders for equal stages (tests/test_cost_model.py; p = 2..16, m = p..4p, a hop up to
+    10% of a rank's micro-batch time): exact for GPipe, within 3.2% for 1F1B and interleaved (worst at p = 2)."""
+    p, v, m = len(rank_time), max(1, virtual_stages), num_mb
+    if p == 1 or hop <= 0:
+        return 0.0
+    slowest, total = max(rank_time), sum(rank_time)
+    interleaved = schedule == "interleaved" and v > 1
+    stages = p * v if interleaved else p
+    exposed = 2 * (stages - 1) * hop
+    if schedule == "gpipe":
+        return exposed
+    if interleaved:
+        paced = max(0.0, m - interleaved_warmup_passes(p, v) / v)
+        cycle = v * (total + 2 * (stages - 1) * hop) / (2 * stages - 1)
+    else:
+        paced = m - 1
+        cycle = (total + 2 * (stages - 1) * hop) / p
+    return exposed + paced * max(0.0, cycle - slowest)
+
+
+# ------------------------------------------------------------------------------------------------
 # the evaluation
 # ------------------------------------------------------------------------------------------------
 
@@ -282,9 +359,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         for rank in range(p):
             extra_time[rank] += vc.each_time     # placed on each rank's first chunk
     # Pipeline p2p: the [s/cp, b, h] activation (split by tp under SP) crosses each stage boundary forward
-    # and its gradient backward.
+    # and its gradient backward; how much of it lands on the critical path is pipeline_p2p_exposed's job.
     boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / cfg.tp * ctx.act_bytes
-    p2p = 2 * comm.p2p_time(boundary_bytes, pp_link) if p > 1 else 0.0
+    hop = comm.p2p_time(boundary_bytes, pp_link) if p > 1 else 0.0
 
     # Memory that does not depend on the partition, per pipeline rank.
     in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p)]
@@ -358,22 +435,17 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
                 return Rejection("OOM", f"pipeline rank {r} needs {need / GIB:.1f} GiB", max(0.0, over))
         choices.append(choice)
 
-    # Per-rank micro-batch time and the pipeline.
+    # Per-rank micro-batch compute time, the pipeline's makespan and the p2p on its critical path.
     rank_time = []
     for r in range(p):
         t = rank_layers[r] * layer_time + choices[r].time
         t += sum(extra_time[j] for j in range(r, n_stages, p))
-        t += p2p * v
         rank_time.append(t)
     slowest = max(rank_time)
-    if p == 1:
-        pipeline = num_mb * slowest
-    elif cfg.schedule == "interleaved" and v > 1:
-        # Narayanan et al. 2021: the fill/drain shrinks by v.
-        pipeline = num_mb * slowest + (sum(rank_time) - slowest) / v
-    else:
-        pipeline = (num_mb - 1) * slowest + sum(rank_time)
-    bubble = pipeline - num_mb * slowest
+    makespan = pipeline_makespan(cfg.schedule, rank_time, num_mb, v)
+    pp_comm = pipeline_p2p_exposed(cfg.schedule, rank_time, num_mb, v, hop)
+    pipeline = makespan + pp_comm
+    bubble = makespan - num_mb * slowest
 
     # Data-parallel / ZeRO traffic, per rank, with its overlap window.
     dp_exposed = []
@@ -456,9 +528,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     tp_comm = lc.tp_comm * n_layers_total / p * num_mb
     cp_comm = lc.cp_comm * n_layers_total / p * num_mb
     recompute_total = max(c.time for c in choices) * num_mb
-    compute_total = pipeline - bubble - tp_comm - cp_comm - recompute_total - p2p * v * num_mb - vc.vocab_comm * num_mb
+    compute_total = makespan - bubble - tp_comm - cp_comm - recompute_total - vc.vocab_comm * num_mb
     breakdown = {"compute": compute_total, "recompute": recompute_total, "tp_comm": tp_comm, "cp_comm": cp_comm,
-                 "pp_comm": p2p * v * num_mb, "vocab_comm": vc.vocab_comm * num_mb, "dp_comm": dp_time,
+                 "pp_comm": pp_comm, "vocab_comm": vc.vocab_comm * num_mb, "dp_comm": dp_time,
                  "bubble": bubble, "optimizer": opt_time}
     return Evaluation(cfg, iteration, peaks[worst], list(partition), [c.counts for c in choices], peaks,
                       list(zip(base, slope)), breakdown, rank_detail)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from meshplan.errors import InputError, NoFeasiblePlan
 from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
-from meshplan.planner import comm, memory
+from meshplan.planner import memory
 from meshplan.planner.evaluate import (Config, Context, Evaluation, Rejection, config_layer_cost, evaluate, to_plan,
                                        vocab_cost)
 from meshplan.planner.recompute import solve_partition_ilp
@@ -270,14 +270,22 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
     rejected["slower than the top plans"] += len(best) - len(chosen)
     seconds = time.perf_counter() - start
     plans = []
-    alternatives = [{"fix": _fix_of(ev.config), "iteration_s": round(ev.iteration_s, 6),
-                     "peak_memory_gib": round(ev.peak_bytes / memory.GIB, 3)} for ev in chosen]
+    alternatives = [_alternative(ev) for ev in chosen]
     for rank, ev in enumerate(chosen):
         notes = _why(ev, chosen[0], rank)
         search_info = {"seconds": round(seconds, 3), "evaluated": evaluated, "rank": rank + 1,
                        "rejected": dict(rejected), "alternatives": alternatives}
         plans.append(to_plan(ev, ctx, notes, search_info))
     return SearchResult(plans, seconds, evaluated, dict(rejected), closest_oom)
+
+
+def _alternative(ev: Evaluation) -> dict[str, Any]:
+    """One top plan as the JSON/YAML ``search.alternatives`` entry: its pins, its iteration time, where that
+    time goes (the keys of ``predicted.time_breakdown_s``) and its peak memory, so a report can say why it
+    lost to plan 1 term by term."""
+    return {"fix": _fix_of(ev.config), "iteration_s": round(ev.iteration_s, 6),
+            "time_breakdown_s": {k: round(v, 6) for k, v in ev.time_breakdown.items()},
+            "peak_memory_gib": round(ev.peak_bytes / memory.GIB, 3)}
 
 
 def _fix_of(cfg: Config) -> dict[str, Any]:
@@ -312,16 +320,14 @@ def _refine(ctx: Context, ev: Evaluation) -> Evaluation:
 
 
 def _rank_extras(ctx: Context, cfg: Config) -> list[float]:
-    """Per-rank fixed seconds per micro-batch: embedding, head + loss, vocab-parallel share, p2p."""
+    """Per-rank fixed compute seconds per micro-batch: embedding, head + loss, vocab-parallel share (the
+    same rank times evaluate() feeds pipeline_makespan; the p2p is counted apart, on the critical path)."""
     return [_stage_time(ctx, cfg, r) for r in range(cfg.pp)]
 
 
 def _stage_time(ctx: Context, cfg: Config, rank: int) -> float:
     vc = vocab_cost(ctx, cfg)
-    degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
-    pp_link = comm.group_link(ctx.cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
-    boundary = cfg.micro_batch * ctx.train.seq_len / cfg.cp * ctx.model.hidden / cfg.tp * ctx.act_bytes
-    extra = 2 * comm.p2p_time(boundary, pp_link) if cfg.pp > 1 else 0.0
+    extra = 0.0
     if cfg.vocab_parallel:
         extra += vc.each_time
     if rank == 0:

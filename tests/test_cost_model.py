@@ -5,7 +5,7 @@ import math
 import pytest
 
 from meshplan.spec import ModelSpec, load_cluster, load_model
-from meshplan.planner import comm, flops, memory
+from meshplan.planner import comm, evaluate, flops, memory
 
 GPT = ModelSpec(name="korthikanti-gpt", layers=1, hidden=12288, heads=96, vocab=51200, mlp="gelu", norm="layernorm",
                 position="learned", bias=True, dropout=0.1)
@@ -101,3 +101,101 @@ def test_logits_memory_matches_the_measured_loss_kernels():
     assert fused == pytest.approx(0.643, abs=0.001)
     assert unfused == pytest.approx(11.742, abs=0.001)
     assert fused < unfused / 4
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline schedules: the closed forms against a dependency simulation of the schedules' op order
+# ------------------------------------------------------------------------------------------------
+
+def _schedule_ops(schedule, p, m, v, rank):
+    """Rank ``rank``'s ops in order, as torch.distributed.pipelining runs them (Megatron-LM's orders):
+    GPipe all forwards then all backwards; 1F1B p - rank - 1 warm-up forwards; interleaved
+    (v - 1) p + 2 (p - rank - 1) warm-up chunk forwards, chunks visited p micro-batches at a time."""
+    if schedule == "gpipe":
+        return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]
+    total = m * v
+    warmup = min(total, p - rank - 1 if v == 1 else (v - 1) * p + 2 * (p - rank - 1))
+
+    def fwd(k):
+        return ("F", ((k // p) % v) * p + rank, (k // (p * v)) * p + k % p)
+
+    def bwd(k):
+        return ("B", (v - 1 - (k // p) % v) * p + rank, (k // (p * v)) * p + k % p)
+
+    ops = [fwd(k) for k in range(warmup)]
+    for k in range(warmup, total):
+        ops += [fwd(k), bwd(k - warmup)]
+    return ops + [bwd(k) for k in range(total - warmup, total)]
+
+
+def _simulate(schedule, rank_time, m, v, hop):
+    """Makespan when a stage's forward waits for the previous stage's forward and its backward for the next
+    stage's backward (plus one hop when they are on different ranks), sends are asynchronous, and each rank
+    runs its ops in order. Forward takes 1/3 of a rank's time, backward 2/3, split evenly over its chunks."""
+    p = len(rank_time)
+    stages = p * v
+    ops = {r: _schedule_ops(schedule, p, m, v, r) for r in range(p)}
+    done, clock, nxt = {}, [0.0] * p, [0] * p
+    moved = True
+    while moved:
+        moved = False
+        for r in range(p):
+            while nxt[r] < len(ops[r]):
+                kind, stage, mb = ops[r][nxt[r]]
+                if kind == "F":
+                    deps = [("F", stage - 1, mb)] if stage > 0 else []
+                else:
+                    deps = [("F", stage, mb)] + ([("B", stage + 1, mb)] if stage < stages - 1 else [])
+                if any(d not in done for d in deps):
+                    break
+                start = max([clock[r]] + [done[d] + (hop if d[1] != stage else 0.0) for d in deps])
+                clock[r] = start + rank_time[r] / v * (1 / 3 if kind == "F" else 2 / 3)
+                done[(kind, stage, mb)] = clock[r]
+                nxt[r] += 1
+                moved = True
+    assert all(nxt[r] == len(ops[r]) for r in range(p)), "schedule deadlocked"
+    return max(clock)
+
+
+SCHEDULES_UNDER_TEST = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 4)]
+
+
+@pytest.mark.parametrize("schedule,v", SCHEDULES_UNDER_TEST)
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("rounds", [1, 2, 4])
+def test_pipeline_makespan_matches_the_schedule_simulation(schedule, v, p, rounds):
+    m = p * rounds
+    assert evaluate.pipeline_makespan(schedule, [1.0] * p, m, v) == pytest.approx(_simulate(schedule, [1.0] * p, m, v, 0))
+
+
+def test_interleaving_halves_the_fill_drain_when_microbatches_equal_stages():
+    # torchtitan's default (as many micro-batches as pipeline ranks), p = 8: (2p - 1) T against (p + (p - 1)/2) T
+    one_f_one_b = evaluate.pipeline_makespan("1f1b", [1.0] * 8, 8, 1)
+    interleaved = evaluate.pipeline_makespan("interleaved", [1.0] * 8, 8, 2)
+    assert one_f_one_b == 15 and interleaved == 11.5
+    assert one_f_one_b / interleaved == pytest.approx(1.304, abs=1e-3)
+    # with 32 micro-batches the same two schedules are only 10% apart
+    assert (evaluate.pipeline_makespan("1f1b", [1.0] * 8, 32, 1)
+            / evaluate.pipeline_makespan("interleaved", [1.0] * 8, 32, 2)) == pytest.approx(39 / 35.5)
+
+
+@pytest.mark.parametrize("schedule,v", SCHEDULES_UNDER_TEST)
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("rounds", [1, 4])
+@pytest.mark.parametrize("hop", [0.02, 0.1])
+def test_pipeline_p2p_on_the_critical_path_matches_the_schedule_simulation(schedule, v, p, rounds, hop):
+    m, times = p * rounds, [1.0] * p
+    predicted = (evaluate.pipeline_makespan(schedule, times, m, v)
+                 + evaluate.pipeline_p2p_exposed(schedule, times, m, v, hop))
+    simulated = _simulate(schedule, times, m, v, hop)
+    assert predicted == pytest.approx(simulated, rel=1e-9 if schedule == "gpipe" else 0.035)
+
+
+def test_pipeline_p2p_is_hidden_in_the_interleaved_steady_state_but_not_in_1f1b():
+    times, hop, p, m = [1.0] * 8, 0.01, 8, 64
+    one_f_one_b = evaluate.pipeline_p2p_exposed("1f1b", times, m, 1, hop)
+    assert one_f_one_b == pytest.approx(2 * (p - 1) * hop + (m - 1) * 2 * hop * (p - 1) / p)
+    # interleaved: only the fill and drain cross the p*v - 1 boundaries; the extra warm-up hides the rest
+    assert evaluate.pipeline_p2p_exposed("interleaved", times, m, 2, hop) == pytest.approx(2 * (2 * p - 1) * hop)
+    assert evaluate.pipeline_p2p_exposed("gpipe", times, m, 1, hop) == pytest.approx(2 * (p - 1) * hop)
+    assert evaluate.pipeline_p2p_exposed("1f1b", [1.0], m, 1, hop) == 0.0

@@ -71,6 +71,24 @@ def test_plan_round_trips_through_yaml(tmp_path):
     assert again.to_dict() == plan.to_dict()
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_alternatives_carry_their_time_and_memory_breakdowns_through_files(tmp_path, suffix):
+    result = search(load_model("llama3-70b"), load_cluster("dgx-h100:4"), TrainSpec(64, 4096), top=3)
+    plan = result.plans[0]
+    alternatives = plan.search["alternatives"]
+    assert len(alternatives) == 3
+    for alt, other in zip(alternatives, result.plans):
+        assert alt["fix"]["dp"] == other.dp and alt["iteration_s"] == pytest.approx(other.predicted.iteration_s)
+        assert set(alt["time_breakdown_s"]) == set(other.predicted.time_breakdown_s)
+        assert alt["time_breakdown_s"] == pytest.approx(other.predicted.time_breakdown_s, abs=1e-6)
+        assert alt["peak_memory_gib"] == pytest.approx(other.predicted.peak_memory_gib, abs=1e-3)
+        assert sum(alt["time_breakdown_s"].values()) == pytest.approx(alt["iteration_s"], rel=1e-5)
+    path = tmp_path / f"plan{suffix}"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.search["alternatives"] == alternatives
+
+
 def test_nothing_fits_says_what_would():
     with pytest.raises(NoFeasiblePlan) as info:
         search(load_model("llama3-405b"), load_cluster("dgx-h100:1"), TrainSpec(8, 8192))
