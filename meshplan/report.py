@@ -11,6 +11,7 @@ optional extra ``meshplan[report]``.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -485,15 +486,17 @@ def draw_schedule(plan: Plan, path: Path) -> Path:
     fw_cols = ["#4C72B0", "#7FA6D9", "#2E4A7A", "#A8C4E8"]
     bw_cols = ["#DD8452", "#F0B27A", "#A0522D", "#F5CBA7"]
     fig, ax = plt.subplots(figsize=(12, 0.55 * pp + 2.4))
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = {}   # one broken_barh per (row, colour): fast
     for op in ops:
         color = (fw_cols if op.kind == "F" else bw_cols)[op.chunk % 4]
         y = pp - 1 - op.rank
-        ax.broken_barh([(op.start * k, (op.end - op.start) * k)], (y - 0.4, 0.8), facecolors=color,
-                       edgecolor="white", linewidth=0.4)
+        bars.setdefault((y, color), []).append((op.start * k, (op.end - op.start) * k))
         if (op.end - op.start) / makespan > 0.012:
             labelled = True
             ax.text((op.start + op.end) / 2 * k, y, str(op.micro + 1), ha="center", va="center", fontsize=8,
                     color="white" if op.kind == "F" else "black")
+    for (y, color), spans in bars.items():
+        ax.broken_barh(spans, (y - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=0.4)
     tail = 0.0
     if pp == 1 and plan.predicted:
         tb = _time_breakdown(plan)
@@ -658,6 +661,12 @@ _COMPARED = ("dp", "tp", "pp", "cp", "cp_kind", "sequence_parallel", "vocab_para
              "num_microbatches", "schedule", "virtual_stages", "zero", "recompute", "tp_overlap", "compile")
 
 
+def _field_changes(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(field, old, new) for every top-level field of two dataclasses that differs."""
+    return [(f.name, getattr(old, f.name), getattr(new, f.name)) for f in dataclasses.fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)]
+
+
 def compare_plans(new: Plan, old: Plan) -> dict[str, Any]:
     """What changed from ``old`` to ``new``: choices, inputs and predicted changes in percent."""
     changes = []
@@ -671,8 +680,10 @@ def compare_plans(new: Plan, old: Plan) -> dict[str, Any]:
         changes.append(("mesh_order", list(old.mesh_order), list(new.mesh_order)))
     inputs = []
     if old.model.name != new.model.name or old.model != new.model:
-        inputs.append(f"the plans are for different models ({old.model.name} vs {new.model.name}); "
-                      "per-token comparisons still hold, per-iteration ones compare different work")
+        fields = [f"{k} {a} -> {b}" for k, a, b in _field_changes(old.model, new.model) if k != "name"]
+        inputs.append(f"the plans are for different models ({old.model.name} vs {new.model.name}"
+                      + (f": {', '.join(fields)}" if fields else "") + "); per-token comparisons still hold, "
+                      "per-iteration ones compare different work")
     if old.cluster.name != new.cluster.name or old.cluster.world_size != new.cluster.world_size:
         inputs.append(f"cluster changed: {old.cluster.name} ({old.cluster.world_size} GPUs) -> "
                       f"{new.cluster.name} ({new.cluster.world_size} GPUs)")
