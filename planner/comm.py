@@ -13,12 +13,19 @@ plus a latency alpha * ceil(log2 n) (NCCL's tree / PAT algorithms keep latency l
 A group inside one node sees the intra-node busbw; a group spanning nodes with k members per node drives
 k NICs per node, so its busbw is min(intra, k * inter) -- a ring crossing nodes carries 1/k of the data
 through each NIC (NCCL opens one ring per NIC).
+
+Measured links: when ``meshplan profile`` wrote a per-pair bandwidth matrix
+(``cluster.measured['links']['pair_bandwidth_gbps']``, world x world, rank-major as placed here), a group's busbw
+is scaled by :func:`slow_pair_factor`: its slowest ring neighbour pair against the median pair of the same
+level (a ring runs at the pace of its slowest link), so one slow cable or NIC is seen and avoided.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
+from functools import lru_cache
 
 from meshplan.spec import ClusterSpec
 
@@ -50,9 +57,52 @@ def group_link(cluster: ClusterSpec, size: int, stride: int) -> GroupLink:
     if size <= 1:
         return GroupLink(1, intra_bw, 0.0, False)
     per_node = 1 if stride >= gpn else min(size, gpn // stride)
+    factor = slow_pair_factor(cluster, size, stride)
     if per_node >= size:
-        return GroupLink(size, intra_bw, cluster.intra_node.latency_us * 1e-6, False)
-    return GroupLink(size, min(intra_bw, per_node * inter_bw), cluster.inter_node.latency_us * 1e-6, True)
+        return GroupLink(size, factor * intra_bw, cluster.intra_node.latency_us * 1e-6, False)
+    return GroupLink(size, factor * min(intra_bw, per_node * inter_bw), cluster.inter_node.latency_us * 1e-6, True)
+
+
+def slow_pair_factor(cluster: ClusterSpec, size: int, stride: int) -> float:
+    """<= 1: the slowest ring-neighbour pair of any group of ``size`` ranks ``stride`` apart, relative to the
+    median measured pair of its level (intra- or inter-node); 1 without a measured matrix of this world."""
+    matrix = ((cluster.measured or {}).get("links") or {}).get("pair_bandwidth_gbps")
+    if not matrix or size <= 1 or len(matrix) != cluster.world_size:
+        return 1.0
+    try:
+        rows = tuple(tuple(float(x or 0.0) for x in row) for row in matrix)
+    except (TypeError, ValueError):
+        return 1.0
+    return _slow_pair_factor(rows, cluster.gpus_per_node, size, stride)
+
+
+@lru_cache(maxsize=1024)
+def _slow_pair_factor(matrix: tuple[tuple[float, ...], ...], gpus_per_node: int, size: int, stride: int) -> float:
+    world = len(matrix)
+    if any(len(row) != world for row in matrix):
+        return 1.0
+
+    def level(i: int, j: int) -> bool:
+        return i // gpus_per_node != j // gpus_per_node
+
+    typical = {}
+    for crosses in (False, True):
+        values = [matrix[i][j] for i in range(world) for j in range(world)
+                  if i != j and level(i, j) == crosses and matrix[i][j] > 0]
+        typical[crosses] = statistics.median(values) if values else 0.0
+    factor = 1.0
+    for base in range(world):
+        if (base // stride) % size:
+            continue
+        members = [base + i * stride for i in range(size)]
+        if members[-1] >= world:
+            continue
+        for a, b in zip(members, members[1:] + members[:1]):
+            bw = min(matrix[a][b] or matrix[b][a], matrix[b][a] or matrix[a][b])
+            ref = typical[level(a, b)]
+            if bw > 0 and ref > 0:
+                factor = min(factor, bw / ref)
+    return factor
 
 
 def _latency(link: GroupLink) -> float:

@@ -1,0 +1,77 @@
+"""Done-when 1: on this machine with 4 CPU ranks, the planner's top-8 layouts for a small model (8 layers,
+hidden 256, seq 256) against their measured step times: Spearman >= 0.8 and the first choice within 15% of
+the fastest.
+
+    python benchmarks/validate_cpu.py [--cluster cluster.yaml] [--budget 120s] [--top 8] [--steps 6] \
+                                      [--repeats 2] [--update] [--out-dir DIR]
+
+Without ``--cluster`` it first profiles this machine (``meshplan profile --cluster localhost:4``) with the
+model's shapes. Then ``meshplan validate`` launches each layout ``--repeats`` times round-robin and prints the
+table. The load average is printed before and after: the machine is shared, re-run when it is high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SMALL_MODEL = ("name: small\nlayers: 8\nhidden: 256\nheads: 8\nkv_heads: 4\nvocab: 2048\nmlp: swiglu\n"
+               "norm: rmsnorm\nposition: rope\n")
+SPEARMAN_TARGET = 0.8
+FIRST_CHOICE_TARGET = 1.15
+
+
+def meshplan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], text=True, stdout=subprocess.PIPE)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster", default=None, help="a profiled cluster file (default: profile now)")
+    p.add_argument("--budget", default="120s")
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--update", action="store_true", help="calibrate the cluster file and check the new choice")
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args()
+    work = Path(a.out_dir or tempfile.mkdtemp(prefix="meshplan-validate-cpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "small.yaml"
+    model.write_text(SMALL_MODEL)
+    print(f"load average {os.getloadavg()[0]:.2f} at start ({os.cpu_count()} cores); work dir {work}", flush=True)
+    cluster = Path(a.cluster) if a.cluster else work / "cluster.yaml"
+    if a.cluster is None:
+        proc = meshplan("profile", "--cluster", "localhost:4", "--model", str(model), "--seq-len", "256",
+                        "--budget", a.budget, "--out", str(cluster))
+        if proc.returncode:
+            return proc.returncode
+    report = work / "validate.json"
+    args = ["validate", "--model", str(model), "--cluster", str(cluster), "--global-batch", str(a.global_batch),
+            "--seq-len", "256", "--top", str(a.top), "--steps", str(a.steps), "--repeats", str(a.repeats),
+            "--work-dir", str(work / "runs"), "--json", str(report)]
+    if a.update:
+        args.append("--update")
+    proc = meshplan(*args)
+    print(proc.stdout)
+    if proc.returncode:
+        return proc.returncode
+    data = json.loads(report.read_text())
+    s = data["summary"]
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"Spearman {s['spearman']:.2f} (target >= {SPEARMAN_TARGET}): "
+          f"{'met' if s['spearman'] >= SPEARMAN_TARGET else 'NOT met'}")
+    ratio = s.get("first_over_fastest", float("inf"))
+    print(f"first choice / fastest measured {ratio:.3f} (target <= {FIRST_CHOICE_TARGET}): "
+          f"{'met' if ratio <= FIRST_CHOICE_TARGET else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

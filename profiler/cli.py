@@ -1,0 +1,294 @@
+"""``meshplan profile`` and ``meshplan validate``, registered by ``meshplan.cli`` through :func:`register`.
+
+Torch-free at import time: ``profile`` starts a torchrun job of :mod:`meshplan.profiler.worker` and fits what
+it measured (``fit.py``, ``cluster_file.py``); ``validate`` (``validate.py``) launches plans through the
+launcher's own torchrun rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from meshplan.errors import InputError, MeshplanError
+
+# Defaults per device kind. Message sizes: nccl-tests' default sweep starts at a few KiB; on CPU processes
+# over gloo 16 MiB already takes tens of milliseconds, on GPUs 256 MiB reaches NVLink's plateau.
+DEFAULT_SEQ = {"cpu": 256, "gpu": 2048}
+DEFAULT_MODEL = {"cpu": "tiny-llama", "gpu": "llama3-8b"}
+DEFAULT_MAX_MESSAGE = {"cpu": 16 * 2**20, "gpu": 256 * 2**20}
+MIN_MESSAGE = 4 * 2**10
+PAIR_MESSAGE = {"cpu": 4 * 2**20, "gpu": 64 * 2**20}
+# Budget shares: compute (blocks, GEMMs, memory) first, then the link sweep, with a tenth kept for the pairs.
+COMPUTE_SHARE = 0.45
+PAIRS_SHARE = 0.10
+# torchrun start-up and the final fit, paid out of the budget before the worker's clock starts.
+STARTUP_RESERVE_S = 3.0
+MIN_BUDGET_S = 10.0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile", help="Measure this cluster (compute, memory, links) and write a cluster YAML.")(profile)
+    app.command("validate", help="Launch the top plans for a few steps: predicted vs measured, and calibrate.")(
+        validate)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument parsing (pure)
+# ----------------------------------------------------------------------------------------------
+
+def parse_duration(text: str, where: str = "--budget") -> float:
+    """``120``, ``120s``, ``2m``, ``1.5h`` -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise InputError(where, f"cannot read {text!r} as a duration", "write e.g. 120s, 5m or 1h")
+    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if value < MIN_BUDGET_S:
+        raise InputError(where, f"{value:g}s is too short to measure anything",
+                         f"give at least {MIN_BUDGET_S:g}s")
+    return value
+
+
+def parse_int_list(text: str, where: str) -> list[int]:
+    """``1,2,4`` -> [1, 2, 4] (positive integers)."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise InputError(where, f"cannot read {text!r}", "give comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise InputError(where, f"{text!r} needs positive whole numbers", "give e.g. 1,2,4")
+    return sorted(set(values))
+
+
+def parse_bytes(text: str, where: str) -> int:
+    """``16M``, ``64MiB``, ``4096`` -> bytes (powers of two)."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise InputError(where, f"cannot read {text!r} as a size", "write e.g. 16M or 256MiB")
+    value = int(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
+    if value < MIN_MESSAGE:
+        raise InputError(where, f"{value} bytes is below the smallest message ({MIN_MESSAGE})",
+                         "give at least 4K")
+    return value
+
+
+def message_sizes(max_bytes: int) -> list[int]:
+    """4 KiB, 16 KiB, ... up to ``max_bytes`` (x4 steps, the maximum always included)."""
+    sizes, size = [], MIN_MESSAGE
+    while size < max_bytes:
+        sizes.append(size)
+        size *= 4
+    sizes.append(max_bytes)
+    return sizes
+
+
+def parse_localhost(cluster: str | None) -> int | None:
+    """``localhost:N`` -> N; ``None`` when not given."""
+    if cluster is None:
+        return None
+    preset, _, count = cluster.partition(":")
+    if preset != "localhost" or not count.isdigit() or int(count) < 1:
+        raise InputError("--cluster", f"{cluster!r}: profile measures the machine it runs on",
+                         "write localhost:N (N ranks here), with --nnodes/--node-rank/--master-addr for more nodes")
+    return int(count)
+
+
+def tp_degrees(heads: int, kv_heads: int, ffn: int, ranks: int) -> list[int]:
+    """Tensor-parallel degrees the runtime can run inside ``ranks``: divisors of the rank count that divide
+    heads, kv_heads and the MLP width (launcher/checks.py)."""
+    return [t for t in range(1, ranks + 1) if ranks % t == 0 and not heads % t and not kv_heads % t and not ffn % t]
+
+
+def device_kind() -> str:
+    """``gpu`` when this machine has NVIDIA GPUs (meshplan.spec's nvidia-smi probe), else ``cpu``."""
+    from meshplan.spec import _local_gpus
+
+    return "gpu" if _local_gpus() else "cpu"
+
+
+def job_config(*, model, seq_len: int, micro_batches: list[int], ranks_per_node: int, nnodes: int, kind: str,
+               precision: str, deadline: float, max_message: int, reps: int, raw_out: str,
+               progress: bool = True) -> dict:
+    """The JSON the worker reads: shapes to time, message sizes, the deadline and where to write."""
+    world = ranks_per_node * nnodes
+    return {
+        "model": model.to_dict(), "seq_len": seq_len, "micro_batches": micro_batches,
+        "tps": tp_degrees(model.heads, model.kv_heads, model.ffn_hidden, min(world, ranks_per_node)),
+        "precision": precision, "device": kind, "deadline": deadline, "compute_share": COMPUTE_SHARE,
+        "pairs_share": PAIRS_SHARE, "sizes": message_sizes(max_message),
+        "pair_bytes": min(PAIR_MESSAGE[kind], max_message), "nnodes": nnodes, "nproc_per_node": ranks_per_node,
+        "reps": reps, "raw_out": raw_out, "progress": progress,
+    }
+
+
+def torchrun_argv(config_path: str, nnodes: int, nproc: int, node_rank: int | None, master_addr: str,
+                  master_port: int, rdzv_id: str, local_addr: str | None = None) -> list[str]:
+    """The torchrun command of the profiling job (standalone on one node, c10d rendezvous across nodes,
+    as ``meshplan launch`` renders it)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
+    if nnodes == 1:
+        argv.append("--standalone")
+    else:
+        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}", f"--rdzv-id={rdzv_id}"]
+        if node_rank is not None:
+            # node 0 hosts the rendezvous store at --master-addr; say so rather than let torchrun guess from
+            # the hostname (a guess that fails inside network namespaces and behind NAT)
+            argv += [f"--node-rank={node_rank}", f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}"]
+        if local_addr:   # the address other nodes reach this one at (else torchrun resolves the hostname)
+            argv.append(f"--local-addr={local_addr}")
+    return argv + ["-m", "meshplan.profiler.worker", "--config", config_path]
+
+
+# ----------------------------------------------------------------------------------------------
+# meshplan profile
+# ----------------------------------------------------------------------------------------------
+
+def profile(
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="localhost:N: N ranks on this node (default: "
+                                          "its GPUs, or 2 CPU processes)"),
+    out: Path = typer.Option(Path("cluster.yaml"), "--out", "-o", help="cluster YAML to write"),
+    budget: str = typer.Option("120s", "--budget", help="wall-clock budget, e.g. 120s or 5m (kept)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model whose shapes to time (preset, YAML or "
+                                        "config.json); default tiny-llama on CPU, llama3-8b on GPU"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="sequence length (default 256 CPU, 2048 GPU)"),
+    micro_batches: str = typer.Option("1,2,4", "--micro-batches", help="micro-batch sizes to time"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16|fp16|fp32 (GPU; CPU is fp32)"),
+    max_message: str = typer.Option("", "--max-message", help="largest message (default 16M CPU, 256M GPU)"),
+    reps: int = typer.Option(5, "--reps", help="timed samples per measurement (lower quartile kept)"),
+    nnodes: int = typer.Option(1, "--nnodes", help="nodes; every node runs the same command"),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this node's rank (multi-node)"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="rendezvous host (node 0)"),
+    master_port: int = typer.Option(29511, "--master-port", help="rendezvous port"),
+    rdzv_id: str = typer.Option("meshplan-profile", "--rdzv-id", help="rendezvous id shared by the nodes"),
+    keep_raw: Optional[Path] = typer.Option(None, "--keep-raw", help="also write the worker's raw JSON here"),
+    local_addr: Optional[str] = typer.Option(None, "--local-addr", help="this node's address as the others reach "
+                                             "it (multi-node; default: torchrun resolves the hostname)"),
+) -> None:
+    try:
+        code = run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, max_message, reps,
+                           nnodes, node_rank, master_addr, master_port, rdzv_id, keep_raw, local_addr)
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+    if code:
+        raise typer.Exit(code)
+
+
+def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, max_message, reps, nnodes,
+                node_rank, master_addr, master_port, rdzv_id, keep_raw, local_addr=None) -> int:
+    start = time.time()
+    budget_s = parse_duration(budget)
+    mbs = parse_int_list(micro_batches, "--micro-batches")
+    if reps < 1:
+        raise InputError("--reps", f"must be >= 1, got {reps}", "give an integer >= 1")
+    if nnodes < 1:
+        raise InputError("--nnodes", f"must be >= 1, got {nnodes}", "give the number of nodes")
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise InputError("--node-rank", f"{node_rank} is not in 0..{nnodes - 1}", "give this node's rank")
+    if not out.parent.exists():
+        raise InputError("--out", f"folder {out.parent} does not exist", "create it or write elsewhere")
+    from meshplan.spec import PRECISIONS, load_cluster, load_model
+
+    kind = device_kind()
+    ranks = parse_localhost(cluster)
+    if ranks is None:
+        ranks = len(__import__("meshplan.spec", fromlist=["_local_gpus"])._local_gpus()) if kind == "gpu" else 2
+    spec = load_model(model or DEFAULT_MODEL[kind])
+    seq = seq_len if seq_len is not None else DEFAULT_SEQ[kind]
+    if seq < 1:
+        raise InputError("--seq-len", f"must be >= 1, got {seq}", "give the training sequence length")
+    prec = (precision or ("bf16" if kind == "gpu" else "fp32")).lower()
+    if prec not in PRECISIONS or prec == "fp8":
+        raise InputError("--precision", f"cannot time {prec!r}", "choose bf16, fp16 or fp32")
+    if kind == "cpu" and prec != "fp32":
+        raise InputError("--precision", f"CPU processes run fp32, not {prec}", "drop --precision or use fp32")
+    max_bytes = parse_bytes(max_message, "--max-message") if max_message else DEFAULT_MAX_MESSAGE[kind]
+    base = load_cluster(f"localhost:{ranks}")
+
+    work = Path(tempfile.mkdtemp(prefix="meshplan-profile-"))
+    raw_path = work / "raw.json"
+    deadline = start + budget_s - STARTUP_RESERVE_S
+    cfg = job_config(model=spec, seq_len=seq, micro_batches=mbs, ranks_per_node=ranks, nnodes=nnodes, kind=kind,
+                     precision=prec, deadline=deadline, max_message=max_bytes, reps=reps, raw_out=str(raw_path))
+    cfg_path = work / "job.json"
+    cfg_path.write_text(json.dumps(cfg))
+    argv = torchrun_argv(str(cfg_path), nnodes, ranks, node_rank, master_addr, master_port, rdzv_id, local_addr)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if kind == "cpu":
+        env["OMP_NUM_THREADS"] = "1"   # as `meshplan launch` runs CPU ranks (launcher/render.py)
+    typer.echo(f"meshplan: profiling {nnodes} x {ranks} {kind} ranks for at most {budget_s:.0f}s "
+               f"(shapes of {spec.name}, seq {seq})", err=True)
+    result = subprocess.run(argv, env=env)
+    if result.returncode:
+        typer.echo(f"error: the profiling job failed (exit {result.returncode}); its output is above", err=True)
+        return 1
+    if not raw_path.exists():
+        typer.echo("meshplan: rank 0 ran on another node; that node writes the cluster file", err=True)
+        return 0
+    from meshplan.profiler.cluster_file import build_cluster, write_cluster
+
+    raw = json.loads(raw_path.read_text())
+    if keep_raw is not None:
+        keep_raw.write_text(json.dumps(raw, indent=1))
+    name = f"profiled:{raw['ranks'][0]['host']}:{nnodes}x{ranks}"
+    profiled = build_cluster(raw, base, name)
+    write_cluster(profiled, out)
+    typer.echo(summary_text(profiled, time.time() - start), err=True)
+    typer.echo(f"wrote {out}", err=True)
+    return 0
+
+
+def summary_text(cluster, elapsed: float) -> str:
+    """A few lines on what was measured."""
+    m = cluster.measured
+    table = m["compute"]["matmul_table"]
+    lines = [f"profile took {elapsed:.0f}s: {len(m['compute']['block_check'])} block shapes, "
+             f"GEMM {min(r for _, r in table):.3g}-{max(r for _, r in table):.3g} TFLOP/s, "
+             f"attention {m['compute']['attention_tflops']:.3g} TFLOP/s, "
+             f"memory-bound {m['compute'].get('memory_gbps', float('nan')):.3g} GB/s"]
+    for level in ("intra_node", "inter_node"):
+        fit = m["links"].get(level)
+        if fit:
+            lines.append(f"{level}: busbw {fit['bandwidth_gbps']:.3g} GB/s, latency {fit['latency_us']:.3g} us "
+                         f"(median fit error {fit['median_rel_error']:.0%})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# meshplan validate
+# ----------------------------------------------------------------------------------------------
+
+def validate(
+    model: Optional[str] = typer.Option(None, "--model", help="preset, model YAML or config.json"),
+    cluster: str = typer.Option(..., "--cluster", help="cluster YAML (from `meshplan profile`) or localhost:N"),
+    global_batch: int = typer.Option(16, "--global-batch", help="sequences per step"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per sequence"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="default fp32 on CPU, bf16 on GPU"),
+    top: int = typer.Option(6, "--top", help="how many of the planner's best layouts to launch"),
+    steps: int = typer.Option(8, "--steps", help="optimizer steps per plan (the first is warm-up)"),
+    fix: list[str] = typer.Option([], "--fix", help="KEY=VALUE pins, as for `meshplan plan`"),
+    update: bool = typer.Option(False, "--update", help="write the calibration into the cluster file"),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="where plans and metrics go (default: temp)"),
+    out_json: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+    repeats: int = typer.Option(1, "--repeats", help="launch every plan this many times, round-robin; keep the "
+                                "fastest run (a shared machine's bursts)"),
+) -> None:
+    from meshplan.profiler import validate as validate_mod
+
+    try:
+        code = validate_mod.run_validate(model, cluster, global_batch, seq_len, precision, top, steps, fix, update,
+                                         work_dir, out_json, repeats)
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,191 @@
+"""From the worker's raw samples to a cluster YAML the planner reads (torch-free).
+
+The file is an ordinary ``ClusterSpec`` (``meshplan/spec.py``): ``intra_node`` / ``inter_node`` hold the fitted
+alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s; latency per step, us), and
+``measured`` holds
+
+* ``compute``: ``matmul_table`` ([forward FLOPs of one GEMM, achieved TFLOP/s over forward + backward]),
+  ``attention_tflops`` (causal FLOPs as the planner counts them), ``memory_gbps`` (fitted to the block time the
+  GEMMs and attention leave), and ``block_check`` (measured block time next to what the fitted model predicts);
+* ``memory``: bytes per layer held for backward per recompute mode and shape (and what the planner predicts);
+* ``links``: per level the joint fit and one fit per collective, the per-pair bandwidth matrix
+  (``pair_bandwidth_gbps``, world x world) and the topology as a networkx node-link graph;
+* ``raw``: every sample, so a fit can be redone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import statistics
+from typing import Any
+
+import yaml
+
+from meshplan.planner import compute as planner_compute
+from meshplan.planner import memory as planner_memory
+from meshplan.profiler.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, rate_table
+from meshplan.spec import ClusterSpec, DeviceSpec, LinkSpec, ModelSpec
+
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def gemm_rate_points(raw: dict) -> list[tuple[float, float]]:
+    """``(forward FLOPs, achieved TFLOP/s)`` of every measured GEMM (block GEMMs and LM head); the rate counts
+    forward + backward, 3 x 2mnk, over the measured forward + backward seconds."""
+    points = []
+    for block in raw["compute"]["blocks"]:
+        for g in block["gemms"]:
+            points.append((g["flops"], 3 * g["flops"] / g["seconds"] / 1e12))
+    for vocab in raw["compute"]["vocab"]:
+        g = vocab["head_gemm"]
+        points.append((g["flops"], 3 * g["flops"] / g["seconds"] / 1e12))
+    return points
+
+
+def attention_flops(spec: ModelSpec, tp: int, mb: int, seq: int) -> float:
+    """Forward + backward attention FLOPs as ``planner/compute.py: attention_time`` counts them (causal
+    forward 2*b*s*s*h/tp, backward 2.5x)."""
+    return 3.5 * 2.0 * mb * seq * seq * spec.hidden / tp
+
+
+def fit_compute(raw: dict, spec: ModelSpec) -> dict:
+    """The achieved-rate model: GEMM table, attention rate, memory rate fitted to the residual block time,
+    and each measured block against the fitted model's prediction."""
+    blocks = raw["compute"]["blocks"]
+    act_bytes = ACT_BYTES.get(raw["precision"], 4)
+    table = rate_table(gemm_rate_points(raw))
+    attention = statistics.median(attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / b["attention_s"]
+                                  for b in blocks) / 1e12
+    residuals, moved = [], []
+    for b in blocks:
+        tokens = b["micro_batch"] * b["seq"]
+        gemm_s = sum(g["seconds"] for g in b["gemms"])
+        residuals.append(b["block_s"] - gemm_s - b["attention_s"])
+        # the profiled block runs without sequence parallel: its norms see every token
+        moved.append(3 * planner_compute.elementwise_bytes_per_layer(spec, tokens, b["tp"], False, False, act_bytes))
+    memory_rate = fit_memory_rate(residuals, moved)
+    out: dict[str, Any] = {"precision": raw["precision"], "matmul_table": table,
+                           "attention_tflops": attention}
+    if memory_rate is not None:
+        out["memory_gbps"] = memory_rate / 1e9
+    check = []
+    for b, ew in zip(blocks, moved):
+        predicted = sum(g["seconds"] for g in b["gemms"]) + b["attention_s"] + (ew / memory_rate if memory_rate else 0)
+        model_gemm = sum(g["flops"] * 3 / (planner_compute.interpolate_rate(
+            tuple((f, r * 1e12) for f, r in table), g["flops"])) for g in b["gemms"])
+        model = model_gemm + attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / (attention * 1e12) \
+            + (ew / memory_rate if memory_rate else 0)
+        check.append({"tp": b["tp"], "micro_batch": b["micro_batch"], "seq": b["seq"],
+                      "measured_s": b["block_s"], "parts_s": predicted, "model_s": model,
+                      "model_over_measured": model / b["block_s"]})
+    out["block_check"] = check
+    out["vocab"] = [{"tp": v["tp"], "micro_batch": v["micro_batch"], "head_s": v["head_gemm"]["seconds"],
+                     "loss_s": v["loss_s"], "embedding_s": v["embedding_s"]} for v in raw["compute"]["vocab"]]
+    if raw["compute"]["skipped"]:
+        out["skipped_shapes"] = raw["compute"]["skipped"]
+    return out
+
+
+def memory_table(raw: dict, spec: ModelSpec) -> list[dict]:
+    """Bytes per layer held for backward, per shape and recompute mode, next to the planner's formula
+    (``planner/memory.py: activation_bytes_per_layer``, flash attention, no sequence parallel)."""
+    act_bytes = ACT_BYTES.get(raw["precision"], 4)
+    rows = []
+    for m in raw["compute"]["memory"]:
+        try:
+            planner = planner_memory.activation_bytes_per_layer(
+                spec, m["seq"], m["micro_batch"], tp=m["tp"], sp=False, cp=1, act_bytes=act_bytes, flash=True,
+                recompute=m["mode"], fused_swiglu=False)
+        except TypeError:   # the planner's signature changed: keep the measurement alone
+            planner = None
+        rows.append({**m, "planner_bytes": planner})
+    return rows
+
+
+def fit_links(raw: dict) -> dict[str, dict]:
+    """Per level: the joint alpha-beta over all collectives and one fit per collective."""
+    fits = {}
+    for level, data in raw["links"]["levels"].items():
+        samples = [(s["collective"], s["ranks"], s["bytes"], s["seconds"]) for s in data["samples"]]
+        if not samples:
+            continue
+        joint = fit_alpha_beta(samples)
+        per = {}
+        for name in COLLECTIVES:
+            mine = [s for s in samples if s[0] == name]
+            if len(mine) >= 2:
+                per[name] = fit_alpha_beta(mine).to_dict()
+        fits[level] = {**joint.to_dict(), "collectives": per, "groups": data["groups"],
+                       "skipped_bytes": data["skipped_bytes"]}
+    return fits
+
+
+def topology_graph(raw: dict, matrix_gbps: list[list[float]]):
+    """A networkx graph: one node per rank (with its node index and host), one edge per measured pair
+    weighted by its bandwidth in GB/s."""
+    import networkx as nx
+
+    graph = nx.Graph()
+    for rank, info in enumerate(raw["ranks"]):
+        graph.add_node(rank, node=info["node"], host=info["host"])
+    world = len(matrix_gbps)
+    for i in range(world):
+        for j in range(i + 1, world):
+            bw = min(x for x in (matrix_gbps[i][j], matrix_gbps[j][i]) if x > 0) if (matrix_gbps[i][j] or matrix_gbps[j][i]) else 0
+            if bw:
+                same = raw["ranks"][i]["node"] == raw["ranks"][j]["node"]
+                graph.add_edge(i, j, bandwidth_gbps=bw, level="intra_node" if same else "inter_node")
+    return graph
+
+
+def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
+    """The profiled ClusterSpec: ``base`` (the device figures of ``localhost:N``) with fitted links and the
+    measured tables."""
+    import networkx as nx
+
+    spec = ModelSpec.from_dict(raw["model"])
+    links = fit_links(raw)
+    matrix = [[bw / 1e9 for bw in row] for row in raw["pairs"]["bandwidth_bytes_per_s"]]
+    graph = topology_graph(raw, matrix)
+    intra = links.get("intra_node") or links.get("inter_node")
+    inter = links.get("inter_node") or intra
+    if intra is None:   # one rank: nothing to fit
+        intra_spec, inter_spec = base.intra_node, base.inter_node
+    else:
+        intra_spec = LinkSpec(intra["bandwidth_gbps"], intra["latency_us"])
+        inter_spec = LinkSpec(inter["bandwidth_gbps"], inter["latency_us"])
+    measured = {
+        "tool": "meshplan profile",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": raw["device"], "torch": raw["torch"], "world": raw["world"],
+        "budget_s": raw["budget_s"], "elapsed_s": raw["elapsed_s"],
+        "shapes_model": spec.name,
+        "compute": fit_compute(raw, spec),
+        "memory": {"per_layer": memory_table(raw, spec)},
+        "links": {**links, "pair_bytes": raw["pairs"]["bytes"], "pair_bandwidth_gbps": matrix,
+                  "topology": nx.node_link_data(graph, edges="edges")},
+        "raw": {"compute": raw["compute"], "links": raw["links"], "ranks": raw["ranks"]},
+    }
+    device: DeviceSpec = base.gpu
+    return ClusterSpec(name=name, nodes=raw["nnodes"], gpus_per_node=raw["nproc_per_node"], gpu=device,
+                       intra_node=intra_spec, inter_node=inter_spec, measured=measured)
+
+
+def _plain(value):
+    """Tuples to lists and numbers to plain floats/ints so the YAML is portable (safe_load reads it)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+
+
+def write_cluster(cluster: ClusterSpec, path) -> None:
+    """Write ``cluster`` as YAML (``meshplan plan --cluster path`` reads it back)."""
+    from pathlib import Path
+
+    text = "# written by `meshplan profile`; docs/profiler.md explains every field\n"
+    text += yaml.safe_dump(_plain(cluster.to_dict()), sort_keys=False, width=120)
+    Path(path).write_text(text)

@@ -1,0 +1,420 @@
+"""``meshplan validate``: launch the planner's best layouts for a few steps, compare predicted with measured,
+and (``--update``) write a calibration back into the cluster file.
+
+Torch-free: each plan runs as its own torchrun job rendered by the launcher (``launcher/render.py``, the same
+command ``meshplan launch`` runs); step times come from the runtime's metrics lines
+(``launcher/runtime/metrics.py: summarize``, the median over steps after the first). Memory: the runtime's
+``peak_memory_gib`` (``torch.cuda.max_memory_allocated``) on GPUs; on CPU processes the peak resident set
+(``VmHWM``) of the worst rank, which also holds the interpreter and torch (a few hundred MiB).
+
+``--repeats R`` launches the plans R times round-robin and keeps each plan's fastest run (another tenant's
+burst slows one run, not the plan).
+
+Which plans: the best ``--top`` *distinct layouts* in the planner's order. Plans the runtime executes
+identically are one layout: ZeRO 1 and 2 both run FSDP2 without resharding (``parallelize.apply_dp``).
+
+Calibration (:func:`meshplan.profiler.fit.fit_two_scales`): measured ~ a * (compute, recompute, bubble and
+optimizer seconds the planner predicted) + b * (its communication seconds); the cluster file's compute rates
+are divided by ``a`` and its link bandwidths by ``b`` (latencies multiplied by ``b``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from meshplan.errors import InputError
+from meshplan.profiler.fit import fit_two_scales, spearman
+
+COMPUTE_TERMS = ("compute", "recompute", "bubble", "optimizer")
+COMM_TERMS = ("tp_comm", "cp_comm", "pp_comm", "vocab_comm", "dp_comm")
+RSS_POLL_S = 0.1
+# Two runs of one plan differ by this much on a shared machine (benchmarks/validate_cpu.py's repeat runs);
+# "better or equal" after calibration is judged within it.
+SAME_WITHIN = 0.05
+
+
+def runtime_zero(zero: int) -> str:
+    """What the runtime runs for a ZeRO stage (``parallelize.apply_dp``)."""
+    return {0: "ddp", 1: "fsdp", 2: "fsdp", 3: "fsdp-reshard"}[zero]
+
+
+def layout_key(plan) -> tuple:
+    """Everything the runtime does differently between plans (ZeRO 1 and 2 are one thing to it)."""
+    return (plan.dp, plan.tp, plan.pp, plan.cp, plan.cp_kind if plan.cp > 1 else "-", plan.micro_batch,
+            plan.schedule if plan.pp > 1 else "-", plan.virtual_stages, plan.vocab_parallel, runtime_zero(plan.zero),
+            tuple((s.layers, tuple(sorted(s.recompute_layers.items()))) for s in plan.stages), plan.sequence_parallel)
+
+
+def describe(plan) -> str:
+    """``dp4 tp1 pp1 cp1 mb4x1 zero1 none``."""
+    modes = sorted({m for s in plan.stages for m, n in s.recompute_layers.items() if n})
+    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+    if plan.cp > 1:
+        text += f"({plan.cp_kind})"
+    text += f" mb{plan.micro_batch}x{plan.num_microbatches} zero{plan.zero}"
+    if plan.pp > 1:
+        text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
+    return text + " " + ("+".join(modes) or "none")
+
+
+def distinct_layouts(plans: list, top: int) -> list:
+    """The first ``top`` plans with distinct layouts, in the planner's order."""
+    from meshplan.launcher.checks import check_supported
+
+    chosen, seen = [], set()
+    for plan in plans:
+        key = layout_key(plan)
+        if key in seen:
+            continue
+        try:
+            check_supported(plan)
+        except InputError:
+            continue
+        seen.add(key)
+        chosen.append(plan)
+        if len(chosen) == top:
+            break
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# running one plan
+# ----------------------------------------------------------------------------------------------
+
+class PeakRss:
+    """Polls the peak resident set (``VmHWM``) of every descendant of ``root`` but ``root`` itself (the
+    torchrun agent) while a job runs; Linux only (``None`` elsewhere)."""
+
+    def __init__(self, root: int):
+        self.root, self.peaks, self.stop = root, {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _children(self) -> dict[int, int]:
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        return parents
+
+    def _poll(self) -> None:
+        if not Path("/proc/self/status").exists():
+            return
+        while not self.stop.is_set():
+            parents = self._children()
+            family, grew = {self.root}, True
+            while grew:
+                new = {p for p, parent in parents.items() if parent in family} - family
+                family |= new
+                grew = bool(new)
+            for pid in family - {self.root}:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peaks[pid] = max(self.peaks.get(pid, 0), int(line.split()[1]) * 1024)
+                except OSError:
+                    continue
+            self.stop.wait(RSS_POLL_S)
+
+    @property
+    def peak_gib(self) -> float | None:
+        return max(self.peaks.values()) / 2**30 if self.peaks else None
+
+
+@dataclass
+class Run:
+    """One launched plan: what the planner said and what the runtime measured."""
+
+    index: int
+    plan: Any
+    path: str
+    predicted_s: float
+    predicted_gib: float
+    measured_s: float | None = None
+    measured_gib: float | None = None
+    memory_kind: str = ""
+    step_times: list[float] = field(default_factory=list)
+    repeats_s: list[float | None] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        bd = self.plan.predicted.time_breakdown_s if self.plan.predicted else {}
+        return {"index": self.index, "layout": describe(self.plan), "plan": self.path,
+                "predicted_s": self.predicted_s, "measured_s": self.measured_s, "predicted_gib": self.predicted_gib,
+                "measured_gib": self.measured_gib, "memory_kind": self.memory_kind, "step_times": self.step_times,
+                "breakdown_s": bd, "repeats_s": self.repeats_s,
+                "error": self.error}
+
+
+def launch_plan(plan, plan_path: Path, steps: int, work: Path, index: int, attempt: int = 0) -> Run:
+    """Run ``plan`` for ``steps`` steps through the launcher's torchrun command; read its metrics."""
+    from meshplan.launcher import render
+    from meshplan.launcher.runtime.metrics import summarize
+
+    plan.save(plan_path)
+    metrics = work / f"plan{index}.run{attempt}.metrics.jsonl"
+    log = work / f"plan{index}.run{attempt}.log"
+    nproc = render.nproc_per_node(plan, plan.cluster.nodes)
+    cfg = render.LaunchConfig(plan_path=str(plan_path), nnodes=1, train_args=render.train_args(
+        steps=steps, seed=0, data=None, data_dtype=None, metrics_out=str(metrics), checkpoint_dir=None,
+        checkpoint_every=0, lr=None))
+    if plan.cluster.nodes > 1:   # a multi-node plan run on this machine: all agents' ranks here
+        cfg = render.LaunchConfig(**{**cfg.__dict__, "nnodes": 1})
+    argv = render.torchrun_argv(plan, cfg) if plan.cluster.nodes == 1 else _single_node_argv(plan, cfg)
+    env = {**os.environ, **render.environment(plan, nproc)}
+    run = Run(index, plan, str(plan_path), plan.predicted.iteration_s, plan.predicted.peak_memory_gib)
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with PeakRss(proc.pid) as rss:
+            code = proc.wait()
+    if code or not metrics.exists():
+        tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
+        run.error = f"exit {code}: " + " | ".join(tail)
+        return run
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summary = summarize(records)
+    run.measured_s = summary["step_time_s"]
+    run.step_times = [r["step_time_s"] for r in records]
+    if summary.get("peak_memory_gib") is not None:
+        run.measured_gib, run.memory_kind = summary["peak_memory_gib"], "max_memory_allocated"
+    else:
+        run.measured_gib, run.memory_kind = rss.peak_gib, "peak RSS"
+    return run
+
+
+def _single_node_argv(plan, cfg) -> list[str]:
+    """torchrun for a plan whose ranks all run on this machine (one agent, world-size processes)."""
+    from meshplan.launcher import render
+
+    argv = [cfg.python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={plan.world_size}",
+            "--standalone", "--max-restarts=0", "-m", render.RUNTIME_MODULE, "--plan", cfg.plan_path,
+            *cfg.train_args]
+    return argv
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing and calibrating
+# ----------------------------------------------------------------------------------------------
+
+def compare(runs: list[Run]) -> dict:
+    """Spearman of predicted vs measured step time, and how the first choice did against the fastest."""
+    ok = [r for r in runs if r.measured_s is not None]
+    out: dict[str, Any] = {"plans": len(runs), "measured": len(ok)}
+    if not ok:
+        return out
+    fastest = min(ok, key=lambda r: r.measured_s)
+    first = runs[0]
+    out["spearman"] = spearman([r.predicted_s for r in ok], [r.measured_s for r in ok])
+    out["fastest"] = fastest.index
+    out["first_is_fastest"] = first.measured_s is not None and fastest.index == first.index
+    if first.measured_s is not None:
+        out["first_over_fastest"] = first.measured_s / fastest.measured_s
+    return out
+
+
+def split_breakdown(plan) -> tuple[float, float]:
+    """(compute-like, communication) seconds of a plan's predicted iteration."""
+    bd = plan.predicted.time_breakdown_s
+    return sum(bd.get(k, 0.0) for k in COMPUTE_TERMS), sum(bd.get(k, 0.0) for k in COMM_TERMS)
+
+
+def calibrate(runs: list[Run]) -> tuple[float, float]:
+    """``(a, b)``: measured ~ a * compute-like + b * communication (fit.fit_two_scales)."""
+    ok = [r for r in runs if r.measured_s is not None]
+    parts = [split_breakdown(r.plan) for r in ok]
+    return fit_two_scales([c for c, _ in parts], [m for _, m in parts], [0.0] * len(ok), [r.measured_s for r in ok])
+
+
+def apply_calibration(data: dict, cluster, compute_scale: float, comm_scale: float, record: dict) -> dict:
+    """The cluster file's mapping with rates divided by the scales; the record appended to
+    ``measured.calibration``. Without measured compute tables the current achieved rates are written first."""
+    from meshplan.planner.compute import achieved_rates
+
+    out = json.loads(json.dumps(data))
+    root = out["cluster"] if isinstance(out.get("cluster"), dict) else out
+    measured = root.setdefault("measured", {}) or {}
+    root["measured"] = measured
+    comp = measured.setdefault("compute", {}) or {}
+    measured["compute"] = comp
+    if not comp.get("matmul_table") and not comp.get("matmul_tflops"):
+        precision = record.get("precision", "bf16")
+        rates = achieved_rates(cluster, precision)
+        comp["matmul_tflops"] = rates.matmul / 1e12
+        comp.setdefault("attention_tflops", rates.attention / 1e12)
+        comp.setdefault("memory_gbps", rates.memory / 1e9)
+    if comp.get("matmul_table"):
+        comp["matmul_table"] = [[f, r / compute_scale] for f, r in comp["matmul_table"]]
+    for key in ("matmul_tflops", "attention_tflops", "memory_gbps"):
+        if comp.get(key):
+            comp[key] = comp[key] / compute_scale
+    if not comp.get("attention_tflops"):
+        comp["attention_tflops"] = achieved_rates(cluster, record.get("precision", "bf16")).attention / 1e12 / compute_scale
+    if not comp.get("memory_gbps"):
+        comp["memory_gbps"] = achieved_rates(cluster, record.get("precision", "bf16")).memory / 1e9 / compute_scale
+    for level in ("intra_node", "inter_node"):
+        if isinstance(root.get(level), dict):
+            root[level]["bandwidth_gbps"] = root[level]["bandwidth_gbps"] / comm_scale
+            root[level]["latency_us"] = root[level]["latency_us"] * comm_scale
+    measured.setdefault("calibration", []).append(record)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+def table_text(runs: list[Run]) -> str:
+    from tabulate import tabulate
+
+    ok = [r for r in runs if r.measured_s is not None]
+    from meshplan.profiler.fit import ranks_with_ties
+    pred_rank = dict(zip([r.index for r in ok], ranks_with_ties([r.predicted_s for r in ok])))
+    meas_rank = dict(zip([r.index for r in ok], ranks_with_ties([r.measured_s for r in ok])))
+    rows = []
+    for r in runs:
+        rows.append([r.index, describe(r.plan), f"{r.predicted_s:.3f}",
+                     f"{r.measured_s:.3f}" if r.measured_s is not None else "failed",
+                     f"{r.measured_s / r.predicted_s:.2f}" if r.measured_s else "-",
+                     f"{pred_rank[r.index]:g}" if r.index in pred_rank else "-",
+                     f"{meas_rank[r.index]:g}" if r.index in meas_rank else "-",
+                     f"{r.predicted_gib:.2f}", f"{r.measured_gib:.2f}" if r.measured_gib is not None else "n/a"])
+    kind = next((r.memory_kind for r in runs if r.memory_kind), "memory")
+    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "meas/pred", "rank pred", "rank meas",
+                                   "pred GiB", f"meas GiB ({kind})"])
+
+
+def measure_plans(plans: list, steps: int, work: Path, repeats: int) -> list[Run]:
+    """Launch every plan ``repeats`` times, round-robin (plan 1..K, then again), and keep per plan the run with
+    the lowest median step time: a run slowed by another tenant of a shared machine is not the plan's fault,
+    and round-robin spreads such bursts over all plans."""
+    best: dict[int, Run] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    for attempt in range(repeats):
+        for i, plan in enumerate(plans, 1):
+            begin = time.time()
+            run = launch_plan(plan, work / f"plan{i}.yaml", steps, work, i, attempt)
+            typer.echo(f"  [{i}/{len(plans)}{f' run {attempt + 1}/{repeats}' if repeats > 1 else ''}] "
+                       f"{describe(plan)}: predicted {run.predicted_s:.3f}s, measured "
+                       + (f"{run.measured_s:.3f}s" if run.measured_s is not None else f"failed ({run.error})")
+                       + f"  ({time.time() - begin:.0f}s, load {os.getloadavg()[0]:.1f})", err=True)
+            previous = best.get(i)
+            if previous is None or (run.measured_s is not None and
+                                    (previous.measured_s is None or run.measured_s < previous.measured_s)):
+                if previous is not None:
+                    run.repeats_s = previous.repeats_s
+                best[i] = run
+            best[i].repeats_s.append(run.measured_s)
+    return [best[i] for i in range(1, len(plans) + 1)]
+
+
+def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, fix, update, work_dir,
+                 out_json, repeats: int = 1) -> int:
+    from meshplan.planner.search import parse_fixes, search
+    from meshplan.spec import TrainSpec, load_cluster, load_model, load_structured_file
+
+    if top < 2:
+        raise InputError("--top", f"must be >= 2 to rank plans, got {top}", "give --top 2 or more")
+    if repeats < 1:
+        raise InputError("--repeats", f"must be >= 1, got {repeats}", "give --repeats 1 or more")
+    if steps < 2:
+        raise InputError("--steps", f"must be >= 2 (the first step is warm-up), got {steps}", "give --steps 2 or more")
+    cluster_path = Path(cluster)
+    if update and not cluster_path.is_file():
+        raise InputError("--update", f"{cluster!r} is not a cluster file to write into",
+                         "give --cluster cluster.yaml (from `meshplan profile`)")
+    model_spec = load_model(model)
+    cluster_spec = load_cluster(cluster)
+    prec = precision or ("fp32" if cluster_spec.gpu.kind == "cpu" else "bf16")
+    train = TrainSpec(global_batch, seq_len, prec)
+    fixes = parse_fixes(fix)
+    work = Path(work_dir) if work_dir else Path(__import__("tempfile").mkdtemp(prefix="meshplan-validate-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    result = search(model_spec, cluster_spec, train, fixes, top=max(4 * top, 16))
+    plans = distinct_layouts(result.plans, top)
+    typer.echo(f"meshplan: validating {len(plans)} layouts of {model_spec.name} on {cluster_spec.name}, "
+               f"{steps} steps each (work dir {work})", err=True)
+    runs = measure_plans(plans, steps, work, repeats)
+    summary = compare(runs)
+    typer.echo(table_text(runs))
+    if summary.get("measured", 0) < 2:
+        typer.echo("error: fewer than two plans ran; see the logs in " + str(work), err=True)
+        return 1
+    typer.echo(f"Spearman rank correlation (predicted vs measured step time): {summary['spearman']:.2f}")
+    typer.echo(f"first choice fastest: {'yes' if summary['first_is_fastest'] else 'no'}"
+               + (f" (first choice / fastest measured = {summary['first_over_fastest']:.2f})"
+                  if "first_over_fastest" in summary else ""))
+    report: dict[str, Any] = {"summary": summary, "runs": [r.to_dict() for r in runs],
+                              "train": train.to_dict(), "cluster": str(cluster)}
+    if update:
+        a, b = calibrate(runs)
+        record = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "compute_scale": a, "comm_scale": b, "precision": prec, "model": model_spec.name,
+                  "global_batch": global_batch, "seq_len": seq_len, "spearman": summary["spearman"],
+                  "plans": [{"layout": describe(r.plan), "predicted_s": r.predicted_s, "measured_s": r.measured_s}
+                            for r in runs]}
+        data = load_structured_file(cluster_path, "--cluster")
+        updated = apply_calibration(dict(data), cluster_spec, a, b, record)
+        cluster_path.write_text("# written by `meshplan profile`, calibrated by `meshplan validate --update`\n"
+                                + yaml.safe_dump(updated, sort_keys=False, width=120))
+        typer.echo(f"calibration: compute x{a:.3f}, communication x{b:.3f} -> wrote {cluster_path}")
+        report["calibration"] = after_calibration(model_spec, cluster_path, train, fixes, runs, steps, work, top,
+                                                  repeats)
+    if out_json is not None:
+        Path(out_json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def after_calibration(model_spec, cluster_path: Path, train, fixes, runs: list[Run], steps: int, work: Path,
+                      top: int, repeats: int = 1) -> dict:
+    """Re-plan with the calibrated file; its first choice against the first choice before, both measured
+    (the new one launched when it was not among the validated layouts)."""
+    from meshplan.planner.search import search
+    from meshplan.spec import load_cluster
+
+    cluster = load_cluster(str(cluster_path))
+    new_plans = distinct_layouts(search(model_spec, cluster, train, fixes, top=max(4 * top, 16)).plans, top)
+    new = new_plans[0]
+    by_key = {layout_key(r.plan): r for r in runs}
+    before = runs[0]
+    match = by_key.get(layout_key(new))
+    if match is None:
+        match = measure_plans([new], steps, work / "calibrated", repeats)[0]
+    ok = [r for r in runs if r.measured_s is not None]
+    recal = {layout_key(p): p.predicted.iteration_s for p in new_plans}
+    pairs = [(recal[layout_key(r.plan)], r.measured_s) for r in ok if layout_key(r.plan) in recal]
+    rho_after = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) >= 2 else float("nan")
+    out = {"first_before": describe(before.plan), "first_before_s": before.measured_s,
+           "first_after": describe(new), "first_after_s": match.measured_s,
+           "first_after_predicted_s": new.predicted.iteration_s, "spearman_after": rho_after}
+    if match.measured_s is not None and before.measured_s is not None:
+        ratio = match.measured_s / before.measured_s
+        out["after_over_before"] = ratio
+        verdict = ("better" if ratio < 1 - SAME_WITHIN else "equal (within noise)" if ratio <= 1 + SAME_WITHIN
+                   else "worse")
+        out["verdict"] = verdict
+        typer.echo(f"after calibration the first choice is {describe(new)}: measured {match.measured_s:.3f}s vs "
+                   f"{before.measured_s:.3f}s before ({verdict}); Spearman of the recalibrated predictions "
+                   f"{rho_after:.2f}")
+    return out

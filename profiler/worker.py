@@ -1,0 +1,521 @@
+"""The profiling job every torchrun rank runs at once (so contention is real):
+
+    python -m torch.distributed.run --nproc-per-node 4 -m meshplan.profiler.worker --config job.json
+
+``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Three
+phases, each inside its share of the time budget; rank 0 decides whether the next measurement fits and
+broadcasts the decision, so every rank stays in step:
+
+1. compute: forward + backward of the runtime's own ``Block`` (``launcher/runtime/model.py``) with its
+   projections cut to the per-rank widths of each tensor-parallel degree, for each micro-batch; the same
+   GEMMs alone (``F.linear``), causal attention alone, the LM-head GEMM and the embedding; and the bytes
+   one block holds for backward under none / selective / full recompute (the runtime's ``apply_ac``), as the
+   net growth of live tensor bytes (``kernels/measure.py: peak_tracked_bytes``).
+2. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
+   a node (one group per node) and across nodes (one group per local rank), all groups at once.
+3. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
+   once), the matrix that shows a slow link.
+
+Rank 0 writes the raw samples as JSON; the CLI fits them (``fit.py``) and writes the cluster YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes, saved_tensor_bytes
+from meshplan.launcher.runtime.model import Block, causal_attention, rotary_tables
+from meshplan.launcher.runtime.parallelize import apply_ac
+from meshplan.planner.compute import layer_matmul_shapes
+from meshplan.profiler.fit import COLLECTIVES
+from meshplan.profiler.progress import Progress
+from meshplan.spec import ModelSpec
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+# One timed sample lasts about this long: several scheduler quanta (~4 ms at Linux's common 250 Hz tick),
+# so every sample sees the same fair share of the cores.
+SAMPLE_S = 0.025
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# setup and lock-step helpers
+# ----------------------------------------------------------------------------------------------
+
+def init(device_kind: str) -> torch.device:
+    """The process group: nccl on GPUs, gloo on CPU processes."""
+    if device_kind == "gpu":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def agree(decision: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    flag = torch.tensor([1 if decision else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def slowest(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks (the slowest rank sets the pace)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def lower_quartile(times: list[float]) -> float:
+    """The figure kept from repeated samples: the lower quartile. On a shared machine other tenants' bursts
+    inflate the upper half of the samples; the lower quartile repeats from one profile to the next. All
+    samples are kept raw."""
+    ordered = sorted(times)
+    return ordered[(len(ordered) - 1) // 4]
+
+
+def calls_per_sample(trial_seconds: float, sample_seconds: float, max_calls: int = 1000) -> int:
+    """Back-to-back calls in one timed sample so that it lasts about ``sample_seconds``."""
+    if trial_seconds <= 0:
+        return max_calls
+    return int(min(max_calls, max(1, -(-sample_seconds // trial_seconds))))
+
+
+def time_reps(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
+              barrier: Callable[[], None] | None = None, sample_seconds: float = 0.0,
+              agree_count: bool = False) -> list[float]:
+    """Seconds per call of ``fn``, one figure per timed sample, ``reps`` samples after ``warmup`` untimed
+    calls. Each sample runs ``fn`` back to back for about ``sample_seconds`` and divides, as nccl-tests and
+    ``torch.utils.benchmark`` do: a sample much longer than a scheduler quantum sees the share of the
+    machine a rank gets in a real step (all ranks busy at once), not a lucky idle core. ``barrier`` runs
+    before each sample; ``agree_count``: every rank uses the slowest rank's trial to pick the number of
+    calls, so collectives stay matched."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    begin = time.perf_counter()
+    fn()
+    sync(device)
+    trial = time.perf_counter() - begin
+    if agree_count:
+        trial = slowest([trial], device)[0]
+    calls = calls_per_sample(trial, sample_seconds)
+    times = []
+    for _ in range(reps):
+        if barrier is not None:
+            barrier()
+        sync(device)
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - begin) / calls)
+    return times
+
+
+class quiet_stderr:
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines) on ranks that draw no progress."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# compute
+# ----------------------------------------------------------------------------------------------
+
+def per_rank_block(spec: ModelSpec, tp: int, device: torch.device, dtype: torch.dtype) -> Block:
+    """The runtime's ``Block`` with its projections cut to one tensor-parallel rank's widths (Megatron's
+    column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2). Attention reads its head count from the
+    projection widths, so the block runs unchanged. The TP collectives are measured with the links."""
+    h, d, f = spec.hidden, spec.head_dim, spec.ffn_hidden
+    with torch.device(device):
+        block = Block(spec)
+        attn, ff = block.attention, block.feed_forward
+        attn.wq = nn.Linear(h, spec.heads * d // tp, bias=spec.bias)
+        attn.wk = nn.Linear(h, spec.kv_heads * d // tp, bias=spec.bias)
+        attn.wv = nn.Linear(h, spec.kv_heads * d // tp, bias=spec.bias)
+        attn.wo = nn.Linear(spec.heads * d // tp, h, bias=spec.bias)
+        ff.w1 = nn.Linear(h, f // tp, bias=spec.bias)
+        ff.w2 = nn.Linear(f // tp, h, bias=spec.bias)
+        if ff.w3 is not None:
+            ff.w3 = nn.Linear(h, f // tp, bias=spec.bias)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return block.to(dtype)
+
+
+def rope_for(spec: ModelSpec, seq: int, device: torch.device):
+    if spec.position != "rope":
+        return None
+    return rotary_tables(torch.arange(seq, device=device), spec.head_dim)
+
+
+def fwd_bwd(module_call: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
+    """A closure running forward and backward (gradients set to None first, as ``zero_grad`` does)."""
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        out = module_call()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
+    """Forward + backward seconds of one per-rank block, its GEMMs alone, and its attention alone."""
+    block = per_rank_block(spec, tp, device, dtype)
+    block.train()
+    rope = rope_for(spec, seq, device)
+    x = torch.randn(mb, seq, spec.hidden, device=device, dtype=dtype, requires_grad=True)
+    params = list(block.parameters()) + [x]
+    block_times = time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, sample_seconds=SAMPLE_S)
+
+    gemms = []
+    tokens = mb * seq
+    for m, k, n in layer_matmul_shapes(spec, tokens, tp):
+        m, k, n = int(m), int(k), int(n)
+        a = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
+        t = time_reps(fwd_bwd(lambda a=a, w=w: F.linear(a, w), [a, w]), device, reps, sample_seconds=SAMPLE_S)
+        gemms.append({"m": m, "k": k, "n": n, "flops": 2.0 * m * k * n, "seconds": lower_quartile(t)})
+
+    heads, kv = spec.heads // tp, spec.kv_heads // tp
+    q = torch.randn(mb, heads, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(mb, kv, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(mb, kv, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
+    attn_times = time_reps(fwd_bwd(lambda: causal_attention(q, k, v), [q, k, v]), device, reps,
+                           sample_seconds=SAMPLE_S)
+    return {"tp": tp, "micro_batch": mb, "seq": seq, "block_s": lower_quartile(block_times),
+            "block_reps": block_times, "gemms": gemms, "attention_s": lower_quartile(attn_times)}
+
+
+def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
+    """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup, forward + backward."""
+    tokens = mb * seq
+    vocab_local = -(-spec.vocab // tp)
+    x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype, requires_grad=True)
+    head = time_reps(fwd_bwd(lambda: F.linear(x, w), [x, w]), device, reps)
+    logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab_local, (tokens,), device=device)
+    loss = time_reps(fwd_bwd(lambda: F.cross_entropy(logits.float(), targets), [logits]), device, reps)
+    emb = nn.Embedding(spec.vocab, spec.hidden, device=device, dtype=dtype)
+    ids = torch.randint(0, spec.vocab, (mb, seq), device=device)
+    embed = time_reps(fwd_bwd(lambda: emb(ids), list(emb.parameters())), device, reps)
+    return {"tp": tp, "micro_batch": mb, "seq": seq,
+            "head_gemm": {"m": tokens, "k": spec.hidden, "n": vocab_local,
+                          "flops": 2.0 * tokens * spec.hidden * vocab_local, "seconds": lower_quartile(head)},
+            "loss_s": lower_quartile(loss), "embedding_s": lower_quartile(embed)}
+
+
+class _Holder(nn.Module):
+    """The ``layers`` container ``apply_ac`` wraps (the runtime's Transformer keeps blocks the same way)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleDict({"0": block})
+
+
+def layer_memory(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, mode: str) -> dict:
+    """Bytes one block holds for backward under ``mode``: the net growth of live tensor bytes over its forward
+    (what ``saved_tensors_hooks`` sees, plus what a checkpoint keeps, which those hooks miss), with the
+    block's input allocated beforehand. In a stack of blocks this is each block's increment: its output
+    becomes the next block's input. Also the peak during the forward and the hook-counted saved bytes."""
+    holder = _Holder(per_rank_block(spec, tp, device, dtype))
+    apply_ac(holder, lambda _layer: mode)
+    block = holder.layers["0"]
+    block.train()
+    rope = rope_for(spec, seq, device)
+    x = torch.randn(mb, seq, spec.hidden, device=device, dtype=dtype, requires_grad=True)
+    peak, net, out = peak_tracked_bytes(lambda: block(x, rope))
+    del out
+    hooks = saved_tensor_bytes(lambda: block(x, rope), inputs=[x])
+    del hooks["result"]
+    return {"tp": tp, "micro_batch": mb, "seq": seq, "mode": mode, "net_bytes": int(net), "peak_bytes": int(peak),
+            "hook_saved_bytes": int(hooks["total"]), "hook_saved_input_bytes": int(hooks["inputs"])}
+
+
+def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, progress: Progress | None) -> dict:
+    """Measure the shapes smallest first while rank 0 expects the next one to fit before ``deadline``; the
+    smallest shape is always measured."""
+    shapes = sorted(((tp, mb) for tp in cfg["tps"] for mb in cfg["micro_batches"]),
+                    key=lambda s: (s[1] * (spec.hidden + spec.ffn_hidden) / s[0], -s[0]))
+    reps = cfg["reps"]
+    seq = cfg["seq_len"]
+    out = {"blocks": [], "vocab": [], "memory": [], "skipped": []}
+    last_cost = last_seconds = 0.0
+    for index, (tp, mb) in enumerate(shapes):
+        cost = mb * (spec.hidden + spec.ffn_hidden) / tp
+        expected = last_seconds * cost / last_cost if last_cost else 0.0
+        go = index == 0 or time.time() + expected < deadline
+        if not agree(go):
+            out["skipped"] = [{"tp": t, "micro_batch": m} for t, m in shapes[index:]]
+            break
+        begin = time.time()
+        block = measure_block(spec, tp, mb, seq, device, dtype, reps)
+        vocab = measure_vocab(spec, tp, mb, seq, device, dtype, reps)
+        with quiet_stderr():
+            memory = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"block": block, "vocab": vocab})
+        if dist.get_rank() == 0:
+            out["blocks"].append({**block, "per_rank_block_s": [g["block"]["block_s"] for g in gathered]})
+            out["vocab"].append(vocab)
+            out["memory"].extend(memory)
+        last_cost, last_seconds = cost, time.time() - begin
+        if progress:
+            progress.update(index + 1, len(shapes), f"tp={tp} mb={mb}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# links
+# ----------------------------------------------------------------------------------------------
+
+def level_groups(world: int, nproc: int) -> dict[str, list[list[int]]]:
+    """Rank lists per level: ``intra_node`` one group per node, ``inter_node`` one group per local rank
+    (the same local rank on every node); a level with groups of one rank is left out."""
+    nodes = world // nproc
+    levels = {}
+    if nproc > 1:
+        levels["intra_node"] = [list(range(n * nproc, (n + 1) * nproc)) for n in range(nodes)]
+    if nodes > 1:
+        levels["inter_node"] = [[n * nproc + local for n in range(nodes)] for local in range(nproc)]
+    return levels
+
+
+def collective_call(name: str, nbytes: int, n: int, group, device, element: int = 4):
+    """A closure running one collective whose message is ``nbytes`` in nccl-tests' convention (all-gather:
+    the gathered size; reduce-scatter: the input size; all-to-all: one rank's data)."""
+    numel = max(n, nbytes // element // n * n)
+    if name == "all_reduce":
+        x = torch.ones(numel, device=device)
+        return lambda: dist.all_reduce(x, group=group), numel * element
+    if name == "all_gather":
+        x, y = torch.ones(numel // n, device=device), torch.empty(numel, device=device)
+        return lambda: dist.all_gather_into_tensor(y, x, group=group), numel * element
+    if name == "reduce_scatter":
+        x, y = torch.ones(numel, device=device), torch.empty(numel // n, device=device)
+        return lambda: dist.reduce_scatter_tensor(y, x, group=group), numel * element
+    if name == "all_to_all":
+        x, y = torch.ones(numel, device=device), torch.empty(numel, device=device)
+        return lambda: dist.all_to_all_single(y, x, group=group), numel * element
+    raise ValueError(name)
+
+
+def exchange_call(me: int, peer: int, nbytes: int, device, element: int = 4):
+    """Both ranks of a pair send ``nbytes`` to each other at once (isend + irecv)."""
+    x = torch.ones(max(1, nbytes // element), device=device)
+    y = torch.empty_like(x)
+
+    def run() -> None:
+        ops = [dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)]
+        if me > peer:
+            ops.reverse()
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return run, x.numel() * element
+
+
+def pair_in_group(members: list[int], rank: int) -> int | None:
+    """The p2p partner of ``rank`` in its group: members 0-1, 2-3, ... (the odd one out idles)."""
+    i = members.index(rank)
+    j = i + 1 if i % 2 == 0 else i - 1
+    return members[j] if j < len(members) else None
+
+
+def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -> dict:
+    """Sweep message sizes per level (smallest first; at least two sizes) while rank 0 expects the next size
+    to fit before ``deadline``, splitting the time evenly between levels."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    levels = level_groups(world, cfg["nproc_per_node"])
+    subgroups = {}
+    for level, groups in levels.items():   # every rank creates every group, in the same order
+        mine, _ = dist.new_subgroups_by_enumeration(groups)
+        members = next(g for g in groups if rank in g)
+        subgroups[level] = (mine, members)
+    results: dict[str, list[dict]] = {level: [] for level in levels}
+    skipped: dict[str, list[int]] = {level: [] for level in levels}
+    reps = cfg["reps"]
+    start = time.time()
+    for li, (level, (group, members)) in enumerate(subgroups.items()):
+        level_deadline = start + (deadline - start) * (li + 1) / len(subgroups)
+        n = len(members)
+        last_size = last_seconds = 0.0
+        sizes = cfg["sizes"]
+        for si, size in enumerate(sizes):
+            expected = last_seconds * size / last_size if last_size else 0.0
+            if not agree(si < 2 or time.time() + expected < level_deadline):
+                skipped[level] = sizes[si:]
+                break
+            begin = time.time()
+            for name in COLLECTIVES:
+                if name == "p2p":
+                    peer = pair_in_group(members, rank)
+                    if n < 2:
+                        continue
+                    fn, nbytes = exchange_call(rank, peer, size, device) if peer is not None else (lambda: None, size)
+                    ranks = 2
+                else:
+                    fn, nbytes = collective_call(name, size, n, group, device)
+                    ranks = n
+                times = slowest(time_reps(fn, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S,
+                                          agree_count=True), device)
+                results[level].append({"collective": name, "ranks": ranks, "bytes": nbytes,
+                                       "seconds": lower_quartile(times), "reps": times})
+            last_size, last_seconds = size, time.time() - begin
+            if progress:
+                progress.update(si + 1, len(sizes), f"{level} {size // 1024} KiB")
+    return {"levels": {lvl: {"groups": levels[lvl], "samples": results[lvl], "skipped_bytes": skipped[lvl]}
+                       for lvl in levels}}
+
+
+def round_robin(world: int) -> list[list[tuple[int, int]]]:
+    """Rounds of disjoint pairs covering every pair once (the circle method; a bye when world is odd)."""
+    players = list(range(world)) + ([None] if world % 2 else [])
+    m = len(players)
+    rounds = []
+    for _ in range(m - 1):
+        pairs = [(players[i], players[m - 1 - i]) for i in range(m // 2)]
+        rounds.append([(a, b) for a, b in pairs if a is not None and b is not None])
+        players = [players[0], players[-1], *players[1:-1]]
+    return rounds
+
+
+def pairs_phase(cfg: dict, device, progress: Progress | None) -> dict:
+    """Per-pair bandwidth (bytes/s, one direction while both directions run) for every pair of ranks."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = cfg["pair_bytes"]
+    matrix = [[0.0] * world for _ in range(world)]
+    rounds = round_robin(world)
+    for ri, pairs in enumerate(rounds):
+        peer = next((b if a == rank else a for a, b in pairs if rank in (a, b)), None)
+        if peer is None:
+            fn, nbytes = (lambda: None), size
+        else:
+            fn, nbytes = exchange_call(rank, peer, size, device)
+        times = time_reps(fn, device, cfg["reps"], barrier=dist.barrier, sample_seconds=SAMPLE_S, agree_count=True)
+        seconds = lower_quartile(times)
+        row = torch.zeros(world, dtype=torch.float64)
+        if peer is not None:
+            row[peer] = nbytes / seconds
+        gathered = [torch.zeros(world, dtype=torch.float64) for _ in range(world)] if rank == 0 else None
+        dist.gather(row, gathered, dst=0)
+        if rank == 0:
+            for i, r in enumerate(gathered):
+                for j, bw in enumerate(r.tolist()):
+                    if bw > 0:
+                        matrix[i][j] = bw
+        if progress:
+            progress.update(ri + 1, len(rounds), "pairs")
+    return {"bytes": size, "bandwidth_bytes_per_s": matrix}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def run(cfg: dict) -> dict | None:
+    warnings.filterwarnings("ignore", category=UserWarning)   # gloo's deprecation notes on every rank
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    device = init(cfg["device"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg["nnodes"] * cfg["nproc_per_node"]:
+        raise SystemExit(f"error: torchrun started {world} ranks, the job asked for "
+                         f"{cfg['nnodes']} x {cfg['nproc_per_node']}")
+    torch.manual_seed(1234 + rank)
+    spec = ModelSpec.from_dict(cfg["model"])
+    dtype = DTYPES[cfg["precision"]] if device.type == "cuda" else torch.float32
+    deadline = float(cfg["deadline"])
+    begin = time.time()
+    total = max(1.0, deadline - begin)
+    compute_deadline = begin + cfg["compute_share"] * total
+    pairs_reserve = cfg["pairs_share"] * total
+    hosts = [None] * world
+    dist.all_gather_object(hosts, {"host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
+                                   "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
+    show = rank == 0 and cfg.get("progress", True)
+    raw: dict[str, Any] = {"ranks": hosts, "device": describe_device(device), "torch": torch.__version__,
+                           "world": world, "nnodes": cfg["nnodes"], "nproc_per_node": cfg["nproc_per_node"],
+                           "precision": cfg["precision"] if device.type == "cuda" else "fp32",
+                           "model": cfg["model"], "budget_s": total}
+    with Progress("compute", total, enabled=show) as progress:
+        raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress)
+    with Progress("links", total, enabled=show, start=begin) as progress:
+        raw["links"] = links_phase(cfg, device, deadline - pairs_reserve, progress)
+    with Progress("pairs", total, enabled=show, start=begin) as progress:
+        raw["pairs"] = pairs_phase(cfg, device, progress)
+    raw["elapsed_s"] = time.time() - begin
+    dist.barrier()
+    dist.destroy_process_group()
+    return raw if rank == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meshplan.profiler.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="job JSON written by `meshplan profile`")
+    args = p.parse_args(argv)
+    cfg = json.loads(Path(args.config).read_text())
+    raw = run(cfg)
+    if raw is not None:
+        out = Path(cfg["raw_out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(raw))
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""meshplan profile: the fits (pure), the planner's use of measured tables, bad input, and a real profile of
+two CPU processes with a small budget whose cluster file `meshplan plan` accepts."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from meshplan.cli import app
+from meshplan.planner import comm, compute
+from meshplan.profiler import fit
+from meshplan.profiler.cli import message_sizes, parse_duration, tp_degrees
+from meshplan.spec import MODEL_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, load_cluster
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------------------------
+# fits
+# ----------------------------------------------------------------------------------------------
+
+def test_alpha_beta_fit_recovers_a_known_link():
+    busbw, alpha = 12e9, 8e-6
+    samples = []
+    for name in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"):
+        for size in message_sizes(64 * 2**20):
+            n = 2 if name == "p2p" else 8
+            t = alpha * fit.latency_steps(name, n) + fit.volume_factor(name, n) * size / busbw
+            samples.append((name, n, size, t))
+    got = fit.fit_alpha_beta(samples)
+    assert got.busbw == pytest.approx(busbw, rel=1e-6)
+    assert got.alpha == pytest.approx(alpha, rel=1e-6)
+    assert got.median_rel_error < 1e-9
+
+
+def test_alpha_beta_fit_clamps_negative_latency():
+    samples = [("all_reduce", 2, s, s / 1e9 * (1 - 0.3 * (s < 1e5))) for s in (4096, 65536, 2**20, 2**24)]
+    got = fit.fit_alpha_beta(samples)
+    assert got.alpha >= 0 and got.busbw > 0
+
+
+def test_spearman_with_ties_and_degenerate_input():
+    assert fit.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert fit.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert fit.ranks_with_ties([3, 1, 3]) == [2.5, 1.0, 2.5]
+    assert math.isnan(fit.spearman([1], [2]))
+    assert math.isnan(fit.spearman([1, 1], [2, 3]))
+
+
+def test_rate_table_merges_sizes_by_median():
+    assert fit.rate_table([(10, 1.0), (10, 3.0), (10, 2.0), (5, 4.0), (0, 9.0)]) == [[5.0, 4.0], [10.0, 2.0]]
+
+
+def test_two_scale_calibration_recovers_scales():
+    compute_s = [1.0, 2.0, 1.5, 0.7]
+    comm_s = [0.5, 0.1, 0.9, 0.3]
+    measured = [1.3 * c + 2.0 * m for c, m in zip(compute_s, comm_s)]
+    a, b = fit.fit_two_scales(compute_s, comm_s, [0.0] * 4, measured)
+    assert a == pytest.approx(1.3) and b == pytest.approx(2.0)
+    a, b = fit.fit_two_scales([1.0, 2.0], [0.0, 0.0], [0.0, 0.0], [2.0, 4.0])   # not separable: one scale
+    assert a == b == pytest.approx(2.0)
+
+
+def test_budget_and_sizes_parsing():
+    assert parse_duration("2m") == 120 and parse_duration("90s") == 90 and parse_duration("45") == 45
+    assert message_sizes(16 * 2**20)[0] == 4096 and message_sizes(16 * 2**20)[-1] == 16 * 2**20
+    assert tp_degrees(4, 2, 176, 4) == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# the planner reads the measured tables
+# ----------------------------------------------------------------------------------------------
+
+def _cluster(measured: dict, nodes: int = 1, gpn: int = 4) -> ClusterSpec:
+    device = DeviceSpec("cpu", 4.0, 0.1, 20.0, peak_tflops_fp32=0.1, kind="cpu")
+    return ClusterSpec("t", nodes, gpn, device, LinkSpec(2.0, 50.0), LinkSpec(1.0, 80.0), measured)
+
+
+def test_matmul_table_is_interpolated_in_log_size():
+    table = [[1e6, 0.01], [1e8, 0.03]]
+    rates = compute.achieved_rates(_cluster({"compute": {"matmul_table": table}}), "fp32")
+    assert compute.interpolate_rate(rates.matmul_table, 1e7) == pytest.approx(0.02e12)
+    assert compute.interpolate_rate(rates.matmul_table, 1e3) == pytest.approx(0.01e12)   # held at the ends
+    assert compute.interpolate_rate(rates.matmul_table, 1e12) == pytest.approx(0.03e12)
+    m, k, n = 100, 100, 500   # 2mnk = 1e7
+    assert compute.matmul_time(m, k, n, rates) == pytest.approx(1e7 / 0.02e12)
+    plain = compute.achieved_rates(_cluster({}), "fp32")
+    assert plain.matmul_table == () and compute.matmul_time(m, k, n, plain) != compute.matmul_time(m, k, n, rates)
+
+
+def test_pair_matrix_slows_groups_over_the_slow_pair():
+    fast, slow = 10.0, 1.0
+    matrix = [[0.0 if i == j else fast for j in range(4)] for i in range(4)]
+    matrix[1][2] = matrix[2][1] = slow            # one slow pair, inside one "node" of 4
+    cluster = _cluster({"links": {"pair_bandwidth_gbps": matrix}})
+    assert comm.slow_pair_factor(cluster, 4, 1) == pytest.approx(slow / fast)
+    assert comm.slow_pair_factor(cluster, 2, 1) == pytest.approx(1.0)     # groups {0,1}, {2,3} avoid it
+    assert comm.slow_pair_factor(cluster, 2, 2) == pytest.approx(1.0)   # groups {0,2}, {1,3} avoid it
+    base = comm.group_link(_cluster({}), 4, 1).busbw
+    assert comm.group_link(cluster, 4, 1).busbw == pytest.approx(base * slow / fast)
+    assert comm.slow_pair_factor(_cluster({"links": {"pair_bandwidth_gbps": [[0.0]]}}), 4, 1) == 1.0
+
+
+def test_planner_stays_torch_free():
+    code = ("import sys; import meshplan.planner.search, meshplan.planner.compute, meshplan.planner.comm; "
+            "import meshplan.profiler.fit, meshplan.profiler.cli; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming the field and the fix, exit 2
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, field", [
+    (["--budget", "1s"], "--budget"),
+    (["--budget", "soon"], "--budget"),
+    (["--cluster", "dgx-h100:2"], "--cluster"),
+    (["--micro-batches", "0,2"], "--micro-batches"),
+    (["--max-message", "12"], "--max-message"),
+    (["--node-rank", "3", "--nnodes", "2"], "--node-rank"),
+    (["--model", "no-such-model"], "--model"),
+    (["--out", "/no/such/folder/c.yaml"], "--out"),
+])
+def test_profile_bad_input_is_one_line(args, field):
+    result = runner.invoke(app, ["profile", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}") and "(" in lines[0], result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# a real profile of two CPU processes
+# ----------------------------------------------------------------------------------------------
+
+def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
+    out = tmp_path / "cluster.yaml"
+    budget = 25
+    begin = time.time()
+    proc = subprocess.run([sys.executable, "-m", "meshplan.cli", "profile", "--cluster", "localhost:2",
+                           "--budget", f"{budget}s", "--model", "tiny-llama", "--seq-len", "64",
+                           "--max-message", "1M", "--reps", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - begin
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert elapsed < budget + 15, f"profile overran its budget: {elapsed:.0f}s"  # torchrun exit + fit slack
+    assert "compute" in proc.stderr and "links" in proc.stderr          # progress bars on stderr
+    data = yaml.safe_load(out.read_text())
+    m = data["measured"]
+    assert m["compute"]["matmul_table"] and m["compute"]["attention_tflops"] > 0
+    assert data["intra_node"]["bandwidth_gbps"] > 0 and data["intra_node"]["latency_us"] >= 0
+    assert len(m["links"]["pair_bandwidth_gbps"]) == 2 and m["links"]["pair_bandwidth_gbps"][0][1] > 0
+    assert {r["mode"] for r in m["memory"]["per_layer"]} == {"none", "selective", "full"}
+    assert m["links"]["topology"]["edges"] and m["raw"]["links"]["levels"]["intra_node"]["samples"]
+    cluster = load_cluster(str(out))
+    assert cluster.world_size == 2 and cluster.gpu.kind == "cpu"
+    plan = subprocess.run([sys.executable, "-m", "meshplan.cli", "plan", "--model", "tiny-llama", "--cluster", str(out),
+                           "--global-batch", "4", "--seq-len", "64", "--precision", "fp32", "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert '"plans"' in plan.stdout
