@@ -9,14 +9,12 @@ from meshplan.plan import Plan
 
 def check_supported(plan: Plan) -> None:
     """Plans the runtime cannot run (yet) are refused in one line naming the field and the fix."""
-    if plan.vocab_parallel and plan.pp > 1:
-        raise InputError("plan.vocab_parallel", "splitting the vocabulary across pipeline ranks is not implemented "
-                         "in the runtime yet", "re-plan with --fix vocab_parallel=false")
     m = plan.model
     if plan.tp > 1 and (m.heads % plan.tp or m.kv_heads % plan.tp):
         raise InputError("plan.tp", f"tp={plan.tp} does not divide heads={m.heads} and kv_heads={m.kv_heads}",
                          "re-plan with a tensor-parallel degree dividing both")
-    if plan.tp > 1 and m.vocab % plan.tp:
+    if plan.tp > 1 and m.vocab % plan.tp and not (plan.vocab_parallel and plan.pp > 1):
+        # (vocab_parallel with pp > 1 shards the vocabulary over pp x tp with uneven rows allowed)
         raise InputError("plan.tp", f"tp={plan.tp} does not divide the vocabulary {m.vocab}",
                          "pad the vocabulary to a multiple of tp, or re-plan")
     shards = (plan.tp if plan.sequence_parallel else 1) * plan.cp

@@ -12,7 +12,7 @@ import yaml
 
 from meshplan.plan import Plan
 from meshplan.spec import load_cluster
-from runtime_helpers import make_plan, run_launch
+from runtime_helpers import TINY_LLAMA, make_plan, run_launch
 
 
 @pytest.fixture()
@@ -131,10 +131,16 @@ def test_device_kind_mismatch_is_refused(tmp_path):
         _refused(run_launch([str(path), "--steps", "1"], tmp_path), "plan.cluster.gpu.kind", "--replan")
 
 
-def test_vocab_split_over_pipeline_is_refused(tmp_path):
-    path = tmp_path / "vp.yaml"
-    make_plan(pp=2, vocab_parallel=True).save(path)
-    _refused(run_launch([str(path), "--dry-run"], tmp_path), "plan.vocab_parallel", "vocab_parallel=false")
+def test_vocab_split_over_pipeline_is_accepted(tmp_path):
+    """vocab_parallel with pp > 1 runs (launcher/runtime/vocab_parallel.py), also when tp does not divide the
+    vocabulary: the pp x tp shards may be uneven."""
+    for name, plan in {"vp": make_plan(pp=2, vocab_parallel=True),
+                       "vp-odd": make_plan(pp=2, tp=2, vocab_parallel=True,
+                                           model=dataclasses.replace(TINY_LLAMA, vocab=TINY_LLAMA.vocab + 1))}.items():
+        path = tmp_path / f"{name}.yaml"
+        plan.save(path)
+        proc = run_launch([str(path), "--dry-run"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_launch_module_does_not_import_torch():

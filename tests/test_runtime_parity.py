@@ -43,6 +43,7 @@ LLAMA_PLANS = {
     "dp4-zero3": dict(dp=4, zero=3),
     "tp4-vocab-sharded": dict(tp=4),
     "dp2-tp2-pp2-full-recompute-zero1": dict(dp=2, tp=2, pp=2, recompute="full", zero=1),
+    "dp2-zero1-accumulate-2": dict(dp=2, zero=1, num_microbatches=2),   # one gradient reduction per step
 }
 
 

@@ -42,8 +42,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "ref
     """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * weight``, computed in fp32."""
     if impl == "fused" and _kernels is not None:
         return _kernels.rms_norm(x, weight, eps, impl)
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(variance + eps)).type_as(x) * weight
+    x32 = x.float()         # one fp32 copy, kept for backward by pow and mul (the planner counts 4 + b bytes)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
@@ -80,11 +80,9 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention over ``(batch, heads, seq, head_dim)`` through ``scaled_dot_product_attention``
-    (flash / memory-efficient kernels on CUDA). Grouped-query attention: fewer k/v heads than q heads."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    (flash kernels on CUDA and CPU). Grouped-query attention (fewer k/v heads than q heads) goes to SDPA's
+    ``enable_gqa``, so k and v are saved for backward un-repeated (what the planner's memory model counts)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +199,12 @@ class Transformer(nn.Module):
         self.output: nn.Module | None = TiedHead() if self.tied else nn.Linear(spec.hidden, spec.vocab, bias=False)
         # Embedding kept only to serve as the tied head's weight (a last pipeline stage without the input embedding).
         self.head_embedding_only = False
+        # Loss-path switches (set by the runtime from the plan, see train.make_loss_fn / vocab_parallel.py):
+        # output_hidden: return the final-normed hidden states instead of logits (a fused loss does head + loss);
+        # embedded_input: the input is token embeddings computed elsewhere (vocabulary parallel across pipeline
+        # ranks); positions and dropout are still applied here.
+        self.output_hidden = False
+        self.embedded_input = False
         self.positions: torch.Tensor | None = None
         self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -210,9 +214,14 @@ class Transformer(nn.Module):
         if self.spec.position == "rope":
             self.rope_cache = rotary_tables(positions, self.spec.head_dim)
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head matrix ``[vocab, hidden]`` (the embedding when tied); a vocabulary-sharded DTensor under TP."""
+        return self.tok_embeddings.weight if self.tied else self.output.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tok_embeddings is not None and not self.head_embedding_only:
-            h = self.tok_embeddings(x)
+        embeds = self.tok_embeddings is not None and not self.head_embedding_only
+        if embeds or self.embedded_input:
+            h = self.tok_embeddings(x) if embeds else x
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(self.positions[None, :])
             h = F.dropout(h, self.spec.dropout, self.training)
@@ -222,9 +231,17 @@ class Transformer(nn.Module):
             h = block(h, self.rope_cache)
         if self.norm is not None:
             h = self.norm(h)
+            if self.output_hidden:      # the loss function applies the head (fused / vocabulary-parallel loss)
+                return _local_tensor(h)
         if self.output is not None:
             h = self.output(h, self.tok_embeddings.weight) if self.tied else self.output(h)
         return h
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (sequence-sharded) DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def build_model(spec: ModelSpec, max_seq_len: int, device: str | torch.device = "meta") -> Transformer:
@@ -233,13 +250,26 @@ def build_model(spec: ModelSpec, max_seq_len: int, device: str | torch.device = 
         return Transformer(spec, max_seq_len)
 
 
-def keep_only(model: Transformer, first: int, end: int, *, embedding: bool, head: bool) -> Transformer:
+def keep_only(model: Transformer, first: int, end: int, *, embedding: bool, head: bool,
+              vocab_elsewhere: bool = False) -> Transformer:
     """Cut ``model`` down to one pipeline stage: blocks ``[first, end)``, the embedding if ``embedding``,
     the final norm and head if ``head``. A tied head on a stage without the embedding keeps a copy of the
-    embedding matrix (same name, same initial values); the runtime keeps the copies' gradients summed."""
+    embedding matrix (same name, same initial values); the runtime keeps the copies' gradients summed.
+    ``vocab_elsewhere`` (vocabulary parallel across pipeline ranks): no stage keeps a vocabulary matrix; the
+    first stage takes token embeddings (and still adds positions), the last outputs the normed hidden states."""
     for name in list(model.layers.keys()):
         if not first <= int(name) < end:
             del model.layers[name]
+    if vocab_elsewhere:
+        model.tok_embeddings = None
+        model.output = None
+        model.embedded_input = embedding
+        model.output_hidden = head
+        if not embedding:
+            model.pos_embeddings = None
+        if not head:
+            model.norm = None
+        return model
     if not embedding:
         model.pos_embeddings = None
         if head and model.tied:

@@ -16,6 +16,7 @@ Nothing here chooses anything: every decision is read from the Plan.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,22 @@ def build_stages(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[int
     parts = []
     for j in stage_indices(plan, pp_rank):
         first, end = plan.stages[j].layers
-        part = keep_only(copy.deepcopy(model), first, end, embedding=j == 0, head=j == last)
+        part = keep_only(copy.deepcopy(model), first, end, embedding=j == 0, head=j == last,
+                         vocab_elsewhere=plan.vocab_parallel)
         parts.append((j, part))
     return parts
+
+
+def fused_loss(plan: Plan) -> bool:
+    """The plan's loss kernel is the chunked linear + cross-entropy (``kernels.loss`` fused or auto): the
+    head's stage outputs the normed hidden states and the loss function applies the head."""
+    return plan.kernels.get("loss", "reference") in ("fused", "auto")
+
+
+def stage_outputs_hidden(plan: Plan) -> bool:
+    """The last stage outputs hidden states rather than logits (fused loss, or the vocabulary split across
+    pipeline ranks)."""
+    return fused_loss(plan) or (plan.vocab_parallel and plan.pp > 1)
 
 
 def layer_recompute(plan: Plan, layer: int) -> str:
@@ -170,11 +184,13 @@ def _saved_ops() -> tuple[set, set]:
     return matmuls, {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
-def selective_context():
+def selective_context(matmuls_per_block: int = 0):
     """torchtitan's op-level policy, which the planner's memory and time model assume
     (planner/memory.py activation_bytes_per_layer): keep the attention op's output and every *other* linear
-    layer's output (1st, 3rd, ...), recompute the rest. Called once per checkpointed forward, so the
-    matmul counters start fresh each time."""
+    layer's output (1st, 3rd, ...), recompute the rest -- except the block's last linear (the
+    ``matmuls_per_block``-th), whose output nothing in the backward needs: under TP it is the full-width
+    partial sum before the reduce-scatter, t times the size of anything else kept (found by
+    ``meshplan check``). Called once per checkpointed forward, so the counters start fresh each time."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     matmuls, saved = _saved_ops()
@@ -184,7 +200,8 @@ def selective_context():
         if op in matmuls:
             key = "recompute" if ctx.is_recompute else "forward"
             counts[key] += 1
-            return CheckpointPolicy.MUST_SAVE if counts[key] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+            keep = counts[key] % 2 == 1 and counts[key] != matmuls_per_block
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
@@ -199,7 +216,9 @@ def apply_ac(model: Transformer, mode_of_layer) -> None:
         if mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
-            model.layers[name] = checkpoint_wrapper(block, context_fn=selective_context, preserve_rng_state=False)
+            linears = sum(isinstance(m, nn.Linear) for m in block.modules())   # 7 for SwiGLU, 6 for GELU
+            model.layers[name] = checkpoint_wrapper(block, context_fn=functools.partial(selective_context, linears),
+                                                    preserve_rng_state=False)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -229,7 +248,9 @@ def apply_dp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -
     reshard = zero == 3
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, **kwargs)
+    # The root unit (embedding, final norm, head) stays gathered from forward to backward under every stage:
+    # the fused loss applies the head outside the module's forward, and the backward needs it at once anyway.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,17 +258,50 @@ def apply_dp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -
 # ----------------------------------------------------------------------------------------------
 
 def build_schedule(plan: Plan, parts: list[tuple[int, nn.Module]], pp_mesh: DeviceMesh, device: torch.device,
-                   loss_fn):
-    """``torch.distributed.pipelining`` stages for this rank's parts and the plan's schedule."""
+                   loss_fn, stage_io=None):
+    """``torch.distributed.pipelining`` stages for this rank's parts and the plan's schedule.
+
+    ``stage_io(j)``, when given, returns stage ``j``'s ``(input_args, output_args)`` example tensors, which
+    replaces the stages' shape inference (a send/recv of shapes at the first step): ``meshplan check`` runs
+    the schedule in one process over a fake process group, where nothing real arrives."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     group = pp_mesh.get_group()
-    stages = [PipelineStage(part, j, len(plan.stages), device, group=group) for j, part in parts]
+    stages = []
+    for j, part in parts:
+        io = {} if stage_io is None else dict(zip(("input_args", "output_args"), stage_io(j)))
+        stages.append(PipelineStage(part, j, len(plan.stages), device, group=group, **io))
     if plan.virtual_stages > 1 or plan.schedule == "interleaved":
         return ScheduleInterleaved1F1B(stages, plan.num_microbatches, loss_fn=loss_fn)
     if plan.schedule == "gpipe":
         return ScheduleGPipe(stages[0], plan.num_microbatches, loss_fn=loss_fn)
     return Schedule1F1B(stages[0], plan.num_microbatches, loss_fn=loss_fn)
+
+
+def stage_io_examples(plan: Plan, stage: int, device: torch.device, hidden_dtype: torch.dtype):
+    """Example ``(inputs, outputs)`` of pipeline stage ``stage`` on this rank: token ids ``[b, s/cp]`` into
+    the first stage, hidden states ``[b, s/cp (/tp under SP), h]`` between stages (in ``hidden_dtype``:
+    bf16 under FSDP2 mixed precision, else fp32), logits ``[b, s/cp, V/tp]`` out of the last. With a fused
+    loss the last stage outputs hidden states too; with ``vocab_parallel`` and pp > 1 stage 0 also takes
+    hidden states (the token embeddings, computed by every pipeline rank's vocabulary shard). What the
+    stages' shape inference would find; ``meshplan check`` passes it to :func:`build_schedule`."""
+    b, s, h = plan.micro_batch, plan.train.seq_len // plan.cp, plan.model.hidden
+    s_hidden = s // plan.tp if plan.tp > 1 and plan.sequence_parallel else s
+    last = len(plan.stages) - 1
+
+    def hidden() -> torch.Tensor:
+        return torch.empty(b, s_hidden, h, dtype=hidden_dtype, device=device, requires_grad=True)
+
+    vocab_elsewhere = plan.vocab_parallel and plan.pp > 1
+    if stage == 0 and not vocab_elsewhere:
+        inputs = torch.zeros(b, s, dtype=torch.long, device=device)
+    else:                     # with vocab_parallel stage 0 takes the token embeddings [b, s/cp (/tp), h]
+        inputs = hidden()
+    if stage == last and not stage_outputs_hidden(plan):
+        outputs = torch.empty(b, s, plan.model.vocab // plan.tp, dtype=hidden_dtype, device=device)
+    else:                     # fused or vocabulary-parallel loss: the normed hidden states, as between stages
+        outputs = hidden()
+    return (inputs,), (outputs,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,17 +311,16 @@ def build_schedule(plan: Plan, parts: list[tuple[int, nn.Module]], pp_mesh: Devi
 def tied_embedding_group(plan: Plan, meshes: Meshes) -> dist.ProcessGroup | None:
     """With a tied head and pp > 1 the first pipeline rank (embedding) and the last (head) each hold a copy of
     the embedding matrix; this group joins the two so their gradients are summed (Megatron-LM's approach)."""
-    if not plan.model.tied_embeddings or plan.pp == 1:
-        return None
+    if not plan.model.tied_embeddings or plan.pp == 1 or plan.vocab_parallel:
+        return None       # vocab_parallel: one shard per rank serves as both embedding and head
     last_rank = (len(plan.stages) - 1) % plan.pp
     if last_rank == 0:
         return None
+    from meshplan.launcher.runtime.vocab_parallel import rank_groups
+
     mine = None
-    ranks = meshes.world.mesh  # tensor of global ranks, dims in mesh_order
-    pp_dim = list(plan.mesh_order).index("pp")
-    moved = ranks.movedim(pp_dim, -1).reshape(-1, plan.pp)
     me = dist.get_rank()
-    for row in moved.tolist():
+    for row in rank_groups(plan, ("pp",)):   # plain Python: no tensor reads under meshplan check's fake mode
         pair = [row[0], row[last_rank]]
         group = dist.new_group(pair)
         if me in pair:

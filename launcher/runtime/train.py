@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from meshplan.errors import InputError
 from meshplan.launcher.checks import check_supported
 from meshplan.launcher.runtime import checkpoint as ckpt
+from meshplan.launcher.runtime import kernels
 from meshplan.launcher.runtime import parallelize as par
+from meshplan.launcher.runtime import vocab_parallel as vp
 from meshplan.launcher.runtime.data import Slice, make_source
 from meshplan.launcher.runtime.metrics import MetricsWriter, model_flops_per_token, summary_table
 from meshplan.launcher.runtime.model import InitConfig, build_model, init_weights
@@ -123,6 +125,13 @@ class Trainer:
     schedule: object | None
     tied_group: dist.ProcessGroup | None
     autocast: contextlib.AbstractContextManager | None
+    loss_fn: object = None                        # (stage output, targets) -> loss; see make_loss_fn
+    vocab: vp.VocabParallel | None = None         # vocab_parallel with pp > 1
+
+    @property
+    def stage_parts(self) -> list[tuple[int, torch.nn.Module]]:
+        """The pipeline stages' parts (without the vocabulary shard of ``vocab_parallel``)."""
+        return [(j, part) for j, part in self.parts if j != VOCAB_PART]
 
     @property
     def is_last_stage(self) -> bool:
@@ -133,17 +142,31 @@ class Trainer:
         return self.plan.pp == 1 or any(j == 0 for j, _ in self.parts)
 
 
-def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str) -> Trainer:
-    meshes = par.build_mesh(plan, device_type)
+def mixed_precision_policy(plan: Plan, meshes: par.Meshes, device_type: str):
+    """FSDP2's bf16 compute / fp32 reduce policy for 16-bit GPU plans sharded over dp x cp, else ``None``
+    (a 16-bit GPU plan without dp x cp uses autocast instead)."""
+    if device_type != "cuda" or plan.train.precision not in ("bf16", "fp16", "fp8") or meshes.dp_cp is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+VOCAB_PART = -1   # index of the vocabulary shard in ``build_parts``' list (vocab_parallel with pp > 1)
+
+
+def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[int, torch.nn.Module]]:
+    """This rank's model parts with the whole plan applied, still on the meta device: the stage split,
+    kernels, tensor/sequence parallel, context parallel, recompute, compile and ZeRO, in that order.
+    ``launch`` materialises them (:func:`build`); ``meshplan check`` measures them under fake tensors.
+    With ``vocab_parallel`` and pp > 1 the list ends with ``(VOCAB_PART, VocabShard)``: this rank's rows
+    of the embedding and head (``vocab_parallel.py``), not a pipeline stage."""
     model = build_model(plan.model, plan.train.seq_len, "meta")
     parts = par.build_stages(model, plan, meshes.coords["pp"])
-    gpu_bf16 = device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8")
-    mp_policy = None
-    if gpu_bf16 and meshes.dp_cp is not None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    first, end = _positions_range(plan, meshes)
-    positions = torch.arange(first, end, device=device)
+    if par.fused_loss(plan):      # the head's stage outputs hidden states; make_loss_fn applies the head
+        for _, part in parts:
+            if part.output is not None:
+                part.output_hidden = True
+    mp_policy = mixed_precision_policy(plan, meshes, device_type)
     for _, part in parts:
         _set_kernels(part, plan, device_type)
         if meshes.tp is not None:
@@ -155,22 +178,62 @@ def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str)
             par.apply_compile(part)
         if meshes.dp_cp is not None:
             par.apply_dp(part, meshes.dp_cp, plan.zero, mp_policy)
+    if vp.enabled(plan):
+        shard, _ = vp.build_vocab_parallel(plan, meshes)
+        parts.append((VOCAB_PART, shard))
+    return parts
+
+
+def make_optimizer(part: torch.nn.Module, config: RunConfig, device_type: str) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(part.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                             fused=device_type == "cuda", foreach=None if device_type == "cuda" else True)
+
+
+def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str) -> Trainer:
+    meshes = par.build_mesh(plan, device_type)
+    parts = build_parts(plan, meshes, device_type)
+    first, end = _positions_range(plan, meshes)
+    positions = torch.arange(first, end, device=device)
+    for j, part in parts:
         part.to_empty(device=device)
         init_weights(part, plan.model, InitConfig(seed=config.seed), device)
-        part.set_positions(positions)
+        if j != VOCAB_PART:
+            part.set_positions(positions)
         part.train()
-    optimizers = [torch.optim.AdamW(part.parameters(), lr=config.lr, betas=config.betas,
-                                    weight_decay=config.weight_decay, fused=device_type == "cuda",
-                                    foreach=None if device_type == "cuda" else True)
-                  for _, part in parts]
+    return assemble(plan, config, device, device_type, meshes, parts)
+
+
+def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: str, meshes: par.Meshes,
+             parts: list[tuple[int, torch.nn.Module]], stage_io=None, autocast_device: str = "cuda") -> Trainer:
+    """The Trainer around materialised ``parts``: optimizers, the loss, the pipeline schedule, the tied
+    embedding group and autocast. ``meshplan check`` calls it with fake parts, the stages' example shapes
+    (``stage_io``, see ``parallelize.build_schedule``) and autocast on the CPU."""
+    optimizers = [make_optimizer(part, config, device_type) for _, part in parts]
+    vocab = make_vocab_parallel(plan, meshes, parts)
+    stage_loss = make_loss_fn(plan, meshes, parts, vocab)
     schedule = None
     if plan.pp > 1:
-        schedule = par.build_schedule(plan, parts, meshes.pp, device, loss_fn)
+        stages = [(j, part) for j, part in parts if j != VOCAB_PART]
+        if stage_io is None and par.stage_outputs_hidden(plan):
+            # Declared stage shapes: the schedule's dynamic shape inference would call the loss function
+            # once on its own, which for the vocabulary passes is a collective the other ranks do not join.
+            hidden_dtype = torch.bfloat16 if mixed_precision_policy(plan, meshes, device_type) else torch.float32
+            stage_io = lambda j: par.stage_io_examples(plan, j, device, hidden_dtype)  # noqa: E731
+        schedule = par.build_schedule(plan, stages, meshes.pp, device, stage_loss, stage_io)
     autocast = None
-    if gpu_bf16 and mp_policy is None:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    if device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8") \
+            and mixed_precision_policy(plan, meshes, device_type) is None:
+        autocast = torch.autocast(autocast_device, dtype=torch.bfloat16)
     return Trainer(plan, config, device, meshes, parts, optimizers, schedule,
-                   par.tied_embedding_group(plan, meshes), autocast)
+                   par.tied_embedding_group(plan, meshes), autocast, stage_loss, vocab)
+
+
+def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts) -> vp.VocabParallel | None:
+    """The driver of the vocabulary passes (``vocab_parallel`` with pp > 1) around the shard in ``parts``."""
+    if not vp.enabled(plan):
+        return None
+    shard = dict(parts)[VOCAB_PART]
+    return vp.VocabParallel(plan, shard.groups, shard, meshes.coords)
 
 
 def _positions_range(plan: Plan, meshes: par.Meshes) -> tuple[int, int]:
@@ -205,9 +268,47 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
+def make_loss_fn(plan: Plan, meshes: par.Meshes, parts, vocab: vp.VocabParallel | None = None):
+    """The loss on the head's stage output, ``(output, targets) -> loss`` (the pipeline schedule's
+    ``loss_fn``; ``train_step`` calls it with pp == 1):
+
+    * ``vocab_parallel`` with pp > 1: the vocabulary passes across pipeline ranks (``VocabParallel.loss_fn``);
+    * ``kernels.loss`` fused/auto: the stage outputs the normed hidden states and this applies the head and
+      the loss in one chunked pass (``kernels.linear_cross_entropy``), so the logits never exist; under
+      tensor parallelism the head weight is this rank's vocabulary rows and the loss is vocab-parallel over
+      the tp group (sequence-parallel hidden states are gathered first);
+    * otherwise :func:`loss_fn` on the logits.
+    """
+    if vocab is not None:
+        return vocab.loss_fn
+    if not par.fused_loss(plan):
+        return loss_fn
+    head = next((part for j, part in parts if j != VOCAB_PART and part.output is not None), None)
+    if head is None:          # a pipeline rank without the last stage never computes the loss
+        return loss_fn
+    impl = "fused"   # the chunked loss runs everywhere (PyTorch chunk math without Triton)
+
+    def fused_loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Shard
+
+        weight, group = head.head_weight(), None
+        if isinstance(weight, DTensor):
+            if meshes.tp is None or weight.device_mesh.mesh_dim_names != ("tp",):
+                raise InputError("plan.kernels.loss", f"the head weight is sharded over "
+                                 f"{weight.device_mesh.mesh_dim_names}, not only tp, outside its module's forward",
+                                 "use kernels.loss: reference with this ZeRO stage")
+            weight, group = weight.to_local(), meshes.tp.get_group()
+            if plan.sequence_parallel:   # the head needs the whole sequence on every tensor rank
+                hidden = DTensor.from_local(hidden, meshes.tp, [Shard(1)]).full_tensor()
+        return kernels.linear_cross_entropy(hidden.to(weight.dtype), weight, targets, impl=impl,
+                                            process_group=group)
+
+    return fused_loss_fn
+
+
 def _loss_context(trainer: Trainer):
     stack = contextlib.ExitStack()
-    if trainer.meshes.tp is not None:
+    if trainer.meshes.tp is not None and not par.stage_outputs_hidden(trainer.plan):
         from torch.distributed.tensor.parallel import loss_parallel
         stack.enter_context(loss_parallel())
     if trainer.autocast is not None:
@@ -229,15 +330,22 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) ->
     with _loss_context(trainer):
         if trainer.schedule is None:                     # no pipeline: gradient accumulation over micro-batches
             model = trainer.parts[0][1]
-            for x, y in zip(inputs.chunk(plan.num_microbatches), targets.chunk(plan.num_microbatches)):
-                loss = loss_fn(model(x), y)
+            batches = list(zip(inputs.chunk(plan.num_microbatches), targets.chunk(plan.num_microbatches)))
+            for i, (x, y) in enumerate(batches):
+                _accumulate_without_sync(model, plan, last=i == len(batches) - 1)
+                loss = trainer.loss_fn(model(x), y)
                 (loss / plan.num_microbatches).backward()
                 loss_sum += _local(loss).detach().double()
         else:                                            # pipeline: the schedule splits into micro-batches
             losses: list[torch.Tensor] = []
-            args = (inputs,) if trainer.is_first_stage else ()
+            first_input = inputs
+            if trainer.vocab is not None:                # embedding passes; head passes start serving
+                first_input = trainer.vocab.begin_step(inputs, targets)
+            args = (first_input,) if trainer.is_first_stage else ()
             kwargs = {"target": targets, "losses": losses} if trainer.is_last_stage else {}
             trainer.schedule.step(*args, **kwargs)
+            if trainer.vocab is not None:                # head passes joined, embedding backward, shard grads
+                trainer.vocab.end_step()
             for loss in losses:
                 loss_sum += _local(loss).detach().double()
     sync_tied_embedding_grads(trainer)
@@ -245,6 +353,19 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss_sum
+
+
+def _accumulate_without_sync(model: torch.nn.Module, plan: Plan, last: bool) -> None:
+    """Gradient accumulation as the planner prices it (planner/evaluate.py, data-parallel terms): under
+    ZeRO 0, 1 and 2 the gradients are reduced once per step, after the last micro-batch (accumulated
+    unsharded in fp32 until then), and ZeRO 1/2 keep the weights gathered until that last backward; ZeRO 3
+    reduce-scatters and re-gathers every micro-batch. (``torch.distributed.pipelining`` does the same for
+    pipelined plans by itself.)"""
+    if plan.num_microbatches == 1 or plan.zero == 3 or not hasattr(model, "set_requires_gradient_sync"):
+        return
+    model.set_requires_gradient_sync(last)
+    if plan.zero in (1, 2) and hasattr(model, "set_reshard_after_backward"):
+        model.set_reshard_after_backward(last)
 
 
 def sync_tied_embedding_grads(trainer: Trainer) -> None:

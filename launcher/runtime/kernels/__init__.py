@@ -73,12 +73,23 @@ def fused_available(device: torch.device | str | None = None) -> bool:
     return _why_not_fused(torch.device(device) if device is not None else None) is None
 
 
-def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "kernel") -> str:
-    """``fused`` or ``reference`` for ``impl`` in ``fused``/``reference``/``auto`` (raises if fused cannot run)."""
+def _shape_only(t: torch.Tensor | None) -> bool:
+    """Fake or meta tensors (``meshplan check``): the fused Functions run without launching a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t is not None and (t.is_meta or isinstance(t, FakeTensor))
+
+
+def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "kernel",
+                 tensor: torch.Tensor | None = None) -> str:
+    """``fused`` or ``reference`` for ``impl`` in ``fused``/``reference``/``auto`` (raises if fused cannot run).
+    A fake/meta ``tensor`` takes the fused path whenever Triton imports: only shapes flow, nothing launches."""
     if impl not in IMPLS:
         raise ValueError(f"{kernel}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return "reference"
+    if _shape_only(tensor) and _triton_import_error() is None:
+        return "fused"
     why = _why_not_fused(device)
     if why is None:
         return "fused"
@@ -91,7 +102,7 @@ def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "k
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str = "reference") -> torch.Tensor:
     """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in ``x.dtype``."""
-    if resolve_impl(impl, x.device, "rms_norm") == "reference":
+    if resolve_impl(impl, x.device, "rms_norm", x) == "reference":
         return rms_norm_reference(x, weight, eps)
     from .triton_kernels import RMSNormFunction
     return RMSNormFunction.apply(x, weight, eps)
@@ -99,7 +110,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
     """``silu(gate) * up`` (SwiGLU's gate·up product). The fused kernel computes in fp32 and rounds once."""
-    if resolve_impl(impl, gate.device, "swiglu") == "reference":
+    if resolve_impl(impl, gate.device, "swiglu", gate) == "reference":
         return swiglu_reference(gate, up)
     from .triton_kernels import SwiGLUFunction
     return SwiGLUFunction.apply(gate, up)
@@ -118,16 +129,27 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     not contiguous). Always use the returned tensors.
     """
     _check_rotary(q, k, cos, sin)
-    if resolve_impl(impl, q.device, "apply_rotary") == "reference":
+    if resolve_impl(impl, q.device, "apply_rotary", q) == "reference":
         return rotary_reference(q, k, cos, sin)
     from .triton_kernels import RotaryFunction
 
     def writable(x: torch.Tensor) -> torch.Tensor:
-        if (x.is_leaf and x.requires_grad) or x.stride(-1) != 1:
+        if (x.is_leaf and x.requires_grad) or x.stride(-1) != 1 or _view_autograd_forbids_inplace(x):
             return x.clone(memory_format=torch.contiguous_format)
         return x
 
     return RotaryFunction.apply(writable(q), cos, sin), RotaryFunction.apply(writable(k), cos, sin)
+
+
+def _view_autograd_forbids_inplace(x: torch.Tensor) -> bool:
+    """A view autograd will not let a custom Function modify in place: one made from a custom Function's
+    output (e.g. the local tensor of a DTensor, under tensor parallelism) or in no-grad/inference mode
+    (found by ``meshplan check`` on a TP plan with the fused rotary)."""
+    if not (x.requires_grad and x._is_view()):
+        return False
+    from torch._C._autograd import CreationMeta, _get_creation_meta
+
+    return _get_creation_meta(x) != CreationMeta.DEFAULT
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str = "reference",

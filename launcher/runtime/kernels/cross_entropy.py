@@ -49,10 +49,11 @@ def _torch_chunk_grad_(logits: torch.Tensor, local_target: torch.Tensor, lse: to
                        scale: torch.Tensor) -> torch.Tensor:
     """``(softmax - onehot) * scale`` into ``logits`` (in place when fp32; one fp32 temporary otherwise)."""
     z = logits if logits.dtype == torch.float32 else logits.float()
-    z.sub_(lse[:, None]).exp_()
-    rows = torch.nonzero(local_target >= 0)[:, 0]
-    z[rows, local_target[rows]] -= 1.0
-    z.mul_(scale[:, None])
+    z.sub_(lse[:, None]).exp_().mul_(scale[:, None])
+    # minus the one-hot, data-independently (no nonzero / boolean indexing: runs on fake tensors): every row
+    # subtracts `scale` at its clamped target column, times 0 for rows whose target another rank owns
+    owned = (local_target >= 0).to(z.dtype)
+    z.scatter_add_(1, local_target.clamp(min=0)[:, None], (-scale * owned)[:, None])
     if z is not logits:
         logits.copy_(z)
     return logits
@@ -68,54 +69,73 @@ def _gather_stats(lse: torch.Tensor, tlogit: torch.Tensor, group) -> tuple[torch
     return torch.logsumexp(stats[:, 0], dim=0), stats[:, 1].sum(dim=0)
 
 
+def chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group, chunk: int,
+                           ignore_index: int = -100, need_grad: bool = True, reduce_hidden_grad: bool = True,
+                           backend: str = "torch", vocab_start: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunked loss without autograd: ``(loss, grad_hidden, grad_weight)`` of the mean cross-entropy of
+    ``hidden [T, h] @ weight[V_local, h].T``, the gradients for an incoming gradient of 1 (``None`` without
+    ``need_grad``). ``weight`` holds rows ``[vocab_start, vocab_start + V_local)`` of the vocabulary (default
+    ``group rank * V_local``; shards may be uneven). With ``group`` the softmax statistics are all-gathered
+    per chunk, so the loss is the global one on every rank; ``grad_hidden`` is this rank's partial sum unless
+    ``reduce_hidden_grad`` all-reduces it over the group. Data-independent (no ``.item()``/``nonzero``), so
+    it runs on fake tensors; vocabulary parallelism across pipeline ranks calls it directly
+    (``launcher/runtime/vocab_parallel.py``)."""
+    if backend == "triton":
+        from . import triton_kernels as tk
+        stats_fn, grad_fn = tk.ce_chunk_stats, tk.ce_chunk_grad_
+    else:
+        stats_fn, grad_fn = _torch_chunk_stats, _torch_chunk_grad_
+    tokens = hidden.shape[0]
+    v_local = weight.shape[0]
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * v_local if group is not None else 0
+    valid = targets != ignore_index
+    n_valid = valid.sum().to(torch.float32)                       # a tensor: no host sync
+    inv = torch.where(n_valid > 0, 1.0 / n_valid.clamp(min=1.0), torch.zeros_like(n_valid))
+    local_all = targets - vocab_start
+    local_all = torch.where(valid & (local_all >= 0) & (local_all < v_local), local_all,
+                            torch.full_like(local_all, -1))
+    grad_hidden = torch.empty_like(hidden) if need_grad else None
+    grad_weight = torch.zeros_like(weight) if need_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    wt = weight.t()
+    for c0 in range(0, tokens, chunk):
+        c1 = min(tokens, c0 + chunk)
+        h_c = hidden[c0:c1]
+        logits = h_c @ wt                                        # [n, V_local], the only logits that exist
+        local_t = local_all[c0:c1].contiguous()
+        lse, tlogit = stats_fn(logits, local_t)
+        if group is not None:
+            lse, tlogit = _gather_stats(lse, tlogit, group)
+        valid_c = valid[c0:c1]
+        total += torch.where(valid_c, lse - tlogit, torch.zeros_like(lse)).sum()
+        if need_grad:
+            scale = valid_c.to(torch.float32) * inv
+            dlogits = grad_fn(logits, local_t, lse.contiguous(), scale)
+            torch.mm(dlogits, weight, out=grad_hidden[c0:c1])
+            grad_weight.addmm_(dlogits.t(), h_c)
+            del dlogits
+        del logits                                               # before the next chunk's logits exist
+    if need_grad and group is not None and reduce_hidden_grad:
+        dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+    return total / n_valid, grad_hidden, grad_weight             # 0/0 = nan when every token is ignored
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Autograd Function of the chunked loss. Keeps for backward: grad_hidden [T, h] (hidden dtype) and
     grad_weight [V_local, h] (weight dtype), computed in the forward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group, chunk: int,  # type: ignore[override]
-                ignore_index: int, need_grad: bool, reduce_hidden_grad: bool, backend: str) -> torch.Tensor:
-        if backend == "triton":
-            from . import triton_kernels as tk
-            stats_fn, grad_fn = tk.ce_chunk_stats, tk.ce_chunk_grad_
-        else:
-            stats_fn, grad_fn = _torch_chunk_stats, _torch_chunk_grad_
-        tokens = hidden.shape[0]
-        v_local = weight.shape[0]
-        start = dist.get_rank(group) * v_local if group is not None else 0
-        valid = targets != ignore_index
-        n_valid = int(valid.sum())
-        inv = 1.0 / n_valid if n_valid else 0.0
-        local_all = targets - start
-        local_all = torch.where(valid & (local_all >= 0) & (local_all < v_local), local_all,
-                                torch.full_like(local_all, -1))
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        wt = weight.t()
-        for c0 in range(0, tokens, chunk):
-            c1 = min(tokens, c0 + chunk)
-            h_c = hidden[c0:c1]
-            logits = h_c @ wt                                    # [n, V_local], the only logits that exist
-            local_t = local_all[c0:c1].contiguous()
-            lse, tlogit = stats_fn(logits, local_t)
-            if group is not None:
-                lse, tlogit = _gather_stats(lse, tlogit, group)
-            valid_c = valid[c0:c1]
-            total += torch.where(valid_c, lse - tlogit, torch.zeros_like(lse)).sum()
-            if need_grad:
-                scale = valid_c.to(torch.float32) * inv
-                dlogits = grad_fn(logits, local_t, lse.contiguous(), scale)
-                torch.mm(dlogits, weight, out=grad_hidden[c0:c1])
-                grad_weight.addmm_(dlogits.t(), h_c)
-                del dlogits
-            del logits                                           # before the next chunk's logits exist
-        if need_grad and group is not None and reduce_hidden_grad:
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+                ignore_index: int, need_grad: bool, reduce_hidden_grad: bool, backend: str,
+                vocab_start: int | None = None) -> torch.Tensor:
+        loss, grad_hidden, grad_weight = chunked_loss_and_grads(hidden, weight, targets, group, chunk, ignore_index,
+                                                                need_grad, reduce_hidden_grad, backend, vocab_start)
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.need_grad = need_grad
-        return total / n_valid if n_valid else total / 0.0
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
@@ -130,13 +150,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         g = grad_out.to(torch.float32)
         grad_hidden.mul_(g.to(grad_hidden.dtype))
         grad_weight.mul_(g.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  process_group=None, chunk_tokens: int | None = None, ignore_index: int = -100,
-                                 reduce_hidden_grad: bool = True, backend: str = "torch") -> torch.Tensor:
-    """Chunked linear + cross-entropy; see the module doc. ``backend``: ``triton`` or ``torch`` (chunk math)."""
+                                 reduce_hidden_grad: bool = True, backend: str = "torch",
+                                 vocab_start: int | None = None) -> torch.Tensor:
+    """Chunked linear + cross-entropy; see the module doc. ``backend``: ``triton`` or ``torch`` (chunk math).
+    ``vocab_start``: first vocabulary row of ``weight`` (default: group rank * rows)."""
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     if hidden.shape[-1] != weight.shape[-1]:
@@ -152,4 +174,4 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be >= 1, got {chunk}")
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedLinearCrossEntropy.apply(h, weight, t, process_group, int(chunk), ignore_index, need_grad,
-                                           reduce_hidden_grad, backend)
+                                           reduce_hidden_grad, backend, vocab_start)

@@ -20,6 +20,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def has_data(t: torch.Tensor) -> bool:
+    """False for fake or meta tensors (``meshplan check`` traces the fused path for its memory only): the
+    Functions below then allocate and save exactly what they would, but launch no kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not (t.is_meta or isinstance(t, FakeTensor))
+
+
 _JITTED: "dict[tuple[str, bool], Any]" = {}
 
 
@@ -97,7 +105,7 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
-        if m > 0:
+        if m > 0 and has_data(x2):
             _jit(_rms_norm_fwd_kernel)[(m,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK_N=block)
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape = shape
@@ -114,7 +122,7 @@ class RMSNormFunction(torch.autograd.Function):
         programs = _num_programs(m, x2.device)
         rows_per_program = triton.cdiv(m, programs) if m else 0
         dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x2.device)
-        if m > 0:
+        if m > 0 and has_data(x2):
             _jit(_rms_norm_bwd_kernel)[(programs,)](
                 x2, w, dy2, rstd, dx, dw_partial, x2.stride(0), dy2.stride(0), dx.stride(0), m, n,
                 rows_per_program, BLOCK_N=triton.next_power_of_2(n))
@@ -163,7 +171,7 @@ class SwiGLUFunction(torch.autograd.Function):
         g, u = gate.contiguous(), up.contiguous()
         out = torch.empty_like(g)
         n = g.numel()
-        if n:
+        if n and has_data(g):
             _jit(_swiglu_fwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, out, n, BLOCK=_SWIGLU_BLOCK)
         ctx.save_for_backward(g, u)
         return out
@@ -174,7 +182,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dout = dout.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
-        if n:
+        if n and has_data(g):
             _jit(_swiglu_bwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, dout, dg, du, n, BLOCK=_SWIGLU_BLOCK)
         return dg, du
 
@@ -207,7 +215,7 @@ def _rotary_kernel(X, COS, SIN, stride_b, stride_s, stride_h, S, H, HALF, BLOCK_
 def rotate_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> None:
     """Rotate ``x`` [batch, seq, heads, head_dim] (last dim contiguous) in place; ``inverse`` rotates by -theta."""
     b, s, h, d = x.shape
-    if x.numel() == 0:
+    if x.numel() == 0 or not has_data(x):
         return
     _jit(_rotary_kernel)[(b * s,)](x, cos, sin, x.stride(0), x.stride(1), x.stride(2), s, h, d // 2,
                                    BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d // 2),
