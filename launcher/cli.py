@@ -43,10 +43,13 @@ def launch(
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)"),
     image: str = typer.Option("meshplan:latest", "--image", help="container image for --emit k8s"),
     replan: bool = typer.Option(False, "--replan", help="re-plan for this machine when the plan does not fit it"),
+    check: bool = typer.Option(True, "--check/--no-check", help="build the plan's first and last pipeline rank on "
+                               "fake tensors before starting (meshplan check's fast mode, a few seconds)"),
 ) -> None:
     try:
         code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
-                       steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan)
+                       steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan,
+                       check)
     except MeshplanError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code)
@@ -55,7 +58,8 @@ def launch(
 
 
 def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
-            steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan) -> int:
+            steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan,
+            check=True) -> int:
     from meshplan.launcher import render
     from meshplan.launcher.checks import check_local, check_supported
     from meshplan.launcher.runtime.checkpoint import find_latest
@@ -114,6 +118,10 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
     if nnodes > 1 and node_rank is None and master_addr in ("127.0.0.1", "localhost"):
         typer.echo("note: multi-node rendezvous on 127.0.0.1: every agent must run on this machine "
                    "(pass --master-addr for real nodes)", err=True)
+    if check and (node_rank is None or node_rank == 0):
+        from meshplan.launcher.check import check_builds
+
+        check_builds(plan)     # the runtime's build of the first and last pipeline rank, on fake tensors
     env = {**os.environ, **render.environment(plan, nproc)}
     argv = render.torchrun_argv(plan, cfg)
     typer.echo("meshplan: " + " ".join(argv), err=True)

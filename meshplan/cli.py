@@ -31,6 +31,14 @@ def _register_subcommands() -> None:
         launcher_cli = None
     if launcher_cli is not None:
         launcher_cli.register(app)
+        from meshplan.launcher import check_cli
+        check_cli.register(app)
+    try:  # the profiler stage registers `profile` and `validate` when present
+        from meshplan.profiler import cli as profiler_cli
+    except ImportError:
+        profiler_cli = None
+    if profiler_cli is not None:
+        profiler_cli.register(app)
 
 
 _register_subcommands()

@@ -47,6 +47,8 @@ def plan_command(
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the best plan here (YAML, or JSON for .json)"),
     no_refine: bool = typer.Option(False, "--no-refine", help="Skip the final partition + recompute ILP"),
+    check: bool = typer.Option(False, "--check", help="Build each top plan on fake tensors (meshplan check, one "
+                               "rank per pipeline rank; needs torch) and drop those whose measured peak does not fit"),
 ) -> None:
     """Find the fastest way to split training that fits, and predict its time and memory."""
     from meshplan.cli import fail
@@ -81,6 +83,8 @@ def plan_command(
         finally:
             if progress is not None:
                 progress.close()
+        if check:
+            result = check_top_plans(result)
         if out is not None:
             try:
                 result.plans[0].save(out)
@@ -116,6 +120,33 @@ class _progress_bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+def check_top_plans(result):
+    """``--check``: run ``meshplan check`` on every top plan, note its measured peak on the plan, and drop the
+    plans whose measured peak (with the allocator margin) exceeds the device."""
+    import dataclasses
+
+    from meshplan.errors import NoFeasiblePlan
+    from meshplan.launcher.check import check_plan
+
+    kept, dropped = [], []
+    for i, plan in enumerate(result.plans, 1):
+        checked = check_plan(plan)
+        worst = checked.worst
+        line = (f"meshplan check: worst rank {worst.rank} measured {worst.measured['peak'] / 2**30:.2f} GiB, "
+                f"predicted {worst.predicted.get('peak', 0.0) / 2**30:.2f} GiB (allocated, before the margin)")
+        typer.echo(f"checked plan {i}: {line}", err=True)
+        if checked.fits():
+            kept.append(dataclasses.replace(plan, notes=tuple(plan.notes) + (line,)))
+        else:
+            dropped.append(f"plan {i} ({line}) does not fit {checked.capacity_bytes / 2**30:.2f} GiB")
+    for text in dropped:
+        typer.echo(f"dropped {text}", err=True)
+    if not kept:
+        raise NoFeasiblePlan("every top plan's measured peak exceeds the device (" + "; ".join(dropped) +
+                             "): plan with more GPUs, a smaller micro-batch, or --fix recompute=full")
+    return dataclasses.replace(result, plans=kept, notes=list(result.notes) + dropped)
 
 
 def render_text(result, markdown: bool = False) -> str:

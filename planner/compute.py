@@ -6,10 +6,17 @@ or skinny GEMMs):  2*m*n*k / matmul_rate + bytes(m*k + k*n + m*n) / memory_rate.
 Achieved rates come from the cluster's measured tables when ``meshplan profile`` wrote them
 (``cluster.measured['compute']`` with ``matmul_tflops``, ``attention_tflops``, ``memory_gbps``), else from the
 documented defaults below, as fractions of the spec-sheet peak.
+
+A measured GEMM table (``cluster.measured['compute']['matmul_table']``: ``[[flops, tflops], ...]``, the forward
+FLOPs 2mnk of one GEMM and the rate its forward + backward achieved, sorted by size; written by
+``meshplan profile``) replaces the roofline: a GEMM then takes ``2mnk / rate(2mnk)``, the rate interpolated
+linearly in log(FLOPs) between the measured sizes and held constant beyond them (the measured time already
+includes the operand traffic).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from meshplan.spec import ClusterSpec, ModelSpec
@@ -40,6 +47,34 @@ class Rates:
     attention: float   # FLOP/s
     memory: float      # bytes/s
     matmul_bytes: int  # bytes per element the matmuls read and write
+    matmul_table: tuple[tuple[float, float], ...] = ()   # measured (forward FLOPs, FLOP/s), sorted by FLOPs
+
+
+def interpolate_rate(table: tuple[tuple[float, float], ...], flops: float) -> float:
+    """Achieved rate at ``flops`` from a sorted ``(flops, rate)`` table: linear in log(flops) between two
+    measured sizes, the nearest measured rate outside the table."""
+    if flops <= table[0][0]:
+        return table[0][1]
+    if flops >= table[-1][0]:
+        return table[-1][1]
+    for (x0, r0), (x1, r1) in zip(table, table[1:]):
+        if x0 <= flops <= x1:
+            w = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+            return r0 + w * (r1 - r0)
+    return table[-1][1]
+
+
+def _measured_table(rows) -> tuple[tuple[float, float], ...]:
+    """``[[flops, tflops], ...]`` from a cluster file as sorted ``(flops, FLOP/s)`` pairs (bad rows dropped)."""
+    table = []
+    for row in rows or ():
+        try:
+            flops, tflops = float(row[0]), float(row[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if flops > 0 and tflops > 0:
+            table.append((flops, tflops * 1e12))
+    return tuple(sorted(table))
 
 
 def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
@@ -54,13 +89,17 @@ def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     attention = measured.get("attention_tflops", 0) * 1e12 or eff["attention"] * attention_peak
     memory = measured.get("memory_gbps", 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
     element = {"fp32": 4, "fp8": 1}.get(precision, 2)
-    return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element)
+    table = _measured_table(measured.get("matmul_table"))
+    return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table)
 
 
 def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:
     """One GEMM: 2mnk FLOPs at the achieved matmul rate plus its operand traffic at the memory rate."""
     if m <= 0 or k <= 0 or n <= 0:
         return 0.0
+    if rates.matmul_table:
+        flops = 2.0 * m * n * k
+        return flops / interpolate_rate(rates.matmul_table, flops)
     return 2.0 * m * n * k / rates.matmul + rates.matmul_bytes * (m * k + k * n + m * n) / rates.memory
 
 
@@ -79,12 +118,15 @@ def layer_matmul_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[
 
 
 def selective_recompute_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[float, float, float]]:
-    """The GEMMs selective recompute re-runs (every other matmul of the block, torchtitan's policy; see
-    memory.activation_bytes_per_layer): wk and wo, plus w3 for SwiGLU or w2 for GELU."""
+    """The GEMMs selective recompute re-runs (the matmuls whose outputs are not kept, see
+    memory.activation_bytes_per_layer) that the backward needs: wk and wo, plus w3 for SwiGLU. The block's
+    last matmul (w2) is not re-run: the recompute stops once the backward has what it needs."""
     h, f = model.hidden, model.ffn_hidden
     kv_width = model.kv_heads * model.head_dim
-    third = (tokens, h, f / tp) if model.mlp == "swiglu" else (tokens, f / tp, h)
-    return [(tokens, h, kv_width / tp), (tokens, h / tp, h), third]
+    shapes = [(tokens, h, kv_width / tp), (tokens, h / tp, h)]
+    if model.mlp == "swiglu":
+        shapes.append((tokens, h, f / tp))
+    return shapes
 
 
 def attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: int, rates: Rates) -> tuple[float, float]:

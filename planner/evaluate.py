@@ -185,11 +185,17 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     # matmul and the memory-bound ops (flash attention recomputes its scores in backward anyway).
     selective_matmuls = sum(compute.matmul_time(m, k, n, rates)
                             for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
-    recompute_cost = {"none": 0.0, "selective": selective_matmuls + ew_fwd, "full": fwd}
+    # under SP the two all-gathers feeding wq/wk/wv and w1/w3 are not kept: re-gathered for the backward
+    selective_gathers = 2 * comm.allgather_time(activation, tp_link) if sp and not tp_overlap else 0.0
+    recompute_cost = {"none": 0.0, "selective": selective_matmuls + ew_fwd + selective_gathers, "full": fwd}
 
     def act(mode: str) -> float:
+        # LayerNorm is PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors,
+        # so under SP the runtime's RMSNorms are the reference ones
+        fused_norm = model.norm == "layernorm" or (fused_swiglu and not sp)
         return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
-                                                 flash=True, recompute=mode, fused_swiglu=fused_swiglu)
+                                                 flash=True, recompute=mode, fused_swiglu=fused_swiglu,
+                                                 fused_norm=fused_norm)
 
     acts = {mode: act(mode) for mode in MODES}
     return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
@@ -379,17 +385,16 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     def rank_static_bytes(rank: int, layers: int) -> dict[str, float]:
         """Everything on rank ``rank`` but the saved activations of its blocks."""
         params = rank_fixed_params(rank) + layers * lc.params
-        states = memory.model_state_bytes(params, cfg.zero, cfg.dp, sb)
-        largest = max(lc.params, vc.each_params, vc.first_params if rank == 0 else 0.0)
-        copy = memory.compute_copy_bytes(params, cfg.zero, largest, sb, accumulates_unsharded=p > 1)
+        states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), cfg.dp, sb)
+        accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)    # see launcher/runtime/train.py train_step
+        copy = memory.compute_copy_bytes(params, cfg.zero, lc.params, sb, accumulates_unsharded=accumulates,
+                                         fsdp=cfg.dp * cfg.cp > 1, root_params=rank_fixed_params(rank))
         holds_loss = cfg.vocab_parallel or rank == (n_stages - 1) % p
         logits = 0.0
         if holds_loss:
             flight_loss = 2 if cfg.vocab_parallel else (num_mb if (cfg.schedule == "gpipe" and p > 1) else 1)
             logits = vc.logits_peak + max(0, flight_loss - 1) * vc.logprob_saved
         buffers = copy
-        if cfg.zero <= 1 and cfg.dp > 1:
-            buffers += 2 * memory.DDP_BUCKET_BYTES
         if p > 1:
             buffers += 2 * boundary_bytes * in_flight[rank]      # received inputs and sent outputs kept
         return {**states, "logits": logits, "buffers": buffers}

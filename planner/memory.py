@@ -65,23 +65,35 @@ def model_state_bytes(params: float, zero: int, dp: int, b: StateBytes) -> dict[
     return {"parameters": param, "gradients": grad, "optimizer": optim}
 
 
-def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
-                       accumulates_unsharded: bool) -> float:
-    """The compute-dtype copies of weights and gradients that live beside the sharded state.
+def runtime_sharding_stage(zero: int) -> int:
+    """Which states meshplan's runtime keeps sharded between steps, as the ZeRO stage of
+    :func:`model_state_bytes`: ZeRO 0 is ``replicate`` (nothing sharded); ZeRO 1, 2 and 3 are all FSDP2
+    (``fully_shard``), which keeps parameters, gradients and optimizer state sharded at rest -- the stages
+    differ in what is gathered *during* the step (:func:`compute_copy_bytes`), measured by ``meshplan check``."""
+    return 0 if zero == 0 else 3
 
-    ZeRO 0/1 (DDP + autocast): autocast caches the cast of every weight for the whole forward/backward.
-    ZeRO 2 (FSDP2, weights kept gathered for the whole step): all unsharded weights, plus the unsharded
-    gradients accumulated over the micro-batches (compute dtype) until the one reduce-scatter.
-    ZeRO 3 (FSDP2): the current and the prefetched layer's unsharded weights and that layer's unsharded
-    gradient; under a pipeline (``accumulates_unsharded``) the gradients of every layer accumulate unsharded.
+
+def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
+                       accumulates_unsharded: bool, fsdp: bool = True, root_params: float = 0.0) -> float:
+    """The compute-dtype weights and the unsharded gradients that live beside the sharded state during a
+    step, as meshplan's runtime holds them (measured by ``meshplan check``, docs/check.md).
+
+    One data-parallel rank (no FSDP2; ``fsdp`` False): autocast casts every weight once per step and caches
+    the cast until the step ends: ``compute_copy * P``. Otherwise FSDP2 (``replicate`` for ZeRO 0,
+    ``fully_shard`` for 1-3): ZeRO 0-2 keep every weight gathered (cast) from the first forward to the last
+    backward, ZeRO 3 only the current and the prefetched block plus the root unit (``root_params``: the
+    embedding, final norm and head, which every stage keeps gathered from forward to backward -- the fused
+    loss applies the head outside the module). Gradients: while they accumulate over
+    micro-batches without a reduction (ZeRO 0-2 with several micro-batches, any ZeRO under a pipeline,
+    ``accumulates_unsharded``) FSDP2 keeps them unsharded in fp32 (its ``reduce_dtype``); otherwise one
+    unit's unsharded gradient exists at a time (a block, or the root unit), in the compute dtype.
     """
     copy = b.compute_copy or b.param
-    if zero <= 1:
+    if not fsdp:
         return b.compute_copy * params
-    if zero == 2:
-        return 2 * copy * params
-    grads = copy * params if accumulates_unsharded else b.grad * largest_layer_params
-    return 2 * copy * largest_layer_params + grads
+    gathered = copy * params if zero <= 2 else copy * (2 * largest_layer_params + root_params)
+    grads = b.grad * params if accumulates_unsharded else copy * max(largest_layer_params, root_params)
+    return gathered + grads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +103,7 @@ def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b:
 def activation_bytes_per_layer(
     m: ModelSpec, seq: int, micro_batch: int, *, tp: int = 1, sp: bool = False, cp: int = 1,
     act_bytes: int = 2, flash: bool = True, recompute: str = "none", dropout: bool | None = None,
-    fused_swiglu: bool = False,
+    fused_swiglu: bool = False, fused_norm: bool = False, gathered_linear_inputs: bool = True,
 ) -> float:
     """Bytes one block keeps for its backward pass, for one micro-batch (Korthikanti et al. 2022, sec. 4).
 
@@ -100,14 +112,18 @@ def activation_bytes_per_layer(
     ``(34 + 5*a*s/h)/t``. This function computes the same terms one tensor at a time, so that GQA
     (k and v are kv/a of q), SwiGLU, flash attention, context parallel and 4-byte activations follow:
 
-        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP)
-        QKV input                    sbh               (sharded by SP)
+        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP)  -- meshplan's reference norm (what
+                                                       runs unless the fused kernel does) keeps its fp32 input
+                                                       and its normalised output: (4 + b)/b times as much
+        QKV input                    sbh               (sharded by SP in Megatron-LM, which re-gathers it in
+                                                       backward; DTensor sequence parallel -- meshplan's
+                                                       runtime, torchtitan -- keeps the all-gathered sbh)
         Q, K, V                      sbh * (1 + 2*kv/a) / t
         softmax out, mask, dropout   5*a*s^2*b / t  (bytes)   -- absent with flash attention, which saves
                                                              its output and a fp32 logsumexp (4*a*s*b/t)
         attention output (proj in)   sbh / t
         attention dropout mask       sbh (1 byte)      (sharded by SP)
-        MLP input                    sbh               (sharded by SP)
+        MLP input                    sbh               (as the QKV input)
         GELU: fc1 out + GELU out     2 * sbf / t
         SwiGLU: gate, up, silu, prod 4 * sbf / t       (3 with a fused SwiGLU kernel that recomputes silu)
         MLP dropout mask             sbh (1 byte)      (sharded by SP)
@@ -118,9 +134,13 @@ def activation_bytes_per_layer(
         full: only the block input is kept (2*sbh/t with SP) -- Korthikanti's "full recomputation".
         selective: op-level selective checkpointing with torchtitan's policy: the outputs of the attention
             op and of every *other* matmul are kept (the 1st, 3rd, ... of wq, wk, wv, wo, w1, w3, w2: wq, wv,
-            w1 and, for SwiGLU, w2), everything else -- wk, wo, w3 (GELU: w2), norms, activation functions,
-            rotary, elementwise ops -- is recomputed from the block input. Kept: block input, q, v, attention
-            output (+ logsumexp), w1's output (f wide) and for SwiGLU w2's output (h wide).
+            w1), except the block's last matmul, whose output nothing in the backward needs (under TP it is
+            the full-width partial sum before the reduce-scatter); everything else -- wk, wo, w3, w2, norms,
+            the SP all-gathers, activation functions, rotary, elementwise ops -- is recomputed from the block
+            input. Kept: block input, q, v, attention output (+ logsumexp), w1's output (f wide).
+
+    Checked against the runtime by ``meshplan check`` (fake tensors, every op's storage followed): equal
+    within 1% per layer for Llama 3 8B / 70B / 405B shapes at tp 1 / 4 / 8 (docs/check.md).
     """
     b, h, f, a = micro_batch, m.hidden, m.ffn_hidden, m.heads
     s = seq / cp
@@ -142,15 +162,17 @@ def activation_bytes_per_layer(
         block_input = act_bytes * sbh * replicated
         q_and_v = act_bytes * sbh * (1 + kv_ratio) / tp
         w1_out = act_bytes * s * b * f / tp
-        w2_out = act_bytes * sbh * replicated if m.mlp == "swiglu" else 0.0
         masks = 2 * mask * sbh * replicated
-        return block_input + q_and_v + attn_out + lse + w1_out + w2_out + masks
+        return block_input + q_and_v + attn_out + lse + w1_out + masks
 
     if recompute != "none":
         raise ValueError(f"unknown recompute mode {recompute!r}")
-    norms = 2 * act_bytes * sbh * replicated
-    qkv_input = act_bytes * sbh * replicated
-    mlp_input = act_bytes * sbh * replicated
+    norm_bytes = act_bytes if fused_norm else 4 + act_bytes
+    norms = 2 * norm_bytes * sbh * replicated
+    # DTensor SP (``gathered_linear_inputs``) keeps the all-gathered input of wq/wk/wv and w1/w3; Megatron-LM
+    # keeps its own shard and gathers again in backward (the paper's count)
+    linear_input = act_bytes * sbh * (1.0 if gathered_linear_inputs else replicated)
+    qkv_input = mlp_input = linear_input
     if m.mlp == "swiglu":
         mlp_inner = (3 if fused_swiglu else 4) * act_bytes * s * b * f / tp
     else:

@@ -22,14 +22,32 @@ def korthikanti(s, b, h, a, t=1, sp=False, selective=False):
 
 @pytest.mark.parametrize("t", [1, 2, 4, 8])
 def test_activation_bytes_match_korthikanti_tp(t):
-    got = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=False, flash=False)
+    got = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=False, flash=False, fused_norm=True)
     assert got == pytest.approx(korthikanti(S, B, 12288, 96, t))
 
 
 @pytest.mark.parametrize("t", [2, 8])
 def test_activation_bytes_match_korthikanti_tp_sp(t):
-    got = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=True, flash=False)
+    """The paper's count is Megatron-LM's sequence parallelism, which keeps each linear's input sharded."""
+    got = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=True, flash=False, fused_norm=True,
+                                            gathered_linear_inputs=False)
     assert got == pytest.approx(korthikanti(S, B, 12288, 96, t, sp=True))
+
+
+@pytest.mark.parametrize("t", [2, 8])
+def test_dtensor_sequence_parallel_keeps_the_gathered_linear_inputs(t):
+    """DTensor SP (meshplan's runtime, torchtitan) keeps the all-gathered inputs of the QKV and MLP-in linears:
+    2 x 2sbh instead of 2 x 2sbh/t (measured by meshplan check, tests/test_check.py)."""
+    megatron = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=True, fused_norm=True,
+                                                 gathered_linear_inputs=False)
+    dtensor = memory.activation_bytes_per_layer(GPT, S, B, tp=t, sp=True, fused_norm=True)
+    assert dtensor - megatron == pytest.approx(2 * 2 * S * B * 12288 * (1 - 1 / t))
+
+
+def test_reference_norm_keeps_its_fp32_input_and_its_output():
+    fused = memory.activation_bytes_per_layer(GPT, S, B, fused_norm=True)
+    reference = memory.activation_bytes_per_layer(GPT, S, B, fused_norm=False)
+    assert reference - fused == pytest.approx(2 * 4 * S * B * 12288)     # (4 + 2) - 2 bytes, two norms
 
 
 def test_full_recompute_keeps_only_the_layer_input():

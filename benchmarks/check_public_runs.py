@@ -1,0 +1,78 @@
+"""The planner's predicted peak memory against ``meshplan check`` for the published runs' configurations.
+
+    python benchmarks/check_public_runs.py [--runs ../shared/benchmarks/public-runs.yaml] [--json out.json]
+
+Every run of ``benchmarks/fidelity.py`` (Megatron-Core weak scaling, torchtitan Llama 3.1) is planned with its
+published configuration pinned, then checked: the first rank of the first and last pipeline rank built by
+meshplan's runtime over a fake process group of the run's world size, on fake tensors, one training step.
+The table gives, per checked rank, the measured and predicted allocated peak (GiB, before the planner's
+allocator margin) and (predicted - measured) / measured. Target (issue 8): within 5%, never below by more
+than 2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fidelity import DEFAULT_RUNS, load_cases  # noqa: E402
+from meshplan.launcher.check import check_plan, parse_ranks  # noqa: E402
+from meshplan.planner.search import search  # noqa: E402
+
+GIB = 2**30
+
+
+def run(path: Path) -> list[dict]:
+    rows = []
+    for case in load_cases(path):
+        plan = search(case.model, case.cluster, case.train, {**case.fixes, **case.env}, top=1).plans[0]
+        firsts = parse_ranks(None, plan)
+        ranks = sorted({firsts[0], firsts[-1]})
+        start = time.perf_counter()
+        try:
+            result = check_plan(plan, ranks)
+        except Exception as error:   # report and go on: one run the runtime cannot build is a finding
+            print(f"{case.name}: check failed: {error}", file=sys.stderr)
+            rows.append({"run": case.name, "error": str(error)})
+            continue
+        seconds = time.perf_counter() - start
+        for r in result.ranks:
+            measured, predicted = r.measured["peak"], r.predicted.get("peak", 0.0)
+            rows.append({"run": case.name, "rank": r.rank, "pp": r.coords["pp"],
+                         "degrees": f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp} z{plan.zero} mb{plan.micro_batch}",
+                         "measured_gib": measured / GIB, "predicted_gib": predicted / GIB,
+                         "error": (predicted - measured) / measured, "seconds": seconds / len(result.ranks),
+                         "measured": {k: v / GIB for k, v in r.measured.items()},
+                         "predicted": {k: v / GIB for k, v in r.predicted.items()}})
+            print(f"{case.name:45s} rank {r.rank:6d} (pp {r.coords['pp']:2d})  measured {measured / GIB:7.2f}  "
+                  f"predicted {predicted / GIB:7.2f}  {rows[-1]['error'] * 100:+6.1f}%", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not args.runs.exists():
+        print(f"error: --runs: {args.runs} not found (give the path to public-runs.yaml)", file=sys.stderr)
+        return 2
+    rows = run(args.runs)
+    ok = [r for r in rows if "error" in r and isinstance(r["error"], float)]
+    if ok:
+        errors = sorted(abs(r["error"]) for r in ok)
+        print(f"\n{len(ok)} ranks: median |error| {errors[len(errors) // 2] * 100:.1f}%, worst "
+              f"{errors[-1] * 100:.1f}%, within 5%: {sum(e <= 0.05 for e in errors)}, predicted below measured "
+              f"by more than 2%: {sum(r['error'] < -0.02 for r in ok)}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

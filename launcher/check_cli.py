@@ -1,0 +1,109 @@
+"""``meshplan check plan.yaml``: build every rank asked for in this process (fake process group, fake
+tensors), measure its memory, and set it beside the planner's prediction. Torch is imported only when the
+command runs, so registering it keeps ``meshplan plan`` torch-free.
+
+Exit codes: 0 the plan builds and its measured peak fits the device; 2 the plan cannot be built (one line
+naming the rank and the reason); 3 it builds but the measured peak does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from meshplan.errors import MeshplanError
+
+GIB = 2**30
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check", help="Build the plan for its ranks on this CPU (fake process group and tensors) and "
+                              "measure memory against the prediction.")(check)
+
+
+def check(
+    plan: Path = typer.Argument(..., help="plan file written by `meshplan plan --out`"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks to check: all, or a list such as 0,7,last "
+                                        "or pp:3 (default: the first rank of each pipeline rank)"),
+    output_format: str = typer.Option("table", "--format", help="table or json"),
+) -> None:
+    from meshplan.plan import Plan
+
+    try:
+        if output_format not in ("table", "json"):
+            from meshplan.errors import InputError
+            raise InputError("--format", f"unknown format {output_format!r}", "use table or json")
+        loaded = Plan.load(plan)
+        result = run_check(loaded, ranks, progress=output_format == "table")
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+    if output_format == "json":
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(format_table(result))
+    if not result.fits():
+        worst = result.worst
+        typer.echo(f"error: rank {worst.rank} peaks at {worst.measured['peak'] / GIB:.2f} GiB measured, more than "
+                   f"the {result.capacity_bytes / GIB:.2f} GiB a device offers (re-plan with more recompute, "
+                   f"ZeRO or parallelism: meshplan plan --check)", err=True)
+        raise typer.Exit(3)
+
+
+def run_check(plan, ranks: str | None, progress: bool = True):
+    """Check the plan's ranks, with a progress line per rank on stderr."""
+    from meshplan.launcher.check import check_plan, parse_ranks
+
+    chosen = parse_ranks(ranks, plan)
+
+    def report(done: int, total: int, rank_check) -> None:
+        if progress:
+            print(f"\rchecked rank {rank_check.rank} ({done}/{total}) in {rank_check.seconds:.1f}s",
+                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return check_plan(plan, chosen, report)
+
+
+def _unit(result) -> tuple[str, float]:
+    """GiB, or MiB for plans whose worst rank peaks below 1 GiB (tiny CPU plans)."""
+    return ("GiB", GIB) if result.worst.measured["peak"] >= GIB else ("MiB", 2**20)
+
+
+def _pct(measured: float, predicted: float) -> str:
+    if not measured:
+        return "-"
+    return f"{(predicted - measured) / measured * 100:+.1f}%"
+
+
+def format_table(result) -> str:
+    """Per rank: measured bytes by kind and the peak, the planner's peak, and the difference."""
+    from tabulate import tabulate
+
+    plan = result.plan
+    unit, scale = _unit(result)
+
+    def fmt(x: float) -> str:
+        return f"{x / scale:.3f}"
+
+    rows = []
+    for r in result.ranks:
+        m, p = r.measured, r.predicted
+        rows.append([r.rank, r.coords.get("pp", 0), ",".join(map(str, r.stages)), fmt(m["parameters"]),
+                     fmt(m["gradients"]), fmt(m["optimizer"]), f"{fmt(m['activations'])} ({r.in_flight:g}x)",
+                     fmt(m["logits"]), fmt(m["peak"]), fmt(p.get("peak", 0.0)) if p else "-",
+                     _pct(m["peak"], p.get("peak", 0.0)) if p else "-"])
+    headers = ["rank", "pp", "stages", "params", "grads", "optim", "activations (in flight)", "logits",
+               "peak", "predicted", "pred-meas"]
+    worst = result.worst
+    lines = [f"meshplan check: {plan.model.name}, dp={plan.dp} tp={plan.tp} pp={plan.pp} cp={plan.cp} "
+             f"(world {plan.world_size}), {len(result.ranks)} rank(s) built and run on fake tensors; {unit}",
+             tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True),
+             f"worst rank {worst.rank}: measured peak {worst.measured['peak'] / GIB:.3f} GiB (predicted "
+             f"{worst.predicted.get('peak', 0.0) / GIB:.3f}), device offers {result.capacity_bytes / GIB:.2f} GiB: "
+             f"{'fits' if result.fits() else 'DOES NOT FIT'}"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)

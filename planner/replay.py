@@ -1,0 +1,39 @@
+"""Re-evaluate a written Plan exactly: its degrees, its layer partition and its recompute counts.
+
+``meshplan check`` compares what it measures for a rank with what the cost model predicts for that rank;
+the plan file carries only the worst rank's breakdown, so the per-rank figures are recomputed here from
+the plan itself (a plan edited by hand is predicted as edited).
+"""
+
+from __future__ import annotations
+
+from meshplan.errors import InputError
+from meshplan.plan import Plan
+from meshplan.planner.evaluate import Config, Context, Evaluation, evaluate
+
+
+def config_of(plan: Plan) -> Config:
+    """The search-space point a plan was made from."""
+    return Config(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, micro_batch=plan.micro_batch,
+                  schedule=plan.schedule, virtual_stages=plan.virtual_stages, zero=plan.zero,
+                  vocab_parallel=plan.vocab_parallel, cp_kind=plan.cp_kind, tp_overlap=plan.tp_overlap,
+                  compile=plan.compile, fused_kernels=plan.kernels.get("norm") == "fused",
+                  mesh_order=tuple(plan.mesh_order))
+
+
+def replay(plan: Plan) -> Evaluation:
+    """The cost model's evaluation of exactly this plan (its partition and recompute counts pinned)."""
+    partition = [stage.num_layers for stage in plan.stages]
+    counts = [dict(stage.recompute_layers) for stage in plan.stages]
+    result = evaluate(config_of(plan), Context(plan.model, plan.cluster, plan.train), partition, counts)
+    if not isinstance(result, Evaluation):
+        raise InputError("plan", f"the cost model rejects this plan ({result.reason}: {result.detail})",
+                         "re-plan with `meshplan plan`")
+    return result
+
+
+def predicted_rank_memory(plan: Plan) -> list[dict[str, float]]:
+    """Bytes per pipeline rank: parameters, gradients, optimizer, activations, logits, buffers and the
+    allocator margin (``evaluate``'s ``rank_detail``); ranks of one pipeline rank are alike."""
+    ev = replay(plan)
+    return [ev.rank_detail(r) for r in range(plan.pp)]
