@@ -88,6 +88,29 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
 
+    def __enter__(self):
+        """Also follow ``UntypedStorage.resize_``: FSDP2 frees a gathered weight by resizing its storage to 0
+        and re-gathers into the same storage (as torch's own MemTracker does)."""
+        original = self._original_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            key = storage._cdata
+            result = original(storage, size)
+            if key in tracker._sizes:
+                new = storage.nbytes()
+                tracker.live += new - tracker._sizes[key]
+                tracker._sizes[key] = new
+                tracker.peak = max(tracker.peak, tracker.live)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*args)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.cuda_attention_layout and func is _cpu_flash_attention():

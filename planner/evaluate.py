@@ -235,25 +235,30 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     shards = cfg.tp * (cfg.pp if cfg.vocab_parallel else 1)
     vocab_local = math.ceil(model.vocab / shards)
     head_fwd = compute.matmul_time(tokens, model.hidden, vocab_local, rates)
-    loss = tokens * vocab_local * compute.loss_bytes_per_logit(cfg.fused_kernels, train.precision) / rates.memory
+    # the runtime's vocabulary-parallel loss is always the chunked one (launcher/runtime/vocab_parallel.py)
+    fused_loss = cfg.fused_kernels or (cfg.vocab_parallel and cfg.pp > 1)
+    loss = tokens * vocab_local * compute.loss_bytes_per_logit(fused_loss, train.precision) / rates.memory
     head_time = 3 * head_fwd + loss
     embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
     embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
     head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
-    fused_loss = cfg.fused_kernels
     logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden)
     logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local)
     if not cfg.vocab_parallel:
         return VocabCost(embed_time, head_time, 0.0, embed_params, head_params, 0.0, logits_peak, logprob, 0.0)
-    # Vocabulary parallelism (Yeung et al. 2024): every pipeline rank holds V/(p*t) rows of the embedding
-    # and head. Per micro-batch: the input embedding partial sums are all-reduced over the pipeline group and
-    # the last stage's hidden states broadcast to it (forward), softmax statistics all-reduced, and the
-    # hidden-state gradient reduced back (backward): ~4 transfers of the [s, b, h] activation.
+    # Vocabulary parallelism (Yeung et al. 2024) as meshplan's runtime does it (vocab_parallel.py): every
+    # pp x tp rank holds V/(p*t) rows of the embedding and head. Per micro-batch: the input embedding partial
+    # sums reduced to the first stage, the last stage's hidden states broadcast over the pipeline row, its
+    # gradient reduced back: ~4 one-way transfers of the [s, b, h] activation, whole (each tp column moves
+    # the full sequence), i.e. 2 all-reduces' worth; the softmax statistics are all-gathered per loss chunk
+    # (2 fp32 per token) over the pp x tp group, one latency per chunk.
     degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
     pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
-    activation = tokens * model.hidden / cfg.tp * ctx.act_bytes
-    stats = 3 * tokens * 4.0
-    vocab_comm = 4 * comm.allreduce_time(activation, pp_link) / 2 + 2 * comm.allreduce_time(stats, pp_link)
+    activation = tokens * model.hidden * ctx.act_bytes
+    chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(vocab_local / model.hidden))))))
+    chunks = math.ceil(tokens / chunk)
+    stats = chunks * comm.allgather_time(2 * min(chunk, tokens) * 4.0 * cfg.pp * cfg.tp, pp_link)
+    vocab_comm = 2 * comm.allreduce_time(activation, pp_link) + stats
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
     each_time = (head_time + embed_time) + vocab_comm
     return VocabCost(0.0, 0.0, each_time, flops.norm_params(model), flops.norm_params(model), each_params,

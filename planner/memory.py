@@ -86,13 +86,15 @@ def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b:
     loss applies the head outside the module). Gradients: while they accumulate over
     micro-batches without a reduction (ZeRO 0-2 with several micro-batches, any ZeRO under a pipeline,
     ``accumulates_unsharded``) FSDP2 keeps them unsharded in fp32 (its ``reduce_dtype``); otherwise one
-    unit's unsharded gradient exists at a time (a block, or the root unit), in the compute dtype.
+    block's unsharded gradient exists at a time, in the compute dtype (+ its fp32 cast under mixed precision).
     """
     copy = b.compute_copy or b.param
     if not fsdp:
         return b.compute_copy * params
     gathered = copy * params if zero <= 2 else copy * (2 * largest_layer_params + root_params)
-    grads = b.grad * params if accumulates_unsharded else copy * max(largest_layer_params, root_params)
+    # one block's unsharded gradient, plus its fp32 cast for the reduce-scatter under mixed precision
+    transient = (copy + (b.grad if copy != b.grad else 0)) * largest_layer_params
+    grads = b.grad * params if accumulates_unsharded else transient
     return gathered + grads
 
 
@@ -206,13 +208,14 @@ def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: 
     for meshplan's kernels (docs/kernels.md, benchmarks/bench_loss_memory.py: predicted = measured).
 
     Reference path: the logits are materialised and the backward's three fp32 [T, V] buffers dominate:
-    12 bytes per logit. Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
+    12 bytes per logit (``meshplan check`` of the torchtitan 8B configuration: the forward's 16-bit logits,
+    fp32 copy and fp32 log-softmax, 10 bytes, peak just below it). Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
     weight shard are computed in the forward and kept, (T + V) * h * b, plus one chunk of logits at c bytes per
     logit (c = b + 4, + 4 more when b != 4), with chunk = next_pow2(ceil(T / ceil(V / h))) tokens.
     """
+    b = 4 if precision == "fp32" else 2
     if not fused_loss:
         return 12.0 * tokens * vocab_local
-    b = 4 if precision == "fp32" else 2
     per_logit = b + 4 + (4 if b != 4 else 0)
     chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(vocab_local / max(1, hidden)))))))
     return (tokens + vocab_local) * hidden * b + min(tokens, chunk) * vocab_local * per_logit
