@@ -25,7 +25,6 @@ precision / autocast follow the plan's precision, so the bytes are the GPU run's
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import weakref

@@ -61,9 +61,11 @@ def run_check(plan, ranks: str | None, progress: bool = True):
     chosen = parse_ranks(ranks, plan)
 
     def report(done: int, total: int, rank_check) -> None:
-        if progress:
-            print(f"\rchecked rank {rank_check.rank} ({done}/{total}) in {rank_check.seconds:.1f}s",
-                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+        if progress:   # one line redrawn on a terminal, one line per rank in a log
+            tty = sys.stderr.isatty()
+            print(f"{chr(13) if tty else ''}checked rank {rank_check.rank} ({done}/{total}) in "
+                  f"{rank_check.seconds:.1f}s", end="\n" if done == total or not tty else "", file=sys.stderr,
+                  flush=True)
 
     return check_plan(plan, chosen, report)
 
