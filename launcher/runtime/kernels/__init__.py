@@ -174,7 +174,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if impl == "reference":
         return linear_cross_entropy_reference(hidden, weight, targets, process_group, ignore_index,
                                               reduce_hidden_grad)
-    backend = "triton" if fused_available(hidden.device) else "torch"
+    # fake/meta tensors (meshplan check): the PyTorch chunk math, which allocates what the Triton path does
+    backend = "triton" if fused_available(hidden.device) and not _shape_only(hidden) else "torch"
     return chunked_linear_cross_entropy(hidden, weight, targets, process_group, chunk_tokens, ignore_index,
                                         reduce_hidden_grad, backend)
 
