@@ -230,30 +230,16 @@ def check_structure(plan: Plan) -> None:
     """What the runtime needs of a plan's shapes and stages, each failure one line with the field and fix."""
     from meshplan.launcher.checks import check_supported
 
+    plan.validate()                 # stage count, contiguous cover of the model's blocks, batch arithmetic
     check_supported(plan)
     m = plan.model
     if plan.tp > 1 and m.ffn_hidden % plan.tp:
         raise InputError("plan.tp", f"tp={plan.tp} does not divide the MLP width ffn_hidden={m.ffn_hidden}",
                          "re-plan with a tensor-parallel degree dividing ffn_hidden")
-    if len(plan.stages) != plan.pp * plan.virtual_stages:
-        raise InputError("plan.stages", f"{len(plan.stages)} stages for pp={plan.pp} x virtual_stages="
-                         f"{plan.virtual_stages}", "write one stage per pipeline (virtual) stage, or re-plan")
-    expected = 0
     for j, stage in enumerate(plan.stages):
-        first, end = stage.layers
-        if first != expected:
-            raise InputError(f"plan.stages[{j}].layers", f"starts at layer {first}, expected {expected}",
-                             "make the stages' layer ranges contiguous from 0")
-        if end <= first:
-            raise InputError(f"plan.stages[{j}].layers", f"[{first}, {end}) holds no layer",
+        if stage.num_layers == 0:
+            raise InputError(f"plan.stages[{j}].layers", f"{list(stage.layers)} holds no layer",
                              "give every stage at least one transformer block, or use fewer stages")
-        if end > m.layers:
-            raise InputError(f"plan.stages[{j}].layers", f"[{first}, {end}) goes past the model's {m.layers} layers",
-                             f"end the last stage at layer {m.layers}")
-        expected = end
-    if expected != m.layers:
-        raise InputError("plan.stages", f"the stages cover layers [0, {expected}) of {m.layers}",
-                         f"end the last stage at layer {m.layers}")
 
 
 def _check_groups(plan: Plan, meshes, tied_group) -> None:
@@ -279,12 +265,6 @@ def _check_groups(plan: Plan, meshes, tied_group) -> None:
 def _device_type(plan: Plan) -> str:
     """The device the plan runs on: decides mixed precision, fused kernels and the optimizer's kernel."""
     return "cuda" if plan.cluster.gpu.kind == "gpu" else "cpu"
-
-
-def _hidden_dtype(plan: Plan, meshes) -> torch.dtype:
-    from meshplan.launcher.runtime.train import mixed_precision_policy
-
-    return torch.bfloat16 if mixed_precision_policy(plan, meshes, _device_type(plan)) is not None else torch.float32
 
 
 def _skip_p2p_warmup(schedule) -> None:
@@ -332,7 +312,6 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
     more forward per stage, measured with ``tracker`` (entered by the caller). Returns the measured bytes
     (parameters, gradients, optimizer, logits, peak; activations is filled in by the caller), the bytes one
     micro-batch keeps in each stage's blocks, and in each stage's whole forward (loss included)."""
-    from meshplan.launcher.runtime import parallelize as par
     from meshplan.launcher.runtime import train as rt
 
     plan, parts = trainer.plan, trainer.parts
@@ -360,19 +339,12 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
     per_stage: dict[int, float] = {}
     forward_totals: dict[int, float] = {}
     logits = 0.0
-    last = len(plan.stages) - 1
-    for j, part in parts:
-        if j < 0:           # the vocabulary shard of vocab_parallel: not a pipeline stage
-            continue
-        (x,), _ = par.stage_io_examples(plan, j, inputs.device, hidden_dtype)
-        if j == 0:
-            x = inputs[:plan.micro_batch]
-        run = forward_runner(trainer, part, j == last, x, targets[:plan.micro_batch])
+    for j, part, run in stage_forwards(trainer, inputs, targets, hidden_dtype):
         run()                                    # warm: ZeRO-1/2 parameters stay gathered after this
         blocks, total = _block_bytes(part, tracker, run)
         per_stage[j] = blocks
         forward_totals[j] = total
-        if j == last:
+        if j == len(plan.stages) - 1:
             logits = max(0.0, total - blocks)
     measured = {"parameters": float(params), "gradients": float(grads["bytes"]), "optimizer": float(optimizer_bytes),
                 "activations": 0.0, "logits": logits, "peak": float(peak)}
@@ -415,7 +387,7 @@ def _check_rank(plan: Plan, rank: int, predicted: list[dict[str, float]] | None,
         parts = rt.build_parts(plan, meshes, device_type)
         tracker = LiveBytes(cuda_attention_layout=device_type == "cuda")
         config = rt.RunConfig(plan_path="<check>")
-        hidden_dtype = _hidden_dtype(plan, meshes)
+        hidden_dtype = rt.hidden_dtype(plan, meshes, device_type)
         with FakeTensorMode(allow_non_fake_inputs=True), tracker:
             first, end = rt._positions_range(plan, meshes)
             positions = torch.arange(first, end)
@@ -494,6 +466,23 @@ def _rank_check(plan: Plan, rank: int, coords: dict[str, int], stages: list[int]
     if mine:
         mine["peak"] = sum(v for k, v in mine.items() if k != "margin")
     return RankCheck(rank, dict(coords), stages, measured, per_stage, in_flight, mine, seconds)
+
+
+def stage_forwards(trainer, inputs: torch.Tensor, targets: torch.Tensor, hidden_dtype: torch.dtype):
+    """``(stage, part, run)`` for each pipeline stage of the rank: ``run()`` is one micro-batch through the
+    part (the batch's first sequences into the first stage, example hidden states into the others, the loss
+    on the last). The vocabulary shard of ``vocab_parallel`` is not a stage and is skipped."""
+    from meshplan.launcher.runtime import parallelize as par
+
+    plan = trainer.plan
+    last = len(plan.stages) - 1
+    for j, part in trainer.parts:
+        if j < 0:
+            continue
+        (x,), _ = par.stage_io_examples(plan, j, inputs.device, hidden_dtype)
+        if j == 0:
+            x = inputs[:plan.micro_batch]
+        yield j, part, forward_runner(trainer, part, j == last, x, targets[:plan.micro_batch])
 
 
 def forward_runner(trainer, part, has_loss: bool, x: torch.Tensor, targets: torch.Tensor):

@@ -22,6 +22,7 @@ import pytest
 from meshplan.plan import Plan, StagePlan
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
 from runtime_helpers import TINY_GPT, free_port, job_env, make_plan
+from test_runtime_parity import LLAMA_PLANS
 
 torch = pytest.importorskip("torch")
 
@@ -30,14 +31,7 @@ from meshplan.planner import memory  # noqa: E402
 
 # The launcher's CPU parity matrix (tests/test_runtime_parity.py), plus the tied GPT split over two stages.
 PARITY_MATRIX = {
-    "dp2-tp2": dict(dp=2, tp=2),
-    "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
-    "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
-    "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),
-    "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
-    "dp4-zero3": dict(dp=4, zero=3),
-    "tp4-vocab-sharded": dict(tp=4),
-    "dp2-tp2-pp2-full-recompute-zero1": dict(dp=2, tp=2, pp=2, recompute="full", zero=1),
+    **LLAMA_PLANS,
     "gpt-tied-tp2-pp2-gpipe-uneven": dict(model=TINY_GPT, tp=2, pp=2, schedule="gpipe", bounds=[0, 1, 4],
                                           recompute="selective"),
 }

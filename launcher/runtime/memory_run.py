@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from meshplan.launcher.check import LiveBytes, forward_runner, measure_trainer
-from meshplan.launcher.runtime import parallelize as par
+from meshplan.launcher.check import LiveBytes, measure_trainer, stage_forwards
 from meshplan.launcher.runtime import train as rt
 from meshplan.launcher.runtime.data import Slice, make_source
 from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes
@@ -39,7 +38,7 @@ def measure(plan_path: str, out: Path, seed: int = 0) -> dict:
     batch = data.batch(1, plan.train.global_batch, plan.train.seq_len + 1)
     inputs, targets = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp).take(batch)
     inputs, targets = inputs.to(device), targets.to(device)
-    hidden_dtype = torch.bfloat16 if rt.mixed_precision_policy(plan, trainer.meshes, device_type) else torch.float32
+    hidden_dtype = rt.hidden_dtype(plan, trainer.meshes, device_type)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with LiveBytes() as tracker:
@@ -52,11 +51,7 @@ def measure(plan_path: str, out: Path, seed: int = 0) -> dict:
         record["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
     # The allocator's view of one more forward per stage (independent of the tracker).
     allocator = {}
-    last = len(plan.stages) - 1
-    for j, part in trainer.parts:
-        (x,), _ = par.stage_io_examples(plan, j, device, hidden_dtype)
-        x = inputs[:plan.micro_batch] if j == 0 else x
-        run = forward_runner(trainer, part, j == last, x, targets[:plan.micro_batch])
+    for j, _, run in stage_forwards(trainer, inputs, targets, hidden_dtype):
         _, net, result = peak_tracked_bytes(run)
         del result
         allocator[str(j)] = net

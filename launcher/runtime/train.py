@@ -151,6 +151,12 @@ def mixed_precision_policy(plan: Plan, meshes: par.Meshes, device_type: str):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
+def hidden_dtype(plan: Plan, meshes: par.Meshes, device_type: str) -> torch.dtype:
+    """The dtype of the hidden states between pipeline stages: bf16 under FSDP2 mixed precision (its
+    parameters, hence its outputs, are bf16), else fp32 (autocast keeps the residual stream in fp32)."""
+    return torch.bfloat16 if mixed_precision_policy(plan, meshes, device_type) is not None else torch.float32
+
+
 VOCAB_PART = -1   # index of the vocabulary shard in ``build_parts``' list (vocab_parallel with pp > 1)
 
 
@@ -217,8 +223,8 @@ def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: s
         if stage_io is None and par.stage_outputs_hidden(plan):
             # Declared stage shapes: the schedule's dynamic shape inference would call the loss function
             # once on its own, which for the vocabulary passes is a collective the other ranks do not join.
-            hidden_dtype = torch.bfloat16 if mixed_precision_policy(plan, meshes, device_type) else torch.float32
-            stage_io = lambda j: par.stage_io_examples(plan, j, device, hidden_dtype)  # noqa: E731
+            dtype = hidden_dtype(plan, meshes, device_type)
+            stage_io = lambda j: par.stage_io_examples(plan, j, device, dtype)  # noqa: E731
         schedule = par.build_schedule(plan, stages, meshes.pp, device, stage_loss, stage_io)
     autocast = None
     if device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8") \
