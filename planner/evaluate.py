@@ -387,29 +387,58 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             params += vc.last_params
         return params
 
-    def rank_static_bytes(rank: int, layers: int) -> dict[str, float]:
-        """Everything on rank ``rank`` but the saved activations of its blocks."""
+    def rank_memory_phases(rank: int, layers: int, recomputes: bool) -> tuple[dict[str, float], dict[str, float],
+                                                                             dict[str, float]]:
+        """Everything on rank ``rank`` but the saved activations of its blocks, as (common, at the loss, in the
+        first block's backward) breakdowns; the rank's peak is common + the larger phase
+        (memory.step_peak_phases)."""
         params = rank_fixed_params(rank) + layers * lc.params
         states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), cfg.dp, sb)
+        fsdp = cfg.dp * cfg.cp > 1
+        root = rank_fixed_params(rank)
         accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)    # see launcher/runtime/train.py train_step
-        copy = memory.compute_copy_bytes(params, cfg.zero, lc.params, sb, accumulates_unsharded=accumulates,
-                                         fsdp=cfg.dp * cfg.cp > 1, root_params=rank_fixed_params(rank))
+        accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates, fsdp)
+        gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
+        gathered_bwd = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=True)
+        # The sharded gradients: replaced by the fp32 accumulators while those exist (each block's reduce-scatter
+        # frees its accumulator); else present from the first micro-batch's backward on, so at the last one's
+        # loss only when there are several (optimizer.zero_grad(set_to_none=True) freed the last step's).
+        grads = states.pop("gradients")
+        grads_common = 0.0 if accumulators else (grads if num_mb > 1 else 0.0)
+        grads_backward = 0.0 if accumulators or num_mb > 1 else grads
         holds_loss = cfg.vocab_parallel or rank == (n_stages - 1) % p
-        logits = 0.0
-        if holds_loss:
+        logits_loss = logits_kept = 0.0
+        if holds_loss:   # GPipe keeps every earlier micro-batch's log-probabilities until its backward
             flight_loss = 2 if cfg.vocab_parallel else (num_mb if (cfg.schedule == "gpipe" and p > 1) else 1)
-            logits = vc.logits_peak + max(0, flight_loss - 1) * vc.logprob_saved
-        buffers = copy
-        if p > 1:
-            buffers += 2 * boundary_bytes * in_flight[rank]      # received inputs and sent outputs kept
-        return {**states, "logits": logits, "buffers": buffers}
+            logits_loss, logits_kept = vc.logits_peak, max(0, flight_loss - 1) * vc.logprob_saved
+        pipeline = boundary_bytes * memory.pipeline_receive_buffers(p, rank, num_mb, v)
+        common = {**states, "gradients": grads_common, "logits": logits_kept,
+                  "buffers": gathered_loss + accumulators + pipeline}
+        at_loss = {"logits": logits_loss}
+        in_backward = {"gradients": grads_backward,     # (+ the block being re-materialised under recompute)
+                       "buffers": gathered_bwd - gathered_loss + transient + (lc.act_full_layer if recomputes else 0.0)
+                       + memory.sp_backward_workspace_bytes(cfg.micro_batch * train.seq_len / cfg.cp, model.hidden,
+                                                            ctx.act_bytes, cfg.tp)}
+        return common, at_loss, in_backward
+
+    def rank_static_bytes(rank: int, layers: int, recomputes: bool = True) -> float:
+        """The rank's peak without its blocks' saved activations (memory.step_peak_phases)."""
+        common, at_loss, in_backward = rank_memory_phases(rank, layers, recomputes)
+        return sum(common.values()) + memory.step_peak_phases(sum(at_loss.values()), sum(in_backward.values()))
 
     def act_bytes(rank: int, counts: dict[str, int]) -> float:
         return in_flight[rank] * sum(counts[m] * lc.act[m] for m in MODES)
 
-    # Static memory is linear in the number of blocks a rank holds: total(r, n) = base[r] + n * slope[r].
-    base = [sum(rank_static_bytes(r, 0).values()) for r in range(p)]
-    slope = [sum(rank_static_bytes(r, 1).values()) - base[r] for r in range(p)]
+    # Static memory as a linear upper bound in the number of blocks a rank holds, total(r, n) = base[r] +
+    # n * slope[r] (the phase maximum is convex in n), with room for one re-materialised block; the reported
+    # peak below is exact.
+    def upper_slope(rank: int) -> float:
+        (c0, a0, b0), (c1, a1, b1) = rank_memory_phases(rank, 0, True), rank_memory_phases(rank, 1, True)
+        grows = [sum(x1.values()) - sum(x0.values()) for x0, x1 in ((c0, c1), (a0, a1), (b0, b1))]
+        return grows[0] + max(0.0, grows[1], grows[2])
+
+    base = [rank_static_bytes(r, 0) for r in range(p)]
+    slope = [upper_slope(r) for r in range(p)]
 
     # Layer partition over virtual stages (balanced by time; memory enforced by recompute below).
     if partition is None:
@@ -430,9 +459,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # Recompute per pipeline rank: minimal recompute time that fits its memory.
     choices: list[RecomputeChoice] = []
     for r in range(p):
-        static = base[r] + rank_layers[r] * slope[r]
-        # (a recomputed block is re-materialised whole during its backward: keep room for one)
-        budget = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN) - static - lc.act_full_layer
+        static = base[r] + rank_layers[r] * slope[r]   # (with room for one block re-materialised by recompute)
+        budget = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN) - static
         if recompute_counts is not None:
             counts = _rank_counts(recompute_counts, r, p, n_stages)
             choice = RecomputeChoice(counts, sum(counts[m] * lc.recompute[m] for m in MODES),
@@ -512,23 +540,43 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
     iteration = pipeline + dp_time + opt_time
 
-    # Memory per rank and the worst one.
+    # Memory per rank and the worst one: what is live at each rank's peak.
+    def rank_peak_detail(r: int) -> dict[str, float]:
+        recomputes = bool(choices[r].counts["full"] or choices[r].counts["selective"])
+        common, at_loss, in_backward = rank_memory_phases(r, rank_layers[r], recomputes)
+        phase = at_loss if sum(at_loss.values()) >= sum(in_backward.values()) else in_backward
+        entry = {k: common.get(k, 0.0) + phase.get(k, 0.0)
+                 for k in ("parameters", "gradients", "optimizer", "logits", "buffers")}
+        entry["activations"] = choices[r].act_bytes
+        accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)
+        if cfg.schedule == "interleaved" and v > 1:
+            # replay the rank's operations: chunks differ in size and create their accumulators late
+            stages = list(range(r, n_stages, p))
+            acts = [sum(_split_counts(choices[r].counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES)
+                    for j in stages]
+            chunk_params = [partition[j] * lc.params + (vc.each_params if cfg.vocab_parallel and j < p else 0.0)
+                            + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
+                            for j in stages]
+            fsdp = cfg.dp * cfg.cp > 1
+            accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates, fsdp)[0] for x in chunk_params]
+            shards = [memory.model_state_bytes(x, memory.runtime_sharding_stage(cfg.zero), cfg.dp, sb)["gradients"]
+                      if a else 0.0 for x, a in zip(chunk_params, accs)]
+            ops = memory.interleaved_1f1b_order(p, r, num_mb, v)
+            _, live, accumulated, extra = memory.schedule_peak(ops, acts, accs, shards, [sum(at_loss.values())] * v,
+                                                               sum(in_backward.values()))
+            phase = at_loss if extra == sum(at_loss.values()) and extra > 0 else in_backward
+            entry = {k: common.get(k, 0.0) + phase.get(k, 0.0)
+                     for k in ("parameters", "gradients", "optimizer", "logits", "buffers")}
+            entry["buffers"] += accumulated - sum(accs)
+            entry["activations"] = live
+        return {k: entry[k] for k in ("parameters", "gradients", "optimizer", "activations", "logits", "buffers")}
+
     def rank_detail(r: int) -> dict[str, float]:
-        static = rank_static_bytes(r, rank_layers[r])
-        if choices[r].counts["full"] or choices[r].counts["selective"]:
-            static["buffers"] += lc.act_full_layer     # the block being recomputed, during its backward
-        entry = {"parameters": static["parameters"], "gradients": static["gradients"],
-                 "optimizer": static["optimizer"], "activations": choices[r].act_bytes, "logits": static["logits"],
-                 "buffers": static["buffers"]}
+        entry = rank_peak_detail(r)
         entry["margin"] = memory.ALLOCATOR_MARGIN * sum(entry.values())
         return entry
 
-    peaks = []
-    for r in range(p):
-        allocated = base[r] + rank_layers[r] * slope[r] + choices[r].act_bytes
-        if choices[r].counts["full"] or choices[r].counts["selective"]:
-            allocated += lc.act_full_layer
-        peaks.append(allocated * (1 + memory.ALLOCATOR_MARGIN))
+    peaks = [sum(rank_peak_detail(r).values()) * (1 + memory.ALLOCATOR_MARGIN) for r in range(p)]
     worst = max(range(p), key=lambda r: peaks[r])
     if peaks[worst] > ctx.capacity_bytes:
         return Rejection("OOM", f"pipeline rank {worst} peaks at {peaks[worst] / GIB:.1f} GiB",
@@ -553,7 +601,7 @@ def _layer_caps(ctx, lc, base, slope, in_flight) -> list[int] | None:
     caps = []
     for r in range(len(base)):
         per_layer = slope[r] + in_flight[r] * lc.act["full"]
-        room = capacity - base[r] - lc.act_full_layer
+        room = capacity - base[r]
         caps.append(max(0, int(room // per_layer)) if per_layer > 0 else ctx.model.layers)
     if sum(caps) < ctx.model.layers:
         return None

@@ -73,29 +73,77 @@ def runtime_sharding_stage(zero: int) -> int:
     return 0 if zero == 0 else 3
 
 
-def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
-                       accumulates_unsharded: bool, fsdp: bool = True, root_params: float = 0.0) -> float:
-    """The compute-dtype weights and the unsharded gradients that live beside the sharded state during a
-    step, as meshplan's runtime holds them (measured by ``meshplan check``, docs/check.md).
+def gathered_weight_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
+                          fsdp: bool = True, root_params: float = 0.0, during_backward: bool = True) -> float:
+    """The compute-dtype weights that live beside the sharded state during a step, as meshplan's runtime
+    holds them (measured by ``meshplan check``, docs/check.md).
 
     One data-parallel rank (no FSDP2; ``fsdp`` False): autocast casts every weight once per step and caches
     the cast until the step ends: ``compute_copy * P``. Otherwise FSDP2 (``replicate`` for ZeRO 0,
     ``fully_shard`` for 1-3): ZeRO 0-2 keep every weight gathered (cast) from the first forward to the last
-    backward, ZeRO 3 only the current and the prefetched block plus the root unit (``root_params``: the
-    embedding, final norm and head, which every stage keeps gathered from forward to backward -- the fused
-    loss applies the head outside the module). Gradients: while they accumulate over
-    micro-batches without a reduction (ZeRO 0-2 with several micro-batches, any ZeRO under a pipeline,
-    ``accumulates_unsharded``) FSDP2 keeps them unsharded in fp32 (its ``reduce_dtype``); otherwise one
-    block's unsharded gradient exists at a time, in the compute dtype (+ its fp32 cast under mixed precision).
+    backward; ZeRO 3 keeps the root unit gathered (``root_params``: the embedding, final norm and head, kept
+    from forward to backward -- the fused loss applies the head outside the module) and, during the backward
+    (``during_backward``), the current and the prefetched block; at the loss no block is gathered.
     """
     copy = b.compute_copy or b.param
     if not fsdp:
         return b.compute_copy * params
-    gathered = copy * params if zero <= 2 else copy * (2 * largest_layer_params + root_params)
-    # one block's unsharded gradient, plus its fp32 cast for the reduce-scatter under mixed precision
-    transient = (copy + (b.grad if copy != b.grad else 0)) * largest_layer_params
-    grads = b.grad * params if accumulates_unsharded else transient
-    return gathered + grads
+    if zero <= 2:
+        return copy * params
+    return copy * ((2 * largest_layer_params if during_backward else 0.0) + root_params)
+
+
+def unsharded_grad_bytes(params: float, largest_layer_params: float, b: StateBytes, accumulates_unsharded: bool,
+                         fsdp: bool = True) -> tuple[float, float]:
+    """(accumulators, transient): the unsharded gradients FSDP2 holds beside the sharded state.
+
+    While gradients accumulate over micro-batches without a reduction (ZeRO 0-2 with several micro-batches,
+    any ZeRO under a pipeline: ``accumulates_unsharded``) FSDP2 keeps them unsharded in fp32 (its
+    ``reduce_dtype``) from the first micro-batch's backward to the step's end: ``grad * P`` accumulators.
+    Otherwise one block's unsharded gradient exists at a time, during its backward, in the compute dtype plus
+    its fp32 cast for the reduce-scatter under mixed precision: the transient. Without FSDP2 (one data-parallel
+    rank) gradients go straight into ``param.grad`` (the gradient state): neither.
+    """
+    if not fsdp:
+        return 0.0, 0.0
+    if accumulates_unsharded:
+        return b.grad * params, 0.0
+    copy = b.compute_copy or b.param
+    return 0.0, (copy + (b.grad if copy != b.grad else 0)) * largest_layer_params
+
+
+def compute_copy_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
+                       accumulates_unsharded: bool, fsdp: bool = True, root_params: float = 0.0) -> float:
+    """The gathered weights and unsharded gradients of the backward, together (:func:`gathered_weight_bytes`
+    during the backward + both parts of :func:`unsharded_grad_bytes`): an upper bound on what lives beside
+    the sharded state at any moment of a step."""
+    accumulators, transient = unsharded_grad_bytes(params, largest_layer_params, b, accumulates_unsharded, fsdp)
+    return gathered_weight_bytes(params, zero, largest_layer_params, b, fsdp, root_params) + accumulators + transient
+
+
+def sp_backward_workspace_bytes(tokens: float, hidden: int, act_bytes: int, tp: int) -> float:
+    """Full-sequence tensors a block's backward holds beyond its saved activations under sequence parallelism
+    (DTensor): the output gradient all-gathered for the row-parallel linear (the collective's [t, s/t, b, h]
+    output and its concatenation along the sequence, 2 tensors) and the column-parallel input gradient before
+    its reduce-scatter (1): ``3 * tokens * h * act_bytes`` (``meshplan check`` of torchtitan's Llama 3 405B
+    runs: three such [4, 8192, 16384] tensors live at the peak beside the recomputed block). 0 without TP."""
+    return 3.0 * tokens * hidden * act_bytes if tp > 1 else 0.0
+
+
+def step_peak_phases(loss_phase: float, backward_phase: float) -> float:
+    """The step's peak over its two candidate moments, given what each adds to the bytes common to both
+    (states, pipeline buffers, every in-flight micro-batch's saved activations):
+
+    - the loss of the last micro-batch (end of its forward): the loss buffers (logits) and the weights
+      gathered for it;
+    - the backward of the first block after it: the block being re-materialised under recompute, its
+      unsharded gradient, the blocks gathered under ZeRO 3.
+
+    The two are not live together: the loss's buffers are freed before the first block's backward starts
+    (``meshplan check`` of torchtitan's Llama 3 8B run finds the peak at ``nll_loss_forward``, 12 bytes per
+    logit live, no gradient yet). Activations only shrink afterwards, so no later moment is higher.
+    """
+    return max(loss_phase, backward_phase)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +249,79 @@ def microbatches_in_flight(schedule: str, pp: int, rank: int, num_microbatches: 
         chunks = min(m * virtual_stages, 2 * (pp - rank - 1) + (virtual_stages - 1) * pp + 1)
         return chunks / virtual_stages
     return float(min(pp - rank, m))
+
+
+def interleaved_1f1b_order(pp: int, rank: int, num_microbatches: int, virtual_stages: int) -> list[tuple[str, int]]:
+    """The (``"F"`` or ``"B"``, local chunk) operations pipeline rank ``rank`` runs, in order, under torch's
+    ``ScheduleInterleaved1F1B`` (torch 2.6-2.13, ``_calculate_single_rank_operations``): m micro-batches in
+    rounds of ``mpr = m // max(1, m // pp)``; ``min((v - 1) * mpr + 2 * (pp - 1 - rank), m * v)`` warm-up
+    forwards, then one forward and one backward alternating, then the remaining backwards. The k-th forward
+    runs chunk ``(k // mpr) % v``, the k-th backward chunk ``v - 1 - (k // mpr) % v``."""
+    m, v = num_microbatches, virtual_stages
+    per_round = m // max(1, m // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), m * v)
+    ops = [("F", (k // per_round) % v) for k in range(warmup)]
+    backwards = 0
+    for k in range(warmup, m * v):
+        ops += [("F", (k // per_round) % v), ("B", v - 1 - (backwards // per_round) % v)]
+        backwards += 1
+    ops += [("B", v - 1 - (k // per_round) % v) for k in range(backwards, m * v)]
+    return ops
+
+
+def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumulators: list[float],
+                  reduced: list[float], at_forward: list[float], in_backward: float) -> tuple[float, float, float, float]:
+    """Replay a pipeline rank's operations and return its peak as (total, activations, gradient
+    accumulators, phase extra) at that moment.
+
+    A forward of chunk c keeps ``activations[c]`` until that micro-batch's backward of c; the first backward
+    of chunk c creates its fp32 gradient accumulators ``accumulators[c]`` (:func:`unsharded_grad_bytes`), its
+    last backward reduce-scatters them (the pipelining schedule's ``last_backward``) and leaves the
+    ``reduced[c]`` gradient shard; during a forward of c ``at_forward[c]`` is live (the loss on the last
+    stage), during a backward ``in_backward`` (:func:`step_peak_phases`). Under interleaving the most
+    micro-batches are in flight before the other chunks' backwards have created their accumulators, and a
+    chunk's accumulators may be reduced before the next one's exist: adding both maxima over-predicts
+    (torchtitan's Llama 3 405B interleaved configuration: +22%, docs/check.md).
+    """
+    live = gradients = 0.0
+    backwards: dict[int, int] = {}
+    per_chunk = sum(kind == "B" for kind, chunk in ops if chunk == 0) or 1
+    best = (0.0, 0.0, 0.0, 0.0)
+    for kind, chunk in ops:
+        if kind == "F":
+            live += activations[chunk]
+            extra = at_forward[chunk]
+        else:
+            if chunk not in backwards:
+                gradients += accumulators[chunk]
+            backwards[chunk] = backwards.get(chunk, 0) + 1
+            extra = in_backward
+        if live + gradients + extra > best[0]:
+            best = (live + gradients + extra, live, gradients, extra)
+        if kind == "B":
+            live -= activations[chunk]
+            if backwards[chunk] == per_chunk:
+                gradients += reduced[chunk] - accumulators[chunk]
+    return best
+
+
+def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1) -> int:
+    """Stage-boundary tensors ([b, s/cp, h/tp] each) that ``torch.distributed.pipelining`` keeps allocated on
+    pipeline rank ``rank`` for the whole step.
+
+    ``PipelineStage`` allocates, when a schedule first runs, one activation-receive buffer per micro-batch for
+    every stage but the first and one gradient-receive buffer per micro-batch for every stage but the last
+    (``_prepare_forward_infra`` / ``_prepare_backward_infra``, torch 2.6-2.13), and keeps them for reuse. Rank
+    ``rank`` runs stages ``j * pp + rank`` for ``j < v``; with n = pp * v stages the count is
+    m * (#{stages > 0} + #{stages < n - 1}). Measured by ``meshplan check``: 448 buffers (7 * 64) on both end
+    ranks of Megatron's 462B configuration (pp16, v4, m64), 7.9 GiB -- Megatron-LM allocates them per
+    transfer instead. The stages' outputs kept for backward are the last block's activations, counted there.
+    """
+    if pp <= 1:
+        return 0
+    stages = [j * pp + rank for j in range(virtual_stages)]
+    last = pp * virtual_stages - 1
+    return num_microbatches * (sum(s > 0 for s in stages) + sum(s < last for s in stages))
 
 
 def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, hidden: int = 0) -> float:

@@ -303,8 +303,8 @@ def _refine(ctx: Context, ev: Evaluation) -> Evaluation:
     p = cfg.pp
     num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
     in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, 1) for r in range(p)]
-    # the same memory model as evaluate(): static bytes linear in blocks, room for one re-materialised block
-    static = [base + lc.act_full_layer for base, _ in ev.rank_static]
+    # the same memory model as evaluate(): static bytes linear in blocks, with room for one re-materialised block
+    static = [base for base, _ in ev.rank_static]
     per_block = [slope for _, slope in ev.rank_static]
     capacity = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN)
     solved = solve_partition_ilp(ctx.model.layers, num_mb, lc.fwd + lc.bwd, _rank_extras(ctx, cfg), static,

@@ -91,6 +91,53 @@ def test_pipeline_in_flight_microbatches():
     assert memory.microbatches_in_flight("interleaved", 8, 0, 32, 4) == pytest.approx(8 + 7 / 4)
 
 
+def test_interleaved_order_matches_in_flight_formula_and_torch_counts():
+    for pp, m, v in ((4, 8, 2), (8, 8, 2), (16, 64, 4), (4, 4, 3)):
+        for rank in range(pp):
+            ops = memory.interleaved_1f1b_order(pp, rank, m, v)
+            assert sum(k == "F" for k, _ in ops) == sum(k == "B" for k, _ in ops) == m * v
+            assert all(sum(1 for k, c in ops if k == "B" and c == chunk) == m for chunk in range(v))
+            live = held = 0
+            for kind, _ in ops:
+                live += 1 if kind == "F" else 0
+                held = max(held, live)
+                live -= 1 if kind == "B" else 0
+            assert held == pytest.approx(memory.microbatches_in_flight("interleaved", pp, rank, m, v) * v)
+
+
+def test_schedule_peak_counts_accumulators_only_while_they_exist():
+    # m = p = 2, v = 2 on rank 0: F0 F0 F1 F1 (all in flight), then B1 B1 (chunk 1's accumulators, reduced at
+    # its last backward) before B0 B0 creates chunk 0's: the two chunks' accumulators never coexist.
+    ops = memory.interleaved_1f1b_order(2, 0, 2, 2)
+    assert ops == [("F", 0), ("F", 0), ("F", 1), ("F", 1), ("B", 1), ("B", 1), ("B", 0), ("B", 0)]
+    peak, live, grads, extra = memory.schedule_peak(ops, [1.0, 1.0], [10.0, 10.0], [1.0, 1.0], [0.0, 0.0], 0.5)
+    assert (peak, live, grads, extra) == (4 + 10 + 0.5, 4.0, 10.0, 0.5)
+    peak, *_ = memory.schedule_peak(ops, [1.0, 1.0], [10.0, 30.0], [1.0, 1.0], [0.0, 0.0], 0.0)
+    assert peak == 4 + 30      # the larger chunk's accumulators at the most micro-batches in flight
+    peak, *_ = memory.schedule_peak(ops, [1.0, 1.0], [30.0, 10.0], [1.0, 1.0], [0.0, 0.0], 0.0)
+    assert peak == 2 + 1 + 30  # chunk 0's, later: two micro-batches left, chunk 1's shard
+
+
+def test_pipeline_receive_buffers_follow_torch_pipelining():
+    # one activation buffer per micro-batch for every stage but the first, one gradient buffer for every
+    # stage but the last (measured by meshplan check: 448 on both end ranks of Megatron's 462B, pp16 v4 m64)
+    assert memory.pipeline_receive_buffers(16, 0, 64, 4) == memory.pipeline_receive_buffers(16, 15, 64, 4) == 448
+    assert memory.pipeline_receive_buffers(4, 0, 8) == 8 and memory.pipeline_receive_buffers(4, 3, 8) == 8
+    assert memory.pipeline_receive_buffers(4, 1, 8) == 16
+    assert memory.pipeline_receive_buffers(1, 0, 8) == 0
+
+
+def test_gathered_weights_and_unsharded_gradients_follow_fsdp2():
+    b = memory.state_bytes("bf16", "adamw")
+    # ZeRO 3 gathers the root unit for the loss and two blocks more during the backward
+    assert memory.gathered_weight_bytes(100, 3, 10, b, root_params=5, during_backward=False) == 2 * 5
+    assert memory.gathered_weight_bytes(100, 3, 10, b, root_params=5) == 2 * (20 + 5)
+    assert memory.gathered_weight_bytes(100, 1, 10, b, root_params=5, during_backward=False) == 2 * 100
+    assert memory.unsharded_grad_bytes(100, 10, b, accumulates_unsharded=True) == (400, 0)
+    assert memory.unsharded_grad_bytes(100, 10, b, accumulates_unsharded=False) == (0, (2 + 4) * 10)
+    assert memory.step_peak_phases(3.0, 5.0) == 5.0
+
+
 def test_collectives_follow_nccl_busbw_factors():
     cluster = load_cluster("dgx-h100:4")
     link = comm.group_link(cluster, 8, 1)

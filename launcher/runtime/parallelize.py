@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor.parallel import RowwiseParallel
 
 from meshplan.launcher.runtime.context_parallel import RingAttention, UlyssesAttention
 from meshplan.launcher.runtime.model import Transformer, keep_only
@@ -115,21 +117,54 @@ def layer_recompute(plan: Plan, layer: int) -> str:
 # tensor + sequence parallel
 # ----------------------------------------------------------------------------------------------
 
+def _vocab_shard_embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's vocabulary-parallel embedding on this rank's rows ``[start, start + n)`` of the Shard(0)
+    weight: ids outside the shard look up row 0 and are zeroed, the output is a Partial (summed over the TP
+    ranks by the style's output redistribution). Its backward is a plain embedding backward into the ``[n, h]``
+    local shard -- DTensor's own rule for ``embedding_dense_backward`` has no vocabulary-sharded strategy and
+    materialises the whole ``[V, h]`` gradient on every TP rank (plus its fp32 cast under FSDP2), 13.5 GiB on
+    the first pipeline rank of Megatron's 462B configuration (found by ``meshplan check``)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    weight = module.weight
+    mesh = weight.device_mesh
+    local_ids = ids.to_local() if isinstance(ids, DTensor) else ids
+    shard = weight.to_local(grad_placements=weight.placements)
+    # Shard(0) splits like torch.chunk: ceil(V / tp) rows per rank, the last ranks possibly fewer
+    start = min(weight.shape[0], mesh.get_local_rank() * -(-weight.shape[0] // mesh.size()))
+    outside = (local_ids < start) | (local_ids >= start + shard.shape[0])
+    out = F.embedding((local_ids - start).masked_fill(outside, 0), shard).masked_fill(outside.unsqueeze(-1), 0)
+    return DTensor.from_local(out, mesh, [Partial()], run_check=False)
+
+
+class VocabShardEmbedding(RowwiseParallel):
+    """``RowwiseParallel`` for an ``nn.Embedding`` (weight Shard(0) over the vocabulary, output reduced to
+    ``output_layouts``) whose forward and backward touch only the local rows, see
+    :func:`_vocab_shard_embedding_forward`."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"VocabShardEmbedding applies to nn.Embedding, not {type(module).__name__}")
+        module = super()._apply(module, device_mesh)
+        module.forward = functools.partial(_vocab_shard_embedding_forward, module)
+        return module
+
+
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron tensor parallelism with DTensor: column-parallel q/k/v and MLP-in, row-parallel attention-out
     and MLP-out; with sequence parallelism the norms and residual stream are sharded on the sequence
     dimension. The embedding is sharded by vocabulary (row-wise) and the head by vocabulary (column-wise),
     its logits left as a DTensor sharded on the vocabulary for ``loss_parallel``."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, SequenceParallel,
+                                                   parallelize_module)
 
     residual = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, object] = {}
     if model.tok_embeddings is not None:
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+        top["tok_embeddings"] = VocabShardEmbedding(input_layouts=Replicate(), output_layouts=residual)
     if model.pos_embeddings is not None:
-        top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+        top["pos_embeddings"] = VocabShardEmbedding(input_layouts=Replicate(), output_layouts=residual)
     if model.norm is not None and sequence_parallel:
         top["norm"] = SequenceParallel()
     if model.output is not None:

@@ -328,6 +328,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _schedule_step_takes_return_outputs() -> bool:
+    import inspect
+
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+    return all("return_outputs" in inspect.signature(cls.step).parameters
+               for cls in (PipelineScheduleSingle, PipelineScheduleMulti))
+
+
+# newer torch lets a schedule drop the last stage's outputs; on older ones the keyword would reach the model
+_STEP_TAKES_RETURN_OUTPUTS = _schedule_step_takes_return_outputs()
+
+
 def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One optimizer step over this rank's slice of the global batch. Returns the summed micro-batch losses
     (a scalar on the last pipeline stage, zero elsewhere)."""
@@ -349,6 +361,10 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) ->
                 first_input = trainer.vocab.begin_step(inputs, targets)
             args = (first_input,) if trainer.is_first_stage else ()
             kwargs = {"target": targets, "losses": losses} if trainer.is_last_stage else {}
+            if _STEP_TAKES_RETURN_OUTPUTS:
+                # the last stage would keep every micro-batch's output (the logits) to the step's end to
+                # return them merged; the losses are all train_step needs (m x the logits, found by check)
+                kwargs["return_outputs"] = False
             trainer.schedule.step(*args, **kwargs)
             if trainer.vocab is not None:                # head passes joined, embedding backward, shard grads
                 trainer.vocab.end_step()
