@@ -328,9 +328,9 @@ def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: 
     """Peak bytes of the LM head output and the loss for ``tokens`` tokens of one micro-batch, as measured
     for meshplan's kernels (docs/kernels.md, benchmarks/bench_loss_memory.py: predicted = measured).
 
-    Reference path: the logits are materialised and the backward's three fp32 [T, V] buffers dominate:
-    12 bytes per logit (``meshplan check`` of the torchtitan 8B configuration: the forward's 16-bit logits,
-    fp32 copy and fp32 log-softmax, 10 bytes, peak just below it). Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
+    Reference path: 12 bytes per logit live at the loss (``meshplan check`` of the torchtitan 8B
+    configuration finds the step's peak at ``nll_loss_forward``: the 16-bit logits, a 16-bit copy, the fp32
+    upcast and the fp32 log-softmax). Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
     weight shard are computed in the forward and kept, (T + V) * h * b, plus one chunk of logits at c bytes per
     logit (c = b + 4, + 4 more when b != 4), with chunk = next_pow2(ceil(T / ceil(V / h))) tokens.
     """
