@@ -12,7 +12,6 @@ than 2%.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity import DEFAULT_RUNS, load_cases  # noqa: E402
+from fidelity import load_cases, parse_runs_arguments  # noqa: E402
 from meshplan.launcher.check import check_plan, parse_ranks  # noqa: E402
 from meshplan.planner.search import search  # noqa: E402
 
@@ -55,12 +54,8 @@ def run(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if not args.runs.exists():
-        print(f"error: --runs: {args.runs} not found (give the path to public-runs.yaml)", file=sys.stderr)
+    args = parse_runs_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
     rows = run(args.runs)
     ok = [r for r in rows if "error" in r and isinstance(r["error"], float)]

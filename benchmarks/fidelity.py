@@ -145,13 +145,22 @@ def run(path: Path) -> dict:
     return {"summary": summary, "runs": out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_runs_arguments(description: str, argv: list[str] | None) -> argparse.Namespace | None:
+    """``--runs public-runs.yaml`` and ``--json out.json`` for the benchmarks over the published runs; None
+    (after one line on stderr) when the runs file does not exist."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not args.runs.exists():
         print(f"error: --runs: {args.runs} not found (give the path to public-runs.yaml)", file=sys.stderr)
+        return None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_runs_arguments(__doc__.splitlines()[0], argv)
+    if args is None:
         return 2
     result = run(args.runs)
     if args.json:
