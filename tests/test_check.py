@@ -49,6 +49,19 @@ def run_real(plan: Plan, workdir: Path) -> dict[int, dict]:
     return {r: json.loads((workdir / f"rank{r}.json").read_text()) for r in range(plan.world_size)}
 
 
+def gloo_worker_slack_bytes(plan: Plan) -> float:
+    """How much more than the fake run a real gloo run's peak may honestly hold at a moment's timing.
+
+    ProcessGroupGloo's worker thread keeps a finished collective's Work -- its input and output tensors --
+    until it takes its queue lock again (``workInProgress_[i].reset()`` after ``AsyncWork::execute``), a moment
+    after ``wait()`` has returned to the training thread. On a loaded CPU the training thread can reach its
+    peak inside that moment (seen in CI: the sequence-parallel all-gather's [b, s/tp, h] input and [b, s, h]
+    output, 48 KiB on the tiny GPT, 4% of its peak). The largest per-micro-batch collective moves at most two
+    micro-batch hidden states (SP all-gather: 1 + 1/tp of one; Ulysses all-to-all: in + out of 1/cp each)."""
+    hidden_state = plan.micro_batch * plan.train.seq_len * plan.model.hidden * 4    # fp32 on CPU
+    return 2.0 * hidden_state
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PARITY_MATRIX))
 def test_check_measures_what_the_real_run_allocates(name, tmp_path):
@@ -62,7 +75,9 @@ def test_check_measures_what_the_real_run_allocates(name, tmp_path):
         for stage, real_bytes in real[rank]["activations_per_microbatch"].items():
             fake_bytes = fake.activations_per_microbatch[int(stage)]
             assert abs(fake_bytes - real_bytes) <= 0.05 * real_bytes, (name, rank, stage, fake_bytes, real_bytes)
-        assert abs(fake.measured["peak"] - measured["peak"]) <= 0.05 * measured["peak"], (name, rank)
+        fake_peak, real_peak = fake.measured["peak"], measured["peak"]
+        assert fake_peak - 0.05 * real_peak <= real_peak <= fake_peak + 0.05 * real_peak + gloo_worker_slack_bytes(
+            plan), (name, rank, fake_peak, real_peak)
 
 
 def _one_block_plan(model: str, tp: int, mode: str, layers: int) -> Plan:
