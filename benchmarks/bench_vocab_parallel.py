@@ -1,13 +1,16 @@
-"""Vocabulary parallelism across pipeline ranks on CPU ranks: step time and per-rank memory with
+"""Vocabulary parallelism across pipeline ranks on CPU ranks: step time and per-rank peak memory with
 ``vocab_parallel`` false vs true, next to the planner's predicted ratios (issue 6).
 
-    python benchmarks/bench_vocab_parallel.py                       # 8 layers, vocab 65536, pp4, 1F1B
+    python benchmarks/bench_vocab_parallel.py                                  # 8 layers, vocab 65536, pp4, 1F1B
+    python benchmarks/bench_vocab_parallel.py --pp 2 --cluster cluster.yaml    # a profiled cluster (meshplan profile)
     python benchmarks/bench_vocab_parallel.py --vocab 32768 --steps 3 --out bench-vocab.json
 
-Each configuration is a real ``torchrun`` job (gloo, fp32). Per rank it records the peak resident set
-(``ru_maxrss``) minus the resident set after ``import torch`` (what the model, optimizer, activations and
-loss buffers add), and the step time is the median over the steps after the first. The planner's numbers
-come from ``planner.replay`` of the same plans (``iteration_s`` and each pipeline rank's peak bytes).
+Each configuration runs two real ``torchrun`` jobs (gloo, fp32): ``launcher.runtime.train`` for ``--steps``
+steps (step time: the median of the steps after the first) and ``launcher.runtime.memory_run`` (each rank's
+peak live tensor bytes over one step, optimizer state included: the tracker ``meshplan check`` uses, entered
+in the vocabulary helper thread too). The planner's numbers come from ``planner.replay`` of the same plans
+on ``--cluster`` (``iteration_s``; each pipeline rank's peak without the allocator margin, which live bytes
+do not see). The done-when of issue 6 compares the ratios true / false.
 """
 
 from __future__ import annotations
@@ -24,20 +27,6 @@ from pathlib import Path
 from meshplan.plan import Plan, StagePlan
 from meshplan.spec import ModelSpec, TrainSpec, load_cluster
 
-RANK_WRAPPER = """
-import json, os, resource, sys
-import torch  # noqa: F401  (the baseline: interpreter + torch)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from meshplan.launcher.runtime.train import main
-code = main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = os.environ["BENCH_MEM_DIR"]
-with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-    json.dump({"rank": int(os.environ["RANK"]), "added_mib": (peak - base) / 1024}, f)
-sys.exit(code)
-"""
-
-
 def make_plan(args, vocab_parallel: bool) -> Plan:
     model = ModelSpec(name=f"bench-{args.layers}l-v{args.vocab}", layers=args.layers, hidden=args.hidden,
                       heads=args.heads, kv_heads=args.heads, ffn_hidden=4 * args.hidden, vocab=args.vocab)
@@ -45,34 +34,38 @@ def make_plan(args, vocab_parallel: bool) -> Plan:
     bounds = [round(i * args.layers / pp) for i in range(pp + 1)]
     stages = tuple(StagePlan((bounds[i], bounds[i + 1]), {"none": bounds[i + 1] - bounds[i]}) for i in range(pp))
     return Plan(dp=1, tp=1, pp=pp, cp=1, micro_batch=args.global_batch // m, num_microbatches=m, stages=stages,
-                model=model, cluster=load_cluster(f"localhost:{pp}"),
+                model=model, cluster=load_cluster(args.cluster or f"localhost:{pp}"),
                 train=TrainSpec(args.global_batch, args.seq_len, precision="fp32"), schedule="1f1b",
                 vocab_parallel=vocab_parallel)
 
 
-def run(plan: Plan, workdir: Path, name: str, steps: int) -> dict:
-    plan_path, metrics, mem = workdir / f"{name}.yaml", workdir / f"{name}.jsonl", workdir / f"{name}-mem"
-    mem.mkdir(exist_ok=True)
-    plan.save(plan_path)
-    wrapper = workdir / "rank.py"
-    wrapper.write_text(RANK_WRAPPER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_MEM_DIR": str(mem)}
+def _torchrun(plan: Plan, module: str, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.world_size}",
-           str(wrapper), "--plan", str(plan_path), "--steps", str(steps), "--metrics-out", str(metrics)]
+           "-m", module, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def run(plan: Plan, workdir: Path, name: str, steps: int) -> dict:
+    plan_path, metrics, mem = workdir / f"{name}.yaml", workdir / f"{name}.jsonl", workdir / f"{name}-mem"
+    plan.save(plan_path)
+    _torchrun(plan, "meshplan.launcher.runtime.train", "--plan", str(plan_path), "--steps", str(steps),
+              "--metrics-out", str(metrics))
+    _torchrun(plan, "meshplan.launcher.runtime.memory_run", "--plan", str(plan_path), "--out", str(mem))
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     ranks = sorted((json.loads(p.read_text()) for p in mem.glob("rank*.json")), key=lambda r: r["rank"])
     return {"step_s": statistics.median(r["step_time_s"] for r in records[1:] or records),
-            "loss": [r["loss"] for r in records], "rank_mib": [r["added_mib"] for r in ranks]}
+            "loss": [r["loss"] for r in records], "rank_mib": [r["measured"]["peak"] / 2**20 for r in ranks]}
 
 
 def predicted(plan: Plan) -> dict:
     from meshplan.planner.replay import replay
 
     ev = replay(plan)
-    return {"step_s": ev.iteration_s, "rank_mib": [b / 2**20 for b in ev.rank_peaks]}
+    peaks = [sum(v for k, v in ev.rank_detail(r).items() if k != "margin") for r in range(plan.pp)]
+    return {"step_s": ev.iteration_s, "rank_mib": [b / 2**20 for b in peaks]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cluster", default=None, help="cluster the planner predicts on: a `meshplan profile` YAML "
+                   "or a preset (default localhost:<pp>)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     results = {}
@@ -99,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("step time (s)", off["measured"]["step_s"], on["measured"]["step_s"],
              off["predicted"]["step_s"], on["predicted"]["step_s"])]
     for r in range(args.pp):
-        rows.append((f"rank {r} memory (MiB)", off["measured"]["rank_mib"][r], on["measured"]["rank_mib"][r],
+        rows.append((f"rank {r} peak memory (MiB)", off["measured"]["rank_mib"][r], on["measured"]["rank_mib"][r],
                      off["predicted"]["rank_mib"][r], on["predicted"]["rank_mib"][r]))
-    rows.append(("max rank memory (MiB)", max(off["measured"]["rank_mib"]), max(on["measured"]["rank_mib"]),
+    rows.append(("max rank peak memory (MiB)", max(off["measured"]["rank_mib"]), max(on["measured"]["rank_mib"]),
                  max(off["predicted"]["rank_mib"]), max(on["predicted"]["rank_mib"])))
     print(f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, seq {args.seq_len}, "
-          f"global batch {args.global_batch}, {args.microbatches} micro-batches, pp{args.pp} 1F1B, fp32, CPU/gloo\n")
+          f"global batch {args.global_batch}, {args.microbatches} micro-batches, pp{args.pp} 1F1B, fp32, CPU/gloo, "
+          f"predicted on {args.cluster or f'localhost:{args.pp}'}\n")
     print("| quantity | measured false | measured true | measured ratio | predicted false | predicted true "
           "| predicted ratio | ratio error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

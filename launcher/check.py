@@ -471,18 +471,22 @@ def _rank_check(plan: Plan, rank: int, coords: dict[str, int], stages: list[int]
 def stage_forwards(trainer, inputs: torch.Tensor, targets: torch.Tensor, hidden_dtype: torch.dtype):
     """``(stage, part, run)`` for each pipeline stage of the rank: ``run()`` is one micro-batch through the
     part (the batch's first sequences into the first stage, example hidden states into the others, the loss
-    on the last). The vocabulary shard of ``vocab_parallel`` is not a stage and is skipped."""
+    on the last). The vocabulary shard of ``vocab_parallel`` is not a stage and is skipped; with it the first
+    stage takes hidden states (the embedding is the shard's) and the last stage's loss is the vocabulary
+    pass, a step of its own, so it is not run here."""
     from meshplan.launcher.runtime import parallelize as par
+    from meshplan.launcher.runtime import vocab_parallel
 
     plan = trainer.plan
     last = len(plan.stages) - 1
+    vocab_split = vocab_parallel.enabled(plan)
     for j, part in trainer.parts:
         if j < 0:
             continue
         (x,), _ = par.stage_io_examples(plan, j, inputs.device, hidden_dtype)
-        if j == 0:
+        if j == 0 and not vocab_split:
             x = inputs[:plan.micro_batch]
-        yield j, part, forward_runner(trainer, part, j == last, x, targets[:plan.micro_batch])
+        yield j, part, forward_runner(trainer, part, j == last and not vocab_split, x, targets[:plan.micro_batch])
 
 
 def forward_runner(trainer, part, has_loss: bool, x: torch.Tensor, targets: torch.Tensor):

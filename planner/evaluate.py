@@ -238,12 +238,15 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     # the runtime's vocabulary-parallel loss is always the chunked one (launcher/runtime/vocab_parallel.py)
     fused_loss = cfg.fused_kernels or (cfg.vocab_parallel and cfg.pp > 1)
     loss = tokens * vocab_local * compute.loss_bytes_per_logit(fused_loss, train.precision) / rates.memory
+    if fused_loss:   # each chunk reads and writes the weight gradient
+        loss += memory.loss_chunk_accumulate_bytes(int(tokens), model.hidden, vocab_local, ctx.act_bytes) / rates.memory
     head_time = 3 * head_fwd + loss
     embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
     embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
     head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
-    logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden)
-    logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local)
+    logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden,
+                                       stage_keeps_logits=cfg.pp > 1)
+    logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local, train.precision, cfg.pp > 1)
     if not cfg.vocab_parallel:
         return VocabCost(embed_time, head_time, 0.0, embed_params, head_params, 0.0, logits_peak, logprob, 0.0)
     # Vocabulary parallelism (Yeung et al. 2024) as meshplan's runtime does it (vocab_parallel.py): every
@@ -255,9 +258,9 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
     pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
     activation = tokens * model.hidden * ctx.act_bytes
-    chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(vocab_local / model.hidden))))))
+    chunk = memory.loss_chunk_tokens(int(tokens), model.hidden, vocab_local)
     chunks = math.ceil(tokens / chunk)
-    stats = chunks * comm.allgather_time(2 * min(chunk, tokens) * 4.0 * cfg.pp * cfg.tp, pp_link)
+    stats = chunks * comm.allgather_time(2 * chunk * 4.0 * cfg.pp * cfg.tp, pp_link)
     vocab_comm = 2 * comm.allreduce_time(activation, pp_link) + stats
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
     each_time = (head_time + embed_time) + vocab_comm

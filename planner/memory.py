@@ -324,24 +324,61 @@ def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_
     return num_microbatches * (sum(s > 0 for s in stages) + sum(s < last for s in stages))
 
 
-def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, hidden: int = 0) -> float:
+MIN_LOSS_CHUNK_TOKENS = 256
+
+
+def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
+    """Tokens per chunk of the fused (chunked) linear + cross-entropy, at most T:
+    ``max(next_pow2(ceil(T / ceil(V_local / h))), 256)``.
+
+    The first term is Liger-Kernel's rule: one chunk's logits about as large as the hidden states
+    (``chunk * V_local ~ T * h``). The floor keeps each chunk's weight-gradient accumulation worth its memory
+    traffic: a chunk reads and writes the ``[V_local, h]`` gradient (2·b·V_local·h bytes) for 2·c·V_local·h
+    FLOPs, c/b FLOP per byte, 64 at c = 256 in fp32, above a CPU's ridge point; Liger's rule alone gives 8-token
+    chunks at h = 256, V_local = 32k, T = 512 and runs 3.8x slower than 512-token chunks on this CPU
+    (docs/vocab-parallel.md). At LLM shapes (h >= 4096, T >= 8192) Liger's rule is already >= 256.
+    ``launcher/runtime/kernels/cross_entropy.default_chunk_tokens`` is this function."""
+    if tokens <= 0:
+        return 1
+    factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
+    chunk = max(1, math.ceil(tokens / factor))
+    return int(min(tokens, max(1 << (chunk - 1).bit_length(), MIN_LOSS_CHUNK_TOKENS)))
+
+
+def loss_chunk_accumulate_bytes(tokens: int, hidden: int, vocab_local: int, weight_bytes: float) -> float:
+    """Memory traffic of the chunked loss's weight-gradient accumulation for one micro-batch: each of the
+    ``ceil(T / chunk)`` chunks reads and writes the ``[V_local, h]`` gradient, kept in the weight's dtype
+    (``weight_bytes`` per element, as Liger-Kernel does): 2·b·V_local·h bytes per chunk."""
+    chunks = math.ceil(tokens / loss_chunk_tokens(tokens, hidden, vocab_local))
+    return chunks * 2.0 * weight_bytes * vocab_local * hidden
+
+
+def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: bool, hidden: int = 0,
+                 stage_keeps_logits: bool = False) -> float:
     """Peak bytes of the LM head output and the loss for ``tokens`` tokens of one micro-batch, as measured
     for meshplan's kernels (docs/kernels.md, benchmarks/bench_loss_memory.py: predicted = measured).
 
     Reference path: 12 bytes per logit live at the loss (``meshplan check`` of the torchtitan 8B
     configuration finds the step's peak at ``nll_loss_forward``: the 16-bit logits, a 16-bit copy, the fp32
-    upcast and the fp32 log-softmax). Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
+    upcast and the fp32 log-softmax). Its backward holds 12 more at ``log_softmax_backward``: the saved fp32
+    log-softmax, the gradient ``nll_loss_backward`` made and the one being written; a pipeline stage keeps
+    its output, the logits (b bytes), until that backward (``stage_keeps_logits``, pp > 1), so there the loss
+    peaks at 12 + b per logit (``meshplan check``: 16 B/logit at ``_log_softmax_backward_data``, fp32 last
+    stage of 4). Fused chunked linear + cross-entropy: the gradients of the hidden states and of the
     weight shard are computed in the forward and kept, (T + V) * h * b, plus one chunk of logits at c bytes per
     logit (c = b + 4, + 4 more when b != 4), with chunk = next_pow2(ceil(T / ceil(V / h))) tokens.
     """
     b = 4 if precision == "fp32" else 2
     if not fused_loss:
-        return 12.0 * tokens * vocab_local
+        return (12.0 + (b if stage_keeps_logits else 0)) * tokens * vocab_local
     per_logit = b + 4 + (4 if b != 4 else 0)
-    chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(vocab_local / max(1, hidden)))))))
-    return (tokens + vocab_local) * hidden * b + min(tokens, chunk) * vocab_local * per_logit
+    chunk = loss_chunk_tokens(int(tokens), hidden, int(vocab_local))
+    return (tokens + vocab_local) * hidden * b + chunk * vocab_local * per_logit
 
 
-def saved_logprob_bytes(tokens: float, vocab_local: float) -> float:
-    """The fp32 log-softmax a reference loss keeps until its micro-batch's backward (GPipe holds m of them)."""
-    return 4.0 * tokens * vocab_local
+def saved_logprob_bytes(tokens: float, vocab_local: float, precision: str = "fp32",
+                        stage_keeps_logits: bool = False) -> float:
+    """What a reference loss keeps until its micro-batch's backward (GPipe holds m of them): the fp32
+    log-softmax, and the logits themselves where a pipeline stage keeps its output (``logits_bytes``)."""
+    b = 4 if precision == "fp32" else 2
+    return (4.0 + (b if stage_keeps_logits else 0)) * tokens * vocab_local

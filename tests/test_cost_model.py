@@ -160,10 +160,10 @@ def test_placement_decides_the_link():
 
 def test_logits_memory_matches_the_measured_loss_kernels():
     # benchmarks/bench_loss_memory.py, 8192 tokens x 128256 vocab, h = 1024, fp32 (docs/kernels.md):
-    # measured peak 0.643 GiB fused (chunked) and 11.742 GiB unfused
+    # measured peak 0.765 GiB fused (chunked, 256-token chunks) and 11.742 GiB unfused
     fused = memory.logits_bytes(8192, 128256, "fp32", True, hidden=1024) / 2**30
     unfused = memory.logits_bytes(8192, 128256, "fp32", False, hidden=1024) / 2**30
-    assert fused == pytest.approx(0.643, abs=0.001)
+    assert fused == pytest.approx(0.765, abs=0.001)
     assert unfused == pytest.approx(11.742, abs=0.001)
     assert fused < unfused / 4
 

@@ -275,7 +275,8 @@ def test_chunked_loss_bf16_close_to_fp32_reference():
 
 
 def test_default_chunk_tokens():
-    assert CE.default_chunk_tokens(8192, 1024, 128256) == 128      # ceil(8192 / 126) = 66 -> 128
+    assert CE.default_chunk_tokens(8192, 1024, 128256) == 256      # ceil(8192 / 126) = 66 -> 128, floor 256
+    assert CE.default_chunk_tokens(512, 256, 32768) == 256         # Liger's rule alone: 4 tokens
     assert CE.default_chunk_tokens(8192, 4096, 128256) == 256
     assert CE.default_chunk_tokens(10, 4096, 1000) == 10            # never more than T
     assert CE.default_chunk_tokens(1, 8, 10**6) == 1
@@ -354,7 +355,7 @@ def test_saved_bytes_match_documented_formulas(interpret):
 
 def test_fused_loss_peak_below_quarter_and_formula():
     """Small version of benchmarks/bench_loss_memory.py (tracked CPU allocations)."""
-    t, h, v = 512, 64, 8000
+    t, h, v = 4096, 64, 8000       # T large enough for several chunks above the 256-token floor
     hidden, weight, targets = _loss_inputs(t, h, v, ignore_every=1000)
     peaks = {}
     for impl in ("reference", "fused"):

@@ -130,11 +130,19 @@ def _vocab_shard_embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> t
     mesh = weight.device_mesh
     local_ids = ids.to_local() if isinstance(ids, DTensor) else ids
     shard = weight.to_local(grad_placements=weight.placements)
-    # Shard(0) splits like torch.chunk: ceil(V / tp) rows per rank, the last ranks possibly fewer
-    start = min(weight.shape[0], mesh.get_local_rank() * -(-weight.shape[0] // mesh.size()))
+    start, _ = chunk_rows(weight.shape[0], mesh.size(), mesh.get_local_rank())
     outside = (local_ids < start) | (local_ids >= start + shard.shape[0])
     out = F.embedding((local_ids - start).masked_fill(outside, 0), shard).masked_fill(outside.unsqueeze(-1), 0)
     return DTensor.from_local(out, mesh, [Partial()], run_check=False)
+
+
+def chunk_rows(rows: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, end)`` of part ``index`` when ``rows`` are split like ``torch.chunk`` (DTensor's Shard):
+    ``ceil(rows / parts)`` per part, the last parts possibly fewer or none. Arithmetic, because DTensor's
+    ``compute_local_shape_and_global_offset`` reads a tensor value that fake tensors (``meshplan check``)
+    do not have."""
+    size = -(-rows // parts)
+    return min(rows, index * size), min(rows, (index + 1) * size)
 
 
 class VocabShardEmbedding(RowwiseParallel):

@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from meshplan.launcher.runtime.kernels import chunk_backend
 from meshplan.launcher.runtime.kernels import cross_entropy as CE
+from meshplan.launcher.runtime.parallelize import chunk_rows
 from meshplan.plan import Plan
 
 
@@ -153,11 +155,8 @@ class VocabShard(nn.Module):
 
     def rows(self) -> tuple[int, int]:
         """``[start, end)``: the vocabulary rows this rank holds."""
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         w = self.tok_embeddings.weight
-        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        return offset[0], offset[0] + shape[0]
+        return chunk_rows(w.shape[0], w.device_mesh.size(), w.device_mesh.get_local_rank())
 
     def embedding_local(self) -> torch.Tensor:
         return self.tok_embeddings.weight.to_local()
@@ -221,10 +220,6 @@ class VocabParallel:
         rows = -(-self.plan.model.vocab // (self.plan.pp * self.plan.tp))
         return CE.default_chunk_tokens(tokens, self.plan.model.hidden, rows)
 
-    def _backend(self, device: torch.device) -> str:
-        from meshplan.launcher.runtime.kernels import fused_available
-        return "triton" if fused_available(device) else "torch"
-
     # --- step lifecycle -----------------------------------------------------------------------
 
     def begin_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -248,7 +243,11 @@ class VocabParallel:
         if not self.is_last:
             self._head_targets = list(targets.chunk(self.plan.num_microbatches))
             if not self.fake:
-                self._thread = threading.Thread(target=self._serve_head_safely, name="vocab-head", daemon=True)
+                from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+                modes = _get_current_dispatch_mode_stack()
+                self._thread = threading.Thread(target=self._serve_head_safely, args=(modes,), name="vocab-head",
+                                                daemon=True)
                 self._thread.start()
         return self._embedded
 
@@ -278,7 +277,7 @@ class VocabParallel:
         loss, grad_hidden, grad_weight = CE.chunked_loss_and_grads(
             hidden, self.shard.head_local().detach(), targets.reshape(-1), self.groups.group,
             self._chunk(hidden.shape[0]), need_grad=True, reduce_hidden_grad=False,
-            backend=self._backend(hidden.device), vocab_start=start)
+            backend=chunk_backend(hidden), vocab_start=start)
         self._grads[-1].add_(grad_weight)
         return loss, grad_hidden
 
@@ -312,13 +311,22 @@ class VocabParallel:
                 _, grad_hidden = self._head_pass(hidden, targets)
                 dist.reduce(grad_hidden, dst=self.groups.last, group=self.groups.row)
 
-    def _serve_head_safely(self) -> None:
+    def _serve_head_safely(self, modes: list) -> None:
+        """The helper thread: ``_serve_head`` under the dispatch modes the step was started under
+        (``memory_run``'s live-bytes tracker, a FLOP counter), which are per thread in torch."""
+        from torch.utils._python_dispatch import _pop_mode, _push_mode
+
+        for mode in modes:
+            _push_mode(mode)
         try:
             self._serve_head()
         except BaseException as error:  # re-raised by end_step in the main thread; printed now, since the
             import traceback            # last stage may be blocked on this rank's pass until a timeout
             traceback.print_exc()
             self._error = error
+        finally:
+            for _ in modes:
+                _pop_mode()
 
     def _embedding_backward(self) -> None:
         """The first stage's input gradient reaches every rank of its row; each adds it into its rows."""

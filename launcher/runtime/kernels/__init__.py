@@ -30,7 +30,7 @@ from .reference import (linear_cross_entropy_reference, rms_norm_reference, rota
 __all__ = [
     "IMPLS", "rms_norm", "swiglu", "apply_rotary", "linear_cross_entropy", "fused_adamw_available",
     "sdpa_flash_available", "triton_available", "fused_available", "resolve_impl", "kernels_from_plan",
-    "KernelSet", "default_chunk_tokens",
+    "KernelSet", "default_chunk_tokens", "chunk_backend",
 ]
 
 IMPLS = ("fused", "reference", "auto")
@@ -174,10 +174,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if impl == "reference":
         return linear_cross_entropy_reference(hidden, weight, targets, process_group, ignore_index,
                                               reduce_hidden_grad)
-    # fake/meta tensors (meshplan check): the PyTorch chunk math, which allocates what the Triton path does
-    backend = "triton" if fused_available(hidden.device) and not _shape_only(hidden) else "torch"
     return chunked_linear_cross_entropy(hidden, weight, targets, process_group, chunk_tokens, ignore_index,
-                                        reduce_hidden_grad, backend)
+                                        reduce_hidden_grad, chunk_backend(hidden))
+
+
+def chunk_backend(hidden: torch.Tensor) -> str:
+    """The chunked loss's chunk math for ``hidden``: ``triton`` where the kernels run, else ``torch``; fake/meta
+    tensors (``meshplan check``) take the PyTorch chunk math, which allocates what the Triton path does."""
+    return "triton" if fused_available(hidden.device) and not _shape_only(hidden) else "torch"
 
 
 # --- PyTorch's own fused kernels -----------------------------------------------------------------------------

@@ -23,16 +23,11 @@ import torch.distributed as dist
 
 
 def default_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
-    """Tokens per chunk: ``next_pow2(ceil(T / ceil(V_local / h)))``, at most T.
+    """Tokens per chunk: ``planner.memory.loss_chunk_tokens`` (Liger-Kernel's rule, one chunk's logits about as
+    large as the hidden states, with a 256-token floor), so the planner counts the chunk this runs."""
+    from meshplan.planner.memory import loss_chunk_tokens
 
-    This makes one chunk's logits about as large as the hidden states (``chunk * V_local ~ T * h``), the rule
-    Liger-Kernel uses; the planner can count ``chunk * V_local`` logits elements for the fused loss.
-    """
-    if tokens <= 0:
-        return 1
-    factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
-    chunk = max(1, math.ceil(tokens / factor))
-    return min(tokens, 1 << (chunk - 1).bit_length())
+    return loss_chunk_tokens(tokens, hidden, vocab_local)
 
 
 def _torch_chunk_stats(logits: torch.Tensor, local_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
