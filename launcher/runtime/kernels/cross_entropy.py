@@ -16,8 +16,6 @@ saving comes from the chunking, which both backends share; the Triton part saves
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
