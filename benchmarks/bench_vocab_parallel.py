@@ -64,7 +64,7 @@ def predicted(plan: Plan) -> dict:
     from meshplan.planner.replay import replay
 
     ev = replay(plan)
-    peaks = [sum(v for k, v in ev.rank_detail(r).items() if k != "margin") for r in range(plan.pp)]
+    peaks = [ev.rank_peak_before_margin(r) for r in range(plan.pp)]
     return {"step_s": ev.iteration_s, "rank_mib": [b / 2**20 for b in peaks]}
 
 

@@ -457,6 +457,7 @@ def _root_cause(error: BaseException) -> str:
 
 def _rank_check(plan: Plan, rank: int, coords: dict[str, int], stages: list[int], measured: dict[str, float],
                 per_stage: dict[int, float], predicted: list[dict[str, float]] | None, seconds: float) -> RankCheck:
+    from meshplan.planner.evaluate import peak_before_margin
     from meshplan.planner.memory import microbatches_in_flight
 
     in_flight = microbatches_in_flight(plan.schedule, plan.pp, coords["pp"], plan.num_microbatches,
@@ -464,7 +465,7 @@ def _rank_check(plan: Plan, rank: int, coords: dict[str, int], stages: list[int]
     measured = dict(measured, activations=in_flight * sum(per_stage.values()))
     mine = dict(predicted[coords["pp"]]) if predicted else {}
     if mine:
-        mine["peak"] = sum(v for k, v in mine.items() if k != "margin")
+        mine["peak"] = peak_before_margin(mine)
     return RankCheck(rank, dict(coords), stages, measured, per_stage, in_flight, mine, seconds)
 
 

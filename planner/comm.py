@@ -18,6 +18,13 @@ Measured links: when ``meshplan profile`` wrote a per-pair bandwidth matrix
 (``cluster.measured['links']['pair_bandwidth_gbps']``, world x world, rank-major as placed here), a group's busbw
 is scaled by :func:`slow_pair_factor`: its slowest ring neighbour pair against the median pair of the same
 level (a ring runs at the pace of its slowest link), so one slow cable or NIC is seen and avoided.
+Where the profile fitted each collective on its own (``measured['links'][level]['collectives']``), a collective
+runs at its own bandwidth and latency relative to the level's joint fit (:func:`collective_scales`): gloo's
+reduce-scatter, for one, is an all-reduce underneath and runs at half the level's bus bandwidth.
+
+Overlap (:func:`exposed_time`): communication that runs beside compute is hidden by the fraction the profile
+measured (``measured['links']['overlap']['exposed_fraction']``; without one, fully hidden up to the compute
+window).
 """
 
 from __future__ import annotations
@@ -32,12 +39,78 @@ from meshplan.spec import ClusterSpec
 
 @dataclass(frozen=True)
 class GroupLink:
-    """The link a process group's collectives run over."""
+    """The link a process group's collectives run over. ``scales``: per collective, its measured bus
+    bandwidth and latency relative to the level's joint fit (:func:`collective_scales`); empty: all alike."""
 
     size: int
     busbw: float          # bytes/s
     latency: float        # seconds per log2 step
     crosses_nodes: bool
+    scales: tuple[tuple[str, float, float], ...] = ()
+
+    def for_collective(self, name: str) -> "GroupLink":
+        """The link as ``name`` (all_reduce, all_gather, reduce_scatter, all_to_all, p2p) sees it."""
+        for collective, bandwidth, latency in self.scales:
+            if collective == name:
+                return GroupLink(self.size, self.busbw * bandwidth, self.latency * latency, self.crosses_nodes)
+        return self
+
+
+def collective_scales(cluster: ClusterSpec, level: str) -> tuple[tuple[str, float, float], ...]:
+    """``(collective, bandwidth ratio, latency ratio)`` of each collective the profile fitted on ``level``
+    (``intra_node`` / ``inter_node``), against that level's joint fit in the same file: a ring all-reduce
+    and gloo's all-reduce-based reduce-scatter do not move bytes at the same rate. Ratios, so that a
+    calibration (``validate --update``, which rescales the level) carries over. Fits with a non-positive
+    bandwidth are skipped; a latency ratio needs a positive joint latency (else 1)."""
+    links = (cluster.measured or {}).get("links") or {}
+    fit = links.get(level) or {}
+    return _collective_scales(id(fit), fit)
+
+
+_SCALES_CACHE: dict[int, tuple[dict, tuple]] = {}
+
+
+def _collective_scales(key: int, fit: dict) -> tuple[tuple[str, float, float], ...]:
+    cached = _SCALES_CACHE.get(key)
+    if cached is not None and cached[0] is fit:
+        return cached[1]
+    out = []
+    try:
+        joint_bw, joint_lat = float(fit.get("bandwidth_gbps") or 0), float(fit.get("latency_us") or 0)
+        for name, one in (fit.get("collectives") or {}).items():
+            bw, lat = float(one.get("bandwidth_gbps") or 0), float(one.get("latency_us") or 0)
+            if joint_bw > 0 and bw > 0:
+                out.append((str(name), bw / joint_bw, lat / joint_lat if joint_lat > 0 else 1.0))
+    except (AttributeError, TypeError, ValueError):
+        out = []
+    result = tuple(out)
+    if len(_SCALES_CACHE) > 64:
+        _SCALES_CACHE.clear()
+    _SCALES_CACHE[key] = (fit, result)
+    return result
+
+
+def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
+    """The share of a collective's own time that still shows when it runs beside compute, as the profile
+    measured it (``measured['links']['overlap']['exposed_fraction']``): 0 where it hides completely, 1
+    where the two take turns, above 1 where they slow each other down (CPU ranks sharing cores with
+    gloo's threads). 0 without a measurement (the planner's assumption for GPUs: NCCL on its own
+    stream)."""
+    overlap = ((cluster.measured or {}).get("links") or {}).get("overlap") or {}
+    try:
+        value = float(overlap.get("exposed_fraction", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return min(max(value, 0.0), 4.0) if math.isfinite(value) else 0.0
+
+
+def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:
+    """Seconds a collective of ``comm_s`` adds to a step when it runs beside ``window_s`` of compute:
+    what sticks out past the window, plus ``exposed_fraction`` of the overlapped part
+    (:func:`overlap_exposed_fraction`):  (c - o) + f * o  with  o = min(c, w).
+    f = 0 is the usual max(0, c - w); f = 1 no overlap at all."""
+    overlapped = min(max(comm_s, 0.0), max(window_s, 0.0))
+    return max(comm_s, 0.0) - overlapped + exposed_fraction * overlapped
 
 
 def group_stride(mesh_order: tuple[str, ...], degrees: dict[str, int], dim: str) -> int:
@@ -59,8 +132,10 @@ def group_link(cluster: ClusterSpec, size: int, stride: int) -> GroupLink:
     per_node = 1 if stride >= gpn else min(size, gpn // stride)
     factor = slow_pair_factor(cluster, size, stride)
     if per_node >= size:
-        return GroupLink(size, factor * intra_bw, cluster.intra_node.latency_us * 1e-6, False)
-    return GroupLink(size, factor * min(intra_bw, per_node * inter_bw), cluster.inter_node.latency_us * 1e-6, True)
+        return GroupLink(size, factor * intra_bw, cluster.intra_node.latency_us * 1e-6, False,
+                         collective_scales(cluster, "intra_node"))
+    return GroupLink(size, factor * min(intra_bw, per_node * inter_bw), cluster.inter_node.latency_us * 1e-6, True,
+                     collective_scales(cluster, "inter_node"))
 
 
 def slow_pair_factor(cluster: ClusterSpec, size: int, stride: int) -> float:
@@ -114,27 +189,35 @@ def allreduce_time(nbytes: float, link: GroupLink) -> float:
     n = link.size
     if n <= 1 or nbytes <= 0:
         return 0.0
+    link = link.for_collective("all_reduce")
     return 2 * (n - 1) / n * nbytes / link.busbw + _latency(link)
 
 
-def allgather_time(nbytes: float, link: GroupLink) -> float:
-    """All-gather of a tensor of total size S: (n-1)/n * S / busbw + alpha*log2(n)."""
+def _one_pass_time(nbytes: float, link: GroupLink) -> float:
     n = link.size
     if n <= 1 or nbytes <= 0:
         return 0.0
     return (n - 1) / n * nbytes / link.busbw + _latency(link)
 
 
-reducescatter_time = allgather_time  # same volume per rank: (n-1)/n * S (nccl-tests busbw factor)
+def allgather_time(nbytes: float, link: GroupLink) -> float:
+    """All-gather of a tensor of total size S: (n-1)/n * S / busbw + alpha*log2(n)."""
+    return _one_pass_time(nbytes, link.for_collective("all_gather"))
+
+
+def reducescatter_time(nbytes: float, link: GroupLink) -> float:
+    """Reduce-scatter of an input of size S: (n-1)/n * S / busbw + alpha*log2(n) (nccl-tests busbw factor)."""
+    return _one_pass_time(nbytes, link.for_collective("reduce_scatter"))
 
 
 def alltoall_time(local_bytes: float, link: GroupLink) -> float:
     """All-to-all where each rank holds ``local_bytes``: (n-1)/n * S / busbw + alpha*log2(n)."""
-    return allgather_time(local_bytes, link)
+    return _one_pass_time(local_bytes, link.for_collective("all_to_all"))
 
 
 def p2p_time(nbytes: float, link: GroupLink) -> float:
     """One send/recv between neighbours: alpha + S / bw (bus bandwidth equals algorithm bandwidth for p2p)."""
     if nbytes <= 0:
         return 0.0
+    link = link.for_collective("p2p")
     return link.latency + nbytes / link.busbw

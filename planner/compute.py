@@ -80,6 +80,8 @@ def _measured_table(rows) -> tuple[tuple[float, float], ...]:
 def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     device = cluster.gpu
     measured = (cluster.measured or {}).get("compute") or {}
+    if measured.get("precision", precision) != precision:   # profiled in another precision: not these rates
+        measured = {}
     eff = DEFAULT_EFFICIENCY[device.kind]
     peak = device.peak_flops(precision)
     peak_16 = device.peak_flops("bf16")
@@ -91,6 +93,26 @@ def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     element = {"fp32": 4, "fp8": 1}.get(precision, 2)
     table = _measured_table(measured.get("matmul_table"))
     return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table)
+
+
+def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_batch: int, seq: int) -> float:
+    """Measured over modelled time of the runtime's block at exactly this shape, from the profile's
+    ``measured['compute']['block_check']`` (the profiler times the block ``launch`` runs, forward + backward,
+    next to what the fitted GEMM / attention / memory-rate model says for it); 1 where the shape was not
+    profiled or in another precision. The fitted parts interpolate between shapes; where the whole block
+    was timed, its time is the better figure (CPU caches make small and large micro-batches differ in
+    ways the per-GEMM table does not see)."""
+    measured = (cluster.measured or {}).get("compute") or {}
+    if measured.get("precision", precision) != precision:
+        return 1.0
+    for row in measured.get("block_check") or ():
+        try:
+            if (int(row["tp"]), int(row["micro_batch"]), int(row["seq"])) == (tp, micro_batch, seq):
+                model, seconds = float(row["model_s"]), float(row["measured_s"])
+                return seconds / model if model > 0 and seconds > 0 else 1.0
+        except (KeyError, TypeError, ValueError):
+            continue
+    return 1.0
 
 
 def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:
@@ -135,6 +157,41 @@ def attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: in
     Dao 2023)."""
     fwd_flops = 2.0 * micro_batch * (seq / cp) * seq * model.hidden / tp
     return fwd_flops / rates.attention, 2.5 * fwd_flops / rates.attention
+
+
+# The runtime's ring attention (launcher/runtime/context_parallel.py: _RingAttention) works on fp32 copies of
+# q, k, v with materialised scores. Passes over one [b, heads, c, c] score block, each a read or a write of
+# 4 bytes, counted from its code:
+#   forward   scale (r+w), causal mask on the diagonal block (r+w, counted for every block), logsumexp (r),
+#             subtract lse (r+w), exp (r+w): 9
+#   backward  recompute: scale, mask, subtract, exp (8); probs * (dO V^T - delta): subtract (r+w) and
+#             multiply (r+w), then the dK product reads it: 13
+RING_SCORE_PASSES_FWD = 9
+RING_SCORE_PASSES_BWD = 13
+
+
+def ring_attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: int,
+                        rates_fp32: Rates) -> tuple[float, float]:
+    """Forward and backward seconds of the runtime's ring attention on the slowest context rank.
+
+    The runtime (``_RingAttention``) keeps contiguous chunks of c = s/cp tokens without load balancing: the
+    last context rank attends to all cp chunks (the earlier ones in full, its own under a causal mask that
+    is applied to a fully computed block), so it does cp blocks while rank 0 does one. Per block, with
+    a = heads/tp (grouped K/V are repeated to every head before the ring) and d = head_dim:
+        forward   QK^T and PV: 2 batched GEMMs of (a*b*c) x d x c           -> 4 a b c^2 d FLOPs
+        backward  recomputed QK^T, dV, dO V^T, dQ, dK: 5 of them            -> 10 a b c^2 d FLOPs
+    at the fp32 GEMM rate (q, k, v are upcast), plus RING_SCORE_PASSES_{FWD,BWD} passes of 4-byte elements
+    over the a*b*c*c scores at the memory rate (the scores are materialised; no flash kernel)."""
+    if cp <= 1:
+        raise ValueError("ring attention needs cp > 1")
+    chunk = seq / cp
+    heads = model.heads / tp
+    rows = micro_batch * heads * chunk                   # the batched GEMMs' m: every (batch, head, query)
+    gemm = matmul_time(rows, model.head_dim, chunk, rates_fp32)
+    scores = rows * chunk * 4.0
+    fwd = cp * (2 * gemm + RING_SCORE_PASSES_FWD * scores / rates_fp32.memory)
+    bwd = cp * (5 * gemm + RING_SCORE_PASSES_BWD * scores / rates_fp32.memory)
+    return fwd, bwd
 
 
 def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bool, fused: bool,

@@ -104,6 +104,17 @@ class Evaluation:
     def memory_gib(self) -> list[dict[str, float]]:
         return [{k: x / GIB for k, x in self.rank_detail(r).items()} for r in range(self.config.pp)]
 
+    def rank_peak_before_margin(self, rank: int) -> float:
+        """Pipeline rank ``rank``'s predicted peak bytes without the allocator margin: what live tensors reach,
+        the figure a fake-tensor run or a live-bytes tracker measures."""
+        return peak_before_margin(self.rank_detail(rank))
+
+
+def peak_before_margin(detail: dict[str, float]) -> float:
+    """The sum of a rank's memory breakdown (``Evaluation.rank_detail``, bytes or GiB alike) but its
+    allocator ``margin``."""
+    return sum(v for k, v in detail.items() if k != "margin")
+
 
 # ------------------------------------------------------------------------------------------------
 # per-layer costs
@@ -145,9 +156,13 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     sp = tp > 1
     degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
 
-    matmul_fwd = sum(compute.matmul_time(m, k, n, rates) for m, k, n in compute.layer_matmul_shapes(model, tokens, tp))
-    attn_fwd, attn_bwd = compute.attention_time(model, micro_batch, seq, tp, cp, rates)
-    ew_fwd = compute.elementwise_bytes_per_layer(model, tokens, tp, sp, fused_elementwise, act_bytes) / rates.memory
+    # where the profile timed this very block, its measured / modelled ratio corrects the fitted parts
+    timed = compute.measured_block_ratio(cluster, train.precision, tp, micro_batch, seq) if cp == 1 else 1.0
+    matmul_fwd = timed * sum(compute.matmul_time(m, k, n, rates)
+                             for m, k, n in compute.layer_matmul_shapes(model, tokens, tp))
+    attn_fwd, attn_bwd = (timed * t for t in compute.attention_time(model, micro_batch, seq, tp, cp, rates))
+    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, sp, fused_elementwise,
+                                                         act_bytes) / rates.memory
 
     # Tensor parallel with sequence parallel: 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation
     # per direction (Korthikanti et al. 2022, fig. 5).
@@ -155,8 +170,9 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     activation = tokens * model.hidden * act_bytes
     tp_dir = 2 * comm.allgather_time(activation, tp_link) + 2 * comm.reducescatter_time(activation, tp_link)
     if tp_overlap:   # async TP: the collectives run under the matmuls they feed
-        tp_fwd = max(0.0, tp_dir - matmul_fwd)
-        tp_bwd = max(0.0, tp_dir - 2 * matmul_fwd)
+        hidden_share = comm.overlap_exposed_fraction(cluster)
+        tp_fwd = comm.exposed_time(tp_dir, matmul_fwd, hidden_share)
+        tp_bwd = comm.exposed_time(tp_dir, 2 * matmul_fwd, hidden_share)
     else:
         tp_fwd = tp_bwd = tp_dir
 
@@ -171,20 +187,24 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         out_local = tokens * model.hidden / tp * act_bytes
         cp_fwd = cp_bwd = comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
     else:
-        # ring: cp-1 steps pass the local K, V block on (backward also dK, dV), each under one block of
-        # attention compute (Liu et al. 2023, Ring Attention)
-        kv_local = tokens * 2 * kv_width / tp * act_bytes
+        # ring, as the runtime runs it (launcher/runtime/context_parallel.py): the slowest context rank's
+        # attention (compute.ring_attention_time) replaces flash attention; cp-1 hops pass the fp32 K, V
+        # chunk on (repeated to every head), backward K, V and their dK, dV accumulators plus one last hop
+        # home for the accumulators. Each hop is waited for before the next block is computed: no overlap.
+        attn_fwd, attn_bwd = compute.ring_attention_time(model, micro_batch, seq, tp, cp,
+                                                         compute.achieved_rates(cluster, "fp32"))
+        kv_local = tokens * 2 * model.hidden / tp * 4
         steps = cp - 1
-        cp_fwd = steps * max(0.0, comm.p2p_time(kv_local, cp_link) - attn_fwd / cp) + cp_link.latency
-        cp_bwd = steps * max(0.0, comm.p2p_time(2 * kv_local, cp_link) - attn_bwd / cp) + cp_link.latency
+        cp_fwd = steps * comm.p2p_time(kv_local, cp_link)
+        cp_bwd = steps * comm.p2p_time(2 * kv_local, cp_link) + comm.p2p_time(kv_local, cp_link)
 
     fwd_compute = matmul_fwd + attn_fwd + ew_fwd
     fwd = fwd_compute + tp_fwd + cp_fwd
     bwd = 2 * matmul_fwd + attn_bwd + 2 * ew_fwd + tp_bwd + cp_bwd
     # Recompute: full re-runs the forward (its TP/CP communication included); selective re-runs every other
     # matmul and the memory-bound ops (flash attention recomputes its scores in backward anyway).
-    selective_matmuls = sum(compute.matmul_time(m, k, n, rates)
-                            for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
+    selective_matmuls = timed * sum(compute.matmul_time(m, k, n, rates)
+                                    for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
     # under SP the two all-gathers feeding wq/wk/wv and w1/w3 are not kept: re-gathered for the backward
     selective_gathers = 2 * comm.allgather_time(activation, tp_link) if sp and not tp_overlap else 0.0
     recompute_cost = {"none": 0.0, "selective": selective_matmuls + ew_fwd + selective_gathers, "full": fwd}
@@ -360,7 +380,11 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     vc = vocab_cost(ctx, cfg)
     sb = memory.state_bytes(train.precision, train.optimizer)
     degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
-    dp_link = comm.group_link(cluster, cfg.dp, comm.group_stride(cfg.mesh_order, degrees, "dp"))
+    # The runtime shards and reduces over dp and cp together (launcher/runtime/parallelize.py: Meshes.dp_cp):
+    # context ranks hold the same weights and their gradients are summed like data-parallel ones.
+    replicas = cfg.dp * cfg.cp
+    dp_link = comm.group_link(cluster, replicas, min(comm.group_stride(cfg.mesh_order, degrees, "dp"),
+                                                     comm.group_stride(cfg.mesh_order, degrees, "cp")))
     pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
     n_stages = p * v
 
@@ -396,7 +420,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         first block's backward) breakdowns; the rank's peak is common + the larger phase
         (memory.step_peak_phases)."""
         params = rank_fixed_params(rank) + layers * lc.params
-        states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), cfg.dp, sb)
+        states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), replicas, sb)
         fsdp = cfg.dp * cfg.cp > 1
         root = rank_fixed_params(rank)
         accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)    # see launcher/runtime/train.py train_step
@@ -488,7 +512,18 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     pipeline = makespan + pp_comm
     bubble = makespan - num_mb * slowest
 
-    # Data-parallel / ZeRO traffic, per rank, with its overlap window.
+    # Data-parallel / ZeRO traffic, per rank, with its overlap window (comm.exposed_time: what sticks out of
+    # the window plus the measured share of what runs beside it).
+    shown = comm.overlap_exposed_fraction(cluster)
+
+    def exposed(comm_s: float, window_s: float) -> float:
+        return comm.exposed_time(comm_s, window_s, shown)
+
+    def tail(comm_s: float) -> float:
+        """The part after the last layer's compute (no window at all); already inside ``exposed`` as far as
+        the measured share shows a collective anyway (at 1, all of it)."""
+        return comm_s * max(0.0, 1.0 - shown)
+
     dp_exposed = []
     for r in range(p):
         params = rank_fixed_params(r) + rank_layers[r] * lc.params
@@ -497,7 +532,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         fwd_mb = rank_layers[r] * lc.fwd
         grads = sb.grad * params
         weights = (sb.compute_copy or sb.param) * params
-        if cfg.dp == 1:
+        if replicas == 1:
             dp_exposed.append(0.0)
             continue
         if cfg.zero == 0:
@@ -505,13 +540,13 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # bucket cannot overlap.
             total = comm.allreduce_time(grads, dp_link)
             last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
-            dp_exposed.append(max(0.0, total - bwd_mb) + last_bucket)
+            dp_exposed.append(exposed(total, bwd_mb) + tail(last_bucket))
         elif cfg.zero == 1:
             # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
             # last backward, all-gather the updated 16-bit weights under the next forward.
             rs = comm.reducescatter_time(grads, dp_link)
             ag = comm.allgather_time(weights, dp_link)
-            dp_exposed.append(max(0.0, rs - bwd_mb) + max(0.0, ag - fwd_mb) + (rs + ag) / layers)
+            dp_exposed.append(exposed(rs, bwd_mb) + exposed(ag, fwd_mb) + tail((rs + ag) / layers))
         elif cfg.zero == 2 or p > 1:
             # FSDP2 with gradients accumulated unsharded and reduce-scattered once per step (ZeRO-2 always;
             # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
@@ -519,18 +554,18 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
             rs = comm.reducescatter_time(grads, dp_link)
             ag = comm.allgather_time(weights, dp_link)
-            exposed = max(0.0, rs - bwd_mb) + rs / layers
+            shows = exposed(rs, bwd_mb) + tail(rs / layers)
             if cfg.zero == 2:
-                exposed += max(0.0, ag - fwd_mb) + ag / layers
+                shows += exposed(ag, fwd_mb) + tail(ag / layers)
             else:
-                exposed += num_mb * (max(0.0, ag - fwd_mb) + max(0.0, ag - bwd_mb) + 2 * ag / layers)
-            dp_exposed.append(exposed)
+                shows += num_mb * (exposed(ag, fwd_mb) + exposed(ag, bwd_mb) + tail(2 * ag / layers))
+            dp_exposed.append(shows)
         else:
             # FSDP2 ZeRO-3 without a pipeline: per micro-batch, all-gather each layer's weights before its
             # forward and backward and reduce-scatter its gradients after backward, prefetched one layer ahead.
             ag = comm.allgather_time(weights, dp_link)
             rs = comm.reducescatter_time(grads, dp_link)
-            per_mb = max(0.0, ag - fwd_mb) + max(0.0, ag + rs - bwd_mb) + (2 * ag + rs) / layers
+            per_mb = exposed(ag, fwd_mb) + exposed(ag + rs, bwd_mb) + tail((2 * ag + rs) / layers)
             dp_exposed.append(num_mb * per_mb)
     dp_time = max(dp_exposed)
 
@@ -539,7 +574,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     rates = compute.achieved_rates(cluster, train.precision)
     opt_bytes = (28 if sb.optimizer == 8 else 20) + 4
     opt_time = max((rank_fixed_params(r) + rank_layers[r] * lc.params) * opt_bytes
-                   / (cfg.dp if cfg.zero >= 1 else 1) / rates.memory for r in range(p))
+                   / (replicas if cfg.zero >= 1 else 1) / rates.memory for r in range(p))
 
     iteration = pipeline + dp_time + opt_time
 
@@ -562,7 +597,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
                             for j in stages]
             fsdp = cfg.dp * cfg.cp > 1
             accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates, fsdp)[0] for x in chunk_params]
-            shards = [memory.model_state_bytes(x, memory.runtime_sharding_stage(cfg.zero), cfg.dp, sb)["gradients"]
+            shards = [memory.model_state_bytes(x, memory.runtime_sharding_stage(cfg.zero), replicas, sb)["gradients"]
                       if a else 0.0 for x, a in zip(chunk_params, accs)]
             ops = memory.interleaved_1f1b_order(p, r, num_mb, v)
             _, live, accumulated, extra = memory.schedule_peak(ops, acts, accs, shards, [sum(at_loss.values())] * v,

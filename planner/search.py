@@ -176,7 +176,7 @@ def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
     num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
     layers = ctx.model.layers / cfg.pp
     b = memory.state_bytes(ctx.train.precision, ctx.train.optimizer)
-    states = (b.param + b.grad + b.optimizer) * layers * lc.params / cfg.dp
+    states = (b.param + b.grad + b.optimizer) * layers * lc.params / (cfg.dp * cfg.cp)   # sharded over dp x cp
     in_flight = min(cfg.pp, num_mb)
     return states + in_flight * layers * lc.act["full"]
 

@@ -125,7 +125,8 @@ def job_config(*, model, seq_len: int, micro_batches: list[int], ranks_per_node:
         "tps": tp_degrees(model.heads, model.kv_heads, model.ffn_hidden, min(world, ranks_per_node)),
         "precision": precision, "device": kind, "deadline": deadline, "compute_share": COMPUTE_SHARE,
         "pairs_share": PAIRS_SHARE, "sizes": message_sizes(max_message),
-        "pair_bytes": min(PAIR_MESSAGE[kind], max_message), "nnodes": nnodes, "nproc_per_node": ranks_per_node,
+        "pair_bytes": min(PAIR_MESSAGE[kind], max_message), "overlap_bytes": min(PAIR_MESSAGE[kind], max_message),
+        "nnodes": nnodes, "nproc_per_node": ranks_per_node,
         "reps": reps, "raw_out": raw_out, "progress": progress,
     }
 
@@ -260,6 +261,11 @@ def summary_text(cluster, elapsed: float) -> str:
         if fit:
             lines.append(f"{level}: busbw {fit['bandwidth_gbps']:.3g} GB/s, latency {fit['latency_us']:.3g} us "
                          f"(median fit error {fit['median_rel_error']:.0%})")
+    overlap = m["links"].get("overlap")
+    if overlap:
+        lines.append(f"overlap: {overlap['exposed_fraction']:.2f} of a collective shows beside compute "
+                     f"(0 hidden, 1 no overlap; {overlap['level']}, "
+                     f"{overlap['samples'][0]['bytes'] / 2**20:.0f} MiB)")
     return "\n".join(lines)
 
 

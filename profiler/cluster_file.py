@@ -9,7 +9,8 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
   GEMMs and attention leave), and ``block_check`` (measured block time next to what the fitted model predicts);
 * ``memory``: bytes per layer held for backward per recompute mode and shape (and what the planner predicts);
 * ``links``: per level the joint fit and one fit per collective, the per-pair bandwidth matrix
-  (``pair_bandwidth_gbps``, world x world) and the topology as a networkx node-link graph;
+  (``pair_bandwidth_gbps``, world x world), the topology as a networkx node-link graph, and ``overlap``
+  (how much of a collective shows beside compute, ``exposed_fraction``);
 * ``raw``: every sample, so a fit can be redone.
 """
 
@@ -120,6 +121,17 @@ def fit_links(raw: dict) -> dict[str, dict]:
     return fits
 
 
+def fit_overlap(raw: dict) -> dict | None:
+    """The overlap measurement (worker ``overlap_phase``) with its summary: ``exposed_fraction``, the median
+    over collectives of (together - compute alone) / collective alone, read by ``planner/comm.py:
+    overlap_exposed_fraction``."""
+    data = raw.get("overlap") or {}
+    samples = data.get("samples") or []
+    if not samples:
+        return None
+    return {"exposed_fraction": statistics.median(s["exposed_fraction"] for s in samples), **data}
+
+
 def topology_graph(raw: dict, matrix_gbps: list[list[float]]):
     """A networkx graph: one node per rank (with its node index and host), one edge per measured pair
     weighted by its bandwidth in GB/s."""
@@ -166,6 +178,9 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
                   "topology": nx.node_link_data(graph, edges="edges")},
         "raw": {"compute": raw["compute"], "links": raw["links"], "ranks": raw["ranks"]},
     }
+    overlap = fit_overlap(raw)
+    if overlap is not None:
+        measured["links"]["overlap"] = overlap
     device: DeviceSpec = base.gpu
     return ClusterSpec(name=name, nodes=raw["nnodes"], gpus_per_node=raw["nproc_per_node"], gpu=device,
                        intra_node=intra_spec, inter_node=inter_spec, measured=measured)

@@ -15,7 +15,10 @@ identically are one layout: ZeRO 1 and 2 both run FSDP2 without resharding (``pa
 
 Calibration (:func:`meshplan.profiler.fit.fit_two_scales`): measured ~ a * (compute, recompute, bubble and
 optimizer seconds the planner predicted) + b * (its communication seconds); the cluster file's compute rates
-are divided by ``a`` and its link bandwidths by ``b`` (latencies multiplied by ``b``).
+are divided by ``a`` and its link bandwidths by ``b`` (latencies multiplied by ``b``). The recalibrated
+planner's first choice is then measured; when it is slower than the first choice before (beyond the
+run-to-run spread ``SAME_WITHIN``) the file keeps its old rates and only records the attempt: calibration
+never leaves the planner picking a worse plan than it did.
 """
 
 from __future__ import annotations
@@ -374,16 +377,41 @@ def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, f
                   "global_batch": global_batch, "seq_len": seq_len, "spearman": summary["spearman"],
                   "plans": [{"layout": describe(r.plan), "predicted_s": r.predicted_s, "measured_s": r.measured_s}
                             for r in runs]}
+        original_text = cluster_path.read_text()
         data = load_structured_file(cluster_path, "--cluster")
         updated = apply_calibration(dict(data), cluster_spec, a, b, record)
         cluster_path.write_text("# written by `meshplan profile`, calibrated by `meshplan validate --update`\n"
                                 + yaml.safe_dump(updated, sort_keys=False, width=120))
         typer.echo(f"calibration: compute x{a:.3f}, communication x{b:.3f} -> wrote {cluster_path}")
-        report["calibration"] = after_calibration(model_spec, cluster_path, train, fixes, runs, steps, work, top,
-                                                  repeats)
+        outcome = after_calibration(model_spec, cluster_path, train, fixes, runs, steps, work, top, repeats)
+        report["calibration"] = outcome
+        if outcome.get("verdict") == "worse":
+            # never leave a calibration that makes the planner pick a plan measured slower: the file goes
+            # back to what it was, with this attempt recorded (not applied) so the evidence is kept
+            keep_record(cluster_path, original_text, data, {**record, "applied": False,
+                                                            "rejected": "the recalibrated first choice "
+                                                                        "measured slower", **outcome})
+            outcome["applied"] = False
+            typer.echo(f"calibration not applied: the recalibrated first choice measured slower; {cluster_path} "
+                       "keeps its rates (the attempt is recorded under measured.calibration)")
+        else:
+            outcome["applied"] = True
     if out_json is not None:
         Path(out_json).write_text(json.dumps(report, indent=1, default=str))
     return 0
+
+
+def keep_record(cluster_path: Path, original_text: str, data: dict, record: dict) -> None:
+    """Write the cluster file back as it was (every rate and link untouched) with ``record`` appended to
+    ``measured.calibration``."""
+    out = json.loads(json.dumps(data, default=str))
+    root = out["cluster"] if isinstance(out.get("cluster"), dict) else out
+    measured = root.get("measured") or {}
+    root["measured"] = measured
+    measured.setdefault("calibration", []).append(json.loads(json.dumps(record, default=str)))
+    header = "".join(line + "\n" for line in original_text.splitlines() if line.startswith("#"))
+    cluster_path.write_text((header or "# written by `meshplan profile`\n")
+                            + yaml.safe_dump(out, sort_keys=False, width=120))
 
 
 def after_calibration(model_spec, cluster_path: Path, train, fixes, runs: list[Run], steps: int, work: Path,

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node 4 -m meshplan.profiler.worker --config job.json
 
-``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Three
+``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Four
 phases, each inside its share of the time budget; rank 0 decides whether the next measurement fits and
 broadcasts the decision, so every rank stays in step:
 
@@ -13,7 +13,10 @@ broadcasts the decision, so every rank stays in step:
    net growth of live tensor bytes (``kernels/measure.py: peak_tracked_bytes``).
 2. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
    a node (one group per node) and across nodes (one group per local rank), all groups at once.
-3. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
+3. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
+   same length alone, and the two together (the collective started asynchronously, the GEMMs run, then
+   waited for): how much of a collective still shows beside compute (``exposed_fraction``).
+4. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
    once), the matrix that shows a slow link.
 
 Rank 0 writes the raw samples as JSON; the CLI fits them (``fit.py``) and writes the cluster YAML.
@@ -324,20 +327,24 @@ def level_groups(world: int, nproc: int) -> dict[str, list[list[int]]]:
 
 def collective_call(name: str, nbytes: int, n: int, group, device, element: int = 4):
     """A closure running one collective whose message is ``nbytes`` in nccl-tests' convention (all-gather:
-    the gathered size; reduce-scatter: the input size; all-to-all: one rank's data)."""
+    the gathered size; reduce-scatter: the input size; all-to-all: one rank's data); ``closure(async_op=True)``
+    returns its work handle."""
     numel = max(n, nbytes // element // n * n)
     if name == "all_reduce":
         x = torch.ones(numel, device=device)
-        return lambda: dist.all_reduce(x, group=group), numel * element
+        return lambda async_op=False: dist.all_reduce(x, group=group, async_op=async_op), numel * element
     if name == "all_gather":
         x, y = torch.ones(numel // n, device=device), torch.empty(numel, device=device)
-        return lambda: dist.all_gather_into_tensor(y, x, group=group), numel * element
+        return (lambda async_op=False: dist.all_gather_into_tensor(y, x, group=group, async_op=async_op),
+                numel * element)
     if name == "reduce_scatter":
         x, y = torch.ones(numel, device=device), torch.empty(numel // n, device=device)
-        return lambda: dist.reduce_scatter_tensor(y, x, group=group), numel * element
+        return (lambda async_op=False: dist.reduce_scatter_tensor(y, x, group=group, async_op=async_op),
+                numel * element)
     if name == "all_to_all":
         x, y = torch.ones(numel, device=device), torch.empty(numel, device=device)
-        return lambda: dist.all_to_all_single(y, x, group=group), numel * element
+        return (lambda async_op=False: dist.all_to_all_single(y, x, group=group, async_op=async_op),
+                numel * element)
     raise ValueError(name)
 
 
@@ -406,6 +413,60 @@ def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -
                 progress.update(si + 1, len(sizes), f"{level} {size // 1024} KiB")
     return {"levels": {lvl: {"groups": levels[lvl], "samples": results[lvl], "skipped_bytes": skipped[lvl]}
                        for lvl in levels}}
+
+
+OVERLAP_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+OVERLAP_GEMM = {"cpu": 256, "cuda": 4096}   # square GEMM side: ~1 ms on a CPU core, ~0.1-0.2 ms on an H100
+
+
+def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
+    """For each of OVERLAP_COLLECTIVES at one message size on the first level's groups: the collective alone
+    (c), k square GEMMs alone with k chosen so they last about as long (w), and both at once (b: the
+    collective issued with ``async_op=True``, the GEMMs run, then ``wait()``), all ranks at once, each the
+    slowest rank's lower-quartile sample. ``exposed_fraction`` = (b - w) / c: 0 when the collective hides
+    under the GEMMs (NCCL on its own stream), 1 when they take turns, more when they slow each other down
+    (gloo's threads and the GEMMs sharing the same cores)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    levels = level_groups(world, cfg["nproc_per_node"])
+    if not levels:
+        return {}
+    level = next(iter(levels))
+    group, _ = dist.new_subgroups_by_enumeration(levels[level])
+    members = next(g for g in levels[level] if rank in g)
+    size = int(cfg.get("overlap_bytes", cfg["pair_bytes"]))
+    side = OVERLAP_GEMM["cuda" if device.type == "cuda" else "cpu"]
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    c = torch.empty_like(a)
+
+    def measure(fn) -> float:
+        times = time_reps(fn, device, cfg["reps"], barrier=dist.barrier, sample_seconds=SAMPLE_S, agree_count=True)
+        return lower_quartile(slowest(times, device))
+
+    one_gemm = measure(lambda: torch.mm(a, a, out=c))
+    rows = []
+    for i, name in enumerate(OVERLAP_COLLECTIVES):
+        call, nbytes = collective_call(name, size, len(members), group, device)
+        collective_s = measure(call)
+        k = max(1, round(collective_s / one_gemm)) if one_gemm > 0 else 1
+        k = int(slowest([float(k)], device)[0])
+
+        def gemms() -> None:
+            for _ in range(k):
+                torch.mm(a, a, out=c)
+
+        def both() -> None:
+            work = call(async_op=True)
+            gemms()
+            work.wait()
+
+        compute_s = measure(gemms)
+        both_s = measure(both)
+        rows.append({"collective": name, "bytes": nbytes, "ranks": len(members), "gemms": k,
+                     "collective_s": collective_s, "compute_s": compute_s, "both_s": both_s,
+                     "exposed_fraction": (both_s - compute_s) / collective_s if collective_s > 0 else 0.0})
+        if progress:
+            progress.update(i + 1, len(OVERLAP_COLLECTIVES), f"{level} {name}")
+    return {"level": level, "gemm_side": side, "samples": rows}
 
 
 def round_robin(world: int) -> list[list[tuple[int, int]]]:
@@ -493,6 +554,8 @@ def run(cfg: dict) -> dict | None:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress)
     with Progress("links", total, enabled=show, start=begin) as progress:
         raw["links"] = links_phase(cfg, device, deadline - pairs_reserve, progress)
+    with Progress("overlap", total, enabled=show, start=begin) as progress:
+        raw["overlap"] = overlap_phase(cfg, device, dtype, progress)
     with Progress("pairs", total, enabled=show, start=begin) as progress:
         raw["pairs"] = pairs_phase(cfg, device, progress)
     raw["elapsed_s"] = time.time() - begin

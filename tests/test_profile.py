@@ -158,6 +158,12 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert len(m["links"]["pair_bandwidth_gbps"]) == 2 and m["links"]["pair_bandwidth_gbps"][0][1] > 0
     assert {r["mode"] for r in m["memory"]["per_layer"]} == {"none", "selective", "full"}
     assert m["links"]["topology"]["edges"] and m["raw"]["links"]["levels"]["intra_node"]["samples"]
+    overlap = m["links"]["overlap"]
+    assert {s["collective"] for s in overlap["samples"]} == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(s["collective_s"] > 0 and s["compute_s"] > 0 and s["both_s"] > 0 for s in overlap["samples"])
+    # two processes on this machine's cores cannot hide gloo's work under a GEMM loop for free
+    assert 0.2 < overlap["exposed_fraction"] < 4, overlap
+    assert "overlap" in proc.stderr
     cluster = load_cluster(str(out))
     assert cluster.world_size == 2 and cluster.gpu.kind == "cpu"
     plan = subprocess.run([sys.executable, "-m", "meshplan.cli", "plan", "--model", "tiny-llama", "--cluster", str(out),

@@ -102,3 +102,28 @@ def test_validate_two_layouts_and_update(tmp_path):
     updated = load_cluster(str(cluster))
     assert updated.measured["calibration"][-1]["compute_scale"] > 0
     assert data["calibration"]["first_after_s"] > 0
+
+
+def test_a_calibration_that_picks_a_slower_plan_is_not_kept(tmp_path, monkeypatch):
+    """--update measures the recalibrated first choice; when it is slower than the first choice before, the
+    cluster file keeps its rates and links and only records the rejected attempt."""
+    cluster = tmp_path / "cluster.yaml"
+    base = load_cluster("localhost:2").to_dict()
+    base["measured"] = {"compute": {"precision": "fp32", "matmul_tflops": 0.05}}
+    cluster.write_text("# my cluster\n" + yaml.safe_dump(base))
+    before = load_cluster(str(cluster))
+
+    def fake_measure(plans, steps, work, repeats):
+        runs = [_run(i, p, p.predicted.iteration_s, 1.0 + 0.1 * i) for i, p in enumerate(plans, 1)]
+        return runs
+
+    monkeypatch.setattr(v, "measure_plans", fake_measure)
+    monkeypatch.setattr(v, "after_calibration", lambda *a, **k: {"verdict": "worse", "after_over_before": 1.3})
+    code = v.run_validate("tiny-llama", str(cluster), 4, 64, None, 3, 3, [], True, str(tmp_path / "w"), None)
+    assert code == 0
+    after = load_cluster(str(cluster))
+    assert after.intra_node == before.intra_node and after.inter_node == before.inter_node
+    assert after.measured["compute"]["matmul_tflops"] == pytest.approx(0.05)
+    record = after.measured["calibration"][-1]
+    assert record["applied"] is False and "slower" in record["rejected"]
+    assert cluster.read_text().startswith("# my cluster")
