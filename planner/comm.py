@@ -20,7 +20,8 @@ is scaled by :func:`slow_pair_factor`: its slowest ring neighbour pair against t
 level (a ring runs at the pace of its slowest link), so one slow cable or NIC is seen and avoided.
 Where the profile fitted each collective on its own (``measured['links'][level]['collectives']``), a collective
 runs at its own bandwidth and latency relative to the level's joint fit (:func:`collective_scales`): gloo's
-reduce-scatter, for one, is an all-reduce underneath and runs at half the level's bus bandwidth.
+reduce-scatter, for one, is an all-reduce underneath and fits at about a third of the level's bus bandwidth on
+four CPU ranks (docs/profiler.md).
 
 Overlap (:func:`exposed_time`): communication that runs beside compute is hidden by the fraction the profile
 measured (``measured['links']['overlap']['exposed_fraction']``; without one, fully hidden up to the compute
@@ -62,18 +63,7 @@ def collective_scales(cluster: ClusterSpec, level: str) -> tuple[tuple[str, floa
     and gloo's all-reduce-based reduce-scatter do not move bytes at the same rate. Ratios, so that a
     calibration (``validate --update``, which rescales the level) carries over. Fits with a non-positive
     bandwidth are skipped; a latency ratio needs a positive joint latency (else 1)."""
-    links = (cluster.measured or {}).get("links") or {}
-    fit = links.get(level) or {}
-    return _collective_scales(id(fit), fit)
-
-
-_SCALES_CACHE: dict[int, tuple[dict, tuple]] = {}
-
-
-def _collective_scales(key: int, fit: dict) -> tuple[tuple[str, float, float], ...]:
-    cached = _SCALES_CACHE.get(key)
-    if cached is not None and cached[0] is fit:
-        return cached[1]
+    fit = ((cluster.measured or {}).get("links") or {}).get(level) or {}
     out = []
     try:
         joint_bw, joint_lat = float(fit.get("bandwidth_gbps") or 0), float(fit.get("latency_us") or 0)
@@ -82,12 +72,8 @@ def _collective_scales(key: int, fit: dict) -> tuple[tuple[str, float, float], .
             if joint_bw > 0 and bw > 0:
                 out.append((str(name), bw / joint_bw, lat / joint_lat if joint_lat > 0 else 1.0))
     except (AttributeError, TypeError, ValueError):
-        out = []
-    result = tuple(out)
-    if len(_SCALES_CACHE) > 64:
-        _SCALES_CACHE.clear()
-    _SCALES_CACHE[key] = (fit, result)
-    return result
+        return ()
+    return tuple(out)
 
 
 def overlap_exposed_fraction(cluster: ClusterSpec) -> float:

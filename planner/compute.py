@@ -77,11 +77,16 @@ def _measured_table(rows) -> tuple[tuple[float, float], ...]:
     return tuple(sorted(table))
 
 
+def measured_compute(cluster: ClusterSpec, precision: str) -> dict:
+    """The profile's compute figures (``measured['compute']``) if they were measured in ``precision``, else
+    ``{}``: rates profiled in another precision are not these rates."""
+    measured = (cluster.measured or {}).get("compute") or {}
+    return measured if measured.get("precision", precision) == precision else {}
+
+
 def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     device = cluster.gpu
-    measured = (cluster.measured or {}).get("compute") or {}
-    if measured.get("precision", precision) != precision:   # profiled in another precision: not these rates
-        measured = {}
+    measured = measured_compute(cluster, precision)
     eff = DEFAULT_EFFICIENCY[device.kind]
     peak = device.peak_flops(precision)
     peak_16 = device.peak_flops("bf16")
@@ -102,10 +107,7 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
     profiled or in another precision. The fitted parts interpolate between shapes; where the whole block
     was timed, its time is the better figure (CPU caches make small and large micro-batches differ in
     ways the per-GEMM table does not see)."""
-    measured = (cluster.measured or {}).get("compute") or {}
-    if measured.get("precision", precision) != precision:
-        return 1.0
-    for row in measured.get("block_check") or ():
+    for row in measured_compute(cluster, precision).get("block_check") or ():
         try:
             if (int(row["tp"]), int(row["micro_batch"]), int(row["seq"])) == (tp, micro_batch, seq):
                 model, seconds = float(row["model_s"]), float(row["measured_s"])

@@ -433,7 +433,7 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
     level = next(iter(levels))
     group, _ = dist.new_subgroups_by_enumeration(levels[level])
     members = next(g for g in levels[level] if rank in g)
-    size = int(cfg.get("overlap_bytes", cfg["pair_bytes"]))
+    size = int(cfg["overlap_bytes"])
     side = OVERLAP_GEMM["cuda" if device.type == "cuda" else "cpu"]
     a = torch.randn(side, side, device=device, dtype=dtype)
     c = torch.empty_like(a)
