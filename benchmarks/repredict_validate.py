@@ -1,0 +1,51 @@
+"""Re-predict the layouts a `meshplan validate` run measured, with another cluster file (a fresh profile, a
+calibrated file), without launching anything: how well would that cost model have ranked those runs?
+
+    python benchmarks/repredict_validate.py REPORT.json CLUSTER.yaml
+
+REPORT.json is `meshplan validate --json` output (its plan files must still exist: they are in the run's
+--work-dir). Prints each layout's new prediction and breakdown next to the measured time, and the Spearman rank
+correlation of the new predictions against the measured times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from tabulate import tabulate
+
+from meshplan.plan import Plan
+from meshplan.planner.replay import replay
+from meshplan.profiler.fit import spearman
+from meshplan.spec import load_cluster
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("report", help="`meshplan validate --json` output")
+    p.add_argument("cluster", help="the cluster file to predict with")
+    a = p.parse_args()
+    report = json.load(open(a.report))
+    cluster = load_cluster(a.cluster)
+    rows, predicted, measured = [], [], []
+    for run in report["runs"]:
+        if run.get("measured_s") is None:
+            continue
+        plan = dataclasses.replace(Plan.load(run["plan"]), cluster=cluster)
+        ev = replay(plan)
+        predicted.append(ev.iteration_s)
+        measured.append(run["measured_s"])
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in ev.time_breakdown.items() if v)
+        rows.append([run["layout"], f"{run['predicted_s']:.3f}", f"{ev.iteration_s:.3f}", f"{run['measured_s']:.3f}",
+                     parts])
+    print(tabulate(rows, headers=["layout", "pred s (then)", "pred s (now)", "meas s", "now: breakdown s"]))
+    print(f"Spearman of the new predictions against measured: {spearman(predicted, measured):.2f} "
+          f"({len(rows)} layouts; then: {report['summary'].get('spearman', float('nan')):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
