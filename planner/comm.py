@@ -90,6 +90,24 @@ def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
     return min(max(value, 0.0), 4.0) if math.isfinite(value) else 0.0
 
 
+def meeting_time(cluster: ClusterSpec, segment_s: float) -> float:
+    """Seconds a collective costs beyond its lined-up time when the ranks come to it from ``segment_s`` of
+    computing, as the profile measured it (``measured['host']['meeting']``, worker ``meeting_phase``):
+    ``base_s + per_segment * segment``, the segment held within the measured ones, never below 0. Ranks
+    time-sliced on shared cores reach a collective at different moments and the first wait for the last;
+    the links phase times collectives lined up by a barrier and does not see it. 0 without a measurement
+    (GPUs: ranks are not time-sliced; what is left of their skew is in the fitted latency)."""
+    meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
+    try:
+        base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
+        low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    if not (math.isfinite(base) and math.isfinite(slope)):
+        return 0.0
+    return max(0.0, base + slope * min(max(segment_s, low), high))
+
+
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:
     """Seconds a collective of ``comm_s`` adds to a step when it runs beside ``window_s`` of compute:
     what sticks out past the window, plus ``exposed_fraction`` of the overlapped part

@@ -117,6 +117,51 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
     return 1.0
 
 
+def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
+    """How much faster a rank computes when only some of its host's ranks are busy, as the profile measured it
+    (``measured['host']['busy_speedup']``: ``[[busy ranks, speed / speed with all busy], ...]``, worker
+    ``sharing_phase``): about ``ranks / busy`` up to one core per rank on CPU processes sharing fewer cores,
+    1 throughout on a device per rank. Empty without a measurement: the planner then assumes a device per
+    rank (every GPU preset). Entries below 1 are noise (fewer busy ranks cannot compute slower) and read
+    as 1."""
+    host = (cluster.measured or {}).get("host") or {}
+    table = []
+    for row in host.get("busy_speedup") or ():
+        try:
+            busy, speed = int(row[0]), float(row[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if busy >= 1 and math.isfinite(speed) and speed > 0:
+            table.append((busy, max(1.0, speed)))
+    return tuple(sorted(table))
+
+
+def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
+    """Speed of each busy rank with ``busy`` ranks of its host busy, relative to all of them busy
+    (:func:`busy_speedup_table`), linear between measured counts; 1 beyond the table or without one."""
+    if not table or busy <= 0:
+        return 1.0
+    if busy <= table[0][0]:
+        return table[0][1]
+    for (b0, s0), (b1, s1) in zip(table, table[1:]):
+        if b0 <= busy <= b1:
+            return s0 + (s1 - s0) * (busy - b0) / (b1 - b0) if b1 > b0 else s0
+    return 1.0
+
+
+def pipeline_op_overhead(cluster: ClusterSpec) -> float:
+    """Seconds one forward or backward op of a pipeline schedule costs beyond its compute (the schedule's
+    bookkeeping, its send/recv), as the profile measured it (``measured['host']['pipeline']['op_overhead_s']``,
+    worker ``pipeline_phase``: torch.distributed.pipelining's 1F1B at next to no compute, the slope over
+    micro-batches). 0 without a measurement (GPUs: the host runs ahead of the device queue)."""
+    pipeline = ((cluster.measured or {}).get("host") or {}).get("pipeline") or {}
+    try:
+        value = float(pipeline.get("op_overhead_s", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, value) if math.isfinite(value) else 0.0
+
+
 def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:
     """One GEMM: 2mnk FLOPs at the achieved matmul rate plus its operand traffic at the memory rate."""
     if m <= 0 or k <= 0 or n <= 0:

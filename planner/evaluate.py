@@ -14,7 +14,7 @@ from typing import Callable
 
 from meshplan.plan import DEFAULT_MESH_ORDER, KERNEL_NAMES, Plan, Prediction, StagePlan
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
-from meshplan.planner import comm, compute, flops, memory
+from meshplan.planner import comm, compute, flops, memory, schedule_sim
 from meshplan.planner.partition import balance_layers
 from meshplan.planner.recompute import RecomputeChoice, choose_recompute
 
@@ -169,6 +169,9 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
     activation = tokens * model.hidden * act_bytes
     tp_dir = 2 * comm.allgather_time(activation, tp_link) + 2 * comm.reducescatter_time(activation, tp_link)
+    fwd_compute_estimate = matmul_fwd + attn_fwd + ew_fwd
+    if tp > 1:   # four calls per direction, each after about a quarter of the layer (comm.meeting_time)
+        tp_dir += 4 * comm.meeting_time(cluster, fwd_compute_estimate / 4)
     if tp_overlap:   # async TP: the collectives run under the matmuls they feed
         hidden_share = comm.overlap_exposed_fraction(cluster)
         tp_fwd = comm.exposed_time(tp_dir, matmul_fwd, hidden_share)
@@ -185,7 +188,8 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         # all-to-all q, k, v before attention and the output after (Jacobs et al. 2023), same in backward
         qkv_local = tokens * (model.hidden + 2 * kv_width) / tp * act_bytes
         out_local = tokens * model.hidden / tp * act_bytes
-        cp_fwd = cp_bwd = comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
+        cp_fwd = cp_bwd = (comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
+                           + 2 * comm.meeting_time(cluster, fwd_compute_estimate / 2))
     else:
         # ring, as the runtime runs it (launcher/runtime/context_parallel.py): the slowest context rank's
         # attention (compute.ring_attention_time) replaces flash attention; cp-1 hops pass the fp32 K, V
@@ -195,8 +199,9 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
                                                          compute.achieved_rates(cluster, "fp32"))
         kv_local = tokens * 2 * model.hidden / tp * 4
         steps = cp - 1
-        cp_fwd = steps * comm.p2p_time(kv_local, cp_link)
-        cp_bwd = steps * comm.p2p_time(2 * kv_local, cp_link) + comm.p2p_time(kv_local, cp_link)
+        hop_meeting = comm.meeting_time(cluster, attn_fwd / cp)   # each hop waits for its neighbour
+        cp_fwd = steps * (comm.p2p_time(kv_local, cp_link) + hop_meeting)
+        cp_bwd = steps * (comm.p2p_time(2 * kv_local, cp_link) + hop_meeting) + comm.p2p_time(kv_local, cp_link)
 
     fwd_compute = matmul_fwd + attn_fwd + ew_fwd
     fwd = fwd_compute + tp_fwd + cp_fwd
@@ -281,7 +286,10 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     chunk = memory.loss_chunk_tokens(int(tokens), model.hidden, vocab_local)
     chunks = math.ceil(tokens / chunk)
     stats = chunks * comm.allgather_time(2 * chunk * 4.0 * cfg.pp * cfg.tp, pp_link)
-    vocab_comm = 2 * comm.allreduce_time(activation, pp_link) + stats
+    # every one of those calls makes the pipeline row meet (comm.meeting_time; the others come from their own
+    # pipeline work, about a head pass apart)
+    meetings = (2 + chunks) * comm.meeting_time(cluster, head_time)
+    vocab_comm = 2 * comm.allreduce_time(activation, pp_link) + stats + meetings
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
     each_time = (head_time + embed_time) + vocab_comm
     return VocabCost(0.0, 0.0, each_time, flops.norm_params(model), flops.norm_params(model), each_params,
@@ -318,6 +326,20 @@ def pipeline_makespan(schedule: str, rank_time: list[float], num_mb: int, virtua
     if schedule == "interleaved" and virtual_stages > 1:
         return num_mb * slowest + (sum(rank_time) - slowest) / virtual_stages
     return (num_mb - 1) * slowest + sum(rank_time)
+
+
+def shared_host_speed(table: tuple[tuple[int, float], ...], ranks_per_host: int, pp: int, pp_stride: int):
+    """``speed(busy)`` for :func:`schedule_sim.shared_makespan`: the pipeline ranks ``pp_stride`` apart in the
+    mesh, ``ranks_per_host // pp_stride`` of them on one host (1 when the stride spans a host), each with
+    ``pp_stride`` ranks of its own there (its tp, cp, dp replicas, busy and idle together); a busy one runs at
+    ``compute.busy_speedup`` of the busy ranks on its host."""
+    per_host = 1 if pp_stride >= ranks_per_host else max(1, min(pp, ranks_per_host // pp_stride))
+    ranks_each = max(1, ranks_per_host // per_host)
+
+    def speed(busy: list[bool]) -> list[float]:
+        on_host = [sum(busy[h * per_host:(h + 1) * per_host]) * ranks_each for h in range(-(-pp // per_host))]
+        return [compute.busy_speedup(table, on_host[r // per_host]) for r in range(pp)]
+    return speed
 
 
 def pipeline_p2p_exposed(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int,
@@ -396,6 +418,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     if cfg.vocab_parallel:
         for rank in range(p):
             extra_time[rank] += vc.each_time     # placed on each rank's first chunk
+    if p > 1:   # each chunk runs a forward and a backward op per micro-batch: the schedule's own cost (profiled)
+        op_overhead = 2 * compute.pipeline_op_overhead(cluster)
+        extra_time = [t + op_overhead for t in extra_time]
     # Pipeline p2p: the [s/cp, b, h] activation (split by tp under SP) crosses each stage boundary forward
     # and its gradient backward; how much of it lands on the critical path is pipeline_p2p_exposed's job.
     boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / cfg.tp * ctx.act_bytes
@@ -507,10 +532,15 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         t += sum(extra_time[j] for j in range(r, n_stages, p))
         rank_time.append(t)
     slowest = max(rank_time)
-    makespan = pipeline_makespan(cfg.schedule, rank_time, num_mb, v)
+    sharing = compute.busy_speedup_table(cluster)
+    if sharing and p > 1:   # ranks share cores: one idle in a bubble speeds the others up (schedule_sim.py)
+        speed = shared_host_speed(sharing, cluster.gpus_per_node, p, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+        makespan = schedule_sim.shared_makespan(cfg.schedule, rank_time, num_mb, v, lc.fwd / layer_time, speed)
+    else:
+        makespan = pipeline_makespan(cfg.schedule, rank_time, num_mb, v)
     pp_comm = pipeline_p2p_exposed(cfg.schedule, rank_time, num_mb, v, hop)
     pipeline = makespan + pp_comm
-    bubble = makespan - num_mb * slowest
+    bubble = max(0.0, makespan - num_mb * slowest)
 
     # Data-parallel / ZeRO traffic, per rank, with its overlap window (comm.exposed_time: what sticks out of
     # the window plus the measured share of what runs beside it).
@@ -524,6 +554,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         the measured share shows a collective anyway (at 1, all of it)."""
         return comm_s * max(0.0, 1.0 - shown)
 
+    # Where ranks time-slice shared cores, each collective call also costs the wait for the last rank to
+    # reach it (comm.meeting_time, measured; 0 on GPUs): per call, after a layer's forward or backward.
+    meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd), comm.meeting_time(cluster, lc.bwd)
     dp_exposed = []
     for r in range(p):
         params = rank_fixed_params(r) + rank_layers[r] * lc.params
@@ -532,40 +565,45 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         fwd_mb = rank_layers[r] * lc.fwd
         grads = sb.grad * params
         weights = (sb.compute_copy or sb.param) * params
+        # communication units (parallelize.apply_dp): each block, and the root when it holds parameters
+        units = rank_layers[r] + (1 if rank_fixed_params(r) > 0 else 0)
         if replicas == 1:
             dp_exposed.append(0.0)
             continue
         if cfg.zero == 0:
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
-            # bucket cannot overlap.
-            total = comm.allreduce_time(grads, dp_link)
+            # bucket cannot overlap. (The runtime's replicate reduces per unit: units calls.)
+            total = comm.allreduce_time(grads, dp_link) + units * meet_bwd
             last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
             dp_exposed.append(exposed(total, bwd_mb) + tail(last_bucket))
         elif cfg.zero == 1:
             # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
             # last backward, all-gather the updated 16-bit weights under the next forward.
-            rs = comm.reducescatter_time(grads, dp_link)
-            ag = comm.allgather_time(weights, dp_link)
+            rs = comm.reducescatter_time(grads, dp_link) + units * meet_bwd
+            ag = comm.allgather_time(weights, dp_link) + units * meet_fwd
             dp_exposed.append(exposed(rs, bwd_mb) + exposed(ag, fwd_mb) + tail((rs + ag) / layers))
         elif cfg.zero == 2 or p > 1:
             # FSDP2 with gradients accumulated unsharded and reduce-scattered once per step (ZeRO-2 always;
             # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
             # micro-batch). ZeRO-2 keeps weights gathered for the whole step (one all-gather); ZeRO-3 gathers
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
-            rs = comm.reducescatter_time(grads, dp_link)
+            rs = comm.reducescatter_time(grads, dp_link) + units * meet_bwd
             ag = comm.allgather_time(weights, dp_link)
             shows = exposed(rs, bwd_mb) + tail(rs / layers)
             if cfg.zero == 2:
+                ag += units * meet_fwd
                 shows += exposed(ag, fwd_mb) + tail(ag / layers)
             else:
-                shows += num_mb * (exposed(ag, fwd_mb) + exposed(ag, bwd_mb) + tail(2 * ag / layers))
+                shows += num_mb * (exposed(ag + units * meet_fwd, fwd_mb) + exposed(ag + rank_layers[r] * meet_bwd,
+                                                                                   bwd_mb) + tail(2 * ag / layers))
             dp_exposed.append(shows)
         else:
             # FSDP2 ZeRO-3 without a pipeline: per micro-batch, all-gather each layer's weights before its
             # forward and backward and reduce-scatter its gradients after backward, prefetched one layer ahead.
             ag = comm.allgather_time(weights, dp_link)
             rs = comm.reducescatter_time(grads, dp_link)
-            per_mb = exposed(ag, fwd_mb) + exposed(ag + rs, bwd_mb) + tail((2 * ag + rs) / layers)
+            per_mb = (exposed(ag + units * meet_fwd, fwd_mb) + exposed(ag + rs + (rank_layers[r] + units) * meet_bwd,
+                                                                       bwd_mb) + tail((2 * ag + rs) / layers))
             dp_exposed.append(num_mb * per_mb)
     dp_time = max(dp_exposed)
 

@@ -11,6 +11,10 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
 * ``links``: per level the joint fit and one fit per collective, the per-pair bandwidth matrix
   (``pair_bandwidth_gbps``, world x world), the topology as a networkx node-link graph, and ``overlap``
   (how much of a collective shows beside compute, ``exposed_fraction``);
+* ``host`` (CPU ranks): ``busy_speedup``, how much faster a rank computes when only some of its host's ranks
+  are busy ([busy ranks, speed / speed with all busy]), and ``meeting``, what a collective costs beyond its
+  lined-up time when ranks come to it from computing (``base_s + per_segment * segment``), and ``pipeline``
+  (``op_overhead_s``: one pipeline-schedule op's cost beyond its compute);
 * ``raw``: every sample, so a fit can be redone.
 """
 
@@ -132,6 +136,33 @@ def fit_overlap(raw: dict) -> dict | None:
     return {"exposed_fraction": statistics.median(s["exposed_fraction"] for s in samples), **data}
 
 
+def fit_sharing(raw: dict) -> dict | None:
+    """The sharing measurement (worker ``sharing_phase``, CPU ranks) as ``busy_speedup``: [[k, rate with k
+    of a host's ranks busy / rate with all busy], ...], read by ``planner/compute.py: busy_speedup_table``."""
+    samples = (raw.get("sharing") or {}).get("samples") or []
+    if not samples:
+        return None
+    everyone = max(samples, key=lambda s: s["busy"])["gemms_per_s"]
+    if everyone <= 0:
+        return None
+    return {"busy_speedup": [[s["busy"], s["gemms_per_s"] / everyone] for s in samples], **raw["sharing"]}
+
+
+def fit_meeting(raw: dict) -> dict | None:
+    """The meeting measurement (worker ``meeting_phase``, CPU ranks) with a least-squares line through its
+    samples, penalty = ``base_s + per_segment * segment_s``, read by ``planner/comm.py: meeting_time``
+    (which holds it within the measured segments)."""
+    data = raw.get("meeting") or {}
+    samples = data.get("samples") or []
+    if not samples:
+        return None
+    xs, ys = [s["segment_s"] for s in samples], [s["penalty_s"] for s in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread > 0 else 0.0
+    return {"base_s": my - slope * mx, "per_segment": slope, "segments_s": [min(xs), max(xs)], **data}
+
+
 def topology_graph(raw: dict, matrix_gbps: list[list[float]]):
     """A networkx graph: one node per rank (with its node index and host), one edge per measured pair
     weighted by its bandwidth in GB/s."""
@@ -181,6 +212,14 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
     overlap = fit_overlap(raw)
     if overlap is not None:
         measured["links"]["overlap"] = overlap
+    host = {**(fit_sharing(raw) or {})}
+    meeting = fit_meeting(raw)
+    if meeting is not None:
+        host["meeting"] = meeting
+    if raw.get("pipeline"):
+        host["pipeline"] = raw["pipeline"]
+    if host:
+        measured["host"] = host
     device: DeviceSpec = base.gpu
     return ClusterSpec(name=name, nodes=raw["nnodes"], gpus_per_node=raw["nproc_per_node"], gpu=device,
                        intra_node=intra_spec, inter_node=inter_spec, measured=measured)

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node 4 -m meshplan.profiler.worker --config job.json
 
-``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Four
+``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Seven
 phases, each inside its share of the time budget; rank 0 decides whether the next measurement fits and
 broadcasts the decision, so every rank stays in step:
 
@@ -16,7 +16,17 @@ broadcasts the decision, so every rank stays in step:
 3. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
    same length alone, and the two together (the collective started asynchronously, the GEMMs run, then
    waited for): how much of a collective still shows beside compute (``exposed_fraction``).
-4. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
+4. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
+   ranks per host: how much faster a rank computes when others idle (``busy_speedup``; a rank idle in a
+   pipeline bubble hands its share of the cores to the busy ones). GPUs are one device per rank: skipped.
+5. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs, against the segments alone and
+   the all-reduce alone (lined up by a barrier, as the links phase times it): what a collective costs when
+   ranks arrive from computing, time-sliced on shared cores, rather than together (``meeting``).
+6. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
+   counts, against the stage's module alone: what one forward or backward op of a schedule costs beyond its
+   compute (the schedule's bookkeeping, its send/recv, the wait for a time-sliced neighbour),
+   ``op_overhead_s``.
+7. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
    once), the matrix that shows a slow link.
 
 Rank 0 writes the raw samples as JSON; the CLI fits them (``fit.py``) and writes the cluster YAML.
@@ -469,6 +479,182 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
     return {"level": level, "gemm_side": side, "samples": rows}
 
 
+SHARING_WINDOW_S = 0.25   # per round: ~250 GEMMs of OVERLAP_GEMM["cpu"], many scheduler time slices (~ms)
+SHARING_ROUNDS = 3
+
+
+def host_phases_seconds(device, nproc: int) -> float:
+    """What the sharing and meeting phases take (CPU ranks; nothing on GPUs), kept out of the link sweep's
+    share of the budget: the sharing windows, the meeting loops (two alone, two with the collective, per
+    segment), a fifth more for barriers and the timing of the GEMM and the all-reduce alone, and the pipeline
+    phase's steps."""
+    if device.type == "cuda":
+        return 0.0
+    sharing = nproc * SHARING_ROUNDS * SHARING_WINDOW_S
+    meeting = 4 * MEETING_SECONDS * len(MEETING_SEGMENTS_S)
+    return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S
+
+
+def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
+    """CPU ranks: for each k = 1 .. ranks per host, the first k local ranks of every host run square GEMMs for
+    SHARING_WINDOW_S while the others sleep; each round's rate is the busy ranks' mean GEMMs per second,
+    a count's rate the median of SHARING_ROUNDS rounds. ``busy_speedup`` = rate(k) / rate(all busy): about
+    ranks / k (up to one core per rank) where the ranks share fewer cores. Nothing on GPUs (a device per
+    rank; the planner then assumes a speed of 1 whatever the others do)."""
+    if device.type == "cuda":
+        return {}
+    nproc = int(cfg["nproc_per_node"])
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % nproc))
+    side = OVERLAP_GEMM["cpu"]
+    a = torch.randn(side, side)
+    c = torch.empty_like(a)
+    torch.mm(a, a, out=c)
+    rows = []
+    for k in range(1, nproc + 1):
+        rounds = []
+        for _ in range(SHARING_ROUNDS):
+            dist.barrier()
+            rate = 0.0
+            if local < k:
+                calls, begin = 0, time.perf_counter()
+                while time.perf_counter() - begin < SHARING_WINDOW_S:
+                    torch.mm(a, a, out=c)
+                    calls += 1
+                rate = calls / (time.perf_counter() - begin)
+            else:
+                time.sleep(SHARING_WINDOW_S)
+            rates = [torch.zeros(1) for _ in range(dist.get_world_size())]
+            dist.all_gather(rates, torch.tensor([rate]))
+            busy = [float(x) for x in rates if float(x) > 0]
+            rounds.append(sum(busy) / len(busy))
+        rows.append({"busy": k, "gemms_per_s": sorted(rounds)[len(rounds) // 2], "rounds": rounds})
+        if progress:
+            progress.update(k, nproc, f"{k} of {nproc} ranks busy")
+    return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
+
+
+MEETING_SEGMENTS_S = (0.01, 0.04, 0.16)   # compute between two collectives: a layer's forward or backward
+MEETING_SECONDS = 0.4                     # per loop (segments + collectives), two loops of each kind
+MEETING_BYTES = 64 * 1024                 # small: the latency side of a collective, not its bandwidth
+
+
+def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
+    """CPU ranks: the first level's groups run ``calls`` segments of square GEMMs (each about ``segment_s``
+    long with every rank busy), once alone and once with a MEETING_BYTES all-reduce after every segment; and
+    the all-reduce alone, lined up by a barrier. ``penalty_s`` = (with - alone) / calls - all-reduce alone:
+    what a collective costs beyond its lined-up time when the ranks come to it from computing. On shared
+    cores the operating system time-slices the ranks, they reach the collective at different moments and
+    the first wait for the last (a few ms on two cores shared by four ranks); on GPUs the ranks are not
+    time-sliced: skipped."""
+    if device.type == "cuda":
+        return {}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    levels = level_groups(world, cfg["nproc_per_node"])
+    if not levels:
+        return {}
+    level = next(iter(levels))
+    group, _ = dist.new_subgroups_by_enumeration(levels[level])
+    members = next(g for g in levels[level] if rank in g)
+    side = OVERLAP_GEMM["cpu"]
+    a = torch.randn(side, side)
+    c = torch.empty_like(a)
+    call, nbytes = collective_call("all_reduce", MEETING_BYTES, len(members), group, device)
+    collective_s = lower_quartile(slowest(time_reps(call, device, cfg["reps"], barrier=dist.barrier,
+                                                    sample_seconds=SAMPLE_S, agree_count=True), device))
+    one_gemm = lower_quartile(slowest(time_reps(lambda: torch.mm(a, a, out=c), device, cfg["reps"],
+                                                barrier=dist.barrier, sample_seconds=SAMPLE_S), device))
+    rows = []
+    for i, segment_s in enumerate(MEETING_SEGMENTS_S):
+        gemms = int(slowest([float(max(1, round(segment_s / one_gemm)))], device)[0])
+        calls = max(3, round(MEETING_SECONDS / segment_s))
+
+        def loop(meet: bool) -> float:
+            dist.barrier()
+            begin = time.perf_counter()
+            for _ in range(calls):
+                for _ in range(gemms):
+                    torch.mm(a, a, out=c)
+                if meet:
+                    call()
+            return time.perf_counter() - begin
+
+        alone = min(slowest([loop(False), loop(False)], device))
+        together = min(slowest([loop(True), loop(True)], device))
+        rows.append({"segment_s": alone / calls, "gemms": gemms, "calls": calls, "collective_s": collective_s,
+                     "alone_s": alone, "with_s": together,
+                     "penalty_s": (together - alone) / calls - collective_s})
+        if progress:
+            progress.update(i + 1, len(MEETING_SEGMENTS_S), f"{level} segments of {segment_s * 1e3:.0f} ms")
+    return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "samples": rows}
+
+
+PIPELINE_MICROBATCHES = (4, 16)   # the op cost comes from the slope between the two: fixed costs cancel
+PIPELINE_STEPS = 5
+PIPELINE_TOKENS, PIPELINE_WIDTH, PIPELINE_LAYERS = 256, 256, 4   # a stage op of a few ms on a CPU core
+PIPELINE_RESERVE_S = 6.0           # 2 x 6 steps of up to 16 micro-batches, the module alone, building stages
+
+
+def pipeline_phase(cfg: dict, device, progress: Progress | None) -> dict:
+    """CPU ranks: every host's ranks in pairs (0-1, 2-3, ...; all pairs at once, an odd one out idles), each
+    pair a two-stage ``Schedule1F1B`` (torch.distributed.pipelining, what the runtime's pipelines run) whose
+    stage is PIPELINE_LAYERS linears on [PIPELINE_TOKENS, PIPELINE_WIDTH], timed at both micro-batch counts of
+    PIPELINE_MICROBATCHES (the slowest rank's median of PIPELINE_STEPS steps after a warm-up); and the same
+    module's forward + backward alone, every rank at once. In 1F1B's steady state each micro-batch more adds
+    one forward and one backward op on each stage, so ``op_overhead_s`` = (slope per micro-batch - forward +
+    backward alone) / 2: what an op costs beyond its compute -- the schedule's bookkeeping, its send/recv,
+    and the wait for the neighbour to be scheduled when ranks time-slice shared cores. GPUs: the host's
+    bookkeeping runs ahead of the device's queue; not measured."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    nproc = int(cfg["nproc_per_node"])
+    if device.type == "cuda" or nproc < 2:
+        return {}
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    def module() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(PIPELINE_WIDTH, PIPELINE_WIDTH) for _ in range(PIPELINE_LAYERS)])
+
+    alone_module = module()
+    x_alone = torch.randn(1, PIPELINE_TOKENS, PIPELINE_WIDTH, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        alone_module(x_alone).sum().backward()
+
+    alone_s = lower_quartile(slowest(time_reps(fwd_bwd, device, cfg["reps"], barrier=dist.barrier,
+                                               sample_seconds=SAMPLE_S), device))
+    pairs = [[node * nproc + i, node * nproc + i + 1] for node in range(world // nproc) for i in range(0, nproc - 1, 2)]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    pair = next((p for p in pairs if rank in p), None)
+    times = {}
+    for i, m in enumerate(PIPELINE_MICROBATCHES):
+        step_s = 0.0
+        if pair is not None:
+            position = pair.index(rank)
+            stage = PipelineStage(module(), position, 2, device, group=group)
+            schedule = Schedule1F1B(stage, m, loss_fn=lambda out, target: (out - target).pow(2).mean())
+            x = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
+            target = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
+            samples = []
+            for step in range(PIPELINE_STEPS + 1):
+                dist.barrier(group)
+                begin = time.perf_counter()
+                if position == 0:
+                    schedule.step(x)
+                else:
+                    schedule.step(target=target, losses=[])
+                if step:
+                    samples.append(time.perf_counter() - begin)
+            step_s = sorted(samples)[len(samples) // 2]
+        times[m] = slowest([step_s], device)[0]
+        if progress:
+            progress.update(i + 1, len(PIPELINE_MICROBATCHES), f"1F1B over pairs, {m} micro-batches")
+    low, high = PIPELINE_MICROBATCHES
+    per_microbatch = (times[high] - times[low]) / (high - low)
+    return {"pairs": len(pairs), "tokens": PIPELINE_TOKENS, "width": PIPELINE_WIDTH, "layers": PIPELINE_LAYERS,
+            "step_s": {str(m): t for m, t in times.items()}, "fwd_bwd_alone_s": alone_s,
+            "per_microbatch_s": per_microbatch, "op_overhead_s": max(0.0, (per_microbatch - alone_s) / 2)}
+
+
 def round_robin(world: int) -> list[list[tuple[int, int]]]:
     """Rounds of disjoint pairs covering every pair once (the circle method; a bye when world is odd)."""
     players = list(range(world)) + ([None] if world % 2 else [])
@@ -541,7 +727,7 @@ def run(cfg: dict) -> dict | None:
     begin = time.time()
     total = max(1.0, deadline - begin)
     compute_deadline = begin + cfg["compute_share"] * total
-    pairs_reserve = cfg["pairs_share"] * total
+    pairs_reserve = cfg["pairs_share"] * total + host_phases_seconds(device, cfg["nproc_per_node"])
     hosts = [None] * world
     dist.all_gather_object(hosts, {"host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
                                    "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
@@ -556,6 +742,12 @@ def run(cfg: dict) -> dict | None:
         raw["links"] = links_phase(cfg, device, deadline - pairs_reserve, progress)
     with Progress("overlap", total, enabled=show, start=begin) as progress:
         raw["overlap"] = overlap_phase(cfg, device, dtype, progress)
+    with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["sharing"] = sharing_phase(cfg, device, progress)
+    with Progress("meeting", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["meeting"] = meeting_phase(cfg, device, progress)
+    with Progress("pipeline", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["pipeline"] = pipeline_phase(cfg, device, progress)
     with Progress("pairs", total, enabled=show, start=begin) as progress:
         raw["pairs"] = pairs_phase(cfg, device, progress)
     raw["elapsed_s"] = time.time() - begin

@@ -1,6 +1,7 @@
 """What a profiled cluster file changes in the cost model: each collective at its own measured rate, the
-measured share of a collective that shows beside compute, the timed block's correction, and the runtime's
-ring attention priced as it runs (pure, fast)."""
+measured share of a collective that shows beside compute, the timed block's correction, the runtime's
+ring attention priced as it runs, pipeline bubbles on ranks that share cores, the wait for time-sliced ranks at
+each collective and the pipeline schedule's own cost per op (pure, fast)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from meshplan.planner import comm, compute, evaluate
+from meshplan.planner import comm, compute, evaluate, memory, schedule_sim
 from meshplan.spec import TrainSpec, load_cluster, load_model
 
 
@@ -129,3 +130,138 @@ def test_context_ranks_reduce_and_shard_like_data_ranks():
     assert cp4.predicted.time_breakdown_s["dp_comm"] == pytest.approx(dp4.predicted.time_breakdown_s["dp_comm"])
     optimizer = lambda plan: plan.predicted.memory_breakdown_gib["optimizer"]   # noqa: E731
     assert optimizer(cp4) == pytest.approx(optimizer(alone) / 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# ranks sharing cores: the profile's busy_speedup and the processor-sharing pipeline simulation
+# ------------------------------------------------------------------------------------------------
+
+TWO_CORES_FOUR_RANKS = ((1, 2.0), (2, 2.0), (3, 4 / 3), (4, 1.0))   # one core per busy rank, at most
+
+
+def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
+    base = load_cluster("localhost:4")
+    assert compute.busy_speedup_table(base) == ()
+    table = [[4, 1.0], [1, 1.9], [2, 0.8], ["x", 2], [3, float("nan")]]
+    read = compute.busy_speedup_table(_with_measured(base, {"host": {"busy_speedup": table}}))
+    assert read == ((1, 1.9), (2, 1.0), (4, 1.0))       # sorted, bad rows dropped, below 1 read as 1
+    assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 3) == pytest.approx(4 / 3)
+    assert compute.busy_speedup(((1, 2.0), (4, 1.0)), 2) == pytest.approx(2 - 1 / 3)   # linear in between
+    assert compute.busy_speedup((), 1) == 1.0 and compute.busy_speedup(TWO_CORES_FOUR_RANKS, 8) == 1.0
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 4)])
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("m", [3, 8, 16])
+def test_the_sharing_simulation_at_speed_one_is_the_closed_form(schedule, v, p, m):
+    if schedule == "interleaved" and m < p:
+        pytest.skip("torch's interleaved schedule needs m >= p")
+    times = [1.0 + 0.1 * r for r in range(p)] if schedule != "interleaved" else [1.0] * p
+    alone = schedule_sim.shared_makespan(schedule, times, m, v, 1 / 3, lambda busy: [1.0] * len(busy))
+    assert alone == pytest.approx(evaluate.pipeline_makespan(schedule, times, m, v))
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 1), (2, 8, 2), (4, 4, 1), (4, 8, 2)])
+def test_the_simulated_order_is_torchs_interleaved_order(p, m, v):
+    for rank in range(p):
+        ops = schedule_sim.pipeline_ops("interleaved", p, rank, m, v)
+        assert [(kind, stage // p) for kind, stage, _ in ops] == memory.interleaved_1f1b_order(p, rank, m, v)
+        assert sorted(ops) == sorted((k, c * p + rank, i) for k in "FB" for c in range(v) for i in range(m))
+
+
+def test_bubbles_cost_nothing_where_the_busy_ranks_alone_fill_the_cores():
+    """Four ranks on two cores, pp2 x dp2: in the fill and the drain the two ranks of one stage are busy and
+    each gets a core (twice the all-busy speed), so the step takes m * T; pp4 x dp1 leaves a core idle
+    while one rank runs alone and keeps part of its bubble."""
+    pp2 = evaluate.shared_host_speed(TWO_CORES_FOUR_RANKS, 4, 2, 2)
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 4)):
+        assert schedule_sim.shared_makespan(schedule, [1.0, 1.0], 4, v, 1 / 3, pp2) == pytest.approx(4.0)
+        assert evaluate.pipeline_makespan(schedule, [1.0, 1.0], 4, v) > 4.0
+    pp4 = evaluate.shared_host_speed(TWO_CORES_FOUR_RANKS, 4, 4, 1)
+    shared = schedule_sim.shared_makespan("1f1b", [1.0] * 4, 4, 1, 1 / 3, pp4)
+    assert 4.0 < shared < evaluate.pipeline_makespan("1f1b", [1.0] * 4, 4, 1) == 7.0
+    # the stride spans the host (one pipeline rank per host): nothing to hand over
+    apart = evaluate.shared_host_speed(TWO_CORES_FOUR_RANKS, 4, 2, 4)
+    assert schedule_sim.shared_makespan("1f1b", [1.0, 1.0], 4, 1, 1 / 3, apart) == pytest.approx(5.0)
+
+
+def test_a_shared_host_makes_pipelined_plans_cheaper_and_leaves_the_rest_alone():
+    from meshplan.planner.search import evaluate_pinned
+
+    base = load_cluster("localhost:4")
+    shared = _with_measured(base, {"host": {"busy_speedup": [list(x) for x in TWO_CORES_FOUR_RANKS]}})
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+    pipelined = {"dp": 2, "tp": 1, "pp": 2, "cp": 1, "micro_batch": 4, "schedule": "1f1b", "zero": 0}
+    flat = {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 4, "zero": 0}
+    before, after = (evaluate_pinned(model, c, train, pipelined).predicted for c in (base, shared))
+    assert before.time_breakdown_s["bubble"] > 0 and after.time_breakdown_s["bubble"] == pytest.approx(0, abs=1e-9)
+    # the whole bubble goes, and a little more: the last rank (the head's extra work) runs faster while the
+    # first one idles
+    no_bubble = before.iteration_s - before.time_breakdown_s["bubble"]
+    assert 0.97 * no_bubble < after.iteration_s <= no_bubble
+    assert (evaluate_pinned(model, shared, train, flat).predicted.iteration_s
+            == evaluate_pinned(model, base, train, flat).predicted.iteration_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# the meeting time per collective call and the pipeline schedule's cost per op
+# ------------------------------------------------------------------------------------------------
+
+def test_meeting_time_is_the_profiled_line_held_within_its_segments():
+    from meshplan.profiler.cluster_file import fit_meeting
+
+    raw = {"meeting": {"level": "intra_node", "samples": [
+        {"segment_s": 0.01, "penalty_s": 0.002}, {"segment_s": 0.04, "penalty_s": 0.005},
+        {"segment_s": 0.16, "penalty_s": 0.017}]}}
+    fit = fit_meeting(raw)
+    assert fit["per_segment"] == pytest.approx(0.1, rel=0.05) and fit["segments_s"] == [0.01, 0.16]
+    cluster = _with_measured(load_cluster("localhost:4"), {"host": {"meeting": fit}})
+    assert comm.meeting_time(cluster, 0.04) == pytest.approx(fit["base_s"] + 0.04 * fit["per_segment"])
+    assert comm.meeting_time(cluster, 10.0) == comm.meeting_time(cluster, 0.16)     # held at the last segment
+    assert comm.meeting_time(cluster, 0.0) == comm.meeting_time(cluster, 0.01)
+    assert comm.meeting_time(load_cluster("localhost:4"), 0.05) == 0.0               # GPUs, presets: nothing
+    negative = _with_measured(cluster, {"host": {"meeting": {"base_s": -0.01, "per_segment": 0.0}}})
+    assert comm.meeting_time(negative, 0.05) == 0.0
+    assert fit_meeting({}) is None
+
+
+def test_each_collective_call_pays_the_meeting_time():
+    """ZeRO-1 makes two calls per communication unit (reduce-scatter and all-gather), ZeRO-0 one: with a
+    measured meeting time of 5 ms the difference grows by units x 5 ms (f = 1: nothing hides)."""
+    from meshplan.planner.search import evaluate_pinned
+
+    base = _with_measured(load_cluster("localhost:4"), {"links": {"overlap": {"exposed_fraction": 1.0}}})
+    meeting = _with_measured(base, {**base.measured, "host": {"meeting": {"base_s": 0.005, "per_segment": 0.0}}})
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+
+    def dp_comm(cluster, zero):
+        fixes = {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 4, "zero": zero}
+        return evaluate_pinned(model, cluster, train, fixes).predicted.time_breakdown_s["dp_comm"]
+
+    units = model.layers + 1
+    tail = lambda cluster, zero: dp_comm(cluster, zero) - dp_comm(base, zero)   # noqa: E731
+    assert tail(meeting, 0) == pytest.approx(units * 0.005, rel=1e-6)
+    assert tail(meeting, 1) == pytest.approx(2 * units * 0.005, rel=1e-6)
+
+
+def test_the_schedule_pays_its_op_overhead_per_chunk_and_micro_batch():
+    from meshplan.planner.search import evaluate_pinned
+
+    base = load_cluster("localhost:4")
+    assert compute.pipeline_op_overhead(base) == 0.0
+    overhead = _with_measured(base, {"host": {"pipeline": {"op_overhead_s": 0.002}}})
+    assert compute.pipeline_op_overhead(overhead) == 0.002
+    assert compute.pipeline_op_overhead(_with_measured(base, {"host": {"pipeline": {"op_overhead_s": "x"}}})) == 0
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+    gpipe = {"dp": 2, "tp": 1, "pp": 2, "cp": 1, "micro_batch": 1, "schedule": "gpipe", "zero": 0}
+    interleaved = {**gpipe, "schedule": "interleaved", "virtual_stages": 2}
+    flat = {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 4, "zero": 0}
+
+    def extra(fixes):
+        a, b = (evaluate_pinned(model, c, train, fixes).predicted.iteration_s for c in (base, overhead))
+        return b - a
+    # GPipe: every rank's ops in a row, m forwards and m backwards, plus the fill and the drain
+    m, p = 8, 2
+    assert extra(gpipe) == pytest.approx((m - 1 + p) * 2 * 0.002, rel=1e-6)
+    assert extra(interleaved) > extra(gpipe)            # twice the ops per rank
+    assert extra(flat) == 0.0                           # no pipeline, no schedule

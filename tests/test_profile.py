@@ -164,6 +164,15 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     # two processes on this machine's cores cannot hide gloo's work under a GEMM loop for free
     assert 0.2 < overlap["exposed_fraction"] < 4, overlap
     assert "overlap" in proc.stderr
+    # one rank busy, then both: a rank is never slower alone (two ranks on >= 2 cores: about the same speed)
+    speedup = dict((int(k), s) for k, s in m["host"]["busy_speedup"])
+    assert set(speedup) == {1, 2} and speedup[2] == pytest.approx(1.0) and 0.7 < speedup[1] < 3, m["host"]
+    assert "sharing" in proc.stderr
+    meeting = m["host"]["meeting"]
+    assert [round(s["segment_s"], 2) > 0 for s in meeting["samples"]] == [True] * 3 and meeting["ranks"] == 2
+    assert all(s["collective_s"] > 0 and s["with_s"] > s["alone_s"] * 0.5 for s in meeting["samples"])
+    assert 0 <= m["host"]["pipeline"]["op_overhead_s"] < 0.05, m["host"]["pipeline"]   # ms, not a step
+    assert "meeting" in proc.stderr and "pipeline" in proc.stderr
     cluster = load_cluster(str(out))
     assert cluster.world_size == 2 and cluster.gpu.kind == "cpu"
     plan = subprocess.run([sys.executable, "-m", "meshplan.cli", "plan", "--model", "tiny-llama", "--cluster", str(out),

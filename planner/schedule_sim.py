@@ -1,0 +1,100 @@
+"""Pipeline schedules on ranks that share their compute: a dependency simulation with processor sharing.
+
+The closed forms in ``evaluate.pipeline_makespan`` assume a device per rank: a rank idle in the fill or the
+drain of a pipeline is simply idle. Where several ranks share one device (CPU processes on fewer cores than
+ranks: the profile's ``measured['host']['busy_speedup']``, :func:`meshplan.planner.compute.busy_speedup`),
+a rank idle in a bubble hands its share of the cores to the ranks still busy, and they run faster. The
+bubble then costs less than the closed form says, down to nothing when the busy ranks alone saturate the
+cores (four ranks on two cores: two busy ranks already use both).
+
+The simulation runs each pipeline rank's ops in the schedule's order (:func:`pipeline_ops`, the orders of
+torch.distributed.pipelining), an op starting when its dependencies are done (a forward waits for the previous
+stage's forward of that micro-batch, a backward for its own forward and the next stage's backward), and
+every rank that is running an op progresses at ``speed(busy ranks on its host)``: processor sharing, the
+operating system's time slicing averaged over an op. Op times are the all-ranks-busy times the profile
+measured, so with every rank busy all the time (no bubble) it gives back ``num_mb * T``, and with a speed of
+1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_cost_model.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages: int = 1) -> list[tuple[str, int, int]]:
+    """Pipeline rank ``rank``'s ops in order as ``("F" or "B", stage, micro-batch)``, stage = chunk * pp + rank.
+
+    GPipe: all forwards, then all backwards. 1F1B and interleaved 1F1B (torch's ``Schedule1F1B`` /
+    ``ScheduleInterleaved1F1B``, Megatron-LM's orders): micro-batches in rounds of
+    ``per_round = m // max(1, m // pp)``; ``min((v - 1) * per_round + 2 * (pp - 1 - rank), m v)`` warm-up
+    forwards for interleaved (also at v = 1, as the runtime runs it; ``pp - 1 - rank`` for 1F1B), then one forward and one backward alternating, then
+    the remaining backwards; the k-th forward runs chunk ``(k // per_round) % v``, the k-th backward chunk
+    ``v - 1 - (k // per_round) % v`` (as ``memory.interleaved_1f1b_order``)."""
+    m, v = num_mb, max(1, virtual_stages)
+    if schedule == "gpipe" or pp == 1:
+        return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]
+    interleaved = schedule == "interleaved"     # the runtime runs it even at v = 1 (parallelize.build_schedule)
+    v = v if interleaved else 1
+    per_round = m // max(1, m // pp)
+    total = m * v
+    warmup = min(total, (v - 1) * per_round + 2 * (pp - 1 - rank) if interleaved else pp - 1 - rank)
+
+    def micro_batch(k: int) -> int:
+        return (k // (per_round * v)) * per_round + k % per_round
+
+    def fwd(k: int) -> tuple[str, int, int]:
+        return "F", ((k // per_round) % v) * pp + rank, micro_batch(k)
+
+    def bwd(k: int) -> tuple[str, int, int]:
+        return "B", (v - 1 - (k // per_round) % v) * pp + rank, micro_batch(k)
+
+    ops = [fwd(k) for k in range(warmup)]
+    for k in range(warmup, total):
+        ops += [fwd(k), bwd(k - warmup)]
+    return ops + [bwd(k) for k in range(total - warmup, total)]
+
+
+def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int,
+                    forward_share: float, speed: Callable[[list[bool]], list[float]]) -> float:
+    """Seconds from the first forward to the last backward when pipeline rank r's ops progress at
+    ``speed(busy)[r]`` while ``busy`` (one flag per pipeline rank) says who is running an op.
+
+    ``rank_time[r]``: rank r's forward + backward for one micro-batch over all its chunks, at the rate
+    measured with every rank busy; a chunk's forward takes ``forward_share`` of it divided by the chunks, its
+    backward the rest. Event-driven: between two op completions the busy set, hence every speed, is
+    constant."""
+    p = len(rank_time)
+    v = max(1, virtual_stages) if schedule == "interleaved" else 1
+    stages = p * v
+    ops = [pipeline_ops(schedule, p, r, num_mb, v) for r in range(p)]
+    work = {"F": forward_share / v, "B": (1.0 - forward_share) / v}
+    done: set[tuple[str, int, int]] = set()
+    nxt = [0] * p
+    left: list[float | None] = [None] * p     # work left of the op rank r is running (None: waiting)
+    clock = 0.0
+    while True:
+        for r in range(p):
+            if left[r] is None and nxt[r] < len(ops[r]):
+                kind, stage, mb = ops[r][nxt[r]]
+                if kind == "F":
+                    ready = stage == 0 or ("F", stage - 1, mb) in done
+                else:
+                    ready = ("F", stage, mb) in done and (stage == stages - 1 or ("B", stage + 1, mb) in done)
+                if ready:
+                    left[r] = rank_time[r] * work[kind]
+        busy = [x is not None for x in left]
+        if not any(busy):
+            if all(nxt[r] == len(ops[r]) for r in range(p)):
+                return clock
+            raise RuntimeError(f"{schedule} schedule deadlocked in the simulation (p={p}, m={num_mb}, v={v})")
+        rates = speed(busy)
+        finish = {r: left[r] / rates[r] for r in range(p) if busy[r]}
+        step = min(finish.values())
+        clock += step
+        for r, t in finish.items():
+            if t <= step * (1 + 1e-9):        # this op (and any ending at the same instant) completes
+                done.add(ops[r][nxt[r]])
+                nxt[r] += 1
+                left[r] = None
+            else:
+                left[r] -= step * rates[r]
