@@ -136,11 +136,21 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / math.sqrt(va * vb)
 
 
+# Relative standard deviation of one plan's measured step time: two 14-step runs of a layout agree within about
+# 3% on this 2-core machine (benchmarks/validate_cpu.py, docs/profiler.md); GPUs are steadier.
+RUN_NOISE = 0.03
+# A scale is fitted on its own only when the runs pin it down: its standard error below this share of it.
+IDENTIFIED_WITHIN = 0.25
+
+
 def fit_two_scales(compute: Sequence[float], comm: Sequence[float], other: Sequence[float],
-                   measured: Sequence[float]) -> tuple[float, float]:
+                   measured: Sequence[float], noise: float = RUN_NOISE) -> tuple[float, float]:
     """Calibration of ``measured ~ a * compute + b * comm + other`` on relative error (weights 1/measured^2).
     ``compute`` and ``comm`` are the planner's predicted seconds per plan; returns ``(a, b)``. Falls back to
-    one shared scale when the two are not separable (no communication, a singular or negative solution)."""
+    one shared scale when the two are not separable: no communication, a singular or negative solution, or
+    one the runs do not determine -- a scale whose standard error (``noise`` times the square root of its
+    diagonal entry of the inverse normal matrix) exceeds IDENTIFIED_WITHIN of it. Eight layouts that all spend
+    3% of their step communicating cannot tell a communication scale of 0.3 from 1.3."""
     rows = [(c, m, o, t) for c, m, o, t in zip(compute, comm, other, measured) if t > 0]
     if not rows:
         raise ValueError("no measured plans to calibrate on")
@@ -153,7 +163,8 @@ def fit_two_scales(compute: Sequence[float], comm: Sequence[float], other: Seque
     if det > 1e-12 * max(s11 * s22, 1e-300) and len(rows) >= 3:
         a = (r1 * s22 - r2 * s12) / det
         b = (s11 * r2 - s12 * r1) / det
-        if a > 0 and b > 0:
+        error_a, error_b = noise * math.sqrt(s22 / det), noise * math.sqrt(s11 / det)
+        if a > 0 and b > 0 and error_a <= IDENTIFIED_WITHIN * a and error_b <= IDENTIFIED_WITHIN * b:
             return a, b
     # One scale for all predicted time but the fixed part.
     den = sum((c + m) ** 2 / t / t for c, m, _, t in rows)

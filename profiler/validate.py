@@ -68,6 +68,8 @@ def describe(plan) -> str:
     text += f" mb{plan.micro_batch}x{plan.num_microbatches} zero{plan.zero}"
     if plan.pp > 1:
         text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
+        if plan.vocab_parallel:   # the vocabulary split over the pipeline (with pp = 1 it is plain tp)
+            text += " vocab"
     return text + " " + ("+".join(modes) or "none")
 
 
