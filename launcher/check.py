@@ -307,11 +307,16 @@ def _block_bytes(part, tracker: LiveBytes, run: Callable[[], Any]) -> tuple[floa
 
 
 def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: torch.Tensor,
-                    hidden_dtype: torch.dtype):
+                    hidden_dtype: torch.dtype, settle: Callable[[], Any] | None = None):
     """One training step of ``trainer`` (the runtime's :class:`train.Trainer`, fake or real tensors) and one
     more forward per stage, measured with ``tracker`` (entered by the caller). Returns the measured bytes
     (parameters, gradients, optimizer, logits, peak; activations is filled in by the caller), the bytes one
-    micro-batch keeps in each stage's blocks, and in each stage's whole forward (loss included)."""
+    micro-batch keeps in each stage's blocks, and in each stage's whole forward (loss included).
+
+    ``settle`` runs between each stage's warm-up forward and its measured one: a real run passes a short
+    sleep, so that gloo's worker thread drops the warm-up's last collective (its input and output tensors,
+    held until the worker takes its queue lock again) before the window opens rather than inside it (seen in
+    CI: a ZeRO-1 run's blocks measured one unit's all-gather, 145 KiB, short of the fake run)."""
     from meshplan.launcher.runtime import train as rt
 
     plan, parts = trainer.plan, trainer.parts
@@ -341,6 +346,8 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
     logits = 0.0
     for j, part, run in stage_forwards(trainer, inputs, targets, hidden_dtype):
         run()                                    # warm: ZeRO-1/2 parameters stay gathered after this
+        if settle is not None:
+            settle()
         blocks, total = _block_bytes(part, tracker, run)
         per_stage[j] = blocks
         forward_totals[j] = total

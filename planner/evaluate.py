@@ -533,7 +533,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         rank_time.append(t)
     slowest = max(rank_time)
     sharing = compute.busy_speedup_table(cluster)
-    if sharing and p > 1:   # ranks share cores: one idle in a bubble speeds the others up (schedule_sim.py)
+    # ranks share cores: one idle in a bubble speeds the others up (schedule_sim.py; torch's interleaved order
+    # is the one simulated where micro-batches fill whole rounds, what the search generates)
+    if sharing and p > 1 and (cfg.schedule != "interleaved" or num_mb % p == 0):
         speed = shared_host_speed(sharing, cluster.gpus_per_node, p, comm.group_stride(cfg.mesh_order, degrees, "pp"))
         makespan = schedule_sim.shared_makespan(cfg.schedule, rank_time, num_mb, v, lc.fwd / layer_time, speed)
     else:

@@ -13,7 +13,7 @@ stage's forward of that micro-batch, a backward for its own forward and the next
 every rank that is running an op progresses at ``speed(busy ranks on its host)``: processor sharing, the
 operating system's time slicing averaged over an op. Op times are the all-ranks-busy times the profile
 measured, so with every rank busy all the time (no bubble) it gives back ``num_mb * T``, and with a speed of
-1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_cost_model.py).
+1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_measured_costs.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages:
     GPipe: all forwards, then all backwards. 1F1B and interleaved 1F1B (torch's ``Schedule1F1B`` /
     ``ScheduleInterleaved1F1B``, Megatron-LM's orders): micro-batches in rounds of
     ``per_round = m // max(1, m // pp)``; ``min((v - 1) * per_round + 2 * (pp - 1 - rank), m v)`` warm-up
-    forwards for interleaved (also at v = 1, as the runtime runs it; ``pp - 1 - rank`` for 1F1B), then one forward and one backward alternating, then
-    the remaining backwards; the k-th forward runs chunk ``(k // per_round) % v``, the k-th backward chunk
-    ``v - 1 - (k // per_round) % v`` (as ``memory.interleaved_1f1b_order``)."""
+    forwards for interleaved (also at v = 1, as the runtime runs it; ``pp - 1 - rank`` for 1F1B), then one
+    forward and one backward alternating, then the remaining backwards; the k-th forward runs chunk
+    ``(k // per_round) % v``, the k-th backward chunk ``v - 1 - (k // per_round) % v`` (as
+    ``memory.interleaved_1f1b_order``). Interleaved orders are meant for ``m % pp == 0`` (what the search
+    generates); with partial rounds the simulation may find them deadlocked."""
     m, v = num_mb, max(1, virtual_stages)
     if schedule == "gpipe" or pp == 1:
         return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]

@@ -185,6 +185,18 @@ def test_bubbles_cost_nothing_where_the_busy_ranks_alone_fill_the_cores():
     assert schedule_sim.shared_makespan("1f1b", [1.0, 1.0], 4, 1, 1 / 3, apart) == pytest.approx(5.0)
 
 
+def test_a_hand_written_interleaved_plan_with_partial_rounds_keeps_the_closed_form():
+    """The search makes interleaved plans with m % pp == 0; a plan written by hand with partial rounds is still
+    predicted (closed form), not a traceback from the simulation."""
+    shared = _with_measured(load_cluster("localhost:4"),
+                            {"host": {"busy_speedup": [list(x) for x in TWO_CORES_FOUR_RANKS]}})
+    cfg = evaluate.Config(dp=2, tp=1, pp=2, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=2, zero=0)
+    with pytest.raises(RuntimeError):    # what the simulation makes of partial rounds (m = 5, pp = 2)
+        schedule_sim.shared_makespan("interleaved", [1.0, 1.0], 5, 2, 1 / 3, lambda busy: [1.0] * len(busy))
+    result = evaluate.evaluate(cfg, evaluate.Context(load_model("tiny-llama"), shared, TrainSpec(10, 256, "fp32")))
+    assert isinstance(result, evaluate.Evaluation) and result.iteration_s > 0
+
+
 def test_a_shared_host_makes_pipelined_plans_cheaper_and_leaves_the_rest_alone():
     from meshplan.planner.search import evaluate_pinned
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,10 @@ from meshplan.launcher.runtime import train as rt
 from meshplan.launcher.runtime.data import Slice, make_source
 from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes
 from meshplan.plan import Plan
+
+# Between a stage's warm-up forward and its measured one: time for gloo's worker thread to let go of the last
+# collective's tensors (check.measure_trainer); many scheduler quanta on a loaded CPU.
+SETTLE_S = 0.2
 
 
 def measure(plan_path: str, out: Path, seed: int = 0) -> dict:
@@ -42,7 +47,8 @@ def measure(plan_path: str, out: Path, seed: int = 0) -> dict:
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with LiveBytes() as tracker:
-        measured, per_stage, totals = measure_trainer(trainer, tracker, inputs, targets, hidden_dtype)
+        measured, per_stage, totals = measure_trainer(trainer, tracker, inputs, targets, hidden_dtype,
+                                                      settle=lambda: time.sleep(SETTLE_S))
     record = {"rank": dist.get_rank(), "coords": coords, "measured": measured,
               "activations_per_microbatch": {str(j): b for j, b in per_stage.items()},
               "forward_totals": {str(j): b for j, b in totals.items()}}
