@@ -151,9 +151,10 @@ def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
 
 def pipeline_op_overhead(cluster: ClusterSpec) -> float:
     """Seconds one forward or backward op of a pipeline schedule costs beyond its compute (the schedule's
-    bookkeeping, its send/recv), as the profile measured it (``measured['host']['pipeline']['op_overhead_s']``,
-    worker ``pipeline_phase``: torch.distributed.pipelining's 1F1B at next to no compute, the slope over
-    micro-batches). 0 without a measurement (GPUs: the host runs ahead of the device queue)."""
+    bookkeeping, its send/recv, the wait for a time-sliced neighbour), as the profile measured it
+    (``measured['host']['pipeline']['op_overhead_s']``, worker ``pipeline_phase``: torch.distributed.pipelining's
+    1F1B over pairs of ranks, its slope over micro-batches less the stage's module alone, per op). 0 without a
+    measurement (GPUs: the host runs ahead of the device queue)."""
     pipeline = ((cluster.measured or {}).get("host") or {}).get("pipeline") or {}
     try:
         value = float(pipeline.get("op_overhead_s", 0.0))

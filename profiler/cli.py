@@ -266,17 +266,17 @@ def summary_text(cluster, elapsed: float) -> str:
         lines.append(f"overlap: {overlap['exposed_fraction']:.2f} of a collective shows beside compute "
                      f"(0 hidden, 1 no overlap; {overlap['level']}, "
                      f"{overlap['samples'][0]['bytes'] / 2**20:.0f} MiB)")
-    host = m.get("host")
-    if host:
+    host = m.get("host") or {}
+    if host.get("busy_speedup"):
         speeds = ", ".join(f"{busy} busy x{speed:.2f}" for busy, speed in host["busy_speedup"])
         lines.append(f"sharing: a rank's speed when only some of a host's ranks compute ({speeds}; "
                      f"pipeline bubbles cost less where ranks share cores)")
-    meeting = (host or {}).get("meeting")
+    meeting = host.get("meeting")
     if meeting:
         per = ", ".join(f"{s['penalty_s'] * 1e3:.1f} ms after {s['segment_s'] * 1e3:.0f} ms"
                         for s in meeting["samples"])
         lines.append(f"meeting: a collective reached from computing costs its lined-up time plus {per}")
-    pipeline = (host or {}).get("pipeline")
+    pipeline = host.get("pipeline")
     if pipeline:
         lines.append(f"pipeline: one schedule op costs {pipeline['op_overhead_s'] * 1e3:.2f} ms beyond its compute "
                      f"(torch.distributed.pipelining 1F1B over {pipeline['pairs']} pair(s) of ranks)")
