@@ -335,6 +335,25 @@ def level_groups(world: int, nproc: int) -> dict[str, list[list[int]]]:
     return levels
 
 
+def first_level_group(nproc: int):
+    """``(level, group, members)`` of this rank on the first level of :func:`level_groups` (inside a node when
+    there are several ranks per node), every rank creating the level's groups; ``None`` with one rank."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    levels = level_groups(world, nproc)
+    if not levels:
+        return None
+    level = next(iter(levels))
+    group, _ = dist.new_subgroups_by_enumeration(levels[level])
+    return level, group, next(g for g in levels[level] if rank in g)
+
+
+def all_ranks_time(fn: Callable[[], Any], device, reps: int, agree_count: bool = False) -> float:
+    """Seconds per call of ``fn`` run on every rank at once (a barrier before each sample): the slowest rank's
+    lower-quartile sample (``time_reps``; ``agree_count`` for collectives, so every rank makes as many calls)."""
+    times = time_reps(fn, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S, agree_count=agree_count)
+    return lower_quartile(slowest(times, device))
+
+
 def collective_call(name: str, nbytes: int, n: int, group, device, element: int = 4):
     """A closure running one collective whose message is ``nbytes`` in nccl-tests' convention (all-gather:
     the gathered size; reduce-scatter: the input size; all-to-all: one rank's data); ``closure(async_op=True)``
@@ -436,21 +455,17 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
     slowest rank's lower-quartile sample. ``exposed_fraction`` = (b - w) / c: 0 when the collective hides
     under the GEMMs (NCCL on its own stream), 1 when they take turns, more when they slow each other down
     (gloo's threads and the GEMMs sharing the same cores)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    levels = level_groups(world, cfg["nproc_per_node"])
-    if not levels:
+    first = first_level_group(cfg["nproc_per_node"])
+    if first is None:
         return {}
-    level = next(iter(levels))
-    group, _ = dist.new_subgroups_by_enumeration(levels[level])
-    members = next(g for g in levels[level] if rank in g)
+    level, group, members = first
     size = int(cfg["overlap_bytes"])
     side = OVERLAP_GEMM["cuda" if device.type == "cuda" else "cpu"]
     a = torch.randn(side, side, device=device, dtype=dtype)
     c = torch.empty_like(a)
 
     def measure(fn) -> float:
-        times = time_reps(fn, device, cfg["reps"], barrier=dist.barrier, sample_seconds=SAMPLE_S, agree_count=True)
-        return lower_quartile(slowest(times, device))
+        return all_ranks_time(fn, device, cfg["reps"], agree_count=True)
 
     one_gemm = measure(lambda: torch.mm(a, a, out=c))
     rows = []
@@ -548,21 +563,16 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
     time-sliced: skipped."""
     if device.type == "cuda":
         return {}
-    world, rank = dist.get_world_size(), dist.get_rank()
-    levels = level_groups(world, cfg["nproc_per_node"])
-    if not levels:
+    first = first_level_group(cfg["nproc_per_node"])
+    if first is None:
         return {}
-    level = next(iter(levels))
-    group, _ = dist.new_subgroups_by_enumeration(levels[level])
-    members = next(g for g in levels[level] if rank in g)
+    level, group, members = first
     side = OVERLAP_GEMM["cpu"]
     a = torch.randn(side, side)
     c = torch.empty_like(a)
     call, nbytes = collective_call("all_reduce", MEETING_BYTES, len(members), group, device)
-    collective_s = lower_quartile(slowest(time_reps(call, device, cfg["reps"], barrier=dist.barrier,
-                                                    sample_seconds=SAMPLE_S, agree_count=True), device))
-    one_gemm = lower_quartile(slowest(time_reps(lambda: torch.mm(a, a, out=c), device, cfg["reps"],
-                                                barrier=dist.barrier, sample_seconds=SAMPLE_S), device))
+    collective_s = all_ranks_time(call, device, cfg["reps"], agree_count=True)
+    one_gemm = all_ranks_time(lambda: torch.mm(a, a, out=c), device, cfg["reps"])
     rows = []
     for i, segment_s in enumerate(MEETING_SEGMENTS_S):
         gemms = int(slowest([float(max(1, round(segment_s / one_gemm)))], device)[0])
@@ -620,8 +630,7 @@ def pipeline_phase(cfg: dict, device, progress: Progress | None) -> dict:
     def fwd_bwd() -> None:
         alone_module(x_alone).sum().backward()
 
-    alone_s = lower_quartile(slowest(time_reps(fwd_bwd, device, cfg["reps"], barrier=dist.barrier,
-                                               sample_seconds=SAMPLE_S), device))
+    alone_s = all_ranks_time(fwd_bwd, device, cfg["reps"])
     pairs = [[node * nproc + i, node * nproc + i + 1] for node in range(world // nproc) for i in range(0, nproc - 1, 2)]
     group, _ = dist.new_subgroups_by_enumeration(pairs)
     pair = next((p for p in pairs if rank in p), None)
