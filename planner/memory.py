@@ -256,17 +256,12 @@ def interleaved_1f1b_order(pp: int, rank: int, num_microbatches: int, virtual_st
     ``ScheduleInterleaved1F1B`` (torch 2.6-2.13, ``_calculate_single_rank_operations``): m micro-batches in
     rounds of ``mpr = m // max(1, m // pp)``; ``min((v - 1) * mpr + 2 * (pp - 1 - rank), m * v)`` warm-up
     forwards, then one forward and one backward alternating, then the remaining backwards. The k-th forward
-    runs chunk ``(k // mpr) % v``, the k-th backward chunk ``v - 1 - (k // mpr) % v``."""
-    m, v = num_microbatches, virtual_stages
-    per_round = m // max(1, m // pp)
-    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), m * v)
-    ops = [("F", (k // per_round) % v) for k in range(warmup)]
-    backwards = 0
-    for k in range(warmup, m * v):
-        ops += [("F", (k // per_round) % v), ("B", v - 1 - (backwards // per_round) % v)]
-        backwards += 1
-    ops += [("B", v - 1 - (k // per_round) % v) for k in range(backwards, m * v)]
-    return ops
+    runs chunk ``(k // mpr) % v``, the k-th backward chunk ``v - 1 - (k // mpr) % v``
+    (``schedule_sim.pipeline_ops``, which also says which micro-batch each op carries)."""
+    from meshplan.planner.schedule_sim import pipeline_ops
+
+    return [(kind, stage // pp) for kind, stage, _ in pipeline_ops("interleaved", pp, rank, num_microbatches,
+                                                                  virtual_stages)]
 
 
 def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumulators: list[float],

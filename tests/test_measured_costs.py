@@ -163,10 +163,27 @@ def test_the_sharing_simulation_at_speed_one_is_the_closed_form(schedule, v, p, 
     assert alone == pytest.approx(evaluate.pipeline_makespan(schedule, times, m, v))
 
 
-@pytest.mark.parametrize("p,m,v", [(2, 4, 1), (2, 8, 2), (4, 4, 1), (4, 8, 2)])
+def _torch_interleaved_ops(pp: int, rank: int, m: int, v: int) -> list[tuple[str, int, int]]:
+    """torch's own op list for ScheduleInterleaved1F1B (its ``_calculate_single_rank_operations``, built from
+    the same private helpers without process groups)."""
+    from torch.distributed.pipelining import schedules
+
+    per_round = m // max(1, m // pp)
+    warmup = schedules._get_warmup_ops(rank, v, per_round, pp, m, multiply_factor=2)
+    steady = v * m - warmup
+    actions = schedules._get_1f1b_rank_ops(
+        v, pp, warmup, steady, v * m - steady, rank, lambda step: ((step // per_round) % v) * pp + rank,
+        lambda step: (v - 1 - ((step - warmup) // per_round) % v) * pp + rank)
+    forward = schedules._ComputationType.FORWARD
+    return [("F" if a.computation_type == forward else "B", a.stage_index, a.microbatch_index)
+            for a in actions if a is not None]
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 1), (2, 8, 2), (4, 4, 1), (4, 8, 2), (4, 8, 3), (2, 2, 4)])
 def test_the_simulated_order_is_torchs_interleaved_order(p, m, v):
     for rank in range(p):
         ops = schedule_sim.pipeline_ops("interleaved", p, rank, m, v)
+        assert ops == _torch_interleaved_ops(p, rank, m, v)
         assert [(kind, stage // p) for kind, stage, _ in ops] == memory.interleaved_1f1b_order(p, rank, m, v)
         assert sorted(ops) == sorted((k, c * p + rank, i) for k in "FB" for c in range(v) for i in range(m))
 
