@@ -117,6 +117,11 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
     return 1.0
 
 
+# A lone rank measured this much faster than all of a host's ranks busy means they saturate its cores
+# (the profile's sharing rounds agree within a few percent, profiler/worker.py sharing_phase).
+SATURATED_ABOVE = 0.1
+
+
 def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
     """How much faster a rank computes when only some of its host's ranks are busy, as the profile measured it
     (``measured['host']['busy_speedup']``: ``[[busy ranks, speed / speed with all busy], ...]``, worker
@@ -137,8 +142,13 @@ def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
 
 
 def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
-    """Speed of each busy rank with ``busy`` ranks of its host busy, relative to all of them busy
-    (:func:`busy_speedup_table`), linear between measured counts; 1 beyond the table or without one."""
+    """Speed of each busy thread with ``busy`` threads of its host busy, relative to all its ranks busy
+    (:func:`busy_speedup_table`), linear between measured counts; 1 without a table.
+
+    Beyond the table (more threads than ranks: the vocabulary-parallel helper threads, schedule_sim.py) the
+    host's cores are shared further: where the table shows them saturated -- a lone rank faster than all
+    together, by more than the profile's noise -- ``n`` threads get ``N / n`` of what the ``N`` ranks each got
+    (processor sharing, the cores' throughput fixed); where it does not, 1 (a core to spare is assumed)."""
     if not table or busy <= 0:
         return 1.0
     if busy <= table[0][0]:
@@ -146,7 +156,9 @@ def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
     for (b0, s0), (b1, s1) in zip(table, table[1:]):
         if b0 <= busy <= b1:
             return s0 + (s1 - s0) * (busy - b0) / (b1 - b0) if b1 > b0 else s0
-    return 1.0
+    ranks, speed_all = table[-1]
+    saturated = table[0][1] > speed_all * (1 + SATURATED_ABOVE)
+    return speed_all * ranks / busy if saturated else speed_all
 
 
 def pipeline_op_overhead(cluster: ClusterSpec) -> float:

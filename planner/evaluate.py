@@ -251,6 +251,10 @@ class VocabCost:
     logits_peak: float           # bytes, transient at the loss of one micro-batch
     logprob_saved: float         # bytes kept per in-flight micro-batch until its backward
     vocab_comm: float            # seconds per micro-batch (vocab_parallel only)
+    pass_time: float = 0.0       # vocab_parallel: each rank's share of one micro-batch's head + loss pass,
+                                 # its communication included (part of each_time; schedule_sim's vocab_pass)
+    edges_comm: float = 0.0      # vocab_parallel: seconds per step of communication outside the pipeline
+    edges_compute: float = 0.0   # vocab_parallel: the embedding lookups outside the pipeline, seconds per step
 
 
 def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
@@ -275,11 +279,13 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     if not cfg.vocab_parallel:
         return VocabCost(embed_time, head_time, 0.0, embed_params, head_params, 0.0, logits_peak, logprob, 0.0)
     # Vocabulary parallelism (Yeung et al. 2024) as meshplan's runtime does it (vocab_parallel.py): every
-    # pp x tp rank holds V/(p*t) rows of the embedding and head. Per micro-batch: the input embedding partial
-    # sums reduced to the first stage, the last stage's hidden states broadcast over the pipeline row, its
-    # gradient reduced back: ~4 one-way transfers of the [s, b, h] activation, whole (each tp column moves
-    # the full sequence), i.e. 2 all-reduces' worth; the softmax statistics are all-gathered per loss chunk
-    # (2 fp32 per token) over the pp x tp group, one latency per chunk.
+    # pp x tp rank holds V/(p*t) rows of the embedding and head. Per micro-batch, inside the pipeline, the
+    # head pass: the last stage's hidden states broadcast over the pipeline row and its gradient reduced
+    # back (two one-way transfers of the [s, b, h] activation, whole: each tp column moves the full sequence,
+    # one all-reduce's worth), the softmax statistics all-gathered per loss chunk (2 fp32 per token) over the
+    # pp x tp group, one latency per chunk. Outside the pipeline (VocabCost.edges_time): the embedding
+    # partial sums reduced to the first stage before it and their gradient broadcast back after it, for
+    # every micro-batch at once, and the shards' gradients all-reduced over the data x context ranks by hand.
     degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
     pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
     activation = tokens * model.hidden * ctx.act_bytes
@@ -289,11 +295,33 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     # every one of those calls makes the pipeline row meet (comm.meeting_time; the others come from their own
     # pipeline work, about a head pass apart)
     meetings = (2 + chunks) * comm.meeting_time(cluster, head_time)
-    vocab_comm = 2 * comm.allreduce_time(activation, pp_link) + stats + meetings
+    vocab_comm = comm.allreduce_time(activation, pp_link) + stats + meetings
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
-    each_time = (head_time + embed_time) + vocab_comm
-    return VocabCost(0.0, 0.0, each_time, flops.norm_params(model), flops.norm_params(model), each_params,
-                     logits_peak, logprob, vocab_comm)
+    pass_time = head_time + vocab_comm
+    num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
+    edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, embed_time * num_mb)
+    return VocabCost(0.0, 0.0, pass_time, flops.norm_params(model), flops.norm_params(model),
+                     each_params, logits_peak, logprob, vocab_comm, pass_time, edges_comm, embed_time * num_mb)
+
+
+def vocab_edges_comm(ctx: Context, cfg: Config, step_activation_bytes: float, shard_params: float, pp_link,
+                     embed_s: float) -> float:
+    """Seconds per step the vocabulary-parallel runtime communicates outside the pipeline, every rank in turn
+    (vocab_parallel.py ``begin_step`` / ``end_step``, around the embedding lookup of every micro-batch,
+    ``embed_s`` of work): the embedding's partial sums reduced to the first stage and the first stage's input gradient broadcast back (one
+    all-reduce's worth of the step's activations over the pipeline row), and the shards' fp32 gradients
+    (one or two tensors of ``shard_params``) all-reduced over the data x context ranks after the pipeline,
+    where no backward is left to hide them; each call a meeting of ranks arriving from their own work."""
+    cluster = ctx.cluster
+    degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
+    replicas = cfg.dp * cfg.cp
+    dp_link = comm.group_link(cluster, replicas, min(comm.group_stride(cfg.mesh_order, degrees, "dp"),
+                                                     comm.group_stride(cfg.mesh_order, degrees, "cp")))
+    tensors = 1 if ctx.model.tied_embeddings else 2
+    grad_calls = tensors if replicas > 1 else 0
+    grads = tensors * comm.allreduce_time(shard_params / tensors * 4.0, dp_link)   # fp32 buffers if replicas > 1 else 0.0
+    meeting = comm.meeting_time(cluster, embed_s)
+    return comm.allreduce_time(step_activation_bytes, pp_link) + grads + (2 + grad_calls) * meeting
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,8 +359,9 @@ def pipeline_makespan(schedule: str, rank_time: list[float], num_mb: int, virtua
 def shared_host_speed(table: tuple[tuple[int, float], ...], ranks_per_host: int, pp: int, pp_stride: int):
     """``speed(busy)`` for :func:`schedule_sim.shared_makespan`: the pipeline ranks ``pp_stride`` apart in the
     mesh, ``ranks_per_host // pp_stride`` of them on one host (1 when the stride spans a host), each with
-    ``pp_stride`` ranks of its own there (its tp, cp, dp replicas, busy and idle together); a busy one runs at
-    ``compute.busy_speedup`` of the busy ranks on its host."""
+    ``pp_stride`` ranks of its own there (its tp, cp, dp replicas, busy and idle together); ``busy[r]`` counts
+    the threads pipeline rank r runs (its ops, a vocabulary helper thread), and each runs at
+    ``compute.busy_speedup`` of the busy threads on its host."""
     per_host = 1 if pp_stride >= ranks_per_host else max(1, min(pp, ranks_per_host // pp_stride))
     ranks_each = max(1, ranks_per_host // per_host)
 
@@ -537,11 +566,15 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # is the one simulated where micro-batches fill whole rounds, what the search generates)
     if sharing and p > 1 and (cfg.schedule != "interleaved" or num_mb % p == 0):
         speed = shared_host_speed(sharing, cluster.gpus_per_node, p, comm.group_stride(cfg.mesh_order, degrees, "pp"))
-        makespan = schedule_sim.shared_makespan(cfg.schedule, rank_time, num_mb, v, lc.fwd / layer_time, speed)
+        # a vocabulary pass runs on the last rank and on helper threads beside the others' ops (simulated as
+        # such, so out of the ops' own times)
+        vocab_pass = vc.pass_time if cfg.vocab_parallel else 0.0
+        makespan = schedule_sim.shared_makespan(cfg.schedule, [t - vocab_pass for t in rank_time], num_mb, v,
+                                                lc.fwd / layer_time, speed, vocab_pass)
     else:
         makespan = pipeline_makespan(cfg.schedule, rank_time, num_mb, v)
     pp_comm = pipeline_p2p_exposed(cfg.schedule, rank_time, num_mb, v, hop)
-    pipeline = makespan + pp_comm
+    pipeline = makespan + pp_comm + vc.edges_comm + vc.edges_compute
     bubble = max(0.0, makespan - num_mb * slowest)
 
     # Data-parallel / ZeRO traffic, per rank, with its overlap window (comm.exposed_time: what sticks out of
@@ -561,14 +594,16 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd), comm.meeting_time(cluster, lc.bwd)
     dp_exposed = []
     for r in range(p):
-        params = rank_fixed_params(r) + rank_layers[r] * lc.params
+        # the vocabulary shards' gradients are reduced by hand after the pipeline (VocabCost.edges_comm)
+        root_params = rank_fixed_params(r) - (vc.each_params if cfg.vocab_parallel else 0.0)
+        params = root_params + rank_layers[r] * lc.params
         layers = max(1, rank_layers[r])
         bwd_mb = rank_layers[r] * lc.bwd
         fwd_mb = rank_layers[r] * lc.fwd
         grads = sb.grad * params
         weights = (sb.compute_copy or sb.param) * params
         # communication units (parallelize.apply_dp): each block, and the root when it holds parameters
-        units = rank_layers[r] + (1 if rank_fixed_params(r) > 0 else 0)
+        units = rank_layers[r] + (1 if root_params > 0 else 0)
         if replicas == 1:
             dp_exposed.append(0.0)
             continue
@@ -664,9 +699,10 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     tp_comm = lc.tp_comm * n_layers_total / p * num_mb
     cp_comm = lc.cp_comm * n_layers_total / p * num_mb
     recompute_total = max(c.time for c in choices) * num_mb
-    compute_total = makespan - bubble - tp_comm - cp_comm - recompute_total - vc.vocab_comm * num_mb
+    compute_total = (makespan + vc.edges_compute - bubble - tp_comm - cp_comm - recompute_total
+                     - vc.vocab_comm * num_mb)
     breakdown = {"compute": compute_total, "recompute": recompute_total, "tp_comm": tp_comm, "cp_comm": cp_comm,
-                 "pp_comm": pp_comm, "vocab_comm": vc.vocab_comm * num_mb, "dp_comm": dp_time,
+                 "pp_comm": pp_comm, "vocab_comm": vc.vocab_comm * num_mb + vc.edges_comm, "dp_comm": dp_time,
                  "bubble": bubble, "optimizer": opt_time}
     return Evaluation(cfg, iteration, peaks[worst], list(partition), [c.counts for c in choices], peaks,
                       list(zip(base, slope)), breakdown, rank_detail)

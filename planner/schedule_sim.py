@@ -57,26 +57,35 @@ def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages:
 
 
 def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int,
-                    forward_share: float, speed: Callable[[list[bool]], list[float]]) -> float:
-    """Seconds from the first forward to the last backward when pipeline rank r's ops progress at
-    ``speed(busy)[r]`` while ``busy`` (one flag per pipeline rank) says who is running an op.
+                    forward_share: float, speed: Callable[[list[int]], list[float]],
+                    vocab_pass: float = 0.0) -> float:
+    """Seconds from the first forward to the last backward when a thread of pipeline rank r progresses at
+    ``speed(busy)[r]`` while ``busy`` (threads running, per pipeline rank) says who is running what.
 
     ``rank_time[r]``: rank r's forward + backward for one micro-batch over all its chunks, at the rate
     measured with every rank busy; a chunk's forward takes ``forward_share`` of it divided by the chunks, its
-    backward the rest. Event-driven: between two op completions the busy set, hence every speed, is
-    constant."""
+    backward the rest. Event-driven: between two completions the busy set, hence every speed, is constant.
+
+    ``vocab_pass``: each rank's share of one micro-batch's head + loss pass under vocabulary parallelism
+    (launcher/runtime/vocab_parallel.py), seconds at the all-busy rate. The last stage's forward ends with
+    it: the last rank runs its share inside that op, every other rank on a helper thread beside its own ops
+    (a second busy thread on the host), and the forward completes when every share is done -- the last stage
+    waits for the slowest, which is what a pass costs on cores that are already shared."""
     p = len(rank_time)
     v = max(1, virtual_stages) if schedule == "interleaved" else 1
     stages = p * v
+    last = p - 1                                # the last stage, (p v - 1), is on pipeline rank p - 1
     ops = [pipeline_ops(schedule, p, r, num_mb, v) for r in range(p)]
     work = {"F": forward_share / v, "B": (1.0 - forward_share) / v}
     done: set[tuple[str, int, int]] = set()
     nxt = [0] * p
-    left: list[float | None] = [None] * p     # work left of the op rank r is running (None: waiting)
+    left: list[float | None] = [None] * p     # work left of the op rank r's main thread runs (None: waiting)
+    passing: int | None = None                # the micro-batch whose head pass the last rank is in
+    helper: list[list[float]] = [[] for _ in range(p)]   # pass shares queued on each rank's helper thread
     clock = 0.0
     while True:
         for r in range(p):
-            if left[r] is None and nxt[r] < len(ops[r]):
+            if left[r] is None and nxt[r] < len(ops[r]) and not (r == last and passing is not None):
                 kind, stage, mb = ops[r][nxt[r]]
                 if kind == "F":
                     ready = stage == 0 or ("F", stage - 1, mb) in done
@@ -84,19 +93,41 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
                     ready = ("F", stage, mb) in done and (stage == stages - 1 or ("B", stage + 1, mb) in done)
                 if ready:
                     left[r] = rank_time[r] * work[kind]
-        busy = [x is not None for x in left]
+        if passing is not None and left[last] is None and not any(helper[r] for r in range(p)):
+            done.add(ops[last][nxt[last]])      # every share of the pass is in: the last forward completes
+            nxt[last] += 1
+            passing = None
+            continue
+        busy = [(x is not None) + bool(helper[r]) for r, x in enumerate(left)]
         if not any(busy):
             if all(nxt[r] == len(ops[r]) for r in range(p)):
                 return clock
             raise RuntimeError(f"{schedule} schedule deadlocked in the simulation (p={p}, m={num_mb}, v={v})")
         rates = speed(busy)
-        finish = {r: left[r] / rates[r] for r in range(p) if busy[r]}
+        finish = {("main", r): left[r] / rates[r] for r in range(p) if left[r] is not None}
+        finish.update({("helper", r): helper[r][0] / rates[r] for r in range(p) if helper[r]})
         step = min(finish.values())
         clock += step
-        for r, t in finish.items():
-            if t <= step * (1 + 1e-9):        # this op (and any ending at the same instant) completes
-                done.add(ops[r][nxt[r]])
-                nxt[r] += 1
-                left[r] = None
-            else:
+        for (thread, r), t in finish.items():
+            ends = t <= step * (1 + 1e-9)       # this job (and any ending at the same instant) completes
+            if thread == "helper":
+                if ends:
+                    helper[r].pop(0)
+                else:
+                    helper[r][0] -= step * rates[r]
+                continue
+            if not ends:
                 left[r] -= step * rates[r]
+                continue
+            left[r] = None
+            op = ops[r][nxt[r]]
+            if vocab_pass > 0 and r == last and op[0] == "F" and op[1] == stages - 1 and passing is None:
+                passing = op[2]                 # the forward's compute is done; its head pass starts everywhere
+                left[r] = vocab_pass
+                for other in range(p - 1):
+                    helper[other].append(vocab_pass)
+            elif r == last and passing is not None:
+                pass                            # the last rank's own share is done; it waits for the others
+            else:
+                done.add(op)
+                nxt[r] += 1

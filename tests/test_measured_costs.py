@@ -147,7 +147,12 @@ def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
     assert read == ((1, 1.9), (2, 1.0), (4, 1.0))       # sorted, bad rows dropped, below 1 read as 1
     assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 3) == pytest.approx(4 / 3)
     assert compute.busy_speedup(((1, 2.0), (4, 1.0)), 2) == pytest.approx(2 - 1 / 3)   # linear in between
-    assert compute.busy_speedup((), 1) == 1.0 and compute.busy_speedup(TWO_CORES_FOUR_RANKS, 8) == 1.0
+    assert compute.busy_speedup((), 1) == 1.0
+    # more threads than ranks (vocabulary helper threads): the saturated cores shared further, 4 / n
+    assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 6) == pytest.approx(4 / 6)
+    assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 8) == pytest.approx(0.5)
+    # a host whose ranks each had a core (a lone one no faster): a spare core is assumed
+    assert compute.busy_speedup(((1, 1.02), (4, 1.0)), 6) == 1.0
 
 
 SPEED_ONE_CASES = [(schedule, v, p, m) for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2),
