@@ -13,7 +13,9 @@ stage's forward of that micro-batch, a backward for its own forward and the next
 every rank that is running an op progresses at ``speed(busy ranks on its host)``: processor sharing, the
 operating system's time slicing averaged over an op. Op times are the all-ranks-busy times the profile
 measured, so with every rank busy all the time (no bubble) it gives back ``num_mb * T``, and with a speed of
-1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_measured_costs.py).
+1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_measured_costs.py). Under vocabulary
+parallelism the head pass of each micro-batch runs on every rank, on a helper thread beside the ops of all but
+the last (``vocab_pass``), one more busy thread on its host.
 """
 
 from __future__ import annotations

@@ -221,6 +221,56 @@ def test_a_hand_written_interleaved_plan_with_partial_rounds_keeps_the_closed_fo
     assert isinstance(result, evaluate.Evaluation) and result.iteration_s > 0
 
 
+def test_the_vocabulary_pass_ends_the_last_forward_and_waits_for_the_slowest_share():
+    """vocab_parallel.py: the last stage's forward ends with the head pass; the other ranks run their share on a
+    helper thread beside their own ops. Hand-worked timelines (forward 1/3, backward 2/3 of a micro-batch)."""
+    own_device = lambda busy: [1.0] * len(busy)          # noqa: E731  (every thread its own device)
+    # one micro-batch: F0, F1, the pass on both ranks at once (0.5), B1, B0
+    assert schedule_sim.shared_makespan("1f1b", [1.0, 1.0], 1, 1, 1 / 3, own_device, 0.5) == pytest.approx(2.5)
+    assert evaluate.pipeline_makespan("1f1b", [1.0, 1.0], 1) == pytest.approx(2.0)
+    # a rank's helper thread and its ops share that rank's device (speed 1 / threads): micro-batch 1's pass
+    # starts at 1.9667 while rank 0 runs B0 (1/3 left); both at half speed, the helper's 0.3 ends at 2.5667,
+    # 0.3 after the last rank's own share -- the last stage waits for it; B0 ends at 2.6, then B1 (1,1) and
+    # (0,1): 3.2333, 3.9
+    per_rank_device = lambda busy: [1.0 / b if b else 1.0 for b in busy]     # noqa: E731
+    assert schedule_sim.shared_makespan("1f1b", [1.0, 1.0], 2, 1, 1 / 3, per_rank_device, 0.3) == pytest.approx(3.9)
+    # nothing without a pass, and the pass never shortens a step
+    for schedule, v, m in (("1f1b", 1, 4), ("gpipe", 1, 4), ("interleaved", 2, 4)):
+        speed = evaluate.shared_host_speed(TWO_CORES_FOUR_RANKS, 4, 2, 2)
+        without = schedule_sim.shared_makespan(schedule, [1.0, 1.0], m, v, 1 / 3, speed)
+        assert schedule_sim.shared_makespan(schedule, [1.0, 1.0], m, v, 1 / 3, speed, 0.0) == without
+        assert schedule_sim.shared_makespan(schedule, [1.0, 1.0], m, v, 1 / 3, speed, 0.1) > without + 0.1 * m - 1e-9
+
+
+def test_vocabulary_parallel_work_outside_the_pipeline_is_on_the_step():
+    """begin_step / end_step of vocab_parallel.py: the embedding reduce and its gradient broadcast over the
+    pipeline row for the whole step, the shards' fp32 gradients all-reduced by hand over the data ranks (one
+    tensor per untied matrix), after the pipeline -- not hidden under a backward like the blocks' DDP traffic."""
+    model, cluster = load_model("tiny-llama"), load_cluster("localhost:4")
+    train = TrainSpec(16, 256, "fp32")
+    ctx = evaluate.Context(model, cluster, train)
+    cfg = evaluate.Config(dp=2, tp=1, pp=2, cp=1, micro_batch=2, schedule="1f1b", zero=0, vocab_parallel=True)
+    vc = evaluate.vocab_cost(ctx, cfg)
+    num_mb = 16 // (2 * 2)
+    activation = 2 * 256 * model.hidden * ctx.act_bytes
+    degrees = {"dp": 2, "tp": 1, "pp": 2, "cp": 1}
+    pp_link = comm.group_link(cluster, 2, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+    dp_link = comm.group_link(cluster, 2, comm.group_stride(cfg.mesh_order, degrees, "dp"))
+    tensors = 1 if model.tied_embeddings else 2
+    shard = model.vocab * model.hidden * tensors / 2
+    assert vc.edges_comm == pytest.approx(comm.allreduce_time(num_mb * activation, pp_link)
+                                          + tensors * comm.allreduce_time(shard / tensors * 4.0, dp_link))
+    assert vc.each_params == pytest.approx(shard) and vc.pass_time == vc.each_time > 0
+    result = evaluate.evaluate(cfg, ctx)
+    assert isinstance(result, evaluate.Evaluation)
+    assert sum(result.time_breakdown.values()) == pytest.approx(result.iteration_s)
+    assert result.time_breakdown["vocab_comm"] == pytest.approx(vc.vocab_comm * num_mb + vc.edges_comm)
+    # one data rank: no gradient all-reduce
+    alone = evaluate.Config(dp=1, tp=1, pp=2, cp=1, micro_batch=2, schedule="1f1b", zero=0, vocab_parallel=True)
+    assert evaluate.vocab_cost(ctx, alone).edges_comm == pytest.approx(
+        comm.allreduce_time(2 * num_mb * activation, pp_link))
+
+
 def test_a_shared_host_makes_pipelined_plans_cheaper_and_leaves_the_rest_alone():
     from meshplan.planner.search import evaluate_pinned
 
