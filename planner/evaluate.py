@@ -300,7 +300,9 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
     pass_time = head_time + vocab_comm
     num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
     edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, embed_time * num_mb)
-    return VocabCost(0.0, 0.0, pass_time, flops.norm_params(model), flops.norm_params(model),
+    # the first stage keeps a learned positions table (split over tp like the embedding it sits beside)
+    positions = (flops.embedding_params(model, train.seq_len) - model.vocab * model.hidden) / cfg.tp
+    return VocabCost(0.0, 0.0, pass_time, positions + flops.norm_params(model), flops.norm_params(model),
                      each_params, logits_peak, logprob, vocab_comm, pass_time, edges_comm, embed_time * num_mb)
 
 
@@ -458,6 +460,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # Memory that does not depend on the partition, per pipeline rank.
     in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p)]
 
+    vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
+
     def rank_fixed_params(rank: int) -> float:
         params = 0.0
         if cfg.vocab_parallel:
@@ -473,10 +477,14 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         """Everything on rank ``rank`` but the saved activations of its blocks, as (common, at the loss, in the
         first block's backward) breakdowns; the rank's peak is common + the larger phase
         (memory.step_peak_phases)."""
-        params = rank_fixed_params(rank) + layers * lc.params
+        # The vocabulary shard (vocab_parallel) is outside FSDP2 (vocab_parallel.py): its fp32 weights, plain
+        # AdamW state and fp32 gradient buffers, created at the step's start, are whole on every data rank.
+        params = rank_fixed_params(rank) - vocab_shard_params + layers * lc.params
         states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), replicas, sb)
+        shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
+        states = {k: states[k] + shard_states[k] for k in states}
         fsdp = cfg.dp * cfg.cp > 1
-        root = rank_fixed_params(rank)
+        root = rank_fixed_params(rank) - vocab_shard_params
         accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)    # see launcher/runtime/train.py train_step
         accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates, fsdp)
         gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
@@ -484,8 +492,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         # The sharded gradients: replaced by the fp32 accumulators while those exist (each block's reduce-scatter
         # frees its accumulator); else present from the first micro-batch's backward on, so at the last one's
         # loss only when there are several (optimizer.zero_grad(set_to_none=True) freed the last step's).
-        grads = states.pop("gradients")
-        grads_common = 0.0 if accumulators else (grads if num_mb > 1 else 0.0)
+        grads = states.pop("gradients") - shard_states["gradients"]
+        grads_common = (0.0 if accumulators else (grads if num_mb > 1 else 0.0)) + shard_states["gradients"]
         grads_backward = 0.0 if accumulators or num_mb > 1 else grads
         holds_loss = cfg.vocab_parallel or rank == (n_stages - 1) % p
         logits_loss = logits_kept = 0.0
@@ -595,7 +603,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     dp_exposed = []
     for r in range(p):
         # the vocabulary shards' gradients are reduced by hand after the pipeline (VocabCost.edges_comm)
-        root_params = rank_fixed_params(r) - (vc.each_params if cfg.vocab_parallel else 0.0)
+        root_params = rank_fixed_params(r) - vocab_shard_params
         params = root_params + rank_layers[r] * lc.params
         layers = max(1, rank_layers[r])
         bwd_mb = rank_layers[r] * lc.bwd
@@ -648,8 +656,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # over the rank's shard; plus the gradient-norm read (4 B/param).
     rates = compute.achieved_rates(cluster, train.precision)
     opt_bytes = (28 if sb.optimizer == 8 else 20) + 4
-    opt_time = max((rank_fixed_params(r) + rank_layers[r] * lc.params) * opt_bytes
-                   / (replicas if cfg.zero >= 1 else 1) / rates.memory for r in range(p))
+    opt_time = max(((rank_fixed_params(r) - vocab_shard_params + rank_layers[r] * lc.params)
+                    / (replicas if cfg.zero >= 1 else 1) + vocab_shard_params) * opt_bytes / rates.memory
+                   for r in range(p))
 
     iteration = pipeline + dp_time + opt_time
 
@@ -667,7 +676,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             stages = list(range(r, n_stages, p))
             acts = [sum(_split_counts(choices[r].counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES)
                     for j in stages]
-            chunk_params = [partition[j] * lc.params + (vc.each_params if cfg.vocab_parallel and j < p else 0.0)
+            chunk_params = [partition[j] * lc.params          # FSDP2's units (the vocabulary shard is not one)
                             + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
                             for j in stages]
             fsdp = cfg.dp * cfg.cp > 1
