@@ -251,7 +251,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                     closest_oom = (result.over_bytes, cfg)
                 continue
             best.append(result)
-            best.sort(key=lambda e: e.iteration_s)
+            best.sort(key=plan_order)
             dropped = best[top * 2:]           # keep a few spare for the ILP refinement
             del best[top * 2:]
             rejected["slower than the top plans"] += len(dropped)
@@ -265,7 +265,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
     finalists = best[: top * 2]
     if refine:
         finalists = [_refine(ctx, ev) for ev in finalists]
-        finalists.sort(key=lambda e: e.iteration_s)
+        finalists.sort(key=plan_order)
     chosen = finalists[:top]
     rejected["slower than the top plans"] += len(best) - len(chosen)
     seconds = time.perf_counter() - start
@@ -277,6 +277,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                        "rejected": dict(rejected), "alternatives": alternatives}
         plans.append(to_plan(ev, ctx, notes, search_info))
     return SearchResult(plans, seconds, evaluated, dict(rejected), closest_oom)
+
+
+def plan_order(ev: Evaluation) -> tuple[float, float]:
+    """How the top plans are ranked: by predicted step time, and where two are predicted equal (GPipe and 1F1B
+    have one makespan; to the nanosecond) by peak memory, lower first -- the same speed with more headroom.
+    Without the second key such ties fell in evaluation order, which a calibration could flip."""
+    return round(ev.iteration_s, 9), ev.peak_bytes
 
 
 def _alternative(ev: Evaluation) -> dict[str, Any]:

@@ -102,3 +102,21 @@ def test_impossible_pins_are_input_errors(pins, field):
     with pytest.raises(InputError) as info:
         search(load_model("llama3-8b"), load_cluster("dgx-h100:2"), TrainSpec(64, 8192), parse_fixes(pins))
     assert info.value.field == field
+
+
+def test_plans_predicted_equally_fast_are_ranked_by_memory(tmp_path):
+    """GPipe and 1F1B over two stages have one makespan: the planner lists the one with the lower peak first
+    (1F1B holds fewer micro-batches), whatever order it evaluated them in."""
+    (tmp_path / "small.yaml").write_text("name: small\nlayers: 8\nhidden: 256\nheads: 8\nkv_heads: 4\n"
+                                         "vocab: 2048\nmlp: swiglu\nnorm: rmsnorm\nposition: rope\n")
+    result = search(load_model(str(tmp_path / "small.yaml")), load_cluster("localhost:4"), TrainSpec(16, 256, "fp32"),
+                    parse_fixes(["pp=2", "dp=2", "micro_batch=4", "zero=0", "vocab_parallel=false", "recompute=none"]),
+                    top=8)
+    keys = [(round(p.predicted.iteration_s, 6), p.predicted.peak_memory_gib) for p in result.plans]
+    assert keys == sorted(keys)
+    by_schedule = {p.schedule: p for p in result.plans if p.virtual_stages == 1}
+    assert {"gpipe", "1f1b"} <= set(by_schedule), [p.schedule for p in result.plans]
+    gpipe, one_f_one_b = by_schedule["gpipe"], by_schedule["1f1b"]
+    assert gpipe.predicted.iteration_s == pytest.approx(one_f_one_b.predicted.iteration_s, rel=1e-9)
+    assert one_f_one_b.predicted.peak_memory_gib < gpipe.predicted.peak_memory_gib
+    assert result.plans.index(one_f_one_b) < result.plans.index(gpipe)
