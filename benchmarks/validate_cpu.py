@@ -7,8 +7,9 @@ the fastest.
 
 Without ``--cluster`` it first profiles this machine (``meshplan profile --cluster localhost:4``) with the
 model's shapes. Then ``meshplan validate`` launches each layout ``--repeats`` times round-robin and prints the
-table. 14 steps (the median of the 13 after the first): two runs of one layout then agree within 3% on this
-machine; with 6 steps they differed by up to 8%, as much as the layouts themselves. ``--rounds 2`` is the
+table. 14 steps (the median of the 13 after the first); even so, repeated runs of one layout differed by a
+median 10-14% on this machine in session 8 (docs/profiler.md), more than the top eight layouts differ: each
+round's last line says how many pairs of layouts the runs resolve at all. ``--rounds 2`` is the
 calibration loop a user runs: round 1 predicts from the profile and (``--update``) calibrates the file; round
 2 plans again from the calibrated file and measures its top layouts, which that calibration never saw. The
 load average is printed before and after: the machine is shared, re-run when it is high.
@@ -78,13 +79,16 @@ def main() -> int:
         if proc.returncode:
             return proc.returncode
         s = json.loads(report.read_text())["summary"]
-        verdicts.append((round_, s["spearman"], s.get("first_over_fastest", float("inf"))))
+        verdicts.append((round_, s["spearman"], s.get("first_over_fastest", float("inf")),
+                         s.get("resolved_pairs"), s.get("resolved_agree"), s.get("pairs")))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    for round_, rho, ratio in verdicts:
+    for round_, rho, ratio, resolved, agree, pairs in verdicts:
         label = f"round {round_}: " if a.rounds > 1 else ""
         print(f"{label}Spearman {rho:.2f} (target >= {SPEARMAN_TARGET}): "
               f"{'met' if rho >= SPEARMAN_TARGET else 'NOT met'}; first choice / fastest measured {ratio:.3f} "
-              f"(target <= {FIRST_CHOICE_TARGET}): {'met' if ratio <= FIRST_CHOICE_TARGET else 'NOT met'}")
+              f"(target <= {FIRST_CHOICE_TARGET}): {'met' if ratio <= FIRST_CHOICE_TARGET else 'NOT met'}"
+              + (f"; pairs resolved by the runs {resolved} of {pairs}, ordered as measured {agree}"
+                 if resolved is not None else ""))
     return 0
 
 

@@ -27,6 +27,7 @@ import datetime as _dt
 import json
 import os
 import subprocess
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ COMPUTE_TERMS = ("compute", "recompute", "bubble", "optimizer")
 COMM_TERMS = ("tp_comm", "cp_comm", "pp_comm", "vocab_comm", "dp_comm")
 RSS_POLL_S = 0.1
 # Two runs of one plan differ by this much on a shared machine (benchmarks/validate_cpu.py's repeat runs);
-# "better or equal" after calibration is judged within it.
+# "better or equal" after calibration is judged within it, or within the spread the repeated runs showed.
 SAME_WITHIN = 0.05
 
 
@@ -235,7 +236,68 @@ def compare(runs: list[Run]) -> dict:
     out["first_is_fastest"] = first.measured_s is not None and fastest.index == first.index
     if first.measured_s is not None:
         out["first_over_fastest"] = first.measured_s / fastest.measured_s
+    out.update(noise(ok))
     return out
+
+
+def same_within(*runs: Run) -> float:
+    """How far apart two layouts' times may be and still count as equal: SAME_WITHIN, or the larger run-to-run
+    spread the repeated runs of either showed (relative to its kept time) where that is wider."""
+    spreads = [x / r.measured_s for r in runs if r.measured_s and (x := run_spread(r)) is not None]
+    return max([SAME_WITHIN, *spreads])
+
+
+def run_spread(run: Run) -> float | None:
+    """Seconds between the slowest and the fastest of a layout's repeated runs (None with fewer than two)."""
+    times = [t for t in run.repeats_s if t is not None]
+    return max(times) - min(times) if len(times) >= 2 else None
+
+
+def noise(runs: list[Run]) -> dict:
+    """How far the measurements can rank the layouts at all (needs ``--repeats`` >= 2).
+
+    A layout's *spread* is the gap between its slowest and fastest repeated run; two layouts are *resolved*
+    when their measured times differ by more than the larger of their two spreads (a second set of runs
+    would very likely order them the same way). Spearman over layouts closer than that ranks the machine's
+    noise, not the planner: the report says how many of the pairs the runs resolve and how the planner
+    ordered those (as measured / tied / reversed)."""
+    spreads = {r.index: run_spread(r) for r in runs}
+    known = [x / r.measured_s for r in runs if (x := spreads[r.index]) is not None]
+    if len(known) < 2:
+        return {}
+    fastest, slowest = min(r.measured_s for r in runs), max(r.measured_s for r in runs)
+    pairs = agree = tied = 0
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            gap = abs(a.measured_s - b.measured_s)
+            if spreads[a.index] is None or spreads[b.index] is None or gap <= max(spreads[a.index],
+                                                                                 spreads[b.index]):
+                continue
+            pairs += 1
+            predicted = a.predicted_s - b.predicted_s
+            if predicted == 0:
+                tied += 1
+            elif (predicted > 0) == (a.measured_s > b.measured_s):
+                agree += 1
+    n = len(runs)
+    return {"run_spread_median": statistics.median(known), "run_spread_max": max(known),
+            "measured_span": slowest / fastest - 1.0, "pairs": n * (n - 1) // 2, "resolved_pairs": pairs,
+            "resolved_agree": agree, "resolved_tied": tied, "resolved_reversed": pairs - agree - tied}
+
+
+def noise_text(summary: dict) -> str:
+    """One line on what the runs can resolve (empty without repeats)."""
+    if "resolved_pairs" not in summary:
+        return ""
+    line = (f"run-to-run spread of one layout: median {summary['run_spread_median']:.1%}, up to "
+            f"{summary['run_spread_max']:.1%}; the layouts span {summary['measured_span']:.1%}; "
+            f"pairs the runs resolve: {summary['resolved_pairs']} of {summary['pairs']}")
+    if summary["resolved_pairs"]:
+        line += (f", the planner orders {summary['resolved_agree']} as measured, {summary['resolved_tied']} tied, "
+                 f"{summary['resolved_reversed']} reversed")
+    if summary["run_spread_median"] >= summary["measured_span"] / 2:
+        line += " (the layouts are closer than this machine repeats a run: Spearman here ranks noise)"
+    return line
 
 
 def split_breakdown(plan) -> tuple[float, float]:
@@ -300,12 +362,13 @@ def table_text(runs: list[Run]) -> str:
     for r in runs:
         rows.append([r.index, describe(r.plan), f"{r.predicted_s:.3f}",
                      f"{r.measured_s:.3f}" if r.measured_s is not None else "failed",
+                     f"{run_spread(r) / r.measured_s:.1%}" if r.measured_s and run_spread(r) is not None else "-",
                      f"{r.measured_s / r.predicted_s:.2f}" if r.measured_s else "-",
                      f"{pred_rank[r.index]:g}" if r.index in pred_rank else "-",
                      f"{meas_rank[r.index]:g}" if r.index in meas_rank else "-",
                      f"{r.predicted_gib:.2f}", f"{r.measured_gib:.2f}" if r.measured_gib is not None else "n/a"])
     kind = next((r.memory_kind for r in runs if r.memory_kind), "memory")
-    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "meas/pred", "rank pred", "rank meas",
+    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "runs spread", "meas/pred", "rank pred", "rank meas",
                                    "pred GiB", f"meas GiB ({kind})"])
 
 
@@ -370,6 +433,8 @@ def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, f
     typer.echo(f"first choice fastest: {'yes' if summary['first_is_fastest'] else 'no'}"
                + (f" (first choice / fastest measured = {summary['first_over_fastest']:.2f})"
                   if "first_over_fastest" in summary else ""))
+    if noise_text(summary):
+        typer.echo(noise_text(summary))
     report: dict[str, Any] = {"summary": summary, "runs": [r.to_dict() for r in runs],
                               "train": train.to_dict(), "cluster": str(cluster)}
     if update:
@@ -441,7 +506,8 @@ def after_calibration(model_spec, cluster_path: Path, train, fixes, runs: list[R
     if match.measured_s is not None and before.measured_s is not None:
         ratio = match.measured_s / before.measured_s
         out["after_over_before"] = ratio
-        verdict = ("better" if ratio < 1 - SAME_WITHIN else "equal (within noise)" if ratio <= 1 + SAME_WITHIN
+        within = same_within(before, match)
+        verdict = ("better" if ratio < 1 - within else "equal (within noise)" if ratio <= 1 + within
                    else "worse")
         out["verdict"] = verdict
         typer.echo(f"after calibration the first choice is {describe(new)}: measured {match.measured_s:.3f}s vs "

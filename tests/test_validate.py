@@ -50,6 +50,33 @@ def test_compare_reports_spearman_and_first_choice():
     assert got["first_over_fastest"] == pytest.approx(1.1)
 
 
+def test_noise_says_which_pairs_the_runs_resolve():
+    """Layouts 1 and 2 lie within each other's run-to-run spread (unresolved); 3 is apart from both. The planner
+    orders (1, 3) as measured and ties (2, 3); with no repeats there is nothing to say."""
+    plans = _plans()[:3]
+    runs = [_run(1, plans[0], 1.0, 1.00), _run(2, plans[1], 1.2, 1.02), _run(3, plans[2], 1.2, 1.30)]
+    for run, times in zip(runs, [[1.00, 1.05], [1.02, 1.04], [1.30, 1.31]]):
+        run.repeats_s = times
+    got = v.compare(runs)
+    assert got["pairs"] == 3 and got["resolved_pairs"] == 2
+    assert (got["resolved_agree"], got["resolved_tied"], got["resolved_reversed"]) == (1, 1, 0)
+    assert got["run_spread_max"] == pytest.approx(0.05)
+    assert got["measured_span"] == pytest.approx(0.30)
+    assert "pairs the runs resolve: 2 of 3" in v.noise_text(got)
+    assert "ranks noise" not in v.noise_text(got)
+    close = [_run(i, p, 1.0 + i / 100, 1.0 + i / 100) for i, p in enumerate(plans, 1)]
+    for run in close:
+        run.repeats_s = [run.measured_s, run.measured_s * 1.05]
+    assert "ranks noise" in v.noise_text(v.compare(close))
+    for run in runs:
+        run.repeats_s = [run.measured_s]
+    assert "resolved_pairs" not in v.compare(runs) and v.noise_text(v.compare(runs)) == ""
+    # a calibration's new first choice is judged within the wider of SAME_WITHIN and the runs' own spread
+    assert v.same_within(runs[0], runs[1]) == v.SAME_WITHIN
+    runs[0].repeats_s = [1.00, 1.12]
+    assert v.same_within(runs[0], runs[1]) == pytest.approx(0.12)
+
+
 def test_calibration_scales_rates_and_links():
     cluster = load_cluster("localhost:2")
     data = {**cluster.to_dict(), "measured": {"compute": {"matmul_table": [[1e6, 0.02], [1e8, 0.04]],
