@@ -404,9 +404,15 @@ class ClusterSpec:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    def __hash__(self) -> int:   # ``measured`` is a dict: hash its JSON form
-        return hash((self.name, self.nodes, self.gpus_per_node, self.gpu, self.intra_node, self.inter_node,
-                     json.dumps(self.measured, sort_keys=True, default=str)))
+    def __hash__(self) -> int:
+        """``measured`` is a dict: hash its JSON form, once (the planner's caches hash the cluster on every
+        lookup: 130,000 times in a 16,384-GPU search; nothing writes into a built spec's ``measured``)."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.nodes, self.gpus_per_node, self.gpu, self.intra_node, self.inter_node,
+                           json.dumps(self.measured, sort_keys=True, default=str)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from meshplan.plan import DEFAULT_MESH_ORDER, KERNEL_NAMES, Plan, Prediction, StagePlan
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
@@ -257,7 +257,28 @@ class VocabCost:
     edges_compute: float = 0.0   # vocab_parallel: the embedding lookups outside the pipeline, seconds per step
 
 
+class VocabKey(NamedTuple):
+    """The fields of a Config that :func:`vocab_cost` reads (its cache key: the search asks for the same
+    vocabulary costs under every schedule, ZeRO stage and recompute choice)."""
+
+    micro_batch: int
+    cp: int
+    tp: int
+    pp: int
+    dp: int
+    vocab_parallel: bool
+    fused_kernels: bool
+    mesh_order: tuple[str, ...]
+
+
 def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
+    """Per micro-batch costs of the embedding and head + loss under ``cfg`` (cached on :class:`VocabKey`)."""
+    return _vocab_cost(ctx, VocabKey(cfg.micro_batch, cfg.cp, cfg.tp, cfg.pp, cfg.dp, cfg.vocab_parallel,
+                                     cfg.fused_kernels, tuple(cfg.mesh_order)))
+
+
+@lru_cache(maxsize=4096)
+def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     model, train, cluster = ctx.model, ctx.train, ctx.cluster
     rates = compute.achieved_rates(cluster, train.precision)
     tokens = cfg.micro_batch * train.seq_len / cfg.cp
@@ -306,12 +327,13 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
                      each_params, logits_peak, logprob, vocab_comm, pass_time, edges_comm, embed_time * num_mb)
 
 
-def vocab_edges_comm(ctx: Context, cfg: Config, step_activation_bytes: float, shard_params: float, pp_link,
+def vocab_edges_comm(ctx: Context, cfg: Config | VocabKey, step_activation_bytes: float, shard_params: float, pp_link,
                      embed_s: float) -> float:
     """Seconds per step the vocabulary-parallel runtime communicates outside the pipeline, every rank in turn
     (vocab_parallel.py ``begin_step`` / ``end_step``, around the embedding lookup of every micro-batch,
-    ``embed_s`` of work): the embedding's partial sums reduced to the first stage and the first stage's input gradient broadcast back (one
-    all-reduce's worth of the step's activations over the pipeline row), and the shards' fp32 gradients
+    ``embed_s`` of work): the embedding's partial sums reduced to the first stage and the first stage's input
+    gradient broadcast back (one all-reduce's worth of the step's activations over the pipeline row), and the
+    shards' fp32 gradients
     (one or two tensors of ``shard_params``) all-reduced over the data x context ranks after the pipeline,
     where no backward is left to hide them; each call a meeting of ranks arriving from their own work."""
     cluster = ctx.cluster
@@ -321,7 +343,7 @@ def vocab_edges_comm(ctx: Context, cfg: Config, step_activation_bytes: float, sh
                                                      comm.group_stride(cfg.mesh_order, degrees, "cp")))
     tensors = 1 if ctx.model.tied_embeddings else 2
     grad_calls = tensors if replicas > 1 else 0
-    grads = tensors * comm.allreduce_time(shard_params / tensors * 4.0, dp_link)   # fp32 buffers if replicas > 1 else 0.0
+    grads = tensors * comm.allreduce_time(shard_params / tensors * 4.0, dp_link) if replicas > 1 else 0.0  # fp32
     meeting = comm.meeting_time(cluster, embed_s)
     return comm.allreduce_time(step_activation_bytes, pp_link) + grads + (2 + grad_calls) * meeting
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from meshplan.spec import ModelSpec
 
@@ -258,10 +259,16 @@ def interleaved_1f1b_order(pp: int, rank: int, num_microbatches: int, virtual_st
     forwards, then one forward and one backward alternating, then the remaining backwards. The k-th forward
     runs chunk ``(k // mpr) % v``, the k-th backward chunk ``v - 1 - (k // mpr) % v``
     (``schedule_sim.pipeline_ops``, which also says which micro-batch each op carries)."""
+    return list(_interleaved_order(pp, rank, num_microbatches, virtual_stages))
+
+
+@lru_cache(maxsize=1024)
+def _interleaved_order(pp: int, rank: int, num_microbatches: int, virtual_stages: int) -> tuple[tuple[str, int], ...]:
+    """:func:`interleaved_1f1b_order`, cached: the search replays the same orders for thousands of configurations."""
     from meshplan.planner.schedule_sim import pipeline_ops
 
-    return [(kind, stage // pp) for kind, stage, _ in pipeline_ops("interleaved", pp, rank, num_microbatches,
-                                                                  virtual_stages)]
+    return tuple((kind, stage // pp) for kind, stage, _ in pipeline_ops("interleaved", pp, rank, num_microbatches,
+                                                                       virtual_stages))
 
 
 def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumulators: list[float],

@@ -368,8 +368,8 @@ def table_text(runs: list[Run]) -> str:
                      f"{meas_rank[r.index]:g}" if r.index in meas_rank else "-",
                      f"{r.predicted_gib:.2f}", f"{r.measured_gib:.2f}" if r.measured_gib is not None else "n/a"])
     kind = next((r.memory_kind for r in runs if r.memory_kind), "memory")
-    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "runs spread", "meas/pred", "rank pred", "rank meas",
-                                   "pred GiB", f"meas GiB ({kind})"])
+    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "runs spread", "meas/pred", "rank pred",
+                                   "rank meas", "pred GiB", f"meas GiB ({kind})"])
 
 
 def measure_plans(plans: list, steps: int, work: Path, repeats: int) -> list[Run]:
