@@ -124,8 +124,8 @@ VOCAB_PLANS = {"llama-pp2": dict(pp=2), "gpt-tied-tp2-pp2": dict(pp=2, tp=2, mod
 def test_vocab_parallel_plans_check_and_agree_with_the_planner(kw):
     """Vocabulary split over the pipeline ranks: every rank builds and runs on fake tensors (DTensor's local-offset
     helper, which reads a tensor value, is not on that path), and the planner's peak per rank (before its
-    margin) is within 10% of the fake run's. (With dp2 ZeRO-1 the planner's peak is 12% above the fake run's,
-    on the safe side: docs/check.md.)"""
+    margin) is within 10% of the fake run's. (With dp2 ZeRO-1 the first rank's predicted peak is 12% above the
+    fake run's and 10% above a real gloo run's, on the safe side: docs/check.md.)"""
     from meshplan.planner.replay import replay
 
     plan = make_plan(vocab_parallel=True, **kw)
