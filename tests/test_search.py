@@ -112,7 +112,7 @@ def test_plans_predicted_equally_fast_are_ranked_by_memory(tmp_path):
     result = search(load_model(str(tmp_path / "small.yaml")), load_cluster("localhost:4"), TrainSpec(16, 256, "fp32"),
                     parse_fixes(["pp=2", "dp=2", "micro_batch=4", "zero=0", "vocab_parallel=false", "recompute=none"]),
                     top=8)
-    keys = [(round(p.predicted.iteration_s, 6), p.predicted.peak_memory_gib) for p in result.plans]
+    keys = [(round(p.predicted.iteration_s, 9), p.predicted.peak_memory_gib) for p in result.plans]
     assert keys == sorted(keys)
     by_schedule = {p.schedule: p for p in result.plans if p.virtual_stages == 1}
     assert {"gpipe", "1f1b"} <= set(by_schedule), [p.schedule for p in result.plans]
