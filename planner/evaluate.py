@@ -322,7 +322,7 @@ def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
     edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, embed_time * num_mb)
     # the first stage keeps a learned positions table (split over tp like the embedding it sits beside)
-    positions = (flops.embedding_params(model, train.seq_len) - model.vocab * model.hidden) / cfg.tp
+    positions = flops.position_params(model, train.seq_len) / cfg.tp
     return VocabCost(0.0, 0.0, pass_time, positions + flops.norm_params(model), flops.norm_params(model),
                      each_params, logits_peak, logprob, vocab_comm, pass_time, edges_comm, embed_time * num_mb)
 
@@ -482,12 +482,16 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # Memory that does not depend on the partition, per pipeline rank.
     in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p)]
 
+    # The vocabulary shard (vocab_parallel) is outside FSDP2 (vocab_parallel.py): its fp32 weights, plain
+    # AdamW state and fp32 gradient buffers, created at the step's start, are whole on every data rank and its
+    # gradients are reduced by hand after the pipeline (VocabCost.edges_comm). Every rank holds one.
     vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
+    shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
 
-    def rank_fixed_params(rank: int) -> float:
+    def rank_root_params(rank: int) -> float:
+        """The parameters of the rank's FSDP2 root unit, beside its blocks: the embedding (or, with the
+        vocabulary split, the positions table) on the first rank, the final norm and head on the last."""
         params = 0.0
-        if cfg.vocab_parallel:
-            params += vc.each_params
         if rank == 0:
             params += vc.first_params
         if rank == (n_stages - 1) % p:
@@ -499,14 +503,11 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         """Everything on rank ``rank`` but the saved activations of its blocks, as (common, at the loss, in the
         first block's backward) breakdowns; the rank's peak is common + the larger phase
         (memory.step_peak_phases)."""
-        # The vocabulary shard (vocab_parallel) is outside FSDP2 (vocab_parallel.py): its fp32 weights, plain
-        # AdamW state and fp32 gradient buffers, created at the step's start, are whole on every data rank.
-        params = rank_fixed_params(rank) - vocab_shard_params + layers * lc.params
+        root = rank_root_params(rank)
+        params = root + layers * lc.params
         states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), replicas, sb)
-        shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
         states = {k: states[k] + shard_states[k] for k in states}
         fsdp = cfg.dp * cfg.cp > 1
-        root = rank_fixed_params(rank) - vocab_shard_params
         accumulates = p > 1 or (num_mb > 1 and cfg.zero <= 2)    # see launcher/runtime/train.py train_step
         accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates, fsdp)
         gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
@@ -624,8 +625,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd), comm.meeting_time(cluster, lc.bwd)
     dp_exposed = []
     for r in range(p):
-        # the vocabulary shards' gradients are reduced by hand after the pipeline (VocabCost.edges_comm)
-        root_params = rank_fixed_params(r) - vocab_shard_params
+        root_params = rank_root_params(r)
         params = root_params + rank_layers[r] * lc.params
         layers = max(1, rank_layers[r])
         bwd_mb = rank_layers[r] * lc.bwd
@@ -678,7 +678,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # over the rank's shard; plus the gradient-norm read (4 B/param).
     rates = compute.achieved_rates(cluster, train.precision)
     opt_bytes = (28 if sb.optimizer == 8 else 20) + 4
-    opt_time = max(((rank_fixed_params(r) - vocab_shard_params + rank_layers[r] * lc.params)
+    opt_time = max(((rank_root_params(r) + rank_layers[r] * lc.params)
                     / (replicas if cfg.zero >= 1 else 1) + vocab_shard_params) * opt_bytes / rates.memory
                    for r in range(p))
 

@@ -39,10 +39,14 @@ def params_per_layer(m: ModelSpec) -> int:
     return attention_params_per_layer(m) + mlp_params_per_layer(m) + 2 * norm_params(m)
 
 
+def position_params(m: ModelSpec, seq_len: int) -> int:
+    """A learned positions table (max_seq_len x h; none for rotary positions)."""
+    return (m.max_seq_len or seq_len) * m.hidden if m.position == "learned" else 0
+
+
 def embedding_params(m: ModelSpec, seq_len: int) -> int:
     """Token embedding V*h, plus a positions table for learned positions."""
-    positions = (m.max_seq_len or seq_len) * m.hidden if m.position == "learned" else 0
-    return m.vocab * m.hidden + positions
+    return m.vocab * m.hidden + position_params(m, seq_len)
 
 
 def head_params(m: ModelSpec) -> int:

@@ -243,14 +243,19 @@ def compare(runs: list[Run]) -> dict:
 def same_within(*runs: Run) -> float:
     """How far apart two layouts' times may be and still count as equal: SAME_WITHIN, or the larger run-to-run
     spread the repeated runs of either showed (relative to its kept time) where that is wider."""
-    spreads = [x / r.measured_s for r in runs if r.measured_s and (x := run_spread(r)) is not None]
-    return max([SAME_WITHIN, *spreads])
+    return max([SAME_WITHIN, *(x for r in runs if (x := relative_spread(r)) is not None)])
 
 
 def run_spread(run: Run) -> float | None:
     """Seconds between the slowest and the fastest of a layout's repeated runs (None with fewer than two)."""
     times = [t for t in run.repeats_s if t is not None]
     return max(times) - min(times) if len(times) >= 2 else None
+
+
+def relative_spread(run: Run) -> float | None:
+    """:func:`run_spread` as a fraction of the layout's kept time."""
+    spread = run_spread(run)
+    return spread / run.measured_s if spread is not None and run.measured_s else None
 
 
 def noise(runs: list[Run]) -> dict:
@@ -262,7 +267,7 @@ def noise(runs: list[Run]) -> dict:
     noise, not the planner: the report says how many of the pairs the runs resolve and how the planner
     ordered those (as measured / tied / reversed)."""
     spreads = {r.index: run_spread(r) for r in runs}
-    known = [x / r.measured_s for r in runs if (x := spreads[r.index]) is not None]
+    known = [x for r in runs if (x := relative_spread(r)) is not None]
     if len(known) < 2:
         return {}
     fastest, slowest = min(r.measured_s for r in runs), max(r.measured_s for r in runs)
@@ -362,7 +367,7 @@ def table_text(runs: list[Run]) -> str:
     for r in runs:
         rows.append([r.index, describe(r.plan), f"{r.predicted_s:.3f}",
                      f"{r.measured_s:.3f}" if r.measured_s is not None else "failed",
-                     f"{run_spread(r) / r.measured_s:.1%}" if r.measured_s and run_spread(r) is not None else "-",
+                     f"{x:.1%}" if (x := relative_spread(r)) is not None else "-",
                      f"{r.measured_s / r.predicted_s:.2f}" if r.measured_s else "-",
                      f"{pred_rank[r.index]:g}" if r.index in pred_rank else "-",
                      f"{meas_rank[r.index]:g}" if r.index in meas_rank else "-",
@@ -433,8 +438,8 @@ def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, f
     typer.echo(f"first choice fastest: {'yes' if summary['first_is_fastest'] else 'no'}"
                + (f" (first choice / fastest measured = {summary['first_over_fastest']:.2f})"
                   if "first_over_fastest" in summary else ""))
-    if noise_text(summary):
-        typer.echo(noise_text(summary))
+    if noise_line := noise_text(summary):
+        typer.echo(noise_line)
     report: dict[str, Any] = {"summary": summary, "runs": [r.to_dict() for r in runs],
                               "train": train.to_dict(), "cluster": str(cluster)}
     if update:
