@@ -7,8 +7,13 @@ command ``meshplan launch`` runs); step times come from the runtime's metrics li
 ``peak_memory_gib`` (``torch.cuda.max_memory_allocated``) on GPUs; on CPU processes the peak resident set
 (``VmHWM``) of the worst rank, which also holds the interpreter and torch (a few hundred MiB).
 
-``--repeats R`` launches the plans R times round-robin and keeps each plan's fastest run (another tenant's
-burst slows one run, not the plan).
+``--repeats R`` launches the plans in R rounds (every layout once a round, every other round in reverse
+order) and treats each round as a block: a layout's time in a round is divided by that round's geometric mean
+over the layouts, so what the machine did to the whole round (this VM's speed drifted by 26% over the 35
+minutes of one validate run) cancels out of the ranking; a layout's measured time is the mean of its
+normalised runs times the geometric mean of the rounds, with the standard error of that mean. (Until session
+9 the fastest run was kept; on a shared 2-core machine one run of a layout spreads by 10-30%, and the fastest
+of a few runs is a noisier estimate than their blocked mean: docs/profiler.md.)
 
 Which plans: the best ``--top`` *distinct layouts* in the planner's order. Plans the runtime executes
 identically are one layout: ZeRO 1 and 2 both run FSDP2 without resharding (``parallelize.apply_dp``).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import subprocess
 import statistics
@@ -44,8 +50,12 @@ COMPUTE_TERMS = ("compute", "recompute", "bubble", "optimizer")
 COMM_TERMS = ("tp_comm", "cp_comm", "pp_comm", "vocab_comm", "dp_comm")
 RSS_POLL_S = 0.1
 # Two runs of one plan differ by this much on a shared machine (benchmarks/validate_cpu.py's repeat runs);
-# "better or equal" after calibration is judged within it, or within the spread the repeated runs showed.
+# "better or equal" after calibration is judged within it, or within what the repeated runs resolve.
 SAME_WITHIN = 0.05
+# Two layouts' mean times count as ordered by the runs when they differ by more than this many standard errors
+# of the difference (about 95% confidence for a normal difference; a t quantile would be 2.8 at 2 runs each, so
+# with very few repeats this is generous -- the report prints the repeats it had).
+RESOLVE_Z = 2.0
 
 
 def runtime_zero(zero: int) -> str:
@@ -162,6 +172,8 @@ class Run:
     memory_kind: str = ""
     step_times: list[float] = field(default_factory=list)
     repeats_s: list[float | None] = field(default_factory=list)
+    # the runs' times with each round's common drift taken out (:func:`block_rounds`); empty when not blocked
+    normalized_s: list[float] = field(default_factory=list)
     error: str = ""
 
     def to_dict(self) -> dict:
@@ -169,7 +181,7 @@ class Run:
         return {"index": self.index, "layout": describe(self.plan), "plan": self.path,
                 "predicted_s": self.predicted_s, "measured_s": self.measured_s, "predicted_gib": self.predicted_gib,
                 "measured_gib": self.measured_gib, "memory_kind": self.memory_kind, "step_times": self.step_times,
-                "breakdown_s": bd, "repeats_s": self.repeats_s,
+                "breakdown_s": bd, "repeats_s": self.repeats_s, "normalized_s": self.normalized_s,
                 "error": self.error}
 
 
@@ -240,20 +252,75 @@ def compare(runs: list[Run]) -> dict:
     return out
 
 
-def same_within(*runs: Run) -> float:
-    """How far apart two layouts' times may be and still count as equal: SAME_WITHIN, or the larger run-to-run
-    spread the repeated runs of either showed (relative to its kept time) where that is wider."""
-    return max([SAME_WITHIN, *(x for r in runs if (x := relative_spread(r)) is not None)])
+def run_times(run: Run) -> list[float]:
+    """The median step times of a layout's runs that finished."""
+    return [t for t in run.repeats_s if t is not None]
+
+
+def round_levels(runs: list[Run]) -> dict[int, float]:
+    """Each complete round's level: the geometric mean of the layouts' times in it (round index -> seconds).
+    Only rounds in which every layout ran count; empty with fewer than two such rounds or two layouts."""
+    rounds = min((len(r.repeats_s) for r in runs), default=0)
+    complete = [k for k in range(rounds) if all(r.repeats_s[k] is not None for r in runs)]
+    if len(runs) < 2 or len(complete) < 2:
+        return {}
+    return {k: math.exp(statistics.fmean(math.log(r.repeats_s[k]) for r in runs)) for k in complete}
+
+
+def block_rounds(runs: list[Run]) -> None:
+    """Take each round's common drift out of the runs (a randomized-block design: the rounds are the blocks).
+
+    A layout's normalised time in round ``r`` is ``t_ir / g_r * G``, ``g_r`` the round's level
+    (:func:`round_levels`), ``G`` the geometric mean of the levels (so the times stay in seconds); its measured
+    time is the mean of those. Without two complete rounds the runs keep the plain mean of their times. Sets
+    ``measured_s`` and ``normalized_s`` on every run."""
+    for run in runs:
+        run.normalized_s = []
+        if times := run_times(run):
+            run.measured_s = statistics.fmean(times)
+    levels = round_levels(runs)
+    if not levels:
+        return
+    overall = math.exp(statistics.fmean(math.log(g) for g in levels.values()))
+    for run in runs:
+        run.normalized_s = [run.repeats_s[k] / g * overall for k, g in levels.items()]
+        run.measured_s = statistics.fmean(run.normalized_s)
+
+
+def standard_error(run: Run) -> float | None:
+    """Standard error of a layout's measured time (the mean of its runs, normalised per round where
+    :func:`block_rounds` could): stdev / sqrt(runs); None with fewer than two runs."""
+    times = run.normalized_s or run_times(run)
+    return statistics.stdev(times) / len(times) ** 0.5 if len(times) >= 2 else None
+
+
+def relative_error(run: Run) -> float | None:
+    """:func:`standard_error` as a fraction of the layout's measured time."""
+    se = standard_error(run)
+    return se / run.measured_s if se is not None and run.measured_s else None
+
+
+def difference_error(a: Run, b: Run) -> float | None:
+    """Standard error of ``a.measured_s - b.measured_s`` (independent runs): sqrt(se_a^2 + se_b^2)."""
+    sa, sb = standard_error(a), standard_error(b)
+    return (sa * sa + sb * sb) ** 0.5 if sa is not None and sb is not None else None
+
+
+def same_within(a: Run, b: Run) -> float:
+    """How far apart two layouts' times may be (relative to ``a``'s) and still count as equal: SAME_WITHIN, or
+    RESOLVE_Z standard errors of their difference where the repeated runs leave it wider."""
+    err = difference_error(a, b)
+    return max(SAME_WITHIN, RESOLVE_Z * err / a.measured_s if err is not None and a.measured_s else 0.0)
 
 
 def run_spread(run: Run) -> float | None:
     """Seconds between the slowest and the fastest of a layout's repeated runs (None with fewer than two)."""
-    times = [t for t in run.repeats_s if t is not None]
+    times = run_times(run)
     return max(times) - min(times) if len(times) >= 2 else None
 
 
 def relative_spread(run: Run) -> float | None:
-    """:func:`run_spread` as a fraction of the layout's kept time."""
+    """:func:`run_spread` as a fraction of the layout's measured time."""
     spread = run_spread(run)
     return spread / run.measured_s if spread is not None and run.measured_s else None
 
@@ -261,22 +328,21 @@ def relative_spread(run: Run) -> float | None:
 def noise(runs: list[Run]) -> dict:
     """How far the measurements can rank the layouts at all (needs ``--repeats`` >= 2).
 
-    A layout's *spread* is the gap between its slowest and fastest repeated run; two layouts are *resolved*
-    when their measured times differ by more than the larger of their two spreads (a second set of runs
-    would very likely order them the same way). Spearman over layouts closer than that ranks the machine's
-    noise, not the planner: the report says how many of the pairs the runs resolve and how the planner
-    ordered those (as measured / tied / reversed)."""
-    spreads = {r.index: run_spread(r) for r in runs}
+    Two layouts are *resolved* when their mean times differ by more than RESOLVE_Z standard errors of the
+    difference (:func:`difference_error`): a second set of runs would very likely order them the same way.
+    Spearman over layouts closer than that ranks the machine's noise, not the planner: the report says how
+    many of the pairs the runs resolve and how the planner ordered those (as measured / tied / reversed),
+    with the runs' spread (slowest over fastest run of one layout) and the standard error of a layout's mean."""
     known = [x for r in runs if (x := relative_spread(r)) is not None]
     if len(known) < 2:
         return {}
+    errors = [x for r in runs if (x := relative_error(r)) is not None]
     fastest, slowest = min(r.measured_s for r in runs), max(r.measured_s for r in runs)
     pairs = agree = tied = 0
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
-            gap = abs(a.measured_s - b.measured_s)
-            if spreads[a.index] is None or spreads[b.index] is None or gap <= max(spreads[a.index],
-                                                                                 spreads[b.index]):
+            err = difference_error(a, b)
+            if err is None or abs(a.measured_s - b.measured_s) <= RESOLVE_Z * err:
                 continue
             pairs += 1
             predicted = a.predicted_s - b.predicted_s
@@ -285,23 +351,32 @@ def noise(runs: list[Run]) -> dict:
             elif (predicted > 0) == (a.measured_s > b.measured_s):
                 agree += 1
     n = len(runs)
-    return {"run_spread_median": statistics.median(known), "run_spread_max": max(known),
-            "measured_span": slowest / fastest - 1.0, "pairs": n * (n - 1) // 2, "resolved_pairs": pairs,
-            "resolved_agree": agree, "resolved_tied": tied, "resolved_reversed": pairs - agree - tied}
+    levels = list(round_levels(runs).values())
+    return {"runs_per_layout": statistics.median(len(run_times(r)) for r in runs),
+            "round_drift": max(levels) / min(levels) - 1.0 if levels else None,
+            "run_spread_median": statistics.median(known), "run_spread_max": max(known),
+            "standard_error_median": statistics.median(errors), "measured_span": slowest / fastest - 1.0,
+            "pairs": n * (n - 1) // 2, "resolved_pairs": pairs, "resolved_agree": agree, "resolved_tied": tied,
+            "resolved_reversed": pairs - agree - tied}
 
 
 def noise_text(summary: dict) -> str:
     """One line on what the runs can resolve (empty without repeats)."""
     if "resolved_pairs" not in summary:
         return ""
-    line = (f"run-to-run spread of one layout: median {summary['run_spread_median']:.1%}, up to "
-            f"{summary['run_spread_max']:.1%}; the layouts span {summary['measured_span']:.1%}; "
-            f"pairs the runs resolve: {summary['resolved_pairs']} of {summary['pairs']}")
+    drift = summary.get("round_drift")
+    line = (f"{summary['runs_per_layout']:g} runs a layout: one run spreads by a median "
+            f"{summary['run_spread_median']:.1%} (up to {summary['run_spread_max']:.1%}), "
+            + (f"the rounds' levels by {drift:.1%}; blocked by round, " if drift is not None else "")
+            + f"a layout's mean is known to +-{summary['standard_error_median']:.1%} (standard error); the layouts span "
+            f"{summary['measured_span']:.1%}; pairs the runs resolve ({RESOLVE_Z:g} standard errors apart): "
+            f"{summary['resolved_pairs']} of {summary['pairs']}")
     if summary["resolved_pairs"]:
         line += (f", the planner orders {summary['resolved_agree']} as measured, {summary['resolved_tied']} tied, "
                  f"{summary['resolved_reversed']} reversed")
-    if summary["run_spread_median"] >= summary["measured_span"] / 2:
-        line += " (the layouts are closer than this machine repeats a run: Spearman here ranks noise)"
+    if summary["resolved_pairs"] < summary["pairs"] / 2:
+        line += (" (most layouts are closer than these runs resolve: Spearman here ranks noise; more --repeats "
+                 "narrow it)")
     return line
 
 
@@ -367,38 +442,43 @@ def table_text(runs: list[Run]) -> str:
     for r in runs:
         rows.append([r.index, describe(r.plan), f"{r.predicted_s:.3f}",
                      f"{r.measured_s:.3f}" if r.measured_s is not None else "failed",
-                     f"{x:.1%}" if (x := relative_spread(r)) is not None else "-",
+                     f"+-{x:.1%}" if (x := relative_error(r)) is not None else "-",
                      f"{r.measured_s / r.predicted_s:.2f}" if r.measured_s else "-",
                      f"{pred_rank[r.index]:g}" if r.index in pred_rank else "-",
                      f"{meas_rank[r.index]:g}" if r.index in meas_rank else "-",
                      f"{r.predicted_gib:.2f}", f"{r.measured_gib:.2f}" if r.measured_gib is not None else "n/a"])
     kind = next((r.memory_kind for r in runs if r.memory_kind), "memory")
-    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "runs spread", "meas/pred", "rank pred",
+    return tabulate(rows, headers=["#", "layout", "pred s", "meas s", "std err", "meas/pred", "rank pred",
                                    "rank meas", "pred GiB", f"meas GiB ({kind})"])
 
 
 def measure_plans(plans: list, steps: int, work: Path, repeats: int) -> list[Run]:
-    """Launch every plan ``repeats`` times, round-robin (plan 1..K, then again), and keep per plan the run with
-    the lowest median step time: a run slowed by another tenant of a shared machine is not the plan's fault,
-    and round-robin spreads such bursts over all plans."""
-    best: dict[int, Run] = {}
+    """Launch every plan once a round for ``repeats`` rounds (every other round in reverse order, so a slow
+    trend within a round favours no position), and report per plan its rounds' median step times blocked by
+    round (:func:`block_rounds`). ``repeats_s`` keeps each run's own time (None for a failed run); the record,
+    logs and step times are the first finished run's; memory the largest any run showed."""
+    kept: dict[int, Run] = {}
     work.mkdir(parents=True, exist_ok=True)
     for attempt in range(repeats):
-        for i, plan in enumerate(plans, 1):
+        order = list(enumerate(plans, 1))
+        for i, plan in (order if attempt % 2 == 0 else order[::-1]):
             begin = time.time()
             run = launch_plan(plan, work / f"plan{i}.yaml", steps, work, i, attempt)
             typer.echo(f"  [{i}/{len(plans)}{f' run {attempt + 1}/{repeats}' if repeats > 1 else ''}] "
                        f"{describe(plan)}: predicted {run.predicted_s:.3f}s, measured "
                        + (f"{run.measured_s:.3f}s" if run.measured_s is not None else f"failed ({run.error})")
                        + f"  ({time.time() - begin:.0f}s, load {os.getloadavg()[0]:.1f})", err=True)
-            previous = best.get(i)
-            if previous is None or (run.measured_s is not None and
-                                    (previous.measured_s is None or run.measured_s < previous.measured_s)):
-                if previous is not None:
-                    run.repeats_s = previous.repeats_s
-                best[i] = run
-            best[i].repeats_s.append(run.measured_s)
-    return [best[i] for i in range(1, len(plans) + 1)]
+            record = kept.get(i)
+            if record is None or (record.measured_s is None and run.measured_s is not None):
+                if record is not None:
+                    run.repeats_s = record.repeats_s
+                kept[i] = record = run
+            record.repeats_s.append(run.measured_s)
+            if run.measured_gib is not None and run is not record:
+                record.measured_gib = max(record.measured_gib or 0.0, run.measured_gib)
+    runs = [kept[i] for i in range(1, len(plans) + 1)]
+    block_rounds(runs)
+    return runs
 
 
 def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, fix, update, work_dir,

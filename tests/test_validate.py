@@ -3,6 +3,7 @@ layouts of a tiny model on two CPU processes with --update."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 
@@ -51,30 +52,92 @@ def test_compare_reports_spearman_and_first_choice():
 
 
 def test_noise_says_which_pairs_the_runs_resolve():
-    """Layouts 1 and 2 lie within each other's run-to-run spread (unresolved); 3 is apart from both. The planner
-    orders (1, 3) as measured and ties (2, 3); with no repeats there is nothing to say."""
+    """Layouts 1 and 2 lie within two standard errors of each other (unresolved); 3 is apart from both. The
+    planner orders (1, 3) as measured and ties (2, 3); with no repeats there is nothing to say."""
     plans = _plans()[:3]
-    runs = [_run(1, plans[0], 1.0, 1.00), _run(2, plans[1], 1.2, 1.02), _run(3, plans[2], 1.2, 1.30)]
-    for run, times in zip(runs, [[1.00, 1.05], [1.02, 1.04], [1.30, 1.31]]):
+    runs = [_run(1, plans[0], 1.0, 1.02), _run(2, plans[1], 1.2, 1.04), _run(3, plans[2], 1.2, 1.30)]
+    for run, times in zip(runs, [[1.00, 1.04], [1.02, 1.06], [1.29, 1.31]]):
         run.repeats_s = times
+    assert v.standard_error(runs[0]) == pytest.approx(0.02)          # stdev 0.0283 / sqrt(2)
+    assert v.difference_error(runs[0], runs[1]) == pytest.approx(0.02 * 2 ** 0.5)
     got = v.compare(runs)
     assert got["pairs"] == 3 and got["resolved_pairs"] == 2
     assert (got["resolved_agree"], got["resolved_tied"], got["resolved_reversed"]) == (1, 1, 0)
-    assert got["run_spread_max"] == pytest.approx(0.05)
-    assert got["measured_span"] == pytest.approx(0.30)
-    assert "pairs the runs resolve: 2 of 3" in v.noise_text(got)
+    assert got["run_spread_max"] == pytest.approx(0.04 / 1.02)
+    assert got["measured_span"] == pytest.approx(1.30 / 1.02 - 1)
+    assert got["runs_per_layout"] == 2
+    assert "pairs the runs resolve (2 standard errors apart): 2 of 3" in v.noise_text(got)
     assert "ranks noise" not in v.noise_text(got)
     close = [_run(i, p, 1.0 + i / 100, 1.0 + i / 100) for i, p in enumerate(plans, 1)]
     for run in close:
-        run.repeats_s = [run.measured_s, run.measured_s * 1.05]
-    assert "ranks noise" in v.noise_text(v.compare(close))
+        run.repeats_s = [run.measured_s * 0.97, run.measured_s * 1.03]
+    assert v.compare(close)["resolved_pairs"] == 0 and "ranks noise" in v.noise_text(v.compare(close))
+    # more runs of the same spread narrow the standard error: then the same gaps resolve
+    for run in close:
+        run.repeats_s = [run.measured_s * f for f in (0.999, 1.001) * 8]
+    assert v.compare(close)["resolved_pairs"] == 3
     for run in runs:
         run.repeats_s = [run.measured_s]
     assert "resolved_pairs" not in v.compare(runs) and v.noise_text(v.compare(runs)) == ""
-    # a calibration's new first choice is judged within the wider of SAME_WITHIN and the runs' own spread
+    # a calibration's new first choice is judged within the wider of SAME_WITHIN and 2 standard errors
     assert v.same_within(runs[0], runs[1]) == v.SAME_WITHIN
-    runs[0].repeats_s = [1.00, 1.12]
-    assert v.same_within(runs[0], runs[1]) == pytest.approx(0.12)
+    runs[0].repeats_s, runs[1].repeats_s = [0.90, 1.14], [1.02, 1.06]
+    assert v.same_within(runs[0], runs[1]) == pytest.approx(2 * (0.12 ** 2 + 0.02 ** 2) ** 0.5 / 1.02)
+
+
+def test_repeated_runs_report_their_mean(monkeypatch, tmp_path):
+    """--repeats: the measured time is the mean of the runs' medians (not the fastest), a failed run is left
+    out, and the record keeps every run's time and the largest memory."""
+    plans = _plans()[:2]
+    times = iter([1.0, 2.0, 2.2, None, 1.3, 2.4])      # launch order: plans 1, 2; then 2, 1; then 1, 2
+    gib = iter([0.5, 0.6, 0.9, 0.7, 0.4, 0.6])
+
+    def fake_launch(plan, plan_path, steps, work, index, attempt=0):
+        run = v.Run(index, plan, str(plan_path), 1.0, 0.1)
+        run.measured_s, run.measured_gib = next(times), next(gib)
+        if run.measured_s is None:
+            run.error, run.measured_gib = "exit 1", None
+        return run
+
+    monkeypatch.setattr(v, "launch_plan", fake_launch)
+    first, second = v.measure_plans(plans, 3, tmp_path, repeats=3)
+    # the second round runs in reverse order (plan 2 first): its failure belongs to plan 1 all the same
+    assert first.repeats_s == [1.0, None, 1.3] and second.repeats_s == [2.0, 2.2, 2.4]
+    # rounds 1 and 3 are complete: blocked by them, round 3 runs 1.3 / sqrt(1.3 * 2.4) of its level
+    g1, g3 = (1.0 * 2.0) ** 0.5, (1.3 * 2.4) ** 0.5
+    overall = (g1 * g3) ** 0.5
+    assert first.normalized_s == pytest.approx([1.0 / g1 * overall, 1.3 / g3 * overall])
+    assert first.measured_s == pytest.approx((1.0 / g1 + 1.3 / g3) / 2 * overall)
+    assert first.measured_gib == 0.5 and second.measured_gib == 0.9
+
+
+def test_blocking_by_round_cancels_what_the_machine_did_to_a_round():
+    """Three layouts 1.00 : 1.03 : 1.06 apart, measured in four rounds while the machine's speed drifts by 30%
+    and a little noise is left: the plain means do not resolve the layouts, the blocked ones do, in order."""
+    plans = _plans()[:3]
+    drift, jitter = [1.0, 1.3, 1.1, 1.2], [[0.0, 0.004, -0.004, 0.0], [0.004, -0.004, 0.0, 0.0],
+                                          [-0.004, 0.0, 0.004, 0.0]]
+    runs = []
+    for i, (plan, base) in enumerate(zip(plans, [1.00, 1.03, 1.06]), 1):
+        run = _run(i, plan, base, None)
+        run.repeats_s = [base * d * (1 + e) for d, e in zip(drift, jitter[i - 1])]
+        runs.append(run)
+    plain = [statistics.fmean(r.repeats_s) for r in runs]
+    for run in runs:
+        run.measured_s = statistics.fmean(run.repeats_s)
+    assert v.compare(runs)["resolved_pairs"] == 0                     # the drift swamps 3% steps
+    v.block_rounds(runs)
+    assert [r.measured_s for r in runs] == sorted(r.measured_s for r in runs)
+    assert runs[1].measured_s / runs[0].measured_s == pytest.approx(1.03, abs=0.006)
+    got = v.compare(runs)
+    assert got["resolved_pairs"] == 3 and got["resolved_agree"] == 3 and got["spearman"] == pytest.approx(1.0)
+    assert got["round_drift"] == pytest.approx(0.3, abs=0.01)
+    assert "the rounds' levels by 30" in v.noise_text(got)
+    assert statistics.fmean(r.measured_s for r in runs) == pytest.approx(statistics.fmean(plain), rel=0.01)
+    # a round with a failed run does not block; with one complete round left the plain mean stays
+    runs[0].repeats_s[1:] = [None, None, None]
+    v.block_rounds(runs)
+    assert runs[0].normalized_s == [] and runs[0].measured_s == pytest.approx(1.0)
 
 
 def test_calibration_scales_rates_and_links():
@@ -154,3 +217,26 @@ def test_a_calibration_that_picks_a_slower_plan_is_not_kept(tmp_path, monkeypatc
     record = after.measured["calibration"][-1]
     assert record["applied"] is False and "slower" in record["rejected"]
     assert cluster.read_text().startswith("# my cluster")
+
+
+def test_gpu_benchmark_checks_memory_only_where_it_is_max_memory_allocated():
+    """benchmarks/profile_validate_gpu.py (done-when 4): time within 15% and memory within 10% per layout;
+    a CPU smoke run's peak RSS is shown but not judged; a failed layout counts for nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_validate_gpu.py"
+    spec = importlib.util.spec_from_file_location("profile_validate_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [{"index": 1, "layout": "a", "predicted_s": 1.0, "measured_s": 1.10, "predicted_gib": 10.0,
+             "measured_gib": 10.9, "memory_kind": "max_memory_allocated"},
+            {"index": 2, "layout": "b", "predicted_s": 1.0, "measured_s": 1.20, "predicted_gib": 10.0,
+             "measured_gib": 8.0, "memory_kind": "max_memory_allocated"},
+            {"index": 3, "layout": "c", "predicted_s": 1.0, "measured_s": 0.90, "predicted_gib": 1.0,
+             "measured_gib": 3.0, "memory_kind": "peak RSS"},
+            {"index": 4, "layout": "d", "predicted_s": 1.0, "measured_s": None, "predicted_gib": 1.0}]
+    rows, counts = bench.verdicts(runs)
+    assert counts == {"measured": 3, "time_ok": 2, "memory_checked": 2, "memory_ok": 1}
+    assert [row[5] for row in rows] == ["yes", "NO", "yes", "-"]
+    assert [row[9] for row in rows] == ["yes", "NO", "-", "-"]
