@@ -4,7 +4,7 @@ calibrated file), without launching anything: how well would that cost model hav
     python benchmarks/repredict_validate.py REPORT.json CLUSTER.yaml
 
 REPORT.json is `meshplan validate --json` output (its plan files must still exist: they are in the run's
---work-dir). Prints each layout's new prediction and breakdown next to the measured time, and the Spearman rank
+--work-dir); its measured times are re-derived from the saved runs by validate's current estimator. Prints each layout's new prediction and breakdown next to the measured time, and the Spearman rank
 correlation of the new predictions against the measured times.
 """
 
@@ -23,6 +23,25 @@ from meshplan.profiler.fit import spearman
 from meshplan.spec import load_cluster
 
 
+def remeasure(runs: list[dict]) -> None:
+    """The runs' measured times by `meshplan validate`'s current estimator (blocked by round,
+    ``profiler/validate.py: block_rounds``) from their saved per-run times, so reports written before it
+    compare alike."""
+    from types import SimpleNamespace
+
+    from meshplan.profiler.validate import Run, block_rounds
+
+    ran = [r for r in runs if r.get("repeats_s")]
+    records = []
+    for r in ran:
+        record = Run(r["index"], SimpleNamespace(), r["plan"], r["predicted_s"], r["predicted_gib"])
+        record.repeats_s = list(r["repeats_s"])
+        records.append(record)
+    block_rounds(records)
+    for r, record in zip(ran, records):
+        r["measured_s"] = record.measured_s
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", help="`meshplan validate --json` output")
@@ -30,6 +49,7 @@ def main() -> int:
     a = p.parse_args()
     report = json.load(open(a.report))
     cluster = load_cluster(a.cluster)
+    remeasure(report["runs"])
     rows, predicted, measured = [], [], []
     for run in report["runs"]:
         if run.get("measured_s") is None:

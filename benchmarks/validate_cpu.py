@@ -3,16 +3,18 @@ hidden 256, seq 256) against their measured step times: Spearman >= 0.8 and the 
 the fastest.
 
     python benchmarks/validate_cpu.py [--cluster cluster.yaml] [--budget 120s] [--top 8] [--steps 14] \
-                                      [--repeats 2] [--update [--rounds 2]] [--out-dir DIR]
+                                      [--repeats 8] [--update [--rounds 2]] [--out-dir DIR]
 
 Without ``--cluster`` it first profiles this machine (``meshplan profile --cluster localhost:4``) with the
-model's shapes. Then ``meshplan validate`` launches each layout ``--repeats`` times round-robin and prints the
-table. 14 steps (the median of the 13 after the first); even so, repeated runs of one layout differed by a
-median 10-14% on this machine in session 8 (docs/profiler.md), more than the top eight layouts differ: each
-round's last line says how many pairs of layouts the runs resolve at all. ``--rounds 2`` is the
-calibration loop a user runs: round 1 predicts from the profile and (``--update``) calibrates the file; round
-2 plans again from the calibrated file and measures its top layouts, which that calibration never saw. The
-load average is printed before and after: the machine is shared, re-run when it is high.
+model's shapes. Then ``meshplan validate`` launches each layout once a round for ``--repeats`` rounds and prints
+the table: a layout's time is the mean of its runs' medians (14 steps, the median of the 13 after the first),
+each run divided by its round's level, which cancels what the machine did to the whole round (this VM drifted
+by 26% over one 35-minute validate run); each validation's last line says how many pairs of layouts the runs
+resolve at two standard errors. With 8 rounds (about 35 minutes for 8 layouts) a layout's mean was known to
+about 1.2% here (docs/profiler.md, session 9); with 3, 3%. ``--rounds 2`` is the calibration loop a user runs:
+round 1 predicts from the profile and (``--update``) calibrates the file; round 2 plans again from the
+calibrated file and measures its top layouts, which that calibration never saw. The load average is printed
+before and after: the machine is shared, re-run when it is high.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> int:
     p.add_argument("--budget", default="120s")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--steps", type=int, default=14)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--update", action="store_true", help="calibrate the cluster file and check the new choice")
     p.add_argument("--rounds", type=int, default=1,

@@ -16,6 +16,7 @@ includes the operand traffic).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -122,13 +123,10 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
 SATURATED_ABOVE = 0.1
 
 
-def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
-    """How much faster a rank computes when only some of its host's ranks are busy, as the profile measured it
-    (``measured['host']['busy_speedup']``: ``[[busy ranks, speed / speed with all busy], ...]``, worker
-    ``sharing_phase``): about ``ranks / busy`` up to one core per rank on CPU processes sharing fewer cores,
-    1 throughout on a device per rank. Empty without a measurement: the planner then assumes a device per
-    rank (every GPU preset). Entries below 1 are noise (fewer busy ranks cannot compute slower) and read
-    as 1."""
+def measured_busy_speedup(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
+    """The profile's sharing measurement as it is (``measured['host']['busy_speedup']``: ``[[busy ranks, speed
+    / speed with all busy], ...]``, worker ``sharing_phase``), sorted, unreadable rows dropped; entries below 1
+    read as 1 (fewer busy ranks cannot compute slower). Empty without a measurement."""
     host = (cluster.measured or {}).get("host") or {}
     table = []
     for row in host.get("busy_speedup") or ():
@@ -141,9 +139,48 @@ def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(table))
 
 
+def sharing_speed(ranks: int, cores: float, busy: float) -> float:
+    """Processor sharing: ``ranks`` processes on ``cores`` cores, ``busy`` of them computing, each gets
+    ``min(1, cores / busy)`` of a core; relative to all ``ranks`` busy that is ``ranks / max(busy, cores)``
+    (``cores`` at most ``ranks``). The operating system's time slicing, averaged over an op (Kleinrock,
+    *Queueing Systems* vol. 2, ch. 4: the processor-sharing discipline)."""
+    return ranks / max(busy, min(cores, ranks))
+
+
+@functools.lru_cache(maxsize=64)
+def fit_shared_cores(table: tuple[tuple[int, float], ...]) -> float:
+    """The core count ``C`` (between 1 and the host's ranks, to 0.01) whose :func:`sharing_speed` law fits a
+    measured ``busy_speedup`` table best, by least squares on log speed. One parameter for four noisy points:
+    four profiles of this 2-core machine measured two busy ranks of four at x1.69-2.28 (the law: x2 for any
+    ``C <= 2``); their fits, 1.36-2.00 cores, move only the lone-rank entry (docs/profiler.md, session 9)."""
+    ranks = max(busy for busy, _ in table)
+
+    def misfit(cores: float) -> float:
+        return sum((math.log(speed) - math.log(sharing_speed(ranks, cores, busy))) ** 2 for busy, speed in table)
+
+    candidates = [c / 100 for c in range(100, 100 * ranks + 1)]
+    return min(candidates, key=lambda c: (round(misfit(c), 12), -c))
+
+
+def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
+    """How much faster a rank computes when only some of its host's ranks are busy: ``[(busy, speed), ...]``
+    for 1..ranks busy, from the processor-sharing law (:func:`sharing_speed`) on the core count fitted to
+    the profile's measurement (:func:`fit_shared_cores`, :func:`measured_busy_speedup`): about ``ranks /
+    busy`` up to one core per rank on CPU processes sharing fewer cores, 1 throughout on a device per rank.
+    The law rather than the table itself: the pipeline simulation's fills and drains run on the entries
+    with few ranks busy, and a noisy one priced a bubble the runs did not show (docs/profiler.md). Empty
+    without a measurement: the planner then assumes a device per rank (every GPU preset)."""
+    measured = measured_busy_speedup(cluster)
+    if not measured:
+        return ()
+    ranks = max(busy for busy, _ in measured)
+    cores = fit_shared_cores(measured)
+    return tuple((busy, sharing_speed(ranks, cores, busy)) for busy in range(1, ranks + 1))
+
+
 def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
     """Speed of each busy thread with ``busy`` threads of its host busy, relative to all its ranks busy
-    (:func:`busy_speedup_table`), linear between measured counts; 1 without a table.
+    (:func:`busy_speedup_table`), linear between listed counts; 1 without a table.
 
     Beyond the table (more threads than ranks: the vocabulary-parallel helper threads, schedule_sim.py) the
     host's cores are shared further: where the table shows them saturated -- a lone rank faster than all

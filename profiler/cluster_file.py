@@ -142,10 +142,16 @@ def fit_sharing(raw: dict) -> dict | None:
     samples = (raw.get("sharing") or {}).get("samples") or []
     if not samples:
         return None
-    everyone = max(samples, key=lambda s: s["busy"])["gemms_per_s"]
-    if everyone <= 0:
+    everyone = max(samples, key=lambda s: s["busy"])
+    if everyone["gemms_per_s"] <= 0:
         return None
-    return {"busy_speedup": [[s["busy"], s["gemms_per_s"] / everyone] for s in samples], **raw["sharing"]}
+    rounds = [s.get("rounds") or [] for s in samples]
+    if all(len(r) == len(everyone.get("rounds") or []) > 0 for r in rounds) and min(everyone["rounds"]) > 0:
+        # every count measured in every round, side by side: the median of the rounds' own ratios
+        speedup = [statistics.median(x / y for x, y in zip(s["rounds"], everyone["rounds"])) for s in samples]
+    else:   # a file from before the rounds were interleaved
+        speedup = [s["gemms_per_s"] / everyone["gemms_per_s"] for s in samples]
+    return {"busy_speedup": [[s["busy"], x] for s, x in zip(samples, speedup)], **raw["sharing"]}
 
 
 def fit_meeting(raw: dict) -> dict | None:

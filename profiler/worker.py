@@ -495,7 +495,7 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
 
 
 SHARING_WINDOW_S = 0.25   # per round: ~250 GEMMs of OVERLAP_GEMM["cpu"], many scheduler time slices (~ms)
-SHARING_ROUNDS = 3
+SHARING_ROUNDS = 5   # each a window per busy count, side by side (sharing_phase)
 
 
 def host_phases_seconds(device, nproc: int) -> float:
@@ -511,11 +511,14 @@ def host_phases_seconds(device, nproc: int) -> float:
 
 
 def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
-    """CPU ranks: for each k = 1 .. ranks per host, the first k local ranks of every host run square GEMMs for
-    SHARING_WINDOW_S while the others sleep; each round's rate is the busy ranks' mean GEMMs per second,
-    a count's rate the median of SHARING_ROUNDS rounds. ``busy_speedup`` = rate(k) / rate(all busy): about
-    ranks / k (up to one core per rank) where the ranks share fewer cores. Nothing on GPUs (a device per
-    rank; the planner then assumes a speed of 1 whatever the others do)."""
+    """CPU ranks: in each of SHARING_ROUNDS rounds, for each k = 1 .. ranks per host, the first k local ranks
+    of every host run square GEMMs for SHARING_WINDOW_S while the others sleep; a window's rate is the busy
+    ranks' mean GEMMs per second. Every count is measured in every round, next to each other, so a round's
+    ratio rate(k) / rate(all busy) is taken within a second and the machine's own drift (this VM's speed
+    moves by 5-10% from one second to the next, docs/profiler.md) cancels from it; ``busy_speedup`` (in
+    ``cluster_file.fit_sharing``) is the median of the rounds' ratios: about ranks / k (up to one core per
+    rank) where the ranks share fewer cores. Nothing on GPUs (a device per rank; the planner then assumes a
+    speed of 1 whatever the others do)."""
     if device.type == "cuda":
         return {}
     nproc = int(cfg["nproc_per_node"])
@@ -524,10 +527,9 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     a = torch.randn(side, side)
     c = torch.empty_like(a)
     torch.mm(a, a, out=c)
-    rows = []
-    for k in range(1, nproc + 1):
-        rounds = []
-        for _ in range(SHARING_ROUNDS):
+    rounds: dict[int, list[float]] = {k: [] for k in range(1, nproc + 1)}
+    for round_ in range(SHARING_ROUNDS):
+        for k in range(1, nproc + 1):
             dist.barrier()
             rate = 0.0
             if local < k:
@@ -541,10 +543,10 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
             rates = [torch.zeros(1) for _ in range(dist.get_world_size())]
             dist.all_gather(rates, torch.tensor([rate]))
             busy = [float(x) for x in rates if float(x) > 0]
-            rounds.append(sum(busy) / len(busy))
-        rows.append({"busy": k, "gemms_per_s": sorted(rounds)[len(rounds) // 2], "rounds": rounds})
+            rounds[k].append(sum(busy) / len(busy))
         if progress:
-            progress.update(k, nproc, f"{k} of {nproc} ranks busy")
+            progress.update(round_ + 1, SHARING_ROUNDS, f"round {round_ + 1}: 1 to {nproc} ranks busy")
+    rows = [{"busy": k, "gemms_per_s": sorted(r)[len(r) // 2], "rounds": r} for k, r in rounds.items()]
     return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
 
 

@@ -143,7 +143,7 @@ def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
     base = load_cluster("localhost:4")
     assert compute.busy_speedup_table(base) == ()
     table = [[4, 1.0], [1, 1.9], [2, 0.8], ["x", 2], [3, float("nan")]]
-    read = compute.busy_speedup_table(_with_measured(base, {"host": {"busy_speedup": table}}))
+    read = compute.measured_busy_speedup(_with_measured(base, {"host": {"busy_speedup": table}}))
     assert read == ((1, 1.9), (2, 1.0), (4, 1.0))       # sorted, bad rows dropped, below 1 read as 1
     assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 3) == pytest.approx(4 / 3)
     assert compute.busy_speedup(((1, 2.0), (4, 1.0)), 2) == pytest.approx(2 - 1 / 3)   # linear in between
@@ -153,6 +153,23 @@ def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
     assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 8) == pytest.approx(0.5)
     # a host whose ranks each had a core (a lone one no faster): a spare core is assumed
     assert compute.busy_speedup(((1, 1.02), (4, 1.0)), 6) == 1.0
+
+
+def test_sharing_follows_the_processor_sharing_law_fitted_to_the_profile():
+    """The planner uses ranks / max(busy, C) with C fitted to the profile's table, not the table itself: this
+    machine's session-9 profile measured two busy ranks of four at x1.69 (two cores: x2 by the law) and
+    priced a bubble at pp2 that the runs did not show; the fit puts it at 1.77 cores, x2 for two busy."""
+    base = load_cluster("localhost:4")
+    noisy = [[1, 2.25866], [2, 1.69455], [3, 1.27854], [4, 1.0]]          # /work/runs/v14's profile
+    assert compute.fit_shared_cores(tuple(map(tuple, noisy))) == pytest.approx(1.77)
+    table = compute.busy_speedup_table(_with_measured(base, {"host": {"busy_speedup": noisy}}))
+    assert [b for b, _ in table] == [1, 2, 3, 4]
+    assert [s for _, s in table] == pytest.approx([4 / 1.77, 2.0, 4 / 3, 1.0])
+    # exact two-core figures give back two cores; a device per rank gives 1 throughout
+    assert compute.fit_shared_cores(TWO_CORES_FOUR_RANKS) == pytest.approx(2.0)
+    per_device = compute.busy_speedup_table(_with_measured(base, {"host": {"busy_speedup": [[1, 1.0], [4, 1.0]]}}))
+    assert per_device == ((1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0))
+    assert compute.sharing_speed(4, 2.0, 1) == 2.0 and compute.sharing_speed(4, 8.0, 1) == 1.0   # C <= ranks
 
 
 SPEED_ONE_CASES = [(schedule, v, p, m) for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2),

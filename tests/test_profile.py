@@ -195,3 +195,18 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert '"plans"' in plan.stdout
+
+
+def test_sharing_is_the_median_of_each_rounds_own_ratio():
+    """The sharing phase measures every busy count in every round, side by side; the speedup is the median of
+    the rounds' ratios, so a round the whole machine ran fast (round 2 here, twice the speed) does not pull
+    one count's rate against another's. A file from before (no aligned rounds) keeps the ratio of medians."""
+    from meshplan.profiler.cluster_file import fit_sharing
+
+    raw = {"sharing": {"samples": [{"busy": 1, "gemms_per_s": 26.0, "rounds": [20.0, 40.0, 26.0]},
+                                   {"busy": 2, "gemms_per_s": 26.0, "rounds": [20.0, 40.0, 26.0]},
+                                   {"busy": 4, "gemms_per_s": 14.0, "rounds": [10.0, 20.0, 14.0]}]}}
+    got = dict((k, x) for k, x in fit_sharing(raw)["busy_speedup"])
+    assert got[1] == pytest.approx(2.0) and got[4] == pytest.approx(1.0)   # rounds: 2, 2, 1.86 -> 2
+    old = {"sharing": {"samples": [{"busy": 1, "gemms_per_s": 26.0}, {"busy": 4, "gemms_per_s": 14.0}]}}
+    assert dict(fit_sharing(old)["busy_speedup"])[1] == pytest.approx(26 / 14)
