@@ -21,6 +21,7 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import statistics
 from typing import Any
 
@@ -53,6 +54,22 @@ def attention_flops(spec: ModelSpec, tp: int, mb: int, seq: int) -> float:
     return 3.5 * 2.0 * mb * seq * seq * spec.hidden / tp
 
 
+def blocked_block_seconds(blocks: list[dict]) -> list[float]:
+    """Each profiled block's forward + backward seconds. Where the worker timed every shape again in rounds
+    (``block_rounds_s``: the first pass, then two or more rounds of every shape side by side, worker
+    ``block_rounds``), the rounds are blocks: shape ``s``'s time in round ``r`` is divided by the round's level
+    (the geometric mean over the shapes), and its figure is the median of those ratios times the mean level
+    -- what the machine did to a whole round cancels from the shapes' ratios, which decide the micro-batch
+    and tensor-parallel choices. Otherwise the first pass's ``block_s``."""
+    rounds = [b.get("block_rounds_s", [])[1:] for b in blocks]
+    count = len(rounds[0]) if rounds else 0
+    if len(blocks) < 2 or count < 2 or any(len(r) != count or min(r) <= 0 for r in rounds):
+        return [b["block_s"] for b in blocks]
+    levels = [math.exp(statistics.fmean(math.log(r[k]) for r in rounds)) for k in range(count)]
+    overall = math.exp(statistics.fmean(math.log(level) for level in levels))
+    return [statistics.median(r[k] / levels[k] for k in range(count)) * overall for r in rounds]
+
+
 def fit_compute(raw: dict, spec: ModelSpec) -> dict:
     """The achieved-rate model: GEMM table, attention rate, memory rate fitted to the residual block time,
     and each measured block against the fitted model's prediction."""
@@ -61,11 +78,12 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
     table = rate_table(gemm_rate_points(raw))
     attention = statistics.median(attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / b["attention_s"]
                                   for b in blocks) / 1e12
+    seconds = blocked_block_seconds(blocks)
     residuals, moved = [], []
-    for b in blocks:
+    for b, block_s in zip(blocks, seconds):
         tokens = b["micro_batch"] * b["seq"]
         gemm_s = sum(g["seconds"] for g in b["gemms"])
-        residuals.append(b["block_s"] - gemm_s - b["attention_s"])
+        residuals.append(block_s - gemm_s - b["attention_s"])
         # the profiled block runs without sequence parallel: its norms see every token
         moved.append(3 * planner_compute.elementwise_bytes_per_layer(spec, tokens, b["tp"], False, False, act_bytes))
     memory_rate = fit_memory_rate(residuals, moved)
@@ -74,15 +92,15 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
     if memory_rate is not None:
         out["memory_gbps"] = memory_rate / 1e9
     check = []
-    for b, ew in zip(blocks, moved):
+    for b, ew, block_s in zip(blocks, moved, seconds):
         predicted = sum(g["seconds"] for g in b["gemms"]) + b["attention_s"] + (ew / memory_rate if memory_rate else 0)
         model_gemm = sum(g["flops"] * 3 / (planner_compute.interpolate_rate(
             tuple((f, r * 1e12) for f, r in table), g["flops"])) for g in b["gemms"])
         model = model_gemm + attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / (attention * 1e12) \
             + (ew / memory_rate if memory_rate else 0)
         check.append({"tp": b["tp"], "micro_batch": b["micro_batch"], "seq": b["seq"],
-                      "measured_s": b["block_s"], "parts_s": predicted, "model_s": model,
-                      "model_over_measured": model / b["block_s"]})
+                      "measured_s": block_s, "parts_s": predicted, "model_s": model,
+                      "model_over_measured": model / block_s})
     out["block_check"] = check
     out["vocab"] = [{"tp": v["tp"], "micro_batch": v["micro_batch"], "head_s": v["head_gemm"]["seconds"],
                      "loss_s": v["loss_s"], "embedding_s": v["embedding_s"]} for v in raw["compute"]["vocab"]]

@@ -62,6 +62,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 # One timed sample lasts about this long: several scheduler quanta (~4 ms at Linux's common 250 Hz tick),
 # so every sample sees the same fair share of the cores.
 SAMPLE_S = 0.025
+# Rounds of block timings after the first pass over the shapes, every shape once a round (block_rounds): with
+# the first pass kept aside, five comparisons of the shapes made within seconds of each other.
+BLOCK_ROUNDS = 5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -212,14 +215,19 @@ def fwd_bwd(module_call: Callable[[], torch.Tensor], params: list[torch.Tensor])
     return run
 
 
-def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
-    """Forward + backward seconds of one per-rank block, its GEMMs alone, and its attention alone."""
+def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> list[float]:
+    """Forward + backward seconds of one per-rank block at this shape, ``reps`` samples."""
     block = per_rank_block(spec, tp, device, dtype)
     block.train()
     rope = rope_for(spec, seq, device)
     x = torch.randn(mb, seq, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     params = list(block.parameters()) + [x]
-    block_times = time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, sample_seconds=SAMPLE_S)
+    return time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, sample_seconds=SAMPLE_S)
+
+
+def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
+    """Forward + backward seconds of one per-rank block, its GEMMs alone, and its attention alone."""
+    block_times = time_block(spec, tp, mb, seq, device, dtype, reps)
 
     gemms = []
     tokens = mb * seq
@@ -288,13 +296,15 @@ def layer_memory(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, mod
 
 def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, progress: Progress | None) -> dict:
     """Measure the shapes smallest first while rank 0 expects the next one to fit before ``deadline``; the
-    smallest shape is always measured."""
+    smallest shape is always measured. Then, while time is left, up to BLOCK_ROUNDS rounds time every
+    measured shape's block again, side by side (:func:`block_rounds`)."""
     shapes = sorted(((tp, mb) for tp in cfg["tps"] for mb in cfg["micro_batches"]),
                     key=lambda s: (s[1] * (spec.hidden + spec.ffn_hidden) / s[0], -s[0]))
     reps = cfg["reps"]
     seq = cfg["seq_len"]
     out = {"blocks": [], "vocab": [], "memory": [], "skipped": []}
     last_cost = last_seconds = 0.0
+    round_estimate = 0.0    # one block round: each shape's warm-up, trial and reps samples (time_reps)
     for index, (tp, mb) in enumerate(shapes):
         cost = mb * (spec.hidden + spec.ffn_hidden) / tp
         expected = last_seconds * cost / last_cost if last_cost else 0.0
@@ -304,6 +314,7 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
             break
         begin = time.time()
         block = measure_block(spec, tp, mb, seq, device, dtype, reps)
+        round_estimate += 2 * block["block_s"] + reps * max(SAMPLE_S, block["block_s"])
         vocab = measure_vocab(spec, tp, mb, seq, device, dtype, reps)
         with quiet_stderr():
             memory = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
@@ -316,7 +327,33 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
         last_cost, last_seconds = cost, time.time() - begin
         if progress:
             progress.update(index + 1, len(shapes), f"tp={tp} mb={mb}")
+    measured = [shape for shape in shapes if {"tp": shape[0], "micro_batch": shape[1]} not in out["skipped"]]
+    rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress)
+    if dist.get_rank() == 0:
+        for block, times in zip(out["blocks"], rounds):
+            block["block_rounds_s"] = [block["block_s"], *times]
     return out
+
+
+def block_rounds(spec: ModelSpec, shapes: list[tuple[int, int]], seq: int, device, dtype, reps: int,
+                 deadline: float, round_s: float, progress: Progress | None) -> list[list[float]]:
+    """Each shape's block timed again in up to BLOCK_ROUNDS rounds, every shape once a round (a round is a
+    few seconds here; each shape's first measurement was taken up to a minute apart from the others', and
+    this machine's speed drifts by 10-30% over minutes, docs/profiler.md): per shape, this rank's lower
+    quartile of each round. A round runs while rank 0 expects it to end before ``deadline`` (the first as
+    ``round_s`` estimates, then as long as the last took). ``cluster_file.blocked_block_seconds`` compares the
+    shapes within each round."""
+    times: list[list[float]] = [[] for _ in shapes]
+    for round_ in range(BLOCK_ROUNDS):
+        if not agree(time.time() + round_s < deadline):
+            break
+        begin = time.time()
+        for i, (tp, mb) in enumerate(shapes):
+            times[i].append(lower_quartile(time_block(spec, tp, mb, seq, device, dtype, reps)))
+        round_s = time.time() - begin
+        if progress:
+            progress.update(round_ + 1, BLOCK_ROUNDS, f"block round {round_ + 1} of {BLOCK_ROUNDS}")
+    return times
 
 
 # ----------------------------------------------------------------------------------------------

@@ -210,3 +210,19 @@ def test_sharing_is_the_median_of_each_rounds_own_ratio():
     assert got[1] == pytest.approx(2.0) and got[4] == pytest.approx(1.0)   # rounds: 2, 2, 1.86 -> 2
     old = {"sharing": {"samples": [{"busy": 1, "gemms_per_s": 26.0}, {"busy": 4, "gemms_per_s": 14.0}]}}
     assert dict(fit_sharing(old)["busy_speedup"])[1] == pytest.approx(26 / 14)
+
+
+def test_block_times_are_compared_within_rounds():
+    """Three shapes 1 : 2 : 4 apart. The first pass caught the smallest in a slow moment (x1.5) -- alone it
+    would make micro-batch 1 look 1.5x dearer per token; the rounds (every shape side by side, the machine
+    x1.0, x1.3, x0.9 from round to round) give back 1 : 2 : 4. Without two rounds the first pass stands."""
+    from meshplan.profiler.cluster_file import blocked_block_seconds
+
+    blocks = [{"block_s": 1.5 * base, "block_rounds_s": [1.5 * base, *(base * d for d in (1.0, 1.3, 0.9))]}
+              for base in (0.01, 0.02, 0.04)]
+    got = blocked_block_seconds(blocks)
+    assert got[1] / got[0] == pytest.approx(2.0) and got[2] / got[0] == pytest.approx(4.0)
+    assert got[0] == pytest.approx(0.01 * (1.0 * 1.3 * 0.9) ** (1 / 3))
+    for b in blocks:
+        b["block_rounds_s"] = b["block_rounds_s"][:2]
+    assert blocked_block_seconds(blocks) == [b["block_s"] for b in blocks]
