@@ -304,9 +304,9 @@ def validate(
     update: bool = typer.Option(False, "--update", help="write the calibration into the cluster file"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="where plans and metrics go (default: temp)"),
     out_json: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
-    repeats: int = typer.Option(1, "--repeats", help="launch every plan this many times, round-robin; report "
-                                "the mean of the runs with its standard error, and which pairs of layouts "
-                                "the runs resolve"),
+    repeats: int = typer.Option(1, "--repeats", help="run every plan once a round for this many rounds; report "
+                                "each plan's mean over its runs with each round's drift divided out, its "
+                                "standard error, and which pairs of layouts the runs resolve"),
 ) -> None:
     from meshplan.profiler import validate as validate_mod
 

@@ -568,8 +568,10 @@ def keep_record(cluster_path: Path, original_text: str, data: dict, record: dict
 
 def after_calibration(model_spec, cluster_path: Path, train, fixes, runs: list[Run], steps: int, work: Path,
                       top: int, repeats: int = 1) -> dict:
-    """Re-plan with the calibrated file; its first choice against the first choice before, both measured
-    (the new one launched when it was not among the validated layouts)."""
+    """Re-plan with the calibrated file; its first choice against the first choice before, both measured.
+    When the new one was not among the validated layouts, the two are launched together in the same rounds
+    (blocked like any validation): the old one's time from half an hour earlier is not comparable on a
+    machine that drifts by more than the difference asked about."""
     from meshplan.planner.search import search
     from meshplan.spec import load_cluster
 
@@ -580,7 +582,7 @@ def after_calibration(model_spec, cluster_path: Path, train, fixes, runs: list[R
     before = runs[0]
     match = by_key.get(layout_key(new))
     if match is None:
-        match = measure_plans([new], steps, work / "calibrated", repeats)[0]
+        before, match = measure_plans([before.plan, new], steps, work / "calibrated", repeats)
     ok = [r for r in runs if r.measured_s is not None]
     recal = {layout_key(p): p.predicted.iteration_s for p in new_plans}
     pairs = [(recal[layout_key(r.plan)], r.measured_s) for r in ok if layout_key(r.plan) in recal]

@@ -240,3 +240,23 @@ def test_gpu_benchmark_checks_memory_only_where_it_is_max_memory_allocated():
     assert counts == {"measured": 3, "time_ok": 2, "memory_checked": 2, "memory_ok": 1}
     assert [row[5] for row in rows] == ["yes", "NO", "yes", "-"]
     assert [row[9] for row in rows] == ["yes", "NO", "-", "-"]
+
+
+def test_a_new_first_choice_is_measured_beside_the_old_one(tmp_path, monkeypatch):
+    """After calibration a first choice that was not validated is launched together with the old first
+    choice, in the same rounds, and judged against that fresh measurement, not the old one."""
+    plans = v.distinct_layouts(_plans(), 2)
+    runs = [_run(1, plans[0], 1.0, 1.0)]
+    seen = []
+
+    def fake_measure(chosen, steps, work, repeats):
+        seen.append([v.layout_key(p) for p in chosen])
+        return [_run(1, chosen[0], 1.0, 1.50), _run(2, chosen[1], 1.0, 1.20)]
+
+    monkeypatch.setattr(v, "measure_plans", fake_measure)
+    monkeypatch.setattr(v, "distinct_layouts", lambda found, top: [plans[1]])   # the calibrated planner's pick
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump(load_cluster("localhost:2").to_dict()))
+    out = v.after_calibration(MODEL_PRESETS["tiny-llama"], cluster, TrainSpec(4, 64, "fp32"), {}, runs, 3, tmp_path, 2, 2)
+    assert seen == [[v.layout_key(plans[0]), v.layout_key(plans[1])]]
+    assert out["first_before_s"] == 1.50 and out["first_after_s"] == 1.20 and out["verdict"] == "better"
