@@ -20,7 +20,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-TOKENS, WIDTH, LAYERS = 256, 256, 4       # as profiler/worker.py PIPELINE_TOKENS, _WIDTH, _LAYERS
+from meshplan.profiler.worker import PIPELINE_LAYERS as LAYERS
+from meshplan.profiler.worker import PIPELINE_TOKENS as TOKENS
+from meshplan.profiler.worker import PIPELINE_WIDTH as WIDTH
+from meshplan.profiler.worker import median_schedule_step
+
 MICROBATCHES = (4, 16)
 STEPS = 6
 
@@ -43,17 +47,7 @@ def step_time(kind: str, m: int, position: int, group, device) -> float:
         stage = PipelineStage(module(LAYERS), position, 2, device, group=group)
         schedule = (Schedule1F1B if kind == "1f1b" else ScheduleGPipe)(stage, m, loss_fn=loss_fn)
     x, target = torch.randn(m, TOKENS, WIDTH), torch.randn(m, TOKENS, WIDTH)
-    samples = []
-    for step in range(STEPS + 1):
-        dist.barrier(group)
-        begin = time.perf_counter()
-        if position == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=target, losses=[])
-        if step:
-            samples.append(time.perf_counter() - begin)
-    median = torch.tensor(sorted(samples)[len(samples) // 2])
+    median = torch.tensor(median_schedule_step(schedule, position, x, target, STEPS, group))
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     return median.item()
 

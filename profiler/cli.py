@@ -268,10 +268,10 @@ def summary_text(cluster, elapsed: float) -> str:
                      f"{overlap['samples'][0]['bytes'] / 2**20:.0f} MiB)")
     host = m.get("host") or {}
     if host.get("busy_speedup"):
-        from meshplan.planner.compute import fit_shared_cores
+        from meshplan.planner.compute import fit_shared_cores, measured_busy_speedup
 
         speeds = ", ".join(f"{busy} busy x{speed:.2f}" for busy, speed in host["busy_speedup"])
-        table = tuple((int(b), max(1.0, float(x))) for b, x in host["busy_speedup"])
+        table = measured_busy_speedup(cluster)
         ranks = max(b for b, _ in table)
         lines.append(f"sharing: a rank's speed when only some of a host's ranks compute ({speeds}): {ranks} ranks "
                      f"as on {fit_shared_cores(table):.2f} cores (the planner's processor-sharing law; pipeline "

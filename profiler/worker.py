@@ -643,6 +643,23 @@ PIPELINE_TOKENS, PIPELINE_WIDTH, PIPELINE_LAYERS = 256, 256, 4   # a stage op of
 PIPELINE_RESERVE_S = 6.0           # 2 x 6 steps of up to 16 micro-batches, the module alone, building stages
 
 
+def median_schedule_step(schedule, position: int, x: torch.Tensor, target: torch.Tensor, steps: int, group) -> float:
+    """This rank's median seconds per ``schedule.step`` of a two-rank pipeline over ``steps`` steps after one
+    warm-up step (``position`` 0 feeds ``x``, 1 computes the loss against ``target``), the pair lined up by a
+    barrier before each step."""
+    samples = []
+    for step in range(steps + 1):
+        dist.barrier(group)
+        begin = time.perf_counter()
+        if position == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=target, losses=[])
+        if step:
+            samples.append(time.perf_counter() - begin)
+    return sorted(samples)[len(samples) // 2]
+
+
 def pipeline_phase(cfg: dict, device, progress: Progress | None) -> dict:
     """CPU ranks: every host's ranks in pairs (0-1, 2-3, ...; all pairs at once, an odd one out idles), each
     pair a two-stage ``Schedule1F1B`` (torch.distributed.pipelining, what the runtime's pipelines run) whose
@@ -682,17 +699,7 @@ def pipeline_phase(cfg: dict, device, progress: Progress | None) -> dict:
             schedule = Schedule1F1B(stage, m, loss_fn=lambda out, target: (out - target).pow(2).mean())
             x = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
             target = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
-            samples = []
-            for step in range(PIPELINE_STEPS + 1):
-                dist.barrier(group)
-                begin = time.perf_counter()
-                if position == 0:
-                    schedule.step(x)
-                else:
-                    schedule.step(target=target, losses=[])
-                if step:
-                    samples.append(time.perf_counter() - begin)
-            step_s = sorted(samples)[len(samples) // 2]
+            step_s = median_schedule_step(schedule, position, x, target, PIPELINE_STEPS, group)
         times[m] = slowest([step_s], device)[0]
         if progress:
             progress.update(i + 1, len(PIPELINE_MICROBATCHES), f"1F1B over pairs, {m} micro-batches")
