@@ -303,6 +303,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     reps = cfg["reps"]
     seq = cfg["seq_len"]
     out = {"blocks": [], "vocab": [], "memory": [], "skipped": []}
+    if device.type == "cuda":
+        warm_up(spec, shapes[0], seq, device, dtype)
     last_cost = last_seconds = 0.0
     round_estimate = 0.0    # one block round: each shape's warm-up, trial and reps samples (time_reps)
     for index, (tp, mb) in enumerate(shapes):
@@ -333,6 +335,22 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
         for block, times in zip(out["blocks"], rounds):
             block["block_rounds_s"] = [block["block_s"], *times]
     return out
+
+
+def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) -> None:
+    """Everything the first shape's measurement runs, once, untimed (the smallest shape, one sample each). On
+    a GPU the first measurement also pays one-time costs (kernel loading, cuBLAS and attention back-end set-up)
+    that later shapes do not: an H200 profile with a 40 s budget took about 3.7 s for the micro-batch-1 shape,
+    expected twice that for micro-batch 2 and measured no other shape, while with a 75 s budget micro-batches 2
+    and 4 took about 1 s each. The next shapes' expected times scale the first shape's time. CPU processes have
+    no such start-up cost worth its time here."""
+    tp, mb = shape
+    measure_block(spec, tp, mb, seq, device, dtype, reps=1)
+    measure_vocab(spec, tp, mb, seq, device, dtype, reps=1)
+    with quiet_stderr():
+        for mode in RECOMPUTE_MODES:
+            layer_memory(spec, tp, mb, seq, device, dtype, mode)
+    sync(device)
 
 
 def block_rounds(spec: ModelSpec, shapes: list[tuple[int, int]], seq: int, device, dtype, reps: int,
@@ -435,9 +453,19 @@ def pair_in_group(members: list[int], rank: int) -> int | None:
     return members[j] if j < len(members) else None
 
 
+def sweep_order(sizes: list[int]) -> list[int]:
+    """The order the links phase measures ``sizes`` (ascending) in: the smallest, the largest, then the sizes
+    between, ascending. The first two always run, and an alpha-beta fit needs both ends: the smallest message
+    shows the latency, the largest the bandwidth. Two small messages alone are both latency-bound (about 1 ms
+    for 4 and 16 KiB over gloo), and the bandwidth fitted to them is the noise in their difference (0.01-0.03
+    GB/s on a link whose 1 MiB pairs run at 0.7-1.1 GB/s, tests/test_profile_netns.py's 30 s budget)."""
+    return sizes[:1] + sizes[-1:] + sizes[1:-1] if len(sizes) > 2 else list(sizes)
+
+
 def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -> dict:
-    """Sweep message sizes per level (smallest first; at least two sizes) while rank 0 expects the next size
-    to fit before ``deadline``, splitting the time evenly between levels."""
+    """Sweep message sizes per level in :func:`sweep_order` (the smallest and the largest always) while rank 0
+    expects the next size to fit before ``deadline``, splitting the time evenly between levels; a size between
+    the two ends is expected to take the time interpolated linearly in bytes between theirs (alpha-beta)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     levels = level_groups(world, cfg["nproc_per_node"])
     subgroups = {}
@@ -452,12 +480,15 @@ def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -
     for li, (level, (group, members)) in enumerate(subgroups.items()):
         level_deadline = start + (deadline - start) * (li + 1) / len(subgroups)
         n = len(members)
-        last_size = last_seconds = 0.0
-        sizes = cfg["sizes"]
+        sizes = sweep_order(cfg["sizes"])
+        ends: list[tuple[int, float]] = []   # (bytes, seconds for all collectives) of the two ends
         for si, size in enumerate(sizes):
-            expected = last_seconds * size / last_size if last_size else 0.0
+            expected = 0.0
+            if len(ends) == 2:
+                (s0, t0), (s1, t1) = ends
+                expected = t0 + (t1 - t0) * (size - s0) / (s1 - s0)
             if not agree(si < 2 or time.time() + expected < level_deadline):
-                skipped[level] = sizes[si:]
+                skipped[level] = sorted(sizes[si:])
                 break
             begin = time.time()
             for name in COLLECTIVES:
@@ -474,7 +505,8 @@ def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -
                                           agree_count=True), device)
                 results[level].append({"collective": name, "ranks": ranks, "bytes": nbytes,
                                        "seconds": lower_quartile(times), "reps": times})
-            last_size, last_seconds = size, time.time() - begin
+            if si < 2:
+                ends.append((size, time.time() - begin))
             if progress:
                 progress.update(si + 1, len(sizes), f"{level} {size // 1024} KiB")
     return {"levels": {lvl: {"groups": levels[lvl], "samples": results[lvl], "skipped_bytes": skipped[lvl]}
@@ -736,10 +768,11 @@ def pairs_phase(cfg: dict, device, progress: Progress | None) -> dict:
             fn, nbytes = exchange_call(rank, peer, size, device)
         times = time_reps(fn, device, cfg["reps"], barrier=dist.barrier, sample_seconds=SAMPLE_S, agree_count=True)
         seconds = lower_quartile(times)
-        row = torch.zeros(world, dtype=torch.float64)
+        on = device if dist.get_backend() == "nccl" else "cpu"   # nccl gathers device tensors only
+        row = torch.zeros(world, dtype=torch.float64, device=on)
         if peer is not None:
             row[peer] = nbytes / seconds
-        gathered = [torch.zeros(world, dtype=torch.float64) for _ in range(world)] if rank == 0 else None
+        gathered = [torch.zeros(world, dtype=torch.float64, device=on) for _ in range(world)] if rank == 0 else None
         dist.gather(row, gathered, dst=0)
         if rank == 0:
             for i, r in enumerate(gathered):

@@ -173,6 +173,8 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert len(m["links"]["pair_bandwidth_gbps"]) == 2 and m["links"]["pair_bandwidth_gbps"][0][1] > 0
     assert {r["mode"] for r in m["memory"]["per_layer"]} == {"none", "selective", "full"}
     assert m["links"]["topology"]["edges"] and m["raw"]["links"]["levels"]["intra_node"]["samples"]
+    # the fit has a bandwidth point: the largest message runs whatever the budget (worker.sweep_order)
+    assert max(s["bytes"] for s in m["raw"]["links"]["levels"]["intra_node"]["samples"]) >= 2**20 // 2
     overlap = m["links"]["overlap"]
     assert {s["collective"] for s in overlap["samples"]} == {"all_reduce", "all_gather", "reduce_scatter"}
     assert all(s["collective_s"] > 0 and s["compute_s"] > 0 and s["both_s"] > 0 for s in overlap["samples"])
@@ -195,6 +197,13 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert '"plans"' in plan.stdout
+
+
+def test_link_sweep_runs_both_ends_first():
+    from meshplan.profiler.worker import sweep_order
+
+    assert sweep_order([4, 16, 64, 256]) == [4, 256, 16, 64]
+    assert sweep_order([4, 16]) == [4, 16] and sweep_order([4]) == [4]
 
 
 def test_sharing_is_the_median_of_each_rounds_own_ratio():
