@@ -274,6 +274,21 @@ def test_chunked_loss_bf16_close_to_fp32_reference():
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
 
 
+def test_chunked_loss_under_autocast_runs_in_its_dtype():
+    """fp32 hidden states and weight under bf16 autocast (how the runtime runs a 16-bit single-GPU plan): the
+    loss runs in bf16 like autocast's matmuls and the gradients come back fp32. An H200 run stopped here with
+    "expected out tensor to have dtype BFloat16, but got float" before the loss handled autocast."""
+    hidden, weight, targets = _loss_inputs(40, 32, 300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = K.linear_cross_entropy(hidden, weight, targets, impl="reference")
+        got = K.linear_cross_entropy(hidden, weight, targets, impl="fused", chunk_tokens=16)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    grads = torch.autograd.grad(got, (hidden, weight))
+    assert got.dtype == torch.float32 and abs(got.item() - ref.item()) / ref.item() < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and rel_err(g, r) < 3e-2
+
+
 def test_default_chunk_tokens():
     assert CE.default_chunk_tokens(8192, 1024, 128256) == 256      # ceil(8192 / 126) = 66 -> 128, floor 256
     assert CE.default_chunk_tokens(512, 256, 32768) == 256         # Liger's rule alone: 4 tokens

@@ -36,14 +36,21 @@ __all__ = [
 IMPLS = ("fused", "reference", "auto")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORT: list[str | None] = []   # memo of _triton_import_error, a plain global that dynamo reads as a constant
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """None when triton imports, else why not. Memoized in a module global, not ``functools.lru_cache``:
+    torch.compile ignores a cache wrapper and traces the import itself, which on an H200 broke the graph of
+    every compiled block at triton's ``getenv_bool`` (:func:`kernels_from_plan` fills the memo eagerly)."""
+    if not _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_IMPORT.append(None)
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_IMPORT.append(f"{type(exc).__name__}: {exc}")
+    return _TRITON_IMPORT[0]
 
 
 def _interpreting() -> bool:
@@ -225,6 +232,7 @@ def kernels_from_plan(kernels: Mapping[str, str] | None) -> KernelSet:
         if impl not in IMPLS:
             raise ValueError(f"kernels.{name}: impl must be one of {IMPLS}, got {impl!r}")
         chosen[name] = impl
+    _triton_import_error()   # fill the memo here, eagerly, before any compiled block asks
     return KernelSet(
         impls=dict(chosen),
         norm=functools.partial(rms_norm, impl=chosen["norm"]),

@@ -151,7 +151,19 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                                  reduce_hidden_grad: bool = True, backend: str = "torch",
                                  vocab_start: int | None = None) -> torch.Tensor:
     """Chunked linear + cross-entropy; see the module doc. ``backend``: ``triton`` or ``torch`` (chunk math).
-    ``vocab_start``: first vocabulary row of ``weight`` (default: group rank * rows)."""
+    ``vocab_start``: first vocabulary row of ``weight`` (default: group rank * rows).
+
+    Under autocast (the runtime's 16-bit single-GPU plans keep fp32 weights and run under bf16 autocast) the
+    loss runs in autocast's dtype, as autocast runs a matmul, with autocast off inside: the chunk GEMMs write
+    into preallocated gradient buffers of the inputs' dtype, and autocast would make their products bf16 (an
+    H200 run stopped at ``torch.mm(..., out=)``: "expected out tensor to have dtype BFloat16, got float").
+    The casts are autograd ops, so the gradients reach the fp32 hidden states and weight in fp32."""
+    device_type = hidden.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return chunked_linear_cross_entropy(hidden.to(low), weight.to(low), targets, process_group,
+                                                chunk_tokens, ignore_index, reduce_hidden_grad, backend, vocab_start)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     if hidden.shape[-1] != weight.shape[-1]:
