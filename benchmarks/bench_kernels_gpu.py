@@ -13,7 +13,8 @@ rotary) the achieved bandwidth: the minimum bytes the op must move (read inputs 
 ``copy_``: 2 * bytes / time). For the linear + cross-entropy (matmul-bound) it reports TFLOP/s (6*T*h*V per
 forward + backward) instead. Shapes default to Llama-3-8B with one 8192-token sequence, bf16.
 
-Results from this script are not in the docs yet: it has not been run on a GPU (see docs/kernels.md).
+The last column is each implementation's largest difference from eager over the outputs and input gradients
+(relative to eager's largest magnitude), so a kernel that compiles but computes the wrong thing shows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> floa
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def max_error(fn: Callable[[], object], reference: Callable[[], object], inputs: tuple) -> float:
+    """Largest difference from the eager reference over the outputs and the inputs' gradients (backward of
+    all-ones), each relative to the reference's largest magnitude: a kernel that compiles but computes the
+    wrong thing shows here, not in the timings."""
+    def run(f):
+        for inp in inputs:
+            inp.grad = None
+        out = f()
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        got = [o.detach().float() for o in outs] + [inp.grad.float() for inp in inputs]
+        for inp in inputs:
+            inp.grad = None
+        return got
+
+    worst = 0.0
+    for got, want in zip(run(fn), run(reference)):
+        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return worst
 
 
 def copy_bandwidth(device: str, nbytes: int, warmup: int, reps: int) -> float:
@@ -157,8 +179,8 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; T={t} h={h} ffn={f} heads={nh}/{nkv}x{hd} "
           f"V={v}; measured copy bandwidth {bw / 1e9:.0f} GB/s\n")
     print("| kernel | impl | fwd (ms) | fwd+bwd (ms) | fwd+bwd speedup vs eager | achieved (GB/s or TFLOP/s) | "
-          "% of copy bw | peak mem above inputs (MiB) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "% of copy bw | peak mem above inputs (MiB) | max err vs eager (out, grads) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for kernel in ("norm", "swiglu", "rope", "loss"):
         eager_total = None
@@ -176,6 +198,7 @@ def main() -> None:
             total_s = timed(fwd_bwd, device, args.warmup, args.reps)
             eager_total = total_s if impl == "eager" else eager_total
             peak = peak_bytes(fwd_bwd, device)
+            error = max_error(fn, variants(kernel)["eager"], inputs[kernel])
             fwd_b, bwd_b = min_bytes[kernel]
             if fwd_b is not None:
                 achieved = (fwd_b + bwd_b) / total_s
@@ -185,11 +208,11 @@ def main() -> None:
                 achieved_txt, pct = f"{achieved / 1e12:.1f} TFLOP/s", "-"
             row = {"kernel": kernel, "impl": impl, "fwd_ms": fwd_s * 1e3, "fwd_bwd_ms": total_s * 1e3,
                    "speedup_vs_eager": eager_total / total_s, "achieved": achieved,
-                   "copy_bandwidth": bw, "peak_bytes": peak}
+                   "copy_bandwidth": bw, "peak_bytes": peak, "max_error": error}
             rows.append(row)
             peak_txt = f"{peak / 2 ** 20:.0f}" if peak is not None else "-"
             print(f"| {kernel} | {impl} | {fwd_s * 1e3:.3f} | {total_s * 1e3:.3f} | {eager_total / total_s:.2f}x | "
-                  f"{achieved_txt} | {pct} | {peak_txt} |")
+                  f"{achieved_txt} | {pct} | {peak_txt} | {error:.2e} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "dtype": args.dtype, "copy_bandwidth": bw, "rows": rows}, fh, indent=2)

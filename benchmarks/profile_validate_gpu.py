@@ -3,11 +3,11 @@ predicted peak memory against ``torch.cuda.max_memory_allocated`` (within 10%) a
 the measured one (within 15%). One command, sized for a lent H100/H200 (about 8-10 minutes with the defaults):
 
     python benchmarks/profile_validate_gpu.py --out-dir bench-gpu/ [--model llama3.2-1b] [--seq-len 2048] \
-        [--global-batch 8] [--budget 150s] [--top 4] [--steps 12] [--repeats 2]
+        [--global-batch 8] [--budget 150s] [--micro-batches 1,2,4,8] [--top 4] [--steps 12] [--repeats 2]
 
 It runs, in order, the two commands a user runs (their output is kept in ``--out-dir``):
 
-    meshplan profile --cluster localhost:1 --model M --seq-len S --budget B --out DIR/cluster.yaml
+    meshplan profile --cluster localhost:1 --model M --seq-len S --budget B --micro-batches 1,2,..,G --out DIR/cluster.yaml
     meshplan validate --model M --cluster DIR/cluster.yaml --global-batch G --seq-len S --top K --steps N \
         --repeats R --json DIR/validate.json --work-dir DIR/runs
 
@@ -70,6 +70,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--budget", default="150s", help="the profile's wall-clock budget")
+    p.add_argument("--micro-batches", default=None, help="micro-batch sizes the profile times (default: powers "
+                   "of two up to the global batch, every micro-batch a single-GPU layout can use)")
     p.add_argument("--top", type=int, default=4)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2)
@@ -88,8 +90,10 @@ def main() -> int:
     begin = time.time()
     cluster = a.cluster or str(a.out_dir / "cluster.yaml")
     if a.cluster is None:
+        mbs = a.micro_batches or ",".join(str(2 ** i) for i in range(a.global_batch.bit_length())
+                                          if 2 ** i <= a.global_batch)
         code = meshplan("profile", "--cluster", "localhost:1", "--model", a.model, "--seq-len", str(a.seq_len),
-                        "--budget", a.budget, "--out", cluster, "--keep-raw", str(a.out_dir / "profile.raw.json"))
+                        "--budget", a.budget, "--micro-batches", mbs, "--out", cluster, "--keep-raw", str(a.out_dir / "profile.raw.json"))
         if code:
             return code
         print(f"profiled in {time.time() - begin:.0f}s", flush=True)
