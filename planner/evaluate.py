@@ -623,6 +623,20 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     # Where ranks time-slice shared cores, each collective call also costs the wait for the last rank to
     # reach it (comm.meeting_time, measured; 0 on GPUs): per call, after a layer's forward or backward.
     meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd), comm.meeting_time(cluster, lc.bwd)
+
+    def gradient_meetings(units: int) -> float:
+        """The meeting cost of one step's gradient reduction over ``units`` communication units. Without a
+        pipeline each unit reduces after its own layer's backward: ``units`` meetings after a layer. Under
+        torch.distributed.pipelining the reduction is one REDUCE_GRAD action after the stage's last backward
+        (PipelineStage.perform_reduce_grad), the units back to back: the replicas meet once, after a whole
+        step apart -- a segment of the pipeline's makespan, which meeting_time holds within the segments the
+        profile measured (benchmarks/replica_drift.py: the drift grows far slower than the segment past them)
+        -- and the other units follow at once (the shortest segment). Measured inside a dp2 pp2 step
+        (benchmarks/dp_reduce_wait.py): the later replica arrives 0.047 s after the replicas' mean."""
+        if p == 1:
+            return units * meet_bwd
+        return comm.meeting_time(cluster, makespan) + (units - 1) * comm.meeting_time(cluster, 0.0)
+
     dp_exposed = []
     for r in range(p):
         root_params = rank_root_params(r)
@@ -640,13 +654,13 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         if cfg.zero == 0:
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
             # bucket cannot overlap. (The runtime's replicate reduces per unit: units calls.)
-            total = comm.allreduce_time(grads, dp_link) + units * meet_bwd
+            total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
             last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
             dp_exposed.append(exposed(total, bwd_mb) + tail(last_bucket))
         elif cfg.zero == 1:
             # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
             # last backward, all-gather the updated 16-bit weights under the next forward.
-            rs = comm.reducescatter_time(grads, dp_link) + units * meet_bwd
+            rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link) + units * meet_fwd
             dp_exposed.append(exposed(rs, bwd_mb) + exposed(ag, fwd_mb) + tail((rs + ag) / layers))
         elif cfg.zero == 2 or p > 1:
@@ -654,7 +668,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
             # micro-batch). ZeRO-2 keeps weights gathered for the whole step (one all-gather); ZeRO-3 gathers
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
-            rs = comm.reducescatter_time(grads, dp_link) + units * meet_bwd
+            rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link)
             shows = exposed(rs, bwd_mb) + tail(rs / layers)
             if cfg.zero == 2:

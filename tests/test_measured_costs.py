@@ -347,6 +347,32 @@ def test_each_collective_call_pays_the_meeting_time():
     assert tail(meeting, 1) == pytest.approx(2 * units * 0.005, rel=1e-6)
 
 
+def test_a_pipelined_gradient_reduction_meets_once_after_the_step():
+    """Under torch.distributed.pipelining the gradients are reduced in one REDUCE_GRAD after the stage's last
+    backward: the replicas meet once after the whole step (the segment held at the longest measured one),
+    the other units right after (the shortest), whatever the micro-batch; without a pipeline every unit meets
+    after its own layer's backward."""
+    from meshplan.planner.search import evaluate_pinned
+
+    base = _with_measured(load_cluster("localhost:4"), {"links": {"overlap": {"exposed_fraction": 1.0}}})
+    line = {"base_s": 0.001, "per_segment": 0.1, "segments_s": [0.0001, 0.001]}   # a step is longer than 1 ms
+    meeting = _with_measured(base, {**base.measured, "host": {"meeting": line}})
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+
+    def tail(fixes):
+        dp_comm = lambda c: evaluate_pinned(model, c, train, fixes).predicted.time_breakdown_s["dp_comm"]  # noqa: E731
+        return dp_comm(meeting) - dp_comm(base)
+
+    units = model.layers // 2 + 1                               # the first stage's blocks and its root
+    once = 0.001 + 0.1 * 0.001 + (units - 1) * (0.001 + 0.1 * 0.0001)
+    tails = [tail({"dp": 2, "tp": 1, "pp": 2, "cp": 1, "micro_batch": mb, "schedule": "1f1b", "zero": 0})
+             for mb in (1, 2)]
+    assert tails[0] == pytest.approx(tails[1], rel=1e-9)       # the micro-batch's layer time plays no part
+    assert tails[0] == pytest.approx(once, rel=0.05)
+    flat = tail({"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 2, "zero": 0})
+    assert flat > (model.layers + 1) * 0.001                   # per layer: grows with the layer's backward
+
+
 def test_the_schedule_pays_its_op_overhead_per_chunk_and_micro_batch():
     from meshplan.planner.search import evaluate_pinned
 
