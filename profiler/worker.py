@@ -222,7 +222,12 @@ def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps:
     rope = rope_for(spec, seq, device)
     x = torch.randn(mb, seq, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     params = list(block.parameters()) + [x]
-    return time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, sample_seconds=SAMPLE_S)
+    # Every rank starts each sample together: ranks that time-slice shared cores drift apart over a round of
+    # shapes, and a rank still timing the round's last shape while the others wait ran on the cores they
+    # left (v19: the tp1 micro-batch-4 block at 0.05-0.06 s in three of five rounds, 0.09-0.14 s in the
+    # others, below micro-batch 2's 0.06-0.07 s).
+    return time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, barrier=dist.barrier,
+                     sample_seconds=SAMPLE_S)
 
 
 def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
