@@ -90,8 +90,7 @@ def main() -> int:
     begin = time.time()
     cluster = a.cluster or str(a.out_dir / "cluster.yaml")
     if a.cluster is None:
-        mbs = a.micro_batches or ",".join(str(2 ** i) for i in range(a.global_batch.bit_length())
-                                          if 2 ** i <= a.global_batch)
+        mbs = a.micro_batches or ",".join(str(2 ** i) for i in range(a.global_batch.bit_length()))
         code = meshplan("profile", "--cluster", "localhost:1", "--model", a.model, "--seq-len", str(a.seq_len),
                         "--budget", a.budget, "--micro-batches", mbs, "--out", cluster, "--keep-raw", str(a.out_dir / "profile.raw.json"))
         if code:

@@ -635,7 +635,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         (benchmarks/dp_reduce_wait.py): the later replica arrives 0.047 s after the replicas' mean."""
         if p == 1:
             return units * meet_bwd
-        return comm.meeting_time(cluster, makespan) + (units - 1) * comm.meeting_time(cluster, 0.0)
+        return meet_after_step + (units - 1) * meet_next
+
+    meet_after_step, meet_next = comm.meeting_time(cluster, makespan), comm.meeting_time(cluster, 0.0)
 
     dp_exposed = []
     for r in range(p):

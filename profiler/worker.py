@@ -320,11 +320,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
             out["skipped"] = [{"tp": t, "micro_batch": m} for t, m in shapes[index:]]
             break
         begin = time.time()
-        block = measure_block(spec, tp, mb, seq, device, dtype, reps)
+        block, vocab, memory = measure_shape(spec, tp, mb, seq, device, dtype, reps)
         round_estimate += 2 * block["block_s"] + reps * max(SAMPLE_S, block["block_s"])
-        vocab = measure_vocab(spec, tp, mb, seq, device, dtype, reps)
-        with quiet_stderr():
-            memory = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {"block": block, "vocab": vocab})
         if dist.get_rank() == 0:
@@ -342,6 +339,16 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     return out
 
 
+def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> tuple[dict, dict, list]:
+    """Everything the compute phase measures at one shape: the block, the vocabulary ops, the saved bytes
+    per recompute mode."""
+    block = measure_block(spec, tp, mb, seq, device, dtype, reps)
+    vocab = measure_vocab(spec, tp, mb, seq, device, dtype, reps)
+    with quiet_stderr():
+        memory = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
+    return block, vocab, memory
+
+
 def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) -> None:
     """Everything the first shape's measurement runs, once, untimed (the smallest shape, one sample each). On
     a GPU the first measurement also pays one-time costs (kernel loading, cuBLAS and attention back-end set-up)
@@ -349,12 +356,7 @@ def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) ->
     expected twice that for micro-batch 2 and measured no other shape, while with a 75 s budget micro-batches 2
     and 4 took about 1 s each. The next shapes' expected times scale the first shape's time. CPU processes have
     no such start-up cost worth its time here."""
-    tp, mb = shape
-    measure_block(spec, tp, mb, seq, device, dtype, reps=1)
-    measure_vocab(spec, tp, mb, seq, device, dtype, reps=1)
-    with quiet_stderr():
-        for mode in RECOMPUTE_MODES:
-            layer_memory(spec, tp, mb, seq, device, dtype, mode)
+    measure_shape(spec, *shape, seq, device, dtype, reps=1)
     sync(device)
 
 
