@@ -553,6 +553,24 @@ def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, f
     return 0
 
 
+def undo_calibration(data: dict, cluster) -> dict:
+    """The cluster file's mapping as the profile wrote it: every calibration ``--update`` applied
+    (``measured.calibration`` records not marked ``applied: False``) divided back out, latest first, and the
+    records dropped. What re-predicting an earlier validation from its uncalibrated profile needs
+    (benchmarks/repredict_validate.py ``--undo-calibration``)."""
+    out = json.loads(json.dumps(data, default=str))
+    root = out["cluster"] if isinstance(out.get("cluster"), dict) else out
+    records = list(((root.get("measured") or {}).get("calibration")) or [])
+    for record in reversed(records):
+        if record.get("applied") is False:
+            continue
+        out = apply_calibration(out, cluster, 1.0 / float(record["compute_scale"]),
+                                1.0 / float(record["comm_scale"]), {})
+    root = out["cluster"] if isinstance(out.get("cluster"), dict) else out
+    root["measured"].pop("calibration", None)
+    return out
+
+
 def keep_record(cluster_path: Path, original_text: str, data: dict, record: dict) -> None:
     """Write the cluster file back as it was (every rate and link untouched) with ``record`` appended to
     ``measured.calibration``."""

@@ -160,6 +160,25 @@ def test_calibration_scales_rates_and_links():
     ClusterSpec.from_dict(out)
 
 
+def test_undo_calibration_gives_back_the_profile():
+    cluster = load_cluster("localhost:2")
+    profile = {**cluster.to_dict(), "measured": {"compute": {"matmul_table": [[1e6, 0.02], [1e8, 0.04]],
+                                                             "attention_tflops": 0.01, "memory_gbps": 4.0}}}
+    once = v.apply_calibration(profile, cluster, 2.0, 4.0, {"compute_scale": 2.0, "comm_scale": 4.0})
+    # a rejected attempt is recorded but its rates were never written: undo must skip it
+    once["measured"]["calibration"].append({"compute_scale": 9.0, "comm_scale": 9.0, "applied": False})
+    twice = v.apply_calibration(once, cluster, 0.5, 1.5, {"compute_scale": 0.5, "comm_scale": 1.5})
+    undone = v.undo_calibration(twice, cluster)
+    assert "calibration" not in undone["measured"]
+    for (f, r), (f0, r0) in zip(undone["measured"]["compute"]["matmul_table"],
+                                profile["measured"]["compute"]["matmul_table"]):
+        assert f == f0 and r == pytest.approx(r0)
+    assert undone["measured"]["compute"]["memory_gbps"] == pytest.approx(4.0)
+    assert undone["intra_node"]["bandwidth_gbps"] == pytest.approx(cluster.intra_node.bandwidth_gbps)
+    assert undone["intra_node"]["latency_us"] == pytest.approx(cluster.intra_node.latency_us)
+    assert "calibration" in twice["measured"]                              # the input is not modified
+
+
 @pytest.mark.parametrize("args, field", [
     (["--cluster", "localhost:2", "--top", "1"], "--top"),
     (["--cluster", "localhost:2", "--steps", "1"], "--steps"),
