@@ -215,7 +215,7 @@ def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: s
     embedding group and autocast. ``meshplan check`` calls it with fake parts, the stages' example shapes
     (``stage_io``, see ``parallelize.build_schedule``) and autocast on the CPU."""
     optimizers = [make_optimizer(part, config, device_type) for _, part in parts]
-    vocab = make_vocab_parallel(plan, meshes, parts)
+    vocab = make_vocab_parallel(plan, meshes, parts, device_type)
     stage_loss = make_loss_fn(plan, meshes, parts, vocab)
     schedule = None
     if plan.pp > 1:
@@ -234,12 +234,14 @@ def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: s
                    par.tied_embedding_group(plan, meshes), autocast, stage_loss, vocab)
 
 
-def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts) -> vp.VocabParallel | None:
-    """The driver of the vocabulary passes (``vocab_parallel`` with pp > 1) around the shard in ``parts``."""
+def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts, device_type: str = "cpu") -> vp.VocabParallel | None:
+    """The driver of the vocabulary passes (``vocab_parallel`` with pp > 1) around the shard in ``parts``; a
+    16-bit GPU plan runs its head passes in bf16, as the stages compute (``VocabParallel.compute_dtype``)."""
     if not vp.enabled(plan):
         return None
     shard = dict(parts)[VOCAB_PART]
-    return vp.VocabParallel(plan, shard.groups, shard, meshes.coords)
+    sixteen_bit = device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8")
+    return vp.VocabParallel(plan, shard.groups, shard, meshes.coords, torch.bfloat16 if sixteen_bit else None)
 
 
 def _positions_range(plan: Plan, meshes: par.Meshes) -> tuple[int, int]:

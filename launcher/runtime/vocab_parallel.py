@@ -195,8 +195,10 @@ class _LastStageLoss(torch.autograd.Function):
 class VocabParallel:
     """One rank's side of vocabulary parallelism across pipeline ranks (see the module doc)."""
 
-    def __init__(self, plan: Plan, groups: VocabGroups, shard: VocabShard, coords: dict[str, int]):
+    def __init__(self, plan: Plan, groups: VocabGroups, shard: VocabShard, coords: dict[str, int],
+                 compute_dtype: torch.dtype | None = None):
         self.plan, self.groups, self.shard = plan, groups, shard
+        self._compute_dtype = compute_dtype
         self.is_first = coords["pp"] == 0
         self.is_last = coords["pp"] == (len(plan.stages) - 1) % plan.pp
         self.tp_rank = coords["tp"]
@@ -212,7 +214,16 @@ class VocabParallel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The shards' (and their gradient accumulators') dtype: fp32, outside FSDP2's mixed precision."""
         return self.shard.tok_embeddings.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the head passes run in: the hidden states broadcast, the chunk GEMMs and the partial
+        hidden gradients reduced back. bf16 for a 16-bit GPU plan (as its stages compute under FSDP2's
+        mixed precision or autocast, and as the planner prices the pass), else the shards' own. The
+        helper thread has no autocast of its own (autocast is per thread), so the cast is explicit."""
+        return self._compute_dtype or self.dtype
 
     def _chunk(self, tokens: int) -> int:
         """Tokens per chunk, the same on every rank (one statistics all-gather per chunk): sized for the
@@ -275,15 +286,15 @@ class VocabParallel:
         (global loss, this rank's partial hidden gradient); the weight gradient is accumulated here."""
         start, _ = self.shard.rows()
         loss, grad_hidden, grad_weight = CE.chunked_loss_and_grads(
-            hidden, self.shard.head_local().detach(), targets.reshape(-1), self.groups.group,
+            hidden, self.shard.head_local().detach().to(self.compute_dtype), targets.reshape(-1), self.groups.group,
             self._chunk(hidden.shape[0]), need_grad=True, reduce_hidden_grad=False,
             backend=chunk_backend(hidden), vocab_start=start)
-        self._grads[-1].add_(grad_weight)
+        self._grads[-1].add_(grad_weight)             # accumulated in the shards' dtype
         return loss, grad_hidden
 
     def _last_stage_pass(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local_shape = hidden.shape
-        h = hidden.detach().to(self.dtype)
+        h = hidden.detach().to(self.compute_dtype)
         if self.sp:                                   # the head needs the whole sequence
             parts = [torch.empty_like(h) for _ in range(self.plan.tp)]
             dist.all_gather(parts, h.contiguous(), group=self.groups.tp)
@@ -306,7 +317,7 @@ class VocabParallel:
         device = self._tokens.device
         with torch.no_grad():
             for targets in self._head_targets:
-                hidden = torch.empty(b * s, h, dtype=self.dtype, device=device)
+                hidden = torch.empty(b * s, h, dtype=self.compute_dtype, device=device)
                 dist.broadcast(hidden, src=self.groups.last, group=self.groups.row)
                 _, grad_hidden = self._head_pass(hidden, targets)
                 dist.reduce(grad_hidden, dst=self.groups.last, group=self.groups.row)
