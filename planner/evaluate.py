@@ -46,11 +46,19 @@ class Config:
 
 @dataclass(frozen=True)
 class Context:
-    """The fixed inputs of a search."""
+    """The fixed inputs of a search.
+
+    ``pipeline_grad_sync``: when the runtime that will run the plan reduces a pipeline stage's data-parallel
+    gradients. ``"after_schedule"`` (meshplan's runtime, and torchtitan's: torch.distributed.pipelining keeps
+    FSDP2/replicate gradient sync off for every backward and reduces in one REDUCE_GRAD action after the
+    stage's last one, ``PipelineStage.perform_reduce_grad``, measured in benchmarks/dp_reduce_wait.py) or
+    ``"overlapped"`` (Megatron-LM's ``overlap_grad_reduce``: buckets reduce as the last micro-batch's backward
+    fills them). Only plans with ``pp > 1`` and data-parallel replicas are affected."""
 
     model: ModelSpec
     cluster: ClusterSpec
     train: TrainSpec
+    pipeline_grad_sync: str = "after_schedule"
 
     @property
     def act_bytes(self) -> int:
@@ -639,6 +647,18 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
     meet_after_step, meet_next = comm.meeting_time(cluster, makespan), comm.meeting_time(cluster, 0.0)
 
+    def drain_after_last_backward(rank: int) -> float:
+        """Seconds pipeline rank ``rank`` has left after its own last backward while the pipeline drains:
+        in every schedule the runtime runs (GPipe, 1F1B, interleaved) a rank's last op is the last
+        micro-batch's backward of its first chunk (stage ``rank``; schedule_sim.pipeline_ops), which then
+        runs through stages ``rank - 1 .. 0``, one hop before each. Under ``pipeline_grad_sync ==
+        "after_schedule"`` that is the only time a stage's gradient reduction can hide in: rank 0, finishing
+        last, shows all of it."""
+        return sum(partition[j] * lc.bwd + choices[j].time * partition[j] / max(1, rank_layers[j])
+                   for j in range(rank)) + rank * hop
+
+    after_schedule = p > 1 and ctx.pipeline_grad_sync == "after_schedule"
+
     dp_exposed = []
     for r in range(p):
         root_params = rank_root_params(r)
@@ -657,6 +677,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
             # bucket cannot overlap. (The runtime's replicate reduces per unit: units calls.)
             total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
+            if after_schedule:      # one REDUCE_GRAD after the stage's last backward: the drain is its window
+                dp_exposed.append(exposed(total, drain_after_last_backward(r)))
+                continue
             last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
             dp_exposed.append(exposed(total, bwd_mb) + tail(last_bucket))
         elif cfg.zero == 1:
@@ -664,6 +687,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # last backward, all-gather the updated 16-bit weights under the next forward.
             rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link) + units * meet_fwd
+            if after_schedule:
+                dp_exposed.append(exposed(rs, drain_after_last_backward(r)) + exposed(ag, fwd_mb) + tail(ag / layers))
+                continue
             dp_exposed.append(exposed(rs, bwd_mb) + exposed(ag, fwd_mb) + tail((rs + ag) / layers))
         elif cfg.zero == 2 or p > 1:
             # FSDP2 with gradients accumulated unsharded and reduce-scattered once per step (ZeRO-2 always;
@@ -672,7 +698,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
             rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link)
-            shows = exposed(rs, bwd_mb) + tail(rs / layers)
+            shows = (exposed(rs, drain_after_last_backward(r)) if after_schedule
+                     else exposed(rs, bwd_mb) + tail(rs / layers))
             if cfg.zero == 2:
                 ag += units * meet_fwd
                 shows += exposed(ag, fwd_mb) + tail(ag / layers)

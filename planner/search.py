@@ -182,11 +182,16 @@ def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any] | None = None,
-           top: int = 3, refine: bool = True, progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Find the ``top`` fastest plans that fit. Raises NoFeasiblePlan (with what would fit) when none does."""
+           top: int = 3, refine: bool = True, progress: Callable[[int, int], None] | None = None,
+           pipeline_grad_sync: str = "after_schedule") -> SearchResult:
+    """Find the ``top`` fastest plans that fit. Raises NoFeasiblePlan (with what would fit) when none does.
+    ``pipeline_grad_sync``: how the runtime that will run the plans reduces gradients under a pipeline
+    (:class:`Context`); the default is meshplan's own runtime, ``"overlapped"`` prices Megatron-LM's runs."""
     start = time.perf_counter()
     fixes = dict(fixes or {})
-    ctx = Context(model, cluster, train)
+    if pipeline_grad_sync not in ("after_schedule", "overlapped"):
+        raise ValueError(f"pipeline_grad_sync must be 'after_schedule' or 'overlapped', not {pipeline_grad_sync!r}")
+    ctx = Context(model, cluster, train, pipeline_grad_sync)
     _check_fixes(ctx, fixes)
     world = cluster.world_size
     rejected: Counter[str] = Counter()

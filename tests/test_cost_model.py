@@ -264,3 +264,23 @@ def test_pipeline_p2p_is_hidden_in_the_interleaved_steady_state_but_not_in_1f1b(
     assert evaluate.pipeline_p2p_exposed("interleaved", times, m, 2, hop) == pytest.approx(2 * (2 * p - 1) * hop)
     assert evaluate.pipeline_p2p_exposed("gpipe", times, m, 1, hop) == pytest.approx(2 * (p - 1) * hop)
     assert evaluate.pipeline_p2p_exposed("1f1b", [1.0], m, 1, hop) == 0.0
+
+
+def test_a_pipeline_stage_reduces_its_gradients_after_the_schedule():
+    """meshplan's runtime (torch.distributed.pipelining) reduces a stage's data-parallel gradients in one
+    REDUCE_GRAD after its last backward: only the pipeline's drain can hide it, and rank 0, finishing last,
+    has none. Megatron's overlapped reduction (the public runs) hides it under the last backward instead.
+    Without a pipeline both are the same."""
+    from meshplan.spec import TrainSpec
+
+    model, cluster, train = load_model("llama3-8b"), load_cluster("dgx-h100:2"), TrainSpec(64, 4096, "bf16")
+    ours, megatron = evaluate.Context(model, cluster, train), evaluate.Context(model, cluster, train, "overlapped")
+    assert ours.pipeline_grad_sync == "after_schedule"
+    for zero in (0, 1, 3):
+        piped = evaluate.Config(dp=2, tp=4, pp=2, cp=1, micro_batch=1, schedule="1f1b", zero=zero)
+        a, b = evaluate.evaluate(piped, ours), evaluate.evaluate(piped, megatron)
+        assert a.time_breakdown["dp_comm"] > b.time_breakdown["dp_comm"] * 1.3, zero
+        assert a.iteration_s - b.iteration_s == pytest.approx(
+            a.time_breakdown["dp_comm"] - b.time_breakdown["dp_comm"], rel=1e-9)
+        flat = evaluate.Config(dp=4, tp=4, pp=1, cp=1, micro_batch=1, zero=zero)
+        assert evaluate.evaluate(flat, ours).iteration_s == evaluate.evaluate(flat, megatron).iteration_s
