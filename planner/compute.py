@@ -118,6 +118,48 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
     return 1.0
 
 
+def measured_head_loss_time(cluster: ClusterSpec, precision: str, tokens: float, hidden: int, vocab_local: int,
+                            chunked: bool) -> float | None:
+    """Forward + backward seconds of the LM head and its cross-entropy on ``tokens`` tokens and ``vocab_local``
+    vocabulary rows, as the profile timed them at exactly this shape (``measured['compute']['vocab']``, worker
+    ``measure_vocab``, every rank busy): ``chunked`` the runtime's chunked linear + cross-entropy (the fused
+    loss, and each shard's head pass under vocabulary parallelism), else the head GEMM plus the reference
+    cross-entropy on materialised fp32 logits. ``None`` where no such shape was profiled (the modelled
+    ``3 matmul + bytes / rate`` stands). Measured because the model misses both ways: on 4 CPU ranks the
+    reference loss took 5.4 ns a logit against 2.6 priced from the memory rate (v20's profile), and an H200
+    ran the chunked loss at 0.85x eager's speed where the byte counts priced its loss at 8 B a logit against
+    the reference's 30 (docs/kernels.md)."""
+    key = "chunked_head_loss_s" if chunked else None
+    for row in measured_compute(cluster, precision).get("vocab") or ():
+        try:
+            if (int(row["tokens"]), int(row["hidden"]), int(row["vocab_local"])) != (int(tokens), hidden, vocab_local):
+                continue
+            seconds = float(row[key]) if key else float(row["head_s"]) + float(row["loss_s"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if seconds > 0 and math.isfinite(seconds):
+            return seconds
+    return None
+
+
+def measured_optimizer_seconds_per_param(cluster: ClusterSpec, precision: str, optimizer: str, tp: int) -> float | None:
+    """Seconds one optimizer step takes per parameter a rank updates, as the profile timed the runtime's AdamW
+    on a per-rank block at the nearest tensor-parallel degree (``measured['compute']['optimizer']``, worker
+    ``measure_optimizer``, every rank busy; a block's tensors shrink with tp, so their fixed costs weigh more
+    per parameter). ``None`` without a measurement or for another optimizer than Adam(W), the runtime's:
+    the planner then prices ``(28 + 4) B`` a parameter at the memory-bound rate."""
+    if optimizer not in ("adam", "adamw"):
+        return None
+    rows = []
+    for row in measured_compute(cluster, precision).get("optimizer") or ():
+        try:
+            rows.append((abs(math.log(int(row["tp"]) / tp)), float(row["seconds_per_param"])))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+    rows = [r for r in rows if r[1] > 0 and math.isfinite(r[1])]
+    return min(rows)[1] if rows else None
+
+
 # A lone rank measured this much faster than all of a host's ranks busy means they saturate its cores
 # (the profile's sharing rounds agree within a few percent, profiler/worker.py sharing_phase).
 SATURATED_ABOVE = 0.1

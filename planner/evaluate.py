@@ -299,6 +299,10 @@ def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     if fused_loss:   # each chunk reads and writes the weight gradient
         loss += memory.loss_chunk_accumulate_bytes(int(tokens), model.hidden, vocab_local, ctx.act_bytes) / rates.memory
     head_time = 3 * head_fwd + loss
+    # where the profile timed this head + loss at exactly this shape, the measurement replaces the model
+    timed = compute.measured_head_loss_time(cluster, train.precision, tokens, model.hidden, vocab_local, fused_loss)
+    if timed is not None:
+        head_time = timed
     embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
     embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
     head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
@@ -719,10 +723,14 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
     # Optimizer step: Adam reads param, grad, two moments and writes param and moments (28 B/param, fp32),
     # over the rank's shard; plus the gradient-norm read (4 B/param).
+    # Measured instead where the profile timed the runtime's optimizer step (compute.measured_optimizer_...).
     rates = compute.achieved_rates(cluster, train.precision)
     opt_bytes = (28 if sb.optimizer == 8 else 20) + 4
+    per_param = compute.measured_optimizer_seconds_per_param(cluster, train.precision, train.optimizer, cfg.tp)
+    if per_param is None:
+        per_param = opt_bytes / rates.memory
     opt_time = max(((rank_root_params(r) + rank_layers[r] * lc.params)
-                    / (replicas if cfg.zero >= 1 else 1) + vocab_shard_params) * opt_bytes / rates.memory
+                    / (replicas if cfg.zero >= 1 else 1) + vocab_shard_params) * per_param
                    for r in range(p))
 
     iteration = pipeline + dp_time + opt_time

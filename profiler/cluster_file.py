@@ -103,7 +103,15 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
                       "model_over_measured": model / block_s})
     out["block_check"] = check
     out["vocab"] = [{"tp": v["tp"], "micro_batch": v["micro_batch"], "head_s": v["head_gemm"]["seconds"],
-                     "loss_s": v["loss_s"], "embedding_s": v["embedding_s"]} for v in raw["compute"]["vocab"]]
+                     "loss_s": v["loss_s"], "embedding_s": v["embedding_s"],
+                     **({"seq": v["seq"], "tokens": v["head_gemm"]["m"], "hidden": v["hidden"],
+                         "vocab_local": v["vocab_local"], "chunked_head_loss_s": v["chunked_head_loss_s"]}
+                        if "chunked_head_loss_s" in v else {})}
+                    for v in raw["compute"]["vocab"]]
+    optimizer = [o for o in raw["compute"].get("optimizer") or () if o["params"] > 0 and o["step_s"] > 0]
+    if optimizer:
+        out["optimizer"] = [{"tp": o["tp"], "params": o["params"], "tensors": o["tensors"], "step_s": o["step_s"],
+                             "seconds_per_param": o["step_s"] / o["params"]} for o in optimizer]
     if raw["compute"]["skipped"]:
         out["skipped_shapes"] = raw["compute"]["skipped"]
     return out

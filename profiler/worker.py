@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from meshplan.launcher.runtime.kernels import linear_cross_entropy
 from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes, saved_tensor_bytes
 from meshplan.launcher.runtime.model import Block, causal_attention, rotary_tables
 from meshplan.launcher.runtime.parallelize import apply_ac
@@ -253,8 +254,37 @@ def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
             "block_reps": block_times, "gemms": gemms, "attention_s": lower_quartile(attn_times)}
 
 
+def measure_optimizer(spec: ModelSpec, tp: int, device, reps: int) -> dict | None:
+    """One optimizer step as the runtime builds it (``train.make_optimizer``: AdamW, foreach on CPU, fused on
+    CUDA) over one per-rank block's parameters, fp32 as the runtime keeps them (FSDP2 and autocast alike),
+    every gradient set: seconds per step and the parameters it updated. The planner prices a rank's step
+    from its seconds per parameter (``compute.measured_optimizer_seconds_per_param``) instead of the
+    memory-bound rate, itself a residual of the block fit. ``None`` on every rank when one ran out of memory
+    (a block's fp32 weights, gradients and two moments: 16 B a parameter)."""
+    from meshplan.launcher.runtime.train import RunConfig, make_optimizer
+
+    try:
+        block = per_rank_block(spec, tp, device, torch.float32)
+        params = list(block.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = make_optimizer(block, RunConfig(plan_path=""), device.type)
+        optimizer.step()                                   # allocates the moments
+        fits = 1.0
+    except torch.OutOfMemoryError:
+        block = params = optimizer = None
+        fits = 0.0
+    if -slowest([-fits], device)[0] < 1.0:                # the least of the ranks' answers
+        return None
+    times = time_reps(optimizer.step, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S)
+    return {"tp": tp, "params": sum(p.numel() for p in params), "tensors": len(params),
+            "step_s": lower_quartile(times), "step_reps": times}
+
+
 def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
-    """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup, forward + backward."""
+    """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup, forward + backward; and
+    the runtime's chunked head + loss (``kernels.linear_cross_entropy(impl="fused")``: the fused loss, and the
+    head pass of vocabulary parallelism, whose shards have these shapes) on the same tokens and rows."""
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
@@ -263,13 +293,16 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, vocab_local, (tokens,), device=device)
     loss = time_reps(fwd_bwd(lambda: F.cross_entropy(logits.float(), targets), [logits]), device, reps)
+    del logits
+    chunked = time_reps(fwd_bwd(lambda: linear_cross_entropy(x, w, targets, impl="fused"), [x, w]), device, reps)
     emb = nn.Embedding(spec.vocab, spec.hidden, device=device, dtype=dtype)
     ids = torch.randint(0, spec.vocab, (mb, seq), device=device)
     embed = time_reps(fwd_bwd(lambda: emb(ids), list(emb.parameters())), device, reps)
-    return {"tp": tp, "micro_batch": mb, "seq": seq,
+    return {"tp": tp, "micro_batch": mb, "seq": seq, "hidden": spec.hidden, "vocab_local": vocab_local,
             "head_gemm": {"m": tokens, "k": spec.hidden, "n": vocab_local,
                           "flops": 2.0 * tokens * spec.hidden * vocab_local, "seconds": lower_quartile(head)},
-            "loss_s": lower_quartile(loss), "embedding_s": lower_quartile(embed)}
+            "loss_s": lower_quartile(loss), "chunked_head_loss_s": lower_quartile(chunked),
+            "embedding_s": lower_quartile(embed)}
 
 
 class _Holder(nn.Module):
@@ -332,6 +365,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
         if progress:
             progress.update(index + 1, len(shapes), f"tp={tp} mb={mb}")
     measured = [shape for shape in shapes if {"tp": shape[0], "micro_batch": shape[1]} not in out["skipped"]]
+    steps = [measure_optimizer(spec, tp, device, reps) for tp in sorted({tp for tp, _ in measured})]
+    out["optimizer"] = [step for step in steps if step is not None]
     rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress)
     if dist.get_rank() == 0:
         for block, times in zip(out["blocks"], rounds):

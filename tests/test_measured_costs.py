@@ -68,6 +68,59 @@ def test_the_timed_block_corrects_the_fitted_parts_at_its_shape_only():
     assert timed.fwd == pytest.approx(1.5 * plain.fwd) and timed.bwd == pytest.approx(1.5 * plain.bwd)
 
 
+def test_the_timed_head_and_loss_replace_the_model_at_their_shape_only():
+    """The profile times the head + reference loss and the runtime's chunked head + loss per shape; the
+    planner takes them where tokens, width and vocabulary rows match (the fused loss and every shard of a
+    vocabulary-parallel pass use the chunked one), and its model elsewhere."""
+    base = load_cluster("localhost:4")
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+    tokens, rows = 2 * 256, -(-model.vocab // 2)
+    row = {"tp": 2, "micro_batch": 2, "seq": 256, "tokens": tokens, "hidden": model.hidden, "vocab_local": rows,
+           "head_s": 0.010, "loss_s": 0.004, "embedding_s": 0.001, "chunked_head_loss_s": 0.021}
+    cluster = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [row]}})
+    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden, rows, False) == pytest.approx(0.014)
+    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden, rows, True) == pytest.approx(0.021)
+    assert compute.measured_head_loss_time(cluster, "bf16", tokens, model.hidden, rows, True) is None
+    assert compute.measured_head_loss_time(cluster, "fp32", 2 * tokens, model.hidden, rows, True) is None
+    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden + 8, rows, True) is None
+    older = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [
+        {k: v for k, v in row.items() if k not in ("tokens", "hidden", "vocab_local", "chunked_head_loss_s")}]}})
+    assert compute.measured_head_loss_time(older, "fp32", tokens, model.hidden, rows, False) is None
+
+    def vocab(cluster, **fields):
+        cfg = evaluate.Config(**{"dp": 1, "tp": 2, "pp": 1, "cp": 1, "micro_batch": 2, **fields})
+        return evaluate.vocab_cost(evaluate.Context(model, cluster, train), cfg)
+    assert vocab(cluster).last_time == pytest.approx(0.014)                      # tp2: V/2 rows on each
+    assert vocab(cluster, fused_kernels=True).last_time == pytest.approx(0.021)
+    assert vocab(base).last_time != pytest.approx(0.014)
+    # vocabulary parallelism over tp1 x pp2: each shard's pass runs the chunked loss on V/2 rows
+    shared = vocab(cluster, tp=1, pp=2, vocab_parallel=True)
+    assert shared.pass_time == pytest.approx(0.021 + shared.vocab_comm)
+    assert vocab(cluster, tp=1, micro_batch=4).last_time != pytest.approx(0.014)  # V rows: not profiled
+
+
+def test_the_timed_optimizer_step_prices_the_optimizer():
+    """The profile times the runtime's AdamW over a per-rank block at each tp; the planner prices a rank's
+    step at the nearest tp's seconds per parameter, and falls back to bytes at the memory rate."""
+    base = load_cluster("localhost:4")
+    rows = [{"tp": 1, "params": 1000, "tensors": 9, "step_s": 0.002, "seconds_per_param": 2e-6},
+            {"tp": 4, "params": 250, "tensors": 9, "step_s": 0.001, "seconds_per_param": 4e-6}]
+    cluster = _with_measured(base, {"compute": {"precision": "fp32", "optimizer": rows}})
+    assert compute.measured_optimizer_seconds_per_param(cluster, "fp32", "adamw", 1) == 2e-6
+    assert compute.measured_optimizer_seconds_per_param(cluster, "fp32", "adamw", 2) == 2e-6   # log-nearest: tie
+    assert compute.measured_optimizer_seconds_per_param(cluster, "fp32", "adam", 4) == 4e-6
+    assert compute.measured_optimizer_seconds_per_param(cluster, "fp32", "sgd", 1) is None
+    assert compute.measured_optimizer_seconds_per_param(cluster, "bf16", "adamw", 1) is None
+    assert compute.measured_optimizer_seconds_per_param(base, "fp32", "adamw", 1) is None
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32", "adamw")
+    cfg = evaluate.Config(dp=1, tp=1, pp=2, cp=1, micro_batch=2)
+    timed = evaluate.evaluate(cfg, evaluate.Context(model, cluster, train))
+    plain = evaluate.evaluate(cfg, evaluate.Context(model, base, train))
+    # the same rank and parameters, priced at 2e-6 s each instead of 32 B at the memory rate
+    ratio = 2e-6 / (32 / compute.achieved_rates(base, "fp32").memory)
+    assert timed.time_breakdown["optimizer"] == pytest.approx(plain.time_breakdown["optimizer"] * ratio, rel=1e-9)
+
+
 def test_ring_attention_is_priced_as_the_runtime_runs_it():
     cluster, model = load_cluster("localhost:4"), load_model("tiny-llama")
     rates = compute.achieved_rates(cluster, "fp32")

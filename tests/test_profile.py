@@ -172,6 +172,13 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert data["intra_node"]["bandwidth_gbps"] > 0 and data["intra_node"]["latency_us"] >= 0
     assert len(m["links"]["pair_bandwidth_gbps"]) == 2 and m["links"]["pair_bandwidth_gbps"][0][1] > 0
     assert {r["mode"] for r in m["memory"]["per_layer"]} == {"none", "selective", "full"}
+    # the head + loss both ways and the runtime's optimizer step, timed at the model's shapes
+    vocab = m["compute"]["vocab"]
+    assert vocab and all(v["chunked_head_loss_s"] > 0 and v["head_s"] > 0 and v["loss_s"] > 0 for v in vocab)
+    assert all(v["tokens"] == v["micro_batch"] * 64 and v["vocab_local"] == -(-256 // v["tp"]) for v in vocab)
+    optimizer = m["compute"]["optimizer"]
+    assert optimizer and all(o["seconds_per_param"] > 0 and o["tensors"] >= 7 for o in optimizer)
+    assert {o["tp"] for o in optimizer} == {v["tp"] for v in vocab}
     assert m["links"]["topology"]["edges"] and m["raw"]["links"]["levels"]["intra_node"]["samples"]
     # the fit has a bandwidth point: the largest message runs whatever the budget (worker.sweep_order)
     assert max(s["bytes"] for s in m["raw"]["links"]["levels"]["intra_node"]["samples"]) >= 2**20 // 2
