@@ -288,7 +288,11 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype, requires_grad=True)
+    # logits of a trained model's scale (std about 1, as after the final norm and a hidden^-1/2 head): with
+    # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and the chunked loss's
+    # gradient GEMMs ran 2.7x slower on CPU (1024 tokens, h 256, 2048 rows: 0.285 s against 0.106; v21's
+    # profile put the chunked loss at 7x the reference head + loss)
+    w = (torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype) * spec.hidden ** -0.5).requires_grad_()
     head = time_reps(fwd_bwd(lambda: F.linear(x, w), [x, w]), device, reps)
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, vocab_local, (tokens,), device=device)
