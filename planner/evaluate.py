@@ -298,11 +298,9 @@ def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     loss = tokens * vocab_local * compute.loss_bytes_per_logit(fused_loss, train.precision) / rates.memory
     if fused_loss:   # each chunk reads and writes the weight gradient
         loss += memory.loss_chunk_accumulate_bytes(int(tokens), model.hidden, vocab_local, ctx.act_bytes) / rates.memory
-    head_time = 3 * head_fwd + loss
     # where the profile timed this head + loss at exactly this shape, the measurement replaces the model
     timed = compute.measured_head_loss_time(cluster, train.precision, tokens, model.hidden, vocab_local, fused_loss)
-    if timed is not None:
-        head_time = timed
+    head_time = timed if timed is not None else 3 * head_fwd + loss
     embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
     embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
     head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
@@ -663,6 +661,10 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
     after_schedule = p > 1 and ctx.pipeline_grad_sync == "after_schedule"
 
+    def reduction_tail(comm_s: float) -> float:
+        """``tail`` of the gradient reduction: none after the schedule, where its window is the drain."""
+        return 0.0 if after_schedule else tail(comm_s)
+
     dp_exposed = []
     for r in range(p):
         root_params = rank_root_params(r)
@@ -677,24 +679,22 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         if replicas == 1:
             dp_exposed.append(0.0)
             continue
+        # the gradient reduction's window: the last micro-batch's backward, or (one REDUCE_GRAD after the
+        # stage's last backward) the rank's drain
+        reduce_window = drain_after_last_backward(r) if after_schedule else bwd_mb
         if cfg.zero == 0:
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
             # bucket cannot overlap. (The runtime's replicate reduces per unit: units calls.)
             total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
-            if after_schedule:      # one REDUCE_GRAD after the stage's last backward: the drain is its window
-                dp_exposed.append(exposed(total, drain_after_last_backward(r)))
-                continue
             last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
-            dp_exposed.append(exposed(total, bwd_mb) + tail(last_bucket))
+            dp_exposed.append(exposed(total, reduce_window) + reduction_tail(last_bucket))
         elif cfg.zero == 1:
             # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
             # last backward, all-gather the updated 16-bit weights under the next forward.
             rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link) + units * meet_fwd
-            if after_schedule:
-                dp_exposed.append(exposed(rs, drain_after_last_backward(r)) + exposed(ag, fwd_mb) + tail(ag / layers))
-                continue
-            dp_exposed.append(exposed(rs, bwd_mb) + exposed(ag, fwd_mb) + tail((rs + ag) / layers))
+            dp_exposed.append(exposed(rs, reduce_window) + exposed(ag, fwd_mb) + reduction_tail(rs / layers)
+                              + tail(ag / layers))
         elif cfg.zero == 2 or p > 1:
             # FSDP2 with gradients accumulated unsharded and reduce-scattered once per step (ZeRO-2 always;
             # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
@@ -702,8 +702,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
             rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
             ag = comm.allgather_time(weights, dp_link)
-            shows = (exposed(rs, drain_after_last_backward(r)) if after_schedule
-                     else exposed(rs, bwd_mb) + tail(rs / layers))
+            shows = exposed(rs, reduce_window) + reduction_tail(rs / layers)
             if cfg.zero == 2:
                 ag += units * meet_fwd
                 shows += exposed(ag, fwd_mb) + tail(ag / layers)

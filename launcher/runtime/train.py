@@ -142,10 +142,16 @@ class Trainer:
         return self.plan.pp == 1 or any(j == 0 for j, _ in self.parts)
 
 
+def computes_in_bf16(plan: Plan, device_type: str) -> bool:
+    """A 16-bit plan on GPUs: its blocks compute in bf16 (FSDP2 mixed precision or autocast) over fp32 weights.
+    CPU jobs compute in fp32 whatever the plan's precision."""
+    return device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8")
+
+
 def mixed_precision_policy(plan: Plan, meshes: par.Meshes, device_type: str):
     """FSDP2's bf16 compute / fp32 reduce policy for 16-bit GPU plans sharded over dp x cp, else ``None``
     (a 16-bit GPU plan without dp x cp uses autocast instead)."""
-    if device_type != "cuda" or plan.train.precision not in ("bf16", "fp16", "fp8") or meshes.dp_cp is None:
+    if not computes_in_bf16(plan, device_type) or meshes.dp_cp is None:
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -227,8 +233,7 @@ def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: s
             stage_io = lambda j: par.stage_io_examples(plan, j, device, dtype)  # noqa: E731
         schedule = par.build_schedule(plan, stages, meshes.pp, device, stage_loss, stage_io)
     autocast = None
-    if device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8") \
-            and mixed_precision_policy(plan, meshes, device_type) is None:
+    if computes_in_bf16(plan, device_type) and mixed_precision_policy(plan, meshes, device_type) is None:
         autocast = torch.autocast(autocast_device, dtype=torch.bfloat16)
     return Trainer(plan, config, device, meshes, parts, optimizers, schedule,
                    par.tied_embedding_group(plan, meshes), autocast, stage_loss, vocab)
@@ -240,8 +245,8 @@ def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts, device_type: str 
     if not vp.enabled(plan):
         return None
     shard = dict(parts)[VOCAB_PART]
-    sixteen_bit = device_type == "cuda" and plan.train.precision in ("bf16", "fp16", "fp8")
-    return vp.VocabParallel(plan, shard.groups, shard, meshes.coords, torch.bfloat16 if sixteen_bit else None)
+    return vp.VocabParallel(plan, shard.groups, shard, meshes.coords,
+                            torch.bfloat16 if computes_in_bf16(plan, device_type) else None)
 
 
 def _positions_range(plan: Plan, meshes: par.Meshes) -> tuple[int, int]:
