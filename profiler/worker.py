@@ -289,9 +289,10 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     vocab_local = -(-spec.vocab // tp)
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     # logits of a trained model's scale (std about 1, as after the final norm and a hidden^-1/2 head): with
-    # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and the chunked loss's
-    # gradient GEMMs ran 2.7x slower on CPU (1024 tokens, h 256, 2048 rows: 0.285 s against 0.106; v21's
-    # profile put the chunked loss at 7x the reference head + loss)
+    # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and on a CPU the loss's
+    # gradient GEMMs slow down 10x (1024 tokens, h 256, 2048 rows, one idle thread: 0.251 s against 0.025,
+    # benchmarks/chunked_loss_scale.py). The reference head below is timed with a gradient of ones and its
+    # loss on unit logits, so only the chunked loss had met it: v21's profile put it at 7x the reference
     w = (torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype) * spec.hidden ** -0.5).requires_grad_()
     head = time_reps(fwd_bwd(lambda: F.linear(x, w), [x, w]), device, reps)
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
