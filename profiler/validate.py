@@ -393,9 +393,37 @@ def calibrate(runs: list[Run]) -> tuple[float, float]:
     return fit_two_scales([c for c, _ in parts], [m for _, m in parts], [0.0] * len(ok), [r.measured_s for r in ok])
 
 
-def apply_calibration(data: dict, cluster, compute_scale: float, comm_scale: float, record: dict) -> dict:
+# Seconds the profile timed whole, not rates: (place in ``measured``, keys), scaled with their bucket's scale.
+MEASURED_COMPUTE_SECONDS = ((("compute", "vocab"), ("head_s", "loss_s", "embedding_s", "chunked_head_loss_s")),
+                            (("compute", "optimizer"), ("step_s", "seconds_per_param")),
+                            (("host", "pipeline"), ("op_overhead_s",)))
+MEASURED_COMM_SECONDS = ((("host", "meeting"), ("base_s", "per_segment")),
+                         (("links", "reduction", "samples"), ("seconds",)))
+
+
+def _scale_seconds(measured: dict, places, scale: float) -> None:
+    """Multiply the listed keys of the rows (or the one mapping) at each place in ``measured`` by ``scale``."""
+    for path, keys in places:
+        node = measured
+        for step in path:
+            node = node.get(step) if isinstance(node, dict) else None
+        for row in node if isinstance(node, list) else [node]:
+            if not isinstance(row, dict):
+                continue
+            for key in keys:
+                if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool):
+                    row[key] = row[key] * scale
+
+
+def apply_calibration(data: dict, cluster, compute_scale: float, comm_scale: float, record: dict,
+                      measured_seconds: bool = True) -> dict:
     """The cluster file's mapping with rates divided by the scales; the record appended to
-    ``measured.calibration``. Without measured compute tables the current achieved rates are written first."""
+    ``measured.calibration``. Without measured compute tables the current achieved rates are written first.
+    ``measured_seconds``: also scale what the profile timed whole rather than as a rate (head + loss,
+    optimizer step, pipeline op overhead: compute; meetings and the data-parallel reduction table:
+    communication) -- the calibration fits every term of its bucket, so every term moves with it. Records
+    written so carry ``measured_seconds_scaled`` (files calibrated before did not scale them, and
+    :func:`undo_calibration` leaves them be)."""
     from meshplan.planner.compute import achieved_rates
 
     out = json.loads(json.dumps(data))
@@ -423,6 +451,11 @@ def apply_calibration(data: dict, cluster, compute_scale: float, comm_scale: flo
         if isinstance(root.get(level), dict):
             root[level]["bandwidth_gbps"] = root[level]["bandwidth_gbps"] / comm_scale
             root[level]["latency_us"] = root[level]["latency_us"] * comm_scale
+    if measured_seconds:
+        _scale_seconds(measured, MEASURED_COMPUTE_SECONDS, compute_scale)
+        _scale_seconds(measured, MEASURED_COMM_SECONDS, comm_scale)
+        if record:
+            record = {**record, "measured_seconds_scaled": True}
     measured.setdefault("calibration", []).append(record)
     return out
 
@@ -565,7 +598,8 @@ def undo_calibration(data: dict, cluster) -> dict:
         if record.get("applied") is False:
             continue
         out = apply_calibration(out, cluster, 1.0 / float(record["compute_scale"]),
-                                1.0 / float(record["comm_scale"]), {})
+                                1.0 / float(record["comm_scale"]), {},
+                                measured_seconds=bool(record.get("measured_seconds_scaled")))
     root = out["cluster"] if isinstance(out.get("cluster"), dict) else out
     root["measured"].pop("calibration", None)
     return out

@@ -279,3 +279,40 @@ def test_a_new_first_choice_is_measured_beside_the_old_one(tmp_path, monkeypatch
     out = v.after_calibration(MODEL_PRESETS["tiny-llama"], cluster, TrainSpec(4, 64, "fp32"), {}, runs, 3, tmp_path, 2, 2)
     assert seen == [[v.layout_key(plans[0]), v.layout_key(plans[1])]]
     assert out["first_before_s"] == 1.50 and out["first_after_s"] == 1.20 and out["verdict"] == "better"
+
+
+def test_calibration_scales_what_the_profile_timed_whole():
+    """The head + loss, optimizer and pipeline-op timings move with the compute scale; meetings and the
+    data-parallel reduction table with the communication scale; undo gives them back. A record from before
+    these were scaled (no ``measured_seconds_scaled``) leaves them alone when undone."""
+    cluster = load_cluster("localhost:2")
+    measured = {"compute": {"matmul_table": [[1e6, 0.02]], "attention_tflops": 0.01, "memory_gbps": 4.0,
+                            "vocab": [{"head_s": 0.01, "loss_s": 0.02, "embedding_s": 0.001,
+                                       "chunked_head_loss_s": 0.03, "tokens": 256}],
+                            "optimizer": [{"tp": 1, "step_s": 0.004, "seconds_per_param": 5e-9, "params": 8e5}]},
+                "host": {"pipeline": {"op_overhead_s": 0.003}, "meeting": {"base_s": 0.004, "per_segment": 0.08}},
+                "links": {"reduction": {"samples": [{"collective": "all_reduce", "ranks": 2, "stride": 1,
+                                                     "bytes": 2**20, "seconds": 0.01, "rounds_s": [0.01]}]}}}
+    profile = {**cluster.to_dict(), "measured": measured}
+    once = v.apply_calibration(profile, cluster, 2.0, 4.0, {"compute_scale": 2.0, "comm_scale": 4.0})
+    m = once["measured"]
+    assert m["compute"]["vocab"][0]["chunked_head_loss_s"] == pytest.approx(0.06)
+    assert m["compute"]["vocab"][0]["tokens"] == 256
+    assert m["compute"]["optimizer"][0]["seconds_per_param"] == pytest.approx(1e-8)
+    assert m["compute"]["optimizer"][0]["params"] == 8e5
+    assert m["host"]["pipeline"]["op_overhead_s"] == pytest.approx(0.006)
+    assert m["host"]["meeting"]["base_s"] == pytest.approx(0.016) and m["host"]["meeting"]["per_segment"] == 0.32
+    row = m["links"]["reduction"]["samples"][0]
+    assert row["seconds"] == pytest.approx(0.04) and row["rounds_s"] == [0.01]   # the rounds stay as measured
+    assert m["calibration"][-1]["measured_seconds_scaled"] is True
+    undone = v.undo_calibration(once, cluster)["measured"]
+    assert undone["compute"]["vocab"][0]["chunked_head_loss_s"] == pytest.approx(0.03)
+    assert undone["links"]["reduction"]["samples"][0]["seconds"] == pytest.approx(0.01)
+    assert undone["host"]["meeting"]["per_segment"] == pytest.approx(0.08)
+    # an older file: its calibration scaled only the rates
+    old = v.apply_calibration(profile, cluster, 2.0, 4.0, {"compute_scale": 2.0, "comm_scale": 4.0},
+                              measured_seconds=False)
+    assert "measured_seconds_scaled" not in old["measured"]["calibration"][-1]
+    undone = v.undo_calibration(old, cluster)["measured"]
+    assert undone["compute"]["optimizer"][0]["step_s"] == pytest.approx(0.004)
+    assert undone["compute"]["matmul_table"][0][1] == pytest.approx(0.02)
