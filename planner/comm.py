@@ -23,6 +23,10 @@ runs at its own bandwidth and latency relative to the level's joint fit (:func:`
 reduce-scatter, for one, is an all-reduce underneath and fits at about a third of the level's bus bandwidth on
 four CPU ranks (docs/profiler.md).
 
+Measured data-parallel traffic: where the profile timed the data-parallel collectives over a group shape at
+the runtime's gradient-unit sizes (``measured['links']['reduction']``), :func:`measured_collective_time` reads
+them off that table instead of the alpha-beta line (planner/evaluate.py's data-parallel term).
+
 Overlap (:func:`exposed_time`): communication that runs beside compute is hidden by the fraction the profile
 measured (``measured['links']['overlap']['exposed_fraction']``; without one, fully hidden up to the compute
 window).
@@ -74,6 +78,62 @@ def collective_scales(cluster: ClusterSpec, level: str) -> tuple[tuple[str, floa
     except (AttributeError, TypeError, ValueError):
         return ()
     return tuple(out)
+
+
+_REDUCTION_TABLES: dict[int, tuple[dict, dict]] = {}
+
+
+def _reduction_table(cluster: ClusterSpec) -> dict[tuple[str, int, int], tuple[tuple[float, float], ...]]:
+    """``{(collective, ranks, stride): ((bytes, seconds), ...) sorted}`` from the profile's
+    ``measured['links']['reduction']``, parsed once per cluster file (bad rows dropped)."""
+    measured = cluster.measured or {}
+    key = id(measured)
+    cached = _REDUCTION_TABLES.get(key)
+    if cached is not None and cached[0] is measured:
+        return cached[1]
+    table: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    rows = (((measured.get("links") or {}).get("reduction") or {}).get("samples")) or ()
+    for row in rows if isinstance(rows, list) else ():
+        try:
+            name, ranks, stride = str(row["collective"]), int(row["ranks"]), int(row["stride"])
+            nbytes, seconds = float(row["bytes"]), float(row["seconds"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if nbytes > 0 and seconds > 0 and math.isfinite(seconds):
+            table.setdefault((name, ranks, stride), []).append((nbytes, seconds))
+    result = {k: tuple(sorted(v)) for k, v in table.items()}
+    if len(_REDUCTION_TABLES) > 16:
+        _REDUCTION_TABLES.clear()
+    _REDUCTION_TABLES[key] = (measured, result)   # the dict itself is kept, so its id is not reused
+    return result
+
+
+def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, stride: int,
+                             nbytes: float) -> float | None:
+    """Seconds of one ``collective`` (all_reduce, reduce_scatter, all_gather) of ``nbytes`` (nccl-tests'
+    convention, as :func:`allreduce_time` and the others take it) over a group of ``size`` ranks ``stride``
+    apart while every group of that shape runs it at once -- a data-parallel step's reduction -- as the profile
+    timed it (``measured['links']['reduction']``, worker ``reduction_phase``, at the sizes of the runtime's
+    gradient units): linear in bytes between the two measured sizes around ``nbytes``; past the largest, along
+    the last segment's slope (where it rises); below the smallest, the smallest's time (latency-bound).
+    ``None`` where the profile did not time this collective over this shape: the alpha-beta fit prices it.
+    Measured because the alpha-beta line fitted over 4 KiB-16 MiB missed the sizes a plan reduces by a median
+    31-43% on 4 CPU ranks, and two profiles of the same machine priced one plan's reduction at 0.052 and
+    0.094 s from it (docs/profiler.md, session 11)."""
+    if size <= 1 or nbytes <= 0:
+        return 0.0 if size <= 1 else None
+    points = _reduction_table(cluster).get((collective, size, stride))
+    if not points:
+        return None
+    if nbytes <= points[0][0] or len(points) == 1:
+        first_bytes, first_s = points[0]
+        return first_s if nbytes <= first_bytes else first_s * nbytes / first_bytes
+    for (x0, t0), (x1, t1) in zip(points, points[1:]):
+        if nbytes <= x1:
+            return t0 + (t1 - t0) * (nbytes - x0) / (x1 - x0) if x1 > x0 else t1
+    (x0, t0), (x1, t1) = points[-2], points[-1]
+    slope = (t1 - t0) / (x1 - x0) if x1 > x0 and t1 > t0 else t1 / x1
+    return t1 + slope * (nbytes - x1)
 
 
 def overlap_exposed_fraction(cluster: ClusterSpec) -> float:

@@ -349,11 +349,15 @@ def vocab_edges_comm(ctx: Context, cfg: Config | VocabKey, step_activation_bytes
     cluster = ctx.cluster
     degrees = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp}
     replicas = cfg.dp * cfg.cp
-    dp_link = comm.group_link(cluster, replicas, min(comm.group_stride(cfg.mesh_order, degrees, "dp"),
-                                                     comm.group_stride(cfg.mesh_order, degrees, "cp")))
+    dp_stride = min(comm.group_stride(cfg.mesh_order, degrees, "dp"), comm.group_stride(cfg.mesh_order, degrees, "cp"))
+    dp_link = comm.group_link(cluster, replicas, dp_stride)
     tensors = 1 if ctx.model.tied_embeddings else 2
     grad_calls = tensors if replicas > 1 else 0
-    grads = tensors * comm.allreduce_time(shard_params / tensors * 4.0, dp_link) if replicas > 1 else 0.0  # fp32
+    tensor_bytes = shard_params / tensors * 4.0   # fp32
+    one_call = comm.measured_collective_time(cluster, "all_reduce", replicas, dp_stride, tensor_bytes)
+    if one_call is None:
+        one_call = comm.allreduce_time(tensor_bytes, dp_link)
+    grads = tensors * one_call if replicas > 1 else 0.0
     meeting = comm.meeting_time(cluster, embed_s)
     return comm.allreduce_time(step_activation_bytes, pp_link) + grads + (2 + grad_calls) * meeting
 
@@ -665,6 +669,17 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         """``tail`` of the gradient reduction: none after the schedule, where its window is the drain."""
         return 0.0 if after_schedule else tail(comm_s)
 
+    dp_stride = min(comm.group_stride(cfg.mesh_order, degrees, "dp"), comm.group_stride(cfg.mesh_order, degrees, "cp"))
+    alpha_beta = {"all_reduce": comm.allreduce_time, "reduce_scatter": comm.reducescatter_time,
+                  "all_gather": comm.allgather_time}
+
+    def per_unit_measured(collective: str, unit_bytes: list[float]) -> list[float] | None:
+        """Each communication unit's ``collective`` over the data-parallel group, as the profile timed it at
+        that size with every replica group of this shape at once (comm.measured_collective_time): one call
+        per unit, as the runtime's replicate / FSDP2 make them. None without such a table."""
+        times = [comm.measured_collective_time(cluster, collective, replicas, dp_stride, b) for b in unit_bytes]
+        return None if not times or any(t is None for t in times) else times
+
     dp_exposed = []
     for r in range(p):
         root_params = rank_root_params(r)
@@ -673,9 +688,18 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         bwd_mb = rank_layers[r] * lc.bwd
         fwd_mb = rank_layers[r] * lc.fwd
         grads = sb.grad * params
-        weights = (sb.compute_copy or sb.param) * params
         # communication units (parallelize.apply_dp): each block, and the root when it holds parameters
         units = rank_layers[r] + (1 if root_params > 0 else 0)
+        unit_params = [lc.params] * rank_layers[r] + ([root_params] if root_params > 0 else [])
+
+        def step_collective(collective: str, bytes_per_param: float) -> float:
+            """One step's ``collective`` of every unit's ``bytes_per_param * params``: per unit as measured
+            where the profile timed it, else the alpha-beta time of all of it in one call."""
+            measured = per_unit_measured(collective, [bytes_per_param * n for n in unit_params])
+            if measured is not None:
+                return sum(measured)
+            return alpha_beta[collective](bytes_per_param * params, dp_link)
+
         if replicas == 1:
             dp_exposed.append(0.0)
             continue
@@ -684,15 +708,20 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         reduce_window = drain_after_last_backward(r) if after_schedule else bwd_mb
         if cfg.zero == 0:
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
-            # bucket cannot overlap. (The runtime's replicate reduces per unit: units calls.)
-            total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
-            last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
+            # bucket cannot overlap. The runtime's replicate reduces per unit (units calls, the root last):
+            # where the profile timed that, each call as measured and the root's call the last bucket.
+            measured = per_unit_measured("all_reduce", [sb.grad * n for n in unit_params])
+            if measured is not None:
+                total, last_bucket = sum(measured) + gradient_meetings(units), measured[-1]
+            else:
+                total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
+                last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)
             dp_exposed.append(exposed(total, reduce_window) + reduction_tail(last_bucket))
         elif cfg.zero == 1:
             # Sharded optimizer (Megatron's distributed optimizer): reduce-scatter the gradients under the
             # last backward, all-gather the updated 16-bit weights under the next forward.
-            rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
-            ag = comm.allgather_time(weights, dp_link) + units * meet_fwd
+            rs = step_collective("reduce_scatter", sb.grad) + gradient_meetings(units)
+            ag = step_collective("all_gather", sb.compute_copy or sb.param) + units * meet_fwd
             dp_exposed.append(exposed(rs, reduce_window) + exposed(ag, fwd_mb) + reduction_tail(rs / layers)
                               + tail(ag / layers))
         elif cfg.zero == 2 or p > 1:
@@ -700,8 +729,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # ZeRO-3 under a pipeline, where torch.distributed.pipelining defers gradient sync to the last
             # micro-batch). ZeRO-2 keeps weights gathered for the whole step (one all-gather); ZeRO-3 gathers
             # each layer before its forward and backward in every micro-batch, prefetched one layer ahead.
-            rs = comm.reducescatter_time(grads, dp_link) + gradient_meetings(units)
-            ag = comm.allgather_time(weights, dp_link)
+            rs = step_collective("reduce_scatter", sb.grad) + gradient_meetings(units)
+            ag = step_collective("all_gather", sb.compute_copy or sb.param)
             shows = exposed(rs, reduce_window) + reduction_tail(rs / layers)
             if cfg.zero == 2:
                 ag += units * meet_fwd
@@ -713,8 +742,8 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         else:
             # FSDP2 ZeRO-3 without a pipeline: per micro-batch, all-gather each layer's weights before its
             # forward and backward and reduce-scatter its gradients after backward, prefetched one layer ahead.
-            ag = comm.allgather_time(weights, dp_link)
-            rs = comm.reducescatter_time(grads, dp_link)
+            ag = step_collective("all_gather", sb.compute_copy or sb.param)
+            rs = step_collective("reduce_scatter", sb.grad)
             per_mb = (exposed(ag + units * meet_fwd, fwd_mb) + exposed(ag + rs + (rank_layers[r] + units) * meet_bwd,
                                                                        bwd_mb) + tail((2 * ag + rs) / layers))
             dp_exposed.append(num_mb * per_mb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import re
 import subprocess
 import sys
@@ -115,6 +116,35 @@ def device_kind() -> str:
     return "gpu" if _local_gpus() else "cpu"
 
 
+# The reduction phase (worker.reduction_phase): its largest message (a unit past it is priced along the last
+# measured segment) and how many sizes at most (its time grows with sizes x group shapes x 3 collectives).
+MAX_REDUCTION_MESSAGE = {"cpu": 64 * 2**20, "gpu": 1024 * 2**20}
+MAX_REDUCTION_SIZES = 6
+
+
+def reduction_sizes(model, seq_len: int, tps: list[int], kind: str) -> list[int]:
+    """Message sizes the reduction phase times: powers of two bracketing the gradient bytes of one of the
+    runtime's communication units (``parallelize.apply_dp`` reduces each block, and the root -- embedding,
+    final norm and head -- on its own): from one block at the widest tensor-parallel degree in 16-bit
+    gradients (fp32 on CPU ranks) to the larger of one block and the whole root at tp 1 in fp32; at most
+    MAX_REDUCTION_SIZES (thinned evenly, both ends kept) and at least three, none above
+    MAX_REDUCTION_MESSAGE."""
+    from meshplan.planner import flops
+
+    block = flops.params_per_layer(model)
+    root = flops.embedding_params(model, seq_len) + flops.head_params(model)
+    low = block * (4 if kind == "cpu" else 2) / max(tps or [1])
+    high = min(max(block, root) * 4, MAX_REDUCTION_MESSAGE[kind])
+    hi_exp = max(14, math.floor(math.log2(high)) if high >= MAX_REDUCTION_MESSAGE[kind] else math.ceil(math.log2(high)))
+    # at least three sizes (a slope to price past the ends), from 4 KiB up
+    lo_exp = max(12, min(math.floor(math.log2(max(low, 1))), hi_exp - 2))
+    exps = list(range(lo_exp, hi_exp + 1))
+    if len(exps) > MAX_REDUCTION_SIZES:
+        step = (len(exps) - 1) / (MAX_REDUCTION_SIZES - 1)
+        exps = sorted({exps[round(i * step)] for i in range(MAX_REDUCTION_SIZES)})
+    return [2 ** e for e in exps]
+
+
 def job_config(*, model, seq_len: int, micro_batches: list[int], ranks_per_node: int, nnodes: int, kind: str,
                precision: str, deadline: float, max_message: int, reps: int, raw_out: str,
                progress: bool = True) -> dict:
@@ -125,6 +155,8 @@ def job_config(*, model, seq_len: int, micro_batches: list[int], ranks_per_node:
         "tps": tp_degrees(model.heads, model.kv_heads, model.ffn_hidden, min(world, ranks_per_node)),
         "precision": precision, "device": kind, "deadline": deadline, "compute_share": COMPUTE_SHARE,
         "pairs_share": PAIRS_SHARE, "sizes": message_sizes(max_message),
+        "reduction_sizes": reduction_sizes(model, seq_len, tp_degrees(model.heads, model.kv_heads, model.ffn_hidden,
+                                                                      min(world, ranks_per_node)), kind),
         "pair_bytes": min(PAIR_MESSAGE[kind], max_message), "overlap_bytes": min(PAIR_MESSAGE[kind], max_message),
         "nnodes": nnodes, "nproc_per_node": ranks_per_node,
         "reps": reps, "raw_out": raw_out, "progress": progress,
@@ -261,6 +293,17 @@ def summary_text(cluster, elapsed: float) -> str:
         if fit:
             lines.append(f"{level}: busbw {fit['bandwidth_gbps']:.3g} GB/s, latency {fit['latency_us']:.3g} us "
                          f"(median fit error {fit['median_rel_error']:.0%})")
+    reduction = m["links"].get("reduction")
+    if reduction:
+        largest: dict[tuple[int, int], dict] = {}   # per group shape, its largest all-reduce
+        for row in reduction["samples"]:
+            key = (row["ranks"], row["stride"])
+            if row["collective"] == "all_reduce" and row["bytes"] >= largest.get(key, {"bytes": 0})["bytes"]:
+                largest[key] = row
+        shapes = [f"{n} ranks {stride} apart {row['bytes'] / 2**20:.3g} MiB in {row['seconds'] * 1e3:.3g} ms"
+                  for (n, stride), row in sorted(largest.items())]
+        lines.append(f"reduction: {len(reduction['samples'])} points, every group of a shape at once (all-reduce: "
+                     + "; ".join(shapes) + ")")
     overlap = m["links"].get("overlap")
     if overlap:
         lines.append(f"overlap: {overlap['exposed_fraction']:.2f} of a collective shows beside compute "

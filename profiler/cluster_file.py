@@ -9,8 +9,10 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
   GEMMs and attention leave), and ``block_check`` (measured block time next to what the fitted model predicts);
 * ``memory``: bytes per layer held for backward per recompute mode and shape (and what the planner predicts);
 * ``links``: per level the joint fit and one fit per collective, the per-pair bandwidth matrix
-  (``pair_bandwidth_gbps``, world x world), the topology as a networkx node-link graph, and ``overlap``
-  (how much of a collective shows beside compute, ``exposed_fraction``);
+  (``pair_bandwidth_gbps``, world x world), the topology as a networkx node-link graph, ``reduction`` (the
+  data-parallel collectives timed at the runtime's gradient-unit sizes over every group shape, all groups at
+  once: what the planner prices data-parallel traffic from) and ``overlap`` (how much of a collective shows
+  beside compute, ``exposed_fraction``);
 * ``host`` (CPU ranks): ``busy_speedup``, how much faster a rank computes when only some of its host's ranks
   are busy ([busy ranks, speed / speed with all busy]), and ``meeting``, what a collective costs beyond its
   lined-up time when ranks come to it from computing (``base_s + per_segment * segment``), and ``pipeline``
@@ -151,6 +153,21 @@ def fit_links(raw: dict) -> dict[str, dict]:
     return fits
 
 
+def fit_reduction(raw: dict) -> dict | None:
+    """The reduction measurement (worker ``reduction_phase``) as the table ``planner/comm.py:
+    measured_collective_time`` reads: per collective, group shape (``ranks``, ``stride``) and message size,
+    ``seconds`` = the median of the rounds' figures (each the slowest rank's lower quartile), next to
+    ``rounds_s``. ``seconds`` is what the planner prices (``validate --update`` rescales it with the
+    communication scale); ``rounds_s`` stays as measured."""
+    data = raw.get("reduction") or {}
+    samples = [s for s in data.get("samples") or () if s.get("rounds_s")]
+    if not samples:
+        return None
+    rows = [{"collective": s["collective"], "ranks": s["ranks"], "stride": s["stride"], "bytes": s["bytes"],
+             "seconds": statistics.median(s["rounds_s"]), "rounds_s": s["rounds_s"]} for s in samples]
+    return {"world": data.get("world"), "rounds": data.get("rounds"), "samples": rows}
+
+
 def fit_overlap(raw: dict) -> dict | None:
     """The overlap measurement (worker ``overlap_phase``) with its summary: ``exposed_fraction``, the median
     over collectives of (together - compute alone) / collective alone, read by ``planner/comm.py:
@@ -239,8 +256,12 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
         "memory": {"per_layer": memory_table(raw, spec)},
         "links": {**links, "pair_bytes": raw["pairs"]["bytes"], "pair_bandwidth_gbps": matrix,
                   "topology": nx.node_link_data(graph, edges="edges")},
-        "raw": {"compute": raw["compute"], "links": raw["links"], "ranks": raw["ranks"]},
+        "raw": {"compute": raw["compute"], "links": raw["links"], "ranks": raw["ranks"],
+                **({"reduction": raw["reduction"]} if raw.get("reduction") else {})},
     }
+    reduction = fit_reduction(raw)
+    if reduction is not None:
+        measured["links"]["reduction"] = reduction
     overlap = fit_overlap(raw)
     if overlap is not None:
         measured["links"]["overlap"] = overlap

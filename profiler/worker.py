@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node 4 -m meshplan.profiler.worker --config job.json
 
-``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Seven
+``meshplan profile`` writes ``job.json`` (:func:`meshplan.profiler.cli.job_config`) and starts this. Eight
 phases, each inside its share of the time budget; rank 0 decides whether the next measurement fits and
 broadcasts the decision, so every rank stays in step:
 
@@ -13,20 +13,23 @@ broadcasts the decision, so every rank stays in step:
    net growth of live tensor bytes (``kernels/measure.py: peak_tracked_bytes``).
 2. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
    a node (one group per node) and across nodes (one group per local rank), all groups at once.
-3. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
+3. reduction: all-reduce, reduce-scatter and all-gather at the sizes of the runtime's gradient units, over
+   every data-parallel group shape (size, stride) the world allows, all groups of a shape at once, in
+   rounds: what the planner prices data-parallel traffic from where it was measured.
+4. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
    same length alone, and the two together (the collective started asynchronously, the GEMMs run, then
    waited for): how much of a collective still shows beside compute (``exposed_fraction``).
-4. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
+5. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
    ranks per host: how much faster a rank computes when others idle (``busy_speedup``; a rank idle in a
    pipeline bubble hands its share of the cores to the busy ones). GPUs are one device per rank: skipped.
-5. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs, against the segments alone and
+6. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs, against the segments alone and
    the all-reduce alone (lined up by a barrier, as the links phase times it): what a collective costs when
    ranks arrive from computing, time-sliced on shared cores, rather than together (``meeting``).
-6. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
+7. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
    counts, against the stage's module alone: what one forward or backward op of a schedule costs beyond its
    compute (the schedule's bookkeeping, its send/recv, the wait for a time-sliced neighbour),
    ``op_overhead_s``.
-7. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
+8. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
    once), the matrix that shows a slow link.
 
 Rank 0 writes the raw samples as JSON; the CLI fits them (``fit.py``) and writes the cluster YAML.
@@ -560,17 +563,103 @@ def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -
                        for lvl in levels}}
 
 
+# The collectives a data-parallel step makes (planner/evaluate.py's data-parallel term): gradients all-reduced
+# (ZeRO 0) or reduce-scattered (ZeRO >= 1), weights all-gathered (ZeRO >= 1).
+REDUCTION_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+# Rounds over every (group shape, size, collective): a point's figure is the median of its rounds' lower
+# quartiles, so one burst of another tenant moves one round, not the figure (v21's and p22's profiles of
+# this VM, 20 minutes apart: 1 MiB all-reduces of 19.5 and 3.8 ms, one lower quartile of 5 samples each).
+REDUCTION_ROUNDS = 3
+# Group shapes measured at most (smallest groups first): a world of 16 has 10, of 64 already 28.
+MAX_REDUCTION_LAYOUTS = 12
+
+
+def reduction_layouts(world: int) -> list[tuple[int, int]]:
+    """``(size, stride)`` of every data-parallel group shape a plan of ``world`` ranks can have -- ``size``
+    ranks ``stride`` apart, ``size * stride`` dividing the world (the stride is the product of the inner mesh
+    dimensions' degrees, planner/comm.py: group_stride) -- smallest groups first, at most
+    MAX_REDUCTION_LAYOUTS."""
+    shapes = [(size, stride) for size in range(2, world + 1) if world % size == 0
+              for stride in range(1, world // size + 1) if (world // size) % stride == 0]
+    return shapes[:MAX_REDUCTION_LAYOUTS]
+
+
+def layout_groups(world: int, size: int, stride: int) -> list[list[int]]:
+    """The groups of a ``(size, stride)`` shape: one per base rank whose coordinate along the dimension is 0,
+    ``[base, base + stride, ...]`` -- as planner/comm.py places a mesh dimension's groups; every rank in one."""
+    return [[base + i * stride for i in range(size)] for base in range(world) if (base // stride) % size == 0]
+
+
+def reduction_phase(cfg: dict, device, deadline: float, progress: Progress | None) -> dict:
+    """For each data-parallel group shape (:func:`reduction_layouts`), every group of that shape at once --
+    the contention of a real step, where each replica set reduces its own gradients -- runs each of
+    REDUCTION_COLLECTIVES at each of ``cfg['reduction_sizes']`` (the gradient bytes of one of the runtime's
+    communication units, bracketed: ``cli.reduction_sizes``), ``reps`` samples of back-to-back calls, the
+    slowest rank's lower quartile kept; all of it in up to REDUCTION_ROUNDS rounds. The planner prices a
+    plan's data-parallel traffic from these (planner/comm.py: measured_collective_time) instead of reading
+    it off the alpha-beta line, whose fit over 4 KiB-16 MiB missed by a median 31-43% on this VM and moved
+    the data-parallel term by 1.8x between two profiles (docs/profiler.md, session 11). A point is started
+    only when rank 0 expects it to end before ``deadline`` (its own time in an earlier round, or the last
+    point's scaled by the bytes in the first); the first shape's all-reduce at the smallest and the largest
+    size runs once whatever the budget."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = sorted(int(s) for s in cfg.get("reduction_sizes") or ())
+    if world < 2 or not sizes:
+        return {}
+    shapes = reduction_layouts(world)
+    groups = {}
+    for size, stride in shapes:   # every rank creates every group, in the same order
+        mine, _ = dist.new_subgroups_by_enumeration(layout_groups(world, size, stride))
+        groups[size, stride] = mine
+    points = [(shape, nbytes, name) for shape in shapes for nbytes in sizes for name in REDUCTION_COLLECTIVES]
+    took: dict[int, float] = {}    # point index -> wall seconds it took in the first round it ran
+    rounds: dict[int, list[float]] = {i: [] for i in range(len(points))}
+    reps: dict[int, list[list[float]]] = {i: [] for i in range(len(points))}
+    sent: dict[int, int] = {}      # point index -> bytes of the message as built (a multiple of the group)
+    last = (0.0, 1)                # (seconds, bytes) of the last point run, for the first round's estimates
+    total = REDUCTION_ROUNDS * len(points)
+    # whatever the budget, the first shape's all-reduce at both ends once: a slope to price from
+    always = {(shapes[0], sizes[0], "all_reduce"), (shapes[0], sizes[-1], "all_reduce")}
+    for round_ in range(REDUCTION_ROUNDS):
+        for i, ((size, stride), nbytes, name) in enumerate(points):
+            expected = took.get(i, last[0] * max(1.0, nbytes / last[1]))
+            first_time = round_ == 0 and ((size, stride), nbytes, name) in always
+            if not agree(first_time or time.time() + expected < deadline):
+                continue
+            begin = time.time()
+            call, actual = collective_call(name, nbytes, size, groups[size, stride], device)
+            times = slowest(time_reps(call, device, cfg["reps"], barrier=dist.barrier, sample_seconds=SAMPLE_S,
+                                      agree_count=True), device)
+            rounds[i].append(lower_quartile(times))
+            reps[i].append(times)
+            sent[i] = actual
+            took.setdefault(i, time.time() - begin)
+            last = (time.time() - begin, nbytes)
+            if progress:
+                progress.update(round_ * len(points) + i + 1, total,
+                                f"round {round_ + 1}: {name} {size} ranks x{stride} {nbytes / 2**20:.2g} MiB")
+    samples = []
+    for i, ((size, stride), nbytes, name) in enumerate(points):
+        if rounds[i]:
+            samples.append({"collective": name, "ranks": size, "stride": stride, "bytes": sent[i],
+                            "rounds_s": rounds[i], "reps": reps[i]})
+    return {"world": world, "rounds": REDUCTION_ROUNDS, "samples": samples}
+
+
 OVERLAP_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 OVERLAP_GEMM = {"cpu": 256, "cuda": 4096}   # square GEMM side: ~1 ms on a CPU core, ~0.1-0.2 ms on an H100
+OVERLAP_ROUNDS = 3
 
 
 def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
     """For each of OVERLAP_COLLECTIVES at one message size on the first level's groups: the collective alone
     (c), k square GEMMs alone with k chosen so they last about as long (w), and both at once (b: the
     collective issued with ``async_op=True``, the GEMMs run, then ``wait()``), all ranks at once, each the
-    slowest rank's lower-quartile sample. ``exposed_fraction`` = (b - w) / c: 0 when the collective hides
-    under the GEMMs (NCCL on its own stream), 1 when they take turns, more when they slow each other down
-    (gloo's threads and the GEMMs sharing the same cores)."""
+    slowest rank's lower-quartile sample, in OVERLAP_ROUNDS rounds. ``exposed_fraction`` = (b - w) / c: 0
+    when the collective hides under the GEMMs (NCCL on its own stream), 1 when they take turns, more when
+    they slow each other down (gloo's threads and the GEMMs sharing the same cores). The cluster file keeps
+    the median over rounds and collectives: one round's ratio of three noisy times moved between 1.20 and
+    1.45 in two profiles of this VM (v21, p22), and it scales every data-parallel reduction of a CPU plan."""
     first = first_level_group(cfg["nproc_per_node"])
     if first is None:
         return {}
@@ -585,28 +674,33 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
 
     one_gemm = measure(lambda: torch.mm(a, a, out=c))
     rows = []
-    for i, name in enumerate(OVERLAP_COLLECTIVES):
-        call, nbytes = collective_call(name, size, len(members), group, device)
-        collective_s = measure(call)
-        k = max(1, round(collective_s / one_gemm)) if one_gemm > 0 else 1
-        k = int(slowest([float(k)], device)[0])
+    gemm_counts: dict[str, int] = {}
+    for round_ in range(OVERLAP_ROUNDS):
+        for i, name in enumerate(OVERLAP_COLLECTIVES):
+            call, nbytes = collective_call(name, size, len(members), group, device)
+            collective_s = measure(call)
+            if name not in gemm_counts:   # the first round picks the GEMM count; later rounds keep it
+                k = max(1, round(collective_s / one_gemm)) if one_gemm > 0 else 1
+                gemm_counts[name] = int(slowest([float(k)], device)[0])
+            k = gemm_counts[name]
 
-        def gemms() -> None:
-            for _ in range(k):
-                torch.mm(a, a, out=c)
+            def gemms() -> None:
+                for _ in range(k):
+                    torch.mm(a, a, out=c)
 
-        def both() -> None:
-            work = call(async_op=True)
-            gemms()
-            work.wait()
+            def both() -> None:
+                work = call(async_op=True)
+                gemms()
+                work.wait()
 
-        compute_s = measure(gemms)
-        both_s = measure(both)
-        rows.append({"collective": name, "bytes": nbytes, "ranks": len(members), "gemms": k,
-                     "collective_s": collective_s, "compute_s": compute_s, "both_s": both_s,
-                     "exposed_fraction": (both_s - compute_s) / collective_s if collective_s > 0 else 0.0})
-        if progress:
-            progress.update(i + 1, len(OVERLAP_COLLECTIVES), f"{level} {name}")
+            compute_s = measure(gemms)
+            both_s = measure(both)
+            rows.append({"collective": name, "round": round_, "bytes": nbytes, "ranks": len(members), "gemms": k,
+                         "collective_s": collective_s, "compute_s": compute_s, "both_s": both_s,
+                         "exposed_fraction": (both_s - compute_s) / collective_s if collective_s > 0 else 0.0})
+            if progress:
+                progress.update(round_ * len(OVERLAP_COLLECTIVES) + i + 1, OVERLAP_ROUNDS * len(OVERLAP_COLLECTIVES),
+                                f"{level} {name}, round {round_ + 1}")
     return {"level": level, "gemm_side": side, "samples": rows}
 
 
@@ -878,8 +972,13 @@ def run(cfg: dict) -> dict | None:
                            "model": cfg["model"], "budget_s": total}
     with Progress("compute", total, enabled=show) as progress:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress)
+    links_end = deadline - pairs_reserve
     with Progress("links", total, enabled=show, start=begin) as progress:
-        raw["links"] = links_phase(cfg, device, deadline - pairs_reserve, progress)
+        # half of what the compute phase left to the sweep; the reduction phase has the rest (and what the
+        # sweep did not use)
+        raw["links"] = links_phase(cfg, device, time.time() + 0.5 * max(0.0, links_end - time.time()), progress)
+    with Progress("reduction", total, enabled=show, start=begin) as progress:
+        raw["reduction"] = reduction_phase(cfg, device, links_end, progress)
     with Progress("overlap", total, enabled=show, start=begin) as progress:
         raw["overlap"] = overlap_phase(cfg, device, dtype, progress)
     with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:

@@ -447,3 +447,50 @@ def test_the_schedule_pays_its_op_overhead_per_chunk_and_micro_batch():
     assert extra(gpipe) == pytest.approx((m - 1 + p) * 2 * 0.002, rel=1e-6)
     assert extra(interleaved) > extra(gpipe)            # twice the ops per rank
     assert extra(flat) == 0.0                           # no pipeline, no schedule
+
+
+def test_the_measured_reduction_table_is_read_linearly_between_its_sizes():
+    """comm.measured_collective_time: linear in bytes between two measured sizes, the smallest's time below
+    them (latency-bound), the last segment's slope past them; only for the collective and group shape
+    measured (the alpha-beta line prices the rest)."""
+    rows = [{"collective": "all_reduce", "ranks": 2, "stride": 1, "bytes": b, "seconds": t}
+            for b, t in ((1e6, 0.010), (4e6, 0.020), (2e6, "bad"))]
+    cluster = _with_measured(load_cluster("localhost:4"), {"links": {"reduction": {"samples": rows}}})
+    read = lambda n, size=2, stride=1, name="all_reduce": comm.measured_collective_time(  # noqa: E731
+        cluster, name, size, stride, n)
+    assert read(2.5e6) == pytest.approx(0.015)
+    assert read(0.5e6) == pytest.approx(0.010)
+    assert read(8e6) == pytest.approx(0.020 + 0.010 / 3e6 * 4e6)
+    assert read(2e6, stride=2) is None and read(2e6, size=4) is None and read(2e6, name="all_gather") is None
+    assert read(2e6, size=1) == 0.0
+
+
+def test_data_parallel_traffic_is_priced_per_unit_from_the_measured_table():
+    """With the profile's reduction table for the plan's group shape, a ZeRO-0 step's gradient reduction is
+    one all-reduce per communication unit (each block and the root, as the runtime's replicate makes them),
+    each at its measured time; a table for another group shape changes nothing. ZeRO-1's reduce-scatter and
+    all-gather are read the same way. (f = 1: nothing hides, so dp_comm is the sum.)"""
+    from meshplan.planner import flops
+    from meshplan.planner.search import evaluate_pinned
+
+    base = _with_measured(load_cluster("localhost:4"), {"links": {"overlap": {"exposed_fraction": 1.0}}})
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+    fixes = {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 4, "zero": 0}
+
+    def table(stride, seconds_per_byte, names=("all_reduce",)):
+        rows = [{"collective": name, "ranks": 4, "stride": stride, "bytes": b, "seconds": 0.002 + b * seconds_per_byte}
+                for name in names for b in (2**16, 2**24)]
+        return _with_measured(base, {**base.measured, "links": {**base.measured["links"],
+                                                                 "reduction": {"samples": rows}}})
+
+    def dp_comm(cluster, zero=0):
+        return evaluate_pinned(model, cluster, train, {**fixes, "zero": zero}).predicted.time_breakdown_s["dp_comm"]
+
+    block = 4.0 * flops.params_per_layer(model)
+    root = 4.0 * (flops.embedding_params(model, 256) + flops.head_params(model))
+    per_unit = lambda b: 0.002 + b * 1e-9   # noqa: E731
+    expected = model.layers * per_unit(block) + per_unit(root)
+    assert dp_comm(table(1, 1e-9)) == pytest.approx(expected, rel=1e-6)
+    assert dp_comm(table(2, 1e-9)) == pytest.approx(dp_comm(base), rel=1e-12)    # not this plan's shape
+    zero1 = table(1, 1e-9, ("reduce_scatter", "all_gather"))
+    assert dp_comm(zero1, 1) == pytest.approx(2 * expected, rel=1e-6)

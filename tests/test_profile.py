@@ -4,6 +4,7 @@ two CPU processes with a small budget whose cluster file `meshplan plan` accepts
 from __future__ import annotations
 
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from meshplan.cli import app
 from meshplan.planner import comm, compute
 from meshplan.profiler import fit
 from meshplan.profiler.cli import message_sizes, parse_duration, tp_degrees
-from meshplan.spec import MODEL_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, load_cluster
+from meshplan.spec import MODEL_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, load_cluster, load_model
 
 runner = CliRunner()
 
@@ -182,8 +183,16 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert m["links"]["topology"]["edges"] and m["raw"]["links"]["levels"]["intra_node"]["samples"]
     # the fit has a bandwidth point: the largest message runs whatever the budget (worker.sweep_order)
     assert max(s["bytes"] for s in m["raw"]["links"]["levels"]["intra_node"]["samples"]) >= 2**20 // 2
+    # the data-parallel collectives at the gradient units' sizes, over the one group shape two ranks have
+    reduction = m["links"]["reduction"]["samples"]
+    assert {(r["ranks"], r["stride"]) for r in reduction} == {(2, 1)}
+    all_reduce = sorted((r["bytes"], r["seconds"]) for r in reduction if r["collective"] == "all_reduce")
+    assert len(all_reduce) >= 2 and all(t > 0 for _, t in all_reduce)
+    assert all(r["seconds"] == pytest.approx(statistics.median(r["rounds_s"])) for r in reduction)
+    assert "reduction" in proc.stderr
     overlap = m["links"]["overlap"]
     assert {s["collective"] for s in overlap["samples"]} == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert {s["round"] for s in overlap["samples"]} == {0, 1, 2}
     assert all(s["collective_s"] > 0 and s["compute_s"] > 0 and s["both_s"] > 0 for s in overlap["samples"])
     # two processes on this machine's cores cannot hide gloo's work under a GEMM loop for free
     assert 0.2 < overlap["exposed_fraction"] < 4, overlap
@@ -204,6 +213,29 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert '"plans"' in plan.stdout
+
+
+def test_reduction_phase_covers_every_data_parallel_group_shape_at_unit_sizes():
+    """Group shapes as planner/comm.py places them (size ranks stride apart, every rank in one group), and
+    message sizes that bracket the runtime's gradient units: one block at the widest tensor-parallel degree
+    up to the root (embedding + head) at tp 1, in fp32 on CPU ranks."""
+    from meshplan.planner import flops
+    from meshplan.profiler.cli import reduction_sizes
+    from meshplan.profiler.worker import layout_groups, reduction_layouts
+
+    assert reduction_layouts(4) == [(2, 1), (2, 2), (4, 1)]
+    assert reduction_layouts(8) == [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (8, 1)]
+    assert layout_groups(4, 2, 2) == [[0, 2], [1, 3]] and layout_groups(4, 2, 1) == [[0, 1], [2, 3]]
+    assert sorted(r for g in layout_groups(8, 2, 2) for r in g) == list(range(8))
+    assert len(reduction_layouts(64)) == 12
+    small = load_model("tiny-llama")
+    sizes = reduction_sizes(small, 64, [1, 2, 4], "cpu")
+    assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in sizes) and 3 <= len(sizes) <= 6
+    assert sizes[0] <= 4 * flops.params_per_layer(small) / 4
+    assert sizes[-1] >= 4 * (flops.embedding_params(small, 64) + flops.head_params(small))
+    big = reduction_sizes(load_model("llama3-8b"), 2048, [1, 2, 4, 8], "gpu")
+    assert len(big) == 6 and big[-1] == 2**30                      # capped, thinned, both ends kept
+    assert reduction_sizes(load_model("llama3-8b"), 2048, [1], "cpu") == [2**24, 2**25, 2**26]
 
 
 def test_link_sweep_runs_both_ends_first():
