@@ -153,10 +153,19 @@ def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
 def meeting_time(cluster: ClusterSpec, segment_s: float) -> float:
     """Seconds a collective costs beyond its lined-up time when the ranks come to it from ``segment_s`` of
     computing, as the profile measured it (``measured['host']['meeting']``, worker ``meeting_phase``):
-    ``base_s + per_segment * segment``, the segment held within the measured ones, never below 0. Ranks
+    ``base_s + per_segment * segment`` within the measured segments (below the shortest, the shortest's);
+    past the longest, that one's figure grown as the square root of the segment, never below 0. Ranks
     time-sliced on shared cores reach a collective at different moments and the first wait for the last;
     the links phase times collectives lined up by a barrier and does not see it. 0 without a measurement
-    (GPUs: ranks are not time-sliced; what is left of their skew is in the fitted latency)."""
+    (GPUs: ranks are not time-sliced; what is left of their skew is in the fitted latency).
+
+    The square root: how far apart time-sliced ranks drift is a sum of many independent scheduling delays,
+    whose spread grows as the square root of the time they add up over. Measured on 4 CPU ranks
+    (``benchmarks/replica_drift.py``, docs/profiler.md session 10): the last arrival 10-14 ms after the mean
+    for 0.16 s segments, 16-33 ms for 1.2 s -- a 7.5x longer segment drifts 1.2-3x further (its square root
+    2.7x; the profile's line, 7.5x; held flat, 1x); inside a dp2 pp2 pipeline step of 1.2 s, 47 ms. A
+    pipelined plan's replicas meet once after a whole step (planner/evaluate.py: gradient_meetings), several
+    times the longest segment the profile can afford to time."""
     meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
     try:
         base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
@@ -165,7 +174,10 @@ def meeting_time(cluster: ClusterSpec, segment_s: float) -> float:
         return 0.0
     if not (math.isfinite(base) and math.isfinite(slope)):
         return 0.0
-    return max(0.0, base + slope * min(max(segment_s, low), high))
+    held = max(0.0, base + slope * min(max(segment_s, low), high))
+    if segment_s > high > 0:
+        held *= math.sqrt(segment_s / high)
+    return held
 
 
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:
