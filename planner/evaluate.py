@@ -673,12 +673,19 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     alpha_beta = {"all_reduce": comm.allreduce_time, "reduce_scatter": comm.reducescatter_time,
                   "all_gather": comm.allgather_time}
 
-    def per_unit_measured(collective: str, unit_bytes: list[float]) -> list[float] | None:
-        """Each communication unit's ``collective`` over the data-parallel group, as the profile timed it at
-        that size with every replica group of this shape at once (comm.measured_collective_time): one call
-        per unit, as the runtime's replicate / FSDP2 make them. None without such a table."""
-        times = [comm.measured_collective_time(cluster, collective, replicas, dp_stride, b) for b in unit_bytes]
-        return None if not times or any(t is None for t in times) else times
+    def per_unit_measured(collective: str, bytes_per_param: float, blocks: int, root_params: float):
+        """``(seconds, last call's seconds)`` of a step's ``collective`` over the data-parallel group, one call
+        per communication unit as the runtime's replicate / FSDP2 make them (``blocks`` blocks, then the root
+        when it holds parameters), each as the profile timed that size with every replica group of this shape
+        at once (comm.measured_collective_time). None without such a table."""
+        block = comm.measured_collective_time(cluster, collective, replicas, dp_stride, bytes_per_param * lc.params)
+        if block is None:
+            return None
+        root = (comm.measured_collective_time(cluster, collective, replicas, dp_stride, bytes_per_param * root_params)
+                if root_params > 0 else None)
+        if root is None:
+            return blocks * block, block
+        return blocks * block + root, root
 
     dp_exposed = []
     for r in range(p):
@@ -690,14 +697,13 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         grads = sb.grad * params
         # communication units (parallelize.apply_dp): each block, and the root when it holds parameters
         units = rank_layers[r] + (1 if root_params > 0 else 0)
-        unit_params = [lc.params] * rank_layers[r] + ([root_params] if root_params > 0 else [])
 
         def step_collective(collective: str, bytes_per_param: float) -> float:
             """One step's ``collective`` of every unit's ``bytes_per_param * params``: per unit as measured
             where the profile timed it, else the alpha-beta time of all of it in one call."""
-            measured = per_unit_measured(collective, [bytes_per_param * n for n in unit_params])
+            measured = per_unit_measured(collective, bytes_per_param, rank_layers[r], root_params)
             if measured is not None:
-                return sum(measured)
+                return measured[0]
             return alpha_beta[collective](bytes_per_param * params, dp_link)
 
         if replicas == 1:
@@ -710,9 +716,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
             # DDP: one all-reduce of the gradients, bucketed under the last micro-batch's backward; the last
             # bucket cannot overlap. The runtime's replicate reduces per unit (units calls, the root last):
             # where the profile timed that, each call as measured and the root's call the last bucket.
-            measured = per_unit_measured("all_reduce", [sb.grad * n for n in unit_params])
+            measured = per_unit_measured("all_reduce", sb.grad, rank_layers[r], root_params)
             if measured is not None:
-                total, last_bucket = sum(measured) + gradient_meetings(units), measured[-1]
+                total, last_bucket = measured[0] + gradient_meetings(units), measured[1]
             else:
                 total = comm.allreduce_time(grads, dp_link) + gradient_meetings(units)
                 last_bucket = comm.allreduce_time(min(grads, memory.DDP_BUCKET_BYTES), dp_link)

@@ -200,15 +200,20 @@ def fit_sharing(raw: dict) -> dict | None:
 def fit_meeting(raw: dict) -> dict | None:
     """The meeting measurement (worker ``meeting_phase``, CPU ranks) with a least-squares line through its
     samples, penalty = ``base_s + per_segment * segment_s``, read by ``planner/comm.py: meeting_time``
-    (which holds it within the measured segments)."""
+    (which holds it within the measured segments and grows it as a square root past them). Penalties are
+    taken as at least 0 and the slope as at least 0 (flat at the samples' mean where it fits negative):
+    ranks do not meet faster than lined up, nor drift less apart over a longer segment. A negative sample is
+    the machine's drift between the loops it is the difference of (p25: -45 ms after 183 ms, three calls a
+    loop), and through it the line priced every later meeting at 0."""
     data = raw.get("meeting") or {}
     samples = data.get("samples") or []
     if not samples:
         return None
-    xs, ys = [s["segment_s"] for s in samples], [s["penalty_s"] for s in samples]
+    xs, ys = [s["segment_s"] for s in samples], [max(0.0, s["penalty_s"]) for s in samples]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     spread = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread > 0 else 0.0
+    slope = max(0.0, slope)
     return {"base_s": my - slope * mx, "per_segment": slope, "segments_s": [min(xs), max(xs)], **data}
 
 

@@ -220,7 +220,8 @@ def fwd_bwd(module_call: Callable[[], torch.Tensor], params: list[torch.Tensor])
 
 
 def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> list[float]:
-    """Forward + backward seconds of one per-rank block at this shape, ``reps`` samples."""
+    """Forward + backward seconds of one per-rank block at this shape, ``reps`` samples, each the slowest
+    rank's (every rank times the same shape at once; a collective call, so every rank calls it together)."""
     block = per_rank_block(spec, tp, device, dtype)
     block.train()
     rope = rope_for(spec, seq, device)
@@ -230,8 +231,14 @@ def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps:
     # shapes, and a rank still timing the round's last shape while the others wait ran on the cores they
     # left (v19: the tp1 micro-batch-4 block at 0.05-0.06 s in three of five rounds, 0.09-0.14 s in the
     # others, below micro-batch 2's 0.06-0.07 s).
-    return time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, barrier=dist.barrier,
-                     sample_seconds=SAMPLE_S)
+    # Each sample is the slowest rank's: a rank's own time counts the moments after the first ranks finished
+    # their call and left it the cores -- on 4 ranks over 2 cores a micro-batch-1 block (one call a sample)
+    # timed 14.7-39.5 ms on rank 0 within one profile (p23), and such lucky samples made short blocks look
+    # cheaper per sequence than long ones (v22's profile: micro-batch 1 at 26.4 ms a sequence, 2 at 29.0; the
+    # runs measured micro-batch 1 layouts 10% slower than micro-batch 2's). The slowest rank's samples of the
+    # same blocks: 35.5 / 32.6 / 34.4 ms a sequence at micro-batch 1 / 2 / 4, four rounds within 10%.
+    return slowest(time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, barrier=dist.barrier,
+                             sample_seconds=SAMPLE_S), device)
 
 
 def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:

@@ -380,6 +380,11 @@ def test_meeting_time_is_the_profiled_line_within_its_segments_and_a_square_root
     negative = _with_measured(cluster, {"host": {"meeting": {"base_s": -0.01, "per_segment": 0.0}}})
     assert comm.meeting_time(negative, 0.05) == 0.0
     assert fit_meeting({}) is None
+    # a negative sample (the machine drifted between the loops) counts as 0, and the line never falls
+    drifted = fit_meeting({"meeting": {"samples": [{"segment_s": 0.01, "penalty_s": 0.002},
+                                                   {"segment_s": 0.04, "penalty_s": 0.006},
+                                                   {"segment_s": 0.18, "penalty_s": -0.045}]}})
+    assert drifted["per_segment"] == 0.0 and drifted["base_s"] == pytest.approx(0.008 / 3)
 
 
 def test_each_collective_call_pays_the_meeting_time():
