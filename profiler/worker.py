@@ -577,7 +577,7 @@ REDUCTION_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 # quartiles, so one burst of another tenant moves one round, not the figure (v21's and p22's profiles of
 # this VM, 20 minutes apart: 1 MiB all-reduces of 19.5 and 3.8 ms, one lower quartile of 5 samples each).
 REDUCTION_ROUNDS = 3
-# Group shapes measured at most (smallest groups first): a world of 16 has 10, of 64 already 28.
+# Group shapes measured at most (smallest groups first): a world of 16 has 10, of 64 already 21.
 MAX_REDUCTION_LAYOUTS = 12
 
 
@@ -609,7 +609,7 @@ def reduction_phase(cfg: dict, device, deadline: float, progress: Progress | Non
     only when rank 0 expects it to end before ``deadline`` (its own time in an earlier round, or the last
     point's scaled by the bytes in the first); the first shape's all-reduce at the smallest and the largest
     size runs once whatever the budget."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     sizes = sorted(int(s) for s in cfg.get("reduction_sizes") or ())
     if world < 2 or not sizes:
         return {}
