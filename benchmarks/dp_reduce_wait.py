@@ -25,6 +25,16 @@ from torch.distributed.pipelining import stage as pipelining_stage
 import meshplan.launcher.runtime.train as train
 
 
+def run_keeping_group(argv: list[str]) -> int:
+    """The runtime's ``train.main(argv)`` with its process group kept after the run (the benchmarks gather their
+    rows over it, then destroy it themselves)."""
+    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
+    try:
+        return train.main(argv)
+    finally:
+        dist.destroy_process_group = destroy
+
+
 def main() -> int:
     reduce_calls: list[tuple[float, float]] = []   # (arrival wall time, seconds) per REDUCE_GRAD on this rank
     step_calls: list[tuple[float, float]] = []
@@ -46,12 +56,7 @@ def main() -> int:
 
     pipelining_stage._PipelineStageBase.perform_reduce_grad = timed_reduce
     train.train_step = timed_step
-    # keep the process group after the run: the rows are gathered over it
-    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
-    try:
-        code = train.main(sys.argv[1:])
-    finally:
-        dist.destroy_process_group = destroy
+    code = run_keeping_group(sys.argv[1:])
     trainer = timed_step.trainer
     if trainer.plan.pp == 1 or trainer.meshes.dp_cp is None:
         raise SystemExit("dp_reduce_wait: the plan needs pp > 1 and dp > 1 (REDUCE_GRAD runs only under a pipeline)")
@@ -86,7 +91,7 @@ def main() -> int:
               f"{max(gaps):.3f} max; the planner priced dp_comm "
               + (f"{predicted:.3f} s" if predicted is not None else "(not in the plan)"), flush=True)
     dist.barrier()
-    destroy()
+    dist.destroy_process_group()
     return code
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import meshplan.launcher.runtime.train as train
+from dp_reduce_wait import run_keeping_group   # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> int:
@@ -45,11 +46,7 @@ def main() -> int:
 
     train.train_step, train._accumulate_without_sync = timed_step, timed_sync
     train.sync_tied_embedding_grads = timed_tied
-    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
-    try:
-        code = train.main(sys.argv[1:])
-    finally:
-        dist.destroy_process_group = destroy
+    code = run_keeping_group(sys.argv[1:])
     trainer = timed_step.trainer
     if trainer.plan.pp != 1:
         raise SystemExit("dp_step_phases: the plan needs pp = 1 (pipelined plans: benchmarks/dp_reduce_wait.py)")
