@@ -150,34 +150,58 @@ def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
     return min(max(value, 0.0), 4.0) if math.isfinite(value) else 0.0
 
 
-def meeting_time(cluster: ClusterSpec, segment_s: float) -> float:
-    """Seconds a collective costs beyond its lined-up time when the ranks come to it from ``segment_s`` of
-    computing, as the profile measured it (``measured['host']['meeting']``, worker ``meeting_phase``):
+def expected_max_normal(n: int) -> float:
+    """E[max of ``n`` independent standard normal draws] (0 for one; 0.5642 for 2, 1.0294 for 4, 1.4236 for 8:
+    Tippett 1925, the expected order statistics of the normal), by integrating x * n * phi(x) * Phi(x)^(n-1)
+    numerically over [-8, 8]."""
+    if n <= 1:
+        return 0.0
+    steps, low, high = 4000, -8.0, 8.0
+    width = (high - low) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        x = low + i * width
+        density = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        cumulative = 0.5 * (1 + math.erf(x / math.sqrt(2)))
+        weight = 0.5 if i in (0, steps) else 1.0
+        total += weight * x * n * density * cumulative ** (n - 1)
+    return total * width
+
+
+def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
+    """Seconds a collective over ``ranks`` ranks costs beyond its lined-up time when they come to it from
+    ``segment_s`` of computing, as the profile measured it (``measured['host']['meeting']``, worker
+    ``meeting_phase``: the last rank's arrival after the mean arrival, over the ``ranks`` of one host):
     ``base_s + per_segment * segment`` within the measured segments (below the shortest, the shortest's);
-    past the longest, that one's figure grown as the square root of the segment, never below 0. Ranks
-    time-sliced on shared cores reach a collective at different moments and the first wait for the last;
-    the links phase times collectives lined up by a barrier and does not see it. 0 without a measurement
-    (GPUs: ranks are not time-sliced; what is left of their skew is in the fitted latency).
+    past the longest, that one's figure grown as the square root of the segment, never below 0; scaled from
+    the profile's group to ``ranks`` by :func:`expected_max_normal`. Ranks time-sliced on shared cores reach a
+    collective at different moments and the first wait for the last; the links phase times collectives
+    lined up by a barrier and does not see it. 0 without a measurement (GPUs: ranks are not time-sliced;
+    what is left of their skew is in the fitted latency) and for one rank.
 
     The square root: how far apart time-sliced ranks drift is a sum of many independent scheduling delays,
-    whose spread grows as the square root of the time they add up over. Measured on 4 CPU ranks
-    (``benchmarks/replica_drift.py``, docs/profiler.md session 10): the last arrival 10-14 ms after the mean
-    for 0.16 s segments, 16-33 ms for 1.2 s -- a 7.5x longer segment drifts 1.2-3x further (its square root
-    2.7x; the profile's line, 7.5x; held flat, 1x); inside a dp2 pp2 pipeline step of 1.2 s, 47 ms. A
-    pipelined plan's replicas meet once after a whole step (planner/evaluate.py: gradient_meetings), several
-    times the longest segment the profile can afford to time."""
+    whose spread grows as the square root of the time they add up over. Measured on 4 CPU ranks by arrivals
+    (p26, docs/profiler.md session 13): 35 ms after 0.13 s segments, 74 ms after 0.49 s (3.7x the segment,
+    2.1x the drift; its square root 1.9x). A plan's replicas meet once after a whole step
+    (planner/evaluate.py: gradient_meetings), longer than the profile can afford to time.
+
+    The group size: the last of ``n`` ranks whose drifts are independent normal draws arrives
+    E[max of n standard normals] standard deviations after their mean -- 0.56 for two, 1.03 for four. Inside
+    real dp4 steps (``benchmarks/dp_step_phases.py``) the first unit's all-reduce waited 0.09-0.15 s for the
+    last of four ranks; between the two replicas of dp2 pp2 (``benchmarks/dp_reduce_wait.py``) 0.047 s."""
     meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
     try:
         base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
         low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
+        measured_ranks = int(meeting.get("ranks") or ranks)
     except (KeyError, TypeError, ValueError):
         return 0.0
-    if not (math.isfinite(base) and math.isfinite(slope)):
+    if not (math.isfinite(base) and math.isfinite(slope)) or ranks <= 1 or measured_ranks <= 1:
         return 0.0
     held = max(0.0, base + slope * min(max(segment_s, low), high))
     if segment_s > high > 0:
         held *= math.sqrt(segment_s / high)
-    return held
+    return held * expected_max_normal(ranks) / expected_max_normal(measured_ranks)
 
 
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:

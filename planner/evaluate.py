@@ -179,7 +179,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     tp_dir = 2 * comm.allgather_time(activation, tp_link) + 2 * comm.reducescatter_time(activation, tp_link)
     fwd_compute_estimate = matmul_fwd + attn_fwd + ew_fwd
     if tp > 1:   # four calls per direction, each after about a quarter of the layer (comm.meeting_time)
-        tp_dir += 4 * comm.meeting_time(cluster, fwd_compute_estimate / 4)
+        tp_dir += 4 * comm.meeting_time(cluster, fwd_compute_estimate / 4, tp)
     if tp_overlap:   # async TP: the collectives run under the matmuls they feed
         hidden_share = comm.overlap_exposed_fraction(cluster)
         tp_fwd = comm.exposed_time(tp_dir, matmul_fwd, hidden_share)
@@ -197,7 +197,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         qkv_local = tokens * (model.hidden + 2 * kv_width) / tp * act_bytes
         out_local = tokens * model.hidden / tp * act_bytes
         cp_fwd = cp_bwd = (comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
-                           + 2 * comm.meeting_time(cluster, fwd_compute_estimate / 2))
+                           + 2 * comm.meeting_time(cluster, fwd_compute_estimate / 2, cp))
     else:
         # ring, as the runtime runs it (launcher/runtime/context_parallel.py): the slowest context rank's
         # attention (compute.ring_attention_time) replaces flash attention; cp-1 hops pass the fp32 K, V
@@ -207,7 +207,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
                                                          compute.achieved_rates(cluster, "fp32"))
         kv_local = tokens * 2 * model.hidden / tp * 4
         steps = cp - 1
-        hop_meeting = comm.meeting_time(cluster, attn_fwd / cp)   # each hop waits for its neighbour
+        hop_meeting = comm.meeting_time(cluster, attn_fwd / cp, 2)   # each hop waits for its neighbour
         cp_fwd = steps * (comm.p2p_time(kv_local, cp_link) + hop_meeting)
         cp_bwd = steps * (comm.p2p_time(2 * kv_local, cp_link) + hop_meeting) + comm.p2p_time(kv_local, cp_link)
 
@@ -325,7 +325,7 @@ def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     stats = chunks * comm.allgather_time(2 * chunk * 4.0 * cfg.pp * cfg.tp, pp_link)
     # every one of those calls makes the pipeline row meet (comm.meeting_time; the others come from their own
     # pipeline work, about a head pass apart)
-    meetings = (2 + chunks) * comm.meeting_time(cluster, head_time)
+    meetings = (2 + chunks) * comm.meeting_time(cluster, head_time, cfg.pp)
     vocab_comm = comm.allreduce_time(activation, pp_link) + stats + meetings
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
     pass_time = head_time + vocab_comm
@@ -358,8 +358,8 @@ def vocab_edges_comm(ctx: Context, cfg: Config | VocabKey, step_activation_bytes
     if one_call is None:
         one_call = comm.allreduce_time(tensor_bytes, dp_link)
     grads = tensors * one_call if replicas > 1 else 0.0
-    meeting = comm.meeting_time(cluster, embed_s)
-    return comm.allreduce_time(step_activation_bytes, pp_link) + grads + (2 + grad_calls) * meeting
+    meetings = 2 * comm.meeting_time(cluster, embed_s, cfg.pp) + grad_calls * comm.meeting_time(cluster, embed_s, replicas)
+    return comm.allreduce_time(step_activation_bytes, pp_link) + grads + meetings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,7 +636,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
     # Where ranks time-slice shared cores, each collective call also costs the wait for the last rank to
     # reach it (comm.meeting_time, measured; 0 on GPUs): per call, after a layer's forward or backward.
-    meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd), comm.meeting_time(cluster, lc.bwd)
+    meet_fwd, meet_bwd = comm.meeting_time(cluster, lc.fwd, replicas), comm.meeting_time(cluster, lc.bwd, replicas)
 
     def gradient_meetings(units: int) -> float:
         """The meeting cost of one step's gradient reduction over ``units`` communication units. Without a
@@ -648,10 +648,11 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
         -- and the other units follow at once (the shortest segment). Measured inside a dp2 pp2 step
         (benchmarks/dp_reduce_wait.py): the later replica arrives 0.047 s after the replicas' mean."""
         if p == 1:
-            return units * meet_bwd
+            return meet_after_step + (units - 1) * meet_bwd
         return meet_after_step + (units - 1) * meet_next
 
-    meet_after_step, meet_next = comm.meeting_time(cluster, makespan), comm.meeting_time(cluster, 0.0)
+    meet_after_step = comm.meeting_time(cluster, makespan, replicas)
+    meet_next = comm.meeting_time(cluster, 0.0, replicas)
 
     def drain_after_last_backward(rank: int) -> float:
         """Seconds pipeline rank ``rank`` has left after its own last backward while the pipeline drains:

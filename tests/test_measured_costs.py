@@ -372,19 +372,35 @@ def test_meeting_time_is_the_profiled_line_within_its_segments_and_a_square_root
     fit = fit_meeting(raw)
     assert fit["per_segment"] == pytest.approx(0.1, rel=0.05) and fit["segments_s"] == [0.01, 0.16]
     cluster = _with_measured(load_cluster("localhost:4"), {"host": {"meeting": fit}})
-    assert comm.meeting_time(cluster, 0.04) == pytest.approx(fit["base_s"] + 0.04 * fit["per_segment"])
+    assert comm.meeting_time(cluster, 0.04, 4) == pytest.approx(fit["base_s"] + 0.04 * fit["per_segment"])
     # past the longest segment: its figure grown as the square root (a drift of many independent delays)
-    assert comm.meeting_time(cluster, 0.64) == pytest.approx(2 * comm.meeting_time(cluster, 0.16))
-    assert comm.meeting_time(cluster, 0.0) == comm.meeting_time(cluster, 0.01)
-    assert comm.meeting_time(load_cluster("localhost:4"), 0.05) == 0.0               # GPUs, presets: nothing
+    assert comm.meeting_time(cluster, 0.64, 4) == pytest.approx(2 * comm.meeting_time(cluster, 0.16, 4))
+    assert comm.meeting_time(cluster, 0.0, 4) == comm.meeting_time(cluster, 0.01, 4)
+    assert comm.meeting_time(load_cluster("localhost:4"), 0.05, 4) == 0.0            # GPUs, presets: nothing
     negative = _with_measured(cluster, {"host": {"meeting": {"base_s": -0.01, "per_segment": 0.0}}})
-    assert comm.meeting_time(negative, 0.05) == 0.0
+    assert comm.meeting_time(negative, 0.05, 4) == 0.0
+    # measured over a host's 4 ranks: a pair's last arrival is nearer the mean (E[max] of 2 normals against
+    # 4), one rank meets nobody, 8 ranks wait longer
+    four = _with_measured(cluster, {"host": {"meeting": {**fit, "ranks": 4}}})
+    assert comm.meeting_time(four, 0.04, 4) == pytest.approx(comm.meeting_time(cluster, 0.04, 4))
+    assert comm.meeting_time(four, 0.04, 2) == pytest.approx(0.5642 / 1.0294 * comm.meeting_time(four, 0.04, 4),
+                                                             rel=1e-3)
+    assert comm.meeting_time(four, 0.04, 1) == 0.0
+    assert comm.meeting_time(four, 0.04, 8) > comm.meeting_time(four, 0.04, 4)
     assert fit_meeting({}) is None
     # a negative sample (the machine drifted between the loops) counts as 0, and the line never falls
     drifted = fit_meeting({"meeting": {"samples": [{"segment_s": 0.01, "penalty_s": 0.002},
                                                    {"segment_s": 0.04, "penalty_s": 0.006},
                                                    {"segment_s": 0.18, "penalty_s": -0.045}]}})
     assert drifted["per_segment"] == 0.0 and drifted["base_s"] == pytest.approx(0.008 / 3)
+
+
+def test_expected_max_normal_is_tippetts_table():
+    """E[max of n standard normals], Tippett (1925) / Harter (1961): 0.5642, 0.8463, 1.0294, 1.1630, 1.5388
+    for n = 2, 3, 4, 5, 10; 0 for one draw."""
+    assert comm.expected_max_normal(1) == 0.0
+    for n, table in ((2, 0.5642), (3, 0.8463), (4, 1.0294), (5, 1.1630), (10, 1.5388)):
+        assert comm.expected_max_normal(n) == pytest.approx(table, abs=2e-4)
 
 
 def test_each_collective_call_pays_the_meeting_time():
@@ -427,8 +443,14 @@ def test_a_pipelined_gradient_reduction_meets_once_after_the_step():
              for mb in (1, 2)]
     assert tails[0] == pytest.approx(units * 0.001, rel=0.05) and tails[1] == pytest.approx(tails[0], rel=0.05)
     rising = {"base_s": 0.001, "per_segment": 0.1, "segments_s": [0.0001, 1000.0]}
-    per_layer = tail({"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 2, "zero": 0}, rising)
+    flat_dp = {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "micro_batch": 2, "zero": 0}
+    per_layer = tail(flat_dp, rising)
     assert per_layer > (model.layers + 1) * 0.001              # per layer: grows with the layer's backward
+    # without a pipeline too, the first unit's all-reduce is the first collective since the last step's:
+    # the replicas meet there after the whole step's compute (benchmarks/dp_step_phases.py: 0.09-0.15 s on
+    # 4 CPU ranks), then after each layer's backward
+    step = evaluate_pinned(model, base, train, flat_dp).predicted.time_breakdown_s["compute"]
+    assert per_layer > 0.001 + 0.1 * step + model.layers * 0.001
 
 
 def test_the_schedule_pays_its_op_overhead_per_chunk_and_micro_batch():
