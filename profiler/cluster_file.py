@@ -200,11 +200,12 @@ def fit_sharing(raw: dict) -> dict | None:
 def fit_meeting(raw: dict) -> dict | None:
     """The meeting measurement (worker ``meeting_phase``, CPU ranks) with a least-squares line through its
     samples, penalty = ``base_s + per_segment * segment_s``, read by ``planner/comm.py: meeting_time``
-    (which holds it within the measured segments and grows it as a square root past them). Penalties are
-    taken as at least 0 and the slope as at least 0 (flat at the samples' mean where it fits negative):
-    ranks do not meet faster than lined up, nor drift less apart over a longer segment. A negative sample is
-    the machine's drift between the loops it is the difference of (p25: -45 ms after 183 ms, three calls a
-    loop), and through it the line priced every later meeting at 0."""
+    (which holds it within the measured segments, grows it as a square root past them and scales it to a
+    group's size). Penalties are taken as at least 0 and the slope as at least 0 (flat at the samples' mean
+    where it fits negative): ranks do not meet faster than lined up, nor drift less apart over a longer
+    segment. Timed from arrivals (``timing: arrivals``) a sample cannot be negative; files profiled before
+    took the difference of two loops, where one was (p25: -45 ms after 183 ms, three calls a loop), and
+    through it the line priced every later meeting at 0."""
     data = raw.get("meeting") or {}
     samples = data.get("samples") or []
     if not samples:

@@ -22,9 +22,9 @@ broadcasts the decision, so every rank stays in step:
 5. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
    ranks per host: how much faster a rank computes when others idle (``busy_speedup``; a rank idle in a
    pipeline bubble hands its share of the cores to the busy ones). GPUs are one device per rank: skipped.
-6. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs, against the segments alone and
-   the all-reduce alone (lined up by a barrier, as the links phase times it): what a collective costs when
-   ranks arrive from computing, time-sliced on shared cores, rather than together (``meeting``).
+6. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs (10 ms to 0.5 s), every rank
+   noting when it arrives: how far behind the mean the last rank arrives, what a collective costs beyond its
+   lined-up time when ranks come to it from computing, time-sliced on shared cores (``meeting``).
 7. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
    counts, against the stage's module alone: what one forward or backward op of a schedule costs beyond its
    compute (the schedule's bookkeeping, its send/recv, the wait for a time-sliced neighbour),
@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -719,13 +720,12 @@ SHARING_ROUNDS = 5   # each a window per busy count, side by side (sharing_phase
 
 def host_phases_seconds(device, nproc: int) -> float:
     """What the sharing and meeting phases take (CPU ranks; nothing on GPUs), kept out of the link sweep's
-    share of the budget: the sharing windows, the meeting loops (two alone, two with the collective, per
-    segment), a fifth more for barriers and the timing of the GEMM and the all-reduce alone, and the pipeline
+    share of the budget: the sharing windows, the meeting rounds, a fifth more for barriers and the timing of the GEMM and the all-reduce alone, and the pipeline
     phase's steps."""
     if device.type == "cuda":
         return 0.0
     sharing = nproc * SHARING_ROUNDS * SHARING_WINDOW_S
-    meeting = 4 * MEETING_SECONDS * len(MEETING_SEGMENTS_S)
+    meeting = MEETING_ROUNDS * sum(max(MEETING_SECONDS, MEETING_MIN_CALLS * x) for x in MEETING_SEGMENTS_S)
     return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S
 
 
@@ -769,19 +769,39 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
 
 
-MEETING_SEGMENTS_S = (0.01, 0.04, 0.16)   # compute between two collectives: a layer's forward or backward
-MEETING_SECONDS = 0.4                     # per loop (segments + collectives), two loops of each kind
+MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5)   # compute between two collectives: a layer's pass .. a step's
+MEETING_SECONDS = 0.6                     # per segment length and round: this many seconds of segments
+MEETING_MIN_CALLS = 4                     # a long segment still meets this many times a round
+MEETING_ROUNDS = 3                        # each segment length once a round, side by side
 MEETING_BYTES = 64 * 1024                 # small: the latency side of a collective, not its bandwidth
 
 
+def meeting_calls(segment_s: float) -> int:
+    """Meetings a round at ``segment_s`` of compute between them: MEETING_SECONDS of segments, at least
+    MEETING_MIN_CALLS."""
+    return max(MEETING_MIN_CALLS, round(MEETING_SECONDS / segment_s))
+
+
+def last_after_mean(arrivals: torch.Tensor) -> torch.Tensor:
+    """Per meeting (columns), the last rank's arrival after the ranks' mean arrival (rows: ranks): what the
+    mean rank waits there, and what the meeting adds to the step, which ends with the last rank's path."""
+    return arrivals.max(0).values - arrivals.mean(0)
+
+
 def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
-    """CPU ranks: the first level's groups run ``calls`` segments of square GEMMs (each about ``segment_s``
-    long with every rank busy), once alone and once with a MEETING_BYTES all-reduce after every segment; and
-    the all-reduce alone, lined up by a barrier. ``penalty_s`` = (with - alone) / calls - all-reduce alone:
-    what a collective costs beyond its lined-up time when the ranks come to it from computing. On shared
-    cores the operating system time-slices the ranks, they reach the collective at different moments and
-    the first wait for the last (a few ms on two cores shared by four ranks); on GPUs the ranks are not
-    time-sliced: skipped."""
+    """CPU ranks: the first level's groups (inside a node) run segments of square GEMMs, each about
+    ``segment_s`` long with every rank busy, and a MEETING_BYTES all-reduce after each; every rank notes the
+    wall time it arrives at each all-reduce (``time.perf_counter``, one clock per host) and the time it
+    leaves. ``penalty_s`` per segment length is the last arrival after the mean arrival (last_after_mean),
+    averaged over a round's meetings, the median over MEETING_ROUNDS rounds; ``segment_s`` the measured
+    compute between leaving one all-reduce and arriving at the next. On shared cores the operating system
+    time-slices the ranks, they drift apart while they compute, and at a collective the first wait for the
+    last; on GPUs the ranks are not time-sliced: skipped.
+
+    Timed from arrivals, each meeting is a sample of its own. The earlier form -- a loop with the
+    all-reduces against the loop without, divided by the calls -- was the difference of two 0.5 s loops
+    and gave -45 to +39 ms at 0.17 s segments in ten profiles of one machine (docs/profiler.md, session
+    13)."""
     if device.type == "cuda":
         return {}
     first = first_level_group(cfg["nproc_per_node"])
@@ -794,29 +814,35 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
     call, nbytes = collective_call("all_reduce", MEETING_BYTES, len(members), group, device)
     collective_s = all_ranks_time(call, device, cfg["reps"], agree_count=True)
     one_gemm = all_ranks_time(lambda: torch.mm(a, a, out=c), device, cfg["reps"])
-    rows = []
-    for i, segment_s in enumerate(MEETING_SEGMENTS_S):
-        gemms = int(slowest([float(max(1, round(segment_s / one_gemm)))], device)[0])
-        calls = max(3, round(MEETING_SECONDS / segment_s))
-
-        def loop(meet: bool) -> float:
+    gemms = [int(slowest([float(max(1, round(s / one_gemm)))], device)[0]) for s in MEETING_SEGMENTS_S]
+    rounds: list[list[dict]] = [[] for _ in MEETING_SEGMENTS_S]
+    for round_ in range(MEETING_ROUNDS):
+        for i, segment_s in enumerate(MEETING_SEGMENTS_S):
+            calls = meeting_calls(segment_s)
+            marks = torch.zeros(2, calls, dtype=torch.float64)   # arrival, departure
             dist.barrier()
-            begin = time.perf_counter()
-            for _ in range(calls):
-                for _ in range(gemms):
+            for k in range(calls):
+                for _ in range(gemms[i]):
                     torch.mm(a, a, out=c)
-                if meet:
-                    call()
-            return time.perf_counter() - begin
-
-        alone = min(slowest([loop(False), loop(False)], device))
-        together = min(slowest([loop(True), loop(True)], device))
-        rows.append({"segment_s": alone / calls, "gemms": gemms, "calls": calls, "collective_s": collective_s,
-                     "alone_s": alone, "with_s": together,
-                     "penalty_s": (together - alone) / calls - collective_s})
-        if progress:
-            progress.update(i + 1, len(MEETING_SEGMENTS_S), f"{level} segments of {segment_s * 1e3:.0f} ms")
-    return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "samples": rows}
+                marks[0, k] = time.perf_counter()
+                call()
+                marks[1, k] = time.perf_counter()
+            every = [torch.empty_like(marks) for _ in members]
+            dist.all_gather(every, marks, group=group)
+            table = torch.stack(every)                      # [rank, arrival/departure, meeting]
+            computed = (table[:, 0, 1:] - table[:, 1, :-1]).mean().item()
+            rounds[i].append({"penalty_s": last_after_mean(table[:, 0]).mean().item(), "segment_s": computed})
+            if progress:
+                progress.update(round_ * len(MEETING_SEGMENTS_S) + i + 1, MEETING_ROUNDS * len(MEETING_SEGMENTS_S),
+                                f"{level} segments of {segment_s * 1e3:.0f} ms, round {round_ + 1}")
+    rows = []
+    for i, samples in enumerate(rounds):
+        rows.append({"segment_s": statistics.median(r["segment_s"] for r in samples), "gemms": gemms[i],
+                     "calls": meeting_calls(MEETING_SEGMENTS_S[i]), "collective_s": collective_s,
+                     "penalty_s": statistics.median(r["penalty_s"] for r in samples),
+                     "rounds_s": [r["penalty_s"] for r in samples]})
+    return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "timing": "arrivals",
+            "samples": rows}
 
 
 PIPELINE_MICROBATCHES = (4, 16)   # the op cost comes from the slope between the two: fixed costs cancel
