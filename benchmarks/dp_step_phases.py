@@ -8,7 +8,8 @@ the others, ``train._accumulate_without_sync``) and the optimizer step after it.
 Every other argument goes to the runtime (``python -m meshplan.launcher.runtime.train --help``). Rank 0 prints,
 averaged over the steps after the first two, for the slowest rank per step and phase and for the mean over
 ranks: the step, the micro-batches without sync (mean), the last micro-batch (with the reduction), their
-difference (what the reduction adds), and the optimizer step; next to the plan's predicted breakdown. Used in docs/profiler.md (session 12, dp4).
+difference (what the reduction adds), and the optimizer step; next to the plan's predicted breakdown. Used in
+docs/profiler.md (session 12, dp4).
 
 Then, per communication unit of the last micro-batch (blocks in backward order; the runtime's replicate
 all-reduces each block's gradients in its post-backward, a blocking call on CPU): when each rank arrived at

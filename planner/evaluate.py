@@ -358,7 +358,8 @@ def vocab_edges_comm(ctx: Context, cfg: Config | VocabKey, step_activation_bytes
     if one_call is None:
         one_call = comm.allreduce_time(tensor_bytes, dp_link)
     grads = tensors * one_call if replicas > 1 else 0.0
-    meetings = 2 * comm.meeting_time(cluster, embed_s, cfg.pp) + grad_calls * comm.meeting_time(cluster, embed_s, replicas)
+    meetings = (2 * comm.meeting_time(cluster, embed_s, cfg.pp)             # the pipeline row's two calls
+                + grad_calls * comm.meeting_time(cluster, embed_s, replicas))  # the replicas' gradient calls
     return comm.allreduce_time(step_activation_bytes, pp_link) + grads + meetings
 
 

@@ -720,8 +720,8 @@ SHARING_ROUNDS = 5   # each a window per busy count, side by side (sharing_phase
 
 def host_phases_seconds(device, nproc: int) -> float:
     """What the sharing and meeting phases take (CPU ranks; nothing on GPUs), kept out of the link sweep's
-    share of the budget: the sharing windows, the meeting rounds, a fifth more for barriers and the timing of the GEMM and the all-reduce alone, and the pipeline
-    phase's steps."""
+    share of the budget: the sharing windows, the meeting rounds, a fifth more for barriers and the timing of
+    the GEMM and the all-reduce alone, and the pipeline phase's steps."""
     if device.type == "cuda":
         return 0.0
     sharing = nproc * SHARING_ROUNDS * SHARING_WINDOW_S
