@@ -11,7 +11,8 @@ predictions against the measured times.
 
 ``--matrix`` re-predicts every report from every cluster file and prints one table of Spearman correlations
 (rows: reports, columns: cluster files; ``own`` is the cluster file in the report's own directory) with each
-column's mean: a cost-model change judged over many validations and profiles at once (docs/profiler.md,
+column's mean, and per report the Spearman a planner knowing the true times would score against its runs'
+noise (``ceiling``, ``profiler/validate.py: spearman_ceiling``): a cost-model change judged over many validations and profiles at once (docs/profiler.md,
 session 13). In this mode every cluster file has its calibrations divided out.
 
 ``--undo-calibration`` first divides out every calibration ``meshplan validate --update`` applied to CLUSTER
@@ -38,10 +39,10 @@ from meshplan.profiler.fit import spearman
 from meshplan.spec import load_cluster, load_structured_file
 
 
-def remeasure(runs: list[dict]) -> None:
+def remeasure(runs: list[dict]) -> list:
     """The runs' measured times by `meshplan validate`'s current estimator (blocked by round,
     ``profiler/validate.py: block_rounds``) from their saved per-run times, so reports written before it
-    compare alike."""
+    compare alike. Returns the rebuilt ``validate.Run`` records (for their standard errors)."""
     from types import SimpleNamespace
 
     from meshplan.profiler.validate import Run, block_rounds
@@ -55,6 +56,7 @@ def remeasure(runs: list[dict]) -> None:
     block_rounds(records)
     for r, record in zip(ran, records):
         r["measured_s"] = record.measured_s
+    return records
 
 
 def load_uncalibrated(path: str):
@@ -87,12 +89,15 @@ def repredict(report: dict, cluster) -> tuple[list[list], list[float], list[floa
 def matrix(reports: list[str], clusters: list[str]) -> int:
     loaded = {path: load_uncalibrated(path) for path in clusters}
     names = ["own"] + [Path(c).parent.name or c for c in clusters]
-    table, columns = [], [[] for _ in names]
+    from meshplan.profiler.validate import spearman_ceiling
+
+    table, columns, ceilings = [], [[] for _ in names], []
     for path in reports:
         report = json.load(open(path))
-        remeasure(report["runs"])
+        ceiling = spearman_ceiling(remeasure(report["runs"]))
+        ceilings.append(ceiling)
         own = Path(path).parent / "cluster.yaml"
-        row = [f"{Path(path).parent.name}/{Path(path).name}"]
+        row = [f"{Path(path).parent.name}/{Path(path).name}", "-" if ceiling is None else f"{ceiling:.2f}"]
         for i, cluster in enumerate([load_uncalibrated(str(own)) if own.exists() else None]
                                     + [loaded[c] for c in clusters]):
             if cluster is None:
@@ -103,8 +108,12 @@ def matrix(reports: list[str], clusters: list[str]) -> int:
             columns[i].append(rho)
             row.append(f"{rho:.2f}")
         table.append(row)
-    table.append(["mean"] + [f"{statistics.fmean(c):.3f}" if c else "-" for c in columns])
-    print(tabulate(table, headers=["report"] + names))
+    known = [c for c in ceilings if c is not None]
+    table.append(["mean", f"{statistics.fmean(known):.3f}" if known else "-"]
+                 + [f"{statistics.fmean(c):.3f}" if c else "-" for c in columns])
+    print(tabulate(table, headers=["report", "ceiling"] + names))
+    print("ceiling: the Spearman a planner that knew every layout's true time would score against those runs "
+          "(profiler/validate.py: spearman_ceiling)")
     return 0
 
 

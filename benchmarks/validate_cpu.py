@@ -82,15 +82,17 @@ def main() -> int:
             return proc.returncode
         s = json.loads(report.read_text())["summary"]
         verdicts.append((round_, s["spearman"], s.get("first_over_fastest", float("inf")),
-                         s.get("resolved_pairs"), s.get("resolved_agree"), s.get("pairs")))
+                         s.get("resolved_pairs"), s.get("resolved_agree"), s.get("pairs"), s.get("spearman_ceiling")))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    for round_, rho, ratio, resolved, agree, pairs in verdicts:
+    for round_, rho, ratio, resolved, agree, pairs, ceiling in verdicts:
         label = f"round {round_}: " if a.rounds > 1 else ""
         print(f"{label}Spearman {rho:.2f} (target >= {SPEARMAN_TARGET}): "
               f"{'met' if rho >= SPEARMAN_TARGET else 'NOT met'}; first choice / fastest measured {ratio:.3f} "
               f"(target <= {FIRST_CHOICE_TARGET}): {'met' if ratio <= FIRST_CHOICE_TARGET else 'NOT met'}"
               + (f"; pairs resolved by the runs {resolved} of {pairs}, ordered as measured {agree}"
-                 if resolved is not None else ""))
+                 if resolved is not None else "")
+              + (f"; a planner knowing the true times would score about {ceiling:.2f} against these runs"
+                 if ceiling is not None else ""))
     return 0
 
 

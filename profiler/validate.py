@@ -352,12 +352,44 @@ def noise(runs: list[Run]) -> dict:
                 agree += 1
     n = len(runs)
     levels = list(round_levels(runs).values())
-    return {"runs_per_layout": statistics.median(len(run_times(r)) for r in runs),
+    return {"spearman_ceiling": spearman_ceiling(runs),
+            "runs_per_layout": statistics.median(len(run_times(r)) for r in runs),
             "round_drift": max(levels) / min(levels) - 1.0 if levels else None,
             "run_spread_median": statistics.median(known), "run_spread_max": max(known),
             "standard_error_median": statistics.median(errors), "measured_span": slowest / fastest - 1.0,
             "pairs": n * (n - 1) // 2, "resolved_pairs": pairs, "resolved_agree": agree, "resolved_tied": tied,
             "resolved_reversed": pairs - agree - tied}
+
+
+CEILING_DRAWS = 2000   # Monte Carlo draws of the runs' noise for spearman_ceiling (its mean to about +-0.01)
+
+
+def spearman_ceiling(runs: list[Run], draws: int = CEILING_DRAWS, seed: int = 0) -> float | None:
+    """The Spearman a planner that knew every layout's true step time would score against runs this noisy:
+    the mean over ``draws`` of spearman(true, true + noise), each layout's noise a normal draw of its
+    standard error (:func:`standard_error`). The true times are estimated from the measured means shrunk
+    toward their mean by the share of their variance the noise does not explain,
+    ``sqrt(max(0, 1 - mean(se^2) / var(means)))`` (the measured means spread more than the true ones by the
+    noise itself; without it the ceiling comes out high). None with fewer than three layouts or no
+    standard errors. Where this is far below 1 the layouts are closer than the runs resolve, and a low
+    Spearman says little about the planner."""
+    import random
+
+    errors = [standard_error(r) for r in runs]
+    if len(runs) < 3 or any(e is None for e in errors):
+        return None
+    means = [r.measured_s for r in runs]
+    center = statistics.fmean(means)
+    variance = statistics.pvariance(means)
+    if variance <= 0:
+        return None
+    shrink = math.sqrt(max(0.0, 1.0 - statistics.fmean(e * e for e in errors) / variance))
+    true = [center + shrink * (m - center) for m in means]
+    if shrink == 0.0:
+        return 0.0
+    rng = random.Random(seed)
+    scores = [spearman(true, [t + e * rng.gauss(0.0, 1.0) for t, e in zip(true, errors)]) for _ in range(draws)]
+    return statistics.fmean(x for x in scores if not math.isnan(x))
 
 
 def noise_text(summary: dict) -> str:
@@ -374,6 +406,9 @@ def noise_text(summary: dict) -> str:
     if summary["resolved_pairs"]:
         line += (f", the planner orders {summary['resolved_agree']} as measured, {summary['resolved_tied']} tied, "
                  f"{summary['resolved_reversed']} reversed")
+    if summary.get("spearman_ceiling") is not None:
+        line += (f"; a planner that knew every layout's true time would score a Spearman of about "
+                 f"{summary['spearman_ceiling']:.2f} against runs this noisy")
     if summary["resolved_pairs"] < summary["pairs"] / 2:
         line += (" (most layouts are closer than these runs resolve: Spearman here ranks noise; more --repeats "
                  "narrow it)")

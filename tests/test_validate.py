@@ -51,6 +51,32 @@ def test_compare_reports_spearman_and_first_choice():
     assert got["first_over_fastest"] == pytest.approx(1.1)
 
 
+def test_spearman_ceiling_is_what_a_perfect_planner_would_score_against_the_noise():
+    """Layouts far apart next to their standard errors: a planner knowing the true times scores about 1.
+    Layouts closer than their noise: the shrunk true times collapse and the ceiling is 0. Fewer than three
+    layouts, or no repeats: nothing to say. Deterministic (seeded)."""
+    plans = _plans()[:4]
+    assert len(plans) == 4
+    apart = [_run(i, p, 1.0, 1.0 + 0.2 * i) for i, p in enumerate(plans, 1)]
+    for run in apart:
+        run.repeats_s = [run.measured_s * 0.995, run.measured_s * 1.005]
+    assert v.spearman_ceiling(apart) == pytest.approx(1.0, abs=0.01)
+    assert v.spearman_ceiling(apart) == v.spearman_ceiling(apart)
+    close = [_run(i, p, 1.0, 1.0 + 0.001 * i) for i, p in enumerate(plans, 1)]
+    for run in close:
+        run.repeats_s = [run.measured_s * 0.9, run.measured_s * 1.1]
+    assert v.spearman_ceiling(close) == 0.0
+    middling = [_run(i, p, 1.0, 1.0 + 0.02 * i) for i, p in enumerate(plans, 1)]
+    for run in middling:
+        run.repeats_s = [run.measured_s * 0.98, run.measured_s * 1.02]   # standard error ~2%, steps of 2%
+    assert 0.1 < v.spearman_ceiling(middling) < 0.95
+    assert "would score a Spearman of about" in v.noise_text(v.compare(middling))
+    assert v.spearman_ceiling(middling[:2]) is None
+    for run in middling:
+        run.repeats_s = [run.measured_s]
+    assert v.spearman_ceiling(middling) is None
+
+
 def test_noise_says_which_pairs_the_runs_resolve():
     """Layouts 1 and 2 lie within two standard errors of each other (unresolved); 3 is apart from both. The
     planner orders (1, 3) as measured and ties (2, 3); with no repeats there is nothing to say."""
