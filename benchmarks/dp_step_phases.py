@@ -52,17 +52,27 @@ def unit_marks(step: list, blocks: int) -> list[list[float]]:
     return rows
 
 
+def after_warmup(rows: list) -> list:
+    """The rows of the steps after the first two (all of them with three steps or fewer)."""
+    return rows[2:] if len(rows) > 3 else rows
+
+
+def gathered(rows: list) -> torch.Tensor | None:
+    """Every rank's ``rows`` (equal shapes) stacked on rank 0, ranks first; None on the other ranks."""
+    mine = torch.tensor(rows, dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return torch.stack(every) if dist.get_rank() == 0 else None
+
+
 def unit_table(marks: list, blocks: int) -> None:
     """Per unit of the last micro-batch, over the ranks (all_gather) and the steps after the first two: the
     last arrival after the mean one, the collective (first departure - last arrival), the mean rank's wait
     (departure - its own arrival) and the block's backward compute with and without the reductions."""
-    kept = marks[2:] if len(marks) > 3 else marks
-    mine = torch.tensor([unit_marks(step, blocks) for step in kept], dtype=torch.float64)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    if dist.get_rank() != 0:
+    kept = after_warmup(marks)
+    ranks = gathered([unit_marks(step, blocks) for step in kept])   # [rank, step, unit, field]
+    if ranks is None:
         return
-    ranks = torch.stack(every)                       # [rank, step, unit, field]
     arrive, depart, compute, alone = ranks.unbind(-1)
     spread = (arrive.max(0).values - arrive.mean(0)).mean(0)
     collective = (depart.min(0).values - arrive.max(0).values).mean(0)
@@ -70,14 +80,15 @@ def unit_table(marks: list, blocks: int) -> None:
     print(f"per unit of the last micro-batch ({len(kept)} steps; block 0's departure is the backward's end, "
           "the root's reduction included):")
     print("  block   last arrival after mean   collective   mean rank's wait   bwd compute last / no sync")
+    compute, alone = compute.mean((0, 1)), alone.mean((0, 1))
     for u in range(blocks):
         print(f"  {blocks - 1 - u:5d}   {spread[u]:23.4f}   {collective[u]:10.4f}   {waited[u]:16.4f}   "
-              f"{compute.mean((0, 1))[u]:.4f} / {alone.mean((0, 1))[u]:.4f}")
+              f"{compute[u]:.4f} / {alone[u]:.4f}")
     first = arrive[:, :, 0] - arrive[:, :, 0].mean(0)   # [rank, step]
     print("first unit's arrival after the mean, per step (columns: ranks): "
           + "; ".join(" ".join(f"{x:+.3f}" for x in first[:, k]) for k in range(first.shape[1])))
     print(f"  sum     {spread.sum():23.4f}   {collective.sum():10.4f}   {waited.sum():16.4f}   "
-          f"{compute.mean((0, 1)).sum():.4f} / {alone.mean((0, 1)).sum():.4f}")
+          f"{compute.sum():.4f} / {alone.sum():.4f}")
 
 
 def phase_drift(marks: list, blocks: int) -> None:
@@ -92,13 +103,9 @@ def phase_drift(marks: list, blocks: int) -> None:
         arrive = unit_marks(step, blocks)[0][0]
         points = [prev_end] + mbs + [arrive]
         rows.append([b - a for a, b in zip(points, points[1:])])
-    kept = rows[2:] if len(rows) > 3 else rows
-    mine = torch.tensor(kept, dtype=torch.float64)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    if dist.get_rank() != 0:
+    ranks = gathered(after_warmup(rows))   # [rank, step, phase]
+    if ranks is None:
         return
-    ranks = torch.stack(every)                 # [rank, step, phase]
     after = (ranks.max(0).values - ranks.mean(0)).mean(0)
     total = ranks.sum(-1)
     names = ["optimizer + loop"] + [f"mb {k}" for k in range(ranks.shape[-1] - 2)] + ["last mb to unit 1"]
@@ -160,7 +167,7 @@ def main() -> int:
     mean /= dist.get_world_size()
     if dist.get_rank() == 0:
         for name, table in (("slowest rank", slowest), ("mean over ranks", mean)):
-            kept = table[2:] if len(table) > 3 else table
+            kept = after_warmup(table)
             step, other, last, opt = (float(x) for x in kept.mean(0))
             print(f"steps {len(kept)} ({name}): step {step:.3f} s; micro-batches without sync {other:.3f} s each "
                   f"(x{trainer.plan.num_microbatches - 1}); the last, with the reduction, {last:.3f} s "

@@ -32,6 +32,7 @@ import datetime as _dt
 import json
 import math
 import os
+import random
 import subprocess
 import statistics
 import threading
@@ -373,8 +374,6 @@ def spearman_ceiling(runs: list[Run], draws: int = CEILING_DRAWS, seed: int = 0)
     noise itself; without it the ceiling comes out high). None with fewer than three layouts or no
     standard errors. Where this is far below 1 the layouts are closer than the runs resolve, and a low
     Spearman says little about the planner."""
-    import random
-
     errors = [standard_error(r) for r in runs]
     if len(runs) < 3 or any(e is None for e in errors):
         return None
@@ -384,9 +383,9 @@ def spearman_ceiling(runs: list[Run], draws: int = CEILING_DRAWS, seed: int = 0)
     if variance <= 0:
         return None
     shrink = math.sqrt(max(0.0, 1.0 - statistics.fmean(e * e for e in errors) / variance))
-    true = [center + shrink * (m - center) for m in means]
     if shrink == 0.0:
         return 0.0
+    true = [center + shrink * (m - center) for m in means]
     rng = random.Random(seed)
     scores = [spearman(true, [t + e * rng.gauss(0.0, 1.0) for t, e in zip(true, errors)]) for _ in range(draws)]
     return statistics.fmean(x for x in scores if not math.isnan(x))
