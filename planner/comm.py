@@ -173,37 +173,53 @@ def expected_max_normal(n: int) -> float:
 def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
     """Seconds a collective over ``ranks`` ranks costs beyond its lined-up time when they come to it from
     ``segment_s`` of computing, as the profile measured it (``measured['host']['meeting']``, worker
-    ``meeting_phase``: the last rank's arrival after the mean arrival, over the ``ranks`` of one host):
-    ``base_s + per_segment * segment`` within the measured segments (below the shortest, the shortest's);
-    past the longest, that one's figure grown as the square root of the segment, never below 0; scaled from
-    the profile's group to ``ranks`` by :func:`expected_max_normal`. Ranks time-sliced on shared cores reach a
-    collective at different moments and the first wait for the last; the links phase times collectives
-    lined up by a barrier and does not see it. 0 without a measurement (GPUs: ranks are not time-sliced;
-    what is left of their skew is in the fitted latency) and for one rank.
+    ``meeting_phase``: the last rank's time for a segment after the ranks' mean time, over the ranks of one
+    host), scaled from the profile's group to ``ranks`` by :func:`expected_max_normal`. Ranks time-sliced on
+    shared cores reach a collective at different moments and the first wait for the last; the links phase
+    times collectives lined up by a barrier and does not see it. 0 without a measurement (GPUs: ranks are not
+    time-sliced; what is left of their skew is in the fitted latency) and for one rank.
 
-    The square root: how far apart time-sliced ranks drift is a sum of many independent scheduling delays,
-    whose spread grows as the square root of the time they add up over. Measured on 4 CPU ranks by arrivals
-    (p26, docs/profiler.md session 13): 35 ms after 0.13 s segments, 74 ms after 0.49 s (3.7x the segment,
-    2.1x the drift; its square root 1.9x). A plan's replicas meet once after a whole step
-    (planner/evaluate.py: gradient_meetings), longer than the profile can afford to time.
+    The profile's figure at ``segment_s``:
+    - ``curve`` (profiled since session 14, segments of 10 ms .. 2 s): interpolated linearly between its
+      points; below the shortest, the shortest's;
+    - older files: the line ``base_s + per_segment * segment`` within the measured segments (below the
+      shortest, the shortest's), never below 0;
+    - past the longest segment either way: that one's figure grown as the square root of the segment (how
+      far apart time-sliced ranks drift is a sum of many scheduling delays; docs/profiler.md session 14
+      measured 43 ms after 0.5 s and 79 ms after 2 s on 4 CPU ranks, 1.8x for 4x).
 
-    The group size: the last of ``n`` ranks whose drifts are independent normal draws arrives
-    E[max of n standard normals] standard deviations after their mean -- 0.56 for two, 1.03 for four. Inside
-    real dp4 steps (``benchmarks/dp_step_phases.py``) the first unit's all-reduce waited 0.09-0.15 s for the
-    last of four ranks; between the two replicas of dp2 pp2 (``benchmarks/dp_reduce_wait.py``) 0.047 s."""
+    A plan's replicas meet once after a whole step (planner/evaluate.py: gradient_meetings). The group
+    size: the last of ``n`` ranks whose drifts are independent normal draws arrives E[max of n standard
+    normals] standard deviations after their mean -- 0.56 for two, 1.03 for four. Inside real dp4 steps
+    (``benchmarks/dp_step_phases.py``) the first unit's all-reduce waited 0.09-0.15 s for the last of four
+    ranks; between the two replicas of dp2 pp2 (``benchmarks/dp_reduce_wait.py``) 0.047 s."""
     meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
     try:
-        base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
-        low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
         measured_ranks = int(meeting.get("ranks") or ranks)
+        if meeting.get("curve"):
+            points = sorted((float(p["segment_s"]), max(0.0, float(p["penalty_s"]))) for p in meeting["curve"])
+            held, high = interpolate(points, segment_s), points[-1][0]
+        else:
+            base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
+            low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
+            held = max(0.0, base + slope * min(max(segment_s, low), high))
     except (KeyError, TypeError, ValueError):
         return 0.0
-    if not (math.isfinite(base) and math.isfinite(slope)) or ranks <= 1 or measured_ranks <= 1:
+    if not math.isfinite(held) or ranks <= 1 or measured_ranks <= 1:
         return 0.0
-    held = max(0.0, base + slope * min(max(segment_s, low), high))
     if segment_s > high > 0:
         held *= math.sqrt(segment_s / high)
     return held * expected_max_normal(ranks) / expected_max_normal(measured_ranks)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """``y`` at ``x`` on the polyline through ``points`` (sorted by x), held at the end points' ``y`` outside."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
 
 
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:

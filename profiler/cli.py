@@ -323,7 +323,8 @@ def summary_text(cluster, elapsed: float) -> str:
     if meeting:
         per = ", ".join(f"{s['penalty_s'] * 1e3:.1f} ms after {s['segment_s'] * 1e3:.0f} ms"
                         for s in meeting["samples"])
-        lines.append(f"meeting: a collective reached from computing costs its lined-up time plus {per}")
+        lines.append(f"meeting: a collective reached from computing costs its lined-up time plus {per} "
+                     f"(the last of {meeting.get('ranks', '?')} ranks after the mean)")
     pipeline = host.get("pipeline")
     if pipeline:
         lines.append(f"pipeline: one schedule op costs {pipeline['op_overhead_s'] * 1e3:.2f} ms beyond its compute "

@@ -197,20 +197,41 @@ def fit_sharing(raw: dict) -> dict | None:
     return {"busy_speedup": [[s["busy"], x] for s, x in zip(samples, speedup)], **raw["sharing"]}
 
 
+def nondecreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing sequence nearest ``values`` (pool adjacent violators, equal weights):
+    a run of values that falls is replaced by its mean."""
+    blocks: list[list[float]] = []          # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
 def fit_meeting(raw: dict) -> dict | None:
-    """The meeting measurement (worker ``meeting_phase``, CPU ranks) with a least-squares line through its
-    samples, penalty = ``base_s + per_segment * segment_s``, read by ``planner/comm.py: meeting_time``
-    (which holds it within the measured segments, grows it as a square root past them and scales it to a
-    group's size). Penalties are taken as at least 0 and the slope as at least 0 (flat at the samples' mean
-    where it fits negative): ranks do not meet faster than lined up, nor drift less apart over a longer
-    segment. Timed from arrivals (``timing: arrivals``) a sample cannot be negative; files profiled before
-    took the difference of two loops, where one was (p25: -45 ms after 183 ms, three calls a loop), and
-    through it the line priced every later meeting at 0."""
+    """The meeting measurement (worker ``meeting_phase``, CPU ranks) in the form ``planner/comm.py:
+    meeting_time`` reads (which scales it to a group's size):
+
+    - timed as drift (``timing: drift``, one run gives every segment up to a step's length): ``curve``, the
+      samples' penalties made non-decreasing in the segment (:func:`nondecreasing`; ranks do not drift less
+      apart over a longer segment, a dip is noise), interpolated between its points;
+    - files profiled before: a least-squares line through the samples, penalty = ``base_s + per_segment *
+      segment_s``, held within the measured segments and grown as a square root past them. Penalties are
+      taken as at least 0 and the slope as at least 0 (flat at the samples' mean where it fits negative).
+      Timed from arrivals (``timing: arrivals``) a sample cannot be negative; files profiled before that
+      took the difference of two loops, where one was (p25: -45 ms after 183 ms, three calls a loop), and
+      through it the line priced every later meeting at 0."""
     data = raw.get("meeting") or {}
     samples = data.get("samples") or []
     if not samples:
         return None
     xs, ys = [s["segment_s"] for s in samples], [max(0.0, s["penalty_s"]) for s in samples]
+    if data.get("timing") == "drift":
+        ordered = sorted(zip(xs, ys))
+        fitted = nondecreasing([y for _, y in ordered])
+        return {"curve": [{"segment_s": x, "penalty_s": y} for (x, _), y in zip(ordered, fitted)],
+                "segments_s": [min(xs), max(xs)], **data}
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     spread = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread > 0 else 0.0

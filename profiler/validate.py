@@ -432,6 +432,7 @@ MEASURED_COMPUTE_SECONDS = ((("compute", "vocab"), ("head_s", "loss_s", "embeddi
                             (("compute", "optimizer"), ("step_s", "seconds_per_param")),
                             (("host", "pipeline"), ("op_overhead_s",)))
 MEASURED_COMM_SECONDS = ((("host", "meeting"), ("base_s", "per_segment")),
+                         (("host", "meeting", "curve"), ("penalty_s",)),
                          (("links", "reduction", "samples"), ("seconds",)))
 
 

@@ -11,24 +11,27 @@ broadcasts the decision, so every rank stays in step:
    GEMMs alone (``F.linear``), causal attention alone, the LM-head GEMM and the embedding; and the bytes
    one block holds for backward under none / selective / full recompute (the runtime's ``apply_ac``), as the
    net growth of live tensor bytes (``kernels/measure.py: peak_tracked_bytes``).
-2. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
-   a node (one group per node) and across nodes (one group per local rank), all groups at once.
-3. reduction: all-reduce, reduce-scatter and all-gather at the sizes of the runtime's gradient units, over
-   every data-parallel group shape (size, stride) the world allows, all groups of a shape at once, in
-   rounds: what the planner prices data-parallel traffic from where it was measured.
-4. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
-   same length alone, and the two together (the collective started asynchronously, the GEMMs run, then
-   waited for): how much of a collective still shows beside compute (``exposed_fraction``).
-5. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
+2. sharing (CPU ranks only): a GEMM loop on k of each host's ranks at once, the others asleep, for k = 1 ..
    ranks per host: how much faster a rank computes when others idle (``busy_speedup``; a rank idle in a
    pipeline bubble hands its share of the cores to the busy ones). GPUs are one device per rank: skipped.
-6. meeting (CPU ranks only): a small all-reduce after each segment of GEMMs (10 ms to 0.5 s), every rank
-   noting when it arrives: how far behind the mean the last rank arrives, what a collective costs beyond its
-   lined-up time when ranks come to it from computing, time-sliced on shared cores (``meeting``).
-7. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
+3. meeting (CPU ranks only): every rank computes GEMMs for 2.2 s from a barrier, noting the time after each;
+   cut into windows of 10 ms to 2 s, how far behind the mean the last rank is at a window's end: what a
+   collective costs beyond its lined-up time when ranks come to it from computing, time-sliced on shared
+   cores (``meeting``).
+4. pipeline ops (CPU ranks only): torch.distributed.pipelining's 1F1B over pairs of ranks at two micro-batch
    counts, against the stage's module alone: what one forward or backward op of a schedule costs beyond its
    compute (the schedule's bookkeeping, its send/recv, the wait for a time-sliced neighbour),
    ``op_overhead_s``.
+   These three run before the link sweep: after it, CPU ranks drift apart several times further than in a
+   training job (docs/profiler.md, session 14).
+5. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
+   a node (one group per node) and across nodes (one group per local rank), all groups at once.
+6. reduction: all-reduce, reduce-scatter and all-gather at the sizes of the runtime's gradient units, over
+   every data-parallel group shape (size, stride) the world allows, all groups of a shape at once, in
+   rounds: what the planner prices data-parallel traffic from where it was measured.
+7. overlap: one message size of all-reduce, all-gather and reduce-scatter alone, a GEMM loop of about the
+   same length alone, and the two together (the collective started asynchronously, the GEMMs run, then
+   waited for): how much of a collective still shows beside compute (``exposed_fraction``).
 8. pairs: point-to-point bandwidth between every pair of ranks (round-robin rounds, all pairs of a round at
    once), the matrix that shows a slow link.
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -725,7 +729,7 @@ def host_phases_seconds(device, nproc: int) -> float:
     if device.type == "cuda":
         return 0.0
     sharing = nproc * SHARING_ROUNDS * SHARING_WINDOW_S
-    meeting = MEETING_ROUNDS * sum(max(MEETING_SECONDS, MEETING_MIN_CALLS * x) for x in MEETING_SEGMENTS_S)
+    meeting = MEETING_RUNS * MEETING_RUN_S
     return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S
 
 
@@ -769,17 +773,10 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
 
 
-MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5)   # compute between two collectives: a layer's pass .. a step's
-MEETING_SECONDS = 0.6                     # per segment length and round: this many seconds of segments
-MEETING_MIN_CALLS = 4                     # a long segment still meets this many times a round
-MEETING_ROUNDS = 3                        # each segment length once a round, side by side
-MEETING_BYTES = 64 * 1024                 # small: the latency side of a collective, not its bandwidth
-
-
-def meeting_calls(segment_s: float) -> int:
-    """Meetings a round at ``segment_s`` of compute between them: MEETING_SECONDS of segments, at least
-    MEETING_MIN_CALLS."""
-    return max(MEETING_MIN_CALLS, round(MEETING_SECONDS / segment_s))
+MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5, 1.0, 2.0)   # compute between two collectives: a layer's pass .. a step's
+MEETING_RUN_S = 2.2                      # one run: every rank computes this long without meeting (> the longest segment)
+MEETING_RUNS = 6                         # runs, each from a barrier; the figure is the median of the runs
+MEETING_BYTES = 64 * 1024                # the lined-up all-reduce timed for reference: the latency side, not bandwidth
 
 
 def last_after_mean(arrivals: torch.Tensor) -> torch.Tensor:
@@ -788,20 +785,33 @@ def last_after_mean(arrivals: torch.Tensor) -> torch.Tensor:
     return arrivals.max(0).values - arrivals.mean(0)
 
 
-def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
-    """CPU ranks: the first level's groups (inside a node) run segments of square GEMMs, each about
-    ``segment_s`` long with every rank busy, and a MEETING_BYTES all-reduce after each; every rank notes the
-    wall time it arrives at each all-reduce (``time.perf_counter``, one clock per host) and the time it
-    leaves. ``penalty_s`` per segment length is the last arrival after the mean arrival (last_after_mean),
-    averaged over a round's meetings, the median over MEETING_ROUNDS rounds; ``segment_s`` the measured
-    compute between leaving one all-reduce and arriving at the next. On shared cores the operating system
-    time-slices the ranks, they drift apart while they compute, and at a collective the first wait for the
-    last; on GPUs the ranks are not time-sliced: skipped.
+def drift_windows(marks: torch.Tensor, gemms: int) -> torch.Tensor:
+    """Per window of ``gemms`` GEMMs (disjoint, from the run's start), the last rank's time for it after the
+    ranks' mean time (``last_after_mean`` of the windows' durations): what a collective at the window's end
+    would cost beyond its lined-up time had the ranks left one at its start together. ``marks``: [rank, GEMMs
+    done + 1], each rank's ``perf_counter`` at its start and after every GEMM."""
+    ends = torch.arange(gemms, marks.shape[1], gemms)
+    if len(ends) == 0:
+        return torch.empty(0, dtype=marks.dtype)
+    durations = marks[:, ends] - marks[:, ends - gemms]
+    return last_after_mean(durations)
 
-    Timed from arrivals, each meeting is a sample of its own. The earlier form -- a loop with the
-    all-reduces against the loop without, divided by the calls -- was the difference of two 0.5 s loops
-    and gave -45 to +39 ms at 0.17 s segments in ten profiles of one machine (docs/profiler.md, session
-    13)."""
+
+def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
+    """CPU ranks: how far the first level's ranks (inside a node) drift apart while they compute, as a
+    function of how long they compute between two collectives. In each of MEETING_RUNS runs every rank
+    leaves a barrier and runs square GEMMs for MEETING_RUN_S, noting ``time.perf_counter`` (one clock per
+    host) after each; the runs' marks are gathered. For each segment of MEETING_SEGMENTS_S the run is cut
+    into disjoint windows of that many GEMMs' time and each window's penalty is the last rank's duration after
+    the mean duration (``drift_windows``): the wait a collective at the window's end costs the mean rank.
+    ``penalty_s`` per segment is the median over runs of a run's mean window; ``segment_s`` the windows'
+    mean duration. On shared cores the operating system time-slices the ranks and they drift apart; on GPUs
+    the ranks are not time-sliced: skipped.
+
+    One run gives every segment length at once, the step-long ones included, so the planner reads a step's
+    drift off the measurement instead of extrapolating it. The earlier forms -- a loop with all-reduces
+    against one without (session 12), then separate loops of meetings per segment up to 0.5 s, grown as a
+    square root to a step's length (session 13) -- are read as before (docs/profiler.md, session 14)."""
     if device.type == "cuda":
         return {}
     first = first_level_group(cfg["nproc_per_node"])
@@ -814,35 +824,35 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
     call, nbytes = collective_call("all_reduce", MEETING_BYTES, len(members), group, device)
     collective_s = all_ranks_time(call, device, cfg["reps"], agree_count=True)
     one_gemm = all_ranks_time(lambda: torch.mm(a, a, out=c), device, cfg["reps"])
-    gemms = [int(slowest([float(max(1, round(s / one_gemm)))], device)[0]) for s in MEETING_SEGMENTS_S]
-    rounds: list[list[dict]] = [[] for _ in MEETING_SEGMENTS_S]
-    for round_ in range(MEETING_ROUNDS):
+    gemms = int(slowest([float(math.ceil(MEETING_RUN_S / one_gemm))], device)[0])
+    runs: list[list[tuple[float, float, int]]] = [[] for _ in MEETING_SEGMENTS_S]   # (penalty, segment, windows)
+    for run in range(MEETING_RUNS):
+        marks = [0.0] * (gemms + 1)
+        dist.barrier()
+        marks[0] = time.perf_counter()
+        for k in range(gemms):
+            torch.mm(a, a, out=c)
+            marks[k + 1] = time.perf_counter()
+        mine = torch.tensor(marks, dtype=torch.float64)
+        every = [torch.empty_like(mine) for _ in members]
+        dist.all_gather(every, mine, group=group)
+        table = torch.stack(every)                                   # [rank, mark]
+        per_gemm = (table[:, -1] - table[:, 0]).mean().item() / gemms
         for i, segment_s in enumerate(MEETING_SEGMENTS_S):
-            calls = meeting_calls(segment_s)
-            marks = torch.zeros(2, calls, dtype=torch.float64)   # arrival, departure
-            dist.barrier()
-            for k in range(calls):
-                for _ in range(gemms[i]):
-                    torch.mm(a, a, out=c)
-                marks[0, k] = time.perf_counter()
-                call()
-                marks[1, k] = time.perf_counter()
-            every = [torch.empty_like(marks) for _ in members]
-            dist.all_gather(every, marks, group=group)
-            table = torch.stack(every)                      # [rank, arrival/departure, meeting]
-            computed = (table[:, 0, 1:] - table[:, 1, :-1]).mean().item()
-            rounds[i].append({"penalty_s": last_after_mean(table[:, 0]).mean().item(), "segment_s": computed})
-            if progress:
-                progress.update(round_ * len(MEETING_SEGMENTS_S) + i + 1, MEETING_ROUNDS * len(MEETING_SEGMENTS_S),
-                                f"{level} segments of {segment_s * 1e3:.0f} ms, round {round_ + 1}")
+            width = min(gemms, max(1, round(segment_s / per_gemm)))
+            penalties = drift_windows(table, width)
+            runs[i].append((penalties.mean().item(), width * per_gemm, len(penalties)))
+        if progress:
+            progress.update(run + 1, MEETING_RUNS, f"{level}: {len(members)} ranks computing "
+                            f"{MEETING_RUN_S:.1f} s apart, run {run + 1}")
     rows = []
-    for i, samples in enumerate(rounds):
-        rows.append({"segment_s": statistics.median(r["segment_s"] for r in samples), "gemms": gemms[i],
-                     "calls": meeting_calls(MEETING_SEGMENTS_S[i]), "collective_s": collective_s,
-                     "penalty_s": statistics.median(r["penalty_s"] for r in samples),
-                     "rounds_s": [r["penalty_s"] for r in samples]})
-    return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "timing": "arrivals",
-            "samples": rows}
+    for i, samples in enumerate(runs):
+        rows.append({"segment_s": statistics.median(s for _, s, _ in samples),
+                     "penalty_s": statistics.median(p for p, _, _ in samples),
+                     "rounds_s": [p for p, _, _ in samples], "windows": sum(n for _, _, n in samples),
+                     "collective_s": collective_s})
+    return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "timing": "drift",
+            "run_s": MEETING_RUN_S, "samples": rows}
 
 
 PIPELINE_MICROBATCHES = (4, 16)   # the op cost comes from the slope between the two: fixed costs cancel
@@ -996,7 +1006,7 @@ def run(cfg: dict) -> dict | None:
     host_s = host_phases_seconds(device, cfg["nproc_per_node"])
     flexible = max(0.0, total - host_s)
     compute_deadline = begin + cfg["compute_share"] * flexible
-    pairs_reserve = cfg["pairs_share"] * flexible + host_s
+    pairs_reserve = cfg["pairs_share"] * flexible   # the host phases run before the sweep, its end is after them
     hosts = [None] * world
     dist.all_gather_object(hosts, {"host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
                                    "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
@@ -1007,6 +1017,15 @@ def run(cfg: dict) -> dict | None:
                            "model": cfg["model"], "budget_s": total}
     with Progress("compute", total, enabled=show) as progress:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress)
+    # The host phases run before the link sweep: after it, ranks computing side by side drift apart 3-10x
+    # further than before it or inside a training job (0.3 s against 0.03-0.05 s after 0.5 s of GEMMs on 4
+    # CPU ranks, docs/profiler.md session 14), while the sharing rates and the pipeline op cost do not move.
+    with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["sharing"] = sharing_phase(cfg, device, progress)
+    with Progress("meeting", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["meeting"] = meeting_phase(cfg, device, progress)
+    with Progress("pipeline", total, enabled=show and device.type != "cuda", start=begin) as progress:
+        raw["pipeline"] = pipeline_phase(cfg, device, progress)
     links_end = deadline - pairs_reserve
     with Progress("links", total, enabled=show, start=begin) as progress:
         # half of what the compute phase left to the sweep; the reduction phase has the rest (and what the
@@ -1016,12 +1035,6 @@ def run(cfg: dict) -> dict | None:
         raw["reduction"] = reduction_phase(cfg, device, links_end, progress)
     with Progress("overlap", total, enabled=show, start=begin) as progress:
         raw["overlap"] = overlap_phase(cfg, device, dtype, progress)
-    with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:
-        raw["sharing"] = sharing_phase(cfg, device, progress)
-    with Progress("meeting", total, enabled=show and device.type != "cuda", start=begin) as progress:
-        raw["meeting"] = meeting_phase(cfg, device, progress)
-    with Progress("pipeline", total, enabled=show and device.type != "cuda", start=begin) as progress:
-        raw["pipeline"] = pipeline_phase(cfg, device, progress)
     with Progress("pairs", total, enabled=show, start=begin) as progress:
         raw["pairs"] = pairs_phase(cfg, device, progress)
     raw["elapsed_s"] = time.time() - begin

@@ -395,6 +395,28 @@ def test_meeting_time_is_the_profiled_line_within_its_segments_and_a_square_root
     assert drifted["per_segment"] == 0.0 and drifted["base_s"] == pytest.approx(0.008 / 3)
 
 
+def test_meeting_time_reads_the_drift_curve_and_grows_past_it_as_a_square_root():
+    """A profile timed as drift (session 14) is priced off its curve: interpolated between the segments, the
+    shortest's figure below them, the longest's grown as a square root past them; a dip in the samples (noise:
+    ranks do not drift less apart over a longer segment) is pooled with its neighbour."""
+    from meshplan.profiler.cluster_file import fit_meeting, nondecreasing
+
+    assert nondecreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert nondecreasing([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0] and nondecreasing([]) == []
+    raw = {"meeting": {"timing": "drift", "ranks": 4, "samples": [
+        {"segment_s": 0.01, "penalty_s": 0.003}, {"segment_s": 0.5, "penalty_s": 0.045},
+        {"segment_s": 0.16, "penalty_s": 0.017}, {"segment_s": 1.0, "penalty_s": 0.070},
+        {"segment_s": 2.0, "penalty_s": 0.066}]}}
+    fit = fit_meeting(raw)
+    assert [p["segment_s"] for p in fit["curve"]] == [0.01, 0.16, 0.5, 1.0, 2.0]
+    assert [p["penalty_s"] for p in fit["curve"]] == pytest.approx([0.003, 0.017, 0.045, 0.068, 0.068])
+    cluster = _with_measured(load_cluster("localhost:4"), {"host": {"meeting": fit}})
+    assert comm.meeting_time(cluster, 0.33, 4) == pytest.approx((0.017 + 0.045) / 2)
+    assert comm.meeting_time(cluster, 0.001, 4) == pytest.approx(0.003)
+    assert comm.meeting_time(cluster, 8.0, 4) == pytest.approx(2 * 0.068)
+    assert comm.meeting_time(cluster, 1.5, 2) == pytest.approx(0.068 * 0.5642 / 1.0294, rel=1e-3)
+
+
 def test_expected_max_normal_is_tippetts_table():
     """E[max of n standard normals], Tippett (1925) / Harter (1961): 0.5642, 0.8463, 1.0294, 1.1630, 1.5388
     for n = 2, 3, 4, 5, 10; 0 for one draw."""

@@ -202,11 +202,17 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert set(speedup) == {1, 2} and speedup[2] == pytest.approx(1.0) and 0.7 < speedup[1] < 3, m["host"]
     assert "sharing" in proc.stderr
     meeting = m["host"]["meeting"]
-    assert [s["segment_s"] > 0 for s in meeting["samples"]] == [True] * 4 and meeting["ranks"] == 2
-    # the last arrival after the mean: never negative, a few ms to tens of ms on shared cores, never a second
-    assert all(s["collective_s"] > 0 and len(s["rounds_s"]) == 3 and 0 <= min(s["rounds_s"]) <= max(s["rounds_s"]) < 1
+    from meshplan.profiler.worker import MEETING_RUNS, MEETING_SEGMENTS_S
+    assert len(meeting["samples"]) == len(MEETING_SEGMENTS_S) and meeting["ranks"] == 2, meeting
+    # every segment measured at about its length (the longest within the run), each from every run
+    for s, target in zip(meeting["samples"], MEETING_SEGMENTS_S):
+        assert 0.5 * target < s["segment_s"] < 1.5 * target and len(s["rounds_s"]) == MEETING_RUNS, s
+    # the last rank after the mean: never negative, a few ms to tens of ms on shared cores, never a second
+    assert all(s["collective_s"] > 0 and 0 <= min(s["rounds_s"]) <= max(s["rounds_s"]) < 1
                for s in meeting["samples"]), meeting
-    assert meeting["timing"] == "arrivals" and meeting["per_segment"] >= 0
+    assert meeting["timing"] == "drift"
+    priced = [p["penalty_s"] for p in meeting["curve"]]
+    assert priced == sorted(priced) and len(priced) == len(MEETING_SEGMENTS_S), meeting["curve"]
     assert 0 <= m["host"]["pipeline"]["op_overhead_s"] < 0.05, m["host"]["pipeline"]   # ms, not a step
     assert "meeting" in proc.stderr and "pipeline" in proc.stderr
     cluster = load_cluster(str(out))
@@ -249,15 +255,22 @@ def test_link_sweep_runs_both_ends_first():
 
 
 def test_a_meeting_costs_the_last_arrival_after_the_mean():
-    """The meeting phase times each meeting from the ranks' arrivals (rows: ranks, columns: meetings): the
-    last rank's arrival after the mean one, what the mean rank waits; all together, nothing."""
+    """The meeting phase's penalty is the last rank after the mean (rows: ranks, columns: meetings); cut
+    into windows, a run's marks give each window's durations, and the penalty is taken over those: a rank
+    that fell behind before the window does not count against it."""
     import torch
 
-    from meshplan.profiler.worker import MEETING_MIN_CALLS, MEETING_SECONDS, last_after_mean, meeting_calls
+    from meshplan.profiler.worker import drift_windows, last_after_mean
 
     arrivals = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [5.0, 1.0]], dtype=torch.float64)
     assert last_after_mean(arrivals).tolist() == [3.0, 0.0]
-    assert meeting_calls(0.01) == round(MEETING_SECONDS / 0.01) and meeting_calls(10.0) == MEETING_MIN_CALLS
+    # two ranks, 4 GEMMs each: rank 1 loses 0.4 s in its first GEMM, then keeps pace until the fourth
+    marks = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0],
+                          [0.0, 1.4, 2.4, 3.4, 4.8]], dtype=torch.float64)
+    assert drift_windows(marks, 1).tolist() == pytest.approx([0.2, 0.0, 0.0, 0.2])
+    assert drift_windows(marks, 2).tolist() == pytest.approx([0.2, 0.2])
+    assert drift_windows(marks, 4).tolist() == pytest.approx([0.4])
+    assert drift_windows(marks, 5).numel() == 0
 
 
 def test_sharing_is_the_median_of_each_rounds_own_ratio():

@@ -316,7 +316,8 @@ def test_calibration_scales_what_the_profile_timed_whole():
                             "vocab": [{"head_s": 0.01, "loss_s": 0.02, "embedding_s": 0.001,
                                        "chunked_head_loss_s": 0.03, "tokens": 256}],
                             "optimizer": [{"tp": 1, "step_s": 0.004, "seconds_per_param": 5e-9, "params": 8e5}]},
-                "host": {"pipeline": {"op_overhead_s": 0.003}, "meeting": {"base_s": 0.004, "per_segment": 0.08}},
+                "host": {"pipeline": {"op_overhead_s": 0.003}, "meeting": {"base_s": 0.004, "per_segment": 0.08,
+                                                                     "curve": [{"segment_s": 0.5, "penalty_s": 0.05}]}},
                 "links": {"reduction": {"samples": [{"collective": "all_reduce", "ranks": 2, "stride": 1,
                                                      "bytes": 2**20, "seconds": 0.01, "rounds_s": [0.01]}]}}}
     profile = {**cluster.to_dict(), "measured": measured}
@@ -328,6 +329,7 @@ def test_calibration_scales_what_the_profile_timed_whole():
     assert m["compute"]["optimizer"][0]["params"] == 8e5
     assert m["host"]["pipeline"]["op_overhead_s"] == pytest.approx(0.006)
     assert m["host"]["meeting"]["base_s"] == pytest.approx(0.016) and m["host"]["meeting"]["per_segment"] == 0.32
+    assert m["host"]["meeting"]["curve"] == [{"segment_s": 0.5, "penalty_s": pytest.approx(0.2)}]
     row = m["links"]["reduction"]["samples"][0]
     assert row["seconds"] == pytest.approx(0.04) and row["rounds_s"] == [0.01]   # the rounds stay as measured
     assert m["calibration"][-1]["measured_seconds_scaled"] is True
@@ -335,6 +337,7 @@ def test_calibration_scales_what_the_profile_timed_whole():
     assert undone["compute"]["vocab"][0]["chunked_head_loss_s"] == pytest.approx(0.03)
     assert undone["links"]["reduction"]["samples"][0]["seconds"] == pytest.approx(0.01)
     assert undone["host"]["meeting"]["per_segment"] == pytest.approx(0.08)
+    assert undone["host"]["meeting"]["curve"][0]["penalty_s"] == pytest.approx(0.05)
     # an older file: its calibration scaled only the rates
     old = v.apply_calibration(profile, cluster, 2.0, 4.0, {"compute_scale": 2.0, "comm_scale": 4.0},
                               measured_seconds=False)
