@@ -311,15 +311,21 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     # benchmarks/chunked_loss_scale.py). The reference head below is timed with a gradient of ones and its
     # loss on unit logits, so only the chunked loss had met it: v21's profile put it at 7x the reference
     w = (torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype) * spec.hidden ** -0.5).requires_grad_()
-    head = time_reps(fwd_bwd(lambda: F.linear(x, w), [x, w]), device, reps)
+
+    def every_rank(fn: Callable[[], Any]) -> list[float]:
+        # as the block (time_block): every rank starts each sample together, and each sample is the slowest
+        # rank's -- a rank's own samples, taken while the others were between calls, ran on the cores they left
+        return slowest(time_reps(fn, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S), device)
+
+    head = every_rank(fwd_bwd(lambda: F.linear(x, w), [x, w]))
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, vocab_local, (tokens,), device=device)
-    loss = time_reps(fwd_bwd(lambda: F.cross_entropy(logits.float(), targets), [logits]), device, reps)
+    loss = every_rank(fwd_bwd(lambda: F.cross_entropy(logits.float(), targets), [logits]))
     del logits
-    chunked = time_reps(fwd_bwd(lambda: linear_cross_entropy(x, w, targets, impl="fused"), [x, w]), device, reps)
+    chunked = every_rank(fwd_bwd(lambda: linear_cross_entropy(x, w, targets, impl="fused"), [x, w]))
     emb = nn.Embedding(spec.vocab, spec.hidden, device=device, dtype=dtype)
     ids = torch.randint(0, spec.vocab, (mb, seq), device=device)
-    embed = time_reps(fwd_bwd(lambda: emb(ids), list(emb.parameters())), device, reps)
+    embed = every_rank(fwd_bwd(lambda: emb(ids), list(emb.parameters())))
     return {"tp": tp, "micro_batch": mb, "seq": seq, "hidden": spec.hidden, "vocab_local": vocab_local,
             "head_gemm": {"m": tokens, "k": spec.hidden, "n": vocab_local,
                           "flops": 2.0 * tokens * spec.hidden * vocab_local, "seconds": lower_quartile(head)},
@@ -773,10 +779,10 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
 
 
-MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5, 1.0, 2.0)   # compute between two collectives: a layer's pass .. a step's
-MEETING_RUN_S = 2.2                      # one run: every rank computes this long without meeting (> the longest segment)
-MEETING_RUNS = 6                         # runs, each from a barrier; the figure is the median of the runs
-MEETING_BYTES = 64 * 1024                # the lined-up all-reduce timed for reference: the latency side, not bandwidth
+MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5, 1.0, 2.0)   # computing between collectives: a layer's pass .. a step
+MEETING_RUN_S = 2.2           # one run: every rank computes this long without meeting (past the longest segment)
+MEETING_RUNS = 6              # runs, each from a barrier; the figure is the median of the runs
+MEETING_BYTES = 64 * 1024     # the lined-up all-reduce timed for reference: the latency side, not bandwidth
 
 
 def last_after_mean(arrivals: torch.Tensor) -> torch.Tensor:
