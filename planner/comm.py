@@ -185,8 +185,9 @@ def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
     - older files: the line ``base_s + per_segment * segment`` within the measured segments (below the
       shortest, the shortest's), never below 0;
     - past the longest segment either way: that one's figure grown as the square root of the segment (how
-      far apart time-sliced ranks drift is a sum of many scheduling delays; docs/profiler.md session 14
-      measured 43 ms after 0.5 s and 79 ms after 2 s on 4 CPU ranks, 1.8x for 4x).
+      far apart time-sliced ranks drift is a sum of many scheduling delays; on 4 CPU ranks, from 0.5 s to
+      2 s the drift grew 1.6-3.3x in six runs, median 2.1x, where the square root gives 2x: docs/profiler.md,
+      session 14).
 
     A plan's replicas meet once after a whole step (planner/evaluate.py: gradient_meetings). The group
     size: the last of ``n`` ranks whose drifts are independent normal draws arrives E[max of n standard
