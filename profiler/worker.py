@@ -850,7 +850,7 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
             runs[i].append((penalties.mean().item(), width * per_gemm, len(penalties)))
         if progress:
             progress.update(run + 1, MEETING_RUNS, f"{level}: {len(members)} ranks computing "
-                            f"{MEETING_RUN_S:.1f} s apart, run {run + 1}")
+                            f"{MEETING_RUN_S:.1f} s without meeting, run {run + 1}")
     rows = []
     for i, samples in enumerate(runs):
         rows.append({"segment_s": statistics.median(s for _, s, _ in samples),
