@@ -108,6 +108,16 @@ def _reduction_table(cluster: ClusterSpec) -> dict[tuple[str, int, int], tuple[t
     return result
 
 
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """``y`` at ``x`` on the polyline through ``points`` (sorted by x), held at the end points' ``y`` outside."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
 def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, stride: int,
                              nbytes: float) -> float | None:
     """Seconds of one ``collective`` (all_reduce, reduce_scatter, all_gather) of ``nbytes`` (nccl-tests'
@@ -128,9 +138,8 @@ def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, s
     if nbytes <= points[0][0] or len(points) == 1:
         first_bytes, first_s = points[0]
         return first_s if nbytes <= first_bytes else first_s * nbytes / first_bytes
-    for (x0, t0), (x1, t1) in zip(points, points[1:]):
-        if nbytes <= x1:
-            return t0 + (t1 - t0) * (nbytes - x0) / (x1 - x0) if x1 > x0 else t1
+    if nbytes <= points[-1][0]:
+        return interpolate(points, nbytes)
     (x0, t0), (x1, t1) = points[-2], points[-1]
     slope = (t1 - t0) / (x1 - x0) if x1 > x0 and t1 > t0 else t1 / x1
     return t1 + slope * (nbytes - x1)
@@ -211,16 +220,6 @@ def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
     if segment_s > high > 0:
         held *= math.sqrt(segment_s / high)
     return held * expected_max_normal(ranks) / expected_max_normal(measured_ranks)
-
-
-def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """``y`` at ``x`` on the polyline through ``points`` (sorted by x), held at the end points' ``y`` outside."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return points[-1][1]
 
 
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:
