@@ -6,7 +6,8 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
 
 * ``compute``: ``matmul_table`` ([forward FLOPs of one GEMM, achieved TFLOP/s over forward + backward]),
   ``attention_tflops`` (causal FLOPs as the planner counts them), ``memory_gbps`` (fitted to the block time the
-  GEMMs and attention leave), and ``block_check`` (measured block time next to what the fitted model predicts);
+  GEMMs and attention leave), ``block_check`` (measured block time next to what the fitted model predicts)
+  and ``block_lines`` (per tp, the block's time against its micro-batch, which pools the shapes' figures);
 * ``memory``: bytes per layer held for backward per recompute mode and shape (and what the planner predicts);
 * ``links``: per level the joint fit and one fit per collective, the per-pair bandwidth matrix
   (``pair_bandwidth_gbps``, world x world), the topology as a networkx node-link graph, ``reduction`` (the
@@ -31,7 +32,7 @@ import yaml
 
 from meshplan.planner import compute as planner_compute
 from meshplan.planner import memory as planner_memory
-from meshplan.profiler.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, rate_table
+from meshplan.profiler.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, fit_micro_batch_line, rate_table
 from meshplan.spec import ClusterSpec, DeviceSpec, LinkSpec, ModelSpec
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -56,20 +57,78 @@ def attention_flops(spec: ModelSpec, tp: int, mb: int, seq: int) -> float:
     return 3.5 * 2.0 * mb * seq * seq * spec.hidden / tp
 
 
-def blocked_block_seconds(blocks: list[dict]) -> list[float]:
-    """Each profiled block's forward + backward seconds. Where the worker timed every shape again in rounds
-    (``block_rounds_s``: the first pass, then two or more rounds of every shape side by side, worker
-    ``block_rounds``), the rounds are blocks: shape ``s``'s time in round ``r`` is divided by the round's level
-    (the geometric mean over the shapes), and its figure is the median of those ratios times the mean level
-    -- what the machine did to a whole round cancels from the shapes' ratios, which decide the micro-batch
-    and tensor-parallel choices. Otherwise the first pass's ``block_s``."""
+def round_samples(blocks: list[dict]) -> list[list[float]] | None:
+    """Each profiled shape's block seconds in the worker's rounds (``block_rounds_s``: the first pass, then two
+    or more rounds of every shape side by side, worker ``block_rounds``), the rounds taken as blocks: shape
+    ``s``'s time in round ``r`` divided by the round's level (the geometric mean over the shapes) and
+    multiplied by the mean level -- what the machine did to a whole round cancels from the shapes' ratios,
+    which decide the micro-batch and tensor-parallel choices. ``None`` without two shapes and two rounds."""
     rounds = [b.get("block_rounds_s", [])[1:] for b in blocks]
     count = len(rounds[0]) if rounds else 0
     if len(blocks) < 2 or count < 2 or any(len(r) != count or min(r) <= 0 for r in rounds):
-        return [b["block_s"] for b in blocks]
+        return None
     levels = [math.exp(statistics.fmean(math.log(r[k]) for r in rounds)) for k in range(count)]
     overall = math.exp(statistics.fmean(math.log(level) for level in levels))
-    return [statistics.median(r[k] / levels[k] for k in range(count)) * overall for r in rounds]
+    return [[r[k] / levels[k] * overall for k in range(count)] for r in rounds]
+
+
+def blocked_block_seconds(blocks: list[dict]) -> list[float]:
+    """Each profiled block's forward + backward seconds: the median of its round samples
+    (:func:`round_samples`), or without rounds the first pass's ``block_s``."""
+    samples = round_samples(blocks)
+    if samples is None:
+        return [b["block_s"] for b in blocks]
+    return [statistics.median(s) for s in samples]
+
+
+# How far (in standard errors of a shape's figure, from the rounds' scatter) a shape may sit off its tensor-
+# parallel degree's micro-batch line before the line is not used for that degree. About 0.3% of shapes that
+# lie on the line are that far off by chance.
+LINE_MAX_Z = 3.0
+
+
+def micro_batch_lines(blocks: list[dict], seconds: list[float]) -> tuple[list[float], list[dict]]:
+    """Per tensor-parallel degree, a line ``fixed + per_sequence * micro_batch`` through its shapes' figures
+    (``fit.fit_micro_batch_line``), and each shape's figure read off the line where the line fits: the block
+    times the planner uses, and one record per degree.
+
+    Why: a shape's figure is the median of two to five rounds, and on CPU ranks sharing cores a round's
+    micro-batch-2 / micro-batch-1 cost ratio ranged 0.75-1.32 (docs/profiler.md, session 14), so each figure
+    carries its own 5-10% error -- the size of the differences between the layouts the planner ranks. One
+    line through every micro-batch pools them: re-predicting 14 validations from 10 profiles (session 15)
+    the mean Spearman went from 0.55 with per-shape figures to 0.60 with the lines.
+
+    The line is used for a degree when every one of its shapes lies within ``LINE_MAX_Z`` standard errors of
+    it, the standard error being the rounds' pooled scatter about their shapes' medians over the square root
+    of the rounds; otherwise (a GPU whose rounds agree within 1% and whose small micro-batches do not fill
+    it) the shapes keep their own figures. Without rounds there is no scatter to judge by: the figures
+    stand."""
+    samples = round_samples(blocks)
+    if samples is None:
+        return list(seconds), []
+    residuals = [math.log(x / median) for xs, median in zip(samples, seconds) for x in xs]
+    dof = len(residuals) - len(samples)
+    if dof < 1:
+        return list(seconds), []
+    standard_error = math.sqrt(sum(r * r for r in residuals) / dof) / math.sqrt(len(samples[0]))
+    out, records = list(seconds), []
+    for tp in sorted({b["tp"] for b in blocks}):
+        shapes = [i for i, b in enumerate(blocks) if b["tp"] == tp]
+        line = fit_micro_batch_line([blocks[i]["micro_batch"] for i in shapes], [seconds[i] for i in shapes])
+        if line is None:
+            continue
+        fixed, per_sequence = line
+        on_line = [fixed + per_sequence * blocks[i]["micro_batch"] for i in shapes]
+        offsets = [math.log(seconds[i] / t) for i, t in zip(shapes, on_line)]
+        worst = max(abs(o) for o in offsets) / standard_error if standard_error > 0 else (
+            0.0 if max(abs(o) for o in offsets) < 1e-12 else math.inf)
+        used = worst <= LINE_MAX_Z
+        if used:
+            for i, t in zip(shapes, on_line):
+                out[i] = t
+        records.append({"tp": tp, "fixed_s": fixed, "per_sequence_s": per_sequence, "used": used,
+                        "worst_offset_se": worst if math.isfinite(worst) else None})
+    return out, records
 
 
 def fit_compute(raw: dict, spec: ModelSpec) -> dict:
@@ -80,9 +139,9 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
     table = rate_table(gemm_rate_points(raw))
     attention = statistics.median(attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / b["attention_s"]
                                   for b in blocks) / 1e12
-    seconds = blocked_block_seconds(blocks)
+    shape_seconds = blocked_block_seconds(blocks)
     residuals, moved = [], []
-    for b, block_s in zip(blocks, seconds):
+    for b, block_s in zip(blocks, shape_seconds):
         tokens = b["micro_batch"] * b["seq"]
         gemm_s = sum(g["seconds"] for g in b["gemms"])
         residuals.append(block_s - gemm_s - b["attention_s"])
@@ -93,17 +152,20 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
                            "attention_tflops": attention}
     if memory_rate is not None:
         out["memory_gbps"] = memory_rate / 1e9
+    seconds, lines = micro_batch_lines(blocks, shape_seconds)
     check = []
-    for b, ew, block_s in zip(blocks, moved, seconds):
+    for b, ew, block_s, shape_s in zip(blocks, moved, seconds, shape_seconds):
         predicted = sum(g["seconds"] for g in b["gemms"]) + b["attention_s"] + (ew / memory_rate if memory_rate else 0)
         model_gemm = sum(g["flops"] * 3 / (planner_compute.interpolate_rate(
             tuple((f, r * 1e12) for f, r in table), g["flops"])) for g in b["gemms"])
         model = model_gemm + attention_flops(spec, b["tp"], b["micro_batch"], b["seq"]) / (attention * 1e12) \
             + (ew / memory_rate if memory_rate else 0)
         check.append({"tp": b["tp"], "micro_batch": b["micro_batch"], "seq": b["seq"],
-                      "measured_s": block_s, "parts_s": predicted, "model_s": model,
+                      "measured_s": block_s, "shape_s": shape_s, "parts_s": predicted, "model_s": model,
                       "model_over_measured": model / block_s})
     out["block_check"] = check
+    if lines:
+        out["block_lines"] = lines
     out["vocab"] = [{"tp": v["tp"], "micro_batch": v["micro_batch"], "head_s": v["head_gemm"]["seconds"],
                      "loss_s": v["loss_s"], "embedding_s": v["embedding_s"],
                      **({"seq": v["seq"], "tokens": v["head_gemm"]["m"], "hidden": v["hidden"],

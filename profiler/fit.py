@@ -8,6 +8,8 @@
   (``planner/compute.py: interpolate_rate``).
 * :func:`fit_memory_rate`: the memory-bound rate that explains what the block time leaves after its GEMMs and
   attention (least squares through the origin).
+* :func:`fit_micro_batch_line`: a block's time against its micro-batch, ``fixed + per_sequence * mb``, by least
+  squares on relative error.
 * :func:`spearman`: Spearman's rank correlation with average ranks for ties.
 """
 
@@ -104,6 +106,30 @@ def fit_memory_rate(residual_seconds: Sequence[float], bytes_moved: Sequence[flo
     if num <= 0 or den <= 0:
         return None
     return den / num
+
+
+def fit_micro_batch_line(micro_batches: Sequence[float], seconds: Sequence[float]) -> tuple[float, float] | None:
+    """``(fixed_s, per_sequence_s)`` of ``t = fixed + per_sequence * micro_batch`` through the points, by least
+    squares on relative error (weights ``1 / t**2``: a 10% miss weighs alike at every micro-batch); a block's
+    forward + backward is a per-call cost (op dispatch, kernel launches) plus work in proportion to its
+    tokens. A negative ``fixed`` is noise, not a cost: the line is then refitted through the origin. ``None``
+    with fewer than two distinct micro-batches or a non-positive time."""
+    points = [(float(x), float(y)) for x, y in zip(micro_batches, seconds)]
+    if len({x for x, _ in points}) < 2 or min(y for _, y in points) <= 0:
+        return None
+    weights = [1.0 / y ** 2 for _, y in points]
+    total = sum(weights)
+    mean_x = sum(w * x for w, (x, _) in zip(weights, points)) / total
+    mean_y = sum(w * y for w, (_, y) in zip(weights, points)) / total
+    sxx = sum(w * (x - mean_x) ** 2 for w, (x, _) in zip(weights, points))
+    sxy = sum(w * (x - mean_x) * (y - mean_y) for w, (x, y) in zip(weights, points))
+    per_sequence = sxy / sxx
+    fixed = mean_y - per_sequence * mean_x
+    if fixed < 0:
+        fixed = 0.0
+        per_sequence = (sum(w * x * y for w, (x, y) in zip(weights, points))
+                        / sum(w * x * x for w, (x, _) in zip(weights, points)))
+    return fixed, per_sequence
 
 
 def ranks_with_ties(values: Sequence[float]) -> list[float]:

@@ -302,3 +302,48 @@ def test_block_times_are_compared_within_rounds():
     for b in blocks:
         b["block_rounds_s"] = b["block_rounds_s"][:2]
     assert blocked_block_seconds(blocks) == [b["block_s"] for b in blocks]
+
+
+def test_micro_batch_line_fit():
+    """fixed + per_sequence * mb recovered exactly from points on a line; a negative fixed cost is refitted
+    through the origin; one micro-batch is no line."""
+    from meshplan.profiler.fit import fit_micro_batch_line
+
+    fixed, per_sequence = fit_micro_batch_line([1, 2, 4], [0.004 + 0.03 * mb for mb in (1, 2, 4)])
+    assert fixed == pytest.approx(0.004) and per_sequence == pytest.approx(0.03)
+    fixed, per_sequence = fit_micro_batch_line([1, 2, 4], [0.025, 0.06, 0.12])      # fixed would be < 0
+    assert fixed == 0.0 and 0.025 < per_sequence < 0.031
+    assert fit_micro_batch_line([2, 2], [0.05, 0.06]) is None
+
+
+def _rounds(true_s: float, factors) -> dict:
+    return {"block_s": true_s, "block_rounds_s": [true_s, *(true_s * f for f in factors)]}
+
+
+def test_micro_batch_lines_pool_noisy_shapes_and_spare_a_curved_gpu():
+    """CPU-like rounds (each shape's figure off by its own 5-10%, one line true underneath: 5 ms + 30 ms a
+    sequence) are read off the line; GPU-like rounds (within 0.5%) where micro-batch 1 costs as much as 2
+    (an unfilled device) keep their own figures; without rounds nothing changes."""
+    from meshplan.profiler.cluster_file import blocked_block_seconds, micro_batch_lines
+
+    noise = {1: (1.08, 0.97, 1.12, 1.01), 2: (0.93, 1.04, 0.90, 0.99), 4: (1.02, 0.95, 1.06, 1.00)}
+    blocks = [{"tp": 1, "micro_batch": mb, **_rounds(0.005 + 0.03 * mb, noise[mb])} for mb in (1, 2, 4)]
+    shape_s = blocked_block_seconds(blocks)
+    got, lines = micro_batch_lines(blocks, shape_s)
+    assert lines[0]["used"] and lines[0]["tp"] == 1
+    per_sequence = [t / b["micro_batch"] for t, b in zip(got, blocks)]
+    # on the line: cost per sequence falls with micro-batch (the fixed cost spreads), as 0.035 / 0.0325 / 0.03125
+    assert per_sequence[0] > per_sequence[1] > per_sequence[2]
+    assert got[1] / got[0] == pytest.approx(0.065 / 0.035, rel=0.06)
+    # the shapes' own figures say micro-batch 2 is 12% cheaper per sequence than 1: noise
+    assert shape_s[1] / 2 / shape_s[0] < 0.9
+
+    tight = {mb: tuple(1 + (f - 1) / 20 for f in factors) for mb, factors in noise.items()}    # within 0.6%
+    gpu = [{"tp": 1, "micro_batch": mb, **_rounds(t, tight[mb])} for mb, t in ((1, 0.010), (2, 0.0102), (4, 0.02))]
+    kept, lines = micro_batch_lines(gpu, blocked_block_seconds(gpu))
+    assert not lines[0]["used"] and kept == pytest.approx([0.010, 0.0102, 0.02], rel=0.01)
+
+    for b in blocks:
+        b["block_rounds_s"] = b["block_rounds_s"][:2]
+    figures = blocked_block_seconds(blocks)
+    assert micro_batch_lines(blocks, figures) == (figures, [])
