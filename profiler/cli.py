@@ -288,6 +288,11 @@ def summary_text(cluster, elapsed: float) -> str:
              f"GEMM {min(r for _, r in table):.3g}-{max(r for _, r in table):.3g} TFLOP/s, "
              f"attention {m['compute']['attention_tflops']:.3g} TFLOP/s, "
              f"memory-bound {m['compute'].get('memory_gbps', float('nan')):.3g} GB/s"]
+    block_lines = m["compute"].get("block_lines") or []
+    if block_lines:
+        lines.append("block vs micro-batch: " + "; ".join(
+            f"tp{line['tp']} {line['fixed_s'] * 1e3:.3g} ms + {line['per_sequence_s'] * 1e3:.3g} ms a sequence"
+            + ("" if line["used"] else " (not used: a shape lies off it)") for line in block_lines))
     for level in ("intra_node", "inter_node"):
         fit = m["links"].get(level)
         if fit:

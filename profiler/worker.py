@@ -74,6 +74,11 @@ SAMPLE_S = 0.025
 # Rounds of block timings after the first pass over the shapes, every shape once a round (block_rounds): with
 # the first pass kept aside, five comparisons of the shapes made within seconds of each other.
 BLOCK_ROUNDS = 5
+# Rounds the block timings get even past the compute share (out of the link sweep's time, down to half of it):
+# the shapes' figures are medians of the rounds, the planner's micro-batch and tensor-parallel choices rest on
+# their ratios, and with fewer than two rounds there is no median and no scatter to judge a fit by. v27's
+# first profile ran one round: its first pass took 29 s of a 36 s compute share (v26's: 24 s, four rounds).
+MIN_BLOCK_ROUNDS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -360,7 +365,8 @@ def layer_memory(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, mod
             "hook_saved_bytes": int(hooks["total"]), "hook_saved_input_bytes": int(hooks["inputs"])}
 
 
-def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, progress: Progress | None) -> dict:
+def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, progress: Progress | None,
+                  rounds_deadline: float | None = None) -> dict:
     """Measure the shapes smallest first while rank 0 expects the next one to fit before ``deadline``; the
     smallest shape is always measured. Then, while time is left, up to BLOCK_ROUNDS rounds time every
     measured shape's block again, side by side (:func:`block_rounds`)."""
@@ -395,7 +401,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     measured = [shape for shape in shapes if {"tp": shape[0], "micro_batch": shape[1]} not in out["skipped"]]
     steps = [measure_optimizer(spec, tp, device, reps) for tp in sorted({tp for tp, _ in measured})]
     out["optimizer"] = [step for step in steps if step is not None]
-    rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress)
+    rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress,
+                          rounds_deadline)
     if dist.get_rank() == 0:
         for block, times in zip(out["blocks"], rounds):
             block["block_rounds_s"] = [block["block_s"], *times]
@@ -424,16 +431,19 @@ def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) ->
 
 
 def block_rounds(spec: ModelSpec, shapes: list[tuple[int, int]], seq: int, device, dtype, reps: int,
-                 deadline: float, round_s: float, progress: Progress | None) -> list[list[float]]:
+                 deadline: float, round_s: float, progress: Progress | None,
+                 rounds_deadline: float | None = None) -> list[list[float]]:
     """Each shape's block timed again in up to BLOCK_ROUNDS rounds, every shape once a round (a round is a
     few seconds here; each shape's first measurement was taken up to a minute apart from the others', and
     this machine's speed drifts by 10-30% over minutes, docs/profiler.md): per shape, this rank's lower
     quartile of each round. A round runs while rank 0 expects it to end before ``deadline`` (the first as
-    ``round_s`` estimates, then as long as the last took). ``cluster_file.blocked_block_seconds`` compares the
-    shapes within each round."""
+    ``round_s`` estimates, then as long as the last took), the first MIN_BLOCK_ROUNDS before
+    ``rounds_deadline`` where that is later. ``cluster_file.blocked_block_seconds`` compares the shapes within
+    each round."""
     times: list[list[float]] = [[] for _ in shapes]
     for round_ in range(BLOCK_ROUNDS):
-        if not agree(time.time() + round_s < deadline):
+        until = max(deadline, rounds_deadline or deadline) if round_ < MIN_BLOCK_ROUNDS else deadline
+        if not agree(time.time() + round_s < until):
             break
         begin = time.time()
         for i, (tp, mb) in enumerate(shapes):
@@ -1021,8 +1031,11 @@ def run(cfg: dict) -> dict | None:
                            "world": world, "nnodes": cfg["nnodes"], "nproc_per_node": cfg["nproc_per_node"],
                            "precision": cfg["precision"] if device.type == "cuda" else "fp32",
                            "model": cfg["model"], "budget_s": total}
+    # the block rounds' floor (MIN_BLOCK_ROUNDS) may take up to half of the link sweep's time
+    sweep_s = max(0.0, deadline - pairs_reserve - host_s - compute_deadline)
     with Progress("compute", total, enabled=show) as progress:
-        raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress)
+        raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress,
+                                       rounds_deadline=compute_deadline + 0.5 * sweep_s)
     # The host phases run before the link sweep: after it, ranks computing side by side drift apart 3-10x
     # further than before it or inside a training job (0.3 s against 0.03-0.05 s after 0.5 s of GEMMs on 4
     # CPU ranks, docs/profiler.md session 14), while the sharing rates and the pipeline op cost do not move.

@@ -347,3 +347,18 @@ def test_micro_batch_lines_pool_noisy_shapes_and_spare_a_curved_gpu():
         b["block_rounds_s"] = b["block_rounds_s"][:2]
     figures = blocked_block_seconds(blocks)
     assert micro_batch_lines(blocks, figures) == (figures, [])
+
+
+def test_micro_batch_line_not_used_on_the_h200_profile():
+    """Session 10's H200 profile (llama3.2-1b, seq 2048, bf16; ms, first pass then five rounds): micro-batch 1
+    costs nearly what 2 does (the device is not filled), the rounds agree within a few percent, and the line
+    lies about 6.5 standard errors off micro-batch 2: the shapes keep their own figures."""
+    from meshplan.profiler.cluster_file import blocked_block_seconds, micro_batch_lines
+
+    measured_ms = {1: [2.723, 3.601, 3.651, 3.515, 3.548, 4.339], 2: [3.918, 3.904, 4.019, 3.919, 3.893, 4.94],
+                   4: [7.472, 7.546, 7.573, 7.527, 7.435, 7.495], 8: [14.663, 14.702, 14.581, 14.67, 14.778, 14.707]}
+    blocks = [{"tp": 1, "micro_batch": mb, "block_s": ms[0] / 1e3, "block_rounds_s": [t / 1e3 for t in ms]}
+              for mb, ms in measured_ms.items()]
+    figures = blocked_block_seconds(blocks)
+    got, lines = micro_batch_lines(blocks, figures)
+    assert got == figures and not lines[0]["used"] and lines[0]["worst_offset_se"] > 5
