@@ -100,9 +100,9 @@ def micro_batch_lines(blocks: list[dict], seconds: list[float]) -> tuple[list[fl
 
     The line is used for a degree when every one of its shapes lies within ``LINE_MAX_Z`` standard errors of
     it, the standard error being the rounds' pooled scatter about their shapes' medians over the square root
-    of the rounds; otherwise (a GPU whose rounds agree within 1% and whose small micro-batches do not fill
-    it) the shapes keep their own figures. Without rounds there is no scatter to judge by: the figures
-    stand."""
+    of the rounds; otherwise the shapes keep their own figures (session 10's H200: micro-batch 1 does not fill
+    the device and costs nearly what 2 does, and the line lies 6.5 standard errors off). Without rounds there
+    is no scatter to judge by: the figures stand."""
     samples = round_samples(blocks)
     if samples is None:
         return list(seconds), []
