@@ -62,6 +62,26 @@ class LinkFit:
                 "median_rel_error": self.median_rel_error}
 
 
+def relative_least_squares(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """``(a, b)`` minimising ``sum(((a * x1 + b * x2 - t) / t) ** 2)`` over ``(x1, x2, t)`` rows (relative
+    error: weights ``1 / t**2``), with ``a >= 0``: a negative ``a`` (a fixed cost hidden in noise) is clamped
+    to 0 and ``b`` refitted alone; ``b`` is kept above 0."""
+    s11 = sum(x1 * x1 / t / t for x1, _, t in rows)
+    s12 = sum(x1 * x2 / t / t for x1, x2, t in rows)
+    s22 = sum(x2 * x2 / t / t for _, x2, t in rows)
+    r1 = sum(x1 / t for x1, _, t in rows)
+    r2 = sum(x2 / t for _, x2, t in rows)
+    det = s11 * s22 - s12 * s12
+    a, b = 0.0, 0.0
+    if det > 0 and len(rows) >= 2:
+        a = (r1 * s22 - r2 * s12) / det
+        b = (s11 * r2 - s12 * r1) / det
+    if a < 0 or b <= 0 or det <= 0:
+        a = max(0.0, a) if b > 0 else 0.0
+        b = max(1e-30, (r2 - a * s12) / s22) if s22 > 0 else 1e-30
+    return a, b
+
+
 def fit_alpha_beta(samples: Iterable[tuple[str, int, float, float]]) -> LinkFit:
     """Fit ``t = alpha * steps(c, n) + factor(c, n) * S / busbw`` to ``(collective, ranks, bytes, seconds)``
     samples, minimising the sum of squared *relative* errors (weights 1/t^2), so 4 KiB and 64 MiB messages
@@ -69,20 +89,7 @@ def fit_alpha_beta(samples: Iterable[tuple[str, int, float, float]]) -> LinkFit:
     rows = [(latency_steps(c, n), volume_factor(c, n) * s, t) for c, n, s, t in samples if t > 0 and s > 0]
     if not rows:
         raise ValueError("no samples to fit")
-    # Normal equations of  min sum ((a*x1 + b*x2 - t) / t)^2  with b = 1/busbw.
-    s11 = sum(x1 * x1 / t / t for x1, _, t in rows)
-    s12 = sum(x1 * x2 / t / t for x1, x2, t in rows)
-    s22 = sum(x2 * x2 / t / t for _, x2, t in rows)
-    r1 = sum(x1 / t for x1, _, t in rows)
-    r2 = sum(x2 / t for _, x2, t in rows)
-    det = s11 * s22 - s12 * s12
-    alpha, inv_bw = 0.0, 0.0
-    if det > 0 and len(rows) >= 2:
-        alpha = (r1 * s22 - r2 * s12) / det
-        inv_bw = (s11 * r2 - s12 * r1) / det
-    if alpha < 0 or inv_bw <= 0 or det <= 0:
-        alpha = max(0.0, alpha) if inv_bw > 0 else 0.0
-        inv_bw = max(1e-30, (r2 - alpha * s12) / s22) if s22 > 0 else 1e-30
+    alpha, inv_bw = relative_least_squares(rows)
     fit = LinkFit(busbw=1.0 / inv_bw, alpha=alpha, samples=len(rows), median_rel_error=0.0)
     errors = [abs(alpha * x1 + x2 * inv_bw - t) / t for x1, x2, t in rows]
     return LinkFit(fit.busbw, fit.alpha, len(rows), statistics.median(errors))
@@ -117,18 +124,7 @@ def fit_micro_batch_line(micro_batches: Sequence[float], seconds: Sequence[float
     points = [(float(x), float(y)) for x, y in zip(micro_batches, seconds)]
     if len({x for x, _ in points}) < 2 or min(y for _, y in points) <= 0:
         return None
-    weights = [1.0 / y ** 2 for _, y in points]
-    total = sum(weights)
-    mean_x = sum(w * x for w, (x, _) in zip(weights, points)) / total
-    mean_y = sum(w * y for w, (_, y) in zip(weights, points)) / total
-    sxx = sum(w * (x - mean_x) ** 2 for w, (x, _) in zip(weights, points))
-    sxy = sum(w * (x - mean_x) * (y - mean_y) for w, (x, y) in zip(weights, points))
-    per_sequence = sxy / sxx
-    fixed = mean_y - per_sequence * mean_x
-    if fixed < 0:
-        fixed = 0.0
-        per_sequence = (sum(w * x * y for w, (x, y) in zip(weights, points))
-                        / sum(w * x * x for w, (x, _) in zip(weights, points)))
+    fixed, per_sequence = relative_least_squares([(1.0, x, y) for x, y in points])
     return fixed, per_sequence
 
 
