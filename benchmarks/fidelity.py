@@ -3,6 +3,9 @@ compare with what was measured; then let the planner choose freely on the same s
 
     python benchmarks/fidelity.py [--runs ../shared/benchmarks/public-runs.yaml] [--json out.json]
 
+``--json`` writes ``summary`` and ``runs`` with the command, date and machine (``run_info.wrap``), the input of
+docs/results.md.
+
 Nothing here is tuned per run: each entry is translated into meshplan's inputs (model shape, cluster,
 batch, pinned degrees) by the same rules, written below, and predicted by the same cost model.
 """
@@ -168,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(args.runs)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        # the result's keys (summary, runs) at the top, with the command, date and machine beside them
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run_info import wrap
+
+        command = "python benchmarks/fidelity.py" + ("" if args.runs == DEFAULT_RUNS else " --runs RUNS")
+        wrapped = wrap(command, None, runs_file=args.runs.name)
+        wrapped.pop("result")
+        args.json.write_text(json.dumps({**wrapped, **result}, indent=2))
     return 0
 
 
