@@ -1,5 +1,5 @@
 """Vocabulary parallelism across pipeline ranks on CPU ranks: step time and per-rank peak memory with
-``vocab_parallel`` false vs true, next to the planner's predicted ratios (issue 6).
+``vocab_parallel`` false vs true, next to the planner's predicted ratios.
 
     python benchmarks/bench_vocab_parallel.py                                  # 8 layers, vocab 65536, pp4, 1F1B
     python benchmarks/bench_vocab_parallel.py --pp 2 --cluster cluster.yaml    # a profiled cluster (meshplan profile)
@@ -10,7 +10,7 @@ steps (step time: the median of the steps after the first) and ``launcher.runtim
 peak live tensor bytes over one step, optimizer state included: the tracker ``meshplan check`` uses, entered
 in the vocabulary helper thread too). The planner's numbers come from ``planner.replay`` of the same plans
 on ``--cluster`` (``iteration_s``; each pipeline rank's peak without the allocator margin, which live bytes
-do not see). The done-when of issue 6 compares the ratios true / false.
+do not see). The figure of merit is the ratio true / false, measured against predicted (docs/results.md).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ profile's compute phase times it (``profiler/worker.py: time_block``: slowest-ra
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc-per-node=4 \\
         benchmarks/block_mb_ratio.py --model small.yaml --rounds 8
 
-Rank 0 prints one row per round (each size's seconds per sequence and their ratio) and the median ratio. Used
-in docs/profiler.md (session 14): how far the per-sequence cost of micro-batch 2 over 1 moves within one job.
+Rank 0 prints one row per round (each size's seconds per sequence and their ratio) and the median ratio: how
+far the per-sequence cost of micro-batch 2 over 1 moves within one job, the noise the profile's block lines
+(``cluster_file.micro_batch_lines``) pool.
 """
 
 from __future__ import annotations

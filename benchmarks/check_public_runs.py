@@ -6,8 +6,8 @@ Every run of ``benchmarks/fidelity.py`` (Megatron-Core weak scaling, torchtitan 
 published configuration pinned, then checked: the first rank of the first and last pipeline rank built by
 meshplan's runtime over a fake process group of the run's world size, on fake tensors, one training step.
 The table gives, per checked rank, the measured and predicted allocated peak (GiB, before the planner's
-allocator margin) and (predicted - measured) / measured. Target (issue 8): within 5%, never below by more
-than 2%.
+allocator margin) and (predicted - measured) / measured. Target: within 5%, never below by more than 2%.
+Results: docs/results.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ after the stage's last backward, nothing overlapped) timed per step.
 Every other argument goes to the runtime (``python -m meshplan.launcher.runtime.train --help``). Rank 0 prints
 one row per step: the step time, each rank's reduce time, and per data-parallel group the gap between its
 ranks' arrivals at the reduce (the first to arrive waits about that long; wall clocks of one host). The
-planner's priced ``dp_comm`` for the plan is printed beside the mean. Used in docs/profiler.md (session 10).
+planner's priced ``dp_comm`` for the plan is printed beside the mean.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where a data-parallel step without a pipeline spends its time on this machine: the runtime's train loop with
+"""Where a data-parallel step without a pipeline spends its time on the machine it runs on: the runtime's train loop with
 each micro-batch's forward + backward timed (the last one carries the gradient all-reduces: sync is off for
 the others, ``train._accumulate_without_sync``) and the optimizer step after it.
 
@@ -8,8 +8,7 @@ the others, ``train._accumulate_without_sync``) and the optimizer step after it.
 Every other argument goes to the runtime (``python -m meshplan.launcher.runtime.train --help``). Rank 0 prints,
 averaged over the steps after the first two, for the slowest rank per step and phase and for the mean over
 ranks: the step, the micro-batches without sync (mean), the last micro-batch (with the reduction), their
-difference (what the reduction adds), and the optimizer step; next to the plan's predicted breakdown. Used in
-docs/profiler.md (session 12, dp4).
+difference (what the reduction adds), and the optimizer step; next to the plan's predicted breakdown.
 
 Then, per communication unit of the last micro-batch (blocks in backward order; the runtime's replicate
 all-reduces each block's gradients in its post-backward, a blocking call on CPU): when each rank arrived at
@@ -17,7 +16,8 @@ the unit's all-reduce (a full backward hook, which fires before the unit's post-
 (the next block's backward pre-hook). Per unit: the spread of arrivals (the last rank's arrival after the
 mean), the collective (the first departure after the last arrival: the call itself once all are there) and
 the block's backward compute in the last micro-batch against the ones without sync. Wall clocks of one host
-(``time.perf_counter`` is the system's monotonic clock). Used in docs/profiler.md (session 13, dp4).
+(``time.perf_counter`` is the system's monotonic clock): the replicas' meeting that ``planner/comm.py:
+meeting_time`` prices.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ times), then the three phases again, ``--repeats`` times over.
         benchmarks/host_phases_order.py --sweep-seconds 20 --repeats 2
 
 Rank 0 prints one row per pass: the meeting curve (the last rank's time for a window after the mean, at 10 ms
-.. 2 s of GEMMs), the pipeline op overhead, and the sharing phase's GEMM rates with 1..n ranks busy. Why the
-profile runs the host phases first: docs/profiler.md, session 14.
+.. 2 s of GEMMs), the pipeline op overhead, and the sharing phase's GEMM rates with 1..n ranks busy: why the
+profile runs the host phases before the link sweep (docs/profiler.md, "The phases").
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ one step on rank 0, printing the ops and regions (collectives, FSDP hooks, GEMMs
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc-per-node=4 \\
         benchmarks/profile_step.py --plan plan.yaml --steps 5 [--profile-step 4] [--rows 40]
 
-Every other argument goes to the runtime (`python -m meshplan.launcher.runtime.train --help`). Used in
-docs/profiler.md to see that gloo's collectives (FSDP's reduce-scatters run as `gloo:all_reduce`) were not hidden.
+Every other argument goes to the runtime (`python -m meshplan.launcher.runtime.train --help`). It shows, for
+one, whether gloo's collectives (FSDP's reduce-scatters run as `gloo:all_reduce`) hide under compute.
 """
 
 from __future__ import annotations

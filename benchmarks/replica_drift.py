@@ -6,7 +6,7 @@ arrival minus the mean arrival in the group (what the average rank waits), avera
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc-per-node=4 benchmarks/replica_drift.py
 
 Compare benchmarks/dp_reduce_wait.py, which measures the same gap between two pipeline replicas inside real
-training steps (docs/profiler.md, session 10).
+training steps.
 """
 
 from __future__ import annotations

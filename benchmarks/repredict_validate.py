@@ -12,8 +12,7 @@ predictions against the measured times.
 ``--matrix`` re-predicts every report from every cluster file and prints one table of Spearman correlations
 (rows: reports, columns: cluster files; ``own`` is the cluster file in the report's own directory) with each
 column's mean, and per report the Spearman a planner knowing the true times would score against its runs'
-noise (``ceiling``, ``profiler/validate.py: spearman_ceiling``): a cost-model change judged over many validations and profiles at once (docs/profiler.md,
-session 13). In this mode every cluster file has its calibrations divided out.
+noise (``ceiling``, ``profiler/validate.py: spearman_ceiling``): a cost-model change judged over many validations and profiles at once. In this mode every cluster file has its calibrations divided out.
 
 ``--undo-calibration`` first divides out every calibration ``meshplan validate --update`` applied to CLUSTER
 (``profiler/validate.py: undo_calibration``): a validation's round-2 file re-predicts as its uncalibrated

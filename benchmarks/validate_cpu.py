@@ -1,17 +1,17 @@
-"""Done-when 1: on this machine with 4 CPU ranks, the planner's top-8 layouts for a small model (8 layers,
+"""On the machine it runs on, with 4 CPU ranks: the planner's top-8 layouts for a small model (8 layers,
 hidden 256, seq 256) against their measured step times: Spearman >= 0.8 and the first choice within 15% of
 the fastest.
 
     python benchmarks/validate_cpu.py [--cluster cluster.yaml] [--budget 120s] [--top 8] [--steps 14] \
                                       [--repeats 8] [--update [--rounds 2]] [--out-dir DIR]
 
-Without ``--cluster`` it first profiles this machine (``meshplan profile --cluster localhost:4``) with the
+Without ``--cluster`` it first profiles the machine (``meshplan profile --cluster localhost:4``) with the
 model's shapes. Then ``meshplan validate`` launches each layout once a round for ``--repeats`` rounds and prints
 the table: a layout's time is the mean of its runs' medians (14 steps, the median of the 13 after the first),
-each run divided by its round's level, which cancels what the machine did to the whole round (this VM drifted
-by 26% over one 35-minute validate run); each validation's last line says how many pairs of layouts the runs
-resolve at two standard errors. With 8 rounds (about 35 minutes for 8 layouts) a layout's mean was known to
-about 1.2% here (docs/profiler.md, session 9); with 3, 3%. ``--rounds 2`` is the calibration loop a user runs:
+each run divided by its round's level, which cancels what the machine did to the whole round (a shared
+machine drifts by tens of percent over a half-hour validate run); each validation's last line says how many
+pairs of layouts the runs resolve at two standard errors. More rounds narrow each layout's standard error
+(8 rounds of 8 layouts take about 35 minutes on 2 cores). ``--rounds 2`` is the calibration loop a user runs:
 round 1 predicts from the profile and (``--update``) calibrates the file; round 2 plans again from the
 calibrated file and measures its top layouts, which that calibration never saw. The load average is printed
 before and after: the machine is shared, re-run when it is high.

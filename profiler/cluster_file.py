@@ -16,7 +16,7 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
   beside compute, ``exposed_fraction``);
 * ``host`` (CPU ranks): ``busy_speedup``, how much faster a rank computes when only some of its host's ranks
   are busy ([busy ranks, speed / speed with all busy]), and ``meeting``, what a collective costs beyond its
-  lined-up time when ranks come to it from computing (``base_s + per_segment * segment``), and ``pipeline``
+  lined-up time when ranks come to it from computing (``curve``: penalty per segment), and ``pipeline``
   (``op_overhead_s``: one pipeline-schedule op's cost beyond its compute);
 * ``raw``: every sample, so a fit can be redone.
 """
@@ -92,16 +92,15 @@ def micro_batch_lines(blocks: list[dict], seconds: list[float]) -> tuple[list[fl
     (``fit.fit_micro_batch_line``), and each shape's figure read off the line where the line fits: the block
     times the planner uses, and one record per degree.
 
-    Why: a shape's figure is the median of two to five rounds, and on CPU ranks sharing cores a round's
-    micro-batch-2 / micro-batch-1 cost ratio ranged 0.75-1.32 (docs/profiler.md, session 14), so each figure
-    carries its own 5-10% error -- the size of the differences between the layouts the planner ranks. One
-    line through every micro-batch pools them: re-predicting 14 validations from 10 profiles (session 15)
-    the mean Spearman went from 0.55 with per-shape figures to 0.60 with the lines.
+    Why: a shape's figure is the median of two to five rounds, and on CPU ranks sharing cores one round's
+    micro-batch-2 / micro-batch-1 cost ratio can be tens of percent off another's, so each figure carries an
+    error of several percent of its own -- the size of the differences between the layouts the planner
+    ranks. One line through every micro-batch pools them.
 
     The line is used for a degree when every one of its shapes lies within ``LINE_MAX_Z`` standard errors of
     it, the standard error being the rounds' pooled scatter about their shapes' medians over the square root
-    of the rounds; otherwise the shapes keep their own figures (session 10's H200: micro-batch 1 does not fill
-    the device and costs nearly what 2 does, and the line lies 6.5 standard errors off). Without rounds there
+    of the rounds; otherwise the shapes keep their own figures (a GPU block at micro-batch 1 that does not fill
+    the device costs nearly what micro-batch 2 costs, and lies far off the line). Without rounds there
     is no scatter to judge by: the figures stand."""
     samples = round_samples(blocks)
     if samples is None:
@@ -254,7 +253,7 @@ def fit_sharing(raw: dict) -> dict | None:
     if all(len(r) == len(everyone.get("rounds") or []) > 0 for r in rounds) and min(everyone["rounds"]) > 0:
         # every count measured in every round, side by side: the median of the rounds' own ratios
         speedup = [statistics.median(x / y for x, y in zip(s["rounds"], everyone["rounds"])) for s in samples]
-    else:   # a file from before the rounds were interleaved
+    else:   # raw samples without per-round rates: the counts' own rates
         speedup = [s["gemms_per_s"] / everyone["gemms_per_s"] for s in samples]
     return {"busy_speedup": [[s["busy"], x] for s, x in zip(samples, speedup)], **raw["sharing"]}
 
@@ -278,12 +277,11 @@ def fit_meeting(raw: dict) -> dict | None:
     - timed as drift (``timing: drift``, one run gives every segment up to a step's length): ``curve``, the
       samples' penalties made non-decreasing in the segment (:func:`nondecreasing`; ranks do not drift less
       apart over a longer segment, a dip is noise), interpolated between its points;
-    - files profiled before: a least-squares line through the samples, penalty = ``base_s + per_segment *
-      segment_s``, held within the measured segments and grown as a square root past them. Penalties are
-      taken as at least 0 and the slope as at least 0 (flat at the samples' mean where it fits negative).
-      Timed from arrivals (``timing: arrivals``) a sample cannot be negative; files profiled before that
-      took the difference of two loops, where one was (p25: -45 ms after 183 ms, three calls a loop), and
-      through it the line priced every later meeting at 0."""
+    - otherwise (one sample per segment, ``timing: arrivals`` or none): a least-squares line through the
+      samples, penalty = ``base_s + per_segment * segment_s``, held within the measured segments and grown as
+      a square root past them. Penalties are taken as at least 0 and the slope as at least 0 (flat at the
+      samples' mean where it fits negative): a sample taken as the difference of two loops can be negative,
+      and a line through it would price every meeting at 0."""
     data = raw.get("meeting") or {}
     samples = data.get("samples") or []
     if not samples:

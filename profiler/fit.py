@@ -159,7 +159,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 # Relative standard deviation of one plan's measured step time: two 14-step runs of a layout agree within about
-# 3% on this 2-core machine (benchmarks/validate_cpu.py, docs/profiler.md); GPUs are steadier.
+# 3% on a shared 2-core CPU machine (benchmarks/validate_cpu.py); GPUs are steadier.
 RUN_NOISE = 0.03
 # A scale is fitted on its own only when the runs pin it down: its standard error below this share of it.
 IDENTIFIED_WITHIN = 0.25

@@ -9,11 +9,11 @@ command ``meshplan launch`` runs); step times come from the runtime's metrics li
 
 ``--repeats R`` launches the plans in R rounds (every layout once a round, every other round in reverse
 order) and treats each round as a block: a layout's time in a round is divided by that round's geometric mean
-over the layouts, so what the machine did to the whole round (this VM's speed drifted by 26% over the 35
-minutes of one validate run) cancels out of the ranking; a layout's measured time is the mean of its
-normalised runs times the geometric mean of the rounds, with the standard error of that mean. (Until session
-9 the fastest run was kept; on a shared 2-core machine one run of a layout spreads by 10-30%, and the fastest
-of a few runs is a noisier estimate than their blocked mean: docs/profiler.md.)
+over the layouts, so what the machine did to the whole round (a shared machine's speed drifts by tens of
+percent over the half hour of a validate run) cancels out of the ranking; a layout's measured time is the mean
+of its normalised runs times the geometric mean of the rounds, with the standard error of that mean. The mean
+is used, not the fastest run: on a shared machine one run of a layout spreads widely, and the fastest of a
+few runs is a noisier estimate than their blocked mean.
 
 Which plans: the best ``--top`` *distinct layouts* in the planner's order. Plans the runtime executes
 identically are one layout: ZeRO 1 and 2 both run FSDP2 without resharding (``parallelize.apply_dp``).
@@ -457,8 +457,8 @@ def apply_calibration(data: dict, cluster, compute_scale: float, comm_scale: flo
     ``measured_seconds``: also scale what the profile timed whole rather than as a rate (head + loss,
     optimizer step, pipeline op overhead: compute; meetings and the data-parallel reduction table:
     communication) -- the calibration fits every term of its bucket, so every term moves with it. Records
-    written so carry ``measured_seconds_scaled`` (files calibrated before did not scale them, and
-    :func:`undo_calibration` leaves them be)."""
+    written so carry ``measured_seconds_scaled``; :func:`undo_calibration` unscales those seconds only where a
+    record carries it."""
     from meshplan.planner.compute import achieved_rates
 
     out = json.loads(json.dumps(data))

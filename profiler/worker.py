@@ -23,7 +23,7 @@ broadcasts the decision, so every rank stays in step:
    compute (the schedule's bookkeeping, its send/recv, the wait for a time-sliced neighbour),
    ``op_overhead_s``.
    These three run before the link sweep: after it, CPU ranks drift apart several times further than in a
-   training job (docs/profiler.md, session 14).
+   training job, while the sharing rates and the pipeline op cost do not move.
 5. links: all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes, inside
    a node (one group per node) and across nodes (one group per local rank), all groups at once.
 6. reduction: all-reduce, reduce-scatter and all-gather at the sizes of the runtime's gradient units, over
@@ -76,8 +76,8 @@ SAMPLE_S = 0.025
 BLOCK_ROUNDS = 5
 # Rounds the block timings get even past the compute share (out of the link sweep's time, down to half of it):
 # the shapes' figures are medians of the rounds, the planner's micro-batch and tensor-parallel choices rest on
-# their ratios, and with fewer than two rounds there is no median and no scatter to judge a fit by. v27's
-# first profile ran one round: its first pass took 29 s of a 36 s compute share (v26's: 24 s, four rounds).
+# their ratios, and with fewer than two rounds there is no median and no scatter to judge a fit by. The first
+# pass over the shapes can take most of the compute share on CPU ranks.
 MIN_BLOCK_ROUNDS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -238,15 +238,11 @@ def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps:
     x = torch.randn(mb, seq, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     params = list(block.parameters()) + [x]
     # Every rank starts each sample together: ranks that time-slice shared cores drift apart over a round of
-    # shapes, and a rank still timing the round's last shape while the others wait ran on the cores they
-    # left (v19: the tp1 micro-batch-4 block at 0.05-0.06 s in three of five rounds, 0.09-0.14 s in the
-    # others, below micro-batch 2's 0.06-0.07 s).
+    # shapes, and a rank still timing the round's last shape while the others wait runs on the cores they
+    # left, which makes that shape look cheap.
     # Each sample is the slowest rank's: a rank's own time counts the moments after the first ranks finished
-    # their call and left it the cores -- on 4 ranks over 2 cores a micro-batch-1 block (one call a sample)
-    # timed 14.7-39.5 ms on rank 0 within one profile (p23), and such lucky samples made short blocks look
-    # cheaper per sequence than long ones (v22's profile: micro-batch 1 at 26.4 ms a sequence, 2 at 29.0; the
-    # runs measured micro-batch 1 layouts 10% slower than micro-batch 2's). The slowest rank's samples of the
-    # same blocks: 35.5 / 32.6 / 34.4 ms a sequence at micro-batch 1 / 2 / 4, four rounds within 10%.
+    # their call and left it the cores, and such lucky samples make short blocks (few calls a sample) look
+    # cheaper per sequence than long ones; a training step waits for its slowest rank.
     return slowest(time_reps(fwd_bwd(lambda: block(x, rope), params), device, reps, barrier=dist.barrier,
                              sample_seconds=SAMPLE_S), device)
 
@@ -297,7 +293,7 @@ def measure_optimizer(spec: ModelSpec, tp: int, device, reps: int) -> dict | Non
     if -slowest([-fits], device)[0] < 1.0:                # the least of the ranks' answers
         return None
     # the slowest rank's samples, as the blocks' (time_block): a rank's own time counts the moments the
-    # others, done, left it the cores; inside v23's dp4 steps the step took 0.068 s where this priced 0.037
+    # others, done, left it the cores, and a training step's optimizer phase waits for the slowest rank
     times = slowest(time_reps(optimizer.step, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S), device)
     return {"tp": tp, "params": sum(p.numel() for p in params), "tensors": len(params),
             "step_s": lower_quartile(times), "step_reps": times}
@@ -312,14 +308,13 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     # logits of a trained model's scale (std about 1, as after the final norm and a hidden^-1/2 head): with
     # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and on a CPU the loss's
-    # gradient GEMMs slow down 10x (1024 tokens, h 256, 2048 rows, one idle thread: 0.251 s against 0.025,
-    # benchmarks/chunked_loss_scale.py). The reference head below is timed with a gradient of ones and its
-    # loss on unit logits, so only the chunked loss had met it: v21's profile put it at 7x the reference
+    # gradient GEMMs slow down about 10x (benchmarks/chunked_loss_scale.py). The reference head below is timed
+    # with a gradient of ones and its loss on unit logits, so only the chunked loss needs the scaled weights
     w = (torch.randn(vocab_local, spec.hidden, device=device, dtype=dtype) * spec.hidden ** -0.5).requires_grad_()
 
     def every_rank(fn: Callable[[], Any]) -> list[float]:
         # as the block (time_block): every rank starts each sample together, and each sample is the slowest
-        # rank's -- a rank's own samples, taken while the others were between calls, ran on the cores they left
+        # rank's -- a rank's own samples, taken while the others are between calls, run on the cores they left
         return slowest(time_reps(fn, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S), device)
 
     head = every_rank(fwd_bwd(lambda: F.linear(x, w), [x, w]))
@@ -434,8 +429,8 @@ def block_rounds(spec: ModelSpec, shapes: list[tuple[int, int]], seq: int, devic
                  deadline: float, round_s: float, progress: Progress | None,
                  rounds_deadline: float | None = None) -> list[list[float]]:
     """Each shape's block timed again in up to BLOCK_ROUNDS rounds, every shape once a round (a round is a
-    few seconds here; each shape's first measurement was taken up to a minute apart from the others', and
-    this machine's speed drifts by 10-30% over minutes, docs/profiler.md): per shape, this rank's lower
+    few seconds; the first pass measures the shapes up to a minute apart, and a shared machine's speed
+    drifts by tens of percent over minutes): per shape, this rank's lower
     quartile of each round. A round runs while rank 0 expects it to end before ``deadline`` (the first as
     ``round_s`` estimates, then as long as the last took), the first MIN_BLOCK_ROUNDS before
     ``rounds_deadline`` where that is later. ``cluster_file.blocked_block_seconds`` compares the shapes within
@@ -597,8 +592,8 @@ def links_phase(cfg: dict, device, deadline: float, progress: Progress | None) -
 # (ZeRO 0) or reduce-scattered (ZeRO >= 1), weights all-gathered (ZeRO >= 1).
 REDUCTION_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 # Rounds over every (group shape, size, collective): a point's figure is the median of its rounds' lower
-# quartiles, so one burst of another tenant moves one round, not the figure (v21's and p22's profiles of
-# this VM, 20 minutes apart: 1 MiB all-reduces of 19.5 and 3.8 ms, one lower quartile of 5 samples each).
+# quartiles, so one burst of another tenant moves one round, not the figure (one lower quartile of 5 samples
+# can be several times another's on a shared machine).
 REDUCTION_ROUNDS = 3
 # Group shapes measured at most (smallest groups first): a world of 16 has 10, of 64 already 21.
 MAX_REDUCTION_LAYOUTS = 12
@@ -627,8 +622,8 @@ def reduction_phase(cfg: dict, device, deadline: float, progress: Progress | Non
     communication units, bracketed: ``cli.reduction_sizes``), ``reps`` samples of back-to-back calls, the
     slowest rank's lower quartile kept; all of it in up to REDUCTION_ROUNDS rounds. The planner prices a
     plan's data-parallel traffic from these (planner/comm.py: measured_collective_time) instead of reading
-    it off the alpha-beta line, whose fit over 4 KiB-16 MiB missed by a median 31-43% on this VM and moved
-    the data-parallel term by 1.8x between two profiles (docs/profiler.md, session 11). A point is started
+    it off the alpha-beta line, which is fitted over every collective and message size and can miss the
+    sizes of a data-parallel step by tens of percent on gloo. A point is started
     only when rank 0 expects it to end before ``deadline`` (its own time in an earlier round, or the last
     point's scaled by the bytes in the first); the first shape's all-reduce at the smallest and the largest
     size runs once whatever the budget."""
@@ -688,8 +683,8 @@ def overlap_phase(cfg: dict, device, dtype, progress: Progress | None) -> dict:
     slowest rank's lower-quartile sample, in OVERLAP_ROUNDS rounds. ``exposed_fraction`` = (b - w) / c: 0
     when the collective hides under the GEMMs (NCCL on its own stream), 1 when they take turns, more when
     they slow each other down (gloo's threads and the GEMMs sharing the same cores). The cluster file keeps
-    the median over rounds and collectives: one round's ratio of three noisy times moved between 1.20 and
-    1.45 in two profiles of this VM (v21, p22), and it scales every data-parallel reduction of a CPU plan."""
+    the median over rounds and collectives: one round's ratio of three noisy times moves from profile to
+    profile, and it scales every data-parallel reduction of a CPU plan."""
     first = first_level_group(cfg["nproc_per_node"])
     if first is None:
         return {}
@@ -753,8 +748,8 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     """CPU ranks: in each of SHARING_ROUNDS rounds, for each k = 1 .. ranks per host, the first k local ranks
     of every host run square GEMMs for SHARING_WINDOW_S while the others sleep; a window's rate is the busy
     ranks' mean GEMMs per second. Every count is measured in every round, next to each other, so a round's
-    ratio rate(k) / rate(all busy) is taken within a second and the machine's own drift (this VM's speed
-    moves by 5-10% from one second to the next, docs/profiler.md) cancels from it; ``busy_speedup`` (in
+    ratio rate(k) / rate(all busy) is taken within a second and the machine's own drift (a shared machine's
+    speed moves by several percent from one second to the next) cancels from it; ``busy_speedup`` (in
     ``cluster_file.fit_sharing``) is the median of the rounds' ratios: about ranks / k (up to one core per
     rank) where the ranks share fewer cores. Nothing on GPUs (a device per rank; the planner then assumes a
     speed of 1 whatever the others do)."""
@@ -825,9 +820,8 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
     the ranks are not time-sliced: skipped.
 
     One run gives every segment length at once, the step-long ones included, so the planner reads a step's
-    drift off the measurement instead of extrapolating it. The earlier forms -- a loop with all-reduces
-    against one without (session 12), then separate loops of meetings per segment up to 0.5 s, grown as a
-    square root to a step's length (session 13) -- are read as before (docs/profiler.md, session 14)."""
+    drift off the measurement instead of extrapolating it. Raw files without ``timing: drift`` hold one
+    sample per segment and are fitted as a line (``cluster_file.fit_meeting``)."""
     if device.type == "cuda":
         return {}
     first = first_level_group(cfg["nproc_per_node"])
@@ -1016,9 +1010,8 @@ def run(cfg: dict) -> dict | None:
     deadline = float(cfg["deadline"])
     begin = time.time()
     total = max(1.0, deadline - begin)
-    # The host checks take a fixed time (host_phases_seconds); the shares are of what they leave. Taken of the
-    # whole budget, a 30 s profile of 2 x 2 CPU ranks gave compute until 9.6 s while the link sweep's deadline
-    # fell at 3.4 s, and the worker ran 8 s past its budget.
+    # The host checks take a fixed time (host_phases_seconds); the shares are of what they leave, so that a
+    # short budget still ends the link sweep after the compute phase and the worker inside its budget.
     host_s = host_phases_seconds(device, cfg["nproc_per_node"])
     flexible = max(0.0, total - host_s)
     compute_deadline = begin + cfg["compute_share"] * flexible
@@ -1036,9 +1029,9 @@ def run(cfg: dict) -> dict | None:
     with Progress("compute", total, enabled=show) as progress:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress,
                                        rounds_deadline=compute_deadline + 0.5 * sweep_s)
-    # The host phases run before the link sweep: after it, ranks computing side by side drift apart 3-10x
-    # further than before it or inside a training job (0.3 s against 0.03-0.05 s after 0.5 s of GEMMs on 4
-    # CPU ranks, docs/profiler.md session 14), while the sharing rates and the pipeline op cost do not move.
+    # The host phases run before the link sweep: after it, ranks computing side by side drift apart several
+    # times further than before it or inside a training job, while the sharing rates and the pipeline op
+    # cost do not move.
     with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:
         raw["sharing"] = sharing_phase(cfg, device, progress)
     with Progress("meeting", total, enabled=show and device.type != "cuda", start=begin) as progress:

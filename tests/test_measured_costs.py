@@ -209,11 +209,11 @@ def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
 
 
 def test_sharing_follows_the_processor_sharing_law_fitted_to_the_profile():
-    """The planner uses ranks / max(busy, C) with C fitted to the profile's table, not the table itself: this
-    machine's session-9 profile measured two busy ranks of four at x1.69 (two cores: x2 by the law) and
-    priced a bubble at pp2 that the runs did not show; the fit puts it at 1.77 cores, x2 for two busy."""
+    """The planner uses ranks / max(busy, C) with C fitted to the profile's table, not the table itself: a
+    profile of 4 CPU ranks on 2 cores with two busy ranks at x1.69 (x2 by the law) would price a bubble at pp2
+    that runs do not show; the fit puts it at 1.77 cores, x2 for two busy."""
     base = load_cluster("localhost:4")
-    noisy = [[1, 2.25866], [2, 1.69455], [3, 1.27854], [4, 1.0]]          # /work/runs/v14's profile
+    noisy = [[1, 2.25866], [2, 1.69455], [3, 1.27854], [4, 1.0]]          # a measured table, 4 ranks on 2 cores
     assert compute.fit_shared_cores(tuple(map(tuple, noisy))) == pytest.approx(1.77)
     table = compute.busy_speedup_table(_with_measured(base, {"host": {"busy_speedup": noisy}}))
     assert [b for b, _ in table] == [1, 2, 3, 4]
@@ -396,7 +396,7 @@ def test_meeting_time_is_the_profiled_line_within_its_segments_and_a_square_root
 
 
 def test_meeting_time_reads_the_drift_curve_and_grows_past_it_as_a_square_root():
-    """A profile timed as drift (session 14) is priced off its curve: interpolated between the segments, the
+    """A profile timed as drift (``timing: drift``) is priced off its curve: interpolated between the segments, the
     shortest's figure below them, the longest's grown as a square root past them; a dip in the samples (noise:
     ranks do not drift less apart over a longer segment) is pooled with its neighbour."""
     from meshplan.profiler.cluster_file import fit_meeting, nondecreasing

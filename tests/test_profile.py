@@ -69,7 +69,7 @@ def test_two_scale_calibration_recovers_scales():
 
 
 def test_two_scale_calibration_falls_back_when_the_runs_cannot_tell_the_scales_apart():
-    """Eight near-identical layouts, 3% of each step communication (a validate run of this session): the
+    """Eight near-identical layouts, 3% of each step communication (a validate run on 4 CPU ranks): the
     exact solution's communication scale is whatever the noise says, so one shared scale is fitted."""
     compute_s = [1.20, 1.20, 1.21, 1.21, 1.22, 1.23, 1.23, 1.24]
     comm_s = [0.05, 0.05, 0.04, 0.05, 0.05, 0.05, 0.06, 0.06]
@@ -350,7 +350,7 @@ def test_micro_batch_lines_pool_noisy_shapes_and_spare_a_curved_gpu():
 
 
 def test_micro_batch_line_not_used_on_the_h200_profile():
-    """Session 10's H200 profile (llama3.2-1b, seq 2048, bf16; ms, first pass then five rounds): micro-batch 1
+    """A profile of one H200 (llama3.2-1b, seq 2048, bf16; ms, first pass then five rounds): micro-batch 1
     costs nearly what 2 does (the device is not filled), the rounds agree within a few percent, and the line
     lies about 6.5 standard errors off micro-batch 2: the shapes keep their own figures."""
     from meshplan.profiler.cluster_file import blocked_block_seconds, micro_batch_lines

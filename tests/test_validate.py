@@ -265,7 +265,7 @@ def test_a_calibration_that_picks_a_slower_plan_is_not_kept(tmp_path, monkeypatc
 
 
 def test_gpu_benchmark_checks_memory_only_where_it_is_max_memory_allocated():
-    """benchmarks/profile_validate_gpu.py (done-when 4): time within 15% and memory within 10% per layout;
+    """benchmarks/profile_validate_gpu.py: time within 15% and memory within 10% per layout;
     a CPU smoke run's peak RSS is shown but not judged; a failed layout counts for nothing."""
     import importlib.util
     from pathlib import Path
@@ -309,8 +309,8 @@ def test_a_new_first_choice_is_measured_beside_the_old_one(tmp_path, monkeypatch
 
 def test_calibration_scales_what_the_profile_timed_whole():
     """The head + loss, optimizer and pipeline-op timings move with the compute scale; meetings and the
-    data-parallel reduction table with the communication scale; undo gives them back. A record from before
-    these were scaled (no ``measured_seconds_scaled``) leaves them alone when undone."""
+    data-parallel reduction table with the communication scale; undo gives them back. A record without
+    ``measured_seconds_scaled`` leaves them alone when undone."""
     cluster = load_cluster("localhost:2")
     measured = {"compute": {"matmul_table": [[1e6, 0.02]], "attention_tflops": 0.01, "memory_gbps": 4.0,
                             "vocab": [{"head_s": 0.01, "loss_s": 0.02, "embedding_s": 0.001,
