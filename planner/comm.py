@@ -25,7 +25,7 @@ four CPU ranks (docs/profiler.md).
 
 Measured data-parallel traffic: where the profile timed the data-parallel collectives over a group shape at
 the runtime's gradient-unit sizes (``measured['links']['reduction']``), :func:`measured_collective_time` reads
-them off that table instead of the alpha-beta line (planner/evaluate.py's data-parallel term).
+them off that table instead of the alpha-beta line (planner/data_parallel.py).
 
 Overlap (:func:`exposed_time`): communication that runs beside compute is hidden by the fraction the profile
 measured (``measured['links']['overlap']['exposed_fraction']``; without one, fully hidden up to the compute
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from meshplan.spec import ClusterSpec
+from meshplan.planner.curves import interpolate
+from meshplan.planner.host import expected_max_normal, meeting_time  # noqa: F401  (the host model's; kept here for callers)
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,6 @@ def _reduction_table(cluster: ClusterSpec) -> dict[tuple[str, int, int], tuple[t
     return result
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """``y`` at ``x`` on the polyline through ``points`` (sorted by x), held at the end points' ``y`` outside."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return points[-1][1]
-
-
 def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, stride: int,
                              nbytes: float) -> float | None:
     """Seconds of one ``collective`` (all_reduce, reduce_scatter, all_gather) of ``nbytes`` (nccl-tests'
@@ -127,9 +119,8 @@ def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, s
     gradient units): linear in bytes between the two measured sizes around ``nbytes``; past the largest, along
     the last segment's slope (where it rises); below the smallest, the smallest's time (latency-bound).
     ``None`` where the profile did not time this collective over this shape: the alpha-beta fit prices it.
-    Measured because the alpha-beta line fitted over 4 KiB-16 MiB missed the sizes a plan reduces by a median
-    31-43% on 4 CPU ranks, and two profiles of the same machine priced one plan's reduction at 0.052 and
-    0.094 s from it (docs/profiler.md, session 11)."""
+    Measured because the alpha-beta line fitted over 4 KiB-16 MiB misses the sizes a plan reduces by a median
+    31-43% on 4 CPU ranks (docs/profiler.md)."""
     if size <= 1 or nbytes <= 0:
         return 0.0 if size <= 1 else None
     points = _reduction_table(cluster).get((collective, size, stride))
@@ -157,69 +148,6 @@ def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
     except (TypeError, ValueError):
         return 0.0
     return min(max(value, 0.0), 4.0) if math.isfinite(value) else 0.0
-
-
-@lru_cache(maxsize=None)
-def expected_max_normal(n: int) -> float:
-    """E[max of ``n`` independent standard normal draws] (0 for one; 0.5642 for 2, 1.0294 for 4, 1.4236 for 8:
-    Tippett 1925, the expected order statistics of the normal), by integrating x * n * phi(x) * Phi(x)^(n-1)
-    numerically over [-8, 8] (about 3 ms; cached, as meeting_time asks for it for every plan the search
-    evaluates)."""
-    if n <= 1:
-        return 0.0
-    steps, low, high = 4000, -8.0, 8.0
-    width = (high - low) / steps
-    total = 0.0
-    for i in range(steps + 1):
-        x = low + i * width
-        density = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
-        cumulative = 0.5 * (1 + math.erf(x / math.sqrt(2)))
-        weight = 0.5 if i in (0, steps) else 1.0
-        total += weight * x * n * density * cumulative ** (n - 1)
-    return total * width
-
-
-def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
-    """Seconds a collective over ``ranks`` ranks costs beyond its lined-up time when they come to it from
-    ``segment_s`` of computing, as the profile measured it (``measured['host']['meeting']``, worker
-    ``meeting_phase``: the last rank's time for a segment after the ranks' mean time, over the ranks of one
-    host), scaled from the profile's group to ``ranks`` by :func:`expected_max_normal`. Ranks time-sliced on
-    shared cores reach a collective at different moments and the first wait for the last; the links phase
-    times collectives lined up by a barrier and does not see it. 0 without a measurement (GPUs: ranks are not
-    time-sliced; what is left of their skew is in the fitted latency) and for one rank.
-
-    The profile's figure at ``segment_s``:
-    - ``curve`` (profiled since session 14, segments of 10 ms .. 2 s): interpolated linearly between its
-      points; below the shortest, the shortest's;
-    - older files: the line ``base_s + per_segment * segment`` within the measured segments (below the
-      shortest, the shortest's), never below 0;
-    - past the longest segment either way: that one's figure grown as the square root of the segment (how
-      far apart time-sliced ranks drift is a sum of many scheduling delays; on 4 CPU ranks, from 0.5 s to
-      2 s the drift grew 1.6-3.3x in six runs, median 2.1x, where the square root gives 2x: docs/profiler.md,
-      session 14).
-
-    A plan's replicas meet once after a whole step (planner/evaluate.py: gradient_meetings). The group
-    size: the last of ``n`` ranks whose drifts are independent normal draws arrives E[max of n standard
-    normals] standard deviations after their mean -- 0.56 for two, 1.03 for four. Inside real dp4 steps
-    (``benchmarks/dp_step_phases.py``) the first unit's all-reduce waited 0.09-0.15 s for the last of four
-    ranks; between the two replicas of dp2 pp2 (``benchmarks/dp_reduce_wait.py``) 0.047 s."""
-    meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
-    try:
-        measured_ranks = int(meeting.get("ranks") or ranks)
-        if meeting.get("curve"):
-            points = sorted((float(p["segment_s"]), max(0.0, float(p["penalty_s"]))) for p in meeting["curve"])
-            held, high = interpolate(points, segment_s), points[-1][0]
-        else:
-            base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
-            low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
-            held = max(0.0, base + slope * min(max(segment_s, low), high))
-    except (KeyError, TypeError, ValueError):
-        return 0.0
-    if not math.isfinite(held) or ranks <= 1 or measured_ranks <= 1:
-        return 0.0
-    if segment_s > high > 0:
-        held *= math.sqrt(segment_s / high)
-    return held * expected_max_normal(ranks) / expected_max_normal(measured_ranks)
 
 
 def exposed_time(comm_s: float, window_s: float, exposed_fraction: float = 0.0) -> float:

@@ -16,11 +16,13 @@ includes the operand traffic).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 from meshplan.spec import ClusterSpec, ModelSpec
+from meshplan.planner.host import (  # noqa: F401  (the host model's; kept here for callers)
+    SATURATED_ABOVE, busy_speedup, busy_speedup_table, fit_shared_cores, measured_busy_speedup, pipeline_op_overhead,
+    sharing_speed)
 
 # Fractions of spec-sheet peak reached by real kernels, used when no profile exists.
 # * matmul 0.58: the fraction of dense peak that reproduces Megatron-Core's published H100 weak-scaling
@@ -126,9 +128,9 @@ def measured_head_loss_time(cluster: ClusterSpec, precision: str, tokens: float,
     loss, and each shard's head pass under vocabulary parallelism), else the head GEMM plus the reference
     cross-entropy on materialised fp32 logits. ``None`` where no such shape was profiled (the modelled
     ``3 matmul + bytes / rate`` stands). Measured because the model misses both ways: on 4 CPU ranks the
-    reference loss took 5.4 ns a logit against 2.6 priced from the memory rate (v20's profile), and an H200
-    ran the chunked loss at 0.85x eager's speed where the byte counts priced its loss at 8 B a logit against
-    the reference's 30 (docs/kernels.md)."""
+    reference loss takes about 5.4 ns a logit against 2.6 priced from the memory rate, and an H200 runs the
+    chunked loss at 0.85x eager's speed where the byte counts price its loss at 8 B a logit against the
+    reference's 30 (docs/kernels.md)."""
     key = "chunked_head_loss_s" if chunked else None
     for row in measured_compute(cluster, precision).get("vocab") or ():
         try:
@@ -158,100 +160,6 @@ def measured_optimizer_seconds_per_param(cluster: ClusterSpec, precision: str, o
             continue
     rows = [r for r in rows if r[1] > 0 and math.isfinite(r[1])]
     return min(rows)[1] if rows else None
-
-
-# A lone rank measured this much faster than all of a host's ranks busy means they saturate its cores
-# (the profile's sharing rounds agree within a few percent, profiler/worker.py sharing_phase).
-SATURATED_ABOVE = 0.1
-
-
-def measured_busy_speedup(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
-    """The profile's sharing measurement as it is (``measured['host']['busy_speedup']``: ``[[busy ranks, speed
-    / speed with all busy], ...]``, worker ``sharing_phase``), sorted, unreadable rows dropped; entries below 1
-    read as 1 (fewer busy ranks cannot compute slower). Empty without a measurement."""
-    host = (cluster.measured or {}).get("host") or {}
-    table = []
-    for row in host.get("busy_speedup") or ():
-        try:
-            busy, speed = int(row[0]), float(row[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if busy >= 1 and math.isfinite(speed) and speed > 0:
-            table.append((busy, max(1.0, speed)))
-    return tuple(sorted(table))
-
-
-def sharing_speed(ranks: int, cores: float, busy: float) -> float:
-    """Processor sharing: ``ranks`` processes on ``cores`` cores, ``busy`` of them computing, each gets
-    ``min(1, cores / busy)`` of a core; relative to all ``ranks`` busy that is ``ranks / max(busy, cores)``
-    (``cores`` at most ``ranks``). The operating system's time slicing, averaged over an op (Kleinrock,
-    *Queueing Systems* vol. 2, ch. 4: the processor-sharing discipline)."""
-    return ranks / max(busy, min(cores, ranks))
-
-
-@functools.lru_cache(maxsize=64)
-def fit_shared_cores(table: tuple[tuple[int, float], ...]) -> float:
-    """The core count ``C`` (between 1 and the host's ranks, to 0.01) whose :func:`sharing_speed` law fits a
-    measured ``busy_speedup`` table best, by least squares on log speed. One parameter for four noisy points:
-    four profiles of this 2-core machine measured two busy ranks of four at x1.69-2.28 (the law: x2 for any
-    ``C <= 2``); their fits, 1.36-2.00 cores, move only the lone-rank entry (docs/profiler.md, session 9)."""
-    ranks = max(busy for busy, _ in table)
-
-    def misfit(cores: float) -> float:
-        return sum((math.log(speed) - math.log(sharing_speed(ranks, cores, busy))) ** 2 for busy, speed in table)
-
-    candidates = [c / 100 for c in range(100, 100 * ranks + 1)]
-    return min(candidates, key=lambda c: (round(misfit(c), 12), -c))
-
-
-def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
-    """How much faster a rank computes when only some of its host's ranks are busy: ``[(busy, speed), ...]``
-    for 1..ranks busy, from the processor-sharing law (:func:`sharing_speed`) on the core count fitted to
-    the profile's measurement (:func:`fit_shared_cores`, :func:`measured_busy_speedup`): about ``ranks /
-    busy`` up to one core per rank on CPU processes sharing fewer cores, 1 throughout on a device per rank.
-    The law rather than the table itself: the pipeline simulation's fills and drains run on the entries
-    with few ranks busy, and a noisy one priced a bubble the runs did not show (docs/profiler.md). Empty
-    without a measurement: the planner then assumes a device per rank (every GPU preset)."""
-    measured = measured_busy_speedup(cluster)
-    if not measured:
-        return ()
-    ranks = max(busy for busy, _ in measured)
-    cores = fit_shared_cores(measured)
-    return tuple((busy, sharing_speed(ranks, cores, busy)) for busy in range(1, ranks + 1))
-
-
-def busy_speedup(table: tuple[tuple[int, float], ...], busy: int) -> float:
-    """Speed of each busy thread with ``busy`` threads of its host busy, relative to all its ranks busy
-    (:func:`busy_speedup_table`), linear between listed counts; 1 without a table.
-
-    Beyond the table (more threads than ranks: the vocabulary-parallel helper threads, schedule_sim.py) the
-    host's cores are shared further: where the table shows them saturated -- a lone rank faster than all
-    together, by more than the profile's noise -- ``n`` threads get ``N / n`` of what the ``N`` ranks each got
-    (processor sharing, the cores' throughput fixed); where it does not, 1 (a core to spare is assumed)."""
-    if not table or busy <= 0:
-        return 1.0
-    if busy <= table[0][0]:
-        return table[0][1]
-    for (b0, s0), (b1, s1) in zip(table, table[1:]):
-        if b0 <= busy <= b1:
-            return s0 + (s1 - s0) * (busy - b0) / (b1 - b0) if b1 > b0 else s0
-    ranks, speed_all = table[-1]
-    saturated = table[0][1] > speed_all * (1 + SATURATED_ABOVE)
-    return speed_all * ranks / busy if saturated else speed_all
-
-
-def pipeline_op_overhead(cluster: ClusterSpec) -> float:
-    """Seconds one forward or backward op of a pipeline schedule costs beyond its compute (the schedule's
-    bookkeeping, its send/recv, the wait for a time-sliced neighbour), as the profile measured it
-    (``measured['host']['pipeline']['op_overhead_s']``, worker ``pipeline_phase``: torch.distributed.pipelining's
-    1F1B over pairs of ranks, its slope over micro-batches less the stage's module alone, per op). 0 without a
-    measurement (GPUs: the host runs ahead of the device queue)."""
-    pipeline = ((cluster.measured or {}).get("host") or {}).get("pipeline") or {}
-    try:
-        value = float(pipeline.get("op_overhead_s", 0.0))
-    except (TypeError, ValueError):
-        return 0.0
-    return max(0.0, value) if math.isfinite(value) else 0.0
 
 
 def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:

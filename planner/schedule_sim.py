@@ -1,8 +1,8 @@
 """Pipeline schedules on ranks that share their compute: a dependency simulation with processor sharing.
 
-The closed forms in ``evaluate.pipeline_makespan`` assume a device per rank: a rank idle in the fill or the
+The closed forms in ``pipeline.pipeline_makespan`` assume a device per rank: a rank idle in the fill or the
 drain of a pipeline is simply idle. Where several ranks share one device (CPU processes on fewer cores than
-ranks: the profile's ``measured['host']['busy_speedup']``, :func:`meshplan.planner.compute.busy_speedup`),
+ranks: the profile's ``measured['host']['busy_speedup']``, :func:`meshplan.planner.host.busy_speedup`),
 a rank idle in a bubble hands its share of the cores to the ranks still busy, and they run faster. The
 bubble then costs less than the closed form says, down to nothing when the busy ranks alone saturate the
 cores (four ranks on two cores: two busy ranks already use both).

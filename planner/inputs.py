@@ -1,0 +1,83 @@
+"""The inputs of one evaluation: a point of the search space (:class:`Config`), the fixed inputs of a search
+(:class:`Context`), and why a configuration cannot run (:class:`Rejection`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.plan import DEFAULT_MESH_ORDER
+from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
+from meshplan.planner import memory
+from meshplan.planner.host import HostModel, host_model
+
+GIB = memory.GIB
+MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the search space (everything but the layer partition and recompute counts, which
+    ``evaluate`` chooses). ``recompute`` pins a uniform mode; None lets the planner choose per stage."""
+
+    dp: int
+    tp: int
+    pp: int
+    cp: int
+    micro_batch: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    zero: int = 0
+    vocab_parallel: bool = False
+    cp_kind: str = "ulysses"
+    tp_overlap: bool = False
+    compile: bool = False
+    fused_kernels: bool = False
+    recompute: str | None = None
+    mesh_order: tuple[str, ...] = DEFAULT_MESH_ORDER
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp}
+
+
+@dataclass(frozen=True)
+class Context:
+    """The fixed inputs of a search.
+
+    ``pipeline_grad_sync``: when the runtime that will run the plan reduces a pipeline stage's data-parallel
+    gradients. ``"after_schedule"`` (meshplan's runtime, and torchtitan's: torch.distributed.pipelining keeps
+    FSDP2/replicate gradient sync off for every backward and reduces in one REDUCE_GRAD action after the
+    stage's last one, ``PipelineStage.perform_reduce_grad``, measured in benchmarks/dp_reduce_wait.py) or
+    ``"overlapped"`` (Megatron-LM's ``overlap_grad_reduce``: buckets reduce as the last micro-batch's backward
+    fills them). Only plans with ``pp > 1`` and data-parallel replicas are affected."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    train: TrainSpec
+    pipeline_grad_sync: str = "after_schedule"
+
+    @property
+    def act_bytes(self) -> int:
+        return memory.ACT_BYTES[self.train.precision]
+
+    @property
+    def capacity_bytes(self) -> float:
+        """What a rank may use: device memory less the CUDA context kept outside torch's allocator."""
+        context = memory.CUDA_CONTEXT_GIB if self.cluster.gpu.kind == "gpu" else 0.0
+        return (self.cluster.gpu.memory_gib - context) * GIB
+
+    @property
+    def host(self) -> HostModel:
+        """The host model of the cluster's ranks (host.py: shared cores on CPU clusters, none on GPUs)."""
+        return host_model(self.cluster)
+
+    def num_microbatches(self, cfg: Config) -> int:
+        """Micro-batches per step per data-parallel rank: global batch / (dp * micro batch)."""
+        return self.train.global_batch // (cfg.dp * cfg.micro_batch)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str               # a short family name used for counting ("OOM", "divisibility: ...")
+    detail: str = ""
+    over_bytes: float = 0.0   # for OOM: by how much the best variant missed

@@ -1,0 +1,139 @@
+"""Where the blocks go: the layer partition over virtual stages (balanced by time, memory enforced) and the
+recompute counts per pipeline rank (the least recompute time that fits, recompute.choose_recompute).
+
+A rank's static memory is bounded by a line in the number of blocks it holds, ``base[r] + n * slope[r]``
+(rank_memory.static_lines, with room for one re-materialised block); its saved activations add
+``in_flight[r] * sum_m c_m * act_m`` for c_m blocks under recompute mode m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.planner import memory
+from meshplan.planner.inputs import GIB, MODES, Rejection
+from meshplan.planner.partition import balance_layers
+from meshplan.planner.recompute import RecomputeChoice, choose_recompute
+from meshplan.planner.step import Step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Blocks per virtual stage, blocks per pipeline rank, and each rank's recompute choice."""
+
+    partition: tuple[int, ...]
+    rank_layers: tuple[int, ...]
+    choices: tuple[RecomputeChoice, ...]
+
+
+def stage_extra_time(s: Step) -> list[float]:
+    """Seconds per micro-batch each virtual stage runs beside its blocks: the embedding on the first, head +
+    loss on the last, each rank's vocabulary-parallel share on its first chunk, and -- under a pipeline -- a
+    forward and a backward op's own cost (host.op_overhead, profiled on CPU ranks)."""
+    p, n_stages, vc = s.p, s.n_stages, s.vc
+    extra_time = [0.0] * n_stages
+    extra_time[0] += vc.first_time
+    extra_time[-1] += vc.last_time
+    if s.cfg.vocab_parallel:
+        for rank in range(p):
+            extra_time[rank] += vc.each_time
+    if p > 1:
+        op_overhead = 2 * s.host.op_overhead()
+        extra_time = [t + op_overhead for t in extra_time]
+    return extra_time
+
+
+def layer_caps(s: Step, base: list[float], slope: list[float]) -> list[int] | None:
+    """The most blocks each pipeline rank can hold with full recompute (None if the ranks together cannot
+    hold the model)."""
+    ctx, lc = s.ctx, s.lc
+    capacity = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN)
+    caps = []
+    for r in range(len(base)):
+        per_layer = slope[r] + s.in_flight[r] * lc.act["full"]
+        room = capacity - base[r]
+        caps.append(max(0, int(room // per_layer)) if per_layer > 0 else ctx.model.layers)
+    if sum(caps) < ctx.model.layers:
+        return None
+    return caps
+
+
+def choose_partition(s: Step, base: list[float], slope: list[float],
+                     partition: list[int] | None) -> list[int] | Rejection:
+    """``partition`` checked, or -- when None -- the time-balanced partition within each rank's block cap
+    (partition.balance_layers)."""
+    ctx, lc, p, n_stages = s.ctx, s.lc, s.p, s.n_stages
+    model = ctx.model
+    if partition is None:
+        caps = layer_caps(s, base, slope)
+        if caps is None:
+            need = min(base) + s.in_flight[0] * lc.act["full"] * model.layers / p
+            return Rejection("OOM", "even full recompute does not fit", max(0.0, need - ctx.capacity_bytes))
+        partition = balance_layers(model.layers, n_stages, lc.fwd + lc.bwd, stage_extra_time(s), caps, p)
+        if partition is None:
+            over = max(base[r] + s.in_flight[r] * lc.act["full"] * model.layers / n_stages for r in range(p))
+            return Rejection("OOM", "no layer partition fits every stage's memory",
+                             max(0.0, over - ctx.capacity_bytes))
+    if len(partition) != n_stages or sum(partition) != model.layers:
+        return Rejection("partition", f"partition {partition} does not cover {model.layers} layers")
+    return partition
+
+
+def choose_layout(s: Step, base: list[float], slope: list[float], partition: list[int] | None,
+                  recompute_counts: list[dict[str, int]] | None) -> Layout | Rejection:
+    """The partition (:func:`choose_partition`) and per pipeline rank the recompute counts: the given ones
+    (``recompute_counts`` per virtual stage), or the least recompute time whose activations fit the rank's
+    memory beside its static bytes."""
+    ctx, lc, p, n_stages = s.ctx, s.lc, s.p, s.n_stages
+    partition = choose_partition(s, base, slope, partition)
+    if isinstance(partition, Rejection):
+        return partition
+    rank_layers = [sum(partition[j] for j in range(r, n_stages, p)) for r in range(p)]
+    choices: list[RecomputeChoice] = []
+    for r in range(p):
+        static = base[r] + rank_layers[r] * slope[r]   # (with room for one block re-materialised by recompute)
+        budget = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN) - static
+        if recompute_counts is not None:
+            counts = rank_counts(recompute_counts, r, p, n_stages)
+            choice = RecomputeChoice(counts, sum(counts[m] * lc.recompute[m] for m in MODES),
+                                     saved_activation_bytes(s, r, counts))
+        else:
+            choice = choose_recompute(rank_layers[r], s.in_flight[r], lc.act, lc.recompute, budget, s.cfg.recompute)
+            if choice is None:
+                need = static + saved_activation_bytes(s, r, {"none": 0, "selective": 0, "full": rank_layers[r]})
+                over = need * (1 + memory.ALLOCATOR_MARGIN) - ctx.capacity_bytes
+                return Rejection("OOM", f"pipeline rank {r} needs {need / GIB:.1f} GiB", max(0.0, over))
+        choices.append(choice)
+    return Layout(tuple(partition), tuple(rank_layers), tuple(choices))
+
+
+def saved_activation_bytes(s: Step, rank: int, counts: dict[str, int]) -> float:
+    """Bytes of saved activations on ``rank``: its in-flight micro-batches times each block's bytes under its
+    recompute mode."""
+    return s.in_flight[rank] * sum(counts[m] * s.lc.act[m] for m in MODES)
+
+
+def rank_counts(stage_counts: list[dict[str, int]], rank: int, p: int, n_stages: int) -> dict[str, int]:
+    """A pipeline rank's recompute counts: the sum over its virtual stages."""
+    total = {m: 0 for m in MODES}
+    for j in range(rank, n_stages, p):
+        for m in MODES:
+            total[m] += stage_counts[j].get(m, 0)
+    return total
+
+
+def split_counts(counts: dict[str, int], partition: list[int] | tuple[int, ...], stage: int, p: int,
+                 n_stages: int) -> dict[str, int]:
+    """Hand a rank's recompute counts to its virtual stages in order: full first, then selective."""
+    remaining = dict(counts)
+    result = {m: 0 for m in MODES}
+    for j in range(stage % p, n_stages, p):
+        layers = partition[j]
+        take = {}
+        for m in ("full", "selective", "none"):
+            take[m] = min(remaining[m], layers - sum(take.values()))
+            remaining[m] -= take[m]
+        if j == stage:
+            result = take
+            break
+    return result

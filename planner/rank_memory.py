@@ -1,0 +1,148 @@
+"""Per-rank memory: what is live on a pipeline rank at its peak.
+
+A rank's peak is ``common + max(at the loss, in the first block's backward)`` (memory.step_peak_phases):
+common holds the training state (memory.model_state_bytes, sharded per the runtime's ZeRO stage), the
+gradient accumulators, gathered weights and pipeline receive buffers; the loss phase adds the logits; the
+backward phase adds the weights gathered for backward, the transient gradients, a block re-materialised by
+recompute and the sequence-parallel workspace. Saved activations come on top (layout.saved_activation_bytes;
+interleaved schedules replay the rank's ops, memory.schedule_peak). The allocator's margin
+(memory.ALLOCATOR_MARGIN) is added to the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.planner import memory
+from meshplan.planner.inputs import MODES
+from meshplan.planner.layout import Layout, split_counts
+from meshplan.planner.step import Step
+
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits", "buffers")
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Everything on a rank but its blocks' saved activations, bytes per category: always live (``common``),
+    at the loss (``at_loss``) and in the first block's backward (``in_backward``)."""
+
+    common: dict[str, float]
+    at_loss: dict[str, float]
+    in_backward: dict[str, float]
+
+
+def rank_root_params(s: Step, rank: int) -> float:
+    """The parameters of the rank's FSDP2 root unit, beside its blocks: the embedding (or, with the
+    vocabulary split, the positions table) on the first rank, the final norm and head on the last."""
+    params = 0.0
+    if rank == 0:
+        params += s.vc.first_params
+    if rank == (s.n_stages - 1) % s.p:
+        params += s.vc.last_params
+    return params
+
+
+def accumulates_unsharded(s: Step) -> bool:
+    """Whether gradients accumulate in unsharded fp32 buffers across micro-batches (launcher/runtime/train.py
+    train_step: under a pipeline, or over several micro-batches below ZeRO-3)."""
+    return s.p > 1 or (s.num_mb > 1 and s.cfg.zero <= 2)
+
+
+def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Phases:
+    """The :class:`Phases` of pipeline rank ``rank`` holding ``layers`` blocks. The sharded gradients are
+    replaced by the fp32 accumulators while those exist (each block's reduce-scatter frees its accumulator);
+    else present from the first micro-batch's backward on, so at the last one's loss only when there are
+    several (optimizer.zero_grad(set_to_none=True) frees the last step's). GPipe keeps every earlier
+    micro-batch's log-probabilities until its backward."""
+    cfg, lc, sb, p, num_mb, train = s.cfg, s.lc, s.sb, s.p, s.num_mb, s.ctx.train
+    root = rank_root_params(s, rank)
+    params = root + layers * lc.params
+    states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), s.replicas, sb)
+    states = {k: states[k] + s.shard_states[k] for k in states}
+    fsdp = cfg.dp * cfg.cp > 1
+    accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates_unsharded(s), fsdp)
+    gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
+    gathered_bwd = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=True)
+    grads = states.pop("gradients") - s.shard_states["gradients"]
+    grads_common = (0.0 if accumulators else (grads if num_mb > 1 else 0.0)) + s.shard_states["gradients"]
+    grads_backward = 0.0 if accumulators or num_mb > 1 else grads
+    holds_loss = cfg.vocab_parallel or rank == (s.n_stages - 1) % p
+    logits_loss = logits_kept = 0.0
+    if holds_loss:
+        flight_loss = 2 if cfg.vocab_parallel else (num_mb if (cfg.schedule == "gpipe" and p > 1) else 1)
+        logits_loss, logits_kept = s.vc.logits_peak, max(0, flight_loss - 1) * s.vc.logprob_saved
+    pipeline = s.boundary_bytes * memory.pipeline_receive_buffers(p, rank, num_mb, s.v)
+    common = {**states, "gradients": grads_common, "logits": logits_kept,
+              "buffers": gathered_loss + accumulators + pipeline}
+    at_loss = {"logits": logits_loss}
+    in_backward = {"gradients": grads_backward,     # (+ the block being re-materialised under recompute)
+                   "buffers": gathered_bwd - gathered_loss + transient + (lc.act_full_layer if recomputes else 0.0)
+                   + memory.sp_backward_workspace_bytes(cfg.micro_batch * train.seq_len / cfg.cp,
+                                                        s.ctx.model.hidden, s.ctx.act_bytes, cfg.tp)}
+    return Phases(common, at_loss, in_backward)
+
+
+def rank_static_bytes(s: Step, rank: int, layers: int, recomputes: bool = True) -> float:
+    """The rank's peak without its blocks' saved activations (memory.step_peak_phases)."""
+    ph = rank_memory_phases(s, rank, layers, recomputes)
+    return sum(ph.common.values()) + memory.step_peak_phases(sum(ph.at_loss.values()), sum(ph.in_backward.values()))
+
+
+def upper_slope(s: Step, rank: int) -> float:
+    """Bytes per block of the linear upper bound on the rank's static memory: the common part's growth plus
+    the larger phase's (the phase maximum is convex in the number of blocks)."""
+    a, b = rank_memory_phases(s, rank, 0, True), rank_memory_phases(s, rank, 1, True)
+    grows = [sum(x1.values()) - sum(x0.values())
+             for x0, x1 in ((a.common, b.common), (a.at_loss, b.at_loss), (a.in_backward, b.in_backward))]
+    return grows[0] + max(0.0, grows[1], grows[2])
+
+
+def static_lines(s: Step) -> tuple[list[float], list[float]]:
+    """Static memory as a linear upper bound in the number of blocks a rank holds, ``total(r, n) = base[r] +
+    n * slope[r]``, with room for one re-materialised block (the reported peak, :func:`rank_peak_detail`, is
+    exact)."""
+    return [rank_static_bytes(s, r, 0) for r in range(s.p)], [upper_slope(s, r) for r in range(s.p)]
+
+
+def rank_peak_detail(s: Step, layout: Layout, r: int) -> dict[str, float]:
+    """Bytes per category at pipeline rank ``r``'s peak, the allocator margin left out."""
+    choice = layout.choices[r]
+    recomputes = bool(choice.counts["full"] or choice.counts["selective"])
+    ph = rank_memory_phases(s, r, layout.rank_layers[r], recomputes)
+    if s.cfg.schedule == "interleaved" and s.v > 1:
+        return interleaved_peak_detail(s, layout, r, ph)
+    phase = ph.at_loss if sum(ph.at_loss.values()) >= sum(ph.in_backward.values()) else ph.in_backward
+    entry = {k: ph.common.get(k, 0.0) + phase.get(k, 0.0)
+             for k in ("parameters", "gradients", "optimizer", "logits", "buffers")}
+    entry["activations"] = choice.act_bytes
+    return {k: entry[k] for k in CATEGORIES}
+
+
+def interleaved_peak_detail(s: Step, layout: Layout, r: int, ph: Phases) -> dict[str, float]:
+    """The interleaved rank's peak by replaying its ops (memory.schedule_peak): its chunks differ in size and
+    create their gradient accumulators late."""
+    p, n_stages, lc, sb, vc = s.p, s.n_stages, s.lc, s.sb, s.vc
+    partition, counts = layout.partition, layout.choices[r].counts
+    stages = list(range(r, n_stages, p))
+    acts = [sum(split_counts(counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES) for j in stages]
+    chunk_params = [partition[j] * lc.params          # FSDP2's units (the vocabulary shard is not one)
+                    + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
+                    for j in stages]
+    fsdp = s.cfg.dp * s.cfg.cp > 1
+    accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates_unsharded(s), fsdp)[0] for x in chunk_params]
+    shards = [memory.model_state_bytes(x, memory.runtime_sharding_stage(s.cfg.zero), s.replicas, sb)["gradients"]
+              if a else 0.0 for x, a in zip(chunk_params, accs)]
+    ops = memory.interleaved_1f1b_order(p, r, s.num_mb, s.v)
+    at_loss, in_backward = sum(ph.at_loss.values()), sum(ph.in_backward.values())
+    _, live, accumulated, extra = memory.schedule_peak(ops, acts, accs, shards, [at_loss] * s.v, in_backward)
+    phase = ph.at_loss if extra == at_loss and extra > 0 else ph.in_backward
+    entry = {k: ph.common.get(k, 0.0) + phase.get(k, 0.0)
+             for k in ("parameters", "gradients", "optimizer", "logits", "buffers")}
+    entry["buffers"] += accumulated - sum(accs)
+    entry["activations"] = live
+    return {k: entry[k] for k in CATEGORIES}
+
+
+def with_margin(detail: dict[str, float]) -> dict[str, float]:
+    """A rank's breakdown with the allocator's ``margin`` (memory.ALLOCATOR_MARGIN of the rest) added."""
+    return {**detail, "margin": memory.ALLOCATOR_MARGIN * sum(detail.values())}

@@ -1,0 +1,79 @@
+"""The quantities of one configuration that every cost term reads (:class:`Step`), made once per evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshplan.planner import comm, memory
+from meshplan.planner.block import LayerCost, config_layer_cost
+from meshplan.planner.comm import GroupLink
+from meshplan.planner.host import HostModel
+from meshplan.planner.inputs import Config, Context
+from meshplan.planner.vocab import VocabCost, vocab_cost
+
+
+@dataclass(frozen=True)
+class Step:
+    """One configuration's step: its block and vocabulary costs, training-state bytes, micro-batches, and the
+    groups its data-parallel and pipeline traffic runs over.
+
+    The runtime shards and reduces over dp and cp together (launcher/runtime/parallelize.py: Meshes.dp_cp):
+    context ranks hold the same weights and their gradients are summed like data-parallel ones, so the
+    data-parallel group is ``replicas = dp * cp`` ranks, its stride the smaller of the two. A pipeline hop
+    moves the [s/cp, b, h] activation (split by tp under sequence parallel): ``boundary_bytes``, ``hop``
+    seconds (comm.p2p_time). The vocabulary shard (vocab_parallel) is outside FSDP2 (vocab_parallel.py): its
+    fp32 weights, plain AdamW state and fp32 gradient buffers are whole on every data rank
+    (``shard_states``)."""
+
+    ctx: Context
+    cfg: Config
+    lc: LayerCost
+    vc: VocabCost
+    sb: memory.StateBytes
+    num_mb: int
+    replicas: int
+    dp_stride: int
+    dp_link: GroupLink
+    pp_link: GroupLink
+    boundary_bytes: float
+    hop: float
+    in_flight: tuple[float, ...]          # micro-batches in flight per pipeline rank (memory.microbatches_in_flight)
+    vocab_shard_params: float
+    shard_states: dict[str, float]
+
+    @property
+    def p(self) -> int:
+        return self.cfg.pp
+
+    @property
+    def v(self) -> int:
+        return self.cfg.virtual_stages
+
+    @property
+    def n_stages(self) -> int:
+        return self.cfg.pp * self.cfg.virtual_stages
+
+    @property
+    def host(self) -> HostModel:
+        return self.ctx.host
+
+
+def step_of(ctx: Context, cfg: Config) -> Step:
+    """The :class:`Step` of ``cfg`` under ``ctx``."""
+    model, train, cluster = ctx.model, ctx.train, ctx.cluster
+    p, v = cfg.pp, cfg.virtual_stages
+    num_mb = ctx.num_microbatches(cfg)
+    vc = vocab_cost(ctx, cfg)
+    sb = memory.state_bytes(train.precision, train.optimizer)
+    degrees = cfg.degrees
+    replicas = cfg.dp * cfg.cp
+    dp_stride = min(comm.group_stride(cfg.mesh_order, degrees, "dp"), comm.group_stride(cfg.mesh_order, degrees, "cp"))
+    dp_link = comm.group_link(cluster, replicas, dp_stride)
+    pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
+    boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / cfg.tp * ctx.act_bytes
+    hop = comm.p2p_time(boundary_bytes, pp_link) if p > 1 else 0.0
+    in_flight = tuple(memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p))
+    vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
+    shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
+    return Step(ctx, cfg, config_layer_cost(ctx, cfg), vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link,
+                boundary_bytes, hop, in_flight, vocab_shard_params, shard_states)
