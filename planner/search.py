@@ -24,8 +24,10 @@ from meshplan.errors import InputError, NoFeasiblePlan
 from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
 from meshplan.planner import memory
-from meshplan.planner.evaluate import (Config, Context, Evaluation, Rejection, config_layer_cost, evaluate, to_plan,
-                                       vocab_cost)
+from meshplan.planner.block import config_layer_cost
+from meshplan.planner.evaluate import Evaluation, evaluate, to_plan
+from meshplan.planner.inputs import Config, Context, Rejection
+from meshplan.planner.vocab import vocab_cost
 from meshplan.planner.recompute import solve_partition_ilp
 
 MAX_MICRO_BATCH = 32
@@ -193,11 +195,36 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
         raise ValueError(f"pipeline_grad_sync must be 'after_schedule' or 'overlapped', not {pipeline_grad_sync!r}")
     ctx = Context(model, cluster, train, pipeline_grad_sync)
     _check_fixes(ctx, fixes)
-    world = cluster.world_size
     rejected: Counter[str] = Counter()
-    closest_oom: tuple[float, Config] | None = None
+    families, closest_oom = _degree_families(ctx, fixes, rejected)
+    best, evaluated, closest_oom = _evaluate_families(ctx, families, fixes, top, rejected, closest_oom, progress)
+    if not best:
+        raise NoFeasiblePlan(_nothing_fits_message(ctx, fixes, rejected, closest_oom))
 
-    # 1. degree families x micro batch, with their lower bounds
+    # 4. refine finalists with the joint partition + recompute ILP
+    finalists = best[: top * 2]
+    if refine:
+        finalists = [_refine(ctx, ev) for ev in finalists]
+        finalists.sort(key=plan_order)
+    chosen = finalists[:top]
+    rejected["slower than the top plans"] += len(best) - len(chosen)
+    seconds = time.perf_counter() - start
+    plans = []
+    alternatives = [_alternative(ev) for ev in chosen]
+    for rank, ev in enumerate(chosen):
+        notes = _why(ev, chosen[0], rank)
+        search_info = {"seconds": round(seconds, 3), "evaluated": evaluated, "rank": rank + 1,
+                       "rejected": dict(rejected), "alternatives": alternatives}
+        plans.append(to_plan(ev, ctx, notes, search_info))
+    return SearchResult(plans, seconds, evaluated, dict(rejected), closest_oom)
+
+
+def _degree_families(ctx: Context, fixes: dict[str, Any], rejected: Counter) -> tuple[list, tuple | None]:
+    """1. Degree families x micro batch that pass the divisibility rules and the memory lower bound, each with
+    its time lower bound, sorted by it; and the family that missed memory by the least."""
+    model, cluster, train = ctx.model, ctx.cluster, ctx.train
+    world = cluster.world_size
+    closest_oom: tuple[float, Config] | None = None
     families = []
     for tp in ([fixes["tp"]] if "tp" in fixes else divisors(world)):
         for cp in ([fixes["cp"]] if "cp" in fixes else divisors(world // tp) if world % tp == 0 else []):
@@ -214,27 +241,39 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                 if problem:
                     rejected[problem] += 1
                     continue
-                per_dp = train.global_batch // dp
-                bs = [fixes["micro_batch"]] if "micro_batch" in fixes else [d for d in divisors(per_dp) if d <= MAX_MICRO_BATCH]
-                for b in bs:
-                    if per_dp % b:
-                        rejected["divisibility: global_batch % (dp*micro_batch)"] += 1
-                        continue
-                    variants = _variants(ctx, dp, tp, pp, cp, b, fixes)
-                    if not variants:
-                        rejected["divisibility: no valid schedule / CP kind"] += 1
-                        continue
-                    need = _memory_lower_bound(ctx, variants[0])
-                    if need > ctx.capacity_bytes:
-                        rejected["OOM"] += len(variants)
-                        over = need - ctx.capacity_bytes
-                        if closest_oom is None or over < closest_oom[0]:
-                            closest_oom = (over, replace(variants[0], zero=3, recompute="full"))
-                        continue
-                    families.append((_family_bound(ctx, variants), dp, tp, pp, cp, b))
+                closest_oom = _micro_batch_families(ctx, fixes, dp, tp, pp, cp, rejected, families, closest_oom)
     families.sort()
+    return families, closest_oom
 
-    # 2-3. evaluate in bound order, pruning
+
+def _micro_batch_families(ctx: Context, fixes: dict[str, Any], dp: int, tp: int, pp: int, cp: int,
+                          rejected: Counter, families: list, closest_oom):
+    """Append the degrees' families, one per micro batch, to ``families``; returns the closest OOM so far."""
+    per_dp = ctx.train.global_batch // dp
+    bs = [fixes["micro_batch"]] if "micro_batch" in fixes else [d for d in divisors(per_dp) if d <= MAX_MICRO_BATCH]
+    for b in bs:
+        if per_dp % b:
+            rejected["divisibility: global_batch % (dp*micro_batch)"] += 1
+            continue
+        variants = _variants(ctx, dp, tp, pp, cp, b, fixes)
+        if not variants:
+            rejected["divisibility: no valid schedule / CP kind"] += 1
+            continue
+        need = _memory_lower_bound(ctx, variants[0])
+        if need > ctx.capacity_bytes:
+            rejected["OOM"] += len(variants)
+            over = need - ctx.capacity_bytes
+            if closest_oom is None or over < closest_oom[0]:
+                closest_oom = (over, replace(variants[0], zero=3, recompute="full"))
+            continue
+        families.append((_family_bound(ctx, variants), dp, tp, pp, cp, b))
+    return closest_oom
+
+
+def _evaluate_families(ctx: Context, families: list, fixes: dict[str, Any], top: int, rejected: Counter,
+                       closest_oom, progress) -> tuple[list[Evaluation], int, tuple | None]:
+    """2-3. Evaluate the families' variants in bound order, pruning those whose lower bound is no better than
+    the current top; keeps twice ``top`` (spares for the ILP refinement)."""
     best: list[Evaluation] = []
     evaluated = 0
     total = len(families)
@@ -257,31 +296,12 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                 continue
             best.append(result)
             best.sort(key=plan_order)
-            dropped = best[top * 2:]           # keep a few spare for the ILP refinement
+            dropped = best[top * 2:]
             del best[top * 2:]
             rejected["slower than the top plans"] += len(dropped)
     if progress:
         progress(total, total)
-
-    if not best:
-        raise NoFeasiblePlan(_nothing_fits_message(ctx, fixes, rejected, closest_oom))
-
-    # 4. refine finalists with the joint partition + recompute ILP
-    finalists = best[: top * 2]
-    if refine:
-        finalists = [_refine(ctx, ev) for ev in finalists]
-        finalists.sort(key=plan_order)
-    chosen = finalists[:top]
-    rejected["slower than the top plans"] += len(best) - len(chosen)
-    seconds = time.perf_counter() - start
-    plans = []
-    alternatives = [_alternative(ev) for ev in chosen]
-    for rank, ev in enumerate(chosen):
-        notes = _why(ev, chosen[0], rank)
-        search_info = {"seconds": round(seconds, 3), "evaluated": evaluated, "rank": rank + 1,
-                       "rejected": dict(rejected), "alternatives": alternatives}
-        plans.append(to_plan(ev, ctx, notes, search_info))
-    return SearchResult(plans, seconds, evaluated, dict(rejected), closest_oom)
+    return best, evaluated, closest_oom
 
 
 def plan_order(ev: Evaluation) -> tuple[float, float]:
