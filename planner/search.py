@@ -307,7 +307,7 @@ def _evaluate_families(ctx: Context, families: list, fixes: dict[str, Any], top:
 def plan_order(ev: Evaluation) -> tuple[float, float]:
     """How the top plans are ranked: by predicted step time, and where two are predicted equal (GPipe and 1F1B
     have one makespan; to the nanosecond) by peak memory, lower first -- the same speed with more headroom.
-    Without the second key such ties fell in evaluation order, which a calibration could flip."""
+    The second key keeps such ties out of evaluation order, which a calibration could flip."""
     return round(ev.iteration_s, 9), ev.peak_bytes
 
 
