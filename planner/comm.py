@@ -41,7 +41,8 @@ from functools import lru_cache
 
 from meshplan.spec import ClusterSpec
 from meshplan.planner.curves import interpolate
-from meshplan.planner.host import expected_max_normal, meeting_time  # noqa: F401  (the host model's; kept here for callers)
+# the host model's meeting terms, kept importable from here
+from meshplan.planner.host import expected_max_normal, meeting_time  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,10 @@ def time_breakdown(s: Step, layout: Layout, pipe: PipelineTime, dp_time: float, 
 
 
 def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search: dict | None = None) -> Plan:
+    """The :class:`Plan` of an evaluation: its degrees, stages and predictions (MFU against the device's peak in
+    the training precision, model FLOPs as flops.model_flops_per_iteration counts them)."""
     cfg, train = ev.config, ctx.train
-    num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
+    num_mb = ctx.num_microbatches(cfg)
     device_peak = ctx.cluster.gpu.peak_flops(train.precision)
     model_flops = flops.model_flops_per_iteration(ctx.model, train.seq_len, train.global_batch)
     tflops = model_flops / ev.iteration_s / ctx.cluster.world_size

@@ -32,8 +32,8 @@ def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages:
     forwards for interleaved (also at v = 1, as the runtime runs it; ``pp - 1 - rank`` for 1F1B), then one
     forward and one backward alternating, then the remaining backwards; the k-th forward runs chunk
     ``(k // per_round) % v``, the k-th backward chunk ``v - 1 - (k // per_round) % v``
-    (``memory.interleaved_1f1b_order`` reads its chunks from here). Interleaved orders are meant for ``m % pp == 0`` (what the search
-    generates); with partial rounds the simulation may find them deadlocked."""
+    (``memory.interleaved_1f1b_order`` reads its chunks from here). Interleaved orders are meant for
+    ``m % pp == 0`` (what the search generates); with partial rounds the simulation may find them deadlocked."""
     m, v = num_mb, max(1, virtual_stages)
     if schedule == "gpipe" or pp == 1:
         return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]
