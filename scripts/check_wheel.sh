@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# A new user's install: build the wheel, install it in a fresh virtual environment with no extras (so no
+# Triton, no matplotlib), import every module, and run the commands a newcomer runs first. Each must exit 0
+# and print no traceback or library warning.
+#   bash scripts/check_wheel.sh [WORK_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=${1:-$(mktemp -d -t meshplan-wheel-XXXXXX)}
+mkdir -p "$WORK"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+python -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >/dev/null
+python -m venv "$WORK/venv"
+PY="$WORK/venv/bin/python"
+"$PY" -m pip install -q "torch==2.13.0"     # the CPU build, as the README's install
+"$PY" -m pip install -q "$WORK"/dist/meshplan-*.whl
+MESHPLAN="$WORK/venv/bin/meshplan"
+export MESHPLAN_CACHE_DIR="$WORK/cache"     # an empty cache: the first plan on localhost measures this machine
+
+echo "check_wheel: importing every module of the installed package"
+"$PY" - <<'EOF'
+import importlib, pkgutil, sys
+import meshplan
+# modules that exist only for an optional extra (tests/test_dependencies.py lists them too)
+EXTRA_ONLY = {"meshplan.launcher.runtime.kernels.triton_kernels"}
+names = [m.name for m in pkgutil.walk_packages(meshplan.__path__, "meshplan.")]
+for name in names:
+    if name not in EXTRA_ONLY:
+        importlib.import_module(name)
+for missing in ("triton", "matplotlib"):
+    try:
+        importlib.import_module(missing)
+    except ImportError:
+        continue
+    sys.exit(f"check_wheel: {missing} is installed in the fresh environment; it must stay optional")
+print(f"check_wheel: imported {len(names) - len(EXTRA_ONLY)} modules")
+EOF
+
+run() {   # run a command in $WORK; fail on a non-zero exit, a traceback or a Python warning in its output
+    echo "check_wheel: $*"
+    local log="$WORK/last.log"
+    if ! (cd "$WORK" && "$@") >"$log" 2>&1; then
+        cat "$log"; echo "check_wheel: FAILED (exit): $*"; exit 1
+    fi
+    if grep -nE "Traceback|Warning:|warnings.warn" "$log"; then
+        cat "$log"; echo "check_wheel: FAILED (traceback or warning in the output): $*"; exit 1
+    fi
+}
+
+run "$MESHPLAN" plan
+run "$MESHPLAN" plan --model tiny-llama --cluster localhost:2 --global-batch 4 --seq-len 32 --precision fp32 \
+    --out t.yaml
+run "$MESHPLAN" launch t.yaml --steps 2
+run "$MESHPLAN" launch t.yaml --dry-run
+run "$MESHPLAN" launch t.yaml --emit slurm
+run "$MESHPLAN" plan --model llama3-405b --cluster dgx-h100:2048 --global-batch 2048 --seq-len 8192 \
+    --fix tp=8 --fix pp=16 --fix dp=128 --out 405b.yaml
+run "$MESHPLAN" check 405b.yaml --ranks 0,last
+echo "check_wheel: all passed ($WORK)"
