@@ -3,8 +3,9 @@
 Every public function takes ``impl``:
 
 * ``"reference"``: eager PyTorch (``reference.py``), runs anywhere;
-* ``"fused"``: the Triton kernel (``triton_kernels.py``); needs ``triton`` and either the tensors on a CUDA
-  device or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, what CI uses). Otherwise a RuntimeError says why.
+* ``"fused"``: the Triton kernel (``fused_functions.py`` around ``triton_kernels.py``); needs ``triton`` and
+  either the tensors on a CUDA device or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, what CI uses).
+  Otherwise a RuntimeError says why. Fake and meta tensors (``meshplan check``) need no Triton.
   Exception: ``linear_cross_entropy(impl="fused")`` is the *chunked* loss (``cross_entropy.py``), whose memory
   saving is plain PyTorch chunking; it runs everywhere and uses the Triton chunk kernels when they can run;
 * ``"auto"``: ``fused`` when it can run here, else ``reference``.
@@ -90,12 +91,13 @@ def _shape_only(t: torch.Tensor | None) -> bool:
 def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "kernel",
                  tensor: torch.Tensor | None = None) -> str:
     """``fused`` or ``reference`` for ``impl`` in ``fused``/``reference``/``auto`` (raises if fused cannot run).
-    A fake/meta ``tensor`` takes the fused path whenever Triton imports: only shapes flow, nothing launches."""
+    A fake/meta ``tensor`` takes the fused path with or without Triton: only shapes flow, nothing launches
+    (``fused_functions`` imports Triton only to launch a kernel on real tensors)."""
     if impl not in IMPLS:
         raise ValueError(f"{kernel}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return "reference"
-    if _shape_only(tensor) and _triton_import_error() is None:
+    if _shape_only(tensor):
         return "fused"
     why = _why_not_fused(device)
     if why is None:
@@ -111,7 +113,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str
     """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in ``x.dtype``."""
     if resolve_impl(impl, x.device, "rms_norm", x) == "reference":
         return rms_norm_reference(x, weight, eps)
-    from .triton_kernels import RMSNormFunction
+    from .fused_functions import RMSNormFunction
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -119,7 +121,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> tor
     """``silu(gate) * up`` (SwiGLU's gate·up product). The fused kernel computes in fp32 and rounds once."""
     if resolve_impl(impl, gate.device, "swiglu", gate) == "reference":
         return swiglu_reference(gate, up)
-    from .triton_kernels import SwiGLUFunction
+    from .fused_functions import SwiGLUFunction
     return SwiGLUFunction.apply(gate, up)
 
 
@@ -138,7 +140,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     _check_rotary(q, k, cos, sin)
     if resolve_impl(impl, q.device, "apply_rotary", q) == "reference":
         return rotary_reference(q, k, cos, sin)
-    from .triton_kernels import RotaryFunction
+    from .fused_functions import RotaryFunction
 
     def writable(x: torch.Tensor) -> torch.Tensor:
         if (x.is_leaf and x.requires_grad) or x.stride(-1) != 1 or _view_autograd_forbids_inplace(x):

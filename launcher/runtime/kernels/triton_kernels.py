@@ -1,7 +1,7 @@
-"""Triton kernels (and the autograd Functions that launch them) for RMSNorm, SwiGLU, rotary and the
-cross-entropy chunk of the fused linear + cross-entropy.
+"""Triton kernels and their launchers for RMSNorm, SwiGLU, rotary and the cross-entropy chunk of the fused
+linear + cross-entropy (the autograd Functions around them are ``fused_functions``).
 
-This module imports Triton; ``kernels/__init__`` imports it only once the fused path is chosen. Kernel bodies are
+This module imports Triton; it is imported only when a fused kernel runs on real tensors. Kernel bodies are
 plain Python functions that are handed to ``triton.jit`` on first use, once per mode, because Triton decides
 at decoration time whether a kernel is compiled for the GPU or run by its interpreter (``TRITON_INTERPRET=1``,
 used by the CPU tests). All kernels compute in fp32 and round once to the output dtype.
@@ -20,14 +20,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def has_data(t: torch.Tensor) -> bool:
-    """False for fake or meta tensors (``meshplan check`` traces the fused path for its memory only): the
-    Functions below then allocate and save exactly what they would, but launch no kernel."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return not (t.is_meta or isinstance(t, FakeTensor))
-
-
 _JITTED: "dict[tuple[str, bool], Any]" = {}
 
 
@@ -37,13 +29,6 @@ def _jit(fn: Callable) -> Any:
     if key not in _JITTED:
         _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
-
-
-def _num_programs(rows: int, device: torch.device) -> int:
-    """Programs for the row-blocked kernels: a few per SM on a GPU, a handful under the interpreter."""
-    if device.type == "cuda":
-        return max(1, min(rows, torch.cuda.get_device_properties(device).multi_processor_count * 4))
-    return max(1, min(rows, 4))
 
 
 # ============================================================================================================
@@ -88,46 +73,19 @@ def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW, stride_x, stride_dy, stride_dx,
     tl.store(DW + pid * N + cols, dw, mask=col_mask)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """Fused RMSNorm. Keeps for backward: x (the input), weight and rstd (fp32, one per row)."""
+def rms_norm_forward(x2, w, y, rstd, eps: float) -> None:
+    """Launch the RMSNorm forward over the rows of ``x2`` into ``y`` and ``rstd``."""
+    m, n = x2.shape
+    _jit(_rms_norm_fwd_kernel)[(m,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n, eps,
+                                     BLOCK_N=triton.next_power_of_2(n))
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        shape = x.shape
-        n = shape[-1]
-        if weight.shape != (n,):
-            raise ValueError(f"rms_norm: weight must have shape ({n},), got {tuple(weight.shape)}")
-        x2 = x.reshape(-1, n)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        w = weight.contiguous()
-        m = x2.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n)
-        if m > 0 and has_data(x2):
-            _jit(_rms_norm_fwd_kernel)[(m,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK_N=block)
-        ctx.save_for_backward(x2, w, rstd)
-        ctx.shape = shape
-        return y.view(shape)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x2, w, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        dy2 = dy.reshape(-1, n)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        programs = _num_programs(m, x2.device)
-        rows_per_program = triton.cdiv(m, programs) if m else 0
-        dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x2.device)
-        if m > 0 and has_data(x2):
-            _jit(_rms_norm_bwd_kernel)[(programs,)](
-                x2, w, dy2, rstd, dx, dw_partial, x2.stride(0), dy2.stride(0), dx.stride(0), m, n,
-                rows_per_program, BLOCK_N=triton.next_power_of_2(n))
-        dw = dw_partial.sum(0).to(w.dtype)
-        return dx.view(ctx.shape), dw, None
+def rms_norm_backward(x2, w, dy2, rstd, dx, dw_partial, programs: int, rows_per_program: int) -> None:
+    """Launch the RMSNorm backward: ``dx`` whole, the weight gradient as one partial sum per program."""
+    m, n = x2.shape
+    _jit(_rms_norm_bwd_kernel)[(programs,)](x2, w, dy2, rstd, dx, dw_partial, x2.stride(0), dy2.stride(0),
+                                            dx.stride(0), m, n, rows_per_program,
+                                            BLOCK_N=triton.next_power_of_2(n))
 
 
 # ============================================================================================================
@@ -159,32 +117,14 @@ def _swiglu_bwd_kernel(G, U, DO, DG, DU, n, BLOCK: tl.constexpr):
 _SWIGLU_BLOCK = 1024
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """Fused ``silu(gate) * up``. Keeps for backward: gate and up only (both inputs)."""
+def swiglu_forward(g, u, out) -> None:
+    n = g.numel()
+    _jit(_swiglu_fwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, out, n, BLOCK=_SWIGLU_BLOCK)
 
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if gate.shape != up.shape:
-            raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-        if gate.dtype != up.dtype:
-            raise ValueError(f"swiglu: gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
-        g, u = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(g)
-        n = g.numel()
-        if n and has_data(g):
-            _jit(_swiglu_fwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, out, n, BLOCK=_SWIGLU_BLOCK)
-        ctx.save_for_backward(g, u)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
-        g, u = ctx.saved_tensors
-        dout = dout.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        n = g.numel()
-        if n and has_data(g):
-            _jit(_swiglu_bwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, dout, dg, du, n, BLOCK=_SWIGLU_BLOCK)
-        return dg, du
+def swiglu_backward(g, u, dout, dg, du) -> None:
+    n = g.numel()
+    _jit(_swiglu_bwd_kernel)[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, dout, dg, du, n, BLOCK=_SWIGLU_BLOCK)
 
 
 # ============================================================================================================
@@ -212,38 +152,12 @@ def _rotary_kernel(X, COS, SIN, stride_b, stride_s, stride_h, S, H, HALF, BLOCK_
     tl.store(base + HALF + dims, (x2 * c + x1 * sn).to(X.dtype.element_ty), mask=mask)
 
 
-def rotate_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> None:
-    """Rotate ``x`` [batch, seq, heads, head_dim] (last dim contiguous) in place; ``inverse`` rotates by -theta."""
+def rotary_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
+    """Launch the in-place rotation of ``x`` [batch, seq, heads, head_dim]; ``inverse`` rotates by -theta."""
     b, s, h, d = x.shape
-    if x.numel() == 0 or not has_data(x):
-        return
     _jit(_rotary_kernel)[(b * s,)](x, cos, sin, x.stride(0), x.stride(1), x.stride(2), s, h, d // 2,
                                    BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d // 2),
                                    INVERSE=inverse)
-
-
-class RotaryFunction(torch.autograd.Function):
-    """Fused rotary on one tensor (q or k), in place (``mark_dirty``). Keeps for backward: cos and sin only.
-
-    One tensor per Function because autograd allows an in-place Function on a *view* (q and k split out of a
-    fused qkv projection) only when it returns a single tensor. The backward is the inverse rotation
-    (by -theta) of the incoming gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        cos, sin = cos.contiguous(), sin.contiguous()
-        rotate_inplace(x, cos, sin)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin)
-        return x
-
-    @staticmethod
-    def backward(ctx, dx: torch.Tensor):  # type: ignore[override]
-        cos, sin = ctx.saved_tensors
-        dx = dx.contiguous().clone()
-        rotate_inplace(dx, cos, sin, inverse=True)
-        return dx, None, None
 
 
 # ============================================================================================================
