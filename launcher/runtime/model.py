@@ -239,9 +239,12 @@ class Transformer(nn.Module):
 
 
 def _local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (sequence-sharded) DTensor, the tensor itself otherwise."""
+    """This rank's part of a (sequence-sharded) DTensor as a tensor of its own, the tensor itself otherwise.
+    ``DTensor.to_local`` returns a view; returned from a module that FSDP2 wraps, an in-place op on that view
+    would drop FSDP2's pre-backward hook and skip the all-gather of the parameters for backward. A copy of
+    the local shard (one ``[batch, seq / tp, hidden]`` tensor, freed with the view) closes that door."""
     to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    return to_local().clone() if to_local is not None else t
 
 
 def build_model(spec: ModelSpec, max_seq_len: int, device: str | torch.device = "meta") -> Transformer:
