@@ -4,7 +4,7 @@ every rank runs :func:`check_supported` again)."""
 from __future__ import annotations
 
 from meshplan.errors import InputError
-from meshplan.plan import Plan
+from meshplan.plan import Plan, schedule_problem
 
 
 def check_supported(plan: Plan) -> None:
@@ -27,6 +27,9 @@ def check_supported(plan: Plan) -> None:
     if plan.micro_batch * plan.num_microbatches * plan.dp != plan.train.global_batch:
         raise InputError("plan.micro_batch", "dp * micro_batch * num_microbatches is not the global batch",
                          "re-plan")
+    problem = schedule_problem(plan.schedule, plan.pp, plan.num_microbatches)
+    if problem:
+        raise InputError("plan.schedule", problem, "re-plan, or pin --fix schedule=gpipe or a smaller micro_batch")
 
 
 def check_local(plan: Plan, nproc: int) -> None:

@@ -39,6 +39,20 @@ MESH_DIMS = ("pp", "dp", "cp", "tp")
 DEFAULT_MESH_ORDER = ("pp", "dp", "cp", "tp")   # outermost first: tp innermost (NVLink), pp outermost
 
 
+def schedule_problem(schedule: str, pp: int, num_microbatches: int) -> str | None:
+    """Why torch.distributed.pipelining cannot run ``schedule`` over ``pp`` ranks with ``num_microbatches`` per
+    step, or ``None``. ``Schedule1F1B`` refuses fewer micro-batches than stages, and
+    ``ScheduleInterleaved1F1B`` runs its micro-batches in rounds of ``pp`` (torch/distributed/pipelining/
+    schedules.py); GPipe runs any count. The planner offers and the runtime accepts only what passes."""
+    if pp <= 1:
+        return None
+    if schedule == "1f1b" and num_microbatches < pp:
+        return f"1f1b needs at least pp={pp} micro-batches per step, the plan has {num_microbatches}"
+    if schedule == "interleaved" and num_microbatches % pp:
+        return f"interleaved needs a multiple of pp={pp} micro-batches per step, the plan has {num_microbatches}"
+    return None
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """One pipeline stage (a virtual stage when interleaved).
