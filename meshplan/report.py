@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from meshplan import units
 from meshplan.errors import InputError
 from meshplan.plan import Plan
 
@@ -398,38 +399,46 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# A device line more than this many times the tallest bar would flatten the bars; it is named in the title.
+DEVICE_LINE_MAX_RATIO = 20
+
+
 def draw_memory(plan: Plan, path: Path) -> Path:
     plt = _plt()
     rows = stage_memory(plan)
     device = plan.cluster.gpu.memory_gib
+    totals = [sum(b.values()) if b else peak for _, b, peak in rows]
+    show_device = device <= DEVICE_LINE_MAX_RATIO * max(totals + [1e-9])
+    unit, factor = units.memory_column(totals + ([device] if show_device else []))
     fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(rows) + 4), 5.5))
     keys = [k for k in MEMORY_KEYS] + sorted({k for _, b, _ in rows if b for k in b} - set(MEMORY_KEYS))
     x = list(range(len(rows)))
     bottoms = [0.0] * len(rows)
     for k in keys:
-        vals = [(b or {}).get(k, 0.0) for _, b, _ in rows]
+        vals = [(b or {}).get(k, 0.0) * factor for _, b, _ in rows]
         if not any(vals):
             continue
         ax.bar(x, vals, bottom=bottoms, color=_COLORS.get(k), label=k, width=0.6, edgecolor="white", linewidth=0.5)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
-    no_break = [(i, peak) for i, (_, b, peak) in enumerate(rows) if b is None]
+    no_break = [(i, peak * factor) for i, (_, b, peak) in enumerate(rows) if b is None]
     if no_break:
         ax.bar([i for i, _ in no_break], [p for _, p in no_break], color="#999999", width=0.6, hatch="//",
                edgecolor="white", label="peak (no breakdown)")
-    for i, (_, b, peak) in enumerate(rows):
-        total = sum(b.values()) if b else peak
-        near = abs(total - device) < 0.05 * max(device, total)
-        ax.text(i, total * (0.985 if near else 1.0), f"{total:.1f}", ha="center", va="top" if near else "bottom",
-                fontsize=10, fontweight="bold" if near else "normal")
-    ax.axhline(device, color="#C00000", linestyle="--", linewidth=1.5,
-               label=f"device memory ({device:.1f} GiB)")
+    for i, total in enumerate(totals):
+        near = show_device and abs(total - device) < 0.05 * max(device, total)
+        ax.text(i, total * factor * (0.985 if near else 1.0), f"{total * factor:,.1f}", ha="center",
+                va="top" if near else "bottom", fontsize=10, fontweight="bold" if near else "normal")
+    if show_device:
+        ax.axhline(device * factor, color="#C00000", linestyle="--", linewidth=1.5,
+                   label=f"device memory ({units.human_memory(device)})")
     ax.set_xticks(x, [label for label, _, _ in rows])
-    ax.set_ylabel("memory per GPU (GiB)")
+    rank = units.rank_word(plan.cluster.gpu.kind)
+    ax.set_ylabel(f"memory per {rank} ({unit})")
     ax.set_xlabel("pipeline rank" if plan.pp > 1 else "")
-    top = max([device] + [sum(b.values()) if b else p for _, b, p in rows])
-    ax.set_ylim(0, top * 1.15)
-    ax.set_title(f"Predicted peak memory per GPU: {plan.model.name}, dp={plan.dp} tp={plan.tp} pp={plan.pp} "
-                 f"cp={plan.cp}, ZeRO-{plan.zero}")
+    ax.set_ylim(0, max(totals + ([device] if show_device else [])) * factor * 1.15)
+    device_note = "" if show_device else f"; each {rank} has {units.human_memory(device)}"
+    ax.set_title(f"Predicted peak memory per {rank}: {plan.model.name}, dp={plan.dp} tp={plan.tp} pp={plan.pp} "
+                 f"cp={plan.cp}, ZeRO-{plan.zero}{device_note}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -551,7 +560,7 @@ def draw_stages(plan: Plan, path: Path) -> Path:
                            "none": "activations kept"}[mode])
             left = [a + b for a, b in zip(left, vals)]
     for yi, s in zip(y, plan.stages):
-        mem = f", peak {s.peak_memory_gib:.1f} GiB" if s.peak_memory_gib else ""
+        mem = f", peak {units.human_memory(s.peak_memory_gib)}" if s.peak_memory_gib else ""
         ax.text(s.num_layers + 0.1, yi, f"blocks {s.layers[0]}-{s.layers[1] - 1}{mem}", va="center", fontsize=9)
     ax.set_yticks(y, [f"stage {j} (rank {plan.pipeline_rank_of_stage(j)})" for j in range(n)])
     ax.set_xlabel("transformer blocks in the stage")
@@ -577,7 +586,7 @@ def draw_alternatives(plan: Plan, path: Path) -> Path | None:
     ax.barh(y, [r[1] for r in rows], color=["#4C72B0"] + ["#A0A0A0"] * (len(rows) - 1), height=0.6)
     vmax = max(r[1] for r in rows) or 1
     for yi, r in zip(y, rows):
-        ax.text(r[1] + vmax * 0.01, yi, f"{r[1]:,.0f} tok/s, {r[2]:.1f} GiB", va="center", fontsize=9)
+        ax.text(r[1] + vmax * 0.01, yi, f"{r[1]:,.0f} tok/s, {units.human_memory(r[2])}", va="center", fontsize=9)
     ax.set_yticks(y, [r[0] for r in rows], fontsize=9)
     ax.set_xlabel("predicted throughput (tokens/s, whole job)")
     ax.set_xlim(0, vmax * 1.35)
@@ -607,16 +616,21 @@ def draw_measured(plan: Plan, measured: Measured, path: Path) -> Path:
     a1.set_title("Step time")
     a1.legend(frameon=False)
     a1.grid(alpha=0.3)
+    device = plan.cluster.gpu.memory_gib
+    peaks = [m for _, m in measured.memory_series] + ([plan.predicted.peak_memory_gib] if plan.predicted else [])
+    show_device = device <= DEVICE_LINE_MAX_RATIO * max(peaks + [1e-9])
+    unit, factor = units.memory_column(peaks + ([device] if show_device else []))
     if measured.memory_series:
-        a2.plot([s for s, _ in measured.memory_series], [m for _, m in measured.memory_series], marker="o",
-                markersize=3, color="#4C72B0", label="measured peak")
+        a2.plot([s for s, _ in measured.memory_series], [m * factor for _, m in measured.memory_series],
+                marker="o", markersize=3, color="#4C72B0", label="measured peak")
     if plan.predicted:
-        a2.axhline(plan.predicted.peak_memory_gib, color="#C44E52", linestyle="--",
-                   label=f"predicted ({plan.predicted.peak_memory_gib:.1f} GiB)")
-    a2.axhline(plan.cluster.gpu.memory_gib, color="#333333", linestyle="-", linewidth=1,
-               label=f"device ({plan.cluster.gpu.memory_gib:.1f} GiB)")
+        a2.axhline(plan.predicted.peak_memory_gib * factor, color="#C44E52", linestyle="--",
+                   label=f"predicted ({units.human_memory(plan.predicted.peak_memory_gib)})")
+    if show_device:
+        a2.axhline(device * factor, color="#333333", linestyle="-", linewidth=1,
+                   label=f"device ({units.human_memory(device)})")
     a2.set_xlabel("step")
-    a2.set_ylabel("peak memory per GPU (GiB)")
+    a2.set_ylabel(f"peak memory per {units.rank_word(plan.cluster.gpu.kind)} ({unit})")
     a2.set_ylim(bottom=0)
     a2.set_title("Peak memory")
     a2.legend(frameon=False)
@@ -643,10 +657,11 @@ def draw_compare(new: Plan, old: Plan, path: Path) -> Path:
     mo = _memory_breakdown(old.predicted.memory_breakdown_gib if old.predicted else None)
     mkeys = [k for k in dict.fromkeys(list(mo) + list(mn)) if mn.get(k) or mo.get(k)]
     x = list(range(len(mkeys)))
-    a2.bar([i - 0.2 for i in x], [mo.get(k, 0) for k in mkeys], width=0.4, color="#A0A0A0", label="old")
-    a2.bar([i + 0.2 for i in x], [mn.get(k, 0) for k in mkeys], width=0.4, color="#4C72B0", label="new")
+    munit, mfactor = units.memory_column(list(mo.values()) + list(mn.values()))
+    a2.bar([i - 0.2 for i in x], [mo.get(k, 0) * mfactor for k in mkeys], width=0.4, color="#A0A0A0", label="old")
+    a2.bar([i + 0.2 for i in x], [mn.get(k, 0) * mfactor for k in mkeys], width=0.4, color="#4C72B0", label="new")
     a2.set_xticks(x, mkeys, rotation=30, ha="right")
-    a2.set_ylabel("memory, worst rank (GiB)")
+    a2.set_ylabel(f"memory, worst rank ({munit})")
     a2.set_title("Memory breakdown")
     a2.legend(frameon=False)
     a2.grid(axis="y", alpha=0.3)
@@ -685,8 +700,9 @@ def compare_plans(new: Plan, old: Plan) -> dict[str, Any]:
                       + (f": {', '.join(fields)}" if fields else "") + "); per-token comparisons still hold, "
                       "per-iteration ones compare different work")
     if old.cluster.name != new.cluster.name or old.cluster.world_size != new.cluster.world_size:
-        inputs.append(f"cluster changed: {old.cluster.name} ({old.cluster.world_size} GPUs) -> "
-                      f"{new.cluster.name} ({new.cluster.world_size} GPUs)")
+        inputs.append(f"cluster changed: {old.cluster.name} "
+                      f"({units.rank_count(old.cluster.gpu.kind, old.cluster.world_size)}) -> {new.cluster.name} "
+                      f"({units.rank_count(new.cluster.gpu.kind, new.cluster.world_size)})")
     if old.train != new.train:
         inputs.append(f"batch changed: {old.train.global_batch} x {old.train.seq_len} -> "
                       f"{new.train.global_batch} x {new.train.seq_len} ({old.train.precision} -> "
@@ -696,7 +712,8 @@ def compare_plans(new: Plan, old: Plan) -> dict[str, Any]:
         for label, key, better in (("throughput (tokens/s)", "tokens_per_s", "up"),
                                    ("iteration time (s)", "iteration_s", "down"),
                                    ("peak memory (GiB)", "peak_memory_gib", "down"),
-                                   ("MFU", "mfu", "up"), ("TFLOP/s per GPU", "tflops_per_gpu", "up")):
+                                   ("MFU", "mfu", "up"),
+                                   (f"TFLOP/s per {units.rank_word(new.cluster.gpu.kind)}", "tflops_per_gpu", "up")):
             a, b = getattr(old.predicted, key), getattr(new.predicted, key)
             predicted.append((label, a, b, _pct(b, a)))
     return {"changes": changes, "inputs": inputs, "predicted": predicted}
@@ -808,16 +825,17 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
                    compare: Plan | None = None, plan_path: str | None = None,
                    compare_path: str | None = None) -> Doc:
     m, c, t, pred = plan.model, plan.cluster, plan.train, plan.predicted
+    rank, ranks = units.rank_word(c.gpu.kind), units.rank_count(c.gpu.kind, plan.world_size)
     d = Doc()
     d.h(1, f"meshplan report: {m.name} on {c.name}")
     src = f" (`{plan_path}`)" if plan_path else ""
     if pred:
-        d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {plan.world_size} GPUs. "
+        d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {ranks}. "
             f"**Predicted:** {_seconds(pred.iteration_s)} per iteration, {pred.tokens_per_s:,.0f} tokens/s, "
-            f"{pred.tflops_per_gpu:.1f} TFLOP/s per GPU (MFU {pred.mfu * 100:.1f}%), peak memory "
-            f"{pred.peak_memory_gib:.1f} of {c.gpu.memory_gib:.1f} GiB.")
+            f"{units.human_rate(pred.tflops_per_gpu)} per {rank} (MFU {pred.mfu * 100:.1f}%), peak memory "
+            f"{units.human_memory(pred.peak_memory_gib)} of {units.human_memory(c.gpu.memory_gib)}.")
     else:
-        d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {plan.world_size} GPUs "
+        d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {ranks} "
             "(the file holds no prediction).")
 
     if compare is not None:
@@ -830,9 +848,11 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
         ["vocabulary", m.vocab], ["MLP / norm / position", f"{m.mlp} / {m.norm} / {m.position}"],
         ["tied embeddings", m.tied_embeddings]], "ll")
     d.table(["cluster", "value"], [
-        ["name", c.name], ["GPUs", f"{c.nodes} nodes × {c.gpus_per_node} = {c.world_size}"],
-        ["device", c.gpu.name], ["device memory", f"{c.gpu.memory_gib:.1f} GiB"],
-        ["peak (16-bit dense)", f"{c.gpu.peak_tflops:.0f} TFLOP/s"],
+        ["name", c.name], [units.rank_word(c.gpu.kind, 2),
+                           f"{c.nodes:,} nodes × {c.gpus_per_node} = {c.world_size:,}"],
+        ["device", c.gpu.name], ["device memory", units.human_memory(c.gpu.memory_gib)],
+        ["peak (16-bit dense)" if c.gpu.kind != "cpu" else "peak (fp32)",
+         units.human_rate(c.gpu.peak_tflops if c.gpu.kind != "cpu" else c.gpu.peak_flops("fp32") / 1e12)],
         ["intra-node link", f"{c.intra_node.bandwidth_gbps:g} GB/s, {c.intra_node.latency_us:g} µs"],
         ["inter-node link", f"{c.inter_node.bandwidth_gbps:g} GB/s, {c.inter_node.latency_us:g} µs"],
         ["measured profile", "yes" if c.measured else "no (documented defaults)"]], "ll")
@@ -857,21 +877,23 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
     if pred:
         d.table(["prediction", "value"], [
             ["iteration time", _seconds(pred.iteration_s)], ["throughput", f"{pred.tokens_per_s:,.0f} tokens/s"],
-            ["model TFLOP/s per GPU", f"{pred.tflops_per_gpu:.1f}"], ["MFU", f"{pred.mfu * 100:.1f}%"],
-            ["peak memory (worst rank)", f"{pred.peak_memory_gib:.2f} GiB of {c.gpu.memory_gib:.1f} GiB"]], "ll")
+            [f"model FLOP/s per {rank}", units.human_rate(pred.tflops_per_gpu)], ["MFU", f"{pred.mfu * 100:.1f}%"],
+            ["peak memory (worst rank)",
+             f"{units.human_memory(pred.peak_memory_gib)} of {units.human_memory(c.gpu.memory_gib)}"]], "ll")
     if plan.notes:
         d.p("**Notes from the planner:**")
         d.items(plan.notes)
 
     _search_section(d, plan, pics)
 
-    d.h(2, "Memory per GPU")
+    d.h(2, f"Memory per {rank}")
     d.img(pics["memory"].name, "stacked bar chart of predicted memory per pipeline rank against device memory")
     rows = stage_memory(plan)
     keys = [k for k in MEMORY_KEYS if any((b or {}).get(k) for _, b, _ in rows)]
-    d.table(["rank"] + keys + ["total (GiB)"],
-            [[label] + [f"{(b or {}).get(k, 0):.2f}" if b else "" for k in keys] +
-             [f"{(sum(b.values()) if b else peak):.2f}"] for label, b, peak in rows])
+    unit, factor = units.memory_column([sum(b.values()) if b else peak for _, b, peak in rows])
+    d.table(["rank"] + keys + [f"total ({unit})"],
+            [[label] + [f"{(b or {}).get(k, 0) * factor:,.2f}" if b else "" for k in keys] +
+             [f"{(sum(b.values()) if b else peak) * factor:,.2f}"] for label, b, peak in rows])
     if not (isinstance(plan.search.get("stage_memory_gib"), list)) and plan.pp > 1:
         d.p("The plan file has no per-rank breakdown; the stacked bar is the worst rank's, the other bars are the "
             "per-rank peaks.")
@@ -897,10 +919,13 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
     else:
         d.p("No pipeline: each rank runs its micro-batches one after another and then reduces gradients.")
     d.img(pics["stages"].name, "layer partition and recompute per stage")
-    d.table(["stage", "pipeline rank", "blocks", "recompute (full / selective / none)", "peak memory (GiB)"],
+    stage_unit, stage_factor = units.memory_column([s.peak_memory_gib for s in plan.stages])
+    d.table(["stage", "pipeline rank", "blocks", "recompute (full / selective / none)",
+             f"peak memory ({stage_unit})"],
             [[j, plan.pipeline_rank_of_stage(j), f"{s.layers[0]}–{s.layers[1] - 1} ({s.num_layers})",
               f"{s.recompute_layers.get('full', 0)} / {s.recompute_layers.get('selective', 0)} / "
-              f"{s.recompute_layers.get('none', 0)}", f"{s.peak_memory_gib:.2f}" if s.peak_memory_gib else ""]
+              f"{s.recompute_layers.get('none', 0)}",
+              f"{s.peak_memory_gib * stage_factor:,.2f}" if s.peak_memory_gib else ""]
              for j, s in enumerate(plan.stages)], "rrlll")
 
     if measured:
@@ -928,15 +953,15 @@ def _search_section(d: Doc, plan: Plan, pics: Mapping[str, Path]) -> None:
     if alts and plan.predicted:
         base = plan.predicted
         rows = [["chosen", _fix_label(plan.fields_for_fix()), _seconds(base.iteration_s),
-                 f"{base.tokens_per_s:,.0f}", f"{base.peak_memory_gib:.1f}", "", ""]]
+                 f"{base.tokens_per_s:,.0f}", units.human_memory(base.peak_memory_gib), "", ""]]
         for i, a in enumerate(alts, 1):
             p = a["predicted"]
             it = float(p.get("iteration_s", 0) or 0)
             tps = float(p.get("tokens_per_s", 0) or 0)
             rows.append([i, _fix_label(a["fix"]), _seconds(it) if it else "", f"{tps:,.0f}",
-                         f"{float(p.get('peak_memory_gib', 0) or 0):.1f}", _pct(tps, base.tokens_per_s),
+                         units.human_memory(float(p.get('peak_memory_gib', 0) or 0)), _pct(tps, base.tokens_per_s),
                          _why_lost(plan, p)])
-        d.table(["#", "plan", "iteration", "tokens/s", "peak GiB", "throughput vs chosen", "slower because"], rows,
+        d.table(["#", "plan", "iteration", "tokens/s", "peak memory", "throughput vs chosen", "slower because"], rows,
                 "llrrrrl")
         if "alternatives" in pics:
             d.img(pics["alternatives"].name, "throughput of the chosen plan and the runners-up")
@@ -969,7 +994,7 @@ def _measured_section(d: Doc, plan: Plan, ms: Measured, pics: Mapping[str, Path]
 
     row("step time", ms.step_time_s, pred.iteration_s if pred else None, _seconds)
     row("tokens/s", ms.tokens_per_s, pred.tokens_per_s if pred else None, lambda x: f"{x:,.0f}")
-    row("peak memory (GiB)", ms.peak_memory_gib, pred.peak_memory_gib if pred else None, lambda x: f"{x:.2f}")
+    row("peak memory", ms.peak_memory_gib, pred.peak_memory_gib if pred else None, units.human_memory)
     if ms.mfu is not None:
         row("MFU", ms.mfu, pred.mfu if pred else None, lambda x: f"{x * 100:.1f}%")
     d.table(["quantity", "predicted", "measured", "measured vs predicted"], rows)

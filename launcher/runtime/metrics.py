@@ -83,16 +83,19 @@ def summarize(records: list[dict]) -> dict:
 def summary_table(plan: Plan, records: list[dict]) -> str:
     from tabulate import tabulate
 
+    from meshplan import units
+
     measured = summarize(records)
     predicted = plan.predicted
     rows = []
-    for label, key, pred_key, fmt in [("iteration time (s)", "step_time_s", "iteration_s", "{:.4f}"),
-                                      ("tokens/s", "tokens_per_s", "tokens_per_s", "{:,.0f}"),
-                                      ("MFU", "mfu", "mfu", "{:.3f}"),
-                                      ("peak memory (GiB)", "peak_memory_gib", "peak_memory_gib", "{:.2f}")]:
+    for label, key, pred_key, fmt in [("iteration time (s)", "step_time_s", "iteration_s", "{:.4g}".format),
+                                      ("tokens/s", "tokens_per_s", "tokens_per_s", "{:,.0f}".format),
+                                      ("MFU", "mfu", "mfu", "{:.1%}".format),
+                                      ("peak memory", "peak_memory_gib", "peak_memory_gib", units.human_memory)]:
         m = measured.get(key)
         p = getattr(predicted, pred_key, None) if predicted is not None else None
         ratio = f"{m / p:.2f}" if m is not None and p else "-"
-        rows.append([label, fmt.format(m) if m is not None else "n/a", fmt.format(p) if p is not None else "n/a", ratio])
+        rows.append([label, fmt(m) if m is not None else "n/a", fmt(p) if p is not None else "n/a", ratio])
     title = f"meshplan run summary: {measured['steps']} steps, final loss {measured['final_loss']:.4f}"
-    return title + "\n" + tabulate(rows, headers=["", "measured", "predicted", "measured/predicted"])
+    return title + "\n" + tabulate(rows, headers=["", "measured", "predicted", "measured/predicted"],
+                                   disable_numparse=True)
