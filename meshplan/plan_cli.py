@@ -49,6 +49,10 @@ def plan_command(
     no_refine: bool = typer.Option(False, "--no-refine", help="Skip the final partition + recompute ILP"),
     check: bool = typer.Option(False, "--check", help="Build each top plan on fake tensors (meshplan check, one "
                                "rank per pipeline rank; needs torch) and drop those whose measured peak does not fit"),
+    no_profile: bool = typer.Option(False, "--no-profile", envvar="MESHPLAN_NO_PROFILE",
+                                    help="With --cluster localhost:N, plan from the documented defaults instead of "
+                                    "measuring this machine (a quick profile on first use, cached in the user "
+                                    "cache directory, MESHPLAN_CACHE_DIR to move it)"),
 ) -> None:
     """Find the fastest way to split training that fits, and predict its time and memory."""
     from meshplan.cli import fail
@@ -75,6 +79,8 @@ def plan_command(
                           seq_len if seq_len is not None else DEFAULT_SEQ_LEN, precision, optimizer)
         if cluster_spec.gpu.kind == "cpu" and train.precision != "fp32":
             raise InputError("--precision", f"{train.precision} on CPU ranks", "use --precision fp32 on CPU clusters")
+        if is_localhost(cluster) and not no_profile:
+            cluster_spec = measure_this_machine(cluster_spec, model_spec, train)
         fixes = parse_fixes(fix)
         progress = _progress_bar() if sys.stderr.isatty() else None
         try:
@@ -102,6 +108,21 @@ def plan_command(
         typer.echo(render_text(result, markdown=output_format is OutputFormat.markdown))
     if out is not None:
         typer.echo(f"wrote {out}", err=True)
+
+
+def is_localhost(source: str | None) -> bool:
+    """``localhost:N`` (and not a file of that name)."""
+    return bool(source) and source.startswith("localhost:") and not Path(source).exists()
+
+
+def measure_this_machine(cluster_spec, model_spec, train):
+    """``localhost:N`` measured: the cached quick profile of this machine, or a new one (profiler.host_cache)."""
+    try:
+        from meshplan.profiler.host_cache import measured_localhost
+    except ImportError:   # an install without the profiler stage: the documented defaults
+        return cluster_spec
+    return measured_localhost(cluster_spec, model_spec, train.seq_len, train.precision,
+                              echo=lambda line: typer.echo(line, err=True))
 
 
 class _progress_bar:
@@ -152,39 +173,49 @@ def check_top_plans(result):
 def render_text(result, markdown: bool = False) -> str:
     from tabulate import tabulate
 
+    from meshplan import units
+
     fmt = "github" if markdown else "simple"
+    best = result.plans[0]
+    m, c, t = best.model, best.cluster, best.train
+    mem_unit, mem_factor = units.memory_column([p.predicted.peak_memory_gib for p in result.plans])
+    rate_unit, rate_factor = units.rate_unit(max(p.predicted.tflops_per_gpu for p in result.plans))
     rows = []
     for i, p in enumerate(result.plans, 1):
         pr = p.predicted
         sched = "-" if p.pp == 1 else (p.schedule + (f" v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
         rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
                      p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
-                     f"{pr.iteration_s:.3f}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu:.3g}", f"{pr.mfu:.1%}",
-                     f"{pr.peak_memory_gib:.1f}"])
+                     f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu * rate_factor:.3g}",
+                     f"{pr.mfu:.1%}", f"{pr.peak_memory_gib * mem_factor:,.1f}"])
+    per_rank = units.rank_word(c.gpu.kind)
     headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
-               "iter s", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB"]
-    best = result.plans[0]
-    m, c, t = best.model, best.cluster, best.train
+               "iter s", "tokens/s", f"{rate_unit}/{per_rank}", "MFU", f"peak {mem_unit}"]
     lines = []
-    head = (f"{m.name} on {c.name} ({c.world_size} x {c.gpu.name}, {c.gpu.memory_gib:.1f} GiB), "
+    ranks = (units.rank_count("cpu", c.world_size) if c.gpu.kind == "cpu" else f"{c.world_size:,} x {c.gpu.name}")
+    head = (f"{m.name} on {c.name} ({ranks}, {units.human_memory(c.gpu.memory_gib)} each), "
             f"global batch {t.global_batch} x {t.seq_len} tokens, {t.precision}")
     lines.append(f"## {head}" if markdown else head)
     lines.append("")
     lines.append(tabulate(rows, headers=headers, tablefmt=fmt))
     lines.append("")
+    stage_unit, stage_factor = units.memory_column([s.peak_memory_gib for s in best.stages])
     stages = [[i, f"[{s.layers[0]}, {s.layers[1]})", s.recompute,
-               ", ".join(f"{k} {v}" for k, v in s.recompute_layers.items() if v), f"{s.peak_memory_gib:.1f}"]
+               ", ".join(f"{k} {v}" for k, v in s.recompute_layers.items() if v),
+               f"{s.peak_memory_gib * stage_factor:,.1f}"]
               for i, s in enumerate(best.stages)]
     if len(stages) > 1:
         if len(stages) > 12:
             stages = stages[:6] + [["...", "", "", "", ""]] + stages[-3:]
         lines.append("plan 1 stages:")
-        lines.append(tabulate(stages, headers=["stage", "layers", "recompute", "blocks", "peak GiB"], tablefmt=fmt))
+        lines.append(tabulate(stages, headers=["stage", "layers", "recompute", "blocks", f"peak {stage_unit}"],
+                              tablefmt=fmt))
         lines.append("")
     tb = best.predicted.time_breakdown_s
     lines.append("plan 1 time: " + ", ".join(f"{k} {v:.3g}s" for k, v in tb.items() if v > 0))
     mb = best.predicted.memory_breakdown_gib
-    lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mb.items() if v > 0))
+    lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {units.human_memory(v)}" for k, v in mb.items()
+                                                          if v > 0))
     for note in best.notes:
         lines.append(f"note: {note}")
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))

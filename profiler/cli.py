@@ -245,13 +245,47 @@ def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, 
     if kind == "cpu" and prec != "fp32":
         raise InputError("--precision", f"CPU processes run fp32, not {prec}", "drop --precision or use fp32")
     max_bytes = parse_bytes(max_message, "--max-message") if max_message else DEFAULT_MAX_MESSAGE[kind]
-    base = load_cluster(f"localhost:{ranks}")
+    profiled = measure(spec, seq, prec, mbs, ranks, budget_s=budget_s, start=start, max_bytes=max_bytes, reps=reps,
+                       nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                       rdzv_id=rdzv_id, local_addr=local_addr, keep_raw=keep_raw)
+    if profiled is None:
+        return 1
+    if profiled is NOT_RANK_ZERO:
+        typer.echo("meshplan: rank 0 ran on another node; that node writes the cluster file", err=True)
+        return 0
+    from meshplan.profiler.cluster_file import write_cluster
 
+    write_cluster(profiled, out)
+    typer.echo(summary_text(profiled, time.time() - start), err=True)
+    typer.echo(f"wrote {out}", err=True)
+    return 0
+
+
+NOT_RANK_ZERO = object()   # measure()'s answer on a node whose ranks do not include rank 0
+
+
+def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int, *, budget_s: float,
+            start: float | None = None, max_bytes: int | None = None, reps: int = 5, nnodes: int = 1,
+            node_rank: int | None = None, master_addr: str = "127.0.0.1", master_port: int = 29511,
+            rdzv_id: str = "meshplan-profile", local_addr: str | None = None, keep_raw: Path | None = None,
+            quick: bool = False):
+    """Run the profiling job on ``ranks`` ranks of this node (of ``nnodes``) within ``budget_s`` from
+    ``start`` and return the profiled ClusterSpec; ``None`` when the job failed (its output says why),
+    ``NOT_RANK_ZERO`` on a node without rank 0. ``quick`` shortens the CPU host phases (worker
+    ``QUICK_HOST_PHASES``)."""
+    from meshplan.spec import load_cluster
+
+    start = time.time() if start is None else start
+    kind = device_kind()
+    max_bytes = max_bytes or DEFAULT_MAX_MESSAGE[kind]
+    base = load_cluster(f"localhost:{ranks}")
     work = Path(tempfile.mkdtemp(prefix="meshplan-profile-"))
     raw_path = work / "raw.json"
     deadline = start + budget_s - STARTUP_RESERVE_S
-    cfg = job_config(model=spec, seq_len=seq, micro_batches=mbs, ranks_per_node=ranks, nnodes=nnodes, kind=kind,
-                     precision=prec, deadline=deadline, max_message=max_bytes, reps=reps, raw_out=str(raw_path))
+    cfg = job_config(model=spec, seq_len=seq, micro_batches=micro_batches, ranks_per_node=ranks, nnodes=nnodes,
+                     kind=kind, precision=precision, deadline=deadline, max_message=max_bytes, reps=reps,
+                     raw_out=str(raw_path), progress=sys.stderr.isatty() or not quick)
+    cfg["quick"] = quick
     cfg_path = work / "job.json"
     cfg_path.write_text(json.dumps(cfg))
     argv = torchrun_argv(str(cfg_path), nnodes, ranks, node_rank, master_addr, master_port, rdzv_id, local_addr)
@@ -263,21 +297,16 @@ def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, 
     result = subprocess.run(argv, env=env)
     if result.returncode:
         typer.echo(f"error: the profiling job failed (exit {result.returncode}); its output is above", err=True)
-        return 1
+        return None
     if not raw_path.exists():
-        typer.echo("meshplan: rank 0 ran on another node; that node writes the cluster file", err=True)
-        return 0
-    from meshplan.profiler.cluster_file import build_cluster, write_cluster
+        return NOT_RANK_ZERO
+    from meshplan.profiler.cluster_file import build_cluster
 
     raw = json.loads(raw_path.read_text())
     if keep_raw is not None:
         keep_raw.write_text(json.dumps(raw, indent=1))
     name = f"profiled:{raw['ranks'][0]['host']}:{nnodes}x{ranks}"
-    profiled = build_cluster(raw, base, name)
-    write_cluster(profiled, out)
-    typer.echo(summary_text(profiled, time.time() - start), err=True)
-    typer.echo(f"wrote {out}", err=True)
-    return 0
+    return build_cluster(raw, base, name)
 
 
 def summary_text(cluster, elapsed: float) -> str:

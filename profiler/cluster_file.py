@@ -365,12 +365,12 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
                        intra_node=intra_spec, inter_node=inter_spec, measured=measured)
 
 
-def _plain(value):
+def plain(value):
     """Tuples to lists and numbers to plain floats/ints so the YAML is portable (safe_load reads it)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, float):
         return float(f"{value:.6g}")
     return value
@@ -381,5 +381,5 @@ def write_cluster(cluster: ClusterSpec, path) -> None:
     from pathlib import Path
 
     text = "# written by `meshplan profile`; docs/profiler.md explains every field\n"
-    text += yaml.safe_dump(_plain(cluster.to_dict()), sort_keys=False, width=120)
+    text += yaml.safe_dump(plain(cluster.to_dict()), sort_keys=False, width=120)
     Path(path).write_text(text)

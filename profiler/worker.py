@@ -41,6 +41,7 @@ Rank 0 writes the raw samples as JSON; the CLI fits them (``fit.py``) and writes
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -733,15 +734,16 @@ SHARING_WINDOW_S = 0.25   # per round: ~250 GEMMs of OVERLAP_GEMM["cpu"], many s
 SHARING_ROUNDS = 5   # each a window per busy count, side by side (sharing_phase)
 
 
-def host_phases_seconds(device, nproc: int) -> float:
+def host_phases_seconds(device, nproc: int, sizes: "HostPhaseSizes | None" = None) -> float:
     """What the sharing and meeting phases take (CPU ranks; nothing on GPUs), kept out of the link sweep's
     share of the budget: the sharing windows, the meeting rounds, a fifth more for barriers and the timing of
     the GEMM and the all-reduce alone, and the pipeline phase's steps."""
     if device.type == "cuda":
         return 0.0
-    sharing = nproc * SHARING_ROUNDS * SHARING_WINDOW_S
-    meeting = MEETING_RUNS * MEETING_RUN_S
-    return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S
+    sizes = sizes or FULL_HOST_PHASES
+    sharing = nproc * sizes.sharing_rounds * sizes.sharing_window_s
+    meeting = sizes.meeting_runs * sizes.meeting_run_s
+    return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S * sizes.pipeline_steps / PIPELINE_STEPS
 
 
 def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
@@ -761,27 +763,28 @@ def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
     a = torch.randn(side, side)
     c = torch.empty_like(a)
     torch.mm(a, a, out=c)
+    sizes = host_phase_sizes(cfg)
     rounds: dict[int, list[float]] = {k: [] for k in range(1, nproc + 1)}
-    for round_ in range(SHARING_ROUNDS):
+    for round_ in range(sizes.sharing_rounds):
         for k in range(1, nproc + 1):
             dist.barrier()
             rate = 0.0
             if local < k:
                 calls, begin = 0, time.perf_counter()
-                while time.perf_counter() - begin < SHARING_WINDOW_S:
+                while time.perf_counter() - begin < sizes.sharing_window_s:
                     torch.mm(a, a, out=c)
                     calls += 1
                 rate = calls / (time.perf_counter() - begin)
             else:
-                time.sleep(SHARING_WINDOW_S)
+                time.sleep(sizes.sharing_window_s)
             rates = [torch.zeros(1) for _ in range(dist.get_world_size())]
             dist.all_gather(rates, torch.tensor([rate]))
             busy = [float(x) for x in rates if float(x) > 0]
             rounds[k].append(sum(busy) / len(busy))
         if progress:
-            progress.update(round_ + 1, SHARING_ROUNDS, f"round {round_ + 1}: 1 to {nproc} ranks busy")
+            progress.update(round_ + 1, sizes.sharing_rounds, f"round {round_ + 1}: 1 to {nproc} ranks busy")
     rows = [{"busy": k, "gemms_per_s": sorted(r)[len(r) // 2], "rounds": r} for k, r in rounds.items()]
-    return {"gemm_side": side, "window_s": SHARING_WINDOW_S, "samples": rows}
+    return {"gemm_side": side, "window_s": sizes.sharing_window_s, "samples": rows}
 
 
 MEETING_SEGMENTS_S = (0.01, 0.04, 0.16, 0.5, 1.0, 2.0)   # computing between collectives: a layer's pass .. a step
@@ -834,9 +837,10 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
     call, nbytes = collective_call("all_reduce", MEETING_BYTES, len(members), group, device)
     collective_s = all_ranks_time(call, device, cfg["reps"], agree_count=True)
     one_gemm = all_ranks_time(lambda: torch.mm(a, a, out=c), device, cfg["reps"])
-    gemms = int(slowest([float(math.ceil(MEETING_RUN_S / one_gemm))], device)[0])
+    sizes = host_phase_sizes(cfg)
+    gemms = int(slowest([float(math.ceil(sizes.meeting_run_s / one_gemm))], device)[0])
     runs: list[list[tuple[float, float, int]]] = [[] for _ in MEETING_SEGMENTS_S]   # (penalty, segment, windows)
-    for run in range(MEETING_RUNS):
+    for run in range(sizes.meeting_runs):
         marks = [0.0] * (gemms + 1)
         dist.barrier()
         marks[0] = time.perf_counter()
@@ -853,8 +857,8 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
             penalties = drift_windows(table, width)
             runs[i].append((penalties.mean().item(), width * per_gemm, len(penalties)))
         if progress:
-            progress.update(run + 1, MEETING_RUNS, f"{level}: {len(members)} ranks computing "
-                            f"{MEETING_RUN_S:.1f} s without meeting, run {run + 1}")
+            progress.update(run + 1, sizes.meeting_runs, f"{level}: {len(members)} ranks computing "
+                            f"{sizes.meeting_run_s:.1f} s without meeting, run {run + 1}")
     rows = []
     for i, samples in enumerate(runs):
         rows.append({"segment_s": statistics.median(s for _, s, _ in samples),
@@ -862,13 +866,34 @@ def meeting_phase(cfg: dict, device, progress: Progress | None) -> dict:
                      "rounds_s": [p for p, _, _ in samples], "windows": sum(n for _, _, n in samples),
                      "collective_s": collective_s})
     return {"level": level, "ranks": len(members), "bytes": nbytes, "gemm_side": side, "timing": "drift",
-            "run_s": MEETING_RUN_S, "samples": rows}
+            "run_s": sizes.meeting_run_s, "samples": rows}
 
 
 PIPELINE_MICROBATCHES = (4, 16)   # the op cost comes from the slope between the two: fixed costs cancel
 PIPELINE_STEPS = 5
 PIPELINE_TOKENS, PIPELINE_WIDTH, PIPELINE_LAYERS = 256, 256, 4   # a stage op of a few ms on a CPU core
 PIPELINE_RESERVE_S = 6.0           # 2 x 6 steps of up to 16 micro-batches, the module alone, building stages
+
+
+@dataclass(frozen=True)
+class HostPhaseSizes:
+    """How long the host phases (sharing, meeting, pipeline; CPU ranks only) measure: rounds and windows."""
+
+    sharing_rounds: int
+    sharing_window_s: float
+    meeting_runs: int
+    meeting_run_s: float
+    pipeline_steps: int
+
+
+FULL_HOST_PHASES = HostPhaseSizes(SHARING_ROUNDS, SHARING_WINDOW_S, MEETING_RUNS, MEETING_RUN_S, PIPELINE_STEPS)
+# The quick profile (`meshplan plan --cluster localhost:N` on first use, about 30 s in all): two rounds of each
+# and meeting runs of a second, which cover the steps of the small jobs a first plan on one machine runs.
+QUICK_HOST_PHASES = HostPhaseSizes(2, 0.15, 2, 1.1, 3)
+
+
+def host_phase_sizes(cfg: dict) -> HostPhaseSizes:
+    return QUICK_HOST_PHASES if cfg.get("quick") else FULL_HOST_PHASES
 
 
 def median_schedule_step(schedule, position: int, x: torch.Tensor, target: torch.Tensor, steps: int, group) -> float:
@@ -927,7 +952,8 @@ def pipeline_phase(cfg: dict, device, progress: Progress | None) -> dict:
             schedule = Schedule1F1B(stage, m, loss_fn=lambda out, target: (out - target).pow(2).mean())
             x = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
             target = torch.randn(m, PIPELINE_TOKENS, PIPELINE_WIDTH)
-            step_s = median_schedule_step(schedule, position, x, target, PIPELINE_STEPS, group)
+            step_s = median_schedule_step(schedule, position, x, target, host_phase_sizes(cfg).pipeline_steps,
+                                          group)
         times[m] = slowest([step_s], device)[0]
         if progress:
             progress.update(i + 1, len(PIPELINE_MICROBATCHES), f"1F1B over pairs, {m} micro-batches")
@@ -1012,7 +1038,7 @@ def run(cfg: dict) -> dict | None:
     total = max(1.0, deadline - begin)
     # The host checks take a fixed time (host_phases_seconds); the shares are of what they leave, so that a
     # short budget still ends the link sweep after the compute phase and the worker inside its budget.
-    host_s = host_phases_seconds(device, cfg["nproc_per_node"])
+    host_s = host_phases_seconds(device, cfg["nproc_per_node"], host_phase_sizes(cfg))
     flexible = max(0.0, total - host_s)
     compute_deadline = begin + cfg["compute_share"] * flexible
     pairs_reserve = cfg["pairs_share"] * flexible   # the host phases run before the sweep, its end is after them
