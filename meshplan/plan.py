@@ -39,6 +39,15 @@ MESH_DIMS = ("pp", "dp", "cp", "tp")
 DEFAULT_MESH_ORDER = ("pp", "dp", "cp", "tp")   # outermost first: tp innermost (NVLink), pp outermost
 
 
+# Predictions in a plan file keep this many significant figures, so a CPU process's few MiB (thousandths of
+# a GiB) and a GPU's 70 GiB keep the same relative precision.
+SIGNIFICANT_FIGURES = 6
+
+
+def significant(value: float) -> float:
+    return float(f"{value:.{SIGNIFICANT_FIGURES}g}")
+
+
 def schedule_problem(schedule: str, pp: int, num_microbatches: int) -> str | None:
     """Why torch.distributed.pipelining cannot run ``schedule`` over ``pp`` ranks with ``num_microbatches`` per
     step, or ``None``. ``Schedule1F1B`` refuses fewer micro-batches than stages, and
@@ -96,7 +105,7 @@ class StagePlan:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "recompute": self.recompute,
                 "recompute_layers": {m: int(self.recompute_layers.get(m, 0)) for m in RECOMPUTE_MODES},
-                "peak_memory_gib": round(self.peak_memory_gib, 3)}
+                "peak_memory_gib": significant(self.peak_memory_gib)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "StagePlan":
@@ -140,11 +149,11 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "iteration_s": round(self.iteration_s, 6), "tokens_per_s": round(self.tokens_per_s, 1),
-            "tflops_per_gpu": round(self.tflops_per_gpu, 2), "mfu": round(self.mfu, 4),
-            "peak_memory_gib": round(self.peak_memory_gib, 3),
-            "time_breakdown_s": {k: round(v, 6) for k, v in self.time_breakdown_s.items()},
-            "memory_breakdown_gib": {k: round(v, 4) for k, v in self.memory_breakdown_gib.items()},
+            "iteration_s": significant(self.iteration_s), "tokens_per_s": significant(self.tokens_per_s),
+            "tflops_per_gpu": significant(self.tflops_per_gpu), "mfu": significant(self.mfu),
+            "peak_memory_gib": significant(self.peak_memory_gib),
+            "time_breakdown_s": {k: significant(v) for k, v in self.time_breakdown_s.items()},
+            "memory_breakdown_gib": {k: significant(v) for k, v in self.memory_breakdown_gib.items()},
         }
 
     @classmethod

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from meshplan.errors import InputError, NoFeasiblePlan
-from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan
+from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan, schedule_problem
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
+from meshplan.units import human_memory
 from meshplan.planner import memory
 from meshplan.planner.block import config_layer_cost
 from meshplan.planner.evaluate import Evaluation, evaluate, to_plan
@@ -127,10 +128,12 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
         schedules = [(fixes.get("schedule", "1f1b"), 1)]
     else:
         for sched in (["gpipe", "1f1b", "interleaved"] if "schedule" not in fixes else [fixes["schedule"]]):
+            if schedule_problem(sched, pp, num_mb):
+                continue
             if sched == "interleaved":
                 vs = [fixes["virtual_stages"]] if "virtual_stages" in fixes else range(2, MAX_VIRTUAL_STAGES + 1)
                 for v in vs:
-                    if v >= 2 and pp * v <= ctx.model.layers and num_mb % pp == 0:
+                    if v >= 2 and pp * v <= ctx.model.layers:
                         schedules.append((sched, v))
             else:
                 schedules.append((sched, 1))
@@ -378,8 +381,8 @@ def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
     notes.append("time goes to " + ", ".join(f"{k} {v / total:.0%}" for v, k in top_terms))
     mem = ev.rank_detail(ev.worst_rank)
     biggest = max(mem, key=mem.get)
-    notes.append(f"peak memory {ev.peak_bytes / memory.GIB:.1f} GiB (pipeline rank {ev.worst_rank}), "
-                 f"mostly {biggest} ({mem[biggest] / memory.GIB:.1f} GiB)")
+    notes.append(f"peak memory {human_memory(ev.peak_bytes / memory.GIB)} (pipeline rank {ev.worst_rank}), "
+                 f"mostly {biggest} ({human_memory(mem[biggest] / memory.GIB)})")
     if rank > 0:
         notes.append(f"{(ev.iteration_s / best.iteration_s - 1):.1%} slower than plan 1")
     return notes
