@@ -31,6 +31,9 @@ MIN_MESSAGE = 4 * 2**10
 PAIR_MESSAGE = {"cpu": 4 * 2**20, "gpu": 64 * 2**20}
 # Budget shares: compute (blocks, GEMMs, memory) first, then the link sweep, with a tenth kept for the pairs.
 COMPUTE_SHARE = 0.45
+# The quick profile (`plan --cluster localhost:N` on first use) gives the blocks more: a first plan's choice of
+# micro-batch and tensor-parallel degree rests on their ratios, and its links are one host's.
+QUICK_COMPUTE_SHARE = 0.7
 PAIRS_SHARE = 0.10
 # torchrun start-up and the final fit, paid out of the budget before the worker's clock starts.
 STARTUP_RESERVE_S = 3.0
@@ -286,6 +289,8 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
                      kind=kind, precision=precision, deadline=deadline, max_message=max_bytes, reps=reps,
                      raw_out=str(raw_path), progress=sys.stderr.isatty() or not quick)
     cfg["quick"] = quick
+    if quick:
+        cfg["compute_share"] = QUICK_COMPUTE_SHARE
     cfg_path = work / "job.json"
     cfg_path.write_text(json.dumps(cfg))
     argv = torchrun_argv(str(cfg_path), nnodes, ranks, node_rank, master_addr, master_port, rdzv_id, local_addr)

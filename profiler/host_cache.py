@@ -29,9 +29,8 @@ import yaml
 from meshplan.spec import ClusterSpec, ModelSpec
 
 CACHE_FORMAT = 1
-# The job's own budget; torchrun's start and the fit add about 5 s (4 CPU ranks on 2 cores), 30 s in all.
-QUICK_BUDGET_S = 25.0
-QUICK_TOTAL_S = 30
+# The job's own budget; torchrun's start and the fit add a few seconds (4 CPU ranks on 2 cores: 32 s in all).
+QUICK_BUDGET_S = 30.0
 QUICK_REPS = 3
 # The quick profile times micro-batches up to this size; the planner reads larger ones off the fitted line.
 QUICK_MICRO_BATCHES = (1, 2, 4)
@@ -142,7 +141,7 @@ def measured_localhost(base: ClusterSpec, model: ModelSpec, seq_len: int, precis
         return _named(cluster, base.name)
     if why != "no cached measurement":
         echo(f"meshplan: {why}; measuring again")
-    echo(f"meshplan: measuring this machine once for {base.name} (a quick profile, about {QUICK_TOTAL_S} s: "
+    echo(f"meshplan: measuring this machine once for {base.name} (a quick profile, about half a minute: "
          f"{model.name}'s blocks at seq {seq_len}, the links between ranks"
          + (", how the processes share the cores" if base.gpu.kind == "cpu" else "")
          + f"); it is cached in {path.parent}. --no-profile uses the documented defaults instead; "

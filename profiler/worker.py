@@ -248,8 +248,10 @@ def time_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps:
                              sample_seconds=SAMPLE_S), device)
 
 
-def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
-    """Forward + backward seconds of one per-rank block, its GEMMs alone, and its attention alone."""
+def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int,
+                  gemm_reps: int | None = None) -> dict:
+    """Forward + backward seconds of one per-rank block, its GEMMs alone (``gemm_reps`` samples each, default
+    ``reps``), and its attention alone."""
     block_times = time_block(spec, tp, mb, seq, device, dtype, reps)
 
     gemms = []
@@ -258,7 +260,8 @@ def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
         m, k, n = int(m), int(k), int(n)
         a = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
-        t = time_reps(fwd_bwd(lambda a=a, w=w: F.linear(a, w), [a, w]), device, reps, sample_seconds=SAMPLE_S)
+        t = time_reps(fwd_bwd(lambda a=a, w=w: F.linear(a, w), [a, w]), device, gemm_reps or reps,
+                      sample_seconds=SAMPLE_S)
         gemms.append({"m": m, "k": k, "n": n, "flops": 2.0 * m * k * n, "seconds": lower_quartile(t)})
 
     heads, kv = spec.heads // tp, spec.kv_heads // tp
@@ -371,8 +374,7 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     reps = cfg["reps"]
     seq = cfg["seq_len"]
     out = {"blocks": [], "vocab": [], "memory": [], "skipped": []}
-    if device.type == "cuda":
-        warm_up(spec, shapes[0], seq, device, dtype)
+    warm_up(spec, shapes[0], seq, device, dtype)
     last_cost = last_seconds = 0.0
     round_estimate = 0.0    # one block round: each shape's warm-up, trial and reps samples (time_reps)
     for index, (tp, mb) in enumerate(shapes):
@@ -383,13 +385,18 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
             out["skipped"] = [{"tp": t, "micro_batch": m} for t, m in shapes[index:]]
             break
         begin = time.time()
-        block, vocab, memory = measure_shape(spec, tp, mb, seq, device, dtype, reps)
+        # the quick profile times the vocabulary ops at the smallest micro-batch only (the planner prices the
+        # head and loss of other shapes from the fitted rates)
+        quick = bool(cfg.get("quick"))
+        block, vocab, memory = measure_shape(spec, tp, mb, seq, device, dtype, reps, quick=quick,
+                                             vocab=not quick or mb == min(cfg["micro_batches"]))
         round_estimate += 2 * block["block_s"] + reps * max(SAMPLE_S, block["block_s"])
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {"block": block, "vocab": vocab})
         if dist.get_rank() == 0:
             out["blocks"].append({**block, "per_rank_block_s": [g["block"]["block_s"] for g in gathered]})
-            out["vocab"].append(vocab)
+            if vocab is not None:
+                out["vocab"].append(vocab)
             out["memory"].extend(memory)
         last_cost, last_seconds = cost, time.time() - begin
         if progress:
@@ -405,14 +412,20 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     return out
 
 
-def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> tuple[dict, dict, list]:
-    """Everything the compute phase measures at one shape: the block, the vocabulary ops, the saved bytes
-    per recompute mode."""
-    block = measure_block(spec, tp, mb, seq, device, dtype, reps)
-    vocab = measure_vocab(spec, tp, mb, seq, device, dtype, reps)
-    with quiet_stderr():
-        memory = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
-    return block, vocab, memory
+def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int,
+                  quick: bool = False, vocab: bool = True) -> tuple[dict, dict | None, list]:
+    """Everything the compute phase measures at one shape: the block, its GEMMs, the vocabulary ops, and the
+    saved bytes per recompute mode, which the cluster file records beside the planner's formula. ``quick``
+    (the quick profile) times each GEMM in one sample and leaves the saved bytes out (the planner prices
+    memory from its formulas): the time goes to the blocks, whose rounds and lines the planner reads. Without
+    ``vocab`` the vocabulary ops are left out (``None``)."""
+    block = measure_block(spec, tp, mb, seq, device, dtype, reps, gemm_reps=1 if quick else None)
+    vocab_ops = measure_vocab(spec, tp, mb, seq, device, dtype, reps) if vocab else None
+    saved = []
+    if not quick:
+        with quiet_stderr():
+            saved = [layer_memory(spec, tp, mb, seq, device, dtype, mode) for mode in RECOMPUTE_MODES]
+    return block, vocab_ops, saved
 
 
 def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) -> None:
@@ -420,8 +433,9 @@ def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) ->
     a GPU the first measurement also pays one-time costs (kernel loading, cuBLAS and attention back-end set-up)
     that later shapes do not: an H200 profile with a 40 s budget took about 3.7 s for the micro-batch-1 shape,
     expected twice that for micro-batch 2 and measured no other shape, while with a 75 s budget micro-batches 2
-    and 4 took about 1 s each. The next shapes' expected times scale the first shape's time. CPU processes have
-    no such start-up cost worth its time here."""
+    and 4 took about 1 s each. CPU processes pay one too (the first calls of each operator and of autograd's
+    recompute paths): 4 CPU ranks took 3 s over the first shape of a small model, against well under a second
+    for each shape after it. The next shapes' expected times scale the first shape's time."""
     measure_shape(spec, *shape, seq, device, dtype, reps=1)
     sync(device)
 
@@ -743,7 +757,7 @@ def host_phases_seconds(device, nproc: int, sizes: "HostPhaseSizes | None" = Non
     sizes = sizes or FULL_HOST_PHASES
     sharing = nproc * sizes.sharing_rounds * sizes.sharing_window_s
     meeting = sizes.meeting_runs * sizes.meeting_run_s
-    return 1.2 * (sharing + meeting) + 1.0 + PIPELINE_RESERVE_S * sizes.pipeline_steps / PIPELINE_STEPS
+    return 1.2 * (sharing + meeting) + 1.0 + sizes.pipeline_reserve_s
 
 
 def sharing_phase(cfg: dict, device, progress: Progress | None) -> dict:
@@ -884,12 +898,14 @@ class HostPhaseSizes:
     meeting_runs: int
     meeting_run_s: float
     pipeline_steps: int
+    pipeline_reserve_s: float
 
 
-FULL_HOST_PHASES = HostPhaseSizes(SHARING_ROUNDS, SHARING_WINDOW_S, MEETING_RUNS, MEETING_RUN_S, PIPELINE_STEPS)
+FULL_HOST_PHASES = HostPhaseSizes(SHARING_ROUNDS, SHARING_WINDOW_S, MEETING_RUNS, MEETING_RUN_S, PIPELINE_STEPS,
+                                  PIPELINE_RESERVE_S)
 # The quick profile (`meshplan plan --cluster localhost:N` on first use, about 30 s in all): two rounds of each
 # and meeting runs of a second, which cover the steps of the small jobs a first plan on one machine runs.
-QUICK_HOST_PHASES = HostPhaseSizes(2, 0.15, 2, 1.1, 3)
+QUICK_HOST_PHASES = HostPhaseSizes(2, 0.15, 2, 1.1, 3, 2.0)
 
 
 def host_phase_sizes(cfg: dict) -> HostPhaseSizes:
