@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meshplan.rules import ELEMENT_BYTES
 from meshplan.spec import ClusterSpec, ModelSpec
 from meshplan.planner.host import (  # noqa: F401  (the host model's; kept here for callers)
     SATURATED_ABOVE, busy_speedup, busy_speedup_table, fit_shared_cores, measured_busy_speedup, pipeline_op_overhead,
@@ -98,7 +99,7 @@ def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     attention_peak = peak_16 if precision == "fp8" else peak          # attention stays in bf16 under fp8
     attention = measured.get("attention_tflops", 0) * 1e12 or eff["attention"] * attention_peak
     memory = measured.get("memory_gbps", 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
-    element = {"fp32": 4, "fp8": 1}.get(precision, 2)
+    element = ELEMENT_BYTES[precision]
     table = _measured_table(measured.get("matmul_table"))
     return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table)
 

@@ -1,97 +1,12 @@
-"""Parameter counts and FLOPs of a decoder-only transformer: the one place meshplan counts them.
+"""Parameter counts and FLOPs: the formula lives in the nouns (``meshplan/flops.py``), which the runtime reads
+too; the planner's modules import it from here."""
 
-Conventions (documented once, used everywhere):
-    * A matmul of [m, k] x [k, n] costs 2*m*k*n FLOPs.
-    * Backward costs twice the forward of every matmul (data gradient + weight gradient).
-    * "Model FLOPs" (for tflops_per_gpu and MFU) count forward + backward once, no recompute, and count
-      causal attention *halved* (only the lower triangle of the score matrix is useful work; this is what
-      flash attention executes). ``model_flops_per_token(..., causal_halving=False)`` gives the Megatron-LM
-      convention (attention in full) used by its published MFU numbers, so both can be compared.
-"""
+from meshplan.flops import (attention_core_flops_per_token, attention_params_per_layer, embedding_params,
+                            head_flops_per_token, head_params, layer_matmul_flops_per_token, mlp_params_per_layer,
+                            model_flops_per_iteration, model_flops_per_token, norm_params, params_per_layer,
+                            position_params, total_params)
 
-from __future__ import annotations
-
-from meshplan.spec import ModelSpec
-
-
-def attention_params_per_layer(m: ModelSpec) -> int:
-    """q and o projections h*h each; k and v h*(kv_heads*head_dim) each; biases if the model has them."""
-    kv_width = m.kv_heads * m.head_dim
-    weights = 2 * m.hidden * m.hidden + 2 * m.hidden * kv_width
-    biases = (2 * m.hidden + 2 * kv_width) if m.bias else 0
-    return weights + biases
-
-
-def mlp_params_per_layer(m: ModelSpec) -> int:
-    """GELU: two matmuls h*f and f*h; SwiGLU: gate, up (h*f) and down (f*h)."""
-    matmuls = 3 if m.mlp == "swiglu" else 2
-    biases = (m.ffn_hidden * (matmuls - 1) + m.hidden) if m.bias else 0
-    return matmuls * m.hidden * m.ffn_hidden + biases
-
-
-def norm_params(m: ModelSpec) -> int:
-    """One norm: a scale of width h, plus a bias for LayerNorm with biases."""
-    return m.hidden * (2 if (m.norm == "layernorm" and m.bias) else 1)
-
-
-def params_per_layer(m: ModelSpec) -> int:
-    """One transformer block: attention + MLP + two norms."""
-    return attention_params_per_layer(m) + mlp_params_per_layer(m) + 2 * norm_params(m)
-
-
-def position_params(m: ModelSpec, seq_len: int) -> int:
-    """A learned positions table (max_seq_len x h; none for rotary positions)."""
-    return (m.max_seq_len or seq_len) * m.hidden if m.position == "learned" else 0
-
-
-def embedding_params(m: ModelSpec, seq_len: int) -> int:
-    """Token embedding V*h, plus a positions table for learned positions."""
-    return m.vocab * m.hidden + position_params(m, seq_len)
-
-
-def head_params(m: ModelSpec) -> int:
-    """Final norm + LM head (V*h unless tied to the embedding)."""
-    return norm_params(m) + (0 if m.tied_embeddings else m.vocab * m.hidden)
-
-
-def total_params(m: ModelSpec, seq_len: int) -> int:
-    return m.layers * params_per_layer(m) + embedding_params(m, seq_len) + head_params(m)
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOPs
-# ------------------------------------------------------------------------------------------------
-
-def layer_matmul_flops_per_token(m: ModelSpec) -> float:
-    """Forward FLOPs of the weight matmuls of one block, per token: 2 * (weights of the linears)."""
-    kv_width = m.kv_heads * m.head_dim
-    attention = 2 * (2 * m.hidden * m.hidden + 2 * m.hidden * kv_width)
-    mlp = 2 * (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
-    return attention + mlp
-
-
-def attention_core_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = True) -> float:
-    """Forward FLOPs of QK^T and PV per token: 2 matmuls of 2*s*h each -> 4*s*h (Narayanan et al. 2021,
-    appendix). With causal masking only half the score matrix is useful: 2*s*h."""
-    full = 4.0 * seq_len * m.hidden
-    return full / 2 if causal_halving else full
-
-
-def head_flops_per_token(m: ModelSpec) -> float:
-    """Forward FLOPs of the LM head per token: 2*h*V."""
-    return 2.0 * m.hidden * m.vocab
-
-
-def model_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), no recompute.
-
-    Equals Megatron-LM's ``num_floating_point_operations`` / tokens with ``causal_halving=False``:
-    12*l*h^2*((1 + g/a + s/h)*q/h + f/h*(3/2 if swiglu) + V/(2*l*h)) per token (Narayanan et al. 2021,
-    generalised to GQA and SwiGLU as in megatron/training/training.py).
-    """
-    per_layer = layer_matmul_flops_per_token(m) + attention_core_flops_per_token(m, seq_len, causal_halving)
-    return 3.0 * (m.layers * per_layer + head_flops_per_token(m))
-
-
-def model_flops_per_iteration(m: ModelSpec, seq_len: int, global_batch: int, causal_halving: bool = True) -> float:
-    return model_flops_per_token(m, seq_len, causal_halving) * seq_len * global_batch
+__all__ = ["attention_core_flops_per_token", "attention_params_per_layer", "embedding_params",
+           "head_flops_per_token", "head_params", "layer_matmul_flops_per_token", "mlp_params_per_layer",
+           "model_flops_per_iteration", "model_flops_per_token", "norm_params", "params_per_layer",
+           "position_params", "total_params"]

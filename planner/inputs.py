@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshplan.plan import DEFAULT_MESH_ORDER
+from meshplan.plan import DEFAULT_MESH_ORDER, RECOMPUTE_MODES
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
 from meshplan.planner import memory
 from meshplan.planner.host import HostModel, host_model
 
 GIB = memory.GIB
-MODES = ("none", "selective", "full")
+MODES = RECOMPUTE_MODES   # the Plan's recompute modes (meshplan/plan.py), in the planner's short name
 
 
 @dataclass(frozen=True)

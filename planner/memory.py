@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from meshplan.rules import ACT_BYTES, MIN_LOSS_CHUNK_TOKENS, loss_chunk_tokens  # noqa: F401  (the nouns decide them)
 from meshplan.spec import ModelSpec
 
 GIB = 2**30
-ACT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "fp32": 4}   # activations kept for backward (fp8 keeps bf16 inputs)
 
 # The PyTorch caching allocator reserves more than it hands out: reserved/allocated is typically 1.03-1.10
 # in transformer training (published estimator errors put reserved 7-8% above allocated). We add 5% of the
@@ -326,27 +326,6 @@ def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_
     return num_microbatches * (sum(s > 0 for s in stages) + sum(s < last for s in stages))
 
 
-MIN_LOSS_CHUNK_TOKENS = 256
-
-
-def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
-    """Tokens per chunk of the fused (chunked) linear + cross-entropy, at most T:
-    ``max(next_pow2(ceil(T / ceil(V_local / h))), 256)``.
-
-    The first term is Liger-Kernel's rule: one chunk's logits about as large as the hidden states
-    (``chunk * V_local ~ T * h``). The floor keeps each chunk's weight-gradient accumulation worth its memory
-    traffic: a chunk reads and writes the ``[V_local, h]`` gradient (2·b·V_local·h bytes) for 2·c·V_local·h
-    FLOPs, c/b FLOP per byte, 64 at c = 256 in fp32, above a CPU's ridge point; Liger's rule alone gives 8-token
-    chunks at h = 256, V_local = 32k, T = 512 and runs 3.8x slower than 512-token chunks on this CPU
-    (docs/vocab-parallel.md). At LLM shapes (h >= 4096, T >= 8192) Liger's rule is already >= 256.
-    ``launcher/runtime/kernels/cross_entropy.default_chunk_tokens`` is this function."""
-    if tokens <= 0:
-        return 1
-    factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
-    chunk = max(1, math.ceil(tokens / factor))
-    return int(min(tokens, max(1 << (chunk - 1).bit_length(), MIN_LOSS_CHUNK_TOKENS)))
-
-
 def loss_chunk_accumulate_bytes(tokens: int, hidden: int, vocab_local: int, weight_bytes: float) -> float:
     """Memory traffic of the chunked loss's weight-gradient accumulation for one micro-batch: each of the
     ``ceil(T / chunk)`` chunks reads and writes the ``[V_local, h]`` gradient, kept in the weight's dtype
@@ -370,7 +349,7 @@ def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: 
     weight shard are computed in the forward and kept, (T + V) * h * b, plus one chunk of logits at c bytes per
     logit (c = b + 4, + 4 more when b != 4), with chunk = next_pow2(ceil(T / ceil(V / h))) tokens.
     """
-    b = 4 if precision == "fp32" else 2
+    b = ACT_BYTES[precision]
     if not fused_loss:
         return (12.0 + (b if stage_keeps_logits else 0)) * tokens * vocab_local
     per_logit = b + 4 + (4 if b != 4 else 0)
@@ -382,5 +361,5 @@ def saved_logprob_bytes(tokens: float, vocab_local: float, precision: str = "fp3
                         stage_keeps_logits: bool = False) -> float:
     """What a reference loss keeps until its micro-batch's backward (GPipe holds m of them): the fp32
     log-softmax, and the logits themselves where a pipeline stage keeps its output (``logits_bytes``)."""
-    b = 4 if precision == "fp32" else 2
+    b = ACT_BYTES[precision]
     return (4.0 + (b if stage_keeps_logits else 0)) * tokens * vocab_local

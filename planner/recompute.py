@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODES = ("none", "selective", "full")
+from meshplan.plan import RECOMPUTE_MODES as MODES
 
 
 @dataclass(frozen=True)

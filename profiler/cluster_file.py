@@ -32,10 +32,9 @@ import yaml
 
 from meshplan.planner import compute as planner_compute
 from meshplan.planner import memory as planner_memory
+from meshplan.rules import ACT_BYTES
 from meshplan.profiler.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, fit_micro_batch_line, rate_table
 from meshplan.spec import ClusterSpec, DeviceSpec, LinkSpec, ModelSpec
-
-ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def gemm_rate_points(raw: dict) -> list[tuple[float, float]]:

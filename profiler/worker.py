@@ -66,9 +66,9 @@ from meshplan.launcher.runtime.parallelize import apply_ac
 from meshplan.planner.compute import layer_matmul_shapes
 from meshplan.profiler.fit import COLLECTIVES
 from meshplan.profiler.progress import Progress
+from meshplan.plan import RECOMPUTE_MODES
 from meshplan.spec import ModelSpec
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 # One timed sample lasts about this long: several scheduler quanta (~4 ms at Linux's common 250 Hz tick),
 # so every sample sees the same fair share of the cores.
 SAMPLE_S = 0.025

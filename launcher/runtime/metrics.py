@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from meshplan import flops
 from meshplan.plan import Plan
 
 
@@ -52,19 +53,9 @@ class MetricsWriter:
 
 
 def model_flops_per_token(plan: Plan) -> float:
-    """Training FLOPs per token: the planner's formula (one place decides it) when present; otherwise
-    ``6 * N + 6 * layers * seq * hidden`` (Kaplan et al. 2020 / PaLM's appendix B, attention causally halved)."""
-    try:
-        from meshplan.planner.flops import model_flops_per_token as planner_flops
-        return float(planner_flops(plan.model, plan.train.seq_len))
-    except (ImportError, AttributeError, TypeError):
-        pass
-    m = plan.model
-    attn = 2 * m.hidden * m.hidden + 2 * m.hidden * m.kv_heads * m.head_dim   # q, o and the k, v projections
-    mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
-    head = m.hidden * m.vocab
-    params = m.layers * (attn + mlp) + head
-    return 6.0 * params + 6.0 * m.layers * plan.train.seq_len * m.hidden
+    """Training FLOPs per token of the plan's model at its sequence length: ``meshplan/flops.py``'s formula,
+    the one the planner's MFU prediction uses."""
+    return float(flops.model_flops_per_token(plan.model, plan.train.seq_len))
 
 
 def summarize(records: list[dict]) -> dict:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from meshplan.rules import loss_chunk_tokens
+
 
 def default_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
-    """Tokens per chunk: ``planner.memory.loss_chunk_tokens`` (Liger-Kernel's rule, one chunk's logits about as
-    large as the hidden states, with a 256-token floor), so the planner counts the chunk this runs."""
-    from meshplan.planner.memory import loss_chunk_tokens
-
+    """Tokens per chunk: ``meshplan.rules.loss_chunk_tokens`` (Liger-Kernel's rule, one chunk's logits about as
+    large as the hidden states, with a 256-token floor), the rule the planner counts."""
     return loss_chunk_tokens(tokens, hidden, vocab_local)
 
 
