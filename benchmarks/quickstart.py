@@ -1,8 +1,9 @@
 """The README quickstart as a newcomer runs it: plan on ``localhost:4`` with an empty cache (the first plan measures
-this machine), launch the plan, then plan again (the cached measurement, no re-measurement) and launch again.
-Prints predicted against measured step time per launch and how long each plan took.
+this machine), launch the plan, then plan again (the cached measurement, no re-measurement) and launch again;
+``--profiles N`` repeats all of it N times, each from an empty cache (a new measurement). Prints predicted
+against measured step time per launch and how long each plan took.
 
-    python benchmarks/quickstart.py [--steps 10] [--launches 2] [--global-batch 16] [--seq-len 256]
+    python benchmarks/quickstart.py [--profiles 2] [--steps 10] [--launches 3] [--global-batch 8] [--seq-len 64]
                                     [--json benchmarks/results/quickstart.json]
 
 Each launch's measured step time is the run summary's median over its steps after the first (warm-up).
@@ -70,39 +71,50 @@ def run(steps: int, launches: int, global_batch: int, seq_len: int) -> dict:
     return {"steps": steps, "launches": launches, "plan_args": plan_args(global_batch, seq_len), "rows": rows}
 
 
-def table(result: dict) -> dict:
-    """The results page's table: one row per launch."""
+def table(results: list[dict]) -> dict:
+    """The results page's table: one row per launch, for every profile."""
     rows = []
-    for row in result["rows"]:
-        for i, measured in enumerate(row["measured_s"], 1):
-            rows.append([row["plan"], f"{row['plan_s']:.0f}", row["layout"], row["schedule"], i,
-                         f"{row['predicted_s'] * 1e3:.1f}", f"{measured * 1e3:.1f}",
-                         f"{measured / row['predicted_s']:.2f}"])
-    return {"caption": f"`meshplan plan {' '.join(result['plan_args'])}`, then `meshplan launch --steps "
-                       f"{result['steps']}` ({result['launches']} launches per plan)",
-            "headers": ["plan", "plan took (s)", "layout", "schedule", "launch", "predicted ms/step",
+    for profile, result in enumerate(results, 1):
+        for row in result["rows"]:
+            for i, measured in enumerate(row["measured_s"], 1):
+                rows.append([profile, row["plan"], f"{row['plan_s']:.0f}", row["layout"], row["schedule"], i,
+                             f"{row['predicted_s'] * 1e3:.1f}", f"{measured * 1e3:.1f}",
+                             f"{measured / row['predicted_s']:.2f}"])
+    first = results[0]
+    return {"caption": f"`meshplan plan {' '.join(first['plan_args'])}`, then `meshplan launch --steps "
+                       f"{first['steps']}` ({first['launches']} launches per plan)",
+            "headers": ["profile", "plan", "plan took (s)", "layout", "schedule", "launch", "predicted ms/step",
                         "measured ms/step", "measured/predicted"],
             "rows": rows}
+
+
+def summary(results: list[dict]) -> str:
+    ratios = [m / row["predicted_s"] for r in results for row in r["rows"] for m in row["measured_s"]]
+    return (f"Measured/predicted {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} launches from "
+            f"{len(results)} measurements of the machine.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--launches", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--profiles", type=int, default=2, help="repeats, each from an empty cache")
+    parser.add_argument("--launches", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--json", type=Path, help="write the result (with command, date, machine) here")
     args = parser.parse_args(argv)
-    result = run(args.steps, args.launches, args.global_batch, args.seq_len)
-    shown = table(result)
+    results = [run(args.steps, args.launches, args.global_batch, args.seq_len) for _ in range(args.profiles)]
+    shown = table(results)
     print(tabulate(shown["rows"], headers=shown["headers"]))
+    print(summary(results))
     if args.json:
         command = "python benchmarks/quickstart.py " + " ".join(
-            f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("steps", "launches", "global_batch",
-                                                                             "seq_len"))
+            f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("profiles", "steps", "launches",
+                                                                             "global_batch", "seq_len"))
         notes = ["The first plan measures the machine (a quick profile cached in the user cache directory); the "
-                 "second reads the cache and measures nothing. Measured: the median step after the first."]
-        args.json.write_text(json.dumps({**wrap(command, result), "tables": [shown], "notes": notes}, indent=1)
+                 "second reads the cache and measures nothing. Measured: the median step after the first.",
+                 summary(results)]
+        args.json.write_text(json.dumps({**wrap(command, results), "tables": [shown], "notes": notes}, indent=1)
                              + "\n")
     return 0
 

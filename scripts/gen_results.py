@@ -28,6 +28,7 @@ PAGE = ROOT / "docs" / "results.md"
 SECTIONS = [
     ("fidelity", "Fidelity against published runs"),
     ("search_speed", "Search speed"),
+    ("quickstart", "The README quickstart on this machine"),
     ("check_public_runs", "Planned peak memory against `meshplan check`"),
     ("check_vs_real", "`meshplan check` against real runs"),
     ("check_activations", "Activation bytes: planner against runtime"),
