@@ -1,6 +1,7 @@
 """The README's 2-minute quickstart works as written: its bash block's meshplan commands (plan, report,
-launch on 4 CPU processes, report with the measured metrics) run in a temporary folder, in order, and leave
-what the README says they leave. The pip line is checked, not run."""
+launch on 4 CPU processes, report with the measured metrics) run in a temporary folder, in order, with an empty
+measurement cache, and leave what the README says they leave: the first plan measures this machine, a second
+plan reads the cached measurement. The pip line is checked, not run."""
 
 from __future__ import annotations
 
@@ -31,22 +32,37 @@ def quickstart_block() -> list[str]:
 
 def test_quickstart_block_installs_cpu_torch_first():
     pip = [line for line in quickstart_block() if line.startswith("pip ")]
-    assert len(pip) == 1 and pip[0].index("pip install torch==2.13.0") < pip[0].index('pip install -e ".[report]"')
+    assert len(pip) == 1 and pip[0].index("pip install torch==2.13.0") < pip[0].index('pip install ".[report]"')
 
 
 @pytest.mark.slow
 def test_quickstart_commands_run(tmp_path):
     commands = [line for line in quickstart_block() if line.startswith("meshplan ")]
     assert [c.split()[1] for c in commands] == ["plan", "report", "launch", "report"]
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    for command in commands:
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "MESHPLAN_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MESHPLAN_NO_PROFILE", None)   # the suite's default; the quickstart measures this machine
+
+    def run(command: str) -> subprocess.CompletedProcess:
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"README quickstart: `{command}` failed:\n{done.stdout}\n{done.stderr}"
+        assert "Traceback" not in done.stderr and "Warning:" not in done.stderr, done.stderr
+        return done
+
+    first = run(commands[0])
+    assert "measuring this machine once for localhost:4" in first.stderr, first.stderr
+    assert len(list((tmp_path / "cache").glob("localhost-*.yaml"))) == 1
+    for command in commands[1:]:
+        run(command)
+    again = run(commands[0].replace("--out quickstart.yaml", "--out again.yaml"))
+    assert "using this machine's measurement cached" in again.stderr and "measuring" not in again.stderr
+    assert (tmp_path / "again.yaml").read_text().split("predicted:")[1] == \
+        (tmp_path / "quickstart.yaml").read_text().split("predicted:")[1]
 
     assert "localhost:4" in (tmp_path / "quickstart.yaml").read_text()
     steps = [json.loads(line) for line in (tmp_path / "quickstart.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["loss"] > 0 for s in steps)
+    assert [s["step"] for s in steps] == list(range(1, 11)) and all(s["loss"] > 0 for s in steps)
     report = (tmp_path / "quickstart" / "README.md").read_text()
     assert "# meshplan report: tiny-llama on localhost:4" in report
     assert "## Measured next to predicted" in report
