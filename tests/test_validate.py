@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from meshplan.cli import app
 from meshplan.planner.search import search
-from meshplan.profiler import validate as v
+from meshplan import validate as v
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
 
 runner = CliRunner()

@@ -1,6 +1,9 @@
 """``meshplan validate``: launch the planner's best layouts for a few steps, compare predicted with measured,
 and (``--update``) write a calibration back into the cluster file.
 
+A command: it composes the planner (search, rates), the launcher (rendering, the runtime's metrics) and the
+profiler's fits, as only commands may (docs/architecture.md); ``meshplan/validate_cli.py`` registers it.
+
 Torch-free: each plan runs as its own torchrun job rendered by the launcher (``launcher/render.py``, the same
 command ``meshplan launch`` runs); step times come from the runtime's metrics lines
 (``launcher/runtime/metrics.py: summarize``, the median over steps after the first). Memory: the runtime's
