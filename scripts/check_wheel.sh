@@ -9,18 +9,23 @@ REPO=$(pwd)
 WORK=${1:-$(mktemp -d -t meshplan-wheel-XXXXXX)}
 mkdir -p "$WORK"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-python -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >/dev/null
-python -m venv "$WORK/venv"
+quiet() {   # run an install step; show its output only when it fails
+    "$@" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; echo "check_wheel: FAILED: $*"; exit 1; }
+}
+quiet python -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" .
+quiet python -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
-"$PY" -m pip install -q "torch==2.13.0"     # the CPU build, as the README's install
-"$PY" -m pip install -q "$WORK"/dist/meshplan-*.whl
+quiet "$PY" -m pip install "torch==2.13.0"     # the CPU build, as the README's install
+quiet "$PY" -m pip install "$WORK"/dist/meshplan-*.whl
 MESHPLAN="$WORK/venv/bin/meshplan"
 export MESHPLAN_CACHE_DIR="$WORK/cache"     # an empty cache: the first plan on localhost measures this machine
 
 echo "check_wheel: importing every module of the installed package"
-"$PY" - <<'EOF'
+(cd "$WORK" && "$PY" - <<'EOF'
 import importlib, pkgutil, sys
 import meshplan
+if "site-packages" not in meshplan.__file__:
+    sys.exit(f"check_wheel: imported meshplan from {meshplan.__file__}, not from the installed wheel")
 # modules that exist only for an optional extra (tests/test_dependencies.py lists them too)
 EXTRA_ONLY = {"meshplan.launcher.runtime.kernels.triton_kernels"}
 names = [m.name for m in pkgutil.walk_packages(meshplan.__path__, "meshplan.")]
@@ -35,6 +40,7 @@ for missing in ("triton", "matplotlib"):
     sys.exit(f"check_wheel: {missing} is installed in the fresh environment; it must stay optional")
 print(f"check_wheel: imported {len(names) - len(EXTRA_ONLY)} modules")
 EOF
+)
 
 run() {   # run a command in $WORK; fail on a non-zero exit, a traceback or a Python warning in its output
     echo "check_wheel: $*"
