@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from meshplan.errors import MeshplanError
+from meshplan.units import human_memory
 
 GIB = 2**30
 
@@ -48,8 +49,8 @@ def check(
         typer.echo(format_table(result))
     if not result.fits():
         worst = result.worst
-        typer.echo(f"error: rank {worst.rank} peaks at {worst.measured['peak'] / GIB:.2f} GiB measured, more than "
-                   f"the {result.capacity_bytes / GIB:.2f} GiB a device offers (re-plan with more recompute, "
+        typer.echo(f"error: rank {worst.rank} peaks at {human_memory(worst.measured['peak'] / GIB)} measured, more "
+                   f"than the {human_memory(result.capacity_bytes / GIB)} a device offers (re-plan with more recompute, "
                    f"ZeRO or parallelism: meshplan plan --check)", err=True)
         raise typer.Exit(3)
 
@@ -104,8 +105,8 @@ def format_table(result) -> str:
     lines = [f"meshplan check: {plan.model.name}, dp={plan.dp} tp={plan.tp} pp={plan.pp} cp={plan.cp} "
              f"(world {plan.world_size}), {len(result.ranks)} rank(s) built and run on fake tensors; {unit}",
              tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True),
-             f"worst rank {worst.rank}: measured peak {worst.measured['peak'] / GIB:.3f} GiB (predicted "
-             f"{worst.predicted.get('peak', 0.0) / GIB:.3f}), device offers {result.capacity_bytes / GIB:.2f} GiB: "
-             f"{'fits' if result.fits() else 'DOES NOT FIT'}"]
+             f"worst rank {worst.rank}: measured peak {human_memory(worst.measured['peak'] / GIB)} (predicted "
+             f"{human_memory(worst.predicted.get('peak', 0.0) / GIB)}), device offers "
+             f"{human_memory(result.capacity_bytes / GIB)}: {'fits' if result.fits() else 'DOES NOT FIT'}"]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
