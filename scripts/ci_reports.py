@@ -3,7 +3,7 @@
     python scripts/ci_reports.py                          # -> build/ci-reports/ (what scripts/test.sh runs)
     python scripts/ci_reports.py --out docs/examples      # the committed copy readers browse on GitHub
     python scripts/ci_reports.py --check docs/examples    # only check an existing folder
-    python scripts/ci_reports.py --only llama3-8b_dgx-h100-1 --out /tmp/r
+    python scripts/ci_reports.py --only llama3-8b_dgx-h100-1 --out build/one-report
 
 Each entry runs the two commands a user types, in-process through the typer app (one interpreter, matplotlib
 imported once), inside the entry's folder so the report names its files relatively:
