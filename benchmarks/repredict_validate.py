@@ -12,10 +12,10 @@ predictions against the measured times.
 ``--matrix`` re-predicts every report from every cluster file and prints one table of Spearman correlations
 (rows: reports, columns: cluster files; ``own`` is the cluster file in the report's own directory) with each
 column's mean, and per report the Spearman a planner knowing the true times would score against its runs'
-noise (``ceiling``, ``profiler/validate.py: spearman_ceiling``): a cost-model change judged over many validations and profiles at once. In this mode every cluster file has its calibrations divided out.
+noise (``ceiling``, ``meshplan/validate.py: spearman_ceiling``): a cost-model change judged over many validations and profiles at once. In this mode every cluster file has its calibrations divided out.
 
 ``--undo-calibration`` first divides out every calibration ``meshplan validate --update`` applied to CLUSTER
-(``profiler/validate.py: undo_calibration``): a validation's round-2 file re-predicts as its uncalibrated
+(``meshplan/validate.py: undo_calibration``): a validation's round-2 file re-predicts as its uncalibrated
 profile, so a cost-model change is judged on the profile alone, not on a calibration fitted to the old model.
 """
 
@@ -40,11 +40,11 @@ from meshplan.spec import load_cluster, load_structured_file
 
 def remeasure(runs: list[dict]) -> list:
     """The runs' measured times by `meshplan validate`'s current estimator (blocked by round,
-    ``profiler/validate.py: block_rounds``) from their saved per-run times, so reports written before it
+    ``meshplan/validate.py: block_rounds``) from their saved per-run times, so reports written before it
     compare alike. Returns the rebuilt ``validate.Run`` records (for their standard errors)."""
     from types import SimpleNamespace
 
-    from meshplan.profiler.validate import Run, block_rounds
+    from meshplan.validate import Run, block_rounds
 
     ran = [r for r in runs if r.get("repeats_s")]
     records = []
@@ -60,7 +60,7 @@ def remeasure(runs: list[dict]) -> list:
 
 def load_uncalibrated(path: str):
     """The cluster file at ``path`` with every calibration `validate --update` applied divided out."""
-    from meshplan.profiler.validate import undo_calibration
+    from meshplan.validate import undo_calibration
 
     undone = undo_calibration(load_structured_file(path, "cluster"), load_cluster(path))
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,7 @@ def repredict(report: dict, cluster) -> tuple[list[list], list[float], list[floa
 def matrix(reports: list[str], clusters: list[str]) -> int:
     loaded = {path: load_uncalibrated(path) for path in clusters}
     names = ["own"] + [Path(c).parent.name or c for c in clusters]
-    from meshplan.profiler.validate import spearman_ceiling
+    from meshplan.validate import spearman_ceiling
 
     table, columns, ceilings = [], [[] for _ in names], []
     for path in reports:
@@ -112,7 +112,7 @@ def matrix(reports: list[str], clusters: list[str]) -> int:
                  + [f"{statistics.fmean(c):.3f}" if c else "-" for c in columns])
     print(tabulate(table, headers=["report", "ceiling"] + names))
     print("ceiling: the Spearman a planner that knew every layout's true time would score against those runs "
-          "(profiler/validate.py: spearman_ceiling)")
+          "(meshplan/validate.py: spearman_ceiling)")
     return 0
 
 

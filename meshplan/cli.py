@@ -39,6 +39,8 @@ def _register_subcommands() -> None:
         profiler_cli = None
     if profiler_cli is not None:
         profiler_cli.register(app)
+        from meshplan import validate_cli   # launches plans and reads profiles: after `profile`
+        validate_cli.register(app)
 
 
 _register_subcommands()

@@ -331,7 +331,8 @@ class Plan:
         return cls.from_dict(load_structured_file(path, "plan"), where=str(path))
 
     def validate(self, where: str = "plan") -> None:
-        """Structural checks every consumer relies on (the planner's divisibility rules live in planner.rules)."""
+        """Structural checks every consumer relies on (the schedule rule is ``schedule_problem`` above; the
+        degree rules are the planner's ``degree_problems`` and ``launcher/checks.py``)."""
         if self.world_size != self.cluster.world_size:
             raise InputError(f"{where}: dp*tp*pp*cp",
                              f"{self.dp}*{self.tp}*{self.pp}*{self.cp} = {self.world_size} but the cluster has "

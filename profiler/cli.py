@@ -1,5 +1,4 @@
-"""``meshplan profile``, registered by ``meshplan.cli`` through :func:`register` (with ``meshplan validate``,
-a command of its own: ``meshplan/validate_cli.py``).
+"""``meshplan profile``, registered by ``meshplan.cli`` through :func:`register`.
 
 Torch-free at import time: ``profile`` starts a torchrun job of :mod:`meshplan.profiler.worker` and fits what
 it measured (``fit.py``, ``cluster_file.py``).
@@ -42,9 +41,6 @@ MIN_BUDGET_S = 10.0
 
 def register(app: typer.Typer) -> None:
     app.command("profile", help="Measure this cluster (compute, memory, links) and write a cluster YAML.")(profile)
-    from meshplan import validate_cli   # a command (meshplan/validate.py), registered beside `profile`
-
-    validate_cli.register(app)
 
 
 # ----------------------------------------------------------------------------------------------
