@@ -40,6 +40,7 @@ RULES = (
     ("meshplan.launcher.runtime", (PLANNER, PROFILER, *COMMANDS), "the runtime executes a Plan"),
     (PLANNER, ("torch", LAUNCHER, PROFILER, *COMMANDS), "the planner is pure Python over the nouns"),
     ("nouns", (PLANNER, PROFILER, LAUNCHER, *COMMANDS, "torch"), "the nouns import nothing above them"),
+    (PROFILER, COMMANDS, "the profiler measures; commands compose it with the other stages"),
 )
 
 
