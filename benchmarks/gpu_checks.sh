@@ -3,15 +3,14 @@
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [all|validate|kernels]
 #
-#   1. issue 4, done-when 4: profile this GPU, validate its best single-GPU layouts (predicted vs
+#   1. profile this GPU, validate its best single-GPU layouts (predicted vs
 #      max_memory_allocated within 10%, step time within 15%)      -> OUT_DIR/validate.log, validate.json, cluster.yaml
 #   2. the fused kernels compiled for this GPU: time and error against eager -> OUT_DIR/kernels.log, kernels.json
 #
 # Each step has its own time limit and a failure in one does not stop the next. meshplan must be importable
 # (pip install -e . here; on a machine without package registries: rm -rf build DIR; pip install --no-index
 # --no-deps --no-build-isolation --target DIR . and PYTHONPATH=DIR -- a fresh DIR and no build/, since pip
-# leaves an existing target as it is and setuptools reuses build/, which cost this check two runs on a
-# reused machine). Knobs: MODEL (llama3.2-1b), SEQ (2048), BATCH (8), BUDGET (75s), TOP (4), STEPS (10),
+# leaves an existing target as it is and setuptools reuses build/). Knobs: MODEL (llama3.2-1b), SEQ (2048), BATCH (8), BUDGET (75s), TOP (4), STEPS (10),
 # REPEATS (2).
 set -u
 out=$(realpath -m "${1:?usage: gpu_checks.sh OUT_DIR [all|validate|kernels]}")
