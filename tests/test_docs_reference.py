@@ -37,6 +37,8 @@ def covered_files() -> list[Path]:
         files.append(readme)
     for name in CODE_DIRS:
         files += sorted(p for p in (ROOT / name).rglob("*.py") if "__pycache__" not in p.parts)
+        files += sorted((ROOT / name).rglob("*.sh"))
+    files += [p for p in (ROOT / ".ci").glob("*") if p.is_file()]
     return files
 
 
