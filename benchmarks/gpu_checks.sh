@@ -17,7 +17,7 @@ out=$(realpath -m "${1:?usage: gpu_checks.sh OUT_DIR [all|validate|kernels]}")
 what=${2:-all}
 mkdir -p "$out"
 repo=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d /tmp/meshplan-gpu-XXXX)
+work=$(mktemp -d -t meshplan-gpu-XXXX)
 # Run from a scratch folder: in the checkout's root, `python -m meshplan.cli` would import the checkout's
 # meshplan/ folder (which holds neither profiler/ nor launcher/) instead of the installed package.
 cd "$work"
