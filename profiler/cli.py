@@ -116,7 +116,7 @@ def device_kind() -> str:
     return "gpu" if _local_gpus() else "cpu"
 
 
-# The reduction phase (worker.reduction_phase): its largest message (a unit past it is priced along the last
+# The reduction phase (profiler/phases/links.py: reduction_phase): its largest message (a unit past it is priced along the last
 # measured segment) and how many sizes at most (its time grows with sizes x group shapes x 3 collectives).
 MAX_REDUCTION_MESSAGE = {"cpu": 64 * 2**20, "gpu": 1024 * 2**20}
 MAX_REDUCTION_SIZES = 6

@@ -12,7 +12,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 quiet() {   # run an install step; show its output only when it fails
     "$@" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; echo "check_wheel: FAILED: $*"; exit 1; }
 }
-quiet python -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" .
+# build from a copy of the source, so no build/ folder of an earlier build is reused or left in the checkout
+mkdir -p "$WORK/src"
+tar --exclude=./.git --exclude=./build --exclude='*.egg-info' -cf - . | tar -xf - -C "$WORK/src"
+quiet python -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 quiet python -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 quiet "$PY" -m pip install "torch==2.13.0"     # the CPU build, as the README's install

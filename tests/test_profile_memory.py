@@ -1,7 +1,7 @@
 """Done-when 3: the profiler's bytes per layer held for backward match what the runtime's own model holds, within
 5%, for none / selective / full recompute.
 
-The profiler measures one per-rank block in isolation (``profiler/worker.py: layer_memory``). The reference here
+The profiler measures one per-rank block in isolation (``profiler/phases/compute.py: layer_memory``). The reference here
 is the runtime's whole model (``build_model`` + ``parallelize.apply_ac``, as ``train.py`` builds it): the live bytes
 a forward of N layers leaves behind minus those of N - 2 layers, halved. Both use the live-bytes net growth of
 ``kernels/measure.py: peak_tracked_bytes``: ``saved_tensors_hooks`` do not see what a full-recompute checkpoint
