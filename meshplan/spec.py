@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import yaml
 
 from meshplan.errors import InputError
+from meshplan.measured import MeasuredProfile
 
 SCHEMA_VERSION = 1
 
@@ -383,7 +384,8 @@ class ClusterSpec:
         intra_node: the link inside a node (NVLink/NVSwitch), see LinkSpec.
         inter_node: the link between nodes (InfiniBand/RoCE per GPU NIC), see LinkSpec.
         measured: tables written by ``meshplan profile`` (achieved compute rates, fitted links, per-pair
-            bandwidth matrix, raw samples). Kept verbatim; the planner uses what it knows and ignores the rest.
+            bandwidth matrix, raw samples), kept verbatim as the file holds them (they are what is written back
+            and hashed). The planner reads them typed, through :attr:`profile`.
     """
 
     name: str
@@ -403,6 +405,16 @@ class ClusterSpec:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def profile(self) -> MeasuredProfile:
+        """``measured`` read once by the measured profile's loader (``meshplan/measured.py``), kept with the spec
+        (nothing writes into a built spec's ``measured``); a malformed field raises an InputError naming it."""
+        cached = self.__dict__.get("_profile")
+        if cached is None:
+            cached = MeasuredProfile.from_dict(self.measured, f"cluster '{self.name}': measured")
+            object.__setattr__(self, "_profile", cached)
+        return cached
 
     def __hash__(self) -> int:
         """``measured`` is a dict: hash its JSON form, once (the planner's caches hash the cluster on every
@@ -434,7 +446,10 @@ class ClusterSpec:
             inter = values["intra_node"]
         values["inter_node"] = _sub(LinkSpec, inter, f"{where}.inter_node")
         values["measured"] = dict(values.get("measured") or {})
-        return cls(**values)
+        profile = MeasuredProfile.from_dict(values["measured"], f"{where}.measured")   # checked at the edge
+        spec = cls(**values)
+        object.__setattr__(spec, "_profile", profile)
+        return spec
 
 
 def _sub(cls, data: Any, where: str):
