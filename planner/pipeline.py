@@ -2,15 +2,17 @@
 micro-batch time of each pipeline rank.
 
 Closed forms (Narayanan et al. 2021) where every rank has a device of its own; where ranks share cores the host
-model simulates the schedule instead (host.HostModel.pipeline_makespan, schedule_sim.py).
+model simulates the schedule instead (host.HostModel.pipeline_makespan, schedule_sim.py). :func:`pipeline_timeline`
+gives the ops of that schedule with their start and end, the picture ``meshplan report`` draws.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshplan.planner import comm
+from meshplan.planner import comm, host, schedule_sim
 from meshplan.planner.layout import Layout, stage_extra_time
+from meshplan.planner.schedule_sim import TimedOp
 from meshplan.planner.step import Step
 
 
@@ -126,6 +128,26 @@ def pipeline_time(s: Step, rank_time: list[float]) -> PipelineTime:
     pp_comm = pipeline_p2p_exposed(cfg.schedule, rank_time, num_mb, s.v, s.hop)
     bubble = max(0.0, makespan - num_mb * max(rank_time))
     return PipelineTime(makespan, pp_comm, bubble, makespan + pp_comm + vc.edges_comm + vc.edges_compute)
+
+
+def pipeline_timeline(s: Step, rank_time: list[float], num_mb: int | None = None) -> list[TimedOp]:
+    """Every op of the step's schedule with its start and end (schedule_sim.schedule_timeline) for
+    ``num_mb`` micro-batches (the step's own by default), on the rank times the makespan is priced on
+    (:func:`rank_times`). Where the host model simulates the schedule (:func:`pipeline_time`: ranks that
+    share cores) the ops run at its sharing speeds with the vocabulary pass apart, as it prices them; elsewhere
+    every rank runs at its own device's speed, where the simulation's last end is
+    :func:`pipeline_makespan` (tests/test_measured_costs.py)."""
+    cfg, m = s.cfg, s.num_mb if num_mb is None else num_mb
+    forward_share = s.lc.fwd / (s.lc.fwd + s.lc.bwd)
+    vocab_pass = s.vc.pass_time if cfg.vocab_parallel else 0.0
+    pp_stride = comm.group_stride(cfg.mesh_order, cfg.degrees, "pp")
+    if s.host.pipeline_makespan(cfg.schedule, rank_time, s.num_mb, s.v, forward_share, pp_stride,
+                                vocab_pass) is None:
+        return schedule_sim.schedule_timeline(cfg.schedule, rank_time, m, s.v, forward_share)
+    cluster = s.ctx.cluster
+    speed = host.shared_host_speed(host.busy_speedup_table(cluster), cluster.gpus_per_node, s.p, pp_stride)
+    return schedule_sim.schedule_timeline(cfg.schedule, [t - vocab_pass for t in rank_time], m, s.v,
+                                          forward_share, speed, vocab_pass)
 
 
 def drain_after_last_backward(s: Step, layout: Layout, rank: int) -> float:

@@ -16,16 +16,42 @@ measured, so with every rank busy all the time (no bubble) it gives back ``num_m
 1 throughout it reproduces ``pipeline_makespan`` exactly (tests/test_measured_costs.py). Under vocabulary
 parallelism the head pass of each micro-batch runs on every rank, on a helper thread beside the ops of all but
 the last (``vocab_pass``), one more busy thread on its host.
+
+:func:`schedule_timeline` is the simulation and returns every op with its start and end; the makespan
+(:func:`shared_makespan`) is its last end, and ``meshplan report`` draws its ops as the pipeline schedule
+(:func:`meshplan.planner.pipeline.pipeline_timeline` gives it the rank times and speeds the planner prices).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+
+@dataclass(frozen=True)
+class TimedOp:
+    """One op of pipeline rank ``rank``: ``kind`` "F" or "B", its ``chunk`` on the rank (virtual stage =
+    chunk * pp + rank), the ``micro`` batch it carries, and its ``start`` and ``end`` in seconds from the
+    step's first forward."""
+
+    rank: int
+    kind: str
+    chunk: int
+    micro: int
+    start: float
+    end: float
+
+
+def speed_one(busy: list[int]) -> list[float]:
+    """Every pipeline rank at its own device's speed, whoever else is busy: the simulation is then the closed
+    forms of ``pipeline.pipeline_makespan`` (tests/test_measured_costs.py)."""
+    return [1.0] * len(busy)
 
 
 def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages: int = 1) -> list[tuple[str, int, int]]:
     """Pipeline rank ``rank``'s ops in order as ``("F" or "B", stage, micro-batch)``, stage = chunk * pp + rank.
 
+    No pipeline (pp = 1): gradient accumulation, each micro-batch's forward then its backward.
     GPipe: all forwards, then all backwards. 1F1B and interleaved 1F1B (torch's ``Schedule1F1B`` /
     ``ScheduleInterleaved1F1B``, Megatron-LM's orders): micro-batches in rounds of
     ``per_round = m // max(1, m // pp)``; ``min((v - 1) * per_round + 2 * (pp - 1 - rank), m v)`` warm-up
@@ -35,7 +61,9 @@ def pipeline_ops(schedule: str, pp: int, rank: int, num_mb: int, virtual_stages:
     (``memory.interleaved_1f1b_order`` reads its chunks from here). Interleaved orders are meant for
     ``m % pp == 0`` (what the search generates); with partial rounds the simulation may find them deadlocked."""
     m, v = num_mb, max(1, virtual_stages)
-    if schedule == "gpipe" or pp == 1:
+    if pp == 1:
+        return [op for i in range(m) for op in (("F", rank, i), ("B", rank, i))]
+    if schedule == "gpipe":
         return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]
     interleaved = schedule == "interleaved"     # the runtime runs it even at v = 1 (parallelize.build_schedule)
     v = v if interleaved else 1
@@ -62,7 +90,16 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
                     forward_share: float, speed: Callable[[list[int]], list[float]],
                     vocab_pass: float = 0.0) -> float:
     """Seconds from the first forward to the last backward when a thread of pipeline rank r progresses at
-    ``speed(busy)[r]`` while ``busy`` (threads running, per pipeline rank) says who is running what.
+    ``speed(busy)[r]`` while ``busy`` (threads running, per pipeline rank) says who is running what: the last
+    end of :func:`schedule_timeline`."""
+    return _simulate(schedule, rank_time, num_mb, virtual_stages, forward_share, speed, vocab_pass, None)
+
+
+def schedule_timeline(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int,
+                      forward_share: float, speed: Callable[[list[int]], list[float]] = speed_one,
+                      vocab_pass: float = 0.0) -> list[TimedOp]:
+    """Every op of the step, in the order each rank runs it, with its start and end (seconds): the simulation
+    :func:`shared_makespan` prices.
 
     ``rank_time[r]``: rank r's forward + backward for one micro-batch over all its chunks, at the rate
     measured with every rank busy; a chunk's forward takes ``forward_share`` of it divided by the chunks, its
@@ -73,6 +110,16 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
     it: the last rank runs its share inside that op, every other rank on a helper thread beside its own ops
     (a second busy thread on the host), and the forward completes when every share is done -- the last stage
     waits for the slowest, which is what a pass costs on cores that are already shared."""
+    timeline: list[TimedOp] = []
+    _simulate(schedule, rank_time, num_mb, virtual_stages, forward_share, speed, vocab_pass, timeline)
+    return timeline
+
+
+def _simulate(schedule: str, rank_time: list[float], num_mb: int, virtual_stages: int, forward_share: float,
+              speed: Callable[[list[int]], list[float]], vocab_pass: float,
+              timeline: list[TimedOp] | None) -> float:
+    """The simulation of :func:`schedule_timeline`; returns the makespan and appends each finished op to
+    ``timeline`` when one is given."""
     p = len(rank_time)
     v = max(1, virtual_stages) if schedule == "interleaved" else 1
     stages = p * v
@@ -82,9 +129,17 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
     done: set[tuple[str, int, int]] = set()
     nxt = [0] * p
     left: list[float | None] = [None] * p     # work left of the op rank r's main thread runs (None: waiting)
+    began = [0.0] * p                         # when the op rank r's main thread runs started
     passing: int | None = None                # the micro-batch whose head pass the last rank is in
     helper: list[list[float]] = [[] for _ in range(p)]   # pass shares queued on each rank's helper thread
     clock = 0.0
+
+    def complete(r: int, op: tuple[str, int, int]) -> None:
+        done.add(op)
+        nxt[r] += 1
+        if timeline is not None:
+            timeline.append(TimedOp(r, op[0], op[1] // p, op[2], began[r], clock))
+
     while True:
         for r in range(p):
             if left[r] is None and nxt[r] < len(ops[r]) and not (r == last and passing is not None):
@@ -95,9 +150,9 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
                     ready = ("F", stage, mb) in done and (stage == stages - 1 or ("B", stage + 1, mb) in done)
                 if ready:
                     left[r] = rank_time[r] * work[kind]
+                    began[r] = clock
         if passing is not None and left[last] is None and not any(helper[r] for r in range(p)):
-            done.add(ops[last][nxt[last]])      # every share of the pass is in: the last forward completes
-            nxt[last] += 1
+            complete(last, ops[last][nxt[last]])  # every share of the pass is in: the last forward completes
             passing = None
             continue
         busy = [(x is not None) + bool(helper[r]) for r, x in enumerate(left)]
@@ -131,5 +186,4 @@ def shared_makespan(schedule: str, rank_time: list[float], num_mb: int, virtual_
             elif r == last and passing is not None:
                 pass                            # the last rank's own share is done; it waits for the others
             else:
-                done.add(op)
-                nxt[r] += 1
+                complete(r, op)
