@@ -14,21 +14,23 @@ A group inside one node sees the intra-node busbw; a group spanning nodes with k
 k NICs per node, so its busbw is min(intra, k * inter) -- a ring crossing nodes carries 1/k of the data
 through each NIC (NCCL opens one ring per NIC).
 
+The profile is read typed (``cluster.profile``, meshplan/measured.py).
+
 Measured links: when ``meshplan profile`` wrote a per-pair bandwidth matrix
-(``cluster.measured['links']['pair_bandwidth_gbps']``, world x world, rank-major as placed here), a group's busbw
+(the profile's ``links.pair_bandwidth_gbps``, world x world, rank-major as placed here), a group's busbw
 is scaled by :func:`slow_pair_factor`: its slowest ring neighbour pair against the median pair of the same
 level (a ring runs at the pace of its slowest link), so one slow cable or NIC is seen and avoided.
-Where the profile fitted each collective on its own (``measured['links'][level]['collectives']``), a collective
+Where the profile fitted each collective on its own (``links.<level>.collectives``), a collective
 runs at its own bandwidth and latency relative to the level's joint fit (:func:`collective_scales`): gloo's
 reduce-scatter, for one, is an all-reduce underneath and fits at about a third of the level's bus bandwidth on
 four CPU ranks (docs/profiler.md).
 
 Measured data-parallel traffic: where the profile timed the data-parallel collectives over a group shape at
-the runtime's gradient-unit sizes (``measured['links']['reduction']``), :func:`measured_collective_time` reads
+the runtime's gradient-unit sizes (``links.reduction``), :func:`measured_collective_time` reads
 them off that table instead of the alpha-beta line (planner/data_parallel.py).
 
 Overlap (:func:`exposed_time`): communication that runs beside compute is hidden by the fraction the profile
-measured (``measured['links']['overlap']['exposed_fraction']``; without one, fully hidden up to the compute
+measured (``links.overlap.exposed_fraction``; without one, fully hidden up to the compute
 window).
 """
 
@@ -70,44 +72,39 @@ def collective_scales(cluster: ClusterSpec, level: str) -> tuple[tuple[str, floa
     and gloo's all-reduce-based reduce-scatter do not move bytes at the same rate. Ratios, so that a
     calibration (``validate --update``, which rescales the level) carries over. Fits with a non-positive
     bandwidth are skipped; a latency ratio needs a positive joint latency (else 1)."""
-    fit = ((cluster.measured or {}).get("links") or {}).get(level) or {}
-    out = []
-    try:
-        joint_bw, joint_lat = float(fit.get("bandwidth_gbps") or 0), float(fit.get("latency_us") or 0)
-        for name, one in (fit.get("collectives") or {}).items():
-            bw, lat = float(one.get("bandwidth_gbps") or 0), float(one.get("latency_us") or 0)
-            if joint_bw > 0 and bw > 0:
-                out.append((str(name), bw / joint_bw, lat / joint_lat if joint_lat > 0 else 1.0))
-    except (AttributeError, TypeError, ValueError):
+    links = cluster.profile.links
+    fit = links.level(level) if links is not None else None
+    if fit is None:
         return ()
+    out = []
+    joint_bw, joint_lat = fit.bandwidth_gbps or 0.0, fit.latency_us or 0.0
+    for name, one in fit.collectives:
+        bw, lat = one.bandwidth_gbps or 0.0, one.latency_us or 0.0
+        if joint_bw > 0 and bw > 0:
+            out.append((name, bw / joint_bw, lat / joint_lat if joint_lat > 0 else 1.0))
     return tuple(out)
 
 
-_REDUCTION_TABLES: dict[int, tuple[dict, dict]] = {}
+_REDUCTION_TABLES: dict[int, tuple[object, dict]] = {}
 
 
 def _reduction_table(cluster: ClusterSpec) -> dict[tuple[str, int, int], tuple[tuple[float, float], ...]]:
     """``{(collective, ranks, stride): ((bytes, seconds), ...) sorted}`` from the profile's
-    ``measured['links']['reduction']``, parsed once per cluster file (bad rows dropped)."""
-    measured = cluster.measured or {}
-    key = id(measured)
+    ``links.reduction`` samples, gathered once per profile (non-positive or non-finite rows dropped)."""
+    profile = cluster.profile
+    key = id(profile)
     cached = _REDUCTION_TABLES.get(key)
-    if cached is not None and cached[0] is measured:
+    if cached is not None and cached[0] is profile:
         return cached[1]
     table: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
-    rows = (((measured.get("links") or {}).get("reduction") or {}).get("samples")) or ()
-    for row in rows if isinstance(rows, list) else ():
-        try:
-            name, ranks, stride = str(row["collective"]), int(row["ranks"]), int(row["stride"])
-            nbytes, seconds = float(row["bytes"]), float(row["seconds"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if nbytes > 0 and seconds > 0 and math.isfinite(seconds):
-            table.setdefault((name, ranks, stride), []).append((nbytes, seconds))
+    reduction = profile.links.reduction if profile.links is not None else None
+    for row in reduction.samples if reduction is not None else ():
+        if row.bytes > 0 and row.seconds > 0 and math.isfinite(row.seconds):
+            table.setdefault((row.collective, row.ranks, row.stride), []).append((row.bytes, row.seconds))
     result = {k: tuple(sorted(v)) for k, v in table.items()}
     if len(_REDUCTION_TABLES) > 16:
         _REDUCTION_TABLES.clear()
-    _REDUCTION_TABLES[key] = (measured, result)   # the dict itself is kept, so its id is not reused
+    _REDUCTION_TABLES[key] = (profile, result)   # the profile itself is kept, so its id is not reused
     return result
 
 
@@ -116,7 +113,7 @@ def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, s
     """Seconds of one ``collective`` (all_reduce, reduce_scatter, all_gather) of ``nbytes`` (nccl-tests'
     convention, as :func:`allreduce_time` and the others take it) over a group of ``size`` ranks ``stride``
     apart while every group of that shape runs it at once -- a data-parallel step's reduction -- as the profile
-    timed it (``measured['links']['reduction']``, worker ``reduction_phase``, at the sizes of the runtime's
+    timed it (``links.reduction``, worker ``reduction_phase``, at the sizes of the runtime's
     gradient units): linear in bytes between the two measured sizes around ``nbytes``; past the largest, along
     the last segment's slope (where it rises); below the smallest, the smallest's time (latency-bound).
     ``None`` where the profile did not time this collective over this shape: the alpha-beta fit prices it.
@@ -139,15 +136,13 @@ def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, s
 
 def overlap_exposed_fraction(cluster: ClusterSpec) -> float:
     """The share of a collective's own time that still shows when it runs beside compute, as the profile
-    measured it (``measured['links']['overlap']['exposed_fraction']``): 0 where it hides completely, 1
+    measured it (``links.overlap.exposed_fraction``): 0 where it hides completely, 1
     where the two take turns, above 1 where they slow each other down (CPU ranks sharing cores with
     gloo's threads). 0 without a measurement (the planner's assumption for GPUs: NCCL on its own
     stream)."""
-    overlap = ((cluster.measured or {}).get("links") or {}).get("overlap") or {}
-    try:
-        value = float(overlap.get("exposed_fraction", 0.0))
-    except (TypeError, ValueError):
-        return 0.0
+    links = cluster.profile.links
+    overlap = links.overlap if links is not None else None
+    value = overlap.exposed_fraction if overlap is not None and overlap.exposed_fraction is not None else 0.0
     return min(max(value, 0.0), 4.0) if math.isfinite(value) else 0.0
 
 
@@ -188,14 +183,11 @@ def group_link(cluster: ClusterSpec, size: int, stride: int) -> GroupLink:
 def slow_pair_factor(cluster: ClusterSpec, size: int, stride: int) -> float:
     """<= 1: the slowest ring-neighbour pair of any group of ``size`` ranks ``stride`` apart, relative to the
     median measured pair of its level (intra- or inter-node); 1 without a measured matrix of this world."""
-    matrix = ((cluster.measured or {}).get("links") or {}).get("pair_bandwidth_gbps")
+    links = cluster.profile.links
+    matrix = links.pair_bandwidth_gbps if links is not None else ()
     if not matrix or size <= 1 or len(matrix) != cluster.world_size:
         return 1.0
-    try:
-        rows = tuple(tuple(float(x or 0.0) for x in row) for row in matrix)
-    except (TypeError, ValueError):
-        return 1.0
-    return _slow_pair_factor(rows, cluster.gpus_per_node, size, stride)
+    return _slow_pair_factor(matrix, cluster.gpus_per_node, size, stride)
 
 
 @lru_cache(maxsize=1024)

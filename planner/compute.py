@@ -3,11 +3,11 @@
 Time of a matmul [m, k] x [k, n] (a roofline with both terms added, which models the slow-down of small
 or skinny GEMMs):  2*m*n*k / matmul_rate + bytes(m*k + k*n + m*n) / memory_rate.
 
-Achieved rates come from the cluster's measured tables when ``meshplan profile`` wrote them
-(``cluster.measured['compute']`` with ``matmul_tflops``, ``attention_tflops``, ``memory_gbps``), else from the
+Achieved rates come from the cluster's measured profile when ``meshplan profile`` wrote one (``cluster.profile``,
+meshplan/measured.py: ``compute`` with ``matmul_tflops``, ``attention_tflops``, ``memory_gbps``), else from the
 documented defaults below, as fractions of the spec-sheet peak.
 
-A measured GEMM table (``cluster.measured['compute']['matmul_table']``: ``[[flops, tflops], ...]``, the forward
+A measured GEMM table (the profile's ``compute.matmul_table``: ``[[flops, tflops], ...]``, the forward
 FLOPs 2mnk of one GEMM and the rate its forward + backward achieved, sorted by size; written by
 ``meshplan profile``) replaces the roofline: a GEMM then takes ``2mnk / rate(2mnk)``, the rate interpolated
 linearly in log(FLOPs) between the measured sizes and held constant beyond them (the measured time already
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meshplan.measured import Compute
 from meshplan.rules import ELEMENT_BYTES
 from meshplan.spec import ClusterSpec, ModelSpec
 from meshplan.planner.host import (  # noqa: F401  (the host model's; kept here for callers)
@@ -68,24 +69,18 @@ def interpolate_rate(table: tuple[tuple[float, float], ...], flops: float) -> fl
     return table[-1][1]
 
 
-def _measured_table(rows) -> tuple[tuple[float, float], ...]:
-    """``[[flops, tflops], ...]`` from a cluster file as sorted ``(flops, FLOP/s)`` pairs (bad rows dropped)."""
-    table = []
-    for row in rows or ():
-        try:
-            flops, tflops = float(row[0]), float(row[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if flops > 0 and tflops > 0:
-            table.append((flops, tflops * 1e12))
-    return tuple(sorted(table))
+def _measured_table(rows: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+    """The profile's ``(flops, TFLOP/s)`` table as sorted ``(flops, FLOP/s)`` pairs (non-positive rows dropped)."""
+    return tuple(sorted((flops, tflops * 1e12) for flops, tflops in rows if flops > 0 and tflops > 0))
 
 
-def measured_compute(cluster: ClusterSpec, precision: str) -> dict:
-    """The profile's compute figures (``measured['compute']``) if they were measured in ``precision``, else
-    ``{}``: rates profiled in another precision are not these rates."""
-    measured = (cluster.measured or {}).get("compute") or {}
-    return measured if measured.get("precision", precision) == precision else {}
+_NOTHING_MEASURED = Compute()
+
+
+def measured_compute(cluster: ClusterSpec, precision: str) -> Compute:
+    """The profile's compute section (``compute``) if it was measured in ``precision``, else an empty one:
+    rates profiled in another precision are not these rates."""
+    return cluster.profile.measured_in(precision) or _NOTHING_MEASURED
 
 
 def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
@@ -95,36 +90,33 @@ def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
     peak = device.peak_flops(precision)
     peak_16 = device.peak_flops("bf16")
     matmul_eff = eff["matmul_fp8"] if precision == "fp8" else eff["matmul"]
-    matmul = measured.get("matmul_tflops", 0) * 1e12 or matmul_eff * peak
+    matmul = (measured.matmul_tflops or 0) * 1e12 or matmul_eff * peak
     attention_peak = peak_16 if precision == "fp8" else peak          # attention stays in bf16 under fp8
-    attention = measured.get("attention_tflops", 0) * 1e12 or eff["attention"] * attention_peak
-    memory = measured.get("memory_gbps", 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
+    attention = (measured.attention_tflops or 0) * 1e12 or eff["attention"] * attention_peak
+    memory = (measured.memory_gbps or 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
     element = ELEMENT_BYTES[precision]
-    table = _measured_table(measured.get("matmul_table"))
+    table = _measured_table(measured.matmul_table)
     return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table)
 
 
 def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_batch: int, seq: int) -> float:
     """Measured over modelled time of the runtime's block at exactly this shape, from the profile's
-    ``measured['compute']['block_check']`` (the profiler times the block ``launch`` runs, forward + backward,
+    ``compute.block_check`` (the profiler times the block ``launch`` runs, forward + backward,
     next to what the fitted GEMM / attention / memory-rate model says for it); 1 where the shape was not
     profiled or in another precision. The fitted parts interpolate between shapes; where the whole block
     was timed, its time is the better figure (CPU caches make small and large micro-batches differ in
     ways the per-GEMM table does not see)."""
-    for row in measured_compute(cluster, precision).get("block_check") or ():
-        try:
-            if (int(row["tp"]), int(row["micro_batch"]), int(row["seq"])) == (tp, micro_batch, seq):
-                model, seconds = float(row["model_s"]), float(row["measured_s"])
-                return seconds / model if model > 0 and seconds > 0 else 1.0
-        except (KeyError, TypeError, ValueError):
-            continue
+    for row in measured_compute(cluster, precision).block_check:
+        if (row.tp, row.micro_batch, row.seq) == (tp, micro_batch, seq):
+            model, seconds = row.model_s, row.measured_s
+            return seconds / model if model > 0 and seconds > 0 else 1.0
     return 1.0
 
 
 def measured_head_loss_time(cluster: ClusterSpec, precision: str, tokens: float, hidden: int, vocab_local: int,
                             chunked: bool) -> float | None:
     """Forward + backward seconds of the LM head and its cross-entropy on ``tokens`` tokens and ``vocab_local``
-    vocabulary rows, as the profile timed them at exactly this shape (``measured['compute']['vocab']``, worker
+    vocabulary rows, as the profile timed them at exactly this shape (``compute.vocab``, worker
     ``measure_vocab``, every rank busy): ``chunked`` the runtime's chunked linear + cross-entropy (the fused
     loss, and each shard's head pass under vocabulary parallelism), else the head GEMM plus the reference
     cross-entropy on materialised fp32 logits. ``None`` where no such shape was profiled (the modelled
@@ -132,33 +124,25 @@ def measured_head_loss_time(cluster: ClusterSpec, precision: str, tokens: float,
     reference loss takes about 5.4 ns a logit against 2.6 priced from the memory rate, and an H200 runs the
     chunked loss at 0.85x eager's speed where the byte counts price its loss at 8 B a logit against the
     reference's 30 (docs/kernels.md)."""
-    key = "chunked_head_loss_s" if chunked else None
-    for row in measured_compute(cluster, precision).get("vocab") or ():
-        try:
-            if (int(row["tokens"]), int(row["hidden"]), int(row["vocab_local"])) != (int(tokens), hidden, vocab_local):
-                continue
-            seconds = float(row[key]) if key else float(row["head_s"]) + float(row["loss_s"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if seconds > 0 and math.isfinite(seconds):
+    for row in measured_compute(cluster, precision).vocab:
+        if (row.tokens, row.hidden, row.vocab_local) != (int(tokens), hidden, vocab_local):
+            continue                                  # another shape, or an older row without its shape
+        seconds = row.chunked_head_loss_s if chunked else row.head_s + row.loss_s
+        if seconds is not None and seconds > 0 and math.isfinite(seconds):
             return seconds
     return None
 
 
 def measured_optimizer_seconds_per_param(cluster: ClusterSpec, precision: str, optimizer: str, tp: int) -> float | None:
     """Seconds one optimizer step takes per parameter a rank updates, as the profile timed the runtime's AdamW
-    on a per-rank block at the nearest tensor-parallel degree (``measured['compute']['optimizer']``, worker
+    on a per-rank block at the nearest tensor-parallel degree (``compute.optimizer``, worker
     ``measure_optimizer``, every rank busy; a block's tensors shrink with tp, so their fixed costs weigh more
     per parameter). ``None`` without a measurement or for another optimizer than Adam(W), the runtime's:
     the planner then prices ``(28 + 4) B`` a parameter at the memory-bound rate."""
     if optimizer not in ("adam", "adamw"):
         return None
-    rows = []
-    for row in measured_compute(cluster, precision).get("optimizer") or ():
-        try:
-            rows.append((abs(math.log(int(row["tp"]) / tp)), float(row["seconds_per_param"])))
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            continue
+    rows = [(abs(math.log(row.tp / tp)), row.seconds_per_param)
+            for row in measured_compute(cluster, precision).optimizer if row.tp > 0]
     rows = [r for r in rows if r[1] > 0 and math.isfinite(r[1])]
     return min(rows)[1] if rows else None
 

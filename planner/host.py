@@ -1,7 +1,8 @@
 """The host model: what ranks that share a host's cores cost beyond their compute and communication.
 
 CPU processes on fewer cores than ranks are time-sliced by the operating system. Three effects follow, each
-measured by ``meshplan profile`` (``cluster.measured['host']``, profiler/worker.py's host phases) and priced here:
+measured by ``meshplan profile`` (the profile's ``host`` section, ``cluster.profile.host``: meshplan/measured.py;
+profiler/worker.py's host phases) and priced here:
 
 * meeting (:func:`meeting_time`): ranks reach a collective at different moments and the first wait for the last;
 * sharing (:func:`busy_speedup_table`): a rank idle in a pipeline bubble hands its share of the cores to the
@@ -109,7 +110,7 @@ def expected_max_normal(n: int) -> float:
 
 def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
     """Seconds a collective over ``ranks`` ranks costs beyond its lined-up time when they come to it from
-    ``segment_s`` of computing, as the profile measured it (``measured['host']['meeting']``, worker
+    ``segment_s`` of computing, as the profile measured it (``host.meeting``, worker
     ``meeting_phase``: the last rank's time for a segment after the ranks' mean time, over the ranks of one
     host), scaled from the profile's group to ``ranks`` by :func:`expected_max_normal`. Ranks time-sliced on
     shared cores reach a collective at different moments and the first wait for the last; the links phase
@@ -128,17 +129,18 @@ def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
     standard normals] standard deviations after their mean -- 0.56 for two, 1.03 for four (inside dp4 steps,
     ``benchmarks/dp_step_phases.py``, the first unit's all-reduce waits 0.09-0.15 s for the last of four
     ranks; between the two replicas of dp2 pp2, ``benchmarks/dp_reduce_wait.py``, 0.047 s)."""
-    meeting = ((cluster.measured or {}).get("host") or {}).get("meeting") or {}
-    try:
-        measured_ranks = int(meeting.get("ranks") or ranks)
-        if meeting.get("curve"):
-            points = sorted((float(p["segment_s"]), max(0.0, float(p["penalty_s"]))) for p in meeting["curve"])
-            held, high = interpolate(points, segment_s), points[-1][0]
-        else:
-            base, slope = float(meeting["base_s"]), float(meeting["per_segment"])
-            low, high = (float(x) for x in meeting.get("segments_s") or (0.0, math.inf))
-            held = max(0.0, base + slope * min(max(segment_s, low), high))
-    except (KeyError, TypeError, ValueError):
+    host = cluster.profile.host
+    meeting = host.meeting if host is not None else None
+    if meeting is None:
+        return 0.0
+    measured_ranks = meeting.ranks or ranks
+    if meeting.curve:
+        points = sorted((segment, max(0.0, penalty)) for segment, penalty in meeting.curve)
+        held, high = interpolate(points, segment_s), points[-1][0]
+    elif meeting.base_s is not None and meeting.per_segment is not None:
+        low, high = meeting.segments_s or (0.0, math.inf)
+        held = max(0.0, meeting.base_s + meeting.per_segment * min(max(segment_s, low), high))
+    else:
         return 0.0
     if not math.isfinite(held) or ranks <= 1 or measured_ranks <= 1:
         return 0.0
@@ -152,16 +154,12 @@ def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def measured_busy_speedup(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
-    """The profile's sharing measurement as it is (``measured['host']['busy_speedup']``: ``[[busy ranks, speed
+    """The profile's sharing measurement as it is (``host.busy_speedup``: ``[[busy ranks, speed
     / speed with all busy], ...]``, worker ``sharing_phase``), sorted, unreadable rows dropped; entries below 1
     read as 1 (fewer busy ranks cannot compute slower). Empty without a measurement."""
-    host = (cluster.measured or {}).get("host") or {}
+    host = cluster.profile.host
     table = []
-    for row in host.get("busy_speedup") or ():
-        try:
-            busy, speed = int(row[0]), float(row[1])
-        except (TypeError, ValueError, IndexError):
-            continue
+    for busy, speed in host.busy_speedup if host is not None else ():
         if busy >= 1 and math.isfinite(speed) and speed > 0:
             table.append((busy, max(1.0, speed)))
     return tuple(sorted(table))
@@ -248,12 +246,10 @@ def shared_host_speed(table: tuple[tuple[int, float], ...], ranks_per_host: int,
 def pipeline_op_overhead(cluster: ClusterSpec) -> float:
     """Seconds one forward or backward op of a pipeline schedule costs beyond its compute (the schedule's
     bookkeeping, its send/recv, the wait for a time-sliced neighbour), as the profile measured it
-    (``measured['host']['pipeline']['op_overhead_s']``, worker ``pipeline_phase``: torch.distributed.pipelining's
+    (``host.pipeline.op_overhead_s``, worker ``pipeline_phase``: torch.distributed.pipelining's
     1F1B over pairs of ranks, its slope over micro-batches less the stage's module alone, per op). 0 without a
     measurement."""
-    pipeline = ((cluster.measured or {}).get("host") or {}).get("pipeline") or {}
-    try:
-        value = float(pipeline.get("op_overhead_s", 0.0))
-    except (TypeError, ValueError):
-        return 0.0
+    host = cluster.profile.host
+    pipeline = host.pipeline if host is not None else None
+    value = pipeline.op_overhead_s if pipeline is not None and pipeline.op_overhead_s is not None else 0.0
     return max(0.0, value) if math.isfinite(value) else 0.0

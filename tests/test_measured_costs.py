@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 
+from meshplan.errors import InputError
 from meshplan.planner import comm, compute, evaluate, memory, schedule_sim
 from meshplan.spec import TrainSpec, load_cluster, load_model
 
@@ -29,9 +30,11 @@ def test_exposed_time_spans_hidden_to_interfering():
 def test_overlap_fraction_is_read_from_the_profile_and_kept_sane():
     base = load_cluster("localhost:4")
     assert comm.overlap_exposed_fraction(base) == 0.0
-    for given, read in ((1.02, 1.02), (-0.3, 0.0), (99.0, 4.0), ("nan", 0.0), ("x", 0.0)):
+    for given, read in ((1.02, 1.02), (-0.3, 0.0), (99.0, 4.0), (float("nan"), 0.0)):
         cluster = _with_measured(base, {"links": {"overlap": {"exposed_fraction": given}}})
         assert comm.overlap_exposed_fraction(cluster) == pytest.approx(read)
+    with pytest.raises(InputError, match=r"measured\.links\.overlap\.exposed_fraction: expected a number"):
+        comm.overlap_exposed_fraction(_with_measured(base, {"links": {"overlap": {"exposed_fraction": "x"}}}))
 
 
 def test_each_collective_runs_at_its_measured_rate_relative_to_the_level():
@@ -195,9 +198,11 @@ TWO_CORES_FOUR_RANKS = ((1, 2.0), (2, 2.0), (3, 4 / 3), (4, 1.0))   # one core p
 def test_busy_speedup_is_read_from_the_profile_and_kept_sane():
     base = load_cluster("localhost:4")
     assert compute.busy_speedup_table(base) == ()
-    table = [[4, 1.0], [1, 1.9], [2, 0.8], ["x", 2], [3, float("nan")]]
+    table = [[4, 1.0], [1, 1.9], [2, 0.8], [0, 2.0], [3, float("nan")]]
     read = compute.measured_busy_speedup(_with_measured(base, {"host": {"busy_speedup": table}}))
-    assert read == ((1, 1.9), (2, 1.0), (4, 1.0))       # sorted, bad rows dropped, below 1 read as 1
+    assert read == ((1, 1.9), (2, 1.0), (4, 1.0))       # sorted, unusable rows dropped, below 1 read as 1
+    with pytest.raises(InputError, match=r"measured\.host\.busy_speedup\[3\]\[0\]: expected a whole number"):
+        compute.measured_busy_speedup(_with_measured(base, {"host": {"busy_speedup": [*table[:3], ["x", 2]]}}))
     assert compute.busy_speedup(TWO_CORES_FOUR_RANKS, 3) == pytest.approx(4 / 3)
     assert compute.busy_speedup(((1, 2.0), (4, 1.0)), 2) == pytest.approx(2 - 1 / 3)   # linear in between
     assert compute.busy_speedup((), 1) == 1.0
@@ -482,7 +487,8 @@ def test_the_schedule_pays_its_op_overhead_per_chunk_and_micro_batch():
     assert compute.pipeline_op_overhead(base) == 0.0
     overhead = _with_measured(base, {"host": {"pipeline": {"op_overhead_s": 0.002}}})
     assert compute.pipeline_op_overhead(overhead) == 0.002
-    assert compute.pipeline_op_overhead(_with_measured(base, {"host": {"pipeline": {"op_overhead_s": "x"}}})) == 0
+    with pytest.raises(InputError, match=r"measured\.host\.pipeline\.op_overhead_s: expected a number"):
+        compute.pipeline_op_overhead(_with_measured(base, {"host": {"pipeline": {"op_overhead_s": "x"}}}))
     model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
     gpipe = {"dp": 2, "tp": 1, "pp": 2, "cp": 1, "micro_batch": 1, "schedule": "gpipe", "zero": 0}
     interleaved = {**gpipe, "schedule": "interleaved", "virtual_stages": 2}
@@ -503,7 +509,7 @@ def test_the_measured_reduction_table_is_read_linearly_between_its_sizes():
     them (latency-bound), the last segment's slope past them; only for the collective and group shape
     measured (the alpha-beta line prices the rest)."""
     rows = [{"collective": "all_reduce", "ranks": 2, "stride": 1, "bytes": b, "seconds": t}
-            for b, t in ((1e6, 0.010), (4e6, 0.020), (2e6, "bad"))]
+            for b, t in ((1e6, 0.010), (4e6, 0.020), (2e6, float("nan")))]
     cluster = _with_measured(load_cluster("localhost:4"), {"links": {"reduction": {"samples": rows}}})
     read = lambda n, size=2, stride=1, name="all_reduce": comm.measured_collective_time(  # noqa: E731
         cluster, name, size, stride, n)
@@ -512,6 +518,9 @@ def test_the_measured_reduction_table_is_read_linearly_between_its_sizes():
     assert read(8e6) == pytest.approx(0.020 + 0.010 / 3e6 * 4e6)
     assert read(2e6, stride=2) is None and read(2e6, size=4) is None and read(2e6, name="all_gather") is None
     assert read(2e6, size=1) == 0.0
+    bad = _with_measured(cluster, {"links": {"reduction": {"samples": [*rows[:2], {**rows[2], "seconds": "bad"}]}}})
+    with pytest.raises(InputError, match=r"measured\.links\.reduction\.samples\[2\]\.seconds"):
+        comm.measured_collective_time(bad, "all_reduce", 2, 1, 2e6)
 
 
 def test_data_parallel_traffic_is_priced_per_unit_from_the_measured_table():
