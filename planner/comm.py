@@ -43,6 +43,7 @@ from functools import lru_cache
 
 from meshplan.spec import ClusterSpec
 from meshplan.planner.curves import interpolate
+from meshplan.planner.fit import latency_steps, volume_factor
 # the host model's meeting terms, kept importable from here
 from meshplan.planner.host import expected_max_normal, meeting_time  # noqa: F401
 
@@ -219,44 +220,36 @@ def _slow_pair_factor(matrix: tuple[tuple[float, ...], ...], gpus_per_node: int,
     return factor
 
 
-def _latency(link: GroupLink) -> float:
-    return link.latency * math.ceil(math.log2(link.size)) if link.size > 1 else 0.0
+def _alpha_beta(collective: str, nbytes: float, link: GroupLink) -> float:
+    """The alpha-beta law, with the factors the profiler fits it by (planner/fit.py: :func:`volume_factor`,
+    :func:`latency_steps`): ``factor(c, n) * S / busbw + alpha * steps(c, n)``."""
+    n = link.size
+    if (n <= 1 and collective != "p2p") or nbytes <= 0:
+        return 0.0
+    link = link.for_collective(collective)
+    return volume_factor(collective, n) * nbytes / link.busbw + link.latency * latency_steps(collective, n)
 
 
 def allreduce_time(nbytes: float, link: GroupLink) -> float:
     """Ring all-reduce: 2(n-1)/n * S / busbw + alpha*log2(n)."""
-    n = link.size
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    link = link.for_collective("all_reduce")
-    return 2 * (n - 1) / n * nbytes / link.busbw + _latency(link)
-
-
-def _one_pass_time(nbytes: float, link: GroupLink) -> float:
-    n = link.size
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / link.busbw + _latency(link)
+    return _alpha_beta("all_reduce", nbytes, link)
 
 
 def allgather_time(nbytes: float, link: GroupLink) -> float:
     """All-gather of a tensor of total size S: (n-1)/n * S / busbw + alpha*log2(n)."""
-    return _one_pass_time(nbytes, link.for_collective("all_gather"))
+    return _alpha_beta("all_gather", nbytes, link)
 
 
 def reducescatter_time(nbytes: float, link: GroupLink) -> float:
     """Reduce-scatter of an input of size S: (n-1)/n * S / busbw + alpha*log2(n) (nccl-tests busbw factor)."""
-    return _one_pass_time(nbytes, link.for_collective("reduce_scatter"))
+    return _alpha_beta("reduce_scatter", nbytes, link)
 
 
 def alltoall_time(local_bytes: float, link: GroupLink) -> float:
     """All-to-all where each rank holds ``local_bytes``: (n-1)/n * S / busbw + alpha*log2(n)."""
-    return _one_pass_time(local_bytes, link.for_collective("all_to_all"))
+    return _alpha_beta("all_to_all", local_bytes, link)
 
 
 def p2p_time(nbytes: float, link: GroupLink) -> float:
     """One send/recv between neighbours: alpha + S / bw (bus bandwidth equals algorithm bandwidth for p2p)."""
-    if nbytes <= 0:
-        return 0.0
-    link = link.for_collective("p2p")
-    return link.latency + nbytes / link.busbw
+    return _alpha_beta("p2p", nbytes, link)

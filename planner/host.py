@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from meshplan.spec import ClusterSpec
 from meshplan.planner import schedule_sim
 from meshplan.planner.curves import interpolate
+from meshplan.planner.fit import fit_shared_cores, sharing_speed  # noqa: F401  (the fit's home; kept here)
 
 # A lone rank measured this much faster than all of a host's ranks busy means they saturate its cores
 # (the profile's sharing rounds agree within a few percent, profiler/worker.py sharing_phase).
@@ -163,29 +164,6 @@ def measured_busy_speedup(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]
         if busy >= 1 and math.isfinite(speed) and speed > 0:
             table.append((busy, max(1.0, speed)))
     return tuple(sorted(table))
-
-
-def sharing_speed(ranks: int, cores: float, busy: float) -> float:
-    """Processor sharing: ``ranks`` processes on ``cores`` cores, ``busy`` of them computing, each gets
-    ``min(1, cores / busy)`` of a core; relative to all ``ranks`` busy that is ``ranks / max(busy, cores)``
-    (``cores`` at most ``ranks``). The operating system's time slicing, averaged over an op (Kleinrock,
-    *Queueing Systems* vol. 2, ch. 4: the processor-sharing discipline)."""
-    return ranks / max(busy, min(cores, ranks))
-
-
-@functools.lru_cache(maxsize=64)
-def fit_shared_cores(table: tuple[tuple[int, float], ...]) -> float:
-    """The core count ``C`` (between 1 and the host's ranks, to 0.01) whose :func:`sharing_speed` law fits a
-    measured ``busy_speedup`` table best, by least squares on log speed. One parameter for four noisy points:
-    profiles of a 2-core machine measure two busy ranks of four at x1.69-2.28 (the law: x2 for any ``C <= 2``);
-    their fits, 1.36-2.00 cores, move only the lone-rank entry (docs/profiler.md)."""
-    ranks = max(busy for busy, _ in table)
-
-    def misfit(cores: float) -> float:
-        return sum((math.log(speed) - math.log(sharing_speed(ranks, cores, busy))) ** 2 for busy, speed in table)
-
-    candidates = [c / 100 for c in range(100, 100 * ranks + 1)]
-    return min(candidates, key=lambda c: (round(misfit(c), 12), -c))
 
 
 def busy_speedup_table(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:

@@ -2,7 +2,7 @@
 
 The file is an ordinary ``ClusterSpec`` (``meshplan/spec.py``): ``intra_node`` / ``inter_node`` hold the fitted
 alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s; latency per step, us), and
-``measured`` holds
+``measured`` holds a measured profile (``meshplan/measured.py``, ``schema_version`` 2):
 
 * ``compute``: ``matmul_table`` ([forward FLOPs of one GEMM, achieved TFLOP/s over forward + backward]),
   ``attention_tflops`` (causal FLOPs as the planner counts them), ``memory_gbps`` (fitted to the block time the
@@ -32,8 +32,9 @@ import yaml
 
 from meshplan.planner import compute as planner_compute
 from meshplan.planner import memory as planner_memory
+from meshplan.measured import MEASURED_SCHEMA_VERSION, MeasuredProfile
 from meshplan.rules import ACT_BYTES
-from meshplan.profiler.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, fit_micro_batch_line, rate_table
+from meshplan.planner.fit import COLLECTIVES, fit_alpha_beta, fit_memory_rate, fit_micro_batch_line, rate_table
 from meshplan.spec import ClusterSpec, DeviceSpec, LinkSpec, ModelSpec
 
 
@@ -185,12 +186,9 @@ def memory_table(raw: dict, spec: ModelSpec) -> list[dict]:
     act_bytes = ACT_BYTES.get(raw["precision"], 4)
     rows = []
     for m in raw["compute"]["memory"]:
-        try:
-            planner = planner_memory.activation_bytes_per_layer(
-                spec, m["seq"], m["micro_batch"], tp=m["tp"], sp=False, cp=1, act_bytes=act_bytes, flash=True,
-                recompute=m["mode"], fused_swiglu=False)
-        except TypeError:   # the planner's signature changed: keep the measurement alone
-            planner = None
+        planner = planner_memory.activation_bytes_per_layer(
+            spec, m["seq"], m["micro_batch"], tp=m["tp"], sp=False, cp=1, act_bytes=act_bytes, flash=True,
+            recompute=m["mode"], fused_swiglu=False)
         rows.append({**m, "planner_bytes": planner})
     return rows
 
@@ -295,7 +293,8 @@ def fit_meeting(raw: dict) -> dict | None:
     spread = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread > 0 else 0.0
     slope = max(0.0, slope)
-    return {"base_s": my - slope * mx, "per_segment": slope, "segments_s": [min(xs), max(xs)], **data}
+    return {"timing": "arrivals", "base_s": my - slope * mx, "per_segment": slope,
+            "segments_s": [min(xs), max(xs)], **data}
 
 
 def topology_graph(raw: dict, matrix_gbps: list[list[float]]):
@@ -333,6 +332,7 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
         intra_spec = LinkSpec(intra["bandwidth_gbps"], intra["latency_us"])
         inter_spec = LinkSpec(inter["bandwidth_gbps"], inter["latency_us"])
     measured = {
+        "schema_version": MEASURED_SCHEMA_VERSION,
         "tool": "meshplan profile",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": raw["device"], "torch": raw["torch"], "world": raw["world"],
@@ -359,6 +359,7 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
         host["pipeline"] = raw["pipeline"]
     if host:
         measured["host"] = host
+    MeasuredProfile.from_dict(measured, "the profile")   # what the planner reads back: checked as it is written
     device: DeviceSpec = base.gpu
     return ClusterSpec(name=name, nodes=raw["nnodes"], gpus_per_node=raw["nproc_per_node"], gpu=device,
                        intra_node=intra_spec, inter_node=inter_spec, measured=measured)
