@@ -8,10 +8,9 @@ run keeps the lines up to the step it resumed from and rewrites the rest, so the
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
-from meshplan import flops
+from meshplan import flops, metrics_summary
 from meshplan.plan import Plan
 
 
@@ -59,15 +58,16 @@ def model_flops_per_token(plan: Plan) -> float:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Median over the steps after the first (the first pays for warm-up and compilation)."""
-    steady = records[1:] or records
-    out = {"steps": len(records), "final_loss": records[-1]["loss"],
-           "step_time_s": statistics.median(r["step_time_s"] for r in steady),
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady)}
+    """The run's summary as a dict: ``steps`` (records written), ``final_loss``, and the medians of
+    ``step_time_s``, ``tokens_per_s`` and ``mfu`` and the maximum ``peak_memory_gib`` over the steps after the
+    warm-up (meshplan/metrics_summary.py, the rule ``meshplan report`` reads a run with); ``mfu`` and
+    ``peak_memory_gib`` only where the steps recorded them (GPU runs)."""
+    summary = metrics_summary.summarize(records)
+    out = {"steps": len(records), "final_loss": summary.final_loss, "step_time_s": summary.step_time_s,
+           "tokens_per_s": summary.tokens_per_s}
     for key in ("mfu", "peak_memory_gib"):
-        values = [r[key] for r in steady if r.get(key) is not None]
-        if values:
-            out[key] = max(values) if key == "peak_memory_gib" else statistics.median(values)
+        if getattr(summary, key) is not None:
+            out[key] = getattr(summary, key)
     return out
 
 
