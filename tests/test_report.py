@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 pytest.importorskip("matplotlib")
 
 from meshplan.plan import Plan, Prediction, StagePlan  # noqa: E402
-from meshplan.report import (compare_plans, load_metrics, simulate_pipeline, summarize_metrics,  # noqa: E402
+from meshplan.planner import schedule_sim  # noqa: E402
+from meshplan.report import (compare_plans, load_metrics, plan_schedule, summarize_metrics,  # noqa: E402
                              write_report)
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster  # noqa: E402
 
@@ -157,17 +158,38 @@ def test_report_without_prediction_and_svg(tmp_path):
     assert "holds no prediction" in files.markdown.read_text()
 
 
-def test_simulated_bubble_matches_the_textbook():
+def test_the_planners_schedule_idles_as_the_textbook_says():
     """Equal stages: 1F1B and GPipe idle (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1) (Narayanan et al. 2021)."""
     for schedule, v, expect in (("1f1b", 1, 3 / 11), ("gpipe", 1, 3 / 11), ("interleaved", 2, 3 / 19)):
-        plan = pipeline_plan(schedule=schedule, virtual_stages=v, num_microbatches=8, dp=1, tp=8,
-                             train=TrainSpec(global_batch=8, seq_len=8192),
-                             stages=_stages([80 // (4 * v)] * (4 * v)))
-        ops, unit, shown = simulate_pipeline(plan)
-        assert shown == 8 and len(ops) == 2 * 8 * 4 * v and unit > 0
+        ops = schedule_sim.schedule_timeline(schedule, [3.0] * 4, 8, v, 1 / 3)
+        assert len(ops) == 2 * 8 * 4 * v
         span = max(o.end for o in ops)
         idle = 1 - sum(o.end - o.start for o in ops) / (4 * span)
         assert idle == pytest.approx(expect, abs=1e-9), schedule
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("gpipe", 1), ("interleaved", 2)])
+def test_the_schedule_picture_is_what_the_planner_priced(schedule, v):
+    """The report draws the planner's own timeline: each rank is busy for the micro-batch times the makespan
+    is priced on, and its last op ends at that makespan (GPipe, as the closed form), or before it where the
+    closed form's fill and drain assume the slowest rank's time on every rank (1F1B and interleaved with
+    uneven ranks)."""
+    from meshplan.planner.evaluate import Config, Context, evaluate, to_plan
+
+    ctx = Context(MODEL_PRESETS["llama3-8b"], load_cluster("dgx-h100:1"), TrainSpec(global_batch=16, seq_len=4096))
+    ev = evaluate(Config(dp=1, tp=2, pp=4, cp=1, micro_batch=1, schedule=schedule, virtual_stages=v), ctx)
+    plan = to_plan(ev, ctx)
+    drawn = plan_schedule(plan)
+    assert drawn.priced and drawn.seconds and drawn.complete and drawn.micro_batches == 16
+    assert len(drawn.ops) == 2 * 16 * 4 * v and all(o.end > o.start >= 0 for o in drawn.ops)
+    span = max(o.end for o in drawn.ops)
+    rank_busy = [sum(o.end - o.start for o in drawn.ops if o.rank == r) for r in range(4)]
+    priced_makespan = max(rank_busy) + ev.time_breakdown["bubble"]     # bubble = makespan - m * T_max
+    assert span <= priced_makespan * (1 + 1e-12)
+    if schedule == "gpipe":
+        assert span == pytest.approx(priced_makespan, rel=1e-12)
+    else:
+        assert span == pytest.approx(priced_makespan, rel=0.03)
 
 
 def test_metrics_summary_and_errors(tmp_path):
