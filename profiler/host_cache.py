@@ -108,7 +108,7 @@ def read_entry(path: Path, key: dict) -> tuple[ClusterSpec | None, str]:
         cluster = ClusterSpec.from_dict(data["cluster"], where=str(path))
     except Exception as exc:  # any malformed content: re-measure rather than trust it
         return None, f"the cached file {path} does not load ({exc})"
-    if not cluster.measured:
+    if cluster.profile.empty:
         return None, f"the cached file {path} holds no measurement"
     return cluster, "cached"
 
