@@ -30,7 +30,7 @@ def test_matrix_reports_are_complete(generated):
     names = {e.name for e in ci_reports.MATRIX}
     assert names == {p.name for p in generated.iterdir() if p.is_dir()}
     big = (generated / "llama3-405b_dgx-h100-2048" / "README.md").read_text()
-    assert "on 16384 GPUs" in big and "## Pipeline schedule" in big
+    assert "on 16,384 GPUs" in big and "## Pipeline schedule" in big
 
 
 def test_check_names_every_problem(generated, tmp_path):
