@@ -186,7 +186,7 @@ def render_text(result, markdown: bool = False) -> str:
         sched = "-" if p.pp == 1 else (p.schedule + (f" v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
         rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
                      p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
-                     f"{pr.iteration_s:.3g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu * rate_factor:.3g}",
+                     f"{pr.iteration_s:.4g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu * rate_factor:.3g}",
                      f"{pr.mfu:.1%}", f"{pr.peak_memory_gib * mem_factor:,.1f}"])
     per_rank = units.rank_word(c.gpu.kind)
     headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
