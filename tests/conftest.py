@@ -14,6 +14,7 @@ run them under the interpreter).
 import os
 import tempfile
 
+import pytest
 import torch
 
 os.environ["MESHPLAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="meshplan-test-cache-")
@@ -21,3 +22,44 @@ os.environ["MESHPLAN_NO_PROFILE"] = "1"
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def layout_run(tmp_path_factory):
+    """``layout_run(name)``: the ``runtime_helpers.PARITY_LAYOUTS`` layout's real memory per rank and training
+    metrics (``runtime_helpers.run_layouts``). The layouts of one world size run in one torchrun job, started
+    once per session for every test that reads them (tests/test_check.py's memory comparison,
+    tests/test_runtime_parity.py's loss comparison, tests/test_runtime_faults.py's uninterrupted run)."""
+    from runtime_helpers import PARITY_LAYOUTS, make_plan, run_layouts
+
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            plans = {n: make_plan(**kw) for n, kw in PARITY_LAYOUTS.items()}
+            world = plans[name].world_size
+            group = {n: p for n, p in plans.items() if p.world_size == world}
+            runs.update(run_layouts(group, tmp_path_factory.mktemp(f"layouts-world{world}")))
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """``trained(name, plan)``: the metrics of ``plan`` trained for ``runtime_helpers.STEPS`` steps with
+    ``runtime_helpers.train`` (``meshplan launch``; a 1-rank plan in one process), once per session: the
+    one-process baselines that tests/test_runtime_parity.py, tests/test_runtime_loss.py and
+    tests/test_runtime_vocab_parallel.py compare with."""
+    from runtime_helpers import train
+
+    runs = {}
+    workdir = tmp_path_factory.mktemp("trained")
+
+    def get(name: str, plan):
+        key = plan.to_yaml()
+        if key not in runs:
+            runs[key] = train(plan, workdir / name, name)
+        return runs[key]
+
+    return get

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshplan.plan import Plan, StagePlan
@@ -76,6 +77,69 @@ def train(plan: Plan, workdir: Path, name: str, steps: int = STEPS, extra: list[
         proc = run_launch([str(plan_path), *common], workdir, env)
     assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return read_metrics(metrics)
+
+
+# The launcher's CPU parity matrix: tests/test_runtime_parity.py trains each like one process, tests/test_check.py
+# measures its memory like ``meshplan check`` (``layout_run`` in conftest.py: one torchrun job per world size).
+PARITY_LAYOUTS = {
+    "dp2-tp2": dict(dp=2, tp=2),
+    "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
+    "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
+    "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),
+    "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
+    "dp4-zero3": dict(dp=4, zero=3),
+    "tp4-vocab-sharded": dict(tp=4),
+    "dp2-tp2-pp2-full-recompute-zero1": dict(dp=2, tp=2, pp=2, recompute="full", zero=1),
+    "dp2-zero1-accumulate-2": dict(dp=2, zero=1, num_microbatches=2),   # one gradient reduction per step
+    # GPT family (LayerNorm, learned positions, GELU, biases), tied embeddings over two uneven GPipe stages
+    "gpt-tied-tp2-pp2-gpipe-uneven": dict(model=TINY_GPT, tp=2, pp=2, schedule="gpipe", bounds=[0, 1, 4],
+                                          recompute="selective"),
+}
+
+
+@dataclass(frozen=True)
+class LayoutRun:
+    """A plan's phases in a torchrun job (tests/layout_job.py): the real step's memory per rank
+    (``memory_run``'s ``rank<R>.json``) and the metrics of ``steps`` training steps."""
+
+    memory: dict[int, dict]
+    records: list[dict]
+
+
+def _layout_job(plans: list[Plan], paths: list[Path], steps: int, memory: bool = False) -> None:
+    world = plans[0].world_size
+    assert all(p.world_size == world for p in plans), [p.world_size for p in plans]
+    for plan, path in zip(plans, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+           "--master-port", str(free_port()), str(Path(__file__).with_name("layout_job.py")), "--steps", str(steps),
+           *(["--memory"] if memory else []), *map(str, paths)]
+    proc = subprocess.run(cmd, cwd=paths[0].parent, env=job_env(), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S * len(plans))
+    assert proc.returncode == 0, f"{paths} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def run_layouts(plans: dict[str, Plan], workdir: Path, steps: int = STEPS) -> dict[str, LayoutRun]:
+    """Measure each plan's memory and train it for ``steps`` steps, all in one torchrun job (the plans share
+    a world size; tests/layout_job.py): tests/test_check.py and tests/test_runtime_parity.py read the same job
+    through ``layout_run`` in conftest.py instead of starting one per test."""
+    paths = [workdir / name / "plan.yaml" for name in plans]
+    _layout_job(list(plans.values()), paths, steps, memory=True)
+    runs = {}
+    for (name, plan), path in zip(plans.items(), paths):
+        memory = {r: json.loads((path.parent / f"rank{r}.json").read_text()) for r in range(plan.world_size)}
+        runs[name] = LayoutRun(memory, read_metrics(path.with_suffix(".jsonl")))
+    return runs
+
+
+def train_together(plans: dict[str, Plan], workdir: Path, steps: int = STEPS) -> dict[str, list[dict]]:
+    """Train plans of the same world size one after the other in one torchrun job (tests/layout_job.py, the
+    runtime's ``train.run`` as ``meshplan launch`` starts it, each from fresh weights): their metrics lines by
+    name. One start of the ranks instead of one per plan."""
+    paths = [workdir / f"{name}.yaml" for name in plans]
+    _layout_job(list(plans.values()), paths, steps)
+    return {name: read_metrics(path.with_suffix(".jsonl")) for name, path in zip(plans, paths)}
 
 
 def read_metrics(path: Path) -> list[dict]:

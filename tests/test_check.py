@@ -21,32 +21,15 @@ import pytest
 
 from meshplan.plan import Plan, StagePlan
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
-from runtime_helpers import TINY_GPT, free_port, job_env, make_plan
-from test_runtime_parity import LLAMA_PLANS
+from runtime_helpers import PARITY_LAYOUTS, TINY_GPT, job_env, make_plan
 
 torch = pytest.importorskip("torch")
 
 from meshplan.launcher.check import check_plan, check_rank  # noqa: E402  (after the torch skip)
 from meshplan.planner import memory  # noqa: E402
 
-# The launcher's CPU parity matrix (tests/test_runtime_parity.py), plus the tied GPT split over two stages.
-PARITY_MATRIX = {
-    **LLAMA_PLANS,
-    "gpt-tied-tp2-pp2-gpipe-uneven": dict(model=TINY_GPT, tp=2, pp=2, schedule="gpipe", bounds=[0, 1, 4],
-                                          recompute="selective"),
-}
-
-
-def run_real(plan: Plan, workdir: Path) -> dict[int, dict]:
-    """The plan measured by a real torchrun job on gloo (``memory_run``), per rank."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan.save(workdir / "plan.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan.world_size),
-           "--master-port", str(free_port()), "-m", "meshplan.launcher.runtime.memory_run",
-           "--plan", str(workdir / "plan.yaml"), "--out", str(workdir)]
-    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {r: json.loads((workdir / f"rank{r}.json").read_text()) for r in range(plan.world_size)}
+# The launcher's CPU parity matrix (tests/test_runtime_parity.py), the tied GPT split over two stages included.
+PARITY_MATRIX = PARITY_LAYOUTS
 
 
 def gloo_worker_slack_bytes(plan: Plan) -> float:
@@ -64,9 +47,11 @@ def gloo_worker_slack_bytes(plan: Plan) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PARITY_MATRIX))
-def test_check_measures_what_the_real_run_allocates(name, tmp_path):
+def test_check_measures_what_the_real_run_allocates(name, layout_run):
+    """The real run: ``memory_run``'s measurement in the layout's torchrun job, which also trains it for
+    tests/test_runtime_parity.py (``layout_run`` in conftest.py)."""
     plan = make_plan(**PARITY_MATRIX[name])
-    real = run_real(plan, tmp_path / name)
+    real = layout_run(name).memory
     for rank in range(plan.world_size):
         fake = check_rank(plan, rank)
         measured = real[rank]["measured"]
@@ -196,6 +181,7 @@ def test_bad_ranks_and_a_plan_that_does_not_fit(tmp_path):
     assert over.returncode == 3 and "measured" in over.stderr
 
 
+@pytest.mark.slow   # about 25 s of one core: fast for 16,384 ranks, not for a developer's every run
 def test_405b_on_16384_ranks_checks_a_sample_fast():
     """llama3-405b, TP8 PP16 DP128 as the planner writes it: two ranks (the first and last pipeline rank)
     built and run in one process."""

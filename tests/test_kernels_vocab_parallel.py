@@ -90,6 +90,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+@pytest.mark.slow   # 2 and 4 spawned gloo processes, each importing torch and running the Triton interpreter
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_loss_matches_unsharded(world, tmp_path):
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)

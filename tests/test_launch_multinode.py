@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from runtime_helpers import (JOB_TIMEOUT_S, PARITY_RTOL, free_port, job_env, losses, make_plan,
-                             max_relative_difference, read_metrics, train)
+                             max_relative_difference, read_metrics)
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_agents_train_together(tmp_path):
-    baseline = losses(train(make_plan(), tmp_path / "one", "one"))
+def test_two_agents_train_together(tmp_path, trained):
+    baseline = losses(trained("llama-1proc", make_plan()))   # the parity tests' one-process run (conftest.py)
     plan_path = tmp_path / "dp2-tp2.yaml"
     make_plan(dp=2, tp=2).save(plan_path)
     port = str(free_port())

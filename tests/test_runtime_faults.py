@@ -8,24 +8,28 @@ import sys
 
 import pytest
 
-from runtime_helpers import job_env, losses, make_plan, read_metrics, run_launch, train
+from runtime_helpers import PARITY_LAYOUTS, STEPS, job_env, losses, make_plan, read_metrics, run_launch, train
 
 pytestmark = pytest.mark.slow
 
 
-def test_killed_rank_resumes_from_last_checkpoint(tmp_path):
+def test_killed_rank_resumes_from_last_checkpoint(tmp_path, layout_run):
     plan = make_plan(tp=2, pp=2)   # pipeline parts and DTensor shards in the checkpoint
-    reference = train(plan, tmp_path / "clean", "clean", steps=6,
-                      extra=["--checkpoint-dir", str(tmp_path / "clean" / "ckpt"), "--checkpoint-every", "2"])
+    # the uninterrupted run: the parity matrix's tp2-pp2-1f1b job, the same plan (``layout_run`` in conftest.py)
+    assert make_plan(**PARITY_LAYOUTS["tp2-pp2-1f1b"]).to_yaml() == plan.to_yaml()
+    reference = layout_run("tp2-pp2-1f1b").records
+    assert len(reference) == STEPS == 4
     faulty_dir = tmp_path / "faulty"
-    records = train(plan, faulty_dir, "faulty", steps=6,
+    records = train(plan, faulty_dir, "faulty", steps=STEPS,
                     extra=["--checkpoint-dir", str(faulty_dir / "ckpt"), "--checkpoint-every", "2",
                            "--max-restarts", "1"],
-                    env=job_env(MESHPLAN_FAULT_STEP="5", MESHPLAN_FAULT_RANK="1"))
-    # each step once, in order, and the same losses as the run that was never interrupted
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+                    env=job_env(MESHPLAN_FAULT_STEP="3", MESHPLAN_FAULT_RANK="1"))
+    # killed before step 3, restarted from step 2's checkpoint: each step once, in order, and the same losses
+    # as the run that was never interrupted
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert losses(records) == pytest.approx(losses(reference), rel=1e-6)
-    assert (faulty_dir / "ckpt" / "latest").read_text().strip() == "step-00000006"
+    assert (faulty_dir / "ckpt" / "latest").read_text().strip() == "step-00000004"
+    assert sorted(p.name for p in (faulty_dir / "ckpt").glob("step-*")) == ["step-00000002", "step-00000004"]
 
 
 def _one_process(tmp_path, *args):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime_helpers import PARITY_RTOL, TINY_GPT, TINY_LLAMA, losses, make_plan, max_relative_difference, train
+from runtime_helpers import (PARITY_RTOL, TINY_GPT, TINY_LLAMA, losses, make_plan, max_relative_difference,
+                             train_together)
 
 pytestmark = pytest.mark.slow
 STEPS = 3   # 4-8 process jobs on a small machine: three steps already show a wrong shard or scale
@@ -20,9 +21,11 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def baselines(workdir):
-    return {"llama": losses(train(make_plan(model=TINY_LLAMA), workdir, "llama-1proc", steps=STEPS)),
-            "gpt": losses(train(make_plan(model=TINY_GPT), workdir, "gpt-1proc", steps=STEPS))}
+def baselines(trained):
+    """The one-process runs the other parity tests compare with (``trained`` in conftest.py): their first
+    STEPS steps are what a STEPS-step run computes (constant learning rate, the data drawn by step)."""
+    return {"llama": losses(trained("llama-1proc", make_plan(model=TINY_LLAMA)))[:STEPS],
+            "gpt": losses(trained("gpt-1proc", make_plan(model=TINY_GPT)))[:STEPS]}
 
 
 PLANS = {   # name: (model, plan fields); llama: untied head, RoPE; gpt: tied embeddings, learned positions
@@ -35,11 +38,35 @@ PLANS = {   # name: (model, plan fields); llama: untied head, RoPE; gpt: tied em
 }
 
 
-@pytest.mark.parametrize("name", list(PLANS))
-def test_vocab_parallel_matches_one_process(name, baselines, workdir):
+def vocab_plan(name: str):
     family, fields = PLANS[name]
-    model = TINY_LLAMA if family == "llama" else TINY_GPT
-    measured = losses(train(make_plan(model=model, vocab_parallel=True, **fields), workdir, name, steps=STEPS))
+    return make_plan(model=TINY_LLAMA if family == "llama" else TINY_GPT, vocab_parallel=True, **fields)
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """``runs(name)``: the layout's metrics. The layouts of one world size train in one torchrun job
+    (``train_together``), after what ``meshplan launch`` checks before starting each (``check_builds``)."""
+    from meshplan.launcher.check import check_builds
+
+    done: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in done:
+            world = vocab_plan(name).world_size
+            group = {n: vocab_plan(n) for n in PLANS if vocab_plan(n).world_size == world}
+            for plan in group.values():
+                check_builds(plan)
+            done.update(train_together(group, workdir / f"world{world}", steps=STEPS))
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_vocab_parallel_matches_one_process(name, baselines, runs):
+    family = PLANS[name][0]
+    measured = losses(runs(name))
     diff = max_relative_difference(baselines[family], measured)
     print(f"parity vocab_parallel {name}: max relative loss difference {diff:.2e}")
     assert diff <= PARITY_RTOL, (name, baselines[family], measured)

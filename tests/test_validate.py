@@ -220,6 +220,7 @@ def test_validate_bad_input_is_one_line(args, field):
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}"), result.output
 
 
+@pytest.mark.slow   # torchrun jobs of two layouts and the recalibrated first choice
 def test_validate_two_layouts_and_update(tmp_path):
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(yaml.safe_dump(load_cluster("localhost:2").to_dict()))

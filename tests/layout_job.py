@@ -1,0 +1,46 @@
+"""One torchrun job that serves several tests of the same ranks (started by ``runtime_helpers.run_layout`` and
+``runtime_helpers.train_together``):
+
+    python -m torch.distributed.run --nproc-per-node N tests/layout_job.py [--memory] --steps S a/x.yaml [b/y.yaml ...]
+
+For each plan in turn, with ``--memory`` each rank first measures one real step the way ``python -m
+meshplan.launcher.runtime.memory_run`` does (``memory_run.measure``: ``a/rank<R>.json``, beside the plan); then
+it trains the plan from fresh weights with the runtime's own loop (``train.run``, as ``meshplan launch`` starts
+it), writing ``a/x.jsonl``. The phases share nothing but the processes: each builds its trainer anew (the
+memory tracker follows only the storages made under it), resets the seed and creates its process group under
+a rendezvous prefix of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+from meshplan.launcher.runtime import memory_run
+from meshplan.launcher.runtime import train as rt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("plans", nargs="+")
+    args = parser.parse_args(argv)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    phases = [(what, plan) for plan in args.plans for what in (("memory", "train") if args.memory else ("train",))]
+    for i, (what, plan) in enumerate(phases):
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{attempt}-phase{i}"   # train._attempt_store's prefix
+        gc.collect()                                                       # the last phase's trainer gone
+        if what == "memory":
+            memory_run.measure(plan, Path(plan).parent)
+        else:
+            rt.run(rt.RunConfig(plan_path=plan, steps=args.steps, metrics_out=str(Path(plan).with_suffix(".jsonl"))))
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = attempt
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
