@@ -114,7 +114,7 @@ def measured_collective_time(cluster: ClusterSpec, collective: str, size: int, s
     """Seconds of one ``collective`` (all_reduce, reduce_scatter, all_gather) of ``nbytes`` (nccl-tests'
     convention, as :func:`allreduce_time` and the others take it) over a group of ``size`` ranks ``stride``
     apart while every group of that shape runs it at once -- a data-parallel step's reduction -- as the profile
-    timed it (``links.reduction``, worker ``reduction_phase``, at the sizes of the runtime's
+    timed it (``links.reduction``, ``profiler/phases/links.py: reduction_phase``, at the sizes of the runtime's
     gradient units): linear in bytes between the two measured sizes around ``nbytes``; past the largest, along
     the last segment's slope (where it rises); below the smallest, the smallest's time (latency-bound).
     ``None`` where the profile did not time this collective over this shape: the alpha-beta fit prices it.

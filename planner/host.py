@@ -27,7 +27,7 @@ from meshplan.planner.curves import interpolate
 from meshplan.planner.fit import fit_shared_cores, sharing_speed  # noqa: F401  (the fit's home; kept here)
 
 # A lone rank measured this much faster than all of a host's ranks busy means they saturate its cores
-# (the profile's sharing rounds agree within a few percent, profiler/worker.py sharing_phase).
+# (the profile's sharing rounds agree within a few percent, profiler/phases/host.py: sharing_phase).
 SATURATED_ABOVE = 0.1
 
 
@@ -156,7 +156,7 @@ def meeting_time(cluster: ClusterSpec, segment_s: float, ranks: int) -> float:
 
 def measured_busy_speedup(cluster: ClusterSpec) -> tuple[tuple[int, float], ...]:
     """The profile's sharing measurement as it is (``host.busy_speedup``: ``[[busy ranks, speed
-    / speed with all busy], ...]``, worker ``sharing_phase``), sorted, unreadable rows dropped; entries below 1
+    / speed with all busy], ...]``, ``profiler/phases/host.py: sharing_phase``), sorted, unreadable rows dropped; entries below 1
     read as 1 (fewer busy ranks cannot compute slower). Empty without a measurement."""
     host = cluster.profile.host
     table = []
@@ -224,7 +224,7 @@ def shared_host_speed(table: tuple[tuple[int, float], ...], ranks_per_host: int,
 def pipeline_op_overhead(cluster: ClusterSpec) -> float:
     """Seconds one forward or backward op of a pipeline schedule costs beyond its compute (the schedule's
     bookkeeping, its send/recv, the wait for a time-sliced neighbour), as the profile measured it
-    (``host.pipeline.op_overhead_s``, worker ``pipeline_phase``: torch.distributed.pipelining's
+    (``host.pipeline.op_overhead_s``, ``profiler/phases/host.py: pipeline_phase``: torch.distributed.pipelining's
     1F1B over pairs of ranks, its slope over micro-batches less the stage's module alone, per op). 0 without a
     measurement."""
     host = cluster.profile.host

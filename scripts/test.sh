@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Install meshplan with its test extras and run the test suite (the README's second command).
+#   bash scripts/test.sh            every test: the fast ones on two workers, then the slow ones one at a time
+#   bash scripts/test.sh ARGS...    pytest ARGS, slow tests included (e.g. a file, -k, -x)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"          # CPU wheel first (a GPU machine: skip this, keep your build)
 python -m pip install -q -e ".[test,report]" "triton==3.9.0"   # Triton kernels run under TRITON_INTERPRET=1
-# Every test: the fast ones plain `pytest` runs (pyproject's addopts deselect `slow`) and the slow multi-process ones.
-python -m pytest -q -p no:cacheprovider -m "slow or not slow" "$@"
-# The full run (no arguments) also plans and reports the example matrix and checks every report is complete.
-if [ $# -eq 0 ]; then
-    python scripts/ci_reports.py --out build/ci-reports
+if [ $# -gt 0 ]; then
+    exec python -m pytest -q -p no:cacheprovider -m "slow or not slow" "$@"
 fi
+# The fast tests (what plain `pytest` runs) on two pytest-xdist workers; the slow ones (torchrun jobs that
+# already use every core, and timing checks) one after another.
+python -m pytest -q -p no:cacheprovider -n 2
+python -m pytest -q -p no:cacheprovider -m slow
+# The example matrix planned and reported, every report checked complete (build/ci-reports).
+python scripts/ci_reports.py --out build/ci-reports

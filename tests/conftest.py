@@ -9,6 +9,10 @@ Triton decides between compiling and interpreting when its kernels are first imp
 runs on CPU, so the interpreter is chosen for the whole session before anything imports ``triton`` (``meshplan
 check`` imports the fused kernels' autograd Functions to trace them on fake tensors, before the kernel tests
 run them under the interpreter).
+
+Plain ``pytest`` runs the fast tests; tests marked ``slow`` (torchrun jobs, several processes, anything over a few
+seconds) run when a ``-m`` expression selects them (``pytest -m slow``, ``pytest -m "slow or not slow"``) or when
+a test file or test id is named (``pytest tests/test_runtime_parity.py`` runs all of that file).
 """
 
 import os
@@ -22,6 +26,22 @@ os.environ["MESHPLAN_NO_PROFILE"] = "1"
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _names_tests(config: pytest.Config) -> bool:
+    """Whether the command line names a test file or a test id (not just folders and options)."""
+    return any(not arg.startswith("-") and (arg.split("::")[0].endswith(".py") or "::" in arg)
+               for arg in config.invocation_params.args)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Deselect the slow tests unless a ``-m`` expression or a named test file asks for them."""
+    if config.option.markexpr or _names_tests(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,8 @@ def test_runtime_fused_loss_peak_matches_planner():
     from meshplan.planner.memory import logits_bytes
     from meshplan.spec import ModelSpec
 
-    spec = ModelSpec(name="loss-peak", layers=1, hidden=128, heads=4, kv_heads=4, ffn_hidden=256, vocab=32000)
-    plan = make_plan(model=spec, kernels=FUSED, global_batch=2, seq_len=512)
+    spec = ModelSpec(name="loss-peak", layers=1, hidden=128, heads=4, kv_heads=4, ffn_hidden=256, vocab=16000)
+    plan = make_plan(model=spec, kernels=FUSED, global_batch=2, seq_len=256)
     model = rt.build_model(spec, plan.train.seq_len, "cpu")
     init_weights(model, spec, InitConfig(), torch.device("cpu"))
     model.output_hidden = True
