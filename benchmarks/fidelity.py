@@ -39,7 +39,7 @@ class Case:
     measured_iteration_s: float
     measured_memory_gib: float | None
     source: str
-    pipeline_grad_sync: str = "after_schedule"   # the run's runtime (planner.evaluate.Context)
+    engine: str                # the engine that ran it (meshplan/engines.py); the plan is priced for it
 
 
 def megatron_cases(entry: dict) -> list[Case]:
@@ -60,7 +60,7 @@ def megatron_cases(entry: dict) -> list[Case]:
         fixes = {"dp": run["dp"], "tp": run["tp"], "pp": run["pp"], "cp": 1, "zero": 1, "vocab_parallel": False}
         env = {"tp_overlap": run["tp"] > 1, "compile": False, "fused_kernels": True}
         cases.append(Case(f"megatron {run['name']}", model, cluster, train, fixes, env,
-                          run["iteration_s_derived"], None, "Megatron-Core r0.8 H100", "overlapped"))
+                          run["iteration_s_derived"], None, "Megatron-Core r0.8 H100", "megatron"))
     return cases
 
 
@@ -110,7 +110,7 @@ def torchtitan_cases(entry: dict) -> list[Case]:
         # tokens per iteration (local batch x data-parallel ranks x seq) over the whole job's tokens/s
         iteration = local * dp * common["seq_len"] / (run["tokens_per_s_per_gpu"] * gpus)
         cases.append(Case(f"torchtitan {run['model']} {gpus}g {variant}", model, cluster, train, fixes, env,
-                          iteration, run["memory_gib"], "torchtitan 2024-12 H100"))
+                          iteration, run["memory_gib"], "torchtitan 2024-12 H100", "torchtitan"))
     return cases
 
 
@@ -122,10 +122,9 @@ def load_cases(path: Path) -> list[Case]:
 def run(path: Path) -> dict:
     rows, errors, out = [], [], []
     for case in load_cases(path):
-        sync = case.pipeline_grad_sync
         pinned = search(case.model, case.cluster, case.train, {**case.fixes, **case.env}, top=1,
-                        pipeline_grad_sync=sync).plans[0]
-        free = search(case.model, case.cluster, case.train, dict(case.env), top=1, pipeline_grad_sync=sync).plans[0]
+                        engine=case.engine).plans[0]
+        free = search(case.model, case.cluster, case.train, dict(case.env), top=1, engine=case.engine).plans[0]
         p, f = pinned.predicted, free.predicted
         err = p.iteration_s / case.measured_iteration_s - 1
         errors.append(abs(err))

@@ -3,12 +3,19 @@ every rank runs :func:`check_supported` again)."""
 
 from __future__ import annotations
 
+from meshplan.engines import MESHPLAN
 from meshplan.errors import InputError
 from meshplan.plan import Plan, schedule_problem
 
 
 def check_supported(plan: Plan) -> None:
-    """Plans the runtime cannot run (yet) are refused in one line naming the field and the fix."""
+    """Plans the runtime cannot run are refused in one line naming the field and the fix: a plan priced for
+    another engine, and any field value meshplan's engine profile does not list (meshplan/engines.py; the
+    runtime reads every value that profile lists)."""
+    if plan.engine != "meshplan":
+        raise InputError("plan.engine", f"this plan is priced for {plan.engine}, not for meshplan's runtime",
+                         f"run it with `meshplan export PLAN --to {plan.engine}`, or re-plan with --engine meshplan")
+    MESHPLAN.check(plan.engine_fields(), "plan")
     m = plan.model
     if plan.tp > 1 and (m.heads % plan.tp or m.kv_heads % plan.tp):
         raise InputError("plan.tp", f"tp={plan.tp} does not divide heads={m.heads} and kv_heads={m.kv_heads}",

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from meshplan.engines import DEFAULT_ENGINE, get_engine
 from meshplan.errors import InputError
 from meshplan.spec import (SCHEMA_VERSION, ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int,
                            load_structured_file)
@@ -166,6 +167,8 @@ class Plan:
     """One way to split a training job, and its prediction.
 
     Fields:
+        engine: the engine the plan is priced for and runs on (meshplan/engines.py): ``meshplan`` (``meshplan
+            launch``), ``megatron`` or ``torchtitan`` (``meshplan export``).
         dp, tp, pp, cp: data, tensor, pipeline and context parallel degrees; dp*tp*pp*cp = world size.
         cp_kind: ``ulysses`` (all-to-all over heads) or ``ring`` (K/V passed around a ring); ignored if cp == 1.
         sequence_parallel: Megatron sequence parallelism inside the tensor-parallel group (on whenever tp > 1).
@@ -201,6 +204,7 @@ class Plan:
     model: ModelSpec
     cluster: ClusterSpec
     train: TrainSpec
+    engine: str = "meshplan"
     cp_kind: str = "ulysses"
     sequence_parallel: bool = True
     vocab_parallel: bool = False
@@ -249,10 +253,22 @@ class Plan:
             del pins["recompute"]
         return pins
 
+    def engine_fields(self) -> dict[str, Any]:
+        """The fields whose values an engine may not run (meshplan/engines.py), those that matter here: the
+        schedule under a pipeline, the context-parallel kind with cp > 1."""
+        fields: dict[str, Any] = {"zero": self.zero, "vocab_parallel": self.vocab_parallel,
+                                  "tp_overlap": self.tp_overlap, "compile": self.compile,
+                                  "fused_kernels": any(v == "fused" for v in self.kernels.values())}
+        if self.pp > 1:
+            fields["schedule"] = self.schedule
+        if self.cp > 1:
+            fields["cp_kind"] = self.cp_kind
+        return fields
+
     # --- serialisation ----------------------------------------------------------------------
     def to_dict(self, with_inputs: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "schema_version": self.schema_version,
+            "schema_version": self.schema_version, "engine": self.engine,
             "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "cp_kind": self.cp_kind,
             "sequence_parallel": self.sequence_parallel, "vocab_parallel": self.vocab_parallel,
             "micro_batch": self.micro_batch, "num_microbatches": self.num_microbatches,
@@ -309,6 +325,7 @@ class Plan:
             model=ModelSpec.from_dict(data["model"], f"{where}.model"),
             cluster=ClusterSpec.from_dict(data["cluster"], f"{where}.cluster"),
             train=TrainSpec.from_dict(data["train"], f"{where}.train"),
+            engine=get_engine(data.get("engine", DEFAULT_ENGINE), f"{where}.engine").name,
             cp_kind=_as_choice(data.get("cp_kind", "ulysses"), f"{where}.cp_kind", CP_KINDS),
             sequence_parallel=_as_bool(data.get("sequence_parallel", degrees["tp"] > 1), f"{where}.sequence_parallel"),
             vocab_parallel=_as_bool(data.get("vocab_parallel", False), f"{where}.vocab_parallel"),
@@ -345,6 +362,7 @@ class Plan:
         if len(self.stages) != expected:
             raise InputError(f"{where}.stages", f"{len(self.stages)} stages for pp*virtual_stages = {expected}",
                              "give one entry per (virtual) pipeline stage")
+        get_engine(self.engine, f"{where}.engine").check(self.engine_fields(), where)
         cursor = 0
         for i, stage in enumerate(self.stages):
             if stage.layers[0] != cursor or stage.layers[1] < stage.layers[0]:

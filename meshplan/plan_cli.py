@@ -43,6 +43,9 @@ def plan_command(
     fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
                                   "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
                                   "compile, fused_kernels"),
+    engine: str = typer.Option("meshplan", "--engine", "-e", help="The engine that will run the plan: meshplan "
+                               "(meshplan launch), megatron (Megatron-Core) or torchtitan; the search offers what it "
+                               "runs and prices it as it behaves"),
     top: int = typer.Option(3, "--top", "-k", help="How many plans to show"),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the best plan here (YAML, or JSON for .json)"),
@@ -56,6 +59,7 @@ def plan_command(
 ) -> None:
     """Find the fastest way to split training that fits, and predict its time and memory."""
     from meshplan.cli import fail
+    from meshplan.engines import get_engine
     from meshplan.planner.search import parse_fixes, search
     from meshplan.spec import TrainSpec, load_cluster, load_model
 
@@ -73,6 +77,7 @@ def plan_command(
             typer.echo(f"assuming {' '.join(assumed)} (pass them to plan your own job)", err=True)
         if top < 1:
             raise InputError("--top", f"must be >= 1, got {top}", "give --top 1 or more")
+        engine_profile = get_engine(engine)
         model_spec = load_model(model or DEFAULT_MODEL)
         cluster_spec = load_cluster(cluster or DEFAULT_CLUSTER)
         train = TrainSpec(global_batch if global_batch is not None else DEFAULT_GLOBAL_BATCH,
@@ -85,7 +90,7 @@ def plan_command(
         progress = _progress_bar() if sys.stderr.isatty() else None
         try:
             result = search(model_spec, cluster_spec, train, fixes, top=top, refine=not no_refine,
-                            progress=progress)
+                            progress=progress, engine=engine_profile)
         finally:
             if progress is not None:
                 progress.close()
@@ -170,6 +175,12 @@ def check_top_plans(result):
     return dataclasses.replace(result, plans=kept, notes=list(result.notes) + dropped)
 
 
+def engine_title(name: str) -> str:
+    from meshplan.engines import get_engine
+
+    return get_engine(name).title
+
+
 def render_text(result, markdown: bool = False) -> str:
     from tabulate import tabulate
 
@@ -194,7 +205,7 @@ def render_text(result, markdown: bool = False) -> str:
     lines = []
     ranks = (units.rank_count("cpu", c.world_size) if c.gpu.kind == "cpu" else f"{c.world_size:,} x {c.gpu.name}")
     head = (f"{m.name} on {c.name} ({ranks}, {units.human_memory(c.gpu.memory_gib)} each), "
-            f"global batch {t.global_batch} x {t.seq_len} tokens, {t.precision}")
+            f"global batch {t.global_batch} x {t.seq_len} tokens, {t.precision}, for {engine_title(best.engine)}")
     lines.append(f"## {head}" if markdown else head)
     lines.append("")
     lines.append(tabulate(rows, headers=headers, tablefmt=fmt))

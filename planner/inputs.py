@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshplan.engines import MESHPLAN, Engine
 from meshplan.plan import DEFAULT_MESH_ORDER, RECOMPUTE_MODES
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
 from meshplan.planner import memory
@@ -42,19 +43,23 @@ class Config:
 
 @dataclass(frozen=True)
 class Context:
-    """The fixed inputs of a search.
-
-    ``pipeline_grad_sync``: when the runtime that will run the plan reduces a pipeline stage's data-parallel
-    gradients. ``"after_schedule"`` (meshplan's runtime, and torchtitan's: torch.distributed.pipelining keeps
-    FSDP2/replicate gradient sync off for every backward and reduces in one REDUCE_GRAD action after the
-    stage's last one, ``PipelineStage.perform_reduce_grad``, measured in benchmarks/dp_reduce_wait.py) or
-    ``"overlapped"`` (Megatron-LM's ``overlap_grad_reduce``: buckets reduce as the last micro-batch's backward
-    fills them). Only plans with ``pp > 1`` and data-parallel replicas are affected."""
+    """The fixed inputs of a search: the model, the cluster, the batch and the engine that will run the plan
+    (meshplan/engines.py: what it runs and how; the cost terms read its behaviour)."""
 
     model: ModelSpec
     cluster: ClusterSpec
     train: TrainSpec
-    pipeline_grad_sync: str = "after_schedule"
+    engine: Engine = MESHPLAN
+
+    @property
+    def pipeline_grad_sync(self) -> str:
+        """When a pipeline stage's data-parallel gradients are reduced. ``"after_schedule"``
+        (torch.distributed.pipelining, meshplan's runtime and torchtitan: gradient sync is off for every
+        backward and one REDUCE_GRAD action runs after the stage's last one, ``PipelineStage.perform_reduce_grad``,
+        measured in benchmarks/dp_reduce_wait.py) or ``"overlapped"`` (Megatron-LM's ``overlap_grad_reduce``:
+        buckets reduce as the last micro-batch's backward fills them). Only plans with ``pp > 1`` and
+        data-parallel replicas are affected."""
+        return self.engine.pipeline_grad_sync
 
     @property
     def act_bytes(self) -> int:

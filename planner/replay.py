@@ -7,6 +7,7 @@ the plan itself (a plan edited by hand is predicted as edited).
 
 from __future__ import annotations
 
+from meshplan.engines import get_engine
 from meshplan.errors import InputError
 from meshplan.plan import Plan
 from meshplan.planner.evaluate import Config, Context, Evaluation, evaluate
@@ -25,7 +26,7 @@ def replay(plan: Plan) -> Evaluation:
     """The cost model's evaluation of exactly this plan (its partition and recompute counts pinned)."""
     partition = [stage.num_layers for stage in plan.stages]
     counts = [dict(stage.recompute_layers) for stage in plan.stages]
-    result = evaluate(config_of(plan), Context(plan.model, plan.cluster, plan.train), partition, counts)
+    result = evaluate(config_of(plan), Context(plan.model, plan.cluster, plan.train, get_engine(plan.engine)), partition, counts)
     if not isinstance(result, Evaluation):
         raise InputError("plan", f"the cost model rejects this plan ({result.reason}: {result.detail})",
                          "re-plan with `meshplan plan`")

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from meshplan.engines import MESHPLAN, Engine, get_engine
 from meshplan.errors import InputError, NoFeasiblePlan
 from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan, schedule_problem
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
@@ -95,14 +96,14 @@ class SearchResult:
 
 
 def degree_problems(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, dp: int, tp: int, pp: int, cp: int,
-                    cp_kind: str | None = None) -> str | None:
+                    cp_kind: str | None = None, engine: Engine = MESHPLAN) -> str | None:
     """Why these degrees cannot run, as a short reason (None when valid). One place for divisibility rules."""
     if dp * tp * pp * cp != cluster.world_size:
         return "degrees: dp*tp*pp*cp != world size"
     if model.heads % tp:
         return "divisibility: heads % tp"
-    if model.kv_heads % tp and tp % model.kv_heads:
-        return "divisibility: kv_heads vs tp"
+    if model.kv_heads % tp and (tp % model.kv_heads or not engine.kv_head_replication):
+        return "divisibility: kv_heads % tp"
     if tp > cluster.gpus_per_node:
         return "placement: tp spans nodes"
     if train.seq_len % (tp * cp):
@@ -120,14 +121,15 @@ def degree_problems(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, dp
 
 
 def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: dict[str, Any]) -> list[Config]:
-    """Every schedule / ZeRO / vocab-parallel / CP-kind / overlap variant of one degree family."""
-    gpu = ctx.cluster.gpu.kind == "gpu"
+    """Every schedule / ZeRO / vocab-parallel / CP-kind / overlap variant of one degree family that the
+    engine runs."""
+    gpu, engine = ctx.cluster.gpu.kind == "gpu", ctx.engine
     num_mb = ctx.train.global_batch // (dp * b)
     schedules: list[tuple[str, int]] = []
     if pp == 1:
         schedules = [(fixes.get("schedule", "1f1b"), 1)]
     else:
-        for sched in (["gpipe", "1f1b", "interleaved"] if "schedule" not in fixes else [fixes["schedule"]]):
+        for sched in (list(engine.schedules) if "schedule" not in fixes else [fixes["schedule"]]):
             if schedule_problem(sched, pp, num_mb):
                 continue
             if sched == "interleaved":
@@ -137,18 +139,21 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
                         schedules.append((sched, v))
             else:
                 schedules.append((sched, 1))
-    zeros = [fixes["zero"]] if "zero" in fixes else ([0, 1, 2, 3] if dp > 1 else [0])
-    vocab = [fixes["vocab_parallel"]] if "vocab_parallel" in fixes else ([False, True] if pp > 1 else [False])
-    cp_kinds = [fixes["cp_kind"]] if "cp_kind" in fixes else (list(CP_KINDS) if cp > 1 else ["ulysses"])
-    overlap = [fixes["tp_overlap"]] if "tp_overlap" in fixes else [gpu and tp > 1]
-    compiled = fixes.get("compile", gpu)
-    fused = fixes.get("fused_kernels", gpu)
+    zeros = [fixes["zero"]] if "zero" in fixes else (list(engine.zero_stages) if dp > 1 else [0])
+    vocab = ([fixes["vocab_parallel"]] if "vocab_parallel" in fixes
+             else [False, True] if pp > 1 and engine.vocab_parallel else [False])
+    cp_kinds = ([fixes["cp_kind"]] if "cp_kind" in fixes
+                else list(engine.cp_kinds) if cp > 1 else [engine.cp_kinds[0]])
+    compiled = fixes.get("compile", gpu and engine.compile)
+    overlap = ([fixes["tp_overlap"]] if "tp_overlap" in fixes
+               else [gpu and tp > 1 and engine.tp_overlap and (compiled or not engine.tp_overlap_needs_compile)])
+    fused = fixes.get("fused_kernels", gpu and engine.fused_kernels)
     out = []
     for sched, v in schedules:
         for z in zeros:
             for vp in vocab:
                 for kind in cp_kinds:
-                    if degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind):
+                    if degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind, engine):
                         continue
                     for ov in overlap:
                         out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
@@ -188,15 +193,12 @@ def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
 
 def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any] | None = None,
            top: int = 3, refine: bool = True, progress: Callable[[int, int], None] | None = None,
-           pipeline_grad_sync: str = "after_schedule") -> SearchResult:
-    """Find the ``top`` fastest plans that fit. Raises NoFeasiblePlan (with what would fit) when none does.
-    ``pipeline_grad_sync``: how the runtime that will run the plans reduces gradients under a pipeline
-    (:class:`Context`); the default is meshplan's own runtime, ``"overlapped"`` prices Megatron-LM's runs."""
+           engine: str | Engine = "meshplan") -> SearchResult:
+    """Find the ``top`` fastest plans that fit, among what ``engine`` runs (meshplan/engines.py), priced as it
+    behaves. Raises NoFeasiblePlan (with what would fit) when none does."""
     start = time.perf_counter()
     fixes = dict(fixes or {})
-    if pipeline_grad_sync not in ("after_schedule", "overlapped"):
-        raise ValueError(f"pipeline_grad_sync must be 'after_schedule' or 'overlapped', not {pipeline_grad_sync!r}")
-    ctx = Context(model, cluster, train, pipeline_grad_sync)
+    ctx = Context(model, cluster, train, engine if isinstance(engine, Engine) else get_engine(engine))
     _check_fixes(ctx, fixes)
     rejected: Counter[str] = Counter()
     families, closest_oom = _degree_families(ctx, fixes, rejected)
@@ -240,7 +242,7 @@ def _degree_families(ctx: Context, fixes: dict[str, Any], rejected: Counter) -> 
                 dp = rest // pp
                 if "dp" in fixes and fixes["dp"] != dp:
                     continue
-                problem = degree_problems(model, cluster, train, dp, tp, pp, cp)
+                problem = degree_problems(model, cluster, train, dp, tp, pp, cp, engine=ctx.engine)
                 if problem:
                     rejected[problem] += 1
                     continue
@@ -390,6 +392,7 @@ def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
 
 def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
     """Pins that can never work are input errors (exit 2), named with the fix."""
+    ctx.engine.check({k: v for k, v in fixes.items() if ctx.engine.supported_values(k) is not None})
     world = ctx.cluster.world_size
     for key in ("dp", "tp", "pp", "cp"):
         if key in fixes and world % fixes[key]:
@@ -409,9 +412,10 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
         tp = fixes["tp"]
         if m.heads % tp:
             raise InputError("--fix tp", f"{tp} does not divide the model's {m.heads} heads", "pick a divisor of heads")
-        if m.kv_heads % tp and tp % m.kv_heads:
-            raise InputError("--fix tp", f"{tp} neither divides nor is a multiple of kv_heads {m.kv_heads}",
-                             "pick tp dividing kv_heads or a multiple of it")
+        if m.kv_heads % tp and (tp % m.kv_heads or not ctx.engine.kv_head_replication):
+            raise InputError("--fix tp", f"{tp} does not divide the model's {m.kv_heads} key/value heads "
+                             f"({ctx.engine.title} shards them, it does not replicate them)",
+                             "pick tp dividing kv_heads")
         if tp > ctx.cluster.gpus_per_node:
             raise InputError("--fix tp", f"{tp} is more than the {ctx.cluster.gpus_per_node} GPUs of a node",
                              "keep tensor parallel inside a node")
@@ -444,6 +448,9 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
         raise InputError("--fix schedule", "interleaved needs virtual_stages >= 2", "add --fix virtual_stages=2")
     if fixes.get("tp_overlap") and ctx.cluster.gpu.kind != "gpu":
         raise InputError("--fix tp_overlap", "async tensor parallel needs GPUs", "drop the pin on CPU clusters")
+    if fixes.get("tp_overlap") and ctx.engine.tp_overlap_needs_compile and fixes.get("compile") is False:
+        raise InputError("--fix tp_overlap", f"{ctx.engine.title} runs async tensor parallel only on compiled blocks",
+                         "drop --fix compile=false")
 
 
 def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter, closest) -> str:
@@ -468,6 +475,7 @@ def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter
     return text
 
 
-def evaluate_pinned(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any]) -> Plan:
+def evaluate_pinned(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any],
+                    engine: str | Engine = "meshplan") -> Plan:
     """The best plan consistent with ``fixes`` (exactly that configuration when everything is pinned)."""
-    return search(model, cluster, train, fixes, top=1).plans[0]
+    return search(model, cluster, train, fixes, top=1, engine=engine).plans[0]

@@ -58,103 +58,103 @@ def cluster(key: str):
     return load_cluster(key)
 
 
-# (name, model, cluster, global batch, sequence length, precision, pins, pipeline_grad_sync)
+# (name, model, cluster, global batch, sequence length, precision, pins, engine)
 SEARCH_CASES = [
-    ("tiny-llama cpu4", "tiny-llama", "cpu:4", 8, 256, "fp32", [], "after_schedule"),
-    ("tiny-gpt cpu4", "tiny-gpt", "cpu:4", 8, 256, "fp32", [], "after_schedule"),
-    ("tiny-llama cpu4 pp2 1f1b", "tiny-llama", "cpu:4", 16, 256, "fp32", ["pp=2", "schedule=1f1b"], "after_schedule"),
-    ("tiny-llama cpu4 pp2 gpipe", "tiny-llama", "cpu:4", 16, 256, "fp32", ["pp=2", "schedule=gpipe"], "after_schedule"),
+    ("tiny-llama cpu4", "tiny-llama", "cpu:4", 8, 256, "fp32", [], "meshplan"),
+    ("tiny-gpt cpu4", "tiny-gpt", "cpu:4", 8, 256, "fp32", [], "meshplan"),
+    ("tiny-llama cpu4 pp2 1f1b", "tiny-llama", "cpu:4", 16, 256, "fp32", ["pp=2", "schedule=1f1b"], "meshplan"),
+    ("tiny-llama cpu4 pp2 gpipe", "tiny-llama", "cpu:4", 16, 256, "fp32", ["pp=2", "schedule=gpipe"], "meshplan"),
     ("tiny-llama cpu4 pp2 interleaved v2", "tiny-llama", "cpu:4", 16, 256, "fp32",
-     ["pp=2", "schedule=interleaved", "virtual_stages=2"], "after_schedule"),
+     ["pp=2", "schedule=interleaved", "virtual_stages=2"], "meshplan"),
     ("tiny-llama cpu4 pp4 vocab", "tiny-llama", "cpu:4", 16, 256, "fp32", ["pp=4", "vocab_parallel=true"],
-     "after_schedule"),
+     "meshplan"),
     ("tiny-llama cpu4 cp2 ulysses", "tiny-llama", "cpu:4", 8, 512, "fp32", ["cp=2", "cp_kind=ulysses"],
-     "after_schedule"),
-    ("tiny-llama cpu4 cp2 ring", "tiny-llama", "cpu:4", 8, 512, "fp32", ["cp=2", "cp_kind=ring"], "after_schedule"),
-    ("tiny-gpt cpu4 dp4 zero1", "tiny-gpt", "cpu:4", 8, 256, "fp32", ["dp=4", "zero=1"], "after_schedule"),
-    ("tiny-gpt cpu4 dp4 zero3", "tiny-gpt", "cpu:4", 8, 256, "fp32", ["dp=4", "zero=3"], "after_schedule"),
-    ("tiny-llama measured", "tiny-llama", "cpu-measured", 8, 256, "fp32", [], "after_schedule"),
+     "meshplan"),
+    ("tiny-llama cpu4 cp2 ring", "tiny-llama", "cpu:4", 8, 512, "fp32", ["cp=2", "cp_kind=ring"], "meshplan"),
+    ("tiny-gpt cpu4 dp4 zero1", "tiny-gpt", "cpu:4", 8, 256, "fp32", ["dp=4", "zero=1"], "meshplan"),
+    ("tiny-gpt cpu4 dp4 zero3", "tiny-gpt", "cpu:4", 8, 256, "fp32", ["dp=4", "zero=3"], "meshplan"),
+    ("tiny-llama measured", "tiny-llama", "cpu-measured", 8, 256, "fp32", [], "meshplan"),
     ("tiny-llama measured pp2 dp2", "tiny-llama", "cpu-measured", 16, 256, "fp32", ["pp=2", "dp=2"],
-     "after_schedule"),
+     "meshplan"),
     ("tiny-llama measured pp2 interleaved vocab", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     ["pp=2", "schedule=interleaved", "virtual_stages=2", "vocab_parallel=true"], "after_schedule"),
-    ("tiny-gpt measured tp2", "tiny-gpt", "cpu-measured", 8, 256, "fp32", ["tp=2"], "after_schedule"),
+     ["pp=2", "schedule=interleaved", "virtual_stages=2", "vocab_parallel=true"], "meshplan"),
+    ("tiny-gpt measured tp2", "tiny-gpt", "cpu-measured", 8, 256, "fp32", ["tp=2"], "meshplan"),
     ("tiny-llama measured cp2 ring", "tiny-llama", "cpu-measured", 8, 512, "fp32", ["cp=2", "cp_kind=ring"],
-     "after_schedule"),
+     "meshplan"),
     ("tiny-llama measured zero2 overlapped", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     ["zero=2", "pp=2"], "overlapped"),
-    ("tiny-llama cpu2x4", "tiny-llama", "cpu2x4", 16, 256, "fp32", [], "after_schedule"),
+     ["zero=2", "pp=2"], "megatron"),
+    ("tiny-llama cpu2x4", "tiny-llama", "cpu2x4", 16, 256, "fp32", [], "meshplan"),
     ("tiny-llama cpu2x4 pp2 vocab", "tiny-llama", "cpu2x4", 16, 256, "fp32", ["pp=2", "vocab_parallel=true"],
-     "after_schedule"),
-    ("llama3-8b h100:1", "llama3-8b", "dgx-h100:1", 16, 8192, "bf16", [], "after_schedule"),
-    ("llama3-8b h100:1 fp8", "llama3-8b", "dgx-h100:1", 16, 8192, "fp8", [], "after_schedule"),
+     "meshplan"),
+    ("llama3-8b h100:1", "llama3-8b", "dgx-h100:1", 16, 8192, "bf16", [], "meshplan"),
+    ("llama3-8b h100:1 fp8", "llama3-8b", "dgx-h100:1", 16, 8192, "fp8", [], "meshplan"),
     ("llama3-8b h100:1 full recompute", "llama3-8b", "dgx-h100:1", 16, 8192, "bf16", ["recompute=full"],
-     "after_schedule"),
-    ("llama3-8b h100:2 selective tp_overlap", "llama3-8b", "dgx-h100:2", 32, 8192, "bf16",
-     ["recompute=selective", "tp=2", "tp_overlap=true", "fused_kernels=true"], "after_schedule"),
+     "meshplan"),
+    ("llama3-8b h100:2 selective tp_overlap megatron", "llama3-8b", "dgx-h100:2", 32, 8192, "bf16",
+     ["recompute=selective", "tp=2", "tp_overlap=true", "fused_kernels=true"], "megatron"),
     ("llama3-70b h100:8 pp4 interleaved", "llama3-70b", "dgx-h100:8", 256, 8192, "bf16",
-     ["pp=4", "schedule=interleaved", "virtual_stages=2"], "after_schedule"),
+     ["pp=4", "schedule=interleaved", "virtual_stages=2"], "meshplan"),
     ("llama3-70b h100:8 zero3", "llama3-70b", "dgx-h100:8", 256, 8192, "bf16", ["zero=3", "pp=1"],
-     "after_schedule"),
-    ("llama3-70b h100:8 pp4 overlapped", "llama3-70b", "dgx-h100:8", 256, 8192, "bf16", ["pp=4"], "overlapped"),
+     "meshplan"),
+    ("llama3-70b h100:8 pp4 overlapped", "llama3-70b", "dgx-h100:8", 256, 8192, "bf16", ["pp=4"], "megatron"),
     ("llama3-70b h200:8 cp2 ring", "llama3-70b", "dgx-h200:8", 64, 32768, "bf16", ["cp=2", "cp_kind=ring"],
-     "after_schedule"),
+     "meshplan"),
     ("llama3-70b h200:8 cp4 ulysses", "llama3-70b", "dgx-h200:8", 64, 32768, "bf16",
-     ["cp=4", "cp_kind=ulysses"], "after_schedule"),
+     ["cp=4", "cp_kind=ulysses"], "meshplan"),
     ("mistral-7b a100:2 gpipe", "mistral-7b", "dgx-a100:2", 64, 4096, "bf16", ["pp=2", "schedule=gpipe"],
-     "after_schedule"),
-    ("llama3-405b h100:64 tp8", "llama3-405b", "dgx-h100:64", 512, 8192, "bf16", ["tp=8"], "after_schedule"),
+     "meshplan"),
+    ("llama3-405b h100:64 tp8", "llama3-405b", "dgx-h100:64", 512, 8192, "bf16", ["tp=8"], "meshplan"),
     ("gpt3-175b a100:16 vocab", "gpt3-175b", "dgx-a100:16", 256, 2048, "bf16", ["vocab_parallel=true"],
-     "after_schedule"),
-    ("mistral-7b h100 measured", "mistral-7b", "h100-measured", 64, 4096, "bf16", [], "after_schedule"),
+     "meshplan"),
+    ("mistral-7b h100 measured", "mistral-7b", "h100-measured", 64, 4096, "bf16", [], "meshplan"),
     ("llama3-8b h100 measured pp2 zero1", "llama3-8b", "h100-measured", 64, 8192, "bf16", ["pp=2", "zero=1"],
-     "after_schedule"),
-    ("qwen2.5-7b h200:1", "qwen2.5-7b", "dgx-h200:1", 32, 4096, "bf16", [], "after_schedule"),
+     "meshplan"),
+    ("qwen2.5-7b h200:1", "qwen2.5-7b", "dgx-h200:1", 32, 4096, "bf16", [], "meshplan"),
 ]
 
-# (name, model, cluster, global batch, sequence length, precision, Config fields, pipeline_grad_sync)
+# (name, model, cluster, global batch, sequence length, precision, Config fields, engine)
 PINNED_CASES = [
     ("tiny-llama cpu4 dp4", "tiny-llama", "cpu:4", 8, 256, "fp32", dict(dp=4, tp=1, pp=1, cp=1, micro_batch=2),
-     "after_schedule"),
+     "meshplan"),
     ("tiny-llama cpu4 pp4 gpipe", "tiny-llama", "cpu:4", 8, 256, "fp32",
-     dict(dp=1, tp=1, pp=4, cp=1, micro_batch=1, schedule="gpipe"), "after_schedule"),
+     dict(dp=1, tp=1, pp=4, cp=1, micro_batch=1, schedule="gpipe"), "meshplan"),
     ("tiny-llama measured dp2 pp2 interleaved", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, schedule="interleaved", virtual_stages=2), "after_schedule"),
+     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, schedule="interleaved", virtual_stages=2), "meshplan"),
     ("tiny-llama measured dp2 pp2 interleaved partial rounds", "tiny-llama", "cpu-measured", 10, 256, "fp32",
-     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=2), "after_schedule"),
+     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=2), "meshplan"),
     ("tiny-llama measured pp2 vocab zero1", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, vocab_parallel=True, zero=1), "after_schedule"),
+     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, vocab_parallel=True, zero=1), "meshplan"),
     ("tiny-llama measured tp2 dp2 zero2", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     dict(dp=2, tp=2, pp=1, cp=1, micro_batch=1, zero=2), "after_schedule"),
+     dict(dp=2, tp=2, pp=1, cp=1, micro_batch=1, zero=2), "meshplan"),
     ("tiny-llama measured dp4 zero3", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     dict(dp=4, tp=1, pp=1, cp=1, micro_batch=2, zero=3), "after_schedule"),
+     dict(dp=4, tp=1, pp=1, cp=1, micro_batch=2, zero=3), "meshplan"),
     ("tiny-llama measured pp2 dp2 zero3 overlapped", "tiny-llama", "cpu-measured", 16, 256, "fp32",
-     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, zero=3), "overlapped"),
+     dict(dp=2, tp=1, pp=2, cp=1, micro_batch=2, zero=3), "megatron"),
     ("tiny-gpt measured cp2 ulysses selective", "tiny-gpt", "cpu-measured", 8, 256, "fp32",
-     dict(dp=2, tp=1, pp=1, cp=2, micro_batch=1, recompute="selective"), "after_schedule"),
+     dict(dp=2, tp=1, pp=1, cp=2, micro_batch=1, recompute="selective"), "meshplan"),
     ("tiny-llama measured cp4 ring", "tiny-llama", "cpu-measured", 4, 512, "fp32",
-     dict(dp=1, tp=1, pp=1, cp=4, micro_batch=1, cp_kind="ring"), "after_schedule"),
+     dict(dp=1, tp=1, pp=1, cp=4, micro_batch=1, cp_kind="ring"), "meshplan"),
     ("tiny-llama cpu2x4 dp2 pp2 tp2 vocab", "tiny-llama", "cpu2x4", 16, 256, "fp32",
-     dict(dp=2, tp=2, pp=2, cp=1, micro_batch=1, vocab_parallel=True), "after_schedule"),
+     dict(dp=2, tp=2, pp=2, cp=1, micro_batch=1, vocab_parallel=True), "meshplan"),
     ("tiny-llama cpu2x4 dp4 pp2 1f1b", "tiny-llama", "cpu2x4", 16, 256, "fp32",
-     dict(dp=4, tp=1, pp=2, cp=1, micro_batch=1, mesh_order=("dp", "pp", "cp", "tp")), "after_schedule"),
+     dict(dp=4, tp=1, pp=2, cp=1, micro_batch=1, mesh_order=("dp", "pp", "cp", "tp")), "meshplan"),
     ("llama3-8b h100:1 dp8 zero3 fused", "llama3-8b", "dgx-h100:1", 16, 8192, "bf16",
-     dict(dp=8, tp=1, pp=1, cp=1, micro_batch=2, zero=3, fused_kernels=True, compile=True), "after_schedule"),
+     dict(dp=8, tp=1, pp=1, cp=1, micro_batch=2, zero=3, fused_kernels=True, compile=True), "meshplan"),
     ("llama3-8b h100:1 tp8 oom", "llama3-8b", "dgx-h100:1", 64, 8192, "bf16",
-     dict(dp=1, tp=8, pp=1, cp=1, micro_batch=64, recompute="none"), "after_schedule"),
+     dict(dp=1, tp=8, pp=1, cp=1, micro_batch=64, recompute="none"), "meshplan"),
     ("llama3-70b h100:8 tp8 pp4 dp2 interleaved v5", "llama3-70b", "dgx-h100:8", 128, 8192, "bf16",
-     dict(dp=2, tp=8, pp=4, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=5), "after_schedule"),
+     dict(dp=2, tp=8, pp=4, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=5), "meshplan"),
     ("llama3-70b h100:8 tp8 pp4 dp2 gpipe vocab", "llama3-70b", "dgx-h100:8", 128, 8192, "bf16",
-     dict(dp=2, tp=8, pp=4, cp=1, micro_batch=1, schedule="gpipe", vocab_parallel=True), "after_schedule"),
+     dict(dp=2, tp=8, pp=4, cp=1, micro_batch=1, schedule="gpipe", vocab_parallel=True), "meshplan"),
     ("llama3-70b h100:8 tp8 pp2 cp4 ring zero1", "llama3-70b", "dgx-h100:8", 32, 32768, "bf16",
-     dict(dp=1, tp=8, pp=2, cp=4, micro_batch=1, cp_kind="ring", zero=1), "after_schedule"),
+     dict(dp=1, tp=8, pp=2, cp=4, micro_batch=1, cp_kind="ring", zero=1), "meshplan"),
     ("llama3-405b h100:64 tp8 pp16 dp4 fp8", "llama3-405b", "dgx-h100:64", 256, 8192, "fp8",
      dict(dp=4, tp=8, pp=16, cp=1, micro_batch=1, schedule="interleaved", virtual_stages=2, tp_overlap=True),
-     "overlapped"),
+     "megatron"),
     ("mistral-7b h100 measured dp8 tp2 zero2", "mistral-7b", "h100-measured", 64, 4096, "bf16",
-     dict(dp=8, tp=2, pp=1, cp=1, micro_batch=2, zero=2), "after_schedule"),
+     dict(dp=8, tp=2, pp=1, cp=1, micro_batch=2, zero=2), "meshplan"),
     ("gpt3-175b a100:16 tp8 pp8 dp2 1f1b", "gpt3-175b", "dgx-a100:16", 256, 2048, "bf16",
-     dict(dp=2, tp=8, pp=8, cp=1, micro_batch=1), "after_schedule"),
+     dict(dp=2, tp=8, pp=8, cp=1, micro_batch=1), "meshplan"),
 ]
 
 
@@ -165,7 +165,7 @@ def _without_seconds(plan: dict) -> dict:
 
 
 def search_case(model: str, cluster_key: str, global_batch: int, seq_len: int, precision: str, pins: list[str],
-                sync: str) -> dict[str, Any]:
+                engine: str) -> dict[str, Any]:
     """The search's top three plans for one case, or the one-line error when nothing fits."""
     from meshplan.errors import MeshplanError
     from meshplan.planner.search import parse_fixes, search
@@ -174,7 +174,7 @@ def search_case(model: str, cluster_key: str, global_batch: int, seq_len: int, p
     train = TrainSpec(global_batch, seq_len, precision)
     try:
         result = search(load_model(model), cluster(cluster_key), train, parse_fixes(pins), top=3,
-                        pipeline_grad_sync=sync)
+                        engine=engine)
     except MeshplanError as error:
         return {"error": str(error)}
     return {"plans": [_without_seconds(p.to_dict(with_inputs=False)) for p in result.plans],
@@ -182,12 +182,14 @@ def search_case(model: str, cluster_key: str, global_batch: int, seq_len: int, p
 
 
 def pinned_case(model: str, cluster_key: str, global_batch: int, seq_len: int, precision: str, fields: dict,
-                sync: str) -> dict[str, Any]:
+                engine: str) -> dict[str, Any]:
     """``evaluate`` of one configuration, every figure at full precision."""
+    from meshplan.engines import get_engine
     from meshplan.planner.evaluate import Config, Context, Evaluation, evaluate
     from meshplan.spec import TrainSpec, load_model
 
-    ctx = Context(load_model(model), cluster(cluster_key), TrainSpec(global_batch, seq_len, precision), sync)
+    ctx = Context(load_model(model), cluster(cluster_key), TrainSpec(global_batch, seq_len, precision),
+                  get_engine(engine))
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     result = evaluate(Config(**fields), ctx)
     if not isinstance(result, Evaluation):
@@ -215,7 +217,7 @@ def _load(path: Path, name: str):
 def report_matrix() -> dict[str, Any]:
     """scripts/ci_reports.py's matrix, searched as ``meshplan plan`` searches it (bf16, AdamW, top 3)."""
     entries = _load(REPO / "scripts" / "ci_reports.py", "_golden_ci_reports").MATRIX
-    return {e.name: search_case(e.model, e.cluster, e.global_batch, e.seq_len, "bf16", [], "after_schedule")
+    return {e.name: search_case(e.model, e.cluster, e.global_batch, e.seq_len, "bf16", [], "meshplan")
             for e in entries}
 
 

@@ -271,10 +271,14 @@ def test_a_pipeline_stage_reduces_its_gradients_after_the_schedule():
     REDUCE_GRAD after its last backward: only the pipeline's drain can hide it, and rank 0, finishing last,
     has none. Megatron's overlapped reduction (the public runs) hides it under the last backward instead.
     Without a pipeline both are the same."""
+    import dataclasses
+
+    from meshplan.engines import MESHPLAN
     from meshplan.spec import TrainSpec
 
     model, cluster, train = load_model("llama3-8b"), load_cluster("dgx-h100:2"), TrainSpec(64, 4096, "bf16")
-    ours, megatron = evaluate.Context(model, cluster, train), evaluate.Context(model, cluster, train, "overlapped")
+    overlapped = dataclasses.replace(MESHPLAN, pipeline_grad_sync="overlapped")   # that behaviour alone
+    ours, megatron = evaluate.Context(model, cluster, train), evaluate.Context(model, cluster, train, overlapped)
     assert ours.pipeline_grad_sync == "after_schedule"
     for zero in (0, 1, 3):
         piped = evaluate.Config(dp=2, tp=4, pp=2, cp=1, micro_batch=1, schedule="1f1b", zero=zero)

@@ -61,7 +61,7 @@ def test_a_gpu_prediction_never_runs_the_shared_cores_model(monkeypatch):
     vocab._vocab_cost.cache_clear()
     model, train = load_model("llama3-8b"), TrainSpec(64, 8192, "bf16")
     assert search(model, gpu, train, {"pp": 2}, top=2).plans
-    ctx = evaluate.Context(model, gpu, train, "after_schedule")
+    ctx = evaluate.Context(model, gpu, train)
     for fields in (dict(dp=2, tp=2, pp=2, cp=2, cp_kind="ring", zero=1, vocab_parallel=True),
                    dict(dp=2, tp=4, pp=2, schedule="interleaved", virtual_stages=2, zero=3),
                    dict(dp=4, tp=2, pp=1, cp=2, zero=3), dict(dp=8, tp=2, pp=1, zero=0)):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from meshplan.engines import get_engine
 from meshplan import units
 from meshplan.errors import InputError
 from meshplan.plan import Plan
@@ -202,6 +203,7 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
     sched = "n/a (no pipeline)" if plan.pp == 1 else (
         f"{plan.schedule}" + (f", {plan.virtual_stages} virtual stages per rank" if plan.virtual_stages > 1 else ""))
     d.table(["choice", "value"], [
+        ["engine (what runs the plan, and how it is priced)", get_engine(plan.engine).title],
         ["data / tensor / pipeline / context parallel", f"{plan.dp} / {plan.tp} / {plan.pp} / {plan.cp}"],
         ["mesh order (outermost first)", " → ".join(plan.mesh_order)],
         ["micro batch × micro-batches per rank", f"{plan.micro_batch} × {plan.num_microbatches}"],

@@ -1,0 +1,171 @@
+"""Engines: the training systems a plan can be priced for, each a profile in one place.
+
+An engine is what will run the plan: meshplan's own runtime (``meshplan launch``), Megatron-Core, or
+torchtitan. Its :class:`Engine` profile says which plan field values it runs (the search offers only those,
+a ``--fix`` of anything else is an input error naming the engine) and how it behaves where engines differ (the
+cost terms read these fields). Every value is taken from the engine's own code or documentation, cited at
+the field.
+
+For ``meshplan`` the profile is a promise about ``launcher/runtime``: every value the planner can emit for it
+is one the runtime executes (tests/test_engine_meshplan.py builds each one with ``meshplan check``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meshplan.errors import InputError
+
+DEFAULT_ENGINE = "meshplan"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What one engine runs and how.
+
+    Fields (what the engine supports):
+        name: ``meshplan``, ``megatron`` or ``torchtitan`` (the plan file's ``engine``).
+        title: the engine as a person names it.
+        schedules: pipeline schedules it runs (plan ``schedule``).
+        zero_stages: optimizer/gradient/parameter sharding stages it runs (plan ``zero``).
+        cp_kinds: context-parallel kinds (plan ``cp_kind``; ``ring`` = K/V passed point to point,
+            ``ulysses`` = all-to-all over heads).
+        vocab_parallel: splits the embedding and LM head over pipeline ranks (plan ``vocab_parallel``).
+        tp_overlap: runs tensor-parallel communication under the matmuls (async TP / TP comm overlap).
+        tp_overlap_needs_compile: async TP exists only for compiled blocks.
+        compile: compiles blocks with torch.compile (plan ``compile``).
+        fused_kernels: runs fused kernels for norm, SwiGLU, RoPE and the loss (plan ``kernels``).
+        mixed_recompute: stages may mix full and selective recomputation, or recompute some blocks only.
+        kv_head_replication: tensor parallel larger than the key/value heads (each head replicated).
+
+    Fields (how it behaves where engines differ; read by the cost terms):
+        sp_saved_input: what a column-parallel linear keeps for its backward under sequence parallel:
+            ``gathered`` (DTensor: the all-gathered input) or ``sharded`` (Megatron: its shard, gathered again
+            in backward).
+        selective_recompute: what ``selective`` recomputes: ``meshplan`` (the runtime's policy: the matmuls
+            whose outputs are not saved and the elementwise ops), ``core_attention`` (Megatron: the attention
+            core only), ``op_policy`` (torchtitan: every op but every other matmul, SDPA, reduce-scatter and max).
+        pipeline_grad_sync: when a pipeline stage's data-parallel gradients are reduced: ``after_schedule``
+            (torch.distributed.pipelining: one reduction after the stage's last backward) or ``overlapped``
+            (bucketed under the last micro-batch's backward).
+    """
+
+    name: str
+    title: str
+    schedules: tuple[str, ...]
+    zero_stages: tuple[int, ...]
+    cp_kinds: tuple[str, ...]
+    vocab_parallel: bool
+    tp_overlap: bool
+    tp_overlap_needs_compile: bool
+    compile: bool
+    fused_kernels: bool
+    mixed_recompute: bool
+    kv_head_replication: bool
+    sp_saved_input: str
+    selective_recompute: str
+    pipeline_grad_sync: str
+
+    def refusal(self, field: str, value: Any) -> str | None:
+        """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
+        supported = self.supported_values(field)
+        if supported is None or value in supported:
+            return None
+        shown = ", ".join(str(v).lower() for v in supported)
+        return f"{self.title} does not run {field}={str(value).lower()} (it runs {field} in {{{shown}}})"
+
+    def supported_values(self, field: str) -> tuple | None:
+        """The values of ``field`` this engine runs; None where every value is supported."""
+        table: dict[str, tuple] = {
+            "schedule": self.schedules, "zero": self.zero_stages, "cp_kind": self.cp_kinds,
+            "vocab_parallel": (False, True) if self.vocab_parallel else (False,),
+            "tp_overlap": (False, True) if self.tp_overlap else (False,),
+            "compile": (False, True) if self.compile else (False,),
+            "fused_kernels": (False, True) if self.fused_kernels else (False,),
+        }
+        return table.get(field)
+
+    def check(self, values: dict[str, Any], where: str = "--fix") -> None:
+        """Raise an :class:`InputError` naming the first of ``values`` (field -> value) this engine cannot run."""
+        for field, value in values.items():
+            why = self.refusal(field, value)
+            if why:
+                other = [e.name for e in ENGINES.values() if e.refusal(field, value) is None]
+                fix = (f"drop the pin, or plan with --engine {' / '.join(other)}" if other else "drop the pin")
+                raise InputError(f"{where} {field}" if where == "--fix" else f"{where}.{field}", why, fix)
+
+
+MESHPLAN = Engine(
+    name="meshplan", title="meshplan",
+    # launcher/runtime/pipeline.py builds torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and
+    # ScheduleInterleaved1F1B; runtime/parallelize.py applies replicate (ZeRO 0), FSDP2 with
+    # reshard_after_forward=False over the optimizer state and gradients (1, 2) and FSDP2 resharding (3).
+    schedules=("gpipe", "1f1b", "interleaved"), zero_stages=(0, 1, 2, 3),
+    # runtime/context_parallel.py: Ulysses all-to-all and ring attention on the fused attention kernel.
+    cp_kinds=("ulysses", "ring"), vocab_parallel=True,
+    # The runtime does not run async TP: it never reads tp_overlap, so the planner never offers it.
+    tp_overlap=False, tp_overlap_needs_compile=True,
+    compile=True, fused_kernels=True, mixed_recompute=True,
+    # runtime/parallelize.py shards wk/wv by kv heads and refuses tp that does not divide them.
+    kv_head_replication=False,
+    sp_saved_input="gathered", selective_recompute="meshplan", pipeline_grad_sync="after_schedule",
+)
+
+MEGATRON = Engine(
+    name="megatron", title="Megatron-Core",
+    # megatron/core/pipeline_parallel/schedules.py: forward_backward_pipelining_without_interleaving (1F1B)
+    # and _with_interleaving (virtual pipeline); there is no GPipe schedule.
+    schedules=("1f1b", "interleaved"),
+    # 1: the distributed optimizer (--use-distributed-optimizer); 2 and 3: Megatron FSDP
+    # (--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads / optim_grads_params).
+    zero_stages=(0, 1, 2, 3),
+    # --cp-comm-type p2p (ring attention, load-balanced causal chunks) and a2a (Ulysses).
+    cp_kinds=("ring", "ulysses"), vocab_parallel=False,
+    # --tp-comm-overlap (Transformer Engine userbuffers; needs sequence parallel), no compile needed.
+    tp_overlap=True, tp_overlap_needs_compile=False,
+    # Transformer Engine's fused layers and --cross-entropy-loss-fusion; torch.compile is not used.
+    compile=False, fused_kernels=True,
+    # --recompute-granularity is one of full / selective per run; full takes --recompute-method
+    # uniform|block --recompute-num-layers N (the same N on every stage).
+    mixed_recompute=False,
+    # megatron/core/transformer/attention.py: num_query_groups_per_partition = divide(num_query_groups, tp).
+    kv_head_replication=False,
+    # megatron/core/tensor_parallel/layers.py LinearWithGradAccumulationAndAsyncCommunication saves the
+    # sequence-parallel shard and all-gathers it again in backward; selective = core attention
+    # (--recompute-modules core_attn); overlap_grad_reduce buckets reduce under the last backward.
+    sp_saved_input="sharded", selective_recompute="core_attention", pipeline_grad_sync="overlapped",
+)
+
+TORCHTITAN = Engine(
+    name="torchtitan", title="torchtitan",
+    # torchtitan/distributed/pipeline_parallel.py: ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B
+    # (and zero-bubble variants meshplan does not price).
+    schedules=("gpipe", "1f1b", "interleaved"),
+    # data_parallel_replicate_degree (DDP: 0), FSDP2 without resharding after forward (2; its default
+    # under pipeline parallel) and with it (3); there is no optimizer-only sharding.
+    zero_stages=(0, 2, 3),
+    # context_parallel_degree: torch's ring attention over SDPA (allgather or alltoall rotation); no Ulysses.
+    cp_kinds=("ring",), vocab_parallel=False,
+    # parallelism.enable_async_tensor_parallel: requires compile (torchtitan/models/llama3/parallelize.py).
+    tp_overlap=True, tp_overlap_needs_compile=True,
+    compile=True, fused_kernels=False,
+    # activation_checkpoint.mode none | selective | full on every block; selective_ac_option "op" or a
+    # layer interval k; one mode for the whole model.
+    mixed_recompute=False, kv_head_replication=False,
+    # DTensor sequence parallel keeps the gathered input; the op policy saves every other mm, SDPA,
+    # reduce-scatter and max outputs (torchtitan/distributed/activation_checkpoint.py _save_list);
+    # torch.distributed.pipelining reduces gradients after the schedule.
+    sp_saved_input="gathered", selective_recompute="op_policy", pipeline_grad_sync="after_schedule",
+)
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (MESHPLAN, MEGATRON, TORCHTITAN)}
+ENGINE_NAMES = tuple(ENGINES)
+
+
+def get_engine(name: str, where: str = "--engine") -> Engine:
+    """The profile of engine ``name``; an :class:`InputError` naming ``where`` for an unknown one."""
+    engine = ENGINES.get(str(name).lower())
+    if engine is None:
+        raise InputError(where, f"unknown engine {name!r}", f"choose one of: {', '.join(ENGINE_NAMES)}")
+    return engine
