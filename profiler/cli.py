@@ -37,6 +37,9 @@ PAIRS_SHARE = 0.10
 # torchrun start-up and the final fit, paid out of the budget before the worker's clock starts.
 STARTUP_RESERVE_S = 3.0
 MIN_BUDGET_S = 10.0
+# CPU ranks' host checks (sharing, meeting, pipeline ops) take a fixed time; they run their full rounds when
+# that is at most half of the budget, so compute and links keep the other half, and the quick rounds otherwise.
+HOST_BUDGET_FACTOR = 2.0
 
 
 def register(app: typer.Typer) -> None:
@@ -288,6 +291,10 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
     cfg["quick"] = quick
     if quick:
         cfg["compute_share"] = QUICK_COMPUTE_SHARE
+    elif kind == "cpu" and budget_s < HOST_BUDGET_FACTOR * full_host_seconds(ranks):
+        cfg["quick_host"] = True
+        typer.echo(f"meshplan: a budget under {HOST_BUDGET_FACTOR * full_host_seconds(ranks):.0f}s times the "
+                   "host checks in the quick profile's short rounds", err=True)
     cfg_path = work / "job.json"
     cfg_path.write_text(json.dumps(cfg))
     argv = torchrun_argv(str(cfg_path), nnodes, ranks, node_rank, master_addr, master_port, rdzv_id, local_addr)
@@ -309,6 +316,15 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
         keep_raw.write_text(json.dumps(raw, indent=1))
     name = f"profiled:{raw['ranks'][0]['host']}:{nnodes}x{ranks}"
     return build_cluster(raw, base, name)
+
+
+def full_host_seconds(ranks_per_node: int) -> float:
+    """What the CPU host checks take in their full rounds (profiler/phases/host.py: host_phases_seconds)."""
+    import torch
+
+    from meshplan.profiler.phases.host import host_phases_seconds
+
+    return host_phases_seconds(torch.device("cpu"), ranks_per_node)
 
 
 def summary_text(cluster, elapsed: float) -> str:

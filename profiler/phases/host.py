@@ -184,7 +184,9 @@ QUICK_HOST_PHASES = HostPhaseSizes(2, 0.15, 2, 1.1, 3, 2.0)
 
 
 def host_phase_sizes(cfg: dict) -> HostPhaseSizes:
-    return QUICK_HOST_PHASES if cfg.get("quick") else FULL_HOST_PHASES
+    """The quick rounds for the quick profile and for a budget too short for the full ones
+    (``quick_host``, profiler/cli.py: measure); the full rounds otherwise."""
+    return QUICK_HOST_PHASES if cfg.get("quick") or cfg.get("quick_host") else FULL_HOST_PHASES
 
 
 def median_schedule_step(schedule, position: int, x: torch.Tensor, target: torch.Tensor, steps: int, group) -> float:
