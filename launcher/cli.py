@@ -129,14 +129,19 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
 
 
 def _replan(plan, plan_path: Path) -> Path:
-    """Re-plan the same model and batch for this machine (asked for with --replan)."""
+    """Re-plan the same model and batch for this machine (asked for with --replan), from this machine's
+    measurement as ``meshplan plan --cluster localhost:N`` takes it (cached quick profile; the documented
+    defaults with MESHPLAN_NO_PROFILE=1)."""
     import torch
 
+    from meshplan.plan_cli import measure_this_machine
     from meshplan.planner.search import search
     from meshplan.spec import load_cluster
 
     ranks = torch.cuda.device_count() if torch.cuda.is_available() else plan.world_size
     cluster = load_cluster(f"localhost:{ranks}")
+    if os.environ.get("MESHPLAN_NO_PROFILE", "").lower() not in ("1", "true", "yes", "on"):
+        cluster = measure_this_machine(cluster, plan.model, plan.train)
     new = search(plan.model, cluster, plan.train, {}, top=1).plans[0]
     target = plan_path.with_name(plan_path.stem + ".replanned.yaml")
     new.save(target)

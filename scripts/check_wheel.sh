@@ -64,5 +64,17 @@ run "$MESHPLAN" launch t.yaml --dry-run
 run "$MESHPLAN" launch t.yaml --emit slurm
 run "$MESHPLAN" plan --model llama3-405b --cluster dgx-h100:2048 --global-batch 2048 --seq-len 8192 \
     --fix tp=8 --fix pp=16 --fix dp=128 --out 405b.yaml
-run "$MESHPLAN" check 405b.yaml --ranks 0,last
+run "$MESHPLAN" check 405b.yaml --ranks 0,last --format json
+# the first and the last pipeline rank of 16,384, built and run on fake tensors in one process, within a minute
+"$PY" - "$WORK/last.log" <<'EOF'
+import json, sys
+text = open(sys.argv[1]).read()
+report = json.loads(text[text.index("{"):text.rindex("}") + 1])
+seconds = sum(r["seconds"] for r in report["ranks"])
+assert report["world_size"] == 16384 and [r["rank"] for r in report["ranks"]] == [0, 16383], report["ranks"]
+assert {r["coords"]["pp"] for r in report["ranks"]} == {0, 15}, report["ranks"]
+assert all(r["measured_gib"]["parameters"] > 0 and r["predicted_gib"]["peak"] > 0 for r in report["ranks"])
+assert seconds < 60, f"two ranks of the 405B plan took {seconds:.0f}s to check"
+print(f"check_wheel: 405B ranks 0 and 16383 checked in {seconds:.0f}s, fits: {report['fits']}")
+EOF
 echo "check_wheel: all passed ($WORK)"

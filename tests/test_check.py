@@ -5,7 +5,8 @@ tensors, its memory measured, and set beside the planner's prediction.
   matrix, every rank): parameters, gradients and optimizer state byte for byte, activations within 5%.
 * The planner's per-layer activation model equals the runtime's bytes for each recompute mode at Llama 3
   shapes, with and without tensor + sequence parallelism.
-* Broken plans fail in one line naming the field; a 16,384-rank 405B plan checks a sample of ranks fast.
+* Broken plans fail in one line naming the field. (The 16,384-rank 405B plan's first and last pipeline ranks
+  are checked from the built wheel by scripts/check_wheel.sh, in CI.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -180,24 +180,6 @@ def test_bad_ranks_and_a_plan_that_does_not_fit(tmp_path):
     dataclasses.replace(plan, cluster=tiny_device).save(tmp_path / "small.yaml")
     over = meshplan("check", "small.yaml", cwd=tmp_path)
     assert over.returncode == 3 and "measured" in over.stderr
-
-
-@pytest.mark.slow   # about 25 s of one core: fast for 16,384 ranks, not for a developer's every run
-def test_405b_on_16384_ranks_checks_a_sample_fast():
-    """llama3-405b, TP8 PP16 DP128 as the planner writes it: two ranks (the first and last pipeline rank)
-    built and run in one process."""
-    from meshplan.planner.search import evaluate_pinned
-
-    plan = evaluate_pinned(MODEL_PRESETS["llama3-405b"], load_cluster("dgx-h100:2048"), TrainSpec(2048, 8192),
-                           {"tp": 8, "pp": 16, "dp": 128, "cp": 1})
-    start = time.perf_counter()
-    result = check_plan(plan, [0, plan.world_size - 1])
-    seconds = time.perf_counter() - start
-    print(f"405B 16384 ranks: 2 ranks checked in {seconds:.1f}s")
-    assert seconds < 60
-    assert {r.coords["pp"] for r in result.ranks} == {0, 15}
-    for r in result.ranks:
-        assert r.measured["parameters"] > 0 and r.predicted["peak"] > 0
 
 
 def test_plan_check_notes_the_measured_peak(tmp_path):
