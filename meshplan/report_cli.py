@@ -61,16 +61,23 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         plan: Path = typer.Argument(..., help="Plan file written by `meshplan plan --out`."),
-        to: str = typer.Option(..., "--to", help="megatron, torchtitan, deepspeed or json."),
+        to: str = typer.Option(..., "--to", help="megatron (Megatron-LM arguments), torchtitan (torchtitan 0.3 "
+                               "arguments), torchtitan-toml (torchtitan 0.2 job file), deepspeed or json."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
+        torchtitan_config: Optional[str] = typer.Option(
+            None, "--torchtitan-config", metavar="MODULE:FUNCTION",
+            help="torchtitan config function that builds the model (for a model that is not a torchtitan preset)."),
     ) -> None:
-        """Print the plan in a framework's own terms; what the target cannot express goes to stderr."""
+        """Print the plan in an engine's own terms; what the target cannot express goes to stderr.
+
+        megatron and torchtitan need a plan priced for that engine (`meshplan plan --engine ...`)."""
         try:
             from meshplan.export import TARGETS, export_plan
 
             if to.lower().strip() not in TARGETS:
                 raise InputError("--to", f"unknown export target {to!r}", f"choose one of: {', '.join(TARGETS)}")
-            text, warnings = export_plan(_load_plan(plan, "plan"), to)
+            text, warnings = export_plan(_load_plan(plan, "plan"), to, source=str(plan),
+                                         torchtitan_config=torchtitan_config)
             if out is not None:
                 try:
                     out.write_text(text)

@@ -1,9 +1,12 @@
 """meshplan export: each target is parsed back (argparse / tomllib / json) and must reproduce the plan's
-degrees, micro batch, schedule, layer partition and recompute; what a target cannot express is warned."""
+degrees, micro batch, schedule, layer partition and recompute; what a target cannot express is warned; megatron
+and torchtitan take only a plan priced for them. tests/test_export_torchtitan.py parses the torchtitan 0.3
+arguments with torchtitan's own ConfigManager."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -13,8 +16,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from meshplan.export import (export_plan, recompute_kind, to_deepspeed_config, to_megatron_args,
-                             to_torchtitan_toml)
+from meshplan.export import export_plan, recompute_kind, to_deepspeed_config, to_megatron_args
+from meshplan.export_torchtitan import to_torchtitan_toml
 from meshplan.plan import Plan, Prediction, StagePlan
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
 
@@ -29,6 +32,9 @@ def _stages(counts, full=None, selective=None, peak=60.0):
     return tuple(out)
 
 
+FUSED = {"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "fused"}
+
+
 def _pred():
     return Prediction(iteration_s=9.8, tokens_per_s=53500.0, tflops_per_gpu=410.0, mfu=0.41, peak_memory_gib=71.0,
                       time_breakdown_s={"compute": 8.0, "bubble": 0.7, "tp_comm": 0.4},
@@ -37,12 +43,12 @@ def _pred():
 
 
 def pipeline_plan(**kw) -> Plan:
-    """llama3-70b on 32 H100s: dp2 tp4 pp4, interleaved with 2 chunks per rank, uneven layers."""
+    """llama3-70b on 32 H100s for Megatron-Core: dp2 tp4 pp4, interleaved with 2 chunks per rank, uneven layers."""
     args = dict(dp=2, tp=4, pp=4, cp=1, micro_batch=1, num_microbatches=32,
                 stages=_stages([9, 10, 10, 10, 10, 10, 11, 10], full=[9, 10, 10, 10, 10, 10, 11, 10]),
                 model=MODEL_PRESETS["llama3-70b"], cluster=load_cluster("dgx-h100:4"),
                 train=TrainSpec(global_batch=64, seq_len=8192), schedule="interleaved", virtual_stages=2, zero=1,
-                predicted=_pred())
+                engine="megatron", kernels=dict(FUSED), predicted=_pred())
     args.update(kw)
     plan = Plan(**args)
     plan.validate()
@@ -66,6 +72,8 @@ def flat_plan(**kw) -> Plan:
 # ----------------------------------------------------------------------------------------------
 
 def megatron_parser() -> argparse.ArgumentParser:
+    """Every option the export writes, declared as megatron/training/arguments.py declares it (NVIDIA/Megatron-LM
+    main, commit d98e8a64ddf3); an option Megatron-LM does not know fails the parse."""
     p = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
     for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups",
                  "seq-length", "max-position-embeddings", "vocab-size", "tensor-model-parallel-size",
@@ -86,9 +94,15 @@ def megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-layout")
     p.add_argument("--data-parallel-sharding-strategy", choices=["no_shard", "optim", "optim_grads",
                                                                   "optim_grads_params"])
+    p.add_argument("--recompute-modules", nargs="*")
+    p.add_argument("--ckpt-format", choices=["torch", "torch_dist", "zarr", "torch_dcp", "fsdp_dtensor"])
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine", "inference_optimized"])
+    p.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"])
+    p.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"])
     for name in ("group-query-attention", "swiglu", "untie-embeddings-and-output-weights", "disable-bias-linear",
                  "bf16", "fp16", "sequence-parallel", "use-distributed-optimizer", "use-megatron-fsdp",
-                 "use-tp-pp-dp-mapping", "tp-comm-overlap", "cross-entropy-loss-fusion"):
+                 "use-tp-pp-dp-mapping", "tp-comm-overlap", "cross-entropy-loss-fusion", "overlap-grad-reduce",
+                 "overlap-param-gather", "no-bias-swiglu-fusion", "no-rope-fusion"):
         p.add_argument(f"--{name}", action="store_true")
     return p
 
@@ -131,7 +145,13 @@ def test_megatron_round_trips_pipeline_plan():
     assert ns.recompute_granularity == "full" and ns.recompute_method == "uniform" and ns.recompute_num_layers == 1
     assert ns.sequence_parallel and ns.use_distributed_optimizer and ns.bf16 and ns.swiglu
     assert ns.num_query_groups == 8 and ns.group_query_attention
+    assert ns.overlap_grad_reduce and ns.overlap_param_gather and not ns.use_megatron_fsdp
+    assert ns.transformer_impl == "transformer_engine" and ns.attention_backend == "fused"      # cuDNN (TE)
+    assert ns.cross_entropy_loss_fusion and ns.cross_entropy_fusion_impl == "native"
+    assert not ns.no_rope_fusion and not ns.no_bias_swiglu_fusion and not ns.tp_comm_overlap
     assert warnings == []
+    ns = megatron_parser().parse_args(to_megatron_args(pipeline_plan(tp_overlap=True)))
+    assert ns.tp_comm_overlap and ns.sequence_parallel
 
 
 def test_megatron_even_interleaved_and_first_last_and_block_recompute():
@@ -154,14 +174,25 @@ def test_megatron_flat_plan_selective_and_warnings():
     ns = megatron_parser().parse_args(to_megatron_args(plan, warnings))
     assert ns.pipeline_model_parallel_size == 1 and ns.tensor_model_parallel_size == 2
     assert ns.recompute_granularity == "selective" and ns.recompute_method is None
+    assert ns.recompute_modules == ["core_attn"]                     # Megatron's selective: core attention
     assert ns.use_megatron_fsdp and ns.data_parallel_sharding_strategy == "optim_grads_params"
-    assert any("compile" in w for w in warnings)
+    assert ns.use_distributed_optimizer and ns.ckpt_format == "fsdp_dtensor"     # what Megatron FSDP needs
+    assert ns.overlap_grad_reduce and ns.overlap_param_gather
+    assert ns.no_rope_fusion and ns.no_bias_swiglu_fusion and not ns.cross_entropy_loss_fusion   # reference
+    assert any("compile" in w for w in warnings) and any("norm" in w for w in warnings)
+    ns = megatron_parser().parse_args(to_megatron_args(flat_plan(zero=2)))
+    assert ns.data_parallel_sharding_strategy == "optim_grads"
+    ns = megatron_parser().parse_args(to_megatron_args(flat_plan(zero=0, dp=1, tp=8, micro_batch=2,
+                                                                 num_microbatches=16)))
+    assert not ns.use_distributed_optimizer and not ns.overlap_grad_reduce and not ns.overlap_param_gather
+    one = flat_plan(engine="megatron", tp=1, dp=8, micro_batch=1, tp_overlap=True, kernels=dict(FUSED))
+    assert "--tp-comm-overlap" not in to_megatron_args(one)      # Megatron refuses it where tp = 1 turns SP off
 
 
 def test_megatron_warns_what_it_cannot_express():
     plan = pipeline_plan(schedule="gpipe", virtual_stages=1, vocab_parallel=True,
                          stages=_stages([20] * 4, full=[2, 0, 0, 0], selective=[0, 5, 5, 5]),
-                         mesh_order=("dp", "cp", "pp", "tp"))
+                         mesh_order=("dp", "cp", "pp", "tp"), engine="meshplan")
     warnings: list[str] = []
     ns = megatron_parser().parse_args(to_megatron_args(plan, warnings))
     text = "\n".join(warnings)
@@ -185,15 +216,20 @@ def _titan_counts(fqns: list[list[str]]) -> list[int]:
     return [sum(1 for n in part if n.startswith("layers.")) for part in fqns]
 
 
-def test_torchtitan_round_trips_pipeline_plan():
-    plan = pipeline_plan(zero=3)
+def titan_plan(**kw) -> Plan:
+    """pipeline_plan priced for torchtitan (ZeRO 3, no fused kernels)."""
+    return pipeline_plan(**{"engine": "torchtitan", "zero": 3, "kernels": {k: "reference" for k in FUSED}, **kw})
+
+
+def test_torchtitan_toml_round_trips_pipeline_plan():
+    plan = titan_plan()
     warnings: list[str] = []
     cfg = tomllib.loads(to_torchtitan_toml(plan, warnings))
     par, tr = cfg["parallelism"], cfg["training"]
     dp = par["data_parallel_replicate_degree"] * par["data_parallel_shard_degree"]
     assert (dp, par["tensor_parallel_degree"], par["pipeline_parallel_degree"], par["context_parallel_degree"]) \
         == (2, 4, 4, 1)
-    assert par["data_parallel_shard_degree"] == 2              # ZeRO-3 -> FSDP
+    assert par["data_parallel_shard_degree"] == 2 and par["fsdp_reshard_after_forward"] == "always"   # ZeRO-3
     assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
     assert par["pipeline_parallel_microbatch_size"] == plan.micro_batch
     assert tr["local_batch_size"] // par["pipeline_parallel_microbatch_size"] == plan.num_microbatches
@@ -206,10 +242,11 @@ def test_torchtitan_round_trips_pipeline_plan():
     assert layers == [f"layers.{i}" for i in range(plan.model.layers)]
     assert cfg["activation_checkpoint"]["mode"] == "full"
     assert cfg["model"] == {"name": "llama3", "flavor": "70B"}
+    assert cfg["compile"] == {"enable": False, "components": ["model", "loss"]}
     assert warnings == []
 
 
-def test_torchtitan_flat_plan():
+def test_torchtitan_toml_flat_plan():
     plan = flat_plan()
     cfg = tomllib.loads(to_torchtitan_toml(plan))
     par, tr = cfg["parallelism"], cfg["training"]
@@ -221,16 +258,19 @@ def test_torchtitan_flat_plan():
     assert cfg["activation_checkpoint"] == {"mode": "selective", "selective_ac_option": "op"}
 
 
-def test_torchtitan_warnings():
-    plan = flat_plan(dp=2, cp=2, cp_kind="ulysses", micro_batch=4, zero=2, model=MODEL_PRESETS["gpt2"],
+def test_torchtitan_toml_warnings():
+    # a plan made for an engine that runs what torchtitan does not (Ulysses, ZeRO-1, fp16): each is a warning
+    plan = flat_plan(engine="megatron", dp=2, cp=2, cp_kind="ulysses", micro_batch=4, zero=1,
+                     model=MODEL_PRESETS["gpt2"],
                      stages=_stages([12], full=[6]), train=TrainSpec(global_batch=32, seq_len=1024, precision="fp16"))
     warnings: list[str] = []
     cfg = tomllib.loads(to_torchtitan_toml(plan, warnings))
     text = "\n".join(warnings)
-    for needle in ("Ulysses", "ZeRO-2", "not a torchtitan flavor", "Llama-shaped", "fp16", "recompute (full blocks"):
+    for needle in ("Ulysses", "ZeRO-1", "not a torchtitan flavor", "Llama-shaped", "fp16", "recompute (full blocks"):
         assert needle in text, needle
     assert cfg["parallelism"]["context_parallel_degree"] == 2
     assert cfg["activation_checkpoint"]["mode"] == "full"
+    assert cfg["parallelism"]["fsdp_reshard_after_forward"] == "never"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,22 +329,53 @@ def app():
 
 def test_cli_export_each_target(app, tmp_path):
     path = tmp_path / "plan.yaml"
-    pipeline_plan(vocab_parallel=True).save(path)
+    pipeline_plan().save(path)
     runner = CliRunner()
     res = runner.invoke(app, ["export", str(path), "--to", "megatron"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0 and res.stderr == "", res.output
     ns = megatron_parser().parse_args(shlex.split(res.stdout.replace("\\\n", " ")))
     assert ns.pipeline_model_parallel_size == 4
-    assert "warning: megatron: vocabulary parallelism" in res.stderr
-    res = runner.invoke(app, ["export", str(path), "--to", "torchtitan"])
-    assert res.exit_code == 0 and tomllib.loads(res.stdout)["parallelism"]["tensor_parallel_degree"] == 4
     res = runner.invoke(app, ["export", str(path), "--to", "deepspeed"])
     assert res.exit_code == 0 and json.loads(res.stdout)["zero_optimization"]["stage"] == 1
+    assert "warning: deepspeed: DeepSpeed is not an engine meshplan prices" in res.stderr
     res = runner.invoke(app, ["export", str(path), "--to", "json"])
     assert res.exit_code == 0 and Plan.from_dict(json.loads(res.stdout)) == Plan.load(path)
     out = tmp_path / "ds.json"
     res = runner.invoke(app, ["export", str(path), "--to", "DeepSpeed", "--out", str(out)])
     assert res.exit_code == 0 and json.loads(out.read_text())["train_batch_size"] == 64
+
+    titan = tmp_path / "titan.yaml"
+    titan_plan().save(titan)
+    res = runner.invoke(app, ["export", str(titan), "--to", "torchtitan"])
+    assert res.exit_code == 0, res.output
+    args = shlex.split(res.stdout.replace("\\\n", " "))
+    assert args[:4] == ["--module", "llama3", "--config", "llama3_70b"] and args[-1] == "activation-checkpoint:full"
+    res = runner.invoke(app, ["export", str(titan), "--to", "torchtitan-toml"])
+    assert res.exit_code == 0 and tomllib.loads(res.stdout)["parallelism"]["tensor_parallel_degree"] == 4
+
+
+@pytest.mark.parametrize("engine,target", [("megatron", "torchtitan"), ("megatron", "torchtitan-toml"),
+                                           ("meshplan", "megatron"), ("torchtitan", "megatron")])
+def test_cli_export_refuses_another_engines_plan(app, tmp_path, engine, target):
+    path = tmp_path / "plan.yaml"
+    plan = titan_plan(engine=engine) if engine != "megatron" else pipeline_plan()
+    plan.save(path)
+    res = CliRunner().invoke(app, ["export", str(path), "--to", target])
+    want = target.split("-")[0]
+    assert res.exit_code == 2 and res.stdout == "" and "Traceback" not in res.output
+    assert res.stderr.strip() == (f"error: --to: {path} is priced for {engine}, not {want} (re-plan with "
+                                  f"`meshplan plan --model llama3-70b --cluster dgx-h100:4 --global-batch 64 "
+                                  f"--seq-len 8192 --engine {want}`)")
+
+
+def test_replan_command_for_inputs_given_as_files():
+    from meshplan.export import replan_command
+
+    custom = dataclasses.replace(MODEL_PRESETS["llama3-8b"], name="my-model")
+    assert replan_command(flat_plan(model=custom), "torchtitan") == "meshplan plan ... --engine torchtitan"
+    fp8 = flat_plan(engine="megatron", train=TrainSpec(global_batch=32, seq_len=8192, precision="fp8",
+                                                       optimizer="sgd"))
+    assert replan_command(fp8, "megatron").endswith("--precision fp8 --optimizer sgd --engine megatron")
 
 
 def test_cli_export_errors(app, tmp_path):
