@@ -7,15 +7,36 @@ from meshplan.engines import MESHPLAN
 from meshplan.errors import InputError
 from meshplan.plan import Plan, schedule_problem
 
+# The engine-field values the runtime reads and runs, each where it is read: MESHPLAN (meshplan/engines.py) may
+# list no other (tests/test_engine_meshplan.py), and a plan with another is refused.
+RUNTIME_VALUES: dict[str, tuple] = {
+    "schedule": ("gpipe", "1f1b", "interleaved"),   # runtime/parallelize.py build_schedule
+    "zero": (0, 1, 2, 3),                           # parallelize.apply_dp: replicate, FSDP2 kept / resharded
+    "cp_kind": ("ulysses", "ring"),                 # parallelize.apply_cp
+    "vocab_parallel": (False, True),                # runtime/vocab_parallel.py
+    "tp_overlap": (False,),                         # no async TP: nothing reads tp_overlap
+    "compile": (False, True),                       # parallelize.apply_compile
+    "fused_kernels": (False, True),                 # train._set_kernels, train.make_loss_fn
+    "precision": ("fp32", "bf16"),                  # train.computes_in_bf16 (per device kind: RUNTIME_PRECISIONS)
+}
+# What the runtime computes in (runtime/train.py computes_in_bf16): GPU ranks in bf16 (FSDP2 mixed precision or
+# autocast) or fp32, CPU ranks in fp32. An fp16 or fp8 plan would silently run as bf16, so it is refused.
+RUNTIME_PRECISIONS = {"gpu": ("bf16", "fp32"), "cpu": ("fp32",)}
+# The kernels a CPU rank runs fused: the chunked loss (train.make_loss_fn); the Triton norm, SwiGLU and RoPE
+# run on GPUs only (train._set_kernels would silently run the reference on a CPU rank).
+CPU_FUSED_KERNELS = ("loss",)
+
 
 def check_supported(plan: Plan) -> None:
     """Plans the runtime cannot run are refused in one line naming the field and the fix: a plan priced for
-    another engine, and any field value meshplan's engine profile does not list (meshplan/engines.py; the
-    runtime reads every value that profile lists)."""
+    another engine, any field value meshplan's engine profile does not list (meshplan/engines.py; the
+    runtime reads every value that profile lists), and any value the runtime would silently run as another
+    (:func:`check_runtime_values`)."""
     if plan.engine != "meshplan":
         raise InputError("plan.engine", f"this plan is priced for {plan.engine}, not for meshplan's runtime",
                          f"run it with `meshplan export PLAN --to {plan.engine}`, or re-plan with --engine meshplan")
     MESHPLAN.check(plan.engine_fields(), "plan")
+    check_runtime_values(plan)
     m = plan.model
     if plan.tp > 1 and (m.heads % plan.tp or m.kv_heads % plan.tp):
         raise InputError("plan.tp", f"tp={plan.tp} does not divide heads={m.heads} and kv_heads={m.kv_heads}",
@@ -37,6 +58,36 @@ def check_supported(plan: Plan) -> None:
     problem = schedule_problem(plan.schedule, plan.pp, plan.num_microbatches)
     if problem:
         raise InputError("plan.schedule", problem, "re-plan, or pin --fix schedule=gpipe or a smaller micro_batch")
+
+
+def check_runtime_values(plan: Plan) -> None:
+    """Field values the runtime does not read, or reads but would not run as written, are refused rather than
+    ignored or replaced."""
+    for field, value in plan.engine_fields().items():
+        # (a field missing from RUNTIME_VALUES fails tests/test_engine_meshplan.py)
+        if field in RUNTIME_VALUES and value not in RUNTIME_VALUES[field]:
+            shown = ", ".join(str(v).lower() for v in RUNTIME_VALUES[field])
+            raise InputError(f"plan.{field}", f"meshplan's runtime does not run {field}={str(value).lower()} "
+                             f"(it runs {{{shown}}})", "re-plan with --engine meshplan")
+    kind = plan.cluster.gpu.kind
+    if plan.train.precision not in RUNTIME_PRECISIONS[kind]:
+        runs = " or ".join(RUNTIME_PRECISIONS[kind])
+        raise InputError("plan.train.precision", f"meshplan's runtime computes {kind.upper()} ranks in {runs}, "
+                         f"not {plan.train.precision}", f"re-plan with --precision {RUNTIME_PRECISIONS[kind][0]}")
+    if kind == "cpu":
+        for name, impl in plan.kernels.items():
+            if impl == "fused" and name not in CPU_FUSED_KERNELS:
+                raise InputError(f"plan.kernels.{name}", "the fused kernel runs on GPU ranks only",
+                                 f"set kernels.{name}: reference, or re-plan without --fix fused_kernels=true")
+    if plan.tp > 1 and not plan.sequence_parallel:
+        # The planner prices tp > 1 with sequence parallelism only, and without it apply_tp leaves the norms'
+        # weights plain tensors beside DTensors, which the optimizer step cannot mix unless dp x cp wraps them.
+        raise InputError("plan.sequence_parallel", f"meshplan runs tp={plan.tp} only with sequence parallelism",
+                         "set sequence_parallel: true")
+    if plan.virtual_stages > 1 and (plan.pp == 1 or plan.schedule != "interleaved"):
+        raise InputError("plan.virtual_stages", f"{plan.virtual_stages} virtual stages need pp > 1 and the "
+                         f"interleaved schedule (the plan has pp={plan.pp}, schedule {plan.schedule})",
+                         "set virtual_stages: 1, or re-plan with --fix schedule=interleaved")
 
 
 def check_local(plan: Plan, nproc: int) -> None:

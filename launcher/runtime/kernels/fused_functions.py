@@ -43,15 +43,17 @@ class RMSNormFunction(torch.autograd.Function):
             x2 = x2.contiguous()
         w = weight.contiguous()
         m = x2.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        # the output is allocated in the input's shape and returned whole, not as a view: a module that FSDP2
+        # wraps may return it, and an in-place op on a returned view would skip FSDP2's pre-backward hook
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         if m > 0 and has_data(x2):
             from .triton_kernels import rms_norm_forward
 
-            rms_norm_forward(x2, w, y, rstd, eps)
+            rms_norm_forward(x2, w, y.view(m, n), rstd, eps)
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape = shape
-        return y.view(shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
