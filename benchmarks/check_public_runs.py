@@ -3,8 +3,10 @@
     python benchmarks/check_public_runs.py [--runs ../shared/benchmarks/public-runs.yaml] [--json out.json]
 
 Every run of ``benchmarks/fidelity.py`` (Megatron-Core weak scaling, torchtitan Llama 3.1) is planned with its
-published configuration pinned, then checked: the first rank of the first and last pipeline rank built by
-meshplan's runtime over a fake process group of the run's world size, on fake tensors, one training step.
+published configuration pinned for meshplan's engine (what ``check`` builds; an fp8 run trains in bf16 and
+async TP is off, as meshplan's runtime runs them), then checked: the first rank of the first and last pipeline
+rank built by meshplan's runtime over a fake process group of the run's world size, on fake tensors, one
+training step.
 The table gives, per checked rank, the measured and predicted allocated peak (GiB, before the planner's
 allocator margin) and (predicted - measured) / measured. Target: within 5%, never below by more than 2%.
 Results: docs/results.md.
@@ -12,6 +14,7 @@ Results: docs/results.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -21,15 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity import load_cases, parse_runs_arguments  # noqa: E402
 from meshplan.launcher.check import check_plan, parse_ranks  # noqa: E402
+from meshplan.engines import MESHPLAN  # noqa: E402
 from meshplan.planner.search import search  # noqa: E402
+from meshplan.spec import TrainSpec  # noqa: E402
 
 GIB = 2**30
+
+
+def meshplan_train(train: TrainSpec) -> TrainSpec:
+    """The run's batch in a precision meshplan's runtime trains in (bf16 for an fp8 run)."""
+    if train.precision in MESHPLAN.precisions:
+        return train
+    return dataclasses.replace(train, precision="bf16")
+
+
+def meshplan_pins(case) -> dict:
+    """The run's pins, less the values meshplan's engine does not run (each dropped to what it runs)."""
+    pins = {**case.fixes, **case.env}
+    return {k: v for k, v in pins.items() if MESHPLAN.refusal(k, v) is None}
 
 
 def run(path: Path) -> list[dict]:
     rows = []
     for case in load_cases(path):
-        plan = search(case.model, case.cluster, case.train, {**case.fixes, **case.env}, top=1).plans[0]
+        plan = search(case.model, case.cluster, meshplan_train(case.train), meshplan_pins(case), top=1,
+                      engine=MESHPLAN).plans[0]
         firsts = parse_ranks(None, plan)
         ranks = sorted({firsts[0], firsts[-1]})
         start = time.perf_counter()

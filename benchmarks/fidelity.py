@@ -119,6 +119,12 @@ def load_cases(path: Path) -> list[Case]:
     return megatron_cases(data["megatron_core_h100_r0.8"]) + torchtitan_cases(data["torchtitan_llama3_h100_2024_12"])
 
 
+def predicted_use_gib(prediction) -> float:
+    """What a plan takes of a device: what the caching allocator reserves (torchtitan's published memory is
+    this ``max_reserved`` figure, so ``memory error`` compares the two) and NCCL's buffers."""
+    return (prediction.reserved_memory_gib or prediction.peak_memory_gib) + (prediction.nccl_memory_gib or 0.0)
+
+
 def run(path: Path) -> dict:
     rows, errors, out = [], [], []
     for case in load_cases(path):
@@ -128,7 +134,9 @@ def run(path: Path) -> dict:
         p, f = pinned.predicted, free.predicted
         err = p.iteration_s / case.measured_iteration_s - 1
         errors.append(abs(err))
-        fits = p.peak_memory_gib <= case.cluster.gpu.memory_gib
+        fits = predicted_use_gib(p) <= case.cluster.gpu.memory_gib
+        reserved = p.reserved_memory_gib
+        mem_err = reserved / case.measured_memory_gib - 1 if case.measured_memory_gib else None
         speedup = p.iteration_s / f.iteration_s - 1
         choice = f"dp{free.dp} tp{free.tp} pp{free.pp} cp{free.cp} mb{free.micro_batch} z{free.zero}"
         if free.pp > 1:
@@ -136,18 +144,28 @@ def run(path: Path) -> dict:
         choice += f" rc={free.recompute}"
         rows.append([case.name, f"{case.measured_iteration_s:.2f}", f"{p.iteration_s:.2f}", f"{err:+.1%}",
                      f"{case.measured_memory_gib:.1f}" if case.measured_memory_gib else "-",
-                     f"{p.peak_memory_gib:.1f}", "yes" if fits else "NO", f"{p.mfu:.0%}", choice, f"{speedup:+.1%}"])
+                     f"{p.allocated_peak_gib:.1f}", f"{reserved:.1f}",
+                     f"{mem_err:+.1%}" if mem_err is not None else "-",
+                     "yes" if fits else "NO", f"{p.mfu:.0%}", choice, f"{speedup:+.1%}"])
         out.append({"name": case.name, "measured_iteration_s": case.measured_iteration_s,
                     "predicted_iteration_s": p.iteration_s, "error": err,
                     "measured_memory_gib": case.measured_memory_gib, "predicted_memory_gib": p.peak_memory_gib,
-                    "fits": fits, "planner_choice": free.fields_for_fix(), "planner_iteration_s": f.iteration_s,
-                    "planner_fits": f.peak_memory_gib <= case.cluster.gpu.memory_gib, "planner_notes": list(free.notes)})
-    headers = ["run", "measured s/it", "predicted s/it", "error", "measured GiB", "predicted GiB", "fits",
-               "pred. MFU", "planner's own choice", "published vs own"]
+                    "predicted_allocated_gib": p.allocated_peak_gib, "predicted_reserved_gib": reserved,
+                    "memory_error": mem_err, "fits": fits,
+                    "planner_choice": free.fields_for_fix(), "planner_iteration_s": f.iteration_s,
+                    "planner_fits": predicted_use_gib(f) <= case.cluster.gpu.memory_gib,
+                    "planner_notes": list(free.notes)})
+    headers = ["run", "measured s/it", "predicted s/it", "error", "measured GiB", "allocated GiB", "reserved GiB",
+               "memory error", "fits", "pred. MFU", "planner's own choice", "published vs own"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     summary = {"median_abs_error": statistics.median(errors), "max_abs_error": max(errors), "runs": len(errors)}
     print(f"\nmedian |error| {summary['median_abs_error']:.1%}, max |error| {summary['max_abs_error']:.1%} "
           f"over {len(errors)} runs")
+    memory_errors = [r["memory_error"] for r in out if r["memory_error"] is not None]
+    if memory_errors:
+        summary.update(memory_error_min=min(memory_errors), memory_error_max=max(memory_errors))
+        print(f"reserved memory vs published max_reserved: {min(memory_errors):+.1%} to {max(memory_errors):+.1%} "
+              f"over {len(memory_errors)} runs")
     return {"summary": summary, "runs": out}
 
 

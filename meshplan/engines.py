@@ -18,6 +18,8 @@ from typing import Any
 from meshplan.errors import InputError
 
 DEFAULT_ENGINE = "meshplan"
+# Where a plan file holds the values engine_fields names differently (meshplan/plan.py Plan.engine_fields).
+PLAN_FIELD_NAMES = {"precision": "train.precision", "fused_kernels": "kernels"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Engine:
         fused_kernels: runs fused kernels for norm, SwiGLU, RoPE and the loss (plan ``kernels``).
         mixed_recompute: stages may mix full and selective recomputation, or recompute some blocks only.
         kv_head_replication: tensor parallel larger than the key/value heads (each head replicated).
+        precisions: training precisions it runs (``--precision``).
 
     Fields (how it behaves where engines differ; read by the cost terms):
         sp_saved_input: what a column-parallel linear keeps for its backward under sequence parallel:
@@ -49,6 +52,21 @@ class Engine:
         pipeline_grad_sync: when a pipeline stage's data-parallel gradients are reduced: ``after_schedule``
             (torch.distributed.pipelining: one reduction after the stage's last backward) or ``overlapped``
             (bucketed under the last micro-batch's backward).
+        state_layout: how the training state is held: ``fsdp2`` (fp32 parameters, gradients and Adam moments
+            sharded per ZeRO stage by FSDP2 or kept whole by replicate, 16-bit copies gathered for compute) or
+            ``distributed_optimizer`` (Megatron: 16-bit parameters and an fp32 contiguous gradient buffer on
+            every data-parallel rank, fp32 main parameters and Adam moments sharded from ZeRO 1 on).
+        block_recompute: without mixed recompute, full recomputation may cover the same number N of blocks in
+            every model chunk, the others recomputing nothing (Megatron's ``--recompute-method block``).
+        tp_backward_async: the backward of a column-parallel linear issues its collectives asynchronously:
+            the input all-gather under the input-gradient GEMM, the input-gradient reduce-scatter under the
+            weight-gradient GEMM (Megatron); False: each collective is waited for where it is issued (DTensor).
+        ring_attention: how ``cp_kind = ring`` runs: ``runtime`` (meshplan: fp32 blocks with materialised
+            scores on contiguous chunks, each K/V hop waited for) or ``flash`` (flash attention per step on
+            load-balanced chunks, the next K/V exchanged under the current step).
+        attention_kernel: the attention kernel on GPUs: ``flash2`` (torch SDPA's FlashAttention-2) or ``cudnn``
+            (Transformer Engine's cuDNN fused attention); compute.py rates each per GPU generation.
+        fp8_allgather: under fp8 the column-parallel inputs are all-gathered in fp8 (1 byte an element).
     """
 
     name: str
@@ -63,9 +81,16 @@ class Engine:
     fused_kernels: bool
     mixed_recompute: bool
     kv_head_replication: bool
+    precisions: tuple[str, ...]
     sp_saved_input: str
     selective_recompute: str
     pipeline_grad_sync: str
+    state_layout: str = "fsdp2"
+    block_recompute: bool = False
+    tp_backward_async: bool = False
+    ring_attention: str = "runtime"
+    attention_kernel: str = "flash2"
+    fp8_allgather: bool = False
 
     def refusal(self, field: str, value: Any) -> str | None:
         """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
@@ -83,6 +108,7 @@ class Engine:
             "tp_overlap": (False, True) if self.tp_overlap else (False,),
             "compile": (False, True) if self.compile else (False,),
             "fused_kernels": (False, True) if self.fused_kernels else (False,),
+            "precision": self.precisions,
         }
         return table.get(field)
 
@@ -93,7 +119,8 @@ class Engine:
             if why:
                 other = [e.name for e in ENGINES.values() if e.refusal(field, value) is None]
                 fix = (f"drop the pin, or plan with --engine {' / '.join(other)}" if other else "drop the pin")
-                raise InputError(f"{where} {field}" if where == "--fix" else f"{where}.{field}", why, fix)
+                name = f"{where} {field}" if where == "--fix" else f"{where}.{PLAN_FIELD_NAMES.get(field, field)}"
+                raise InputError(name, why, fix)
 
 
 MESHPLAN = Engine(
@@ -109,7 +136,12 @@ MESHPLAN = Engine(
     compile=True, fused_kernels=True, mixed_recompute=True,
     # runtime/parallelize.py shards wk/wv by kv heads and refuses tp that does not divide them.
     kv_head_replication=False,
+    # launcher/runtime/train.py: fp32, or bf16 mixed precision; no fp16 loss scaling, no fp8 matmuls.
+    precisions=("fp32", "bf16"),
     sp_saved_input="gathered", selective_recompute="meshplan", pipeline_grad_sync="after_schedule",
+    # DTensor collectives wait; runtime/context_parallel.py _RingAttention (fp32, contiguous chunks);
+    # attention is torch SDPA.
+    tp_backward_async=False, ring_attention="runtime", attention_kernel="flash2", fp8_allgather=False,
 )
 
 MEGATRON = Engine(
@@ -131,10 +163,26 @@ MEGATRON = Engine(
     mixed_recompute=False,
     # megatron/core/transformer/attention.py: num_query_groups_per_partition = divide(num_query_groups, tp).
     kv_head_replication=False,
+    # --bf16 / --fp16 (loss scaling) / --fp8-format hybrid (Transformer Engine).
+    precisions=("fp32", "bf16", "fp16", "fp8"),
     # megatron/core/tensor_parallel/layers.py LinearWithGradAccumulationAndAsyncCommunication saves the
     # sequence-parallel shard and all-gathers it again in backward; selective = core attention
     # (--recompute-modules core_attn); overlap_grad_reduce buckets reduce under the last backward.
     sp_saved_input="sharded", selective_recompute="core_attention", pipeline_grad_sync="overlapped",
+    # docs.nvidia.com/megatron-core distrib_optimizer: bf16 parameters with fp32 gradients take 18 bytes per
+    # parameter, 6 + 12/d with the distributed optimizer; megatron/training/arguments.py turns on
+    # accumulate_allreduce_grads_in_fp32 under bf16 (the main-grad buffer is fp32).
+    state_layout="distributed_optimizer",
+    # megatron/core/transformer/transformer_block.py _checkpointed_forward: recompute_method "block" checkpoints
+    # the first recompute_num_layers layers of each pipeline stage (of each model chunk under interleaving).
+    block_recompute=True,
+    # layers.py LinearWithGradAccumulationAndAsyncCommunication.backward: all-gather with async_op=True
+    # before the grad_input GEMM, reduce-scatter with async_op=True before the weight-gradient GEMM
+    # (CUDA_DEVICE_MAX_CONNECTIONS=1 orders them); Transformer Engine's Linear does the same. Context
+    # parallel p2p (TE AttnFuncWithCPAndKVP2P): flash attention per step on load-balanced chunks (2 per
+    # rank), the next K/V sent under the current step. TE's DotProductAttention runs cuDNN fused attention
+    # on Hopper; TE's fp8 LayerNormLinear all-gathers its fp8 output.
+    tp_backward_async=True, ring_attention="flash", attention_kernel="cudnn", fp8_allgather=True,
 )
 
 TORCHTITAN = Engine(
@@ -153,10 +201,17 @@ TORCHTITAN = Engine(
     # activation_checkpoint.mode none | selective | full on every block; selective_ac_option "op" or a
     # layer interval k; one mode for the whole model.
     mixed_recompute=False, kv_head_replication=False,
+    # training.mixed_precision_param bfloat16 / float32; fp8 through the float8 converter (torchao); no fp16.
+    precisions=("fp32", "bf16", "fp8"),
     # DTensor sequence parallel keeps the gathered input; the op policy saves every other mm, SDPA,
     # reduce-scatter and max outputs (torchtitan/distributed/activation_checkpoint.py _save_list);
     # torch.distributed.pipelining reduces gradients after the schedule.
     sp_saved_input="gathered", selective_recompute="op_policy", pipeline_grad_sync="after_schedule",
+    # DTensor collectives wait; torch.distributed.tensor.experimental.context_parallel runs SDPA per step
+    # on head-tail load-balanced chunks (torchtitan/distributed/context_parallel: load_balancer "headtail"),
+    # rotating K/V beside the step; attention is torch SDPA; torchao Float8ColwiseParallel casts the
+    # column-parallel input to fp8 before its all-gather (torchtitan parallelize apply_tp with float8).
+    tp_backward_async=False, ring_attention="flash", attention_kernel="flash2", fp8_allgather=True,
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (MESHPLAN, MEGATRON, TORCHTITAN)}

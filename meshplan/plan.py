@@ -138,6 +138,12 @@ class Prediction:
         peak_memory_gib: the worst rank's peak, allocator margin included.
         time_breakdown_s: compute, recompute, exposed communication per dimension, bubble, optimizer.
         memory_breakdown_gib: the worst rank's parameters, gradients, optimizer, activations, logits, buffers.
+        reserved_memory_gib: the most any rank's CUDA caching allocator reserves (what
+            ``torch.cuda.max_memory_reserved`` reports: the allocated peak, cached blocks and fragmentation;
+            planner/memory.py reserved_bytes); equal to the live peak on CPU ranks. None in plans written
+            before it existed.
+        nccl_memory_gib: NCCL's buffers per rank, outside torch's allocator. A plan fits when reserved + NCCL +
+            the CUDA context stay under the device memory less the headroom (``meshplan plan --memory-headroom``).
     """
 
     iteration_s: float
@@ -147,15 +153,26 @@ class Prediction:
     peak_memory_gib: float
     time_breakdown_s: dict[str, float] = field(default_factory=dict)
     memory_breakdown_gib: dict[str, float] = field(default_factory=dict)
+    reserved_memory_gib: float | None = None
+    nccl_memory_gib: float | None = None
+
+    @property
+    def allocated_peak_gib(self) -> float:
+        """The worst rank's live tensors at their peak: ``peak_memory_gib`` without the allocator margin."""
+        return self.peak_memory_gib - float(self.memory_breakdown_gib.get("margin", 0.0) or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "iteration_s": significant(self.iteration_s), "tokens_per_s": significant(self.tokens_per_s),
             "tflops_per_gpu": significant(self.tflops_per_gpu), "mfu": significant(self.mfu),
             "peak_memory_gib": significant(self.peak_memory_gib),
             "time_breakdown_s": {k: significant(v) for k, v in self.time_breakdown_s.items()},
             "memory_breakdown_gib": {k: significant(v) for k, v in self.memory_breakdown_gib.items()},
         }
+        for key in ("reserved_memory_gib", "nccl_memory_gib"):
+            if getattr(self, key) is not None:
+                data[key] = significant(getattr(self, key))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":
@@ -258,7 +275,8 @@ class Plan:
         schedule under a pipeline, the context-parallel kind with cp > 1."""
         fields: dict[str, Any] = {"zero": self.zero, "vocab_parallel": self.vocab_parallel,
                                   "tp_overlap": self.tp_overlap, "compile": self.compile,
-                                  "fused_kernels": any(v == "fused" for v in self.kernels.values())}
+                                  "fused_kernels": any(v == "fused" for v in self.kernels.values()),
+                                  "precision": self.train.precision}
         if self.pp > 1:
             fields["schedule"] = self.schedule
         if self.cp > 1:

@@ -47,6 +47,11 @@ def plan_command(
                                "(meshplan launch), megatron (Megatron-Core) or torchtitan; the search offers what it "
                                "runs and prices it as it behaves"),
     top: int = typer.Option(3, "--top", "-k", help="How many plans to show"),
+    # the default is planner.memory.DEFAULT_MEMORY_HEADROOM (tests/test_engine_memory.py holds them equal)
+    memory_headroom: float = typer.Option(0.05, "--memory-headroom", help="Share of each device's memory a plan "
+                                          "leaves unused: a plan fits when what the CUDA caching allocator reserves, "
+                                          "NCCL's buffers and the CUDA context stay under (1 - headroom) x memory "
+                                          "(0 <= headroom < 1)"),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the best plan here (YAML, or JSON for .json)"),
     no_refine: bool = typer.Option(False, "--no-refine", help="Skip the final partition + recompute ILP"),
@@ -77,6 +82,7 @@ def plan_command(
             typer.echo(f"assuming {' '.join(assumed)} (pass them to plan your own job)", err=True)
         if top < 1:
             raise InputError("--top", f"must be >= 1, got {top}", "give --top 1 or more")
+        check_memory_headroom(memory_headroom)
         engine_profile = get_engine(engine)
         model_spec = load_model(model or DEFAULT_MODEL)
         cluster_spec = load_cluster(cluster or DEFAULT_CLUSTER)
@@ -90,7 +96,7 @@ def plan_command(
         progress = _progress_bar() if sys.stderr.isatty() else None
         try:
             result = search(model_spec, cluster_spec, train, fixes, top=top, refine=not no_refine,
-                            progress=progress, engine=engine_profile)
+                            progress=progress, engine=engine_profile, memory_headroom=memory_headroom)
         finally:
             if progress is not None:
                 progress.close()
@@ -113,6 +119,13 @@ def plan_command(
         typer.echo(render_text(result, markdown=output_format is OutputFormat.markdown))
     if out is not None:
         typer.echo(f"wrote {out}", err=True)
+
+
+def check_memory_headroom(headroom: float) -> None:
+    """``--memory-headroom``: a share of device memory, 0 <= headroom < 1 (an :class:`InputError` otherwise)."""
+    if not 0.0 <= headroom < 1.0 or headroom != headroom:
+        raise InputError("--memory-headroom", f"must be a share of device memory in [0, 1), got {headroom:g}",
+                         "give e.g. --memory-headroom 0.05 to leave 5% unused")
 
 
 def is_localhost(source: str | None) -> bool:
@@ -181,6 +194,23 @@ def engine_title(name: str) -> str:
     return get_engine(name).title
 
 
+def reserved_gib(prediction) -> float:
+    """The prediction's reserved memory; a plan written before it existed shows its peak with the margin."""
+    reserved = prediction.reserved_memory_gib
+    return prediction.peak_memory_gib if reserved is None else reserved
+
+
+def memory_line(prediction, device_gib: float) -> str:
+    """One line: the allocated peak, what the caching allocator reserves and NCCL's buffers, of the device."""
+    from meshplan import units
+
+    text = (f"plan 1 memory per device: allocated peak {units.human_memory(prediction.allocated_peak_gib)}, "
+            f"reserved {units.human_memory(reserved_gib(prediction))}")
+    if prediction.nccl_memory_gib:
+        text += f" + NCCL {units.human_memory(prediction.nccl_memory_gib)}"
+    return text + f" of {units.human_memory(device_gib)}"
+
+
 def render_text(result, markdown: bool = False) -> str:
     from tabulate import tabulate
 
@@ -189,7 +219,7 @@ def render_text(result, markdown: bool = False) -> str:
     fmt = "github" if markdown else "simple"
     best = result.plans[0]
     m, c, t = best.model, best.cluster, best.train
-    mem_unit, mem_factor = units.memory_column([p.predicted.peak_memory_gib for p in result.plans])
+    mem_unit, mem_factor = units.memory_column([reserved_gib(p.predicted) for p in result.plans])
     rate_unit, rate_factor = units.rate_unit(max(p.predicted.tflops_per_gpu for p in result.plans))
     rows = []
     for i, p in enumerate(result.plans, 1):
@@ -198,10 +228,11 @@ def render_text(result, markdown: bool = False) -> str:
         rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
                      p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
                      f"{pr.iteration_s:.4g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu * rate_factor:.3g}",
-                     f"{pr.mfu:.1%}", f"{pr.peak_memory_gib * mem_factor:,.1f}"])
+                     f"{pr.mfu:.1%}", f"{pr.allocated_peak_gib * mem_factor:,.1f}",
+                     f"{reserved_gib(pr) * mem_factor:,.1f}"])
     per_rank = units.rank_word(c.gpu.kind)
     headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
-               "iter s", "tokens/s", f"{rate_unit}/{per_rank}", "MFU", f"peak {mem_unit}"]
+               "iter s", "tokens/s", f"{rate_unit}/{per_rank}", "MFU", f"allocated {mem_unit}", f"reserved {mem_unit}"]
     lines = []
     ranks = (units.rank_count("cpu", c.world_size) if c.gpu.kind == "cpu" else f"{c.world_size:,} x {c.gpu.name}")
     head = (f"{m.name} on {c.name} ({ranks}, {units.human_memory(c.gpu.memory_gib)} each), "
@@ -227,6 +258,7 @@ def render_text(result, markdown: bool = False) -> str:
     mb = best.predicted.memory_breakdown_gib
     lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {units.human_memory(v)}" for k, v in mb.items()
                                                           if v > 0))
+    lines.append(memory_line(best.predicted, c.gpu.memory_gib))
     for note in best.notes:
         lines.append(f"note: {note}")
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))

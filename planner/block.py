@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from meshplan.engines import MESHPLAN, Engine
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
 from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.comm import GroupLink
@@ -43,22 +44,24 @@ class BlockCompute:
     attn_bwd: float
     ew_fwd: float
     timed: float
+    column_fwd: float = 0.0   # the column-parallel GEMMs (QKV, MLP-in) alone: their backward's windows
 
 
 def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
     """The per-layer costs of ``cfg`` (cached)."""
     return layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind,
                       cfg.tp_overlap, cfg.compile or cfg.fused_kernels, cfg.fused_kernels, cfg.mesh_order,
-                      cfg.dp, cfg.pp)
+                      cfg.dp, cfg.pp, engine=ctx.engine)
 
 
 @lru_cache(maxsize=4096)
 def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
-               mesh_order: tuple[str, ...], dp: int, pp: int) -> LayerCost:
-    """Time and memory of one block for one micro-batch on one rank. ``fused_elementwise``: norms, rotary,
-    activation and residual ops run fused (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel
-    that recomputes silu in backward (saves one f-wide tensor).
+               mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN) -> LayerCost:
+    """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
+    (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
+    (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
+    one f-wide tensor).
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
         bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp"""
@@ -66,63 +69,109 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     act_bytes = memory.ACT_BYTES[train.precision]
     tokens = micro_batch * train.seq_len / cp
     degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
-    c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise)
+    c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise, engine.attention_kernel)
     estimate = c.matmul_fwd + c.attn_fwd + c.ew_fwd
     tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
     activation = tokens * model.hidden * act_bytes
-    tp_fwd, tp_bwd = tp_comm_time(activation, tp, tp_link, tp_overlap, estimate, c.matmul_fwd, cluster, host)
+    gathered = activation * gather_bytes_ratio(engine, train.precision, act_bytes)
+    tp_fwd, tp_bwd = tp_comm_time(activation, gathered, tp, tp_link, tp_overlap, estimate, c, cluster, host, engine)
     cp_link = comm.group_link(cluster, cp, comm.group_stride(mesh_order, degrees, "cp"))
     attn_fwd, attn_bwd = c.attn_fwd, c.attn_bwd
     if cp == 1:
         cp_fwd = cp_bwd = 0.0
     elif cp_kind == "ulysses":
         cp_fwd = cp_bwd = ulysses_time(model, tokens, tp, cp, cp_link, act_bytes, estimate, host)
+    elif engine.ring_attention == "flash":
+        cp_fwd, cp_bwd = ring_flash_time(model, tokens, tp, cp, cp_link, act_bytes, c.attn_fwd, c.attn_bwd)
     else:
         attn_fwd, attn_bwd, cp_fwd, cp_bwd = ring_time(model, cluster, micro_batch, train.seq_len, tp, cp, cp_link,
                                                        host)
     fwd_compute = c.matmul_fwd + attn_fwd + c.ew_fwd
     fwd = fwd_compute + tp_fwd + cp_fwd
     bwd = 2 * c.matmul_fwd + attn_bwd + 2 * c.ew_fwd + tp_bwd + cp_bwd
-    recompute_cost = recompute_seconds(model, cluster, train, tokens, tp, c, activation, tp_link, tp_overlap, fwd)
-    acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode)
+    recompute_cost = recompute_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, fwd,
+                                       engine, attn_fwd + cp_fwd)
+    acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
+                                         engine.sp_saved_input, engine.selective_recompute)
             for mode in MODES}
     return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
                      params=layer_params_per_rank(model, tp), tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
                      matmul_fwd=c.matmul_fwd)
 
 
+def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
+    """Bytes a column-parallel input all-gather moves per byte of the 16-bit activation: under fp8 the engines
+    that cast before gathering (``engine.fp8_allgather``: torchao Float8ColwiseParallel, Transformer Engine's
+    fp8 LayerNormLinear) move 1 byte an element; 1 otherwise."""
+    return 1.0 / act_bytes if precision == "fp8" and engine.fp8_allgather else 1.0
+
+
 def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
-                  fused_elementwise: bool) -> BlockCompute:
+                  fused_elementwise: bool, attention_kernel: str = "flash2") -> BlockCompute:
     """The block's GEMMs (compute.layer_matmul_shapes), flash attention (compute.attention_time) and memory-bound
     ops (compute.elementwise_bytes_per_layer at the memory rate), forward; where the profile timed this block
     (cp = 1), its measured / modelled ratio corrects the fitted parts."""
-    rates = compute.achieved_rates(cluster, train.precision)
+    rates = compute.achieved_rates(cluster, train.precision, attention_kernel)
     act_bytes = memory.ACT_BYTES[train.precision]
     seq = train.seq_len
     tokens = micro_batch * seq / cp
     timed = compute.measured_block_ratio(cluster, train.precision, tp, micro_batch, seq) if cp == 1 else 1.0
-    matmul_fwd = timed * sum(compute.matmul_time(m, k, n, rates)
-                             for m, k, n in compute.layer_matmul_shapes(model, tokens, tp))
+    gemms = [timed * compute.matmul_time(m, k, n, rates) for m, k, n in compute.layer_matmul_shapes(model, tokens, tp)]
     attn_fwd, attn_bwd = (timed * t for t in compute.attention_time(model, micro_batch, seq, tp, cp, rates))
     ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, tp > 1, fused_elementwise,
                                                          act_bytes) / rates.memory
-    return BlockCompute(matmul_fwd, attn_fwd, attn_bwd, ew_fwd, timed)
+    return BlockCompute(sum(gemms), attn_fwd, attn_bwd, ew_fwd, timed, gemms[0] + gemms[2])
 
 
-def tp_comm_time(activation: float, tp: int, tp_link: GroupLink, tp_overlap: bool, compute_estimate: float,
-                 matmul_fwd: float, cluster: ClusterSpec, host: HostModel) -> tuple[float, float]:
-    """Exposed tensor-parallel seconds (forward, backward) of one block. With sequence parallel: 2 all-gathers +
-    2 reduce-scatters of the [s, b, h] ``activation`` per direction (Korthikanti et al. 2022, fig. 5), each of
-    the four calls a meeting after about a quarter of the block (host.meeting). Async TP runs the collectives
-    under the matmuls they feed (comm.exposed_time with the measured overlap share)."""
-    tp_dir = 2 * comm.allgather_time(activation, tp_link) + 2 * comm.reducescatter_time(activation, tp_link)
-    if tp > 1:
-        tp_dir += 4 * host.meeting(compute_estimate / 4, tp)
-    if not tp_overlap:
-        return tp_dir, tp_dir
-    hidden_share = comm.overlap_exposed_fraction(cluster)
-    return (comm.exposed_time(tp_dir, matmul_fwd, hidden_share),
-            comm.exposed_time(tp_dir, 2 * matmul_fwd, hidden_share))
+def tp_comm_time(activation: float, gathered: float, tp: int, tp_link: GroupLink, tp_overlap: bool,
+                 compute_estimate: float, c: BlockCompute, cluster: ClusterSpec, host: HostModel,
+                 engine: Engine = MESHPLAN) -> tuple[float, float]:
+    """Exposed tensor-parallel seconds (forward, backward) of one block under sequence parallel (Korthikanti et
+    al. 2022, fig. 5). Forward: 2 all-gathers of the column-parallel inputs (``gathered`` bytes: 16-bit, or
+    fp8 where the engine gathers fp8) + 2 reduce-scatters of the [s, b, h] ``activation``. Backward: 2
+    all-gathers of the row-parallel output gradients + 2 reduce-scatters of the column-parallel input
+    gradients, and where the engine keeps the sharded input (``sp_saved_input == "sharded"``, Megatron) 2 more
+    all-gathers regathering it (:func:`tp_backward_time`). Each call is a meeting after about a quarter of the
+    block (host.meeting). With TP overlap (Megatron's userbuffers, torchtitan's async TP) every collective is
+    decomposed into tp chunks under its GEMM (:func:`decomposed_exposed`)."""
+    if tp <= 1:
+        return 0.0, 0.0
+    ag, ag_in = comm.allgather_time(activation, tp_link), comm.allgather_time(gathered, tp_link)
+    rs = comm.reducescatter_time(activation, tp_link)
+    meetings = 4 * host.meeting(compute_estimate / 4, tp)
+    regather = 2 * ag_in if engine.sp_saved_input == "sharded" else 0.0
+    shown = comm.overlap_exposed_fraction(cluster)
+    if tp_overlap:
+        return (decomposed_exposed(2 * ag_in + 2 * rs, c.matmul_fwd, tp, shown) + meetings,
+                decomposed_exposed(2 * ag + 2 * rs + regather, 2 * c.matmul_fwd, tp, shown) + meetings)
+    fwd = 2 * ag_in + 2 * rs + meetings
+    return fwd, tp_backward_time(ag, rs, regather, c.column_fwd, engine.tp_backward_async, shown) + meetings
+
+
+def tp_backward_time(ag: float, rs: float, regather: float, column_fwd: float, is_async: bool,
+                     shown: float) -> float:
+    """Exposed backward tensor-parallel seconds without TP overlap: 2 all-gathers (``ag`` each) and 2
+    reduce-scatters (``rs``) plus the ``regather`` all-gathers. Where the engine issues the column-parallel
+    backward's collectives asynchronously (Megatron's LinearWithGradAccumulationAndAsyncCommunication: the
+    input all-gather runs under the input-gradient GEMM, the gradient reduce-scatter under the weight-gradient
+    GEMM, each GEMM as long as the forward's ``column_fwd``), those show only past their GEMMs:
+        2 ag + exposed(regather, column_fwd) + exposed(2 rs, column_fwd)
+    else everything waits: 2 ag + 2 rs + regather."""
+    if not is_async:
+        return 2 * ag + 2 * rs + regather
+    return 2 * ag + comm.exposed_time(regather, column_fwd, shown) + comm.exposed_time(2 * rs, column_fwd, shown)
+
+
+def decomposed_exposed(comm_s: float, window_s: float, tp: int, shown: float = 0.0) -> float:
+    """Seconds a collective decomposed into ``tp`` chunks beside the chunks of the GEMM it feeds (or is fed by)
+    adds: the first (all-gather) or last (reduce-scatter) chunk has no GEMM chunk beside it, the other
+    tp - 1 run under the ``window_s`` of GEMM (Wang et al. 2023, "Overlap communication with dependent
+    computation via decomposition"; Megatron's --tp-comm-overlap through Transformer Engine userbuffers and
+    torchtitan's async TP, torch's fused_all_gather_matmul / fused_matmul_reduce_scatter, both split this way):
+        c / tp + exposed(c (tp - 1) / tp, window)"""
+    if comm_s <= 0:
+        return 0.0
+    return comm_s / tp + comm.exposed_time(comm_s * (tp - 1) / tp, window_s, shown)
 
 
 def ulysses_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: GroupLink, act_bytes: int,
@@ -154,30 +203,79 @@ def ring_time(model: ModelSpec, cluster: ClusterSpec, micro_batch: int, seq: int
     return attn_fwd, attn_bwd, cp_fwd, cp_bwd
 
 
+def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: GroupLink, act_bytes: int,
+                    attn_fwd: float, attn_bwd: float) -> tuple[float, float]:
+    """Exposed ``(cp forward, cp backward)`` seconds of ring attention on flash kernels with load-balanced
+    chunks (Megatron --cp-comm-type p2p: Transformer Engine AttnFuncWithCPAndKVP2P, each rank holding chunks
+    i and 2cp-1-i; torchtitan: torch's context_parallel with its head-tail load balancer). The rank's
+    attention (``attn_fwd``, ``attn_bwd``: causal work / cp, compute.attention_time) runs in cp steps; before
+    each of the cp - 1 later steps the next rank's 16-bit K, V chunk (kv heads only) arrives, sent during the
+    current step, so a hop shows only past its step:
+        forward   (cp - 1) * exposed(p2p(kv), attn_fwd / cp)
+        backward  (cp - 1) * exposed(p2p(2 kv), attn_bwd / cp) + p2p(kv)   (dK, dV travel with K, V; one hop
+                  home for the accumulators)"""
+    kv_local = tokens * 2 * model.kv_heads * model.head_dim / tp * act_bytes
+    steps = cp - 1
+    cp_fwd = steps * comm.exposed_time(comm.p2p_time(kv_local, cp_link), attn_fwd / cp)
+    cp_bwd = (steps * comm.exposed_time(comm.p2p_time(2 * kv_local, cp_link), attn_bwd / cp)
+              + comm.p2p_time(kv_local, cp_link))
+    return cp_fwd, cp_bwd
+
+
 def recompute_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
-                      c: BlockCompute, activation: float, tp_link: GroupLink, tp_overlap: bool,
-                      fwd: float) -> dict[str, float]:
-    """Extra seconds per recompute mode: full re-runs the forward (its TP/CP communication included);
-    selective re-runs the matmuls whose outputs are not kept (compute.selective_recompute_shapes) and the
-    memory-bound ops (flash attention recomputes its scores in backward anyway), and under sequence parallel
-    re-gathers the two all-gathered inputs of wq/wk/wv and w1/w3."""
-    rates = compute.achieved_rates(cluster, train.precision)
-    selective_matmuls = c.timed * sum(compute.matmul_time(m, k, n, rates)
-                                      for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
-    selective_gathers = 2 * comm.allgather_time(activation, tp_link) if tp > 1 and not tp_overlap else 0.0
-    return {"none": 0.0, "selective": selective_matmuls + c.ew_fwd + selective_gathers, "full": fwd}
+                      c: BlockCompute, gathered: float, tp_link: GroupLink, tp_overlap: bool,
+                      fwd: float, engine: Engine = MESHPLAN, attention_fwd: float | None = None) -> dict[str, float]:
+    """Extra seconds per recompute mode, as ``engine.selective_recompute`` says: full re-runs the forward (its
+    TP/CP communication included) on every engine; selective is :func:`selective_seconds`."""
+    return {"none": 0.0, "full": fwd,
+            "selective": selective_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, engine,
+                                           c.attn_fwd if attention_fwd is None else attention_fwd)}
+
+
+def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
+                      c: BlockCompute, gathered: float, tp_link: GroupLink, tp_overlap: bool, engine: Engine,
+                      attention_fwd: float) -> float:
+    """Seconds selective recompute adds to one block's backward.
+      core_attention (Megatron --recompute-granularity selective, recompute_modules ["core_attn"],
+          megatron/core/transformer/attention.py _checkpointed_attention_forward): the attention core's forward
+          runs again, ``attention_fwd`` (with fused attention transformer_config.py warns there is little to
+          gain: the kernel keeps no scores, so the re-run saves only its output).
+      meshplan (the runtime) and op_policy (torchtitan _save_list: every other mm, SDPA, reduce-scatter and
+          max saved): the matmuls whose outputs are not kept (the 2nd, 4th and 6th mm: wk, wo and w3,
+          compute.selective_recompute_shapes) and the memory-bound ops; under sequence parallel the two
+          all-gathered inputs of wq/wk/wv and w1/w3 are gathered again (all_gather is not on the save list),
+          waited for; under torchtitan's async TP decomposed under the recomputed matmuls. The meshplan runtime
+          prices them only without TP overlap."""
+    if engine.selective_recompute == "core_attention":
+        return attention_fwd
+    rates = compute.achieved_rates(cluster, train.precision, engine.attention_kernel)
+    matmuls = c.timed * sum(compute.matmul_time(m, k, n, rates)
+                            for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
+    gathers = 2 * comm.allgather_time(gathered, tp_link) if tp > 1 else 0.0
+    if tp_overlap:
+        shown = comm.overlap_exposed_fraction(cluster)
+        gathers = 0.0 if engine.selective_recompute == "meshplan" else decomposed_exposed(gathers, matmuls, tp, shown)
+    return matmuls + c.ew_fwd + gathers
 
 
 def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int, cp: int, act_bytes: int,
-                           fused_swiglu: bool, mode: str) -> float:
-    """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer).
-    LayerNorm is PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors, so
-    under sequence parallel the runtime's RMSNorms are the reference ones."""
+                           fused_swiglu: bool, mode: str, sp_saved_input: str = "gathered",
+                           selective: str = "meshplan") -> float:
+    """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer),
+    as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
+    keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
+    shard and gathers it again in backward); ``selective`` the engine's selective policy. LayerNorm is
+    PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors, so under sequence
+    parallel the runtime's RMSNorms are the reference ones. Megatron-Core runs Transformer Engine's fused norms
+    (keeping their 16-bit input) at every degree."""
     sp = tp > 1
-    fused_norm = model.norm == "layernorm" or (fused_swiglu and not sp)
+    fused_norm = (model.norm == "layernorm" or (fused_swiglu and not sp)
+                  or (sp_saved_input == "sharded" and fused_swiglu))
     return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
                                              flash=True, recompute=mode, fused_swiglu=fused_swiglu,
-                                             fused_norm=fused_norm)
+                                             fused_norm=fused_norm,
+                                             gathered_linear_inputs=sp_saved_input == "gathered",
+                                             selective=selective)
 
 
 def layer_params_per_rank(model: ModelSpec, tp: int) -> float:

@@ -58,12 +58,16 @@ class GroupLink:
     latency: float        # seconds per log2 step
     crosses_nodes: bool
     scales: tuple[tuple[str, float, float], ...] = ()
+    per_node: int = 0     # members per node (0: all in one node)
+    nic_bw: float = 0.0   # bytes/s of one member's own share of its node's NICs (crossing groups)
+    intra_bw: float = 0.0  # bytes/s inside a node
 
     def for_collective(self, name: str) -> "GroupLink":
         """The link as ``name`` (all_reduce, all_gather, reduce_scatter, all_to_all, p2p) sees it."""
         for collective, bandwidth, latency in self.scales:
             if collective == name:
-                return GroupLink(self.size, self.busbw * bandwidth, self.latency * latency, self.crosses_nodes)
+                return GroupLink(self.size, self.busbw * bandwidth, self.latency * latency, self.crosses_nodes,
+                                 (), self.per_node, self.nic_bw * bandwidth, self.intra_bw * bandwidth)
         return self
 
 
@@ -178,7 +182,7 @@ def group_link(cluster: ClusterSpec, size: int, stride: int) -> GroupLink:
         return GroupLink(size, factor * intra_bw, cluster.intra_node.latency_us * 1e-6, False,
                          collective_scales(cluster, "intra_node"))
     return GroupLink(size, factor * min(intra_bw, per_node * inter_bw), cluster.inter_node.latency_us * 1e-6, True,
-                     collective_scales(cluster, "inter_node"))
+                     collective_scales(cluster, "inter_node"), per_node, factor * inter_bw, factor * intra_bw)
 
 
 def slow_pair_factor(cluster: ClusterSpec, size: int, stride: int) -> float:
@@ -246,8 +250,24 @@ def reducescatter_time(nbytes: float, link: GroupLink) -> float:
 
 
 def alltoall_time(local_bytes: float, link: GroupLink) -> float:
-    """All-to-all where each rank holds ``local_bytes``: (n-1)/n * S / busbw + alpha*log2(n)."""
+    """All-to-all where each rank holds ``local_bytes``: (n-1)/n * S / busbw + alpha*log2(n) inside a node.
+    A group that crosses nodes (k members per node) sends (n-k)/n of S off its node through the member's own
+    NIC share and (k-1)/n over the node's links, both at once (:func:`alltoall_crossing_time`): an
+    all-to-all has no ring to spread over the node's other NICs (nccl-tests PERFORMANCE.md: alltoall
+    busbw is bounded by the per-rank network bandwidth)."""
+    if link.crosses_nodes and link.nic_bw > 0 and link.per_node > 0:
+        return alltoall_crossing_time(local_bytes, link.for_collective("all_to_all"))
     return _alpha_beta("all_to_all", local_bytes, link)
+
+
+def alltoall_crossing_time(local_bytes: float, link: GroupLink) -> float:
+    """All-to-all over nodes:  max((n-k)/n * S / nic_bw, (k-1)/n * S / intra_bw) + alpha * steps."""
+    n, k = link.size, link.per_node
+    if n <= 1 or local_bytes <= 0:
+        return 0.0
+    off_node = (n - k) / n * local_bytes / link.nic_bw
+    on_node = (k - 1) / n * local_bytes / link.intra_bw if k > 1 and link.intra_bw > 0 else 0.0
+    return max(off_node, on_node) + link.latency * latency_steps("all_to_all", n)
 
 
 def p2p_time(nbytes: float, link: GroupLink) -> float:

@@ -1,7 +1,9 @@
 """Compute-time terms: achieved rates and the time of matmuls, attention and memory-bound work.
 
-Time of a matmul [m, k] x [k, n] (a roofline with both terms added, which models the slow-down of small
-or skinny GEMMs):  2*m*n*k / matmul_rate + bytes(m*k + k*n + m*n) / memory_rate.
+Time of a matmul [m, k] x [k, n]: its FLOPs at the matmul rate and its operand traffic at the memory rate. On
+GPUs the two overlap (tensor cores compute while the next tiles stream in), so the GEMM takes the larger:
+max(2*m*n*k / matmul_rate, bytes(m*k + k*n + m*n) / memory_rate) (the roofline, Williams et al. 2009). On
+CPU ranks the core that multiplies also fetches, and the two add (the form the profiler's rates are fitted in).
 
 Achieved rates come from the cluster's measured profile when ``meshplan profile`` wrote one (``cluster.profile``,
 meshplan/measured.py: ``compute`` with ``matmul_tflops``, ``attention_tflops``, ``memory_gbps``), else from the
@@ -26,22 +28,61 @@ from meshplan.planner.host import (  # noqa: F401  (the host model's; kept here 
     SATURATED_ABOVE, busy_speedup, busy_speedup_table, fit_shared_cores, measured_busy_speedup, pipeline_op_overhead,
     sharing_speed)
 
-# Fractions of spec-sheet peak reached by real kernels, used when no profile exists.
-# * matmul 0.58: the fraction of dense peak that reproduces Megatron-Core's published H100 weak-scaling
-#   table (../shared/benchmarks/public-runs.yaml; median error in docs/accuracy.md). It is consistent with
-#   cuBLAS at LLM shapes under sustained power and clock limits (~550-650 TFLOP/s of H100 SXM's 989).
-#   Calibrated once per device class from the public set, never per run.
-# * matmul_fp8 0.36 (of the fp8 peak, which is 2x bf16): fp8 linears with dynamic scaling pay casts and
-#   amax reductions; torchao's float8 training results show 1.2-1.5x end-to-end over bf16, i.e. ~1.25x per
-#   GEMM: 0.58 * 1.25 / 2 = 0.36.
-# * attention 0.50: flash attention forward+backward on Hopper/Ampere (FlashAttention-2 paper: 50-73% of
-#   peak on A100 forward, lower backward; cuDNN/FA3 on H100 reach 500-700 TFLOP/s).
+# Fractions of spec-sheet peak reached by real kernels, used when no profile exists, per GPU generation
+# (GPU_EFFICIENCY; a device's generation from its name, :func:`device_generation`) and for other devices
+# (DEFAULT_EFFICIENCY).
+# * matmul, Hopper (H100, H200) 0.53: the fraction of dense peak that reproduces Megatron-Core's published
+#   H100 weak-scaling table (../shared/benchmarks/public-runs.yaml) with GEMMs priced on the max-roofline
+#   (:func:`roofline`); calibrated once for the class, never per run. 524 TFLOP/s of 989: cuBLAS at LLM
+#   shapes under the 700 W power limit, the clocks below boost. The H200 is the same die, clocks and power
+#   limit: the same fraction (its larger HBM bandwidth enters through the memory rate). Other GPUs are
+#   priced like the calibrated class (DEFAULT_EFFICIENCY).
+# * matmul, Ampere (A100) 0.65: Korthikanti et al. 2022, table 4: 56% model FLOPs utilisation end to end on
+#   A100 for 530B and 1T GPT models, attention, communication and the pipeline bubble included, so the GEMMs
+#   run above that; the A100 sustains its boost clock at 400 W (cuBLAS bf16 at LLM shapes: 200-230 of 312).
+# * matmul_fp8 0.37 (of the fp8 peak, which is 2x bf16): fp8 linears with dynamic scaling pay casts and
+#   amax reductions. torchao's float8 training results show 1.2-1.5x end to end over bf16; at the low end
+#   (S = 1.25, tensorwise scaling) with the GEMMs g = 0.7 of a bf16 step, the GEMMs alone run
+#   g / (1/S - (1 - g)) = 1.4x faster: 0.53 * 1.4 / 2 = 0.37. Ampere has no fp8 tensor cores (its fp8 peak
+#   is its bf16 one).
+# * attention, per kernel (``attention_flash2``: torch SDPA's FlashAttention-2; ``attention_cudnn``:
+#   Transformer Engine's cuDNN fused attention), forward + backward:
+#     Hopper: FlashAttention-2 reaches 35% of H100 peak (Shah et al. 2024, FlashAttention-3, sec. 1: it uses
+#     no Hopper-specific instructions); cuDNN's Hopper kernels reach 500-700 TFLOP/s forward and run the
+#     backward slower (the same paper's comparison): 0.50.
+#     Ampere: FlashAttention-2 reaches 50-73% of A100 peak forward and up to 72% forward + backward (Dao
+#     2023, sec. 4.1), lower under the causal mask at head dim 128: 0.60; on Ampere Transformer Engine runs
+#     the same FlashAttention kernels.
 # * memory 0.80: elementwise kernels reach ~80-90% of HBM bandwidth (stream-style copy tests).
 # * CPU ranks: torch's fp32 GEMM reaches roughly half of a core's peak; memory-bound ops are cache-bound.
 DEFAULT_EFFICIENCY = {
-    "gpu": {"matmul": 0.58, "matmul_fp8": 0.36, "attention": 0.50, "memory": 0.80},
-    "cpu": {"matmul": 0.50, "matmul_fp8": 0.50, "attention": 0.25, "memory": 0.50},
+    "gpu": {"matmul": 0.53, "matmul_fp8": 0.37, "attention_flash2": 0.35, "attention_cudnn": 0.50,
+            "memory": 0.80},
+    "cpu": {"matmul": 0.50, "matmul_fp8": 0.50, "attention_flash2": 0.25, "attention_cudnn": 0.25,
+            "memory": 0.50},
 }
+GPU_EFFICIENCY = {
+    "hopper": {"matmul": 0.53, "matmul_fp8": 0.37, "attention_flash2": 0.35, "attention_cudnn": 0.50,
+               "memory": 0.80},
+    "ampere": {"matmul": 0.65, "matmul_fp8": 0.65, "attention_flash2": 0.60, "attention_cudnn": 0.60,
+               "memory": 0.80},
+}
+# Device names (DeviceSpec.name, lower case) of each generation: NVIDIA's product names.
+GENERATION_NAMES = {"hopper": ("h100", "h200", "h800", "h20", "gh200"), "ampere": ("a100", "a800", "a30")}
+
+
+def device_generation(device) -> str:
+    """The GPU generation of ``device`` (a DeviceSpec) from its name (GENERATION_NAMES), or ``""`` for a CPU
+    or an unknown GPU (DEFAULT_EFFICIENCY prices those)."""
+    if device.kind != "gpu":
+        return ""
+    name = device.name.lower()
+    return next((g for g, names in GENERATION_NAMES.items() if any(n in name for n in names)), "")
+
+
+def efficiency(device) -> dict[str, float]:
+    """Fractions of peak for ``device``: its generation's (GPU_EFFICIENCY), else its kind's default."""
+    return GPU_EFFICIENCY.get(device_generation(device)) or DEFAULT_EFFICIENCY[device.kind]
 
 
 @dataclass(frozen=True)
@@ -53,6 +94,7 @@ class Rates:
     memory: float      # bytes/s
     matmul_bytes: int  # bytes per element the matmuls read and write
     matmul_table: tuple[tuple[float, float], ...] = ()   # measured (forward FLOPs, FLOP/s), sorted by FLOPs
+    overlapped: bool = False   # compute and memory traffic overlap (GPUs): an op takes the larger of the two
 
 
 def interpolate_rate(table: tuple[tuple[float, float], ...], flops: float) -> float:
@@ -83,20 +125,25 @@ def measured_compute(cluster: ClusterSpec, precision: str) -> Compute:
     return cluster.profile.measured_in(precision) or _NOTHING_MEASURED
 
 
-def achieved_rates(cluster: ClusterSpec, precision: str) -> Rates:
+def achieved_rates(cluster: ClusterSpec, precision: str, attention_kernel: str = "flash2") -> Rates:
+    """The achieved rates of ``cluster``'s device in ``precision``: measured where the profile has them, else
+    the device's efficiency (:func:`efficiency`) times its peak; ``attention_kernel`` (the engine's,
+    meshplan/engines.py) picks the attention efficiency."""
     device = cluster.gpu
     measured = measured_compute(cluster, precision)
-    eff = DEFAULT_EFFICIENCY[device.kind]
+    eff = efficiency(device)
     peak = device.peak_flops(precision)
     peak_16 = device.peak_flops("bf16")
     matmul_eff = eff["matmul_fp8"] if precision == "fp8" else eff["matmul"]
     matmul = (measured.matmul_tflops or 0) * 1e12 or matmul_eff * peak
     attention_peak = peak_16 if precision == "fp8" else peak          # attention stays in bf16 under fp8
-    attention = (measured.attention_tflops or 0) * 1e12 or eff["attention"] * attention_peak
+    attention_eff = eff.get(f"attention_{attention_kernel}", eff["attention_flash2"])
+    attention = (measured.attention_tflops or 0) * 1e12 or attention_eff * attention_peak
     memory = (measured.memory_gbps or 0) * 1e9 or eff["memory"] * device.memory_bandwidth_gbps * 1e9
     element = ELEMENT_BYTES[precision]
     table = _measured_table(measured.matmul_table)
-    return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table)
+    return Rates(matmul=matmul, attention=attention, memory=memory, matmul_bytes=element, matmul_table=table,
+                 overlapped=device.kind == "gpu")
 
 
 def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_batch: int, seq: int) -> float:
@@ -148,13 +195,23 @@ def measured_optimizer_seconds_per_param(cluster: ClusterSpec, precision: str, o
 
 
 def matmul_time(m: float, k: float, n: float, rates: Rates) -> float:
-    """One GEMM: 2mnk FLOPs at the achieved matmul rate plus its operand traffic at the memory rate."""
+    """One GEMM: 2mnk FLOPs at the achieved matmul rate and its operand traffic at the memory rate, the larger
+    of the two where they overlap (GPUs), else their sum (:func:`roofline`); a measured table's rate where
+    the profile has one."""
     if m <= 0 or k <= 0 or n <= 0:
         return 0.0
     if rates.matmul_table:
         flops = 2.0 * m * n * k
         return flops / interpolate_rate(rates.matmul_table, flops)
-    return 2.0 * m * n * k / rates.matmul + rates.matmul_bytes * (m * k + k * n + m * n) / rates.memory
+    return roofline(2.0 * m * n * k / rates.matmul, rates.matmul_bytes * (m * k + k * n + m * n) / rates.memory,
+                    rates.overlapped)
+
+
+def roofline(compute_s: float, memory_s: float, overlapped: bool) -> float:
+    """An operation's seconds from its compute and memory times: max(compute, memory) where the two run at
+    once (a GPU kernel streams its next tiles while it computes; Williams et al. 2009, Roofline), their sum
+    where one unit does both in turn."""
+    return max(compute_s, memory_s) if overlapped else compute_s + memory_s
 
 
 def layer_matmul_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[float, float, float]]:
@@ -232,7 +289,9 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
 
     Counted as (reads + writes) of whole tensors, per op:
         norm x2        fused: read x, write y (2 passes over h);  eager: ~6 passes (fp32 upcast, square,
-                       mean, rsqrt-scale, weight multiply, downcast)
+                       mean, rsqrt-scale, weight multiply, downcast), and where the activations are 16-bit
+                       the NORM_FP32_TOUCHES between the upcast and the downcast move 4 bytes, not 2
+                       (:func:`eager_norm_upcast_bytes`)
         rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes
         activation     SwiGLU fused: read gate, up, write out (3 passes over f); eager: silu then multiply
                        (5 passes); GELU fused 2 passes, eager 2
@@ -249,7 +308,20 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
     else:
         act = 2 * tokens * f / tp
     elements = 2 * norm_passes * outside + rope_passes * qk + act + 2 * 3 * outside
-    return act_bytes * elements
+    upcast = 0.0 if fused else 2 * eager_norm_upcast_bytes(act_bytes) * outside
+    return act_bytes * elements + upcast
+
+
+# Reads and writes of the eager RMSNorm that touch its fp32 copy (launcher/runtime/model.py rms_norm and
+# torchtitan's RMSNorm both compute ``x.float()`` then cast back): the upcast's write, pow (read + write),
+# mean (read), the rsqrt multiply (read + write) and the downcast's read.
+NORM_FP32_TOUCHES = 7
+
+
+def eager_norm_upcast_bytes(act_bytes: int) -> float:
+    """Bytes per element an eager norm moves beyond its pass count at ``act_bytes``: its fp32 touches at
+    4 - act_bytes more each (0 when the activations are fp32 already)."""
+    return NORM_FP32_TOUCHES * max(0, 4 - act_bytes)
 
 
 def loss_bytes_per_logit(fused: bool, precision: str) -> float:

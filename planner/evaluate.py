@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from meshplan.plan import KERNEL_NAMES, Plan, Prediction, StagePlan
 from meshplan.planner import data_parallel, flops, memory, pipeline, rank_memory
-from meshplan.planner.layout import Layout, choose_layout, split_counts
+from meshplan.planner.layout import Layout, block_split_counts, choose_layout, split_counts
+from meshplan.planner.layout import nccl_bytes as layout_nccl_bytes
 from meshplan.planner.pipeline import PipelineTime
 from meshplan.planner.step import Step, step_of
 
@@ -50,6 +51,14 @@ class Evaluation:
     time_breakdown: dict[str, float]
     rank_details: list[dict[str, float]]
     notes: list[str] = field(default_factory=list)
+    rank_reserved: list[float] = field(default_factory=list)   # bytes the caching allocator reserves per rank
+    nccl_bytes: float = 0.0                                     # NCCL's buffers per rank (layout.nccl_bytes)
+    block_chunks: bool = False     # recompute counts spread evenly over a rank's chunks (Megatron's block method)
+
+    @property
+    def reserved_bytes(self) -> float:
+        """The most any rank's caching allocator reserves (rank_memory.rank_reserved_bytes)."""
+        return max(self.rank_reserved) if self.rank_reserved else self.peak_bytes
 
     @property
     def worst_rank(self) -> int:
@@ -65,7 +74,8 @@ class Evaluation:
         out = []
         for j in range(n_stages):
             first = sum(self.partition[:j])
-            counts = split_counts(self.rank_counts[j % p], self.partition, j, p, n_stages)
+            split = block_split_counts if self.block_chunks else split_counts
+            counts = split(self.rank_counts[j % p], self.partition, j, p, n_stages)
             out.append(StagePlan((first, first + self.partition[j]), counts, self.rank_peaks[j % p] / GIB))
         return out
 
@@ -101,12 +111,18 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     details = [rank_memory.rank_peak_detail(s, layout, r) for r in range(s.p)]
     peaks = [sum(d.values()) * (1 + memory.ALLOCATOR_MARGIN) for d in details]
     worst = max(range(s.p), key=lambda r: peaks[r])
-    if peaks[worst] > ctx.capacity_bytes:
-        return Rejection("OOM", f"pipeline rank {worst} peaks at {peaks[worst] / GIB:.1f} GiB",
-                         peaks[worst] - ctx.capacity_bytes)
+    # a plan fits when what its ranks reserve, NCCL's buffers beside, stays under the reserved capacity
+    reserved = [rank_memory.rank_reserved_bytes(s, layout, r, details[r]) for r in range(s.p)]
+    nccl = layout_nccl_bytes(s)
+    needs = max(reserved) + nccl
+    if needs > ctx.reserved_capacity_bytes:
+        r = max(range(s.p), key=lambda k: reserved[k])
+        return Rejection("OOM", f"pipeline rank {r} reserves {reserved[r] / GIB:.1f} GiB (+ {nccl / GIB:.2f} GiB "
+                         f"NCCL)", needs - ctx.reserved_capacity_bytes)
     breakdown = time_breakdown(s, layout, pipe, dp_time, opt_time)
     return Evaluation(cfg, pipe.total + dp_time + opt_time, peaks[worst], list(layout.partition),
-                      [c.counts for c in layout.choices], peaks, list(zip(base, slope)), breakdown, details)
+                      [c.counts for c in layout.choices], peaks, list(zip(base, slope)), breakdown, details,
+                      rank_reserved=reserved, nccl_bytes=nccl, block_chunks=ctx.engine.block_recompute)
 
 
 def time_breakdown(s: Step, layout: Layout, pipe: PipelineTime, dp_time: float, opt_time: float) -> dict[str, float]:
@@ -137,7 +153,8 @@ def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search
     prediction = Prediction(
         iteration_s=ev.iteration_s, tokens_per_s=train.tokens / ev.iteration_s, tflops_per_gpu=tflops / 1e12,
         mfu=tflops / device_peak, peak_memory_gib=ev.peak_bytes / GIB, time_breakdown_s=ev.time_breakdown,
-        memory_breakdown_gib=per_rank[ev.worst_rank])
+        memory_breakdown_gib=per_rank[ev.worst_rank], reserved_memory_gib=ev.reserved_bytes / GIB,
+        nccl_memory_gib=ev.nccl_bytes / GIB)
     kernels = {k: ("fused" if cfg.fused_kernels else "reference") for k in KERNEL_NAMES}
     search = dict(search or {})
     search.setdefault("stage_memory_gib", [{k: round(x, 4) for k, x in m.items()} for m in per_rank])

@@ -50,6 +50,7 @@ class Context:
     cluster: ClusterSpec
     train: TrainSpec
     engine: Engine = MESHPLAN
+    memory_headroom: float = memory.DEFAULT_MEMORY_HEADROOM   # share of device memory a plan leaves unused
 
     @property
     def pipeline_grad_sync(self) -> str:
@@ -70,6 +71,19 @@ class Context:
         """What a rank may use: device memory less the CUDA context kept outside torch's allocator."""
         context = memory.CUDA_CONTEXT_GIB if self.cluster.gpu.kind == "gpu" else 0.0
         return (self.cluster.gpu.memory_gib - context) * GIB
+
+    @property
+    def caching_allocator(self) -> bool:
+        """Whether ranks allocate through the CUDA caching allocator (GPU clusters) and reserve more than they
+        use (memory.reserved_bytes); CPU ranks reserve what they allocate."""
+        return self.cluster.gpu.kind == "gpu"
+
+    @property
+    def reserved_capacity_bytes(self) -> float:
+        """What torch's allocator and NCCL together may reserve on a rank: device memory less the headroom
+        (``memory_headroom``) and the CUDA context kept outside torch's allocator."""
+        context = memory.CUDA_CONTEXT_GIB if self.caching_allocator else 0.0
+        return (self.cluster.gpu.memory_gib * (1.0 - self.memory_headroom) - context) * GIB
 
     @property
     def host(self) -> HostModel:

@@ -19,11 +19,39 @@ from meshplan.spec import ModelSpec
 
 GIB = 2**30
 
-# The PyTorch caching allocator reserves more than it hands out: reserved/allocated is typically 1.03-1.10
-# in transformer training (published estimator errors put reserved 7-8% above allocated). We add 5% of the
-# allocated peak, and keep CUDA_CONTEXT_GIB outside torch's view (CUDA context + cuBLAS/NCCL workspaces).
+# The allocated peak is reported with a 5% margin over the live bytes (ALLOCATOR_MARGIN: what ``meshplan check``
+# compares its measured live peak with); whether a plan fits is decided on the reserved figure
+# (reserved_bytes) plus what lives outside torch's allocator: CUDA_CONTEXT_GIB (CUDA context, cuBLAS
+# workspaces) and NCCL's buffers (nccl_buffer_bytes).
 ALLOCATOR_MARGIN = 0.05
 CUDA_CONTEXT_GIB = 0.75
+DEFAULT_MEMORY_HEADROOM = 0.05    # share of device memory a plan leaves unused (``meshplan plan --memory-headroom``)
+
+# The CUDA caching allocator (PyTorch docs, "CUDA semantics: memory management"; c10/cuda/CUDACachingAllocator.cpp)
+# never returns a freed block to the device during training (no empty_cache), rounds each request up to
+# 512 bytes, serves requests <= 1 MiB from 2 MiB segments, 1-10 MiB requests from 20 MiB segments and larger
+# ones from segments rounded up to 2 MiB, and reuses a cached block only for a request of its own stream that
+# fits inside it (splitting it; a split block is merged again only with free neighbours). The bytes allocated
+# and freed within every step -- saved activations, logits, gathered weights, unsharded gradients -- are
+# therefore cached in blocks whose remainders later requests of other sizes cannot use (GMLake, Guo et al.,
+# ASPLOS 2024, "GMLake: Efficient and Transparent GPU Memory Defragmentation for Large-scale DNN Training with
+# Virtual Memory Stitching", measures this fragmentation in LLM training with recompute and ZeRO).
+# FRAGMENTATION_SHARE is the reserved-but-unusable share of those bytes: one share for every plan, set so that
+# torchtitan's seven published max_reserved figures (benchmarks/fidelity.py; 8B to 405B, FSDP, TP, PP,
+# selective and full recompute) all lie between -5% and +10% of reserved_bytes, no run on its own.
+FRAGMENTATION_SHARE = 0.09
+ROUND_BYTES = 512                 # CUDACachingAllocator kMinBlockSize
+SMALL_SEGMENT_BYTES = 2 * 2**20   # kSmallBuffer: segment for requests <= 1 MiB (kSmallSize)
+LARGE_SEGMENT_BYTES = 20 * 2**20  # kLargeBuffer: segment for requests of 1-10 MiB (kMinLargeAlloc)
+LARGE_ROUND_BYTES = 2 * 2**20     # kRoundLarge: requests over 10 MiB are rounded up to 2 MiB
+
+# NCCL's buffers live outside torch's allocator (NCCL user guide, "Environment Variables": NCCL_BUFFSIZE,
+# default 4194304 bytes, the buffer per connection between two GPUs; NCCL_MAX_NCHANNELS caps the channels,
+# MAXCHANNELS = 32 in src/include/device.h). A ring collective connects each rank to two peers on every
+# channel (src/graph/rings.cc), each connection with its receive buffer.
+NCCL_BUFFSIZE = 4 * 2**20
+NCCL_CHANNELS = 32
+NCCL_RING_PEERS = 2
 DDP_BUCKET_BYTES = 25 * 2**20     # torch DDP bucket_cap_mb default; two buckets in flight
 
 
@@ -49,6 +77,31 @@ def state_bytes(precision: str, optimizer: str) -> StateBytes:
     moments = 8 if optimizer in ("adam", "adamw") else 4
     compute_copy = 0 if precision == "fp32" else 2
     return StateBytes(param=4, grad=4, optimizer=moments, compute_copy=compute_copy)
+
+
+def engine_state_bytes(state_layout: str, precision: str, optimizer: str) -> StateBytes:
+    """Per-parameter state bytes as an engine holds them (meshplan/engines.py ``state_layout``).
+
+    ``fsdp2`` (meshplan's runtime, torchtitan): :func:`state_bytes`. ``distributed_optimizer`` (Megatron-Core):
+    16-bit parameters (4 bytes in fp32), the fp32 main-grad buffer (accumulate_allreduce_grads_in_fp32 is forced
+    on under bf16, megatron/training/arguments.py), and in the optimizer the fp32 main parameters (none in
+    fp32) and Adam's two fp32 moments; no separate compute copy. Sharded by ZeRO 1 this gives Megatron's
+    documented 6 + 12/d bytes per parameter for bf16 (18 unsharded; docs.nvidia.com/megatron-core,
+    "Distributed Optimizer")."""
+    if state_layout != "distributed_optimizer":
+        return state_bytes(precision, optimizer)
+    moments = 8 if optimizer in ("adam", "adamw") else 4
+    param = 4 if precision == "fp32" else 2
+    main_params = 0 if precision == "fp32" else 4
+    return StateBytes(param=param, grad=4, optimizer=moments + main_params, compute_copy=0)
+
+
+def engine_sharding_stage(state_layout: str, zero: int) -> int:
+    """The ZeRO stage of :func:`model_state_bytes` that describes what an engine keeps sharded between steps:
+    meshplan's runtime and torchtitan (FSDP2) per :func:`runtime_sharding_stage`; Megatron-Core the stage itself
+    (1: the distributed optimizer shards main parameters and moments only, the 16-bit parameters and the
+    gradient buffer stay whole; 2 and 3: Megatron FSDP's optim_grads and optim_grads_params)."""
+    return zero if state_layout == "distributed_optimizer" else runtime_sharding_stage(zero)
 
 
 def model_state_bytes(params: float, zero: int, dp: int, b: StateBytes) -> dict[str, float]:
@@ -155,6 +208,7 @@ def activation_bytes_per_layer(
     m: ModelSpec, seq: int, micro_batch: int, *, tp: int = 1, sp: bool = False, cp: int = 1,
     act_bytes: int = 2, flash: bool = True, recompute: str = "none", dropout: bool | None = None,
     fused_swiglu: bool = False, fused_norm: bool = False, gathered_linear_inputs: bool = True,
+    selective: str = "meshplan",
 ) -> float:
     """Bytes one block keeps for its backward pass, for one micro-batch (Korthikanti et al. 2022, sec. 4).
 
@@ -183,16 +237,18 @@ def activation_bytes_per_layer(
 
     Recompute modes (what meshplan's runtime implements):
         full: only the block input is kept (2*sbh/t with SP) -- Korthikanti's "full recomputation".
-        selective: op-level selective checkpointing with torchtitan's policy: the outputs of the attention
+        selective: op-level selective checkpointing after torchtitan's policy: the outputs of the attention
             op and of every *other* matmul are kept (the 1st, 3rd, ... of wq, wk, wv, wo, w1, w3, w2: wq, wv,
             w1), except the block's last matmul, whose output nothing in the backward needs (under TP it is
             the full-width partial sum before the reduce-scatter); everything else -- wk, wo, w3, w2, norms,
             the SP all-gathers, activation functions, rotary, elementwise ops -- is recomputed from the block
             input. Kept: block input, q, v, attention output (+ logsumexp), w1's output (f wide).
+    ``selective`` is the engine's policy (engines.py): ``meshplan`` (above), ``op_policy`` (torchtitan,
+    :func:`selective_op_bytes`) or ``core_attention`` (Megatron: all but the attention core's scores, or with
+    flash its logsumexp: Korthikanti's 34*sbh/t under TP+SP).
 
-    Checked against the runtime by ``meshplan check`` (fake tensors, every op's storage followed): equal
-    within 1% per layer for Llama 3 8B / 70B / 405B shapes at tp 1 / 4 / 8 (docs/check.md).
-    """
+    Checked against the runtime by ``meshplan check`` (fake tensors): within 1% per layer for Llama 3 8B /
+    70B / 405B shapes at tp 1 / 4 / 8 (docs/check.md)."""
     b, h, f, a = micro_batch, m.hidden, m.ffn_hidden, m.heads
     s = seq / cp
     kv_ratio = m.kv_heads / a
@@ -209,15 +265,11 @@ def activation_bytes_per_layer(
     lse = 4.0 * a * s * b / tp if flash else 0.0
     scores = 0.0 if flash else 5.0 * a * s * s * b / tp * (act_bytes / 2)   # 2*as^2b + as^2b + 2*as^2b at 16 bits
 
-    if recompute == "selective":
-        block_input = act_bytes * sbh * replicated
-        q_and_v = act_bytes * sbh * (1 + kv_ratio) / tp
-        w1_out = act_bytes * s * b * f / tp
-        masks = 2 * mask * sbh * replicated
-        return block_input + q_and_v + attn_out + lse + w1_out + masks
-
-    if recompute != "none":
+    if recompute == "selective" and selective != "core_attention":
+        return selective_op_bytes(sbh, s * b * f, kv_ratio, tp, act_bytes, replicated, mask, selective) + attn_out + lse
+    if recompute not in ("none", "selective"):
         raise ValueError(f"unknown recompute mode {recompute!r}")
+    attention_core = scores + lse if recompute == "none" else 0.0    # Megatron's selective drops the core's
     norm_bytes = act_bytes if fused_norm else 4 + act_bytes
     norms = 2 * norm_bytes * sbh * replicated
     # DTensor SP (``gathered_linear_inputs``) keeps the all-gathered input of wq/wk/wv and w1/w3; Megatron-LM
@@ -229,7 +281,27 @@ def activation_bytes_per_layer(
     else:
         mlp_inner = 2 * act_bytes * s * b * f / tp
     masks = 2 * mask * sbh * replicated
-    return norms + qkv_input + qkv + scores + lse + attn_out + mlp_input + mlp_inner + masks
+    return norms + qkv_input + qkv + attention_core + attn_out + mlp_input + mlp_inner + masks
+
+
+def selective_op_bytes(sbh: float, sbf: float, kv_ratio: float, tp: int, act_bytes: int, replicated: float,
+                       mask: float, policy: str) -> float:
+    """What op-level selective recompute keeps of one block beside the attention output and its logsumexp
+    (activation_bytes_per_layer): the block input (``replicated``: 1/t under SP), the outputs of wq and wv
+    (q, and v at kv/a of q's width), w1's output (f wide), the two dropout masks; the ``op_policy``
+    (torchtitan's ``_save_list``, every odd mm) also keeps w2's full-width output and, under TP, the
+    reduce-scatter outputs of wo and w2 (sbh/t each)."""
+    if policy == "op_policy":
+        kept_w2 = act_bytes * sbh + (2 * act_bytes * sbh / tp if tp > 1 else 0.0)
+    elif policy == "meshplan":
+        kept_w2 = 0.0
+    else:
+        raise ValueError(f"unknown selective policy {policy!r}")
+    block_input = act_bytes * sbh * replicated
+    q_and_v = act_bytes * sbh * (1 + kv_ratio) / tp
+    w1_out = act_bytes * sbf / tp
+    masks = 2 * mask * sbh * replicated
+    return block_input + q_and_v + w1_out + masks + kept_w2
 
 
 def microbatches_in_flight(schedule: str, pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1) -> float:
@@ -363,3 +435,46 @@ def saved_logprob_bytes(tokens: float, vocab_local: float, precision: str = "fp3
     log-softmax, and the logits themselves where a pipeline stage keeps its output (``logits_bytes``)."""
     b = ACT_BYTES[precision]
     return (4.0 + (b if stage_keeps_logits else 0)) * tokens * vocab_local
+
+
+# ------------------------------------------------------------------------------------------------
+# What the job reserves: the caching allocator and NCCL
+# ------------------------------------------------------------------------------------------------
+
+def allocator_block_bytes(request: float) -> float:
+    """The bytes the CUDA caching allocator sets aside for one request (c10/cuda/CUDACachingAllocator.cpp
+    round_size / get_allocation_size): rounded up to 512 bytes; a request <= 1 MiB is carved from a 2 MiB
+    segment, one of 1-10 MiB from a 20 MiB segment, a larger one gets a segment rounded up to 2 MiB. The
+    segment, not the request, is what a first allocation of that size reserves."""
+    rounded = math.ceil(request / ROUND_BYTES) * ROUND_BYTES
+    if rounded <= 2**20:
+        return float(SMALL_SEGMENT_BYTES)
+    if rounded < 10 * 2**20:
+        return float(LARGE_SEGMENT_BYTES)
+    return float(math.ceil(rounded / LARGE_ROUND_BYTES) * LARGE_ROUND_BYTES)
+
+
+def reserved_bytes(live_peak: float, backward_working_set: float, persistent: float, caching: bool = True) -> float:
+    """What the CUDA caching allocator holds (``torch.cuda.max_memory_reserved``) when a rank's live tensors
+    peak at ``live_peak`` bytes.
+
+        reserved = live_peak + backward_working_set + FRAGMENTATION_SHARE * (live_peak - persistent)
+
+    ``persistent``: bytes allocated once and kept (sharded state, Megatron's gradient buffer, pipeline receive
+    buffers): never freed, never fragmented. The rest is allocated and freed every step and is cached in blocks
+    of its own sizes (module docstring: the allocator's rules); FRAGMENTATION_SHARE of it stays reserved and
+    unusable. ``backward_working_set``: what a block's backward allocates beside the saved activations (the
+    re-materialised block, its gradients, the sequence-parallel workspace; rank_memory ``in_backward``): it is
+    allocated anew for every block while the previous block's is being freed, and a cached block is reused
+    only for a request that fits inside it and merged only with free neighbours, so one working set stays
+    cached beside the peak, wherever the peak is. Without the CUDA allocator (CPU ranks): the live peak."""
+    if not caching:
+        return live_peak
+    return live_peak + backward_working_set + FRAGMENTATION_SHARE * max(0.0, live_peak - persistent)
+
+
+def nccl_buffer_bytes(group_sizes: list[int]) -> float:
+    """Device memory NCCL allocates outside torch for the communicators of a rank: per communicator of more
+    than one rank, NCCL_CHANNELS channels x NCCL_RING_PEERS connections x NCCL_BUFFSIZE (the NCCL user guide's
+    NCCL_BUFFSIZE, default 4 MiB per connection; up to 32 channels): 256 MiB each."""
+    return float(sum(NCCL_CHANNELS * NCCL_RING_PEERS * NCCL_BUFFSIZE for g in group_sizes if g > 1))

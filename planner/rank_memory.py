@@ -29,6 +29,7 @@ class Phases:
     common: dict[str, float]
     at_loss: dict[str, float]
     in_backward: dict[str, float]
+    persistent: float = 0.0     # bytes of ``common`` allocated once and kept (memory.reserved_bytes)
 
 
 def rank_root_params(s: Step, rank: int) -> float:
@@ -40,6 +41,21 @@ def rank_root_params(s: Step, rank: int) -> float:
     if rank == (s.n_stages - 1) % s.p:
         params += s.vc.last_params
     return params
+
+
+def uses_fsdp(s: Step) -> bool:
+    """Whether the rank's state is wrapped by FSDP2 / replicate (meshplan's runtime, torchtitan: with more than
+    one data-parallel rank) or gathers parameters like it (Megatron FSDP, ZeRO 3). Megatron below ZeRO 3 keeps
+    16-bit parameters whole and its main-grad buffer for the whole run (ZeRO 2, optim_grads: the buffer is
+    the gradient shard, each bucket reduce-scattered into it)."""
+    if s.cfg.dp * s.cfg.cp <= 1:
+        return False
+    return s.ctx.engine.state_layout != "distributed_optimizer" or s.cfg.zero >= 3
+
+
+def sharding_stage(s: Step) -> int:
+    """The ZeRO stage of memory.model_state_bytes for this engine (memory.engine_sharding_stage)."""
+    return memory.engine_sharding_stage(s.ctx.engine.state_layout, s.cfg.zero)
 
 
 def accumulates_unsharded(s: Step) -> bool:
@@ -57,15 +73,17 @@ def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Pha
     cfg, lc, sb, p, num_mb, train = s.cfg, s.lc, s.sb, s.p, s.num_mb, s.ctx.train
     root = rank_root_params(s, rank)
     params = root + layers * lc.params
-    states = memory.model_state_bytes(params, memory.runtime_sharding_stage(cfg.zero), s.replicas, sb)
+    states = memory.model_state_bytes(params, sharding_stage(s), s.replicas, sb)
     states = {k: states[k] + s.shard_states[k] for k in states}
-    fsdp = cfg.dp * cfg.cp > 1
+    fsdp = uses_fsdp(s)
+    grad_buffer = not fsdp and s.ctx.engine.state_layout == "distributed_optimizer"   # kept for the whole run
     accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates_unsharded(s), fsdp)
     gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
     gathered_bwd = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=True)
     grads = states.pop("gradients") - s.shard_states["gradients"]
-    grads_common = (0.0 if accumulators else (grads if num_mb > 1 else 0.0)) + s.shard_states["gradients"]
-    grads_backward = 0.0 if accumulators or num_mb > 1 else grads
+    grads_common = ((0.0 if accumulators else (grads if num_mb > 1 or grad_buffer else 0.0))
+                    + s.shard_states["gradients"])
+    grads_backward = 0.0 if accumulators or num_mb > 1 or grad_buffer else grads
     holds_loss = cfg.vocab_parallel or rank == (s.n_stages - 1) % p
     logits_loss = logits_kept = 0.0
     if holds_loss:
@@ -79,29 +97,64 @@ def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Pha
                    "buffers": gathered_bwd - gathered_loss + transient + (lc.act_full_layer if recomputes else 0.0)
                    + memory.sp_backward_workspace_bytes(cfg.micro_batch * train.seq_len / cfg.cp,
                                                         s.ctx.model.hidden, s.ctx.act_bytes, cfg.tp)}
-    return Phases(common, at_loss, in_backward)
+    persistent = (states["parameters"] + states["optimizer"] + pipeline
+                  + (grads_common if grad_buffer else s.shard_states["gradients"]))
+    return Phases(common, at_loss, in_backward, persistent)
+
+
+def fragmentation_share(s: Step) -> float:
+    """memory.FRAGMENTATION_SHARE on ranks that allocate through the CUDA caching allocator, else 0."""
+    return memory.FRAGMENTATION_SHARE if s.ctx.caching_allocator else 0.0
+
+
+def phase_sums(ph: Phases) -> tuple[float, float, float, float]:
+    """(common, at the loss, in the backward, persistent) bytes of ``ph``."""
+    return sum(ph.common.values()), sum(ph.at_loss.values()), sum(ph.in_backward.values()), ph.persistent
+
+
+def reserved_static(s: Step, common: float, loss: float, backward: float, persistent: float) -> float:
+    """memory.reserved_bytes of a rank without saved activations, divided by ``1 + fragmentation_share``: in
+    these units a block's saved activations add their own bytes, so ``static + activations <= activation
+    capacity`` (layout.activation_capacity) is ``reserved <= what the rank may reserve``."""
+    live = common + memory.step_peak_phases(loss, backward)
+    reserved = memory.reserved_bytes(live, backward, persistent, s.ctx.caching_allocator)
+    return reserved / (1.0 + fragmentation_share(s))
 
 
 def rank_static_bytes(s: Step, rank: int, layers: int, recomputes: bool = True) -> float:
-    """The rank's peak without its blocks' saved activations (memory.step_peak_phases)."""
-    ph = rank_memory_phases(s, rank, layers, recomputes)
-    return sum(ph.common.values()) + memory.step_peak_phases(sum(ph.at_loss.values()), sum(ph.in_backward.values()))
+    """The rank's reserved bytes without its blocks' saved activations, in activation units
+    (:func:`reserved_static`)."""
+    return reserved_static(s, *phase_sums(rank_memory_phases(s, rank, layers, recomputes)))
 
 
 def upper_slope(s: Step, rank: int) -> float:
-    """Bytes per block of the linear upper bound on the rank's static memory: the common part's growth plus
-    the larger phase's (the phase maximum is convex in the number of blocks)."""
-    a, b = rank_memory_phases(s, rank, 0, True), rank_memory_phases(s, rank, 1, True)
-    grows = [sum(x1.values()) - sum(x0.values())
-             for x0, x1 in ((a.common, b.common), (a.at_loss, b.at_loss), (a.in_backward, b.in_backward))]
-    return grows[0] + max(0.0, grows[1], grows[2])
+    """Bytes per block of the linear upper bound on :func:`rank_static_bytes`. With f the fragmentation share,
+    reserved = (1 + f) (common + max(loss, bwd)) + bwd - f persistent (memory.reserved_bytes): its growth per
+    block is bounded by the common part's, the larger phase's (the maximum is convex in the number of blocks),
+    the backward's and the persistent part's."""
+    a, b = (phase_sums(rank_memory_phases(s, rank, n, True)) for n in (0, 1))
+    common, loss, backward, persistent = (x1 - x0 for x0, x1 in zip(a, b))
+    f = fragmentation_share(s)
+    if not s.ctx.caching_allocator:
+        return common + max(0.0, loss, backward)
+    return ((1 + f) * (common + max(0.0, loss, backward)) + backward - f * persistent) / (1 + f)
 
 
 def static_lines(s: Step) -> tuple[list[float], list[float]]:
-    """Static memory as a linear upper bound in the number of blocks a rank holds, ``total(r, n) = base[r] +
-    n * slope[r]``, with room for one re-materialised block (the reported peak, :func:`rank_peak_detail`, is
-    exact)."""
+    """Static memory (reserved, in activation units: :func:`reserved_static`) as a linear upper bound in the
+    number of blocks a rank holds, ``total(r, n) = base[r] + n * slope[r]``, with room for one re-materialised
+    block (the reported peaks, :func:`rank_peak_detail` and :func:`rank_reserved_bytes`, are exact)."""
     return [rank_static_bytes(s, r, 0) for r in range(s.p)], [upper_slope(s, r) for r in range(s.p)]
+
+
+def rank_reserved_bytes(s: Step, layout: Layout, r: int, detail: dict[str, float]) -> float:
+    """What pipeline rank ``r``'s caching allocator reserves at its peak (memory.reserved_bytes): its live peak
+    (``detail``, :func:`rank_peak_detail`), one backward working set cached beside it and the fragmented share
+    of what is not persistent."""
+    choice = layout.choices[r]
+    recomputes = bool(choice.counts["full"] or choice.counts["selective"])
+    _, loss, backward, persistent = phase_sums(rank_memory_phases(s, r, layout.rank_layers[r], recomputes))
+    return memory.reserved_bytes(sum(detail.values()), backward, persistent, s.ctx.caching_allocator)
 
 
 def rank_peak_detail(s: Step, layout: Layout, r: int) -> dict[str, float]:
@@ -128,9 +181,9 @@ def interleaved_peak_detail(s: Step, layout: Layout, r: int, ph: Phases) -> dict
     chunk_params = [partition[j] * lc.params          # FSDP2's units (the vocabulary shard is not one)
                     + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
                     for j in stages]
-    fsdp = s.cfg.dp * s.cfg.cp > 1
+    fsdp = uses_fsdp(s)
     accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates_unsharded(s), fsdp)[0] for x in chunk_params]
-    shards = [memory.model_state_bytes(x, memory.runtime_sharding_stage(s.cfg.zero), s.replicas, sb)["gradients"]
+    shards = [memory.model_state_bytes(x, sharding_stage(s), s.replicas, sb)["gradients"]
               if a else 0.0 for x, a in zip(chunk_params, accs)]
     ops = memory.interleaved_1f1b_order(p, r, s.num_mb, s.v)
     at_loss, in_backward = sum(ph.at_loss.values()), sum(ph.in_backward.values())

@@ -30,7 +30,9 @@ from meshplan.planner.block import config_layer_cost
 from meshplan.planner.evaluate import Evaluation, evaluate, to_plan
 from meshplan.planner.inputs import Config, Context, Rejection
 from meshplan.planner.vocab import vocab_cost
+from meshplan.planner.layout import activation_capacity
 from meshplan.planner.recompute import solve_partition_ilp
+from meshplan.planner.step import step_of
 
 MAX_MICRO_BATCH = 32
 MAX_VIRTUAL_STAGES = 4
@@ -193,12 +195,15 @@ def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
 
 def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict[str, Any] | None = None,
            top: int = 3, refine: bool = True, progress: Callable[[int, int], None] | None = None,
-           engine: str | Engine = "meshplan") -> SearchResult:
+           engine: str | Engine = "meshplan",
+           memory_headroom: float = memory.DEFAULT_MEMORY_HEADROOM) -> SearchResult:
     """Find the ``top`` fastest plans that fit, among what ``engine`` runs (meshplan/engines.py), priced as it
-    behaves. Raises NoFeasiblePlan (with what would fit) when none does."""
+    behaves, each leaving ``memory_headroom`` of the device memory unreserved. Raises NoFeasiblePlan (with what
+    would fit) when none does."""
     start = time.perf_counter()
     fixes = dict(fixes or {})
-    ctx = Context(model, cluster, train, engine if isinstance(engine, Engine) else get_engine(engine))
+    ctx = Context(model, cluster, train, engine if isinstance(engine, Engine) else get_engine(engine),
+                  memory_headroom)
     _check_fixes(ctx, fixes)
     rejected: Counter[str] = Counter()
     families, closest_oom = _degree_families(ctx, fixes, rejected)
@@ -265,9 +270,9 @@ def _micro_batch_families(ctx: Context, fixes: dict[str, Any], dp: int, tp: int,
             rejected["divisibility: no valid schedule / CP kind"] += 1
             continue
         need = _memory_lower_bound(ctx, variants[0])
-        if need > ctx.capacity_bytes:
+        if need > ctx.reserved_capacity_bytes:
             rejected["OOM"] += len(variants)
-            over = need - ctx.capacity_bytes
+            over = need - ctx.reserved_capacity_bytes
             if closest_oom is None or over < closest_oom[0]:
                 closest_oom = (over, replace(variants[0], zero=3, recompute="full"))
             continue
@@ -336,16 +341,25 @@ def _refine(ctx: Context, ev: Evaluation) -> Evaluation:
     cfg = ev.config
     if cfg.virtual_stages > 1:
         return ev     # chunks of a rank are split evenly; the per-rank enumeration is already exact there
-    lc = config_layer_cost(ctx, cfg)
+    pinned = cfg.recompute
+    if pinned is None and not ctx.engine.mixed_recompute:
+        # one mode for the whole model: the ILP may move blocks, not change the mode (Megatron's block method,
+        # N full blocks on every rank, is left as evaluate chose it: the ILP would vary N per rank)
+        modes = {m for counts in ev.rank_counts for m, n in counts.items() if n}
+        if len(modes) != 1:
+            return ev
+        pinned = modes.pop()
+    s = step_of(ctx, cfg)
+    lc = s.lc
     p = cfg.pp
     num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
     in_flight = [memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, 1) for r in range(p)]
     # the same memory model as evaluate(): static bytes linear in blocks, with room for one re-materialised block
     static = [base for base, _ in ev.rank_static]
     per_block = [slope for _, slope in ev.rank_static]
-    capacity = ctx.capacity_bytes / (1 + memory.ALLOCATOR_MARGIN)
+    capacity = activation_capacity(s)
     solved = solve_partition_ilp(ctx.model.layers, num_mb, lc.fwd + lc.bwd, _rank_extras(ctx, cfg), static,
-                                 per_block, in_flight, lc.act, lc.recompute, capacity, cfg.recompute)
+                                 per_block, in_flight, lc.act, lc.recompute, capacity, pinned)
     if solved is None:
         return ev
     partition, counts = solved
@@ -393,6 +407,12 @@ def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
 def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
     """Pins that can never work are input errors (exit 2), named with the fix."""
     ctx.engine.check({k: v for k, v in fixes.items() if ctx.engine.supported_values(k) is not None})
+    if ctx.train.precision not in ctx.engine.precisions:
+        raise InputError("--precision", f"{ctx.engine.title} does not train in {ctx.train.precision} (it runs "
+                         f"{', '.join(ctx.engine.precisions)})", "pick one of those, or another --engine")
+    if fixes.get("fused_kernels") and ctx.cluster.gpu.kind != "gpu":
+        raise InputError("--fix fused_kernels", "the fused norm, SwiGLU and RoPE kernels run on GPUs",
+                         "drop the pin on CPU clusters")
     world = ctx.cluster.world_size
     for key in ("dp", "tp", "pp", "cp"):
         if key in fixes and world % fixes[key]:
@@ -456,7 +476,7 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
 def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter, closest) -> str:
     from meshplan.planner import flops
     params = flops.total_params(ctx.model, ctx.train.seq_len)
-    capacity = ctx.capacity_bytes
+    capacity = ctx.reserved_capacity_bytes
     state = 16 * params      # fp32 params + grads + Adam, fully sharded: the least any split keeps
     min_gpus = math.ceil(state / capacity)
     gpn = ctx.cluster.gpus_per_node

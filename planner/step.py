@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshplan.planner import comm, memory
-from meshplan.planner.block import LayerCost, config_layer_cost
+from meshplan.planner.block import LayerCost, block_activation_bytes, config_layer_cost
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.host import HostModel
 from meshplan.planner.inputs import Config, Context
@@ -64,7 +64,7 @@ def step_of(ctx: Context, cfg: Config) -> Step:
     p, v = cfg.pp, cfg.virtual_stages
     num_mb = ctx.num_microbatches(cfg)
     vc = vocab_cost(ctx, cfg)
-    sb = memory.state_bytes(train.precision, train.optimizer)
+    sb = memory.engine_state_bytes(ctx.engine.state_layout, train.precision, train.optimizer)
     degrees = cfg.degrees
     replicas = cfg.dp * cfg.cp
     dp_stride = min(comm.group_stride(cfg.mesh_order, degrees, "dp"), comm.group_stride(cfg.mesh_order, degrees, "cp"))
@@ -75,5 +75,19 @@ def step_of(ctx: Context, cfg: Config) -> Step:
     in_flight = tuple(memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p))
     vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
     shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
-    return Step(ctx, cfg, config_layer_cost(ctx, cfg), vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link,
+    return Step(ctx, cfg, engine_layer_cost(ctx, cfg), vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link,
                 boundary_bytes, hop, in_flight, vocab_shard_params, shard_states)
+
+
+def engine_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
+    """The block's costs (block.config_layer_cost) with the saved activations of the engine that runs it:
+    its sequence-parallel saved input and its selective policy (block.block_activation_bytes)."""
+    lc = config_layer_cost(ctx, cfg)
+    engine = ctx.engine
+    if engine.sp_saved_input == "gathered" and engine.selective_recompute == "meshplan":
+        return lc
+    acts = {mode: block_activation_bytes(ctx.model, ctx.train.seq_len, cfg.micro_batch, cfg.tp, cfg.cp,
+                                         ctx.act_bytes, cfg.fused_kernels, mode, engine.sp_saved_input,
+                                         engine.selective_recompute)
+            for mode in lc.act}
+    return replace(lc, act=acts, act_full_layer=acts["none"])

@@ -62,22 +62,38 @@ def choice_text(choice: dict) -> str:
     return text + f" rc={recompute if isinstance(recompute, str) else 'mixed'}"
 
 
+def memory_cells(run: dict, reserved: bool) -> list[str]:
+    """A fidelity run's predicted memory: the allocated peak, the reserved figure and its error against the
+    published one (torchtitan's max_reserved) where the JSON has them, else the peak with its margin."""
+    if not reserved:
+        return [f"{run['predicted_memory_gib']:.1f}"]
+    error = run.get("memory_error")
+    return [f"{run['predicted_allocated_gib']:.1f}", f"{run['predicted_reserved_gib']:.1f}",
+            f"{error:+.1%}" if error is not None else "-"]
+
+
 def render_fidelity(data: dict) -> list[str]:
     rows = []
+    reserved = all("predicted_reserved_gib" in run for run in data["runs"])
     for run in data["runs"]:
         measured_gib = run["measured_memory_gib"]
         rows.append([run["name"], f"{run['measured_iteration_s']:.2f}", f"{run['predicted_iteration_s']:.2f}",
                      f"{run['error']:+.1%}", f"{measured_gib:.1f}" if measured_gib else "-",
-                     f"{run['predicted_memory_gib']:.1f}", "yes" if run["fits"] else "NO",
+                     *memory_cells(run, reserved), "yes" if run["fits"] else "NO",
                      choice_text(run["planner_choice"]),
                      f"{run['predicted_iteration_s'] / run['planner_iteration_s'] - 1:+.1%}"])
     s = data["summary"]
-    return ["Each published run's configuration pinned, predicted against the published iteration time and memory; "
-            "\"planner's own choice\" is the free search on the same inputs, \"published vs own\" how much slower "
-            "the published configuration is predicted to be (docs/accuracy.md).", "",
-            *markdown_table(["run", "measured s/it", "predicted s/it", "error", "measured GiB", "predicted GiB",
-                             "fits", "planner's own choice", "published vs own"], rows), "",
-            f"Median |error| {s['median_abs_error']:.1%}, max |error| {s['max_abs_error']:.1%} over {s['runs']} runs."]
+    memory = ["allocated GiB", "reserved GiB", "memory error"] if reserved else ["predicted GiB"]
+    lines = ["Each published run's configuration pinned, predicted against the published iteration time and memory; "
+             "\"planner's own choice\" is the free search on the same inputs, \"published vs own\" how much slower "
+             "the published configuration is predicted to be (docs/accuracy.md).", "",
+             *markdown_table(["run", "measured s/it", "predicted s/it", "error", "measured GiB", *memory,
+                              "fits", "planner's own choice", "published vs own"], rows), "",
+             f"Median |error| {s['median_abs_error']:.1%}, max |error| {s['max_abs_error']:.1%} over {s['runs']} runs."]
+    if "memory_error_min" in s:
+        lines.append(f"Reserved memory against the published max_reserved: {s['memory_error_min']:+.1%} to "
+                     f"{s['memory_error_max']:+.1%}.")
+    return lines
 
 
 def render_search_speed(data: dict) -> list[str]:

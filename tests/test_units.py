@@ -37,7 +37,7 @@ def test_plan_table_for_cpu_processes_reads_in_mib_and_gflops(cpu_result):
     from meshplan.plan_cli import render_text
 
     text = render_text(cpu_result)
-    assert "(4 processes, " in text and "GFLOP/s/process" in text and "peak MiB" in text
+    assert "(4 processes, " in text and "GFLOP/s/process" in text and "allocated MiB" in text and "reserved MiB" in text
     peak_column = text.splitlines()[4].split()[-1]
     assert float(peak_column) > 1, "a CPU process's peak must not read 0"
     assert "0.0 GiB" not in text and "GPU" not in text
@@ -47,7 +47,7 @@ def test_plan_table_for_16384_gpus(gpu_result):
     from meshplan.plan_cli import render_text
 
     text = render_text(gpu_result)
-    assert "16,384 x H100" in text and "TFLOP/s/GPU" in text and "peak GiB" in text
+    assert "16,384 x H100" in text and "TFLOP/s/GPU" in text and "allocated GiB" in text and "reserved GiB" in text
 
 
 def test_report_for_cpu_processes(cpu_result):

@@ -15,7 +15,7 @@ from meshplan.errors import InputError
 from meshplan.plan import Plan
 from meshplan.report.comparison import compare_section
 from meshplan.report.facts import (MEMORY_KEYS, TIME_LABELS, _alternatives, _cell, _fix_label, _pct, _seconds,
-                                   _time_breakdown, stage_memory)
+                                   _time_breakdown, reserved_memory, stage_memory)
 from meshplan.report.metrics import Measured, summarize_metrics
 from meshplan.report.pictures import (draw_alternatives, draw_compare, draw_measured, draw_memory, draw_schedule,
                                       draw_stages, draw_time)
@@ -91,6 +91,14 @@ class Doc:
                 f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def run_hint(plan: Plan) -> str:
+    """How this plan runs: ``meshplan launch`` for meshplan's engine, ``meshplan export`` to the engine it was
+    priced for otherwise."""
+    if plan.engine == "meshplan":
+        return "Run this plan with `meshplan launch PLAN`."
+    return f"Run this plan with {get_engine(plan.engine).title}: `meshplan export PLAN --to {plan.engine}`."
+
+
 def _inline_html(text: str) -> str:
     text = html.escape(text)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
@@ -160,6 +168,27 @@ def write_report(plan: Plan, out_dir: str | Path, *, compare: Plan | None = None
     return ReportFiles(md, page, pics)
 
 
+def _memory_words(plan: Plan) -> str:
+    """The allocated peak, and where the plan predicts it, what the allocator reserves."""
+    text = units.human_memory(plan.predicted.allocated_peak_gib) + " allocated"
+    reserved = reserved_memory(plan)
+    if reserved is not None:
+        text += f", {units.human_memory(reserved[0])} reserved"
+    return text
+
+
+def _reserved_rows(plan: Plan) -> list[list[str]]:
+    """Prediction rows for the reserved memory and NCCL's buffers (none for plans written before them)."""
+    reserved = reserved_memory(plan)
+    if reserved is None:
+        return []
+    rows = [["allocated peak (live tensors, worst rank)", units.human_memory(plan.predicted.allocated_peak_gib)],
+            ["reserved by the CUDA caching allocator (worst rank)", units.human_memory(reserved[0])]]
+    if reserved[1]:
+        rows.append(["NCCL buffers per rank (outside the allocator)", units.human_memory(reserved[1])])
+    return rows
+
+
 def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured | None = None,
                    compare: Plan | None = None, plan_path: str | None = None,
                    compare_path: str | None = None) -> Doc:
@@ -172,7 +201,7 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
         d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {ranks}. "
             f"**Predicted:** {_seconds(pred.iteration_s)} per iteration, {pred.tokens_per_s:,.0f} tokens/s, "
             f"{units.human_rate(pred.tflops_per_gpu)} per {rank} (MFU {pred.mfu * 100:.1f}%), peak memory "
-            f"{units.human_memory(pred.peak_memory_gib)} of {units.human_memory(c.gpu.memory_gib)}.")
+            f"{_memory_words(plan)} of {units.human_memory(c.gpu.memory_gib)}.")
     else:
         d.p(f"**Plan{src}:** dp={plan.dp} × tp={plan.tp} × pp={plan.pp} × cp={plan.cp} on {ranks} "
             "(the file holds no prediction).")
@@ -219,7 +248,8 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
             ["iteration time", _seconds(pred.iteration_s)], ["throughput", f"{pred.tokens_per_s:,.0f} tokens/s"],
             [f"model FLOP/s per {rank}", units.human_rate(pred.tflops_per_gpu)], ["MFU", f"{pred.mfu * 100:.1f}%"],
             ["peak memory (worst rank)",
-             f"{units.human_memory(pred.peak_memory_gib)} of {units.human_memory(c.gpu.memory_gib)}"]], "ll")
+             f"{units.human_memory(pred.peak_memory_gib)} of {units.human_memory(c.gpu.memory_gib)}"],
+            *_reserved_rows(plan)], "ll")
     if plan.notes:
         d.p("**Notes from the planner:**")
         d.items(plan.notes)
@@ -271,7 +301,7 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
     if measured:
         _measured_section(d, plan, measured, pics)
     d.p("---")
-    d.p("Written by `meshplan report`. Export this plan with `meshplan export PLAN --to megatron|torchtitan|deepspeed`.")
+    d.p("Written by `meshplan report`. " + run_hint(plan))
     return d
 
 

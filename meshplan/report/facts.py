@@ -59,6 +59,15 @@ def _memory_breakdown(data: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def reserved_memory(plan: Plan) -> tuple[float, float] | None:
+    """(reserved, NCCL) GiB of the plan's prediction: what the worst rank's CUDA caching allocator reserves
+    and NCCL's buffers beside it; None for a plan without a prediction or written before reserved existed."""
+    pred = plan.predicted
+    if pred is None or pred.reserved_memory_gib is None:
+        return None
+    return pred.reserved_memory_gib, pred.nccl_memory_gib or 0.0
+
+
 def stage_memory(plan: Plan) -> list[tuple[str, dict[str, float] | None, float]]:
     """(label, breakdown or None, peak GiB) per pipeline rank; the worst rank's breakdown when the plan
     has no per-rank breakdowns."""
