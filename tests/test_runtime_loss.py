@@ -49,6 +49,7 @@ def test_fused_loss_matches_reference_path(name, workdir, trained):
     assert diff <= FUSED_RTOL, (name, reference, fused)
 
 
+@pytest.mark.parallel   # one process
 def test_runtime_fused_loss_peak_matches_planner():
     """The runtime's fused loss function (head + chunked cross-entropy, forward and backward) peaks at what
     ``planner.memory.logits_bytes(fused_loss=True)`` predicts for it, within 10% (CPU tracked allocations)."""
