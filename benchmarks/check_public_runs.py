@@ -78,14 +78,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = run(args.runs)
     ok = [r for r in rows if "error" in r and isinstance(r["error"], float)]
+    summary = ""
     if ok:
         errors = sorted(abs(r["error"]) for r in ok)
-        print(f"\n{len(ok)} ranks: median |error| {errors[len(errors) // 2] * 100:.1f}%, worst "
-              f"{errors[-1] * 100:.1f}%, within 5%: {sum(e <= 0.05 for e in errors)}, predicted below measured "
-              f"by more than 2%: {sum(r['error'] < -0.02 for r in ok)}")
+        summary = (f"{len(ok)} ranks: median |error| {errors[len(errors) // 2] * 100:.1f}%, worst "
+                   f"{errors[-1] * 100:.1f}%, within 5%: {sum(e <= 0.05 for e in errors)}, predicted below "
+                   f"measured by more than 2%: {sum(r['error'] < -0.02 for r in ok)}")
+        print("\n" + summary)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(results_document(rows, summary), indent=2))
     return 0
+
+
+def results_document(rows: list[dict], summary: str) -> dict:
+    """The --json file docs/results.md is built from (scripts/gen_results.py): the table, with the command,
+    date and machine (run_info.wrap) and the per-rank records."""
+    from run_info import wrap
+
+    table = [[r["run"], f"{r['rank']} ({r['pp']})", r["degrees"], f"{r['measured_gib']:.2f}",
+              f"{r['predicted_gib']:.2f}", f"{r['error']:+.1%}"] for r in rows if isinstance(r.get("error"), float)]
+    table += [[r["run"], "-", "-", "-", "-", f"check failed: {r['error']}"] for r in rows
+              if not isinstance(r.get("error"), float)]
+    document = wrap("python benchmarks/check_public_runs.py", None)
+    document.pop("result", None)
+    return {"title": "Planned peak memory against `meshplan check`, published runs' configurations", **document,
+            "tables": [{"caption": "First rank of the first and last pipeline rank, each run planned for "
+                                   "meshplan's engine; allocated GiB, the planner before its margin",
+                        "headers": ["run", "rank (pp)", "degrees", "measured GiB", "predicted GiB",
+                                    "predicted - measured"], "rows": table}],
+            "notes": [summary + "."] if summary else [], "ranks": rows}
 
 
 if __name__ == "__main__":
