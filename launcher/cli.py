@@ -136,11 +136,11 @@ def _replan(plan, plan_path: Path) -> Path:
 
     from meshplan.plan_cli import measure_this_machine
     from meshplan.planner.search import search
-    from meshplan.spec import load_cluster
+    from meshplan.spec import _as_bool, load_cluster
 
     ranks = torch.cuda.device_count() if torch.cuda.is_available() else plan.world_size
     cluster = load_cluster(f"localhost:{ranks}")
-    if os.environ.get("MESHPLAN_NO_PROFILE", "").lower() not in ("1", "true", "yes", "on"):
+    if not _as_bool(os.environ.get("MESHPLAN_NO_PROFILE", "false"), "MESHPLAN_NO_PROFILE"):
         cluster = measure_this_machine(cluster, plan.model, plan.train)
     new = search(plan.model, cluster, plan.train, {}, top=1).plans[0]
     target = plan_path.with_name(plan_path.stem + ".replanned.yaml")

@@ -149,10 +149,15 @@ def _titan_model_parallel(plan: Plan, warnings: list[str] | None) -> list[str]:
                            "as torchtitan's context parallel")
         warn(warnings, "torchtitan: torchtitan 0.3 llama3 configs build FlexAttention, whose context parallel "
                        "all-gathers K/V (flex_cp_allgather) rather than passing it around a ring")
+    warn_mesh_order(plan, warnings)
+    return args
+
+
+def warn_mesh_order(plan: Plan, warnings: list[str] | None) -> None:
+    """The warning for a mesh order torchtitan cannot build (both export forms)."""
     if not mesh_is_default(plan):
         warn(warnings, f"torchtitan: mesh order {list(plan.mesh_order)} cannot be expressed; torchtitan builds "
                        "its mesh as pp, dp_replicate, dp_shard, cp, tp (outermost first)")
-    return args
 
 
 def torchtitan_fqns(plan: Plan, head: str = "lm_head") -> list[list[str]]:
@@ -342,9 +347,7 @@ def _toml_parallelism(plan: Plan, warnings: list[str] | None) -> dict[str, Any]:
         if plan.cp_kind == "ulysses":
             warn(warnings, "torchtitan: Ulysses (all-to-all) context parallelism cannot be expressed; torchtitan's "
                            "context parallel is ring attention; exported as ring with rotate method allgather")
-    if not mesh_is_default(plan):
-        warn(warnings, f"torchtitan: mesh order {list(plan.mesh_order)} cannot be expressed; torchtitan builds "
-                       "its mesh as pp, dp_replicate, dp_shard, cp, tp (outermost first)")
+    warn_mesh_order(plan, warnings)
     return par
 
 

@@ -291,9 +291,9 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
     cfg["quick"] = quick
     if quick:
         cfg["compute_share"] = QUICK_COMPUTE_SHARE
-    elif kind == "cpu" and budget_s < HOST_BUDGET_FACTOR * full_host_seconds(ranks):
+    elif kind == "cpu" and budget_s < (full_rounds_budget := HOST_BUDGET_FACTOR * full_host_seconds(ranks)):
         cfg["quick_host"] = True
-        typer.echo(f"meshplan: a budget under {HOST_BUDGET_FACTOR * full_host_seconds(ranks):.0f}s times the "
+        typer.echo(f"meshplan: a budget under {full_rounds_budget:.0f}s times the "
                    "host checks in the quick profile's short rounds", err=True)
     cfg_path = work / "job.json"
     cfg_path.write_text(json.dumps(cfg))
