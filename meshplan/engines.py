@@ -67,6 +67,10 @@ class Engine:
         attention_kernel: the attention kernel on GPUs: ``flash2`` (torch SDPA's FlashAttention-2) or ``cudnn``
             (Transformer Engine's cuDNN fused attention); compute.py rates each per GPU generation.
         fp8_allgather: under fp8 the column-parallel inputs are all-gathered in fp8 (1 byte an element).
+        pipeline_buffers: how a pipeline rank holds the stage-boundary tensors it receives:
+            ``per_microbatch`` (torch.distributed.pipelining keeps one activation and one gradient buffer per
+            micro-batch and stage for the whole step) or ``per_transfer`` (Megatron allocates each received
+            tensor when it arrives; what outlives the transfer is the chunk's saved input).
     """
 
     name: str
@@ -91,6 +95,7 @@ class Engine:
     ring_attention: str = "runtime"
     attention_kernel: str = "flash2"
     fp8_allgather: bool = False
+    pipeline_buffers: str = "per_microbatch"
 
     def refusal(self, field: str, value: Any) -> str | None:
         """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
@@ -183,6 +188,8 @@ MEGATRON = Engine(
     # rank), the next K/V sent under the current step. TE's DotProductAttention runs cuDNN fused attention
     # on Hopper; TE's fp8 LayerNormLinear all-gathers its fp8 output.
     tp_backward_async=True, ring_attention="flash", attention_kernel="cudnn", fp8_allgather=True,
+    # megatron/core/pipeline_parallel/p2p_communication.py _communicate: torch.empty for every receive.
+    pipeline_buffers="per_transfer",
 )
 
 TORCHTITAN = Engine(

@@ -379,7 +379,8 @@ def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumula
     return best
 
 
-def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1) -> int:
+def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1,
+                             held: str = "per_microbatch") -> int:
     """Stage-boundary tensors ([b, s/cp, h/tp] each) that ``torch.distributed.pipelining`` keeps allocated on
     pipeline rank ``rank`` for the whole step.
 
@@ -388,11 +389,17 @@ def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_
     (``_prepare_forward_infra`` / ``_prepare_backward_infra``, torch 2.6-2.13), and keeps them for reuse. Rank
     ``rank`` runs stages ``j * pp + rank`` for ``j < v``; with n = pp * v stages the count is
     m * (#{stages > 0} + #{stages < n - 1}). Measured by ``meshplan check``: 448 buffers (7 * 64) on both end
-    ranks of Megatron's 462B configuration (pp16, v4, m64), 7.9 GiB -- Megatron-LM allocates them per
-    transfer instead. The stages' outputs kept for backward are the last block's activations, counted there.
+    ranks of Megatron's 462B configuration (pp16, v4, m64), 7.9 GiB. The stages' outputs kept for backward
+    are the last block's activations, counted there.
+
+    ``held = "per_transfer"`` (Megatron-LM, p2p_communication.py ``_communicate``): each receive allocates
+    its tensor; an activation received becomes the chunk's saved input, counted with the blocks, so beyond
+    the activations one activation and one gradient are in transit at a time: 2 on every rank.
     """
     if pp <= 1:
         return 0
+    if held == "per_transfer":
+        return 2
     stages = [j * pp + rank for j in range(virtual_stages)]
     last = pp * virtual_stages - 1
     return num_microbatches * (sum(s > 0 for s in stages) + sum(s < last for s in stages))

@@ -89,7 +89,8 @@ def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Pha
     if holds_loss:
         flight_loss = 2 if cfg.vocab_parallel else (num_mb if (cfg.schedule == "gpipe" and p > 1) else 1)
         logits_loss, logits_kept = s.vc.logits_peak, max(0, flight_loss - 1) * s.vc.logprob_saved
-    pipeline = s.boundary_bytes * memory.pipeline_receive_buffers(p, rank, num_mb, s.v)
+    pipeline = s.boundary_bytes * memory.pipeline_receive_buffers(p, rank, num_mb, s.v,
+                                                                  s.ctx.engine.pipeline_buffers)
     common = {**states, "gradients": grads_common, "logits": logits_kept,
               "buffers": gathered_loss + accumulators + pipeline}
     at_loss = {"logits": logits_loss}

@@ -127,6 +127,13 @@ def test_pipeline_receive_buffers_follow_torch_pipelining():
     assert memory.pipeline_receive_buffers(1, 0, 8) == 0
 
 
+def test_pipeline_receive_buffers_per_transfer_are_one_each_way():
+    # Megatron allocates every receive: one activation and one gradient in transit, whatever m and v
+    assert memory.pipeline_receive_buffers(16, 0, 64, 4, "per_transfer") == 2
+    assert memory.pipeline_receive_buffers(4, 1, 8, 1, "per_transfer") == 2
+    assert memory.pipeline_receive_buffers(1, 0, 8, 1, "per_transfer") == 0
+
+
 def test_gathered_weights_and_unsharded_gradients_follow_fsdp2():
     b = memory.state_bytes("bf16", "adamw")
     # ZeRO 3 gathers the root unit for the loss and two blocks more during the backward

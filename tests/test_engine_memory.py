@@ -1,6 +1,7 @@
 """Memory as each engine holds it (meshplan/engines.py), and what a job reserves: every behaviour against the
 formula it implies. Fast, no torch."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,26 @@ def test_megatron_distributed_optimizer_takes_6_plus_12_over_d_bytes_per_paramet
     states = ph.common["parameters"] + ph.common["gradients"] + ph.common["optimizer"]
     assert states == pytest.approx((6 + 12 / dp) * params)      # the gradient buffer is kept all step
     assert ph.persistent >= states
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_pipeline_receive_buffers_per_engine(v):
+    """torch.distributed.pipelining (meshplan, torchtitan) keeps a receive buffer per micro-batch and stage
+    all step; Megatron allocates one per transfer: two boundary tensors in transit on every rank."""
+    fields = dict(dp=2, pp=4, micro_batch=1, schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
+    held = {}
+    for engine in (MESHPLAN, TORCHTITAN, MEGATRON):
+        ctx, cfg = step(engine, **fields)
+        s = step_of(ctx, cfg)
+        assert s.num_mb == 32
+        phases = [rank_memory_phases(s, r, 2, False) for r in range(4)]
+        idle = [rank_memory_phases(replace(s, boundary_bytes=0.0), r, 2, False) for r in range(4)]
+        held[engine.name] = [(ph.common["buffers"] - no.common["buffers"]) / s.boundary_bytes
+                             for ph, no in zip(phases, idle)]
+    stages = 4 * v
+    expected = [32 * sum((j * 4 + r > 0) + (j * 4 + r < stages - 1) for j in range(v)) for r in range(4)]
+    assert held["meshplan"] == held["torchtitan"] == pytest.approx(expected)
+    assert held["megatron"] == pytest.approx([2, 2, 2, 2])
 
 
 def test_meshplan_zero_1_holds_what_zero_2_holds():

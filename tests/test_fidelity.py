@@ -21,20 +21,8 @@ def test_median_error_within_six_percent(result):
     assert result["summary"]["median_abs_error"] <= 0.06
 
 
-def test_worst_error_within_twenty_one_percent(result):
-    assert result["summary"]["max_abs_error"] <= 0.21
-
-
-@pytest.mark.xfail(strict=True, reason="Megatron-Core 462B (tp8 pp16, micro-batch not published) is predicted "
-                   "+20%: with its fp32 gradient buffer and Megatron's one recompute mode, interleaving fits only "
-                   "with one fully recomputed block per chunk")
 def test_worst_error_within_twelve_percent(result):
-    assert result["summary"]["max_abs_error"] <= 0.12
-
-
-def test_every_run_but_one_within_twelve_percent(result):
-    errors = sorted(abs(run["error"]) for run in result["runs"])
-    assert errors[-2] <= 0.12, errors
+    assert result["summary"]["max_abs_error"] <= 0.12, [(r["name"], round(r["error"], 3)) for r in result["runs"]]
 
 
 def test_torchtitan_memory_is_the_published_reserved_figure(result):
