@@ -18,6 +18,8 @@ RUNTIME_VALUES: dict[str, tuple] = {
     "compile": (False, True),                       # parallelize.apply_compile
     "fused_kernels": (False, True),                 # train._set_kernels, train.make_loss_fn
     "precision": ("fp32", "bf16"),                  # train.computes_in_bf16 (per device kind: RUNTIME_PRECISIONS)
+    "attention": ("flash",),                        # model.Attention: scaled_dot_product_attention, no scores kept
+    "sequence_parallel": (True,),                   # check_supported: tp > 1 runs with sequence parallel
 }
 # What the runtime computes in (runtime/train.py computes_in_bf16): GPU ranks in bf16 (FSDP2 mixed precision or
 # autocast) or fp32, CPU ranks in fp32. An fp16 or fp8 plan would silently run as bf16, so it is refused.

@@ -41,6 +41,11 @@ class Engine:
         mixed_recompute: stages may mix full and selective recomputation, or recompute some blocks only.
         kv_head_replication: tensor parallel larger than the key/value heads (each head replicated).
         precisions: training precisions it runs (``--precision``).
+        tp_without_sp: runs tensor parallel without sequence parallel (plan ``sequence_parallel: false``;
+            the norms and residual stream replicated, the block's collectives all-reduces).
+        attentions: attention implementations it runs (plan ``attention``): ``flash`` (a fused kernel that
+            keeps no scores: FlashAttention, cuDNN fused attention) and ``unfused`` (the scores materialised,
+            softmax and dropout as separate ops; cp = 1).
 
     Fields (how it behaves where engines differ; read by the cost terms):
         sp_saved_input: what a column-parallel linear keeps for its backward under sequence parallel:
@@ -96,6 +101,8 @@ class Engine:
     attention_kernel: str = "flash2"
     fp8_allgather: bool = False
     pipeline_buffers: str = "per_microbatch"
+    attentions: tuple[str, ...] = ("flash",)
+    tp_without_sp: bool = False
 
     def refusal(self, field: str, value: Any) -> str | None:
         """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
@@ -114,6 +121,8 @@ class Engine:
             "compile": (False, True) if self.compile else (False,),
             "fused_kernels": (False, True) if self.fused_kernels else (False,),
             "precision": self.precisions,
+            "attention": self.attentions,
+            "sequence_parallel": (False, True) if self.tp_without_sp else (True,),
         }
         return table.get(field)
 
@@ -190,6 +199,9 @@ MEGATRON = Engine(
     tp_backward_async=True, ring_attention="flash", attention_kernel="cudnn", fp8_allgather=True,
     # megatron/core/pipeline_parallel/p2p_communication.py _communicate: torch.empty for every receive.
     pipeline_buffers="per_transfer",
+    # --attention-backend unfused (megatron/core/transformer/enums.py AttnBackend; DotProductAttention);
+    # --sequence-parallel is a switch: without it the TP regions all-reduce (tensor_parallel/mappings.py).
+    attentions=("flash", "unfused"), tp_without_sp=True,
 )
 
 TORCHTITAN = Engine(
@@ -205,6 +217,8 @@ TORCHTITAN = Engine(
     # parallelism.enable_async_tensor_parallel: requires compile (torchtitan/models/llama3/parallelize.py).
     tp_overlap=True, tp_overlap_needs_compile=True,
     compile=True, fused_kernels=False,
+    # parallelism.enable_sequence_parallel (torchtitan/config/configs.py, default true).
+    tp_without_sp=True,
     # activation_checkpoint.mode none | selective | full on every block; selective_ac_option "op" or a
     # layer interval k; one mode for the whole model.
     mixed_recompute=False, kv_head_replication=False,

@@ -263,7 +263,7 @@ def _megatron_kernels(plan: Plan, args: list[str], warnings: list[str] | None) -
     (``--cross-entropy-loss-fusion``, ``native`` implementation: the ``te`` one is refused by arguments.py).
     """
     args += ["--transformer-impl", "transformer_engine"]
-    kernel = getattr(plan, "attention", None) or getattr(get_engine(plan.engine), "attention_kernel", "cudnn")
+    kernel = "unfused" if plan.attention == "unfused" else get_engine(plan.engine).attention_kernel
     args += ["--attention-backend", _MEGATRON_ATTENTION.get(kernel, "auto")]
     if plan.tp_overlap and plan.tp > 1:           # Megatron turns sequence parallel off at tp = 1
         if not plan.sequence_parallel:

@@ -34,6 +34,7 @@ from meshplan.spec import (SCHEMA_VERSION, ClusterSpec, ModelSpec, TrainSpec, _a
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE_MODES = ("none", "selective", "full")
 CP_KINDS = ("ulysses", "ring")
+ATTENTIONS = ("flash", "unfused")
 KERNEL_NAMES = ("norm", "swiglu", "rope", "loss")
 KERNEL_IMPLS = ("fused", "reference")
 MESH_DIMS = ("pp", "dp", "cp", "tp")
@@ -188,7 +189,10 @@ class Plan:
             launch``), ``megatron`` or ``torchtitan`` (``meshplan export``).
         dp, tp, pp, cp: data, tensor, pipeline and context parallel degrees; dp*tp*pp*cp = world size.
         cp_kind: ``ulysses`` (all-to-all over heads) or ``ring`` (K/V passed around a ring); ignored if cp == 1.
-        sequence_parallel: Megatron sequence parallelism inside the tensor-parallel group (on whenever tp > 1).
+        sequence_parallel: Megatron sequence parallelism inside the tensor-parallel group (the planner turns it
+            on whenever tp > 1; ``--fix sequence_parallel=false`` prices tensor parallel without it).
+        attention: ``flash`` (a fused attention kernel that keeps no scores) or ``unfused`` (the scores
+            materialised; ``--fix attention=unfused``, an engine that runs it, cp = 1).
         vocab_parallel: embedding, LM head and loss split by vocabulary over all pipeline (and tensor) ranks
             (Yeung et al. 2024) instead of living on the first/last stage.
         micro_batch: sequences per micro-batch per data-parallel rank.
@@ -224,6 +228,7 @@ class Plan:
     engine: str = "meshplan"
     cp_kind: str = "ulysses"
     sequence_parallel: bool = True
+    attention: str = "flash"
     vocab_parallel: bool = False
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -266,6 +271,10 @@ class Plan:
         pins = {"dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "cp_kind": self.cp_kind,
                 "micro_batch": self.micro_batch, "schedule": self.schedule, "virtual_stages": self.virtual_stages,
                 "recompute": self.recompute, "zero": self.zero, "vocab_parallel": self.vocab_parallel}
+        if self.tp > 1 and not self.sequence_parallel:
+            pins["sequence_parallel"] = False
+        if self.attention != "flash":
+            pins["attention"] = self.attention
         if pins["recompute"] == "mixed":
             del pins["recompute"]
         return pins
@@ -276,7 +285,9 @@ class Plan:
         fields: dict[str, Any] = {"zero": self.zero, "vocab_parallel": self.vocab_parallel,
                                   "tp_overlap": self.tp_overlap, "compile": self.compile,
                                   "fused_kernels": any(v == "fused" for v in self.kernels.values()),
-                                  "precision": self.train.precision}
+                                  "precision": self.train.precision, "attention": self.attention}
+        if self.tp > 1:
+            fields["sequence_parallel"] = self.sequence_parallel
         if self.pp > 1:
             fields["schedule"] = self.schedule
         if self.cp > 1:
@@ -288,8 +299,8 @@ class Plan:
         out: dict[str, Any] = {
             "schema_version": self.schema_version, "engine": self.engine,
             "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "cp_kind": self.cp_kind,
-            "sequence_parallel": self.sequence_parallel, "vocab_parallel": self.vocab_parallel,
-            "micro_batch": self.micro_batch, "num_microbatches": self.num_microbatches,
+            "sequence_parallel": self.sequence_parallel, "attention": self.attention,
+            "vocab_parallel": self.vocab_parallel, "micro_batch": self.micro_batch, "num_microbatches": self.num_microbatches,
             "schedule": self.schedule, "virtual_stages": self.virtual_stages, "zero": self.zero,
             "recompute": self.recompute, "tp_overlap": self.tp_overlap, "compile": self.compile,
             "kernels": dict(self.kernels), "mesh_order": list(self.mesh_order),
@@ -346,6 +357,7 @@ class Plan:
             engine=get_engine(data.get("engine", DEFAULT_ENGINE), f"{where}.engine").name,
             cp_kind=_as_choice(data.get("cp_kind", "ulysses"), f"{where}.cp_kind", CP_KINDS),
             sequence_parallel=_as_bool(data.get("sequence_parallel", degrees["tp"] > 1), f"{where}.sequence_parallel"),
+            attention=_as_choice(data.get("attention", "flash"), f"{where}.attention", ATTENTIONS),
             vocab_parallel=_as_bool(data.get("vocab_parallel", False), f"{where}.vocab_parallel"),
             schedule=_as_choice(data.get("schedule", "1f1b"), f"{where}.schedule", SCHEDULES),
             virtual_stages=_as_int(data.get("virtual_stages", 1), f"{where}.virtual_stages", 1),
@@ -376,6 +388,12 @@ class Plan:
             raise InputError(f"{where}: micro_batch", f"dp*micro_batch*num_microbatches = "
                              f"{self.dp * self.micro_batch * self.num_microbatches} != global batch "
                              f"{self.train.global_batch}", "re-plan, or fix the numbers so they multiply out")
+        if self.attention == "unfused" and self.cp > 1:
+            raise InputError(f"{where}.attention", "unfused attention runs without context parallel",
+                             "set attention: flash, or re-plan with cp = 1")
+        if self.tp_overlap and self.tp > 1 and not self.sequence_parallel:
+            raise InputError(f"{where}.tp_overlap", "TP communication overlap needs sequence parallel",
+                             "set sequence_parallel: true or tp_overlap: false")
         expected = self.pp * self.virtual_stages
         if len(self.stages) != expected:
             raise InputError(f"{where}.stages", f"{len(self.stages)} stages for pp*virtual_stages = {expected}",

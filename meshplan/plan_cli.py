@@ -42,7 +42,7 @@ def plan_command(
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd"),
     fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
                                   "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
-                                  "compile, fused_kernels"),
+                                  "compile, fused_kernels, sequence_parallel, attention (flash | unfused)"),
     engine: str = typer.Option("meshplan", "--engine", "-e", help="The engine that will run the plan: meshplan "
                                "(meshplan launch), megatron (Megatron-Core) or torchtitan; the search offers what it "
                                "runs and prices it as it behaves"),

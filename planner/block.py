@@ -51,30 +51,38 @@ def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
     """The per-layer costs of ``cfg`` (cached)."""
     return layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind,
                       cfg.tp_overlap, cfg.compile or cfg.fused_kernels, cfg.fused_kernels, cfg.mesh_order,
-                      cfg.dp, cfg.pp, engine=ctx.engine)
+                      cfg.dp, cfg.pp, engine=ctx.engine, sp=cfg.sp, attention=cfg.attention)
 
 
 @lru_cache(maxsize=4096)
 def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
-               mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN) -> LayerCost:
+               mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool | None = None,
+               attention: str = "flash") -> LayerCost:
     """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
     (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
     (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
-    one f-wide tensor).
+    one f-wide tensor); ``sp``: sequence parallel (default: whenever tp > 1); ``attention``: ``flash`` or
+    ``unfused`` (plan.attention).
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
         bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp"""
     host = host_model(cluster)
     act_bytes = memory.ACT_BYTES[train.precision]
     tokens = micro_batch * train.seq_len / cp
+    sp = tp > 1 if sp is None else (sp and tp > 1)
     degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
-    c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise, engine.attention_kernel)
+    c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise, engine.attention_kernel, sp,
+                      attention)
     estimate = c.matmul_fwd + c.attn_fwd + c.ew_fwd
     tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
     activation = tokens * model.hidden * act_bytes
     gathered = activation * gather_bytes_ratio(engine, train.precision, act_bytes)
-    tp_fwd, tp_bwd = tp_comm_time(activation, gathered, tp, tp_link, tp_overlap, estimate, c, cluster, host, engine)
+    if sp:
+        tp_fwd, tp_bwd = tp_comm_time(activation, gathered, tp, tp_link, tp_overlap, estimate, c, cluster, host,
+                                      engine)
+    else:
+        tp_fwd, tp_bwd = tp_allreduce_time(activation, tp, tp_link, estimate, c, cluster, host, engine)
     cp_link = comm.group_link(cluster, cp, comm.group_stride(mesh_order, degrees, "cp"))
     attn_fwd, attn_bwd = c.attn_fwd, c.attn_bwd
     if cp == 1:
@@ -90,9 +98,10 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     fwd = fwd_compute + tp_fwd + cp_fwd
     bwd = 2 * c.matmul_fwd + attn_bwd + 2 * c.ew_fwd + tp_bwd + cp_bwd
     recompute_cost = recompute_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, fwd,
-                                       engine, attn_fwd + cp_fwd)
+                                       engine, attn_fwd + cp_fwd, sp)
     acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
-                                         engine.sp_saved_input, engine.selective_recompute)
+                                         engine.sp_saved_input, engine.selective_recompute, sp,
+                                         attention == "flash")
             for mode in MODES}
     return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
                      params=layer_params_per_rank(model, tp), tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
@@ -107,18 +116,25 @@ def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
 
 
 def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
-                  fused_elementwise: bool, attention_kernel: str = "flash2") -> BlockCompute:
-    """The block's GEMMs (compute.layer_matmul_shapes), flash attention (compute.attention_time) and memory-bound
-    ops (compute.elementwise_bytes_per_layer at the memory rate), forward; where the profile timed this block
-    (cp = 1), its measured / modelled ratio corrects the fitted parts."""
+                  fused_elementwise: bool, attention_kernel: str = "flash2", sp: bool | None = None,
+                  attention: str = "flash") -> BlockCompute:
+    """The block's GEMMs (compute.layer_matmul_shapes), attention (flash: compute.attention_time; unfused:
+    compute.unfused_attention_time) and memory-bound ops (compute.elementwise_bytes_per_layer at the memory
+    rate; split by tp outside the TP region under sequence parallel ``sp``, default tp > 1), forward; where
+    the profile timed this block (cp = 1), its measured / modelled ratio corrects the fitted parts."""
     rates = compute.achieved_rates(cluster, train.precision, attention_kernel)
     act_bytes = memory.ACT_BYTES[train.precision]
     seq = train.seq_len
     tokens = micro_batch * seq / cp
     timed = compute.measured_block_ratio(cluster, train.precision, tp, micro_batch, seq) if cp == 1 else 1.0
     gemms = [timed * compute.matmul_time(m, k, n, rates) for m, k, n in compute.layer_matmul_shapes(model, tokens, tp)]
-    attn_fwd, attn_bwd = (timed * t for t in compute.attention_time(model, micro_batch, seq, tp, cp, rates))
-    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, tp > 1, fused_elementwise,
+    if attention == "unfused":
+        attention_s = compute.unfused_attention_time(model, micro_batch, seq, tp, rates, act_bytes)
+    else:
+        attention_s = compute.attention_time(model, micro_batch, seq, tp, cp, rates)
+    attn_fwd, attn_bwd = (timed * t for t in attention_s)
+    sp = tp > 1 if sp is None else sp
+    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, sp, fused_elementwise,
                                                          act_bytes) / rates.memory
     return BlockCompute(sum(gemms), attn_fwd, attn_bwd, ew_fwd, timed, gemms[0] + gemms[2])
 
@@ -160,6 +176,26 @@ def tp_backward_time(ag: float, rs: float, regather: float, column_fwd: float, i
     if not is_async:
         return 2 * ag + 2 * rs + regather
     return 2 * ag + comm.exposed_time(regather, column_fwd, shown) + comm.exposed_time(2 * rs, column_fwd, shown)
+
+
+def tp_allreduce_time(activation: float, tp: int, tp_link: GroupLink, compute_estimate: float, c: BlockCompute,
+                      cluster: ClusterSpec, host: HostModel, engine: Engine = MESHPLAN) -> tuple[float, float]:
+    """Exposed tensor-parallel seconds (forward, backward) of one block without sequence parallel (Shoeybi et
+    al. 2019, fig. 3: the f and g operators): forward 2 all-reduces of the [s, b, h] ``activation`` (after the
+    attention output projection and the MLP's down projection), backward 2 all-reduces of the column-parallel
+    input gradients. Where the engine issues them asynchronously (Megatron's
+    LinearWithGradAccumulationAndAsyncCommunication: the input-gradient all-reduce runs under the
+    weight-gradient GEMM, as long as the forward's column GEMMs) the backward's show only past that window.
+    Each call is a meeting after about a quarter of the block (host.meeting)."""
+    if tp <= 1:
+        return 0.0, 0.0
+    ar = comm.allreduce_time(activation, tp_link)
+    meetings = 4 * host.meeting(compute_estimate / 4, tp)
+    if engine.tp_backward_async:
+        backward = comm.exposed_time(2 * ar, c.column_fwd, comm.overlap_exposed_fraction(cluster))
+    else:
+        backward = 2 * ar
+    return 2 * ar + meetings, backward + meetings
 
 
 def decomposed_exposed(comm_s: float, window_s: float, tp: int, shown: float = 0.0) -> float:
@@ -224,17 +260,19 @@ def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: 
 
 def recompute_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
                       c: BlockCompute, gathered: float, tp_link: GroupLink, tp_overlap: bool,
-                      fwd: float, engine: Engine = MESHPLAN, attention_fwd: float | None = None) -> dict[str, float]:
+                      fwd: float, engine: Engine = MESHPLAN, attention_fwd: float | None = None,
+                      sp: bool | None = None) -> dict[str, float]:
     """Extra seconds per recompute mode, as ``engine.selective_recompute`` says: full re-runs the forward (its
     TP/CP communication included) on every engine; selective is :func:`selective_seconds`."""
     return {"none": 0.0, "full": fwd,
             "selective": selective_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, engine,
-                                           c.attn_fwd if attention_fwd is None else attention_fwd)}
+                                           c.attn_fwd if attention_fwd is None else attention_fwd,
+                                           tp > 1 if sp is None else sp)}
 
 
 def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
                       c: BlockCompute, gathered: float, tp_link: GroupLink, tp_overlap: bool, engine: Engine,
-                      attention_fwd: float) -> float:
+                      attention_fwd: float, sp: bool = True) -> float:
     """Seconds selective recompute adds to one block's backward.
       core_attention (Megatron --recompute-granularity selective, recompute_modules ["core_attn"],
           megatron/core/transformer/attention.py _checkpointed_attention_forward): the attention core's forward
@@ -251,7 +289,7 @@ def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, 
     rates = compute.achieved_rates(cluster, train.precision, engine.attention_kernel)
     matmuls = c.timed * sum(compute.matmul_time(m, k, n, rates)
                             for m, k, n in compute.selective_recompute_shapes(model, tokens, tp))
-    gathers = 2 * comm.allgather_time(gathered, tp_link) if tp > 1 else 0.0
+    gathers = 2 * comm.allgather_time(gathered, tp_link) if tp > 1 and sp else 0.0
     if tp_overlap:
         shown = comm.overlap_exposed_fraction(cluster)
         gathers = 0.0 if engine.selective_recompute == "meshplan" else decomposed_exposed(gathers, matmuls, tp, shown)
@@ -260,19 +298,20 @@ def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, 
 
 def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int, cp: int, act_bytes: int,
                            fused_swiglu: bool, mode: str, sp_saved_input: str = "gathered",
-                           selective: str = "meshplan") -> float:
+                           selective: str = "meshplan", sp: bool | None = None, flash: bool = True) -> float:
     """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer),
     as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
     keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
     shard and gathers it again in backward); ``selective`` the engine's selective policy. LayerNorm is
     PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors, so under sequence
     parallel the runtime's RMSNorms are the reference ones. Megatron-Core runs Transformer Engine's fused norms
-    (keeping their 16-bit input) at every degree."""
-    sp = tp > 1
+    (keeping their 16-bit input) at every degree. ``sp``: sequence parallel (default: whenever tp > 1);
+    ``flash``: False keeps the unfused attention's scores."""
+    sp = tp > 1 if sp is None else (sp and tp > 1)
     fused_norm = (model.norm == "layernorm" or (fused_swiglu and not sp)
                   or (sp_saved_input == "sharded" and fused_swiglu))
     return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
-                                             flash=True, recompute=mode, fused_swiglu=fused_swiglu,
+                                             flash=flash, recompute=mode, fused_swiglu=fused_swiglu,
                                              fused_norm=fused_norm,
                                              gathered_linear_inputs=sp_saved_input == "gathered",
                                              selective=selective)

@@ -248,6 +248,35 @@ def attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: in
     return fwd_flops / rates.attention, 2.5 * fwd_flops / rates.attention
 
 
+# Unfused attention (Megatron-Core ``--attention-backend unfused``: megatron/core/transformer/
+# dot_product_attention.py DotProductAttention, and the core attention of Korthikanti et al. 2022) materialises
+# the [b, heads, s, s] scores at the activation width. Passes over them beside the GEMMs, each a read or a write:
+#   forward   fused scale-mask-softmax (r+w): 2; attention dropout, where the model has it: read the
+#             probabilities, write the output and a 1-byte mask (half a 2-byte pass): 2.5
+#   backward  dropout backward (read the gradient and the mask, write): 2.5; softmax backward (read the
+#             probabilities and the gradient, write): 3
+UNFUSED_SCORE_PASSES_FWD = 2.0
+UNFUSED_SCORE_PASSES_BWD = 3.0
+UNFUSED_DROPOUT_PASSES = 2.5     # each direction, with attention dropout
+
+
+def unfused_attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, rates: Rates,
+                           act_bytes: int) -> tuple[float, float]:
+    """Forward and backward seconds of unfused attention on one rank (cp = 1). With a = heads/tp and
+    d = head_dim, the causal mask is applied to fully computed scores, so no work is skipped:
+        forward   QK^T and PV: 2 batched GEMMs of (a*b*s) x d x s            -> 4 a b s^2 d FLOPs
+        backward  dV, dP, dQ, dK: 4 of them (the probabilities are kept)     -> 8 a b s^2 d FLOPs
+    at the matmul rate (compute.matmul_time), plus the UNFUSED_SCORE_PASSES over the a*b*s*s scores at the
+    memory rate (and UNFUSED_DROPOUT_PASSES where the model has dropout), ``act_bytes`` an element."""
+    rows = micro_batch * model.heads / tp * seq
+    gemm = matmul_time(rows, model.head_dim, seq, rates)
+    score_bytes = rows * seq * act_bytes
+    dropout = UNFUSED_DROPOUT_PASSES if model.dropout > 0 else 0.0
+    fwd = 2 * gemm + (UNFUSED_SCORE_PASSES_FWD + dropout) * score_bytes / rates.memory
+    bwd = 4 * gemm + (UNFUSED_SCORE_PASSES_BWD + dropout) * score_bytes / rates.memory
+    return fwd, bwd
+
+
 # The runtime's ring attention (launcher/runtime/context_parallel.py: _RingAttention) works on fp32 copies of
 # q, k, v with materialised scores. Passes over one [b, heads, c, c] score block, each a read or a write of
 # 4 bytes, counted from its code:

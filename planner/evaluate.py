@@ -160,7 +160,7 @@ def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search
     search.setdefault("stage_memory_gib", [{k: round(x, 4) for k, x in m.items()} for m in per_rank])
     return Plan(engine=ctx.engine.name, dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, micro_batch=cfg.micro_batch, num_microbatches=num_mb,
                 stages=tuple(ev.stages()), model=ctx.model, cluster=ctx.cluster, train=train, cp_kind=cfg.cp_kind,
-                sequence_parallel=cfg.tp > 1, vocab_parallel=cfg.vocab_parallel,
+                sequence_parallel=cfg.sp, attention=cfg.attention, vocab_parallel=cfg.vocab_parallel,
                 schedule=cfg.schedule if cfg.pp > 1 else "1f1b", virtual_stages=cfg.virtual_stages, zero=cfg.zero,
                 tp_overlap=cfg.tp_overlap, compile=cfg.compile, kernels=kernels, mesh_order=cfg.mesh_order,
                 predicted=prediction, notes=tuple(notes or ev.notes), search=search)

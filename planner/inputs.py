@@ -35,6 +35,13 @@ class Config:
     fused_kernels: bool = False
     recompute: str | None = None
     mesh_order: tuple[str, ...] = DEFAULT_MESH_ORDER
+    sequence_parallel: bool = True     # under tp > 1: sequence parallel (False: TP alone, all-reduces)
+    attention: str = "flash"           # ``flash`` or ``unfused`` (plan.ATTENTIONS)
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallel is in effect: tp > 1 and not turned off."""
+        return self.tp > 1 and self.sequence_parallel
 
     @property
     def degrees(self) -> dict[str, int]:

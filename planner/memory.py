@@ -224,8 +224,9 @@ def activation_bytes_per_layer(
                                                        backward; DTensor sequence parallel -- meshplan's
                                                        runtime, torchtitan -- keeps the all-gathered sbh)
         Q, K, V                      sbh * (1 + 2*kv/a) / t
-        softmax out, mask, dropout   5*a*s^2*b / t  (bytes)   -- absent with flash attention, which saves
-                                                             its output and a fp32 logsumexp (4*a*s*b/t)
+        softmax out, mask, dropout   5*a*s^2*b / t  (bytes; 2*a*s^2*b / t without dropout) -- absent with
+                                                             flash attention, which saves its output and a
+                                                             fp32 logsumexp (4*a*s*b/t)
         attention output (proj in)   sbh / t
         attention dropout mask       sbh (1 byte)      (sharded by SP)
         MLP input                    sbh               (as the QKV input)
@@ -263,7 +264,8 @@ def activation_bytes_per_layer(
     qkv = act_bytes * sbh * (1 + 2 * kv_ratio) / tp
     attn_out = act_bytes * sbh / tp
     lse = 4.0 * a * s * b / tp if flash else 0.0
-    scores = 0.0 if flash else 5.0 * a * s * s * b / tp * (act_bytes / 2)   # 2*as^2b + as^2b + 2*as^2b at 16 bits
+    # softmax output, and with dropout its 1-byte mask and output: 2*as^2b + as^2b + 2*as^2b at 16 bits
+    scores = 0.0 if flash else a * s * s * b / tp * (act_bytes + mask * (1 + act_bytes))
 
     if recompute == "selective" and selective != "core_attention":
         return selective_op_bytes(sbh, s * b * f, kv_ratio, tp, act_bytes, replicated, mask, selective) + attn_out + lse

@@ -19,7 +19,8 @@ def config_of(plan: Plan) -> Config:
                   schedule=plan.schedule, virtual_stages=plan.virtual_stages, zero=plan.zero,
                   vocab_parallel=plan.vocab_parallel, cp_kind=plan.cp_kind, tp_overlap=plan.tp_overlap,
                   compile=plan.compile, fused_kernels=plan.kernels.get("norm") == "fused",
-                  mesh_order=tuple(plan.mesh_order))
+                  mesh_order=tuple(plan.mesh_order), sequence_parallel=plan.sequence_parallel or plan.tp == 1,
+                  attention=plan.attention)
 
 
 def replay(plan: Plan) -> Evaluation:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from meshplan.engines import MESHPLAN, Engine, get_engine
 from meshplan.errors import InputError, NoFeasiblePlan
-from meshplan.plan import CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan, schedule_problem
+from meshplan.plan import ATTENTIONS, CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan, schedule_problem
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
 from meshplan.units import human_memory
 from meshplan.planner import memory
@@ -53,6 +53,8 @@ FIX_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "tp_overlap": lambda v, w: _as_bool(v, w),
     "compile": lambda v, w: _as_bool(v, w),
     "fused_kernels": lambda v, w: _as_bool(v, w),
+    "sequence_parallel": lambda v, w: _as_bool(v, w),
+    "attention": lambda v, w: _as_choice(v, w, ATTENTIONS),
 }
 
 
@@ -126,6 +128,8 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
     """Every schedule / ZeRO / vocab-parallel / CP-kind / overlap variant of one degree family that the
     engine runs."""
     gpu, engine = ctx.cluster.gpu.kind == "gpu", ctx.engine
+    if fixes.get("attention") == "unfused" and cp > 1:
+        return []                       # unfused attention has no context-parallel form
     num_mb = ctx.train.global_batch // (dp * b)
     schedules: list[tuple[str, int]] = []
     if pp == 1:
@@ -147,8 +151,11 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
     cp_kinds = ([fixes["cp_kind"]] if "cp_kind" in fixes
                 else list(engine.cp_kinds) if cp > 1 else [engine.cp_kinds[0]])
     compiled = fixes.get("compile", gpu and engine.compile)
+    sequence_parallel = fixes.get("sequence_parallel", True)
+    # async TP / TP comm overlap decompose sequence parallel's all-gathers and reduce-scatters: SP only
     overlap = ([fixes["tp_overlap"]] if "tp_overlap" in fixes
-               else [gpu and tp > 1 and engine.tp_overlap and (compiled or not engine.tp_overlap_needs_compile)])
+               else [gpu and tp > 1 and sequence_parallel and engine.tp_overlap
+                     and (compiled or not engine.tp_overlap_needs_compile)])
     fused = fixes.get("fused_kernels", gpu and engine.fused_kernels)
     out = []
     for sched, v in schedules:
@@ -161,7 +168,8 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
                         out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
                                           virtual_stages=v, zero=z, vocab_parallel=vp, cp_kind=kind, tp_overlap=ov,
                                           compile=compiled, fused_kernels=fused, recompute=fixes.get("recompute"),
-                                          mesh_order=DEFAULT_MESH_ORDER))
+                                          mesh_order=DEFAULT_MESH_ORDER, sequence_parallel=sequence_parallel,
+                                          attention=fixes.get("attention", "flash")))
     return out
 
 
@@ -331,9 +339,14 @@ def _alternative(ev: Evaluation) -> dict[str, Any]:
 
 
 def _fix_of(cfg: Config) -> dict[str, Any]:
-    return {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "micro_batch": cfg.micro_batch,
+    pins = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "micro_batch": cfg.micro_batch,
             "schedule": cfg.schedule, "virtual_stages": cfg.virtual_stages, "zero": cfg.zero,
             "vocab_parallel": cfg.vocab_parallel, "cp_kind": cfg.cp_kind}
+    if cfg.tp > 1 and not cfg.sequence_parallel:
+        pins["sequence_parallel"] = False
+    if cfg.attention != "flash":
+        pins["attention"] = cfg.attention
+    return pins
 
 
 def _refine(ctx: Context, ev: Evaluation) -> Evaluation:
@@ -468,6 +481,12 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
         raise InputError("--fix schedule", "interleaved needs virtual_stages >= 2", "add --fix virtual_stages=2")
     if fixes.get("tp_overlap") and ctx.cluster.gpu.kind != "gpu":
         raise InputError("--fix tp_overlap", "async tensor parallel needs GPUs", "drop the pin on CPU clusters")
+    if fixes.get("tp_overlap") and fixes.get("sequence_parallel") is False:
+        raise InputError("--fix tp_overlap", "TP communication overlap decomposes sequence parallel's collectives",
+                         "drop sequence_parallel=false or tp_overlap=true")
+    if fixes.get("attention") == "unfused" and fixes.get("cp", 1) > 1:
+        raise InputError("--fix attention", "unfused attention runs without context parallel",
+                         "add --fix cp=1, or drop attention=unfused")
     if fixes.get("tp_overlap") and ctx.engine.tp_overlap_needs_compile and fixes.get("compile") is False:
         raise InputError("--fix tp_overlap", f"{ctx.engine.title} runs async tensor parallel only on compiled blocks",
                          "drop --fix compile=false")

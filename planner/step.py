@@ -70,7 +70,7 @@ def step_of(ctx: Context, cfg: Config) -> Step:
     dp_stride = min(comm.group_stride(cfg.mesh_order, degrees, "dp"), comm.group_stride(cfg.mesh_order, degrees, "cp"))
     dp_link = comm.group_link(cluster, replicas, dp_stride)
     pp_link = comm.group_link(cluster, cfg.pp, comm.group_stride(cfg.mesh_order, degrees, "pp"))
-    boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / cfg.tp * ctx.act_bytes
+    boundary_bytes = cfg.micro_batch * train.seq_len / cfg.cp * model.hidden / (cfg.tp if cfg.sp else 1) * ctx.act_bytes
     hop = comm.p2p_time(boundary_bytes, pp_link) if p > 1 else 0.0
     in_flight = tuple(memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p))
     vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
@@ -88,6 +88,6 @@ def engine_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
         return lc
     acts = {mode: block_activation_bytes(ctx.model, ctx.train.seq_len, cfg.micro_batch, cfg.tp, cfg.cp,
                                          ctx.act_bytes, cfg.fused_kernels, mode, engine.sp_saved_input,
-                                         engine.selective_recompute)
+                                         engine.selective_recompute, cfg.sp, cfg.attention == "flash")
             for mode in lc.act}
     return replace(lc, act=acts, act_full_layer=acts["none"])

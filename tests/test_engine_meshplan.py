@@ -37,7 +37,8 @@ CLUSTERS = {"cpu": "localhost:4", "gpu": "dgx-h100:1"}
 # What makes a field matter: a pipeline for the schedule, virtual stages and vocabulary parallel, a
 # context-parallel group for its kind, a tensor-parallel group for its overlap, data parallel for ZeRO.
 CONTEXT = {"schedule": {"pp": 2}, "virtual_stages": {"pp": 2, "schedule": "interleaved"}, "vocab_parallel": {"pp": 2},
-           "recompute": {"pp": 2}, "cp_kind": {"cp": 2}, "tp_overlap": {"tp": 2}, "zero": {"dp": 2}}
+           "recompute": {"pp": 2}, "cp_kind": {"cp": 2}, "tp_overlap": {"tp": 2}, "zero": {"dp": 2},
+           "sequence_parallel": {"tp": 2}}
 # Fields whose value shows only when a step runs: the plan runs one training step on fake tensors.
 STEPPED = ("schedule", "virtual_stages", "zero", "cp_kind", "vocab_parallel", "recompute")
 # The walk builds plans on fake tensors in this process: CI runs it on the pytest-xdist workers.

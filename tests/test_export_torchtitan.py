@@ -136,7 +136,8 @@ def test_pipeline_plan_is_the_job():
     {},                                                                       # DDP, selective, compile + async TP
     {"zero": 2, "compile": False, "tp_overlap": False, "stages": _stages([32])},        # FSDP never, no AC
     {"zero": 3, "dp": 2, "cp": 2, "cp_kind": "ring", "micro_batch": 4, "stages": _stages([32], full=[32]),
-     "sequence_parallel": False, "train": TrainSpec(global_batch=32, seq_len=8192, precision="fp32")},
+     "sequence_parallel": False, "tp_overlap": False,     # async TP decomposes SP's collectives: SP only
+     "train": TrainSpec(global_batch=32, seq_len=8192, precision="fp32")},
 ], ids=["ddp-selective-compiled", "zero2-no-recompute", "zero3-cp-full-fp32-no-sp"])
 def test_flat_plans_are_the_job(kw):
     plan = flat_plan(**kw)
