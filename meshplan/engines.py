@@ -219,8 +219,9 @@ TORCHTITAN = Engine(
     compile=True, fused_kernels=False,
     # parallelism.enable_sequence_parallel (torchtitan/config/configs.py, default true).
     tp_without_sp=True,
-    # activation_checkpoint.mode none | selective | full on every block; selective_ac_option "op" or a
-    # layer interval k; one mode for the whole model.
+    # torchtitan/distributed/activation_checkpoint.py (0.3.0): FullAC or SelectiveAC (the op policy) on every
+    # block, one mode for the whole model; the layer-interval option of older releases is gone, and
+    # MemoryBudgetAC (the compiler's choice under a budget) is not priced.
     mixed_recompute=False, kv_head_replication=False,
     # training.mixed_precision_param bfloat16 / float32; fp8 through the float8 converter (torchao); no fp16.
     precisions=("fp32", "bf16", "fp8"),
