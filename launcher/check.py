@@ -49,13 +49,15 @@ GIB = 2**30
 class LiveBytes(TorchDispatchMode):
     """Follows every storage that an operator returns (real, fake or meta tensors alike) until it is freed.
 
-    ``live`` is the bytes of the storages alive now, ``peak`` the most since :meth:`reset_peak`. Each storage
-    counts once however many tensors view it; :meth:`track` adds tensors made outside the mode."""
+    ``live`` is the bytes of the storages alive now, ``peak`` the most since :meth:`reset_peak`, ``largest``
+    the largest single storage seen. Each storage counts once however many tensors view it; :meth:`track`
+    adds tensors made outside the mode."""
 
     def __init__(self, cuda_attention_layout: bool = False) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.largest = 0
         self._sizes: dict[int, int] = {}
         self.cuda_attention_layout = cuda_attention_layout
 
@@ -79,6 +81,7 @@ class LiveBytes(TorchDispatchMode):
         self._sizes[key] = size
         self.live += size
         self.peak = max(self.peak, self.live)
+        self.largest = max(self.largest, size)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -101,6 +104,7 @@ class LiveBytes(TorchDispatchMode):
                 tracker.live += new - tracker._sizes[key]
                 tracker._sizes[key] = new
                 tracker.peak = max(tracker.peak, tracker.live)
+                tracker.largest = max(tracker.largest, new)
             return result
 
         torch.UntypedStorage.resize_ = resize_
@@ -169,7 +173,9 @@ class RankCheck:
         measured: parameters, gradients, optimizer (exact storage bytes); activations (bytes kept for
             backward by one micro-batch in each of the rank's stages' blocks, times the micro-batches in
             flight); logits (the head and loss of one micro-batch, where the rank has them); peak (the
-            largest live total of a training step with the optimizer state present, i.e. steps 2, 3, ...).
+            largest live total of a training step with the optimizer state present, i.e. steps 2, 3, ...);
+            largest_tensor (the largest single storage of the step: a materialised ``s x s`` attention
+            score tensor shows here).
         activations_per_microbatch: per stage, the blocks' bytes for one micro-batch.
         in_flight: micro-batches whose activations the rank holds at its peak (the schedule's count).
         predicted: the planner's bytes for this pipeline rank (``planner.replay``), ``peak`` without margin.
@@ -216,6 +222,7 @@ class CheckResult:
                 "ranks": [{"rank": r.rank, "coords": r.coords, "stages": r.stages, "in_flight": r.in_flight,
                            "seconds": round(r.seconds, 3),
                            "measured_gib": {k: r.measured[k] / GIB for k in MEMORY_KEYS},
+                           "largest_tensor_gib": r.measured.get("largest_tensor", 0.0) / GIB,
                            "predicted_gib": {k: r.predicted.get(k, 0.0) / GIB for k in MEMORY_KEYS},
                            "activations_per_microbatch_gib": {str(j): b / GIB
                                                               for j, b in r.activations_per_microbatch.items()}}
@@ -354,7 +361,8 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
         if j == len(plan.stages) - 1:
             logits = max(0.0, total - blocks)
     measured = {"parameters": float(params), "gradients": float(grads["bytes"]), "optimizer": float(optimizer_bytes),
-                "activations": 0.0, "logits": logits, "peak": float(peak)}
+                "activations": 0.0, "logits": logits, "peak": float(peak),
+                "largest_tensor": float(tracker.largest)}
     return measured, per_stage, forward_totals
 
 
@@ -396,8 +404,7 @@ def _check_rank(plan: Plan, rank: int, predicted: list[dict[str, float]] | None,
         config = rt.RunConfig(plan_path="<check>")
         hidden_dtype = rt.hidden_dtype(plan, meshes, device_type)
         with FakeTensorMode(allow_non_fake_inputs=True), tracker:
-            first, end = rt._positions_range(plan, meshes)
-            positions = torch.arange(first, end)
+            positions = rt.local_positions(plan, meshes)
             for j, part in parts:
                 part.to_empty(device=device)
                 if hasattr(part, "set_positions"):

@@ -66,9 +66,6 @@ class Engine:
         tp_backward_async: the backward of a column-parallel linear issues its collectives asynchronously:
             the input all-gather under the input-gradient GEMM, the input-gradient reduce-scatter under the
             weight-gradient GEMM (Megatron); False: each collective is waited for where it is issued (DTensor).
-        ring_attention: how ``cp_kind = ring`` runs: ``runtime`` (meshplan: fp32 blocks with materialised
-            scores on contiguous chunks, each K/V hop waited for) or ``flash`` (flash attention per step on
-            load-balanced chunks, the next K/V exchanged under the current step).
         attention_kernel: the attention kernel on GPUs: ``flash2`` (torch SDPA's FlashAttention-2) or ``cudnn``
             (Transformer Engine's cuDNN fused attention); compute.py rates each per GPU generation.
         fp8_allgather: under fp8 the column-parallel inputs are all-gathered in fp8 (1 byte an element).
@@ -97,7 +94,6 @@ class Engine:
     state_layout: str = "fsdp2"
     block_recompute: bool = False
     tp_backward_async: bool = False
-    ring_attention: str = "runtime"
     attention_kernel: str = "flash2"
     fp8_allgather: bool = False
     pipeline_buffers: str = "per_microbatch"
@@ -153,9 +149,9 @@ MESHPLAN = Engine(
     # launcher/runtime/train.py: fp32, or bf16 mixed precision; no fp16 loss scaling, no fp8 matmuls.
     precisions=("fp32", "bf16"),
     sp_saved_input="gathered", selective_recompute="meshplan", pipeline_grad_sync="after_schedule",
-    # DTensor collectives wait; runtime/context_parallel.py _RingAttention (fp32, contiguous chunks);
-    # attention is torch SDPA.
-    tp_backward_async=False, ring_attention="runtime", attention_kernel="flash2", fp8_allgather=False,
+    # DTensor collectives wait; runtime/context_parallel.py _RingAttention: the fused attention kernel per
+    # hop on zig-zag chunks, the next K/V sent under the current hop; attention is torch SDPA.
+    tp_backward_async=False, attention_kernel="flash2", fp8_allgather=False,
 )
 
 MEGATRON = Engine(
@@ -196,7 +192,7 @@ MEGATRON = Engine(
     # parallel p2p (TE AttnFuncWithCPAndKVP2P): flash attention per step on load-balanced chunks (2 per
     # rank), the next K/V sent under the current step. TE's DotProductAttention runs cuDNN fused attention
     # on Hopper; TE's fp8 LayerNormLinear all-gathers its fp8 output.
-    tp_backward_async=True, ring_attention="flash", attention_kernel="cudnn", fp8_allgather=True,
+    tp_backward_async=True, attention_kernel="cudnn", fp8_allgather=True,
     # megatron/core/pipeline_parallel/p2p_communication.py _communicate: torch.empty for every receive.
     pipeline_buffers="per_transfer",
     # --attention-backend unfused (megatron/core/transformer/enums.py AttnBackend; DotProductAttention);
@@ -233,7 +229,7 @@ TORCHTITAN = Engine(
     # on head-tail load-balanced chunks (torchtitan/distributed/context_parallel: load_balancer "headtail"),
     # rotating K/V beside the step; attention is torch SDPA; torchao Float8ColwiseParallel casts the
     # column-parallel input to fp8 before its all-gather (torchtitan parallelize apply_tp with float8).
-    tp_backward_async=False, ring_attention="flash", attention_kernel="flash2", fp8_allgather=True,
+    tp_backward_async=False, attention_kernel="flash2", fp8_allgather=True,
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (MESHPLAN, MEGATRON, TORCHTITAN)}

@@ -89,11 +89,9 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         cp_fwd = cp_bwd = 0.0
     elif cp_kind == "ulysses":
         cp_fwd = cp_bwd = ulysses_time(model, tokens, tp, cp, cp_link, act_bytes, estimate, host)
-    elif engine.ring_attention == "flash":
-        cp_fwd, cp_bwd = ring_flash_time(model, tokens, tp, cp, cp_link, act_bytes, c.attn_fwd, c.attn_bwd)
     else:
-        attn_fwd, attn_bwd, cp_fwd, cp_bwd = ring_time(model, cluster, micro_batch, train.seq_len, tp, cp, cp_link,
-                                                       host)
+        cp_fwd, cp_bwd = ring_flash_time(model, tokens, tp, cp, cp_link, act_bytes, c.attn_fwd, c.attn_bwd,
+                                         comm.overlap_exposed_fraction(cluster))
     fwd_compute = c.matmul_fwd + attn_fwd + c.ew_fwd
     fwd = fwd_compute + tp_fwd + cp_fwd
     bwd = 2 * c.matmul_fwd + attn_bwd + 2 * c.ew_fwd + tp_bwd + cp_bwd
@@ -221,29 +219,13 @@ def ulysses_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: Gro
             + 2 * host.meeting(compute_estimate / 2, cp))
 
 
-def ring_time(model: ModelSpec, cluster: ClusterSpec, micro_batch: int, seq: int, tp: int, cp: int,
-              cp_link: GroupLink, host: HostModel) -> tuple[float, float, float, float]:
-    """``(attention forward, attention backward, cp forward, cp backward)`` seconds of ring attention as the
-    runtime runs it (launcher/runtime/context_parallel.py): the slowest context rank's attention
-    (compute.ring_attention_time) replaces flash attention; cp - 1 hops pass the fp32 K, V chunk on (repeated to
-    every head), backward K, V and their dK, dV accumulators plus one last hop home for the accumulators. Each
-    hop is waited for before the next block is computed (no overlap), a meeting of two neighbours."""
-    attn_fwd, attn_bwd = compute.ring_attention_time(model, micro_batch, seq, tp, cp,
-                                                     compute.achieved_rates(cluster, "fp32"))
-    tokens = micro_batch * seq / cp
-    kv_local = tokens * 2 * model.hidden / tp * 4
-    steps = cp - 1
-    hop_meeting = host.meeting(attn_fwd / cp, 2)
-    cp_fwd = steps * (comm.p2p_time(kv_local, cp_link) + hop_meeting)
-    cp_bwd = steps * (comm.p2p_time(2 * kv_local, cp_link) + hop_meeting) + comm.p2p_time(kv_local, cp_link)
-    return attn_fwd, attn_bwd, cp_fwd, cp_bwd
-
-
 def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: GroupLink, act_bytes: int,
-                    attn_fwd: float, attn_bwd: float) -> tuple[float, float]:
+                    attn_fwd: float, attn_bwd: float, shown: float = 0.0) -> tuple[float, float]:
     """Exposed ``(cp forward, cp backward)`` seconds of ring attention on flash kernels with load-balanced
     chunks (Megatron --cp-comm-type p2p: Transformer Engine AttnFuncWithCPAndKVP2P, each rank holding chunks
-    i and 2cp-1-i; torchtitan: torch's context_parallel with its head-tail load balancer). The rank's
+    i and 2cp-1-i; torchtitan: torch's context_parallel with its head-tail load balancer; meshplan's runtime:
+    context_parallel._RingAttention, zig-zag chunks). ``shown``: the share of overlapped communication that
+    still shows (comm.overlap_exposed_fraction; 0 on GPUs). The rank's
     attention (``attn_fwd``, ``attn_bwd``: causal work / cp, compute.attention_time) runs in cp steps; before
     each of the cp - 1 later steps the next rank's 16-bit K, V chunk (kv heads only) arrives, sent during the
     current step, so a hop shows only past its step:
@@ -252,8 +234,8 @@ def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: 
                   home for the accumulators)"""
     kv_local = tokens * 2 * model.kv_heads * model.head_dim / tp * act_bytes
     steps = cp - 1
-    cp_fwd = steps * comm.exposed_time(comm.p2p_time(kv_local, cp_link), attn_fwd / cp)
-    cp_bwd = (steps * comm.exposed_time(comm.p2p_time(2 * kv_local, cp_link), attn_bwd / cp)
+    cp_fwd = steps * comm.exposed_time(comm.p2p_time(kv_local, cp_link), attn_fwd / cp, shown)
+    cp_bwd = (steps * comm.exposed_time(comm.p2p_time(2 * kv_local, cp_link), attn_bwd / cp, shown)
               + comm.p2p_time(kv_local, cp_link))
     return cp_fwd, cp_bwd
 

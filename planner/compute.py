@@ -277,41 +277,6 @@ def unfused_attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int
     return fwd, bwd
 
 
-# The runtime's ring attention (launcher/runtime/context_parallel.py: _RingAttention) works on fp32 copies of
-# q, k, v with materialised scores. Passes over one [b, heads, c, c] score block, each a read or a write of
-# 4 bytes, counted from its code:
-#   forward   scale (r+w), causal mask on the diagonal block (r+w, counted for every block), logsumexp (r),
-#             subtract lse (r+w), exp (r+w): 9
-#   backward  recompute: scale, mask, subtract, exp (8); probs * (dO V^T - delta): subtract (r+w) and
-#             multiply (r+w), then the dK product reads it: 13
-RING_SCORE_PASSES_FWD = 9
-RING_SCORE_PASSES_BWD = 13
-
-
-def ring_attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: int,
-                        rates_fp32: Rates) -> tuple[float, float]:
-    """Forward and backward seconds of the runtime's ring attention on the slowest context rank.
-
-    The runtime (``_RingAttention``) keeps contiguous chunks of c = s/cp tokens without load balancing: the
-    last context rank attends to all cp chunks (the earlier ones in full, its own under a causal mask that
-    is applied to a fully computed block), so it does cp blocks while rank 0 does one. Per block, with
-    a = heads/tp (grouped K/V are repeated to every head before the ring) and d = head_dim:
-        forward   QK^T and PV: 2 batched GEMMs of (a*b*c) x d x c           -> 4 a b c^2 d FLOPs
-        backward  recomputed QK^T, dV, dO V^T, dQ, dK: 5 of them            -> 10 a b c^2 d FLOPs
-    at the fp32 GEMM rate (q, k, v are upcast), plus RING_SCORE_PASSES_{FWD,BWD} passes of 4-byte elements
-    over the a*b*c*c scores at the memory rate (the scores are materialised; no flash kernel)."""
-    if cp <= 1:
-        raise ValueError("ring attention needs cp > 1")
-    chunk = seq / cp
-    heads = model.heads / tp
-    rows = micro_batch * heads * chunk                   # the batched GEMMs' m: every (batch, head, query)
-    gemm = matmul_time(rows, model.head_dim, chunk, rates_fp32)
-    scores = rows * chunk * 4.0
-    fwd = cp * (2 * gemm + RING_SCORE_PASSES_FWD * scores / rates_fp32.memory)
-    bwd = cp * (5 * gemm + RING_SCORE_PASSES_BWD * scores / rates_fp32.memory)
-    return fwd, bwd
-
-
 def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bool, fused: bool,
                                 act_bytes: int) -> float:
     """Forward bytes moved by the memory-bound ops of one block (backward moves about twice as much).

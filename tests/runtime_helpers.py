@@ -86,6 +86,8 @@ PARITY_LAYOUTS = {
     "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
     "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
     "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),
+    "cp4-ring": dict(cp=4, cp_kind="ring"),
+    "tp2-cp2-ring": dict(tp=2, cp=2, cp_kind="ring"),
     "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
     "dp4-zero3": dict(dp=4, zero=3),
     "tp4-vocab-sharded": dict(tp=4),

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from meshplan.errors import InputError
-from meshplan.planner import comm, compute, evaluate, memory, schedule_sim
+from meshplan.planner import block, comm, compute, evaluate, memory, schedule_sim
 from meshplan.spec import TrainSpec, load_cluster, load_model
 
 
@@ -124,32 +124,22 @@ def test_the_timed_optimizer_step_prices_the_optimizer():
     assert timed.time_breakdown["optimizer"] == pytest.approx(plain.time_breakdown["optimizer"] * ratio, rel=1e-9)
 
 
-def test_ring_attention_is_priced_as_the_runtime_runs_it():
+def test_ring_attention_hops_show_as_the_measured_overlap_says():
+    """On CPU ranks the next K/V hop runs beside the current hop's attention, and the profile's
+    exposed fraction of overlapped communication shows (block.ring_flash_time)."""
     cluster, model = load_cluster("localhost:4"), load_model("tiny-llama")
-    rates = compute.achieved_rates(cluster, "fp32")
     b, s, cp = 2, 256, 4
-    fwd, bwd = compute.ring_attention_time(model, b, s, 1, cp, rates)
-    chunk = s / cp
-    rows = b * model.heads * chunk
-    gemm = compute.matmul_time(rows, model.head_dim, chunk, rates)
-    scores = rows * chunk * 4
-    # the last context rank does cp blocks (no load balancing): 2 GEMMs forward, 5 backward per block
-    assert fwd == pytest.approx(cp * (2 * gemm + 9 * scores / rates.memory))
-    assert bwd == pytest.approx(cp * (5 * gemm + 13 * scores / rates.memory))
-    # doubling cp halves the chunk: blocks x4 smaller, twice as many on the last rank
-    fwd8, _ = compute.ring_attention_time(model, b, s, 1, 2 * cp, rates)
-    assert fwd8 < fwd
-    # and it costs more than the flash attention the planner assumes for Ulysses (materialised fp32 scores)
-    flash_fwd, _ = compute.attention_time(model, b, s, 1, cp, rates)
-    assert fwd > flash_fwd
-    # its hops are not hidden: each is waited for before the next block
     train = TrainSpec(8, s, "fp32")
     args = (1, cp, b, "ring", False, False, False, ("pp", "dp", "cp", "tp"), 1, 1)
     lc = evaluate.layer_cost(model, cluster, train, *args)
-    kv = b * s / cp * 2 * model.hidden * 4
     link = comm.group_link(cluster, cp, 1)
-    assert lc.cp_comm == pytest.approx((cp - 1) * (comm.p2p_time(kv, link) + comm.p2p_time(2 * kv, link))
-                                       + comm.p2p_time(kv, link))
+    rates = compute.achieved_rates(cluster, "fp32")
+    attn_fwd, attn_bwd = compute.attention_time(model, b, s, 1, cp, rates)
+    expected = sum(block.ring_flash_time(model, b * s / cp, 1, cp, link, 4, attn_fwd, attn_bwd,
+                                         comm.overlap_exposed_fraction(cluster)))
+    assert lc.cp_comm == pytest.approx(expected)
+    assert lc.cp_comm >= (cp - 1) * comm.p2p_time(b * s / cp * 2 * model.kv_heads * model.head_dim * 4, link) * \
+        comm.overlap_exposed_fraction(cluster)
 
 
 def test_an_interfering_overlap_makes_per_microbatch_zero3_cost_more():

@@ -3,7 +3,8 @@
 A step's global batch is ``train.global_batch`` sequences of ``seq_len + 1`` tokens (inputs and the
 next-token targets), drawn from a generator seeded by ``(seed, step)`` — so a resumed run sees exactly the
 batches an uninterrupted one would. Data-parallel rank ``d`` takes sequences ``[d*B/dp, (d+1)*B/dp)``;
-context-parallel rank ``c`` takes its contiguous chunk of every sequence.
+context-parallel rank ``c`` takes its tokens of every sequence (``context_parallel.sequence_positions``:
+a contiguous chunk, or under ring attention its zig-zag pair of chunks).
 
 Sources:
     * :class:`SyntheticTokens`: a learnable synthetic stream (arithmetic progressions modulo the vocabulary
@@ -83,15 +84,19 @@ class Slice:
     dp: int
     cp_rank: int
     cp: int
+    cp_kind: str = "ulysses"
 
     def take(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)`` of this rank from the global ``(B, S+1)`` token batch."""
+        from meshplan.launcher.runtime.context_parallel import sequence_positions
+
         rows = tokens.shape[0] // self.dp
         mine = tokens[self.dp_rank * rows: (self.dp_rank + 1) * rows]
         inputs, targets = mine[:, :-1], mine[:, 1:]
-        chunk = inputs.shape[1] // self.cp
-        first = self.cp_rank * chunk
-        return inputs[:, first: first + chunk].contiguous(), targets[:, first: first + chunk].contiguous()
+        if self.cp == 1:
+            return inputs.contiguous(), targets.contiguous()
+        positions = sequence_positions(inputs.shape[1], self.cp_rank, self.cp, self.cp_kind)
+        return inputs[:, positions].contiguous(), targets[:, positions].contiguous()
 
 
 def make_source(vocab: int, seed: int, path: str | None, dtype: str | None):

@@ -204,8 +204,7 @@ def make_optimizer(part: torch.nn.Module, config: RunConfig, device_type: str) -
 def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str) -> Trainer:
     meshes = par.build_mesh(plan, device_type)
     parts = build_parts(plan, meshes, device_type)
-    first, end = _positions_range(plan, meshes)
-    positions = torch.arange(first, end, device=device)
+    positions = local_positions(plan, meshes).to(device)
     for j, part in parts:
         part.to_empty(device=device)
         init_weights(part, plan.model, InitConfig(seed=config.seed), device)
@@ -249,10 +248,11 @@ def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts, device_type: str 
                             torch.bfloat16 if computes_in_bf16(plan, device_type) else None)
 
 
-def _positions_range(plan: Plan, meshes: par.Meshes) -> tuple[int, int]:
-    from meshplan.launcher.runtime.context_parallel import sequence_chunk
+def local_positions(plan: Plan, meshes: par.Meshes) -> torch.Tensor:
+    """The positions of this rank's tokens in its local order (context_parallel.sequence_positions)."""
+    from meshplan.launcher.runtime.context_parallel import sequence_positions
 
-    return sequence_chunk(plan.train.seq_len, meshes.coords["cp"], plan.cp)
+    return sequence_positions(plan.train.seq_len, meshes.coords["cp"], plan.cp, plan.cp_kind)
 
 
 def _set_kernels(model: torch.nn.Module, plan: Plan, device_type: str) -> None:
@@ -465,7 +465,7 @@ def run(config: RunConfig) -> list[dict]:
     trainer = build(plan, config, device, device_type)
     data = make_source(plan.model.vocab, config.seed, config.data, config.data_dtype)
     coords = trainer.meshes.coords
-    data_slice = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp)
+    data_slice = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind)
     root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
 
     start = 0
