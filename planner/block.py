@@ -57,12 +57,12 @@ def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
 @lru_cache(maxsize=4096)
 def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
-               mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool | None = None,
+               mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool = True,
                attention: str = "flash") -> LayerCost:
     """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
     (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
     (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
-    one f-wide tensor); ``sp``: sequence parallel (default: whenever tp > 1); ``attention``: ``flash`` or
+    one f-wide tensor); ``sp``: sequence parallel, in effect where tp > 1; ``attention``: ``flash`` or
     ``unfused`` (plan.attention).
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
@@ -70,7 +70,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     host = host_model(cluster)
     act_bytes = memory.ACT_BYTES[train.precision]
     tokens = micro_batch * train.seq_len / cp
-    sp = tp > 1 if sp is None else (sp and tp > 1)
+    sp = sp and tp > 1
     degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
     c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise, engine.attention_kernel, sp,
                       attention)
@@ -114,11 +114,11 @@ def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
 
 
 def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
-                  fused_elementwise: bool, attention_kernel: str = "flash2", sp: bool | None = None,
+                  fused_elementwise: bool, attention_kernel: str = "flash2", sp: bool = True,
                   attention: str = "flash") -> BlockCompute:
     """The block's GEMMs (compute.layer_matmul_shapes), attention (flash: compute.attention_time; unfused:
     compute.unfused_attention_time) and memory-bound ops (compute.elementwise_bytes_per_layer at the memory
-    rate; split by tp outside the TP region under sequence parallel ``sp``, default tp > 1), forward; where
+    rate; split by tp outside the TP region under sequence parallel ``sp``, in effect where tp > 1), forward; where
     the profile timed this block (cp = 1), its measured / modelled ratio corrects the fitted parts."""
     rates = compute.achieved_rates(cluster, train.precision, attention_kernel)
     act_bytes = memory.ACT_BYTES[train.precision]
@@ -131,8 +131,7 @@ def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: 
     else:
         attention_s = compute.attention_time(model, micro_batch, seq, tp, cp, rates)
     attn_fwd, attn_bwd = (timed * t for t in attention_s)
-    sp = tp > 1 if sp is None else sp
-    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, sp, fused_elementwise,
+    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, sp and tp > 1, fused_elementwise,
                                                          act_bytes) / rates.memory
     return BlockCompute(sum(gemms), attn_fwd, attn_bwd, ew_fwd, timed, gemms[0] + gemms[2])
 
@@ -243,13 +242,13 @@ def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: 
 def recompute_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
                       c: BlockCompute, gathered: float, tp_link: GroupLink, tp_overlap: bool,
                       fwd: float, engine: Engine = MESHPLAN, attention_fwd: float | None = None,
-                      sp: bool | None = None) -> dict[str, float]:
+                      sp: bool = True) -> dict[str, float]:
     """Extra seconds per recompute mode, as ``engine.selective_recompute`` says: full re-runs the forward (its
     TP/CP communication included) on every engine; selective is :func:`selective_seconds`."""
     return {"none": 0.0, "full": fwd,
             "selective": selective_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, engine,
                                            c.attn_fwd if attention_fwd is None else attention_fwd,
-                                           tp > 1 if sp is None else sp)}
+                                           sp)}
 
 
 def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int,
@@ -280,16 +279,16 @@ def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, 
 
 def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int, cp: int, act_bytes: int,
                            fused_swiglu: bool, mode: str, sp_saved_input: str = "gathered",
-                           selective: str = "meshplan", sp: bool | None = None, flash: bool = True) -> float:
+                           selective: str = "meshplan", sp: bool = True, flash: bool = True) -> float:
     """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer),
     as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
     keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
     shard and gathers it again in backward); ``selective`` the engine's selective policy. LayerNorm is
     PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors, so under sequence
     parallel the runtime's RMSNorms are the reference ones. Megatron-Core runs Transformer Engine's fused norms
-    (keeping their 16-bit input) at every degree. ``sp``: sequence parallel (default: whenever tp > 1);
+    (keeping their 16-bit input) at every degree. ``sp``: sequence parallel, in effect where tp > 1;
     ``flash``: False keeps the unfused attention's scores."""
-    sp = tp > 1 if sp is None else (sp and tp > 1)
+    sp = sp and tp > 1
     fused_norm = (model.norm == "layernorm" or (fused_swiglu and not sp)
                   or (sp_saved_input == "sharded" and fused_swiglu))
     return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
