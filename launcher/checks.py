@@ -40,9 +40,10 @@ def check_supported(plan: Plan) -> None:
     MESHPLAN.check(plan.engine_fields(), "plan")
     check_runtime_values(plan)
     m = plan.model
-    if plan.tp > 1 and (m.heads % plan.tp or m.kv_heads % plan.tp):
-        raise InputError("plan.tp", f"tp={plan.tp} does not divide heads={m.heads} and kv_heads={m.kv_heads}",
-                         "re-plan with a tensor-parallel degree dividing both")
+    if plan.tp > 1 and (m.heads % plan.tp or (m.kv_heads % plan.tp and plan.tp % m.kv_heads)):
+        raise InputError("plan.tp", f"tp={plan.tp} does not divide heads={m.heads}, or neither divides nor is a "
+                         f"multiple of kv_heads={m.kv_heads}",
+                         "re-plan with a tensor-parallel degree dividing heads and dividing (or a multiple of) kv_heads")
     if plan.tp > 1 and m.vocab % plan.tp and not (plan.vocab_parallel and plan.pp > 1):
         # (vocab_parallel with pp > 1 shards the vocabulary over pp x tp with uneven rows allowed)
         raise InputError("plan.tp", f"tp={plan.tp} does not divide the vocabulary {m.vocab}",

@@ -144,8 +144,9 @@ MESHPLAN = Engine(
     # The runtime does not run async TP: it never reads tp_overlap, so the planner never offers it.
     tp_overlap=False, tp_overlap_needs_compile=True,
     compile=True, fused_kernels=True, mixed_recompute=True,
-    # runtime/parallelize.py shards wk/wv by kv heads and refuses tp that does not divide them.
-    kv_head_replication=False,
+    # runtime/parallelize.py replicate_kv_heads: tp a multiple of kv_heads gives each rank the head its query
+    # heads use, the copies' gradients summed (train.sync_kv_replica_grads).
+    kv_head_replication=True,
     # launcher/runtime/train.py: fp32, or bf16 mixed precision; no fp16 loss scaling, no fp8 matmuls.
     precisions=("fp32", "bf16"),
     sp_saved_input="gathered", selective_recompute="meshplan", pipeline_grad_sync="after_schedule",

@@ -25,6 +25,18 @@ def attention_params_per_layer(m: ModelSpec) -> int:
     return weights + biases
 
 
+def kv_params_per_layer(m: ModelSpec) -> int:
+    """The k and v projections of one block: h*(kv_heads*head_dim) weights each, and their biases."""
+    return 2 * m.kv_heads * m.head_dim * (m.hidden + (1 if m.bias else 0))
+
+
+def kv_heads_per_rank(m: ModelSpec, tp: int) -> float:
+    """Key/value heads one tensor-parallel rank holds: ``kv_heads / tp``, or one whole head when tp exceeds
+    the key/value heads and each is replicated over ``tp / kv_heads`` ranks (every rank holds the head its
+    ``heads / tp`` query heads use)."""
+    return max(m.kv_heads / tp, 1.0)
+
+
 def mlp_params_per_layer(m: ModelSpec) -> int:
     """GELU: two matmuls h*f and f*h; SwiGLU: gate, up (h*f) and down (f*h)."""
     matmuls = 3 if m.mlp == "swiglu" else 2

@@ -210,9 +210,14 @@ def decomposed_exposed(comm_s: float, window_s: float, tp: int, shown: float = 0
 def ulysses_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: GroupLink, act_bytes: int,
                  compute_estimate: float, host: HostModel) -> float:
     """Seconds of Ulysses context parallelism per direction (Jacobs et al. 2023): all-to-all of q, k, v before
-    attention and of the output after, two meetings about half a block apart."""
-    kv_width = model.kv_heads * model.head_dim
-    qkv_local = tokens * (model.hidden + 2 * kv_width) / tp * act_bytes
+    attention and of the output after, two meetings about half a block apart. K and V travel at their own
+    (grouped) width, or at the query width where cp does not divide the rank's key/value heads
+    (launcher/runtime/context_parallel.py UlyssesAttention repeats them first)."""
+    kv_local_heads = flops.kv_heads_per_rank(model, tp)
+    if kv_local_heads % cp:     # fewer key/value heads than cp ranks: repeated to the query heads first
+        kv_local_heads = model.heads / tp
+    kv_local_width = kv_local_heads * model.head_dim
+    qkv_local = tokens * (model.hidden / tp + 2 * kv_local_width) * act_bytes
     out_local = tokens * model.hidden / tp * act_bytes
     return (comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
             + 2 * host.meeting(compute_estimate / 2, cp))
@@ -231,7 +236,7 @@ def ring_flash_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: 
         forward   (cp - 1) * exposed(p2p(kv), attn_fwd / cp)
         backward  (cp - 1) * exposed(p2p(2 kv), attn_bwd / cp) + p2p(kv)   (dK, dV travel with K, V; one hop
                   home for the accumulators)"""
-    kv_local = tokens * 2 * model.kv_heads * model.head_dim / tp * act_bytes
+    kv_local = tokens * 2 * flops.kv_heads_per_rank(model, tp) * model.head_dim * act_bytes
     steps = cp - 1
     cp_fwd = steps * comm.exposed_time(comm.p2p_time(kv_local, cp_link), attn_fwd / cp, shown)
     cp_bwd = (steps * comm.exposed_time(comm.p2p_time(2 * kv_local, cp_link), attn_bwd / cp, shown)
@@ -299,6 +304,8 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
 
 
 def layer_params_per_rank(model: ModelSpec, tp: int) -> float:
-    """Parameters of one block on one rank: attention and MLP split over tp, the two norms whole."""
-    sharded = flops.attention_params_per_layer(model) + flops.mlp_params_per_layer(model)
-    return sharded / tp + 2 * flops.norm_params(model)
+    """Parameters of one block on one rank: attention and MLP split over tp, k and v by their heads
+    (flops.kv_heads_per_rank: one replicated head each when tp exceeds them), the two norms whole."""
+    kv = flops.kv_params_per_layer(model)
+    sharded = flops.attention_params_per_layer(model) - kv + flops.mlp_params_per_layer(model)
+    return sharded / tp + kv * flops.kv_heads_per_rank(model, tp) / model.kv_heads + 2 * flops.norm_params(model)

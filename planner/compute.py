@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meshplan.planner import flops
 from meshplan.measured import Compute
 from meshplan.rules import ELEMENT_BYTES
 from meshplan.spec import ClusterSpec, ModelSpec
@@ -218,10 +219,10 @@ def layer_matmul_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[
     """The forward GEMMs of one block on one tensor-parallel rank, as (m, k, n): column-parallel QKV and
     MLP-in (n split by tp), row-parallel output projection and MLP-out (k split by tp), Megatron-style."""
     h, f = model.hidden, model.ffn_hidden
-    kv_width = model.kv_heads * model.head_dim
+    kv_local_width = flops.kv_heads_per_rank(model, tp) * model.head_dim   # a replicated head when tp > kv_heads
     mlp_in = f * (2 if model.mlp == "swiglu" else 1)
     return [
-        (tokens, h, (h + 2 * kv_width) / tp),   # QKV
+        (tokens, h, h / tp + 2 * kv_local_width),   # QKV
         (tokens, h / tp, h),                    # attention output projection
         (tokens, h, mlp_in / tp),               # fc1 / gate+up
         (tokens, f / tp, h),                    # fc2 / down
@@ -233,8 +234,7 @@ def selective_recompute_shapes(model: ModelSpec, tokens: float, tp: int) -> list
     memory.activation_bytes_per_layer) that the backward needs: wk and wo, plus w3 for SwiGLU. The block's
     last matmul (w2) is not re-run: the recompute stops once the backward has what it needs."""
     h, f = model.hidden, model.ffn_hidden
-    kv_width = model.kv_heads * model.head_dim
-    shapes = [(tokens, h, kv_width / tp), (tokens, h / tp, h)]
+    shapes = [(tokens, h, flops.kv_heads_per_rank(model, tp) * model.head_dim), (tokens, h / tp, h)]
     if model.mlp == "swiglu":
         shapes.append((tokens, h, f / tp))
     return shapes
@@ -294,7 +294,7 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
     """
     h, f = model.hidden, model.ffn_hidden
     outside = tokens * h / (tp if sp else 1)
-    qk = tokens * (h + model.kv_heads * model.head_dim) / tp
+    qk = tokens * (h / tp + flops.kv_heads_per_rank(model, tp) * model.head_dim)
     norm_passes = 2 if fused else 6
     rope_passes = (2 if fused else 6) if model.position == "rope" else 0
     if model.mlp == "swiglu":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshplan.planner import comm, compute, memory
+from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.layout import Layout
 from meshplan.planner.pipeline import drain_after_last_backward
 from meshplan.planner.rank_memory import rank_root_params
@@ -192,6 +192,21 @@ def dp_time(s: Step, layout: Layout, makespan: float) -> float:
     if term is None:
         term = sharded_step_exposed if s.cfg.zero == 2 or s.p > 1 else zero3_exposed
     return max(term(s, o, rank_traffic(s, layout, o, r)) for r in range(s.p))
+
+
+def kv_replica_sync_time(s: Step, layout: Layout) -> float:
+    """Seconds of summing the gradients of replicated key/value heads (tp > kv_heads: each of the
+    ``tp / kv_heads`` ranks holding one head has its own copy, flops.kv_heads_per_rank) on the slowest
+    pipeline rank: one all-reduce of the copies' gradients (one k and one v head per block, ``sb.grad`` bytes a
+    parameter, the rank's ZeRO shard of them) over those ranks, after the backward and before the optimizer
+    (launcher/runtime/train.py sync_kv_replica_grads). 0 where tp divides the key/value heads."""
+    model, cfg = s.ctx.model, s.cfg
+    if cfg.tp <= model.kv_heads:
+        return 0.0
+    copies = cfg.tp // model.kv_heads
+    link = comm.group_link(s.ctx.cluster, copies, comm.group_stride(cfg.mesh_order, cfg.degrees, "tp"))
+    per_block = flops.kv_params_per_layer(model) / model.kv_heads * s.sb.grad / (s.replicas if cfg.zero >= 1 else 1)
+    return max(comm.allreduce_time(layout.rank_layers[r] * per_block, link) for r in range(s.p))
 
 
 def optimizer_time(s: Step, layout: Layout) -> float:

@@ -99,14 +99,15 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     """Predict one configuration. ``partition`` (layers per virtual stage) and ``recompute_counts``
     (per virtual stage) may be given to evaluate an exact plan; otherwise they are chosen here.
 
-        iteration = pipeline makespan + exposed p2p + vocabulary edges + exposed data parallel + optimizer"""
+        iteration = pipeline makespan + exposed p2p + vocabulary edges + exposed data parallel + optimizer
+    (the data-parallel term includes the gradient sum of replicated key/value heads where tp > kv_heads)."""
     s = step_of(ctx, cfg)
     base, slope = rank_memory.static_lines(s)
     layout = choose_layout(s, base, slope, partition, recompute_counts)
     if isinstance(layout, Rejection):
         return layout
     pipe = pipeline.pipeline_time(s, pipeline.rank_times(s, layout))
-    dp_time = data_parallel.dp_time(s, layout, pipe.makespan)
+    dp_time = data_parallel.dp_time(s, layout, pipe.makespan) + data_parallel.kv_replica_sync_time(s, layout)
     opt_time = data_parallel.optimizer_time(s, layout)
     details = [rank_memory.rank_peak_detail(s, layout, r) for r in range(s.p)]
     peaks = [sum(d.values()) * (1 + memory.ALLOCATOR_MARGIN) for d in details]

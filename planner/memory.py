@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from meshplan.planner import flops
 from meshplan.rules import ACT_BYTES, MIN_LOSS_CHUNK_TOKENS, loss_chunk_tokens  # noqa: F401  (the nouns decide them)
 from meshplan.spec import ModelSpec
 
@@ -223,7 +224,7 @@ def activation_bytes_per_layer(
         QKV input                    sbh               (sharded by SP in Megatron-LM, which re-gathers it in
                                                        backward; DTensor sequence parallel -- meshplan's
                                                        runtime, torchtitan -- keeps the all-gathered sbh)
-        Q, K, V                      sbh * (1 + 2*kv/a) / t
+        Q, K, V                      sbh * (1 + 2*kv_t*t/a) / t  (kv_t = flops.kv_heads_per_rank)
         softmax out, mask, dropout   5*a*s^2*b / t  (bytes; 2*a*s^2*b / t without dropout) -- absent with
                                                              flash attention, which saves its output and a
                                                              fp32 logsumexp (4*a*s*b/t)
@@ -252,7 +253,7 @@ def activation_bytes_per_layer(
     70B / 405B shapes at tp 1 / 4 / 8 (docs/check.md)."""
     b, h, f, a = micro_batch, m.hidden, m.ffn_hidden, m.heads
     s = seq / cp
-    kv_ratio = m.kv_heads / a
+    kv_ratio = flops.kv_heads_per_rank(m, tp) * tp / a      # k, v width over q's (one replicated head at tp > kv)
     dropout = (m.dropout > 0) if dropout is None else dropout
     sbh = s * b * h
     replicated = 1.0 / tp if sp else 1.0      # tensors outside the TP region: sharded by SP

@@ -446,6 +446,9 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
         if m.heads % tp:
             raise InputError("--fix tp", f"{tp} does not divide the model's {m.heads} heads", "pick a divisor of heads")
         if m.kv_heads % tp and (tp % m.kv_heads or not ctx.engine.kv_head_replication):
+            if ctx.engine.kv_head_replication:
+                raise InputError("--fix tp", f"{tp} neither divides nor is a multiple of the model's {m.kv_heads} "
+                                 "key/value heads", "pick tp dividing kv_heads, or a multiple of it")
             raise InputError("--fix tp", f"{tp} does not divide the model's {m.kv_heads} key/value heads "
                              f"({ctx.engine.title} shards them, it does not replicate them)",
                              "pick tp dividing kv_heads")

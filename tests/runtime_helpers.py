@@ -15,6 +15,12 @@ from meshplan.spec import MODEL_PRESETS, ModelSpec, TrainSpec, load_cluster
 
 # 4 blocks, hidden 64, 8 query heads over 4 key/value heads (GQA that splits over tp=4), seq 32.
 TINY_LLAMA = ModelSpec(name="tiny-llama-gqa", layers=4, hidden=64, heads=8, kv_heads=4, ffn_hidden=128, vocab=256)
+# 12 query heads over 2 key/value heads: tp=4 holds 3 query heads and a copy of one KV head per rank.
+TINY_LLAMA_KV2 = ModelSpec(name="tiny-llama-kv2", layers=4, hidden=96, heads=12, kv_heads=2, ffn_hidden=128,
+                           vocab=256)
+# 6 query heads over 2 key/value heads: tp=2 holds 3 query heads per local KV head (an odd group).
+TINY_LLAMA_GQA3 = ModelSpec(name="tiny-llama-gqa3", layers=4, hidden=48, heads=6, kv_heads=2, ffn_hidden=128,
+                            vocab=256)
 TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, biases, tied embeddings
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
 PARITY_RTOL = 1e-4
@@ -87,7 +93,8 @@ PARITY_LAYOUTS = {
     "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
     "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),
     "cp4-ring": dict(cp=4, cp_kind="ring"),
-    "tp2-cp2-ring": dict(tp=2, cp=2, cp_kind="ring"),
+    "gqa3-tp2-cp2-ring": dict(model=TINY_LLAMA_GQA3, tp=2, cp=2, cp_kind="ring"),
+    "kv2-tp4-replicated-kv": dict(model=TINY_LLAMA_KV2, tp=4),
     "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
     "dp4-zero3": dict(dp=4, zero=3),
     "tp4-vocab-sharded": dict(tp=4),

@@ -121,6 +121,22 @@ def test_vocab_parallel_plans_check_and_agree_with_the_planner(kw):
         assert abs(predicted - fake.measured["peak"]) <= 0.10 * fake.measured["peak"], (rank, predicted, fake.measured)
 
 
+@pytest.mark.parametrize("name", ["kv2-tp4-replicated-kv", "gqa3-tp2-cp2-ring"])
+def test_replicated_and_grouped_kv_states_are_counted_as_the_runtime_holds_them(name):
+    """tp 4 over 2 key/value heads: every rank holds a whole copy of one k and v head per block (the planner's
+    flops.kv_heads_per_rank), so parameters, gradients and optimizer state per rank equal the fake run's (the
+    optimizer's one 4-byte step counter per parameter tensor aside: 156 bytes of 597 KB here)."""
+    from meshplan.planner.replay import replay
+
+    plan = make_plan(**PARITY_LAYOUTS[name])
+    evaluation = replay(plan)
+    for rank in range(plan.world_size):
+        fake = check_rank(plan, rank)
+        detail = evaluation.rank_detail(fake.coords["pp"])
+        for key in ("parameters", "gradients", "optimizer"):
+            assert detail[key] == pytest.approx(fake.measured[key], rel=1e-3), (rank, key, detail[key], fake.measured)
+
+
 @pytest.mark.parametrize("name", list(VOCAB_PLANS))
 def test_vocab_parallel_states_are_counted_as_the_runtime_holds_them(name):
     """Parameters and optimizer state per rank equal the fake run's under vocabulary parallelism: the shard sits

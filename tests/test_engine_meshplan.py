@@ -275,19 +275,25 @@ def test_launch_refuses_another_engines_plan(engine, tmp_path):
 TWO_KV_HEADS = dataclasses.replace(MODEL, name="walk-llama-kv2", kv_heads=2)
 
 
-def test_the_planner_never_offers_tp_above_the_key_value_heads():
-    """meshplan's runtime shards the key/value heads, never replicates them: on 8 GPUs a model with 2 of them
-    gets tp in {1, 2} only, and ``--fix tp=4`` / ``tp=8`` is a one-line error."""
+def test_the_planner_offers_tp_above_the_key_value_heads_replicating_them():
+    """meshplan's runtime replicates a key/value head over ``tp / kv_heads`` ranks: on 8 GPUs a model with 2 of
+    them may take tp 4 and 8 (each rank a copy of the head its query heads use); a tp that neither divides nor
+    is a multiple of the key/value heads stays a one-line error."""
     cluster = load_cluster(CLUSTERS["gpu"])
-    assert not MESHPLAN.kv_head_replication
-    result = search(TWO_KV_HEADS, cluster, TrainSpec(GLOBAL_BATCH, SEQ_LEN, "bf16"), {}, top=20, engine="meshplan")
-    offered = {p.tp for p in result.plans} | {alt["fix"]["tp"] for p in result.plans
-                                              for alt in p.search["alternatives"]}
-    assert offered <= {1, 2}
     train = TrainSpec(GLOBAL_BATCH, SEQ_LEN, "bf16")
+    assert MESHPLAN.kv_head_replication
     for tp in (4, 8):
-        assert degree_problems(TWO_KV_HEADS, cluster, train, 8 // tp, tp, 1, 1, engine=MESHPLAN)
-        with pytest.raises(InputError) as error:
-            search(TWO_KV_HEADS, cluster, train, parse_fixes([f"tp={tp}"]), top=1, engine="meshplan")
-        assert "\n" not in str(error.value) and error.value.field == "--fix tp" and "kv_heads" in str(error.value)
-
+        assert degree_problems(TWO_KV_HEADS, cluster, train, 8 // tp, tp, 1, 1, engine=MESHPLAN) is None
+        plan = search(TWO_KV_HEADS, cluster, train, parse_fixes([f"tp={tp}"]), top=1, engine="meshplan").plans[0]
+        assert plan.tp == tp
+        check_supported(plan)
+    twelve_heads = dataclasses.replace(MODEL, name="walk-llama-12-over-8", hidden=48, heads=12, kv_heads=4)
+    assert degree_problems(twelve_heads, cluster, train, 1, 6, 1, 1, engine=MESHPLAN) is not None
+    with pytest.raises(InputError) as error:
+        search(twelve_heads, load_cluster("localhost:6"), train, parse_fixes(["tp=6"]), top=1, engine="meshplan")
+    assert "\n" not in str(error.value) and error.value.field == "--fix tp" and "multiple" in str(error.value)
+    plan = search(twelve_heads, load_cluster("localhost:4"), TrainSpec(GLOBAL_BATCH, SEQ_LEN, "fp32"),
+                  parse_fixes(["tp=4"]), top=1).plans[0]
+    with pytest.raises(InputError) as error:        # a hand-edited plan file: tp 6 over 4 key/value heads
+        check_supported(dataclasses.replace(plan, tp=6, cluster=load_cluster("localhost:6")))
+    assert error.value.field == "plan.tp" and "kv_heads=4" in str(error.value)

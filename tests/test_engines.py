@@ -72,12 +72,37 @@ def test_a_pin_the_engine_cannot_run_names_the_engine(engine, pin, field):
     assert "--engine" in text        # names the engines that run it
 
 
-def test_tp_above_the_key_value_heads_is_never_offered():
+@pytest.mark.parametrize("engine", ["megatron", "torchtitan"])
+def test_tp_above_the_key_value_heads_is_never_offered_where_the_engine_shards_them(engine):
     model = dataclasses.replace(LLAMA_8B, name="two-kv-heads", kv_heads=2)
-    plans = search(model, load_cluster("dgx-h100:1"), TRAIN, {}, top=8, refine=False).plans
+    plans = search(model, load_cluster("dgx-h100:1"), TRAIN, {}, top=8, refine=False, engine=engine).plans
     assert plans and all(model.kv_heads % p.tp == 0 for p in plans)
     with pytest.raises(InputError, match="--fix tp"):
-        search(model, load_cluster("dgx-h100:1"), TRAIN, {"tp": 4}, top=1, refine=False)
+        search(model, load_cluster("dgx-h100:1"), TRAIN, {"tp": 4}, top=1, refine=False, engine=engine)
+
+
+def test_meshplan_prices_replicated_key_value_heads(monkeypatch):
+    """tp 8 over 2 key/value heads: each rank holds one whole k and v head per block, as at tp 2 (so going from
+    tp 2 to 8 shrinks only q, o and the MLP), and the 4 copies' gradients are summed each step (a positive
+    share of the data-parallel term, none at tp 2)."""
+    from meshplan.planner import data_parallel
+    from meshplan.planner.block import layer_params_per_rank
+
+    model = dataclasses.replace(LLAMA_8B, name="two-kv-heads", kv_heads=2)
+    h, f = model.hidden, model.ffn_hidden
+    assert layer_params_per_rank(model, 2) - layer_params_per_rank(model, 8) == pytest.approx(
+        (2 * h * h + 3 * h * f) * (1 / 2 - 1 / 8))
+
+    def dp_share(tp: int, with_sync: bool) -> float:
+        if not with_sync:
+            monkeypatch.setattr(data_parallel, "kv_replica_sync_time", lambda s, layout: 0.0)
+        plan = search(model, load_cluster("dgx-h100:1"), TRAIN, {"tp": tp, "pp": 1, "cp": 1, "zero": 1}, top=1,
+                      refine=False).plans[0]
+        monkeypatch.undo()
+        return plan.predicted.time_breakdown_s["dp_comm"]
+
+    assert dp_share(8, True) > dp_share(8, False)
+    assert dp_share(2, True) == dp_share(2, False)
 
 
 def test_plan_files_record_their_engine_and_older_files_are_meshplan(tmp_path):

@@ -113,7 +113,8 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention. ``core`` computes causal attention on
     ``(batch, heads, seq, head_dim)``; context parallelism swaps it for Ulysses or ring attention.
     Head counts are read from the projections' output widths, so tensor parallelism (which shards them)
-    needs no change here."""
+    needs no change here. ``kv_replicas`` > 1: ``wk`` and ``wv`` hold each key/value head that many times in
+    a row (tensor parallel over more ranks than key/value heads, parallelize.replicate_kv_heads)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -125,6 +126,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.bias)
         self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
         self.core: AttentionCore = causal_attention
+        self.kv_replicas = 1
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -308,7 +310,7 @@ class InitConfig:
     std: float = 0.02
 
 
-def initial_value(name: str, shape: torch.Size, spec: ModelSpec, config: InitConfig,
+def initial_value(name: str, shape: tuple[int, ...], spec: ModelSpec, config: InitConfig,
                   device: torch.device) -> torch.Tensor:
     """The full initial tensor of parameter ``name`` (canonical), the same in every process and plan:
     drawn from a generator seeded by ``(seed, crc32(name))``."""
@@ -328,15 +330,38 @@ def initial_value(name: str, shape: torch.Size, spec: ModelSpec, config: InitCon
     return value.to(device)
 
 
+def replicated_kv_params(module: nn.Module) -> dict[str, int]:
+    """``{parameter name: copies}`` of the key/value projections whose heads are held ``copies`` times
+    (:attr:`Attention.kv_replicas` > 1), names as ``module.named_parameters`` gives them."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, Attention) and sub.kv_replicas > 1:
+            for proj in ("wk", "wv"):
+                for leaf, _ in getattr(sub, proj).named_parameters():
+                    found[f"{prefix}.{proj}.{leaf}" if prefix else f"{proj}.{leaf}"] = sub.kv_replicas
+    return found
+
+
+def repeat_heads(value: torch.Tensor, copies: int, head_dim: int) -> torch.Tensor:
+    """``value`` (rows = heads x head_dim) with each head's rows repeated ``copies`` times in a row."""
+    heads = value.shape[0] // head_dim
+    return value.reshape(heads, head_dim, *value.shape[1:]).repeat_interleave(copies, 0).reshape(
+        heads * copies * head_dim, *value.shape[1:])
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, spec: ModelSpec, config: InitConfig, device: torch.device) -> None:
     """Fill every parameter of ``module`` (possibly sharded DTensors, possibly a pipeline stage) with its
-    slice of :func:`initial_value`."""
+    slice of :func:`initial_value`; replicated key/value heads get their head's value in every copy."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    replicated = replicated_kv_params(module)
     for name, param in module.named_parameters():
         full_shape = param.shape  # a DTensor reports its global shape
-        full = initial_value(canonical_name(name), full_shape, spec, config, device)
+        copies = replicated.get(name, 1)
+        full = initial_value(canonical_name(name), (full_shape[0] // copies, *full_shape[1:]), spec, config, device)
+        if copies > 1:
+            full = repeat_heads(full, copies, spec.head_dim)
         if isinstance(param, DTensor):
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param.to_local().copy_(local)

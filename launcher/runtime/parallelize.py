@@ -2,7 +2,8 @@
 
     build_mesh        DeviceMesh over the plan's ``mesh_order`` (outermost first)
     build_stages      the plan's layer partition: one model part per (virtual) stage of this pipeline rank
-    apply_tp          tensor + sequence parallel with DTensor; embedding and head sharded by vocabulary
+    apply_tp          tensor + sequence parallel with DTensor; embedding and head sharded by vocabulary;
+                      key/value heads replicated where tp exceeds them
     apply_cp          Ulysses or ring attention over the context-parallel group
     apply_ac          activation checkpointing per block: none / selective (op level) / full
     apply_compile     torch.compile per block
@@ -27,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor.parallel import RowwiseParallel
 
 from meshplan.launcher.runtime.context_parallel import RingAttention, UlyssesAttention
-from meshplan.launcher.runtime.model import Transformer, keep_only
+from meshplan.launcher.runtime.model import Attention, Transformer, keep_only
 from meshplan.plan import Plan
 
 
@@ -158,15 +159,54 @@ class VocabShardEmbedding(RowwiseParallel):
         return module
 
 
+def replicate_kv_heads(attention: Attention, tp: int) -> None:
+    """Where tp exceeds the key/value heads, give ``wk`` and ``wv`` one head per tensor-parallel rank: each
+    head repeated ``tp / kv_heads`` times in a row, so that column-parallel sharding hands rank ``r`` head
+    ``r // (tp / kv_heads)``, the one its ``heads / tp`` query heads use. The copies start equal
+    (model.init_weights) and stay equal: their gradients are summed over the ranks holding the same head
+    (:func:`kv_replica_group`, train.sync_kv_replica_grads). On the meta device, before :func:`apply_tp`."""
+    kv_heads = attention.wk.out_features // attention.head_dim
+    if tp <= kv_heads:
+        return
+    copies = tp // kv_heads
+    for proj in ("wk", "wv"):
+        old = getattr(attention, proj)
+        with torch.device(old.weight.device):
+            setattr(attention, proj, nn.Linear(old.in_features, old.out_features * copies, bias=old.bias is not None))
+    attention.kv_replicas = copies
+
+
+def kv_replica_group(plan: Plan) -> dist.ProcessGroup | None:
+    """The ranks of this rank's tensor-parallel group that hold the same (replicated) key/value head:
+    ``tp / kv_heads`` neighbours; ``None`` where tp divides the key/value heads. Every rank creates every
+    group (``new_group`` is collective), in the same order."""
+    if plan.tp <= plan.model.kv_heads:
+        return None
+    copies = plan.tp // plan.model.kv_heads
+    from meshplan.launcher.runtime.vocab_parallel import rank_groups
+
+    mine, me = None, dist.get_rank()
+    for row in rank_groups(plan, ("tp",)):   # plain Python: no tensor reads under meshplan check's fake mode
+        for start in range(0, len(row), copies):
+            ranks = list(row[start:start + copies])
+            group = dist.new_group(ranks)
+            if me in ranks:
+                mine = group
+    return mine
+
+
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron tensor parallelism with DTensor: column-parallel q/k/v and MLP-in, row-parallel attention-out
     and MLP-out; with sequence parallelism the norms and residual stream are sharded on the sequence
     dimension. The embedding is sharded by vocabulary (row-wise) and the head by vocabulary (column-wise),
-    its logits left as a DTensor sharded on the vocabulary for ``loss_parallel``."""
+    its logits left as a DTensor sharded on the vocabulary for ``loss_parallel``. Key/value heads fewer than
+    the ranks are replicated first (:func:`replicate_kv_heads`)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, SequenceParallel,
                                                    parallelize_module)
 
+    for block in model.layers.values():
+        replicate_kv_heads(block.attention, tp_mesh.size())
     residual = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, object] = {}
     if model.tok_embeddings is not None:

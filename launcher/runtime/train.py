@@ -127,6 +127,7 @@ class Trainer:
     autocast: contextlib.AbstractContextManager | None
     loss_fn: object = None                        # (stage output, targets) -> loss; see make_loss_fn
     vocab: vp.VocabParallel | None = None         # vocab_parallel with pp > 1
+    kv_group: dist.ProcessGroup | None = None     # ranks holding the same replicated key/value head
 
     @property
     def stage_parts(self) -> list[tuple[int, torch.nn.Module]]:
@@ -235,7 +236,7 @@ def assemble(plan: Plan, config: RunConfig, device: torch.device, device_type: s
     if computes_in_bf16(plan, device_type) and mixed_precision_policy(plan, meshes, device_type) is None:
         autocast = torch.autocast(autocast_device, dtype=torch.bfloat16)
     return Trainer(plan, config, device, meshes, parts, optimizers, schedule,
-                   par.tied_embedding_group(plan, meshes), autocast, stage_loss, vocab)
+                   par.tied_embedding_group(plan, meshes), autocast, stage_loss, vocab, par.kv_replica_group(plan))
 
 
 def make_vocab_parallel(plan: Plan, meshes: par.Meshes, parts, device_type: str = "cpu") -> vp.VocabParallel | None:
@@ -378,6 +379,7 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) ->
             for loss in losses:
                 loss_sum += _local(loss).detach().double()
     sync_tied_embedding_grads(trainer)
+    sync_kv_replica_grads(trainer)
     for optimizer in trainer.optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -412,6 +414,32 @@ def sync_tied_embedding_grads(trainer: Trainer) -> None:
             grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
         local = grad.to_local() if isinstance(grad, DTensor) else grad
         dist.all_reduce(local, group=trainer.tied_group)
+
+
+def sync_kv_replica_grads(trainer: Trainer) -> None:
+    """Sum the gradients of a replicated key/value head over the ranks that hold it (tp > kv_heads,
+    parallelize.replicate_kv_heads): each copy served other query heads, the head's gradient is their sum.
+    One all-reduce of every such gradient of the rank (its ZeRO shard) per step."""
+    if trainer.kv_group is None:
+        return
+    from meshplan.launcher.runtime.model import replicated_kv_params
+
+    grads = []
+    for _, part in trainer.stage_parts:
+        params = dict(part.named_parameters())
+        grads += [_local_shard(params[name].grad) for name in replicated_kv_params(part)]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=trainer.kv_group)
+    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(summed.view_as(grad))
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) tensor, as a view that writes through."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def global_mean_loss(trainer: Trainer, loss_sum: torch.Tensor) -> float:
