@@ -1,17 +1,21 @@
-"""Benchmark each fused kernel against eager PyTorch and ``torch.compile`` of the same reference, on one GPU.
+"""Benchmark each fused kernel against eager PyTorch, ``torch.compile`` of the same reference and liger-kernel,
+on one GPU.
 
     python benchmarks/bench_kernels_gpu.py                 # on a CUDA machine (H100 in the issue); prints Markdown
+    python benchmarks/bench_kernels_gpu.py --shapes llama3-70b   # Llama 3 70B's widths
     python benchmarks/bench_kernels_gpu.py --json out.json # also write the rows as JSON
     TRITON_INTERPRET=1 python benchmarks/bench_kernels_gpu.py --smoke   # CPU: tiny shapes, checks the script runs;
                                                                         # its timings mean nothing
 
-For each kernel and each of ``eager`` (the reference), ``compile`` (``torch.compile`` of the reference) and
-``fused`` (the Triton kernel) it measures the median time of the forward and of forward + backward, the peak
+For each kernel and each of ``eager`` (the reference), ``compile`` (``torch.compile`` of the reference),
+``fused`` (meshplan's Triton kernel) and ``liger`` (liger-kernel's RMSNorm, SiLU-mul, RoPE and fused linear
+cross-entropy, where ``liger_kernel`` imports; its RoPE takes q/k as [B, H, S, D] and full-width cos/sin, so it
+gets transposed views and the tables widened) it measures the median time of the forward and of forward + backward, the peak
 memory above the inputs (``torch.cuda.max_memory_allocated``), and for the memory-bound kernels (RMSNorm, SwiGLU,
 rotary) the achieved bandwidth: the minimum bytes the op must move (read inputs once, write outputs once, see
 ``min_bytes``) over the time, next to the device's copy bandwidth measured here (a large device-to-device
 ``copy_``: 2 * bytes / time). For the linear + cross-entropy (matmul-bound) it reports TFLOP/s (6*T*h*V per
-forward + backward) instead. Shapes default to Llama-3-8B with one 8192-token sequence, bf16.
+forward + backward) instead. Shapes: Llama 3 8B (default) or 70B widths, one 8192-token sequence, bf16.
 
 The last column is each implementation's largest difference from eager over the outputs and input gradients
 (relative to eager's largest magnitude), so a kernel that compiles but computes the wrong thing shows.
@@ -91,15 +95,24 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+# (hidden, ffn, heads, kv heads, head dim, vocabulary) of the Llama 3 models (Meta's model cards / params.json)
+SHAPES = {"llama3-8b": (4096, 14336, 32, 8, 128, 128256), "llama3-70b": (8192, 28672, 64, 8, 128, 128256)}
+
+
+def liger_variants():
+    """liger-kernel's functions for the four kernels, or None where it does not import (it is not a dependency:
+    the GPU suite carries its wheel)."""
+    try:
+        from liger_kernel.transformers import functional as lf
+    except Exception:      # ImportError, or a build that does not load here
+        return None
+    return lf
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--ffn", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
@@ -107,6 +120,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
+    args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim, args.vocab = SHAPES[args.shapes]
 
     if args.smoke:
         args.tokens, args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim, args.vocab = 16, 32, 48, 4, 2, 8, 100
@@ -137,6 +151,8 @@ def main() -> None:
     hidden, w_head = rand(t, h), rand(v, h, scale=h ** -0.5)
     targets = torch.randint(0, v, (t,), generator=gen).to(device)
 
+    liger = liger_variants() if device == "cuda" else None
+    cos_full, sin_full = (torch.cat((c, c), -1)[None] for c in (cos, sin))    # liger: [1, S, D], rotate-half
     compiled = {} if args.no_compile else {
         "norm": torch.compile(rms_norm_reference), "swiglu": torch.compile(swiglu_reference),
         "rope": torch.compile(rotary_reference), "loss": torch.compile(linear_cross_entropy_reference)}
@@ -162,6 +178,14 @@ def main() -> None:
                    "fused": lambda: linear_cross_entropy(hidden, w_head, targets, impl="fused")}
             if compiled:
                 out["compile"] = lambda: compiled["loss"](hidden, w_head, targets)
+        if liger is not None:
+            out["liger"] = {
+                "norm": lambda: liger.liger_rms_norm(x, w_norm, 1e-6, in_place=False),
+                "swiglu": lambda: liger.liger_swiglu(gate, up),
+                "rope": lambda: tuple(t.transpose(1, 2) for t in liger.liger_rope(
+                    (q_in * 1).transpose(1, 2), (k_in * 1).transpose(1, 2), cos_full, sin_full)),
+                "loss": lambda: liger.liger_fused_linear_cross_entropy(hidden, w_head, targets),
+            }[kernel]
         return out
 
     inputs = {"norm": (x, w_norm), "swiglu": (gate, up), "rope": (q_in, k_in), "loss": (hidden, w_head)}
@@ -184,7 +208,8 @@ def main() -> None:
     rows = []
     for kernel in ("norm", "swiglu", "rope", "loss"):
         eager_total = None
-        for impl, fn in sorted(variants(kernel).items(), key=lambda kv: ("eager", "compile", "fused").index(kv[0])):
+        order = ("eager", "compile", "fused", "liger")
+        for impl, fn in sorted(variants(kernel).items(), key=lambda kv: order.index(kv[0])):
             def fwd_bwd(fn=fn, kernel=kernel):
                 out = fn()
                 outs = out if isinstance(out, tuple) else (out,)
@@ -215,7 +240,8 @@ def main() -> None:
                   f"{achieved_txt} | {pct} | {peak_txt} | {error:.2e} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": name, "dtype": args.dtype, "copy_bandwidth": bw, "rows": rows}, fh, indent=2)
+            json.dump({"device": name, "dtype": args.dtype, "shapes": args.shapes, "tokens": t,
+                       "copy_bandwidth": bw, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

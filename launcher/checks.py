@@ -3,6 +3,8 @@ every rank runs :func:`check_supported` again)."""
 
 from __future__ import annotations
 
+import os
+
 from meshplan.engines import MESHPLAN
 from meshplan.errors import InputError
 from meshplan.plan import Plan, schedule_problem
@@ -14,7 +16,7 @@ RUNTIME_VALUES: dict[str, tuple] = {
     "zero": (0, 1, 2, 3),                           # parallelize.apply_dp: replicate, FSDP2 kept / resharded
     "cp_kind": ("ulysses", "ring"),                 # parallelize.apply_cp
     "vocab_parallel": (False, True),                # runtime/vocab_parallel.py
-    "tp_overlap": (False,),                         # no async TP: nothing reads tp_overlap
+    "tp_overlap": (False, True),                    # parallelize.enable_async_tp (CUDA ranks, compiled blocks)
     "compile": (False, True),                       # parallelize.apply_compile
     "fused_kernels": (False, True),                 # train._set_kernels, train.make_loss_fn
     "precision": ("fp32", "bf16"),                  # train.computes_in_bf16 (per device kind: RUNTIME_PRECISIONS)
@@ -25,8 +27,14 @@ RUNTIME_VALUES: dict[str, tuple] = {
 # autocast) or fp32, CPU ranks in fp32. An fp16 or fp8 plan would silently run as bf16, so it is refused.
 RUNTIME_PRECISIONS = {"gpu": ("bf16", "fp32"), "cpu": ("fp32",)}
 # The kernels a CPU rank runs fused: the chunked loss (train.make_loss_fn); the Triton norm, SwiGLU and RoPE
-# run on GPUs only (train._set_kernels would silently run the reference on a CPU rank).
+# run on GPUs, or on CPU ranks under Triton's interpreter (``TRITON_INTERPRET=1``, a testing mode: slow but the
+# same kernel code), train._set_kernels.
 CPU_FUSED_KERNELS = ("loss",)
+
+
+def triton_interprets() -> bool:
+    """Whether Triton kernels run under Triton's interpreter here (``TRITON_INTERPRET=1``: on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def check_supported(plan: Plan) -> None:
@@ -79,9 +87,17 @@ def check_runtime_values(plan: Plan) -> None:
                          f"not {plan.train.precision}", f"re-plan with --precision {RUNTIME_PRECISIONS[kind][0]}")
     if kind == "cpu":
         for name, impl in plan.kernels.items():
-            if impl == "fused" and name not in CPU_FUSED_KERNELS:
-                raise InputError(f"plan.kernels.{name}", "the fused kernel runs on GPU ranks only",
+            if impl == "fused" and name not in CPU_FUSED_KERNELS and not triton_interprets():
+                raise InputError(f"plan.kernels.{name}", "the fused kernel runs on GPU ranks (or on CPU ranks "
+                                 "under TRITON_INTERPRET=1, for testing)",
                                  f"set kernels.{name}: reference, or re-plan without --fix fused_kernels=true")
+    if plan.tp_overlap and kind == "cpu":
+        raise InputError("plan.tp_overlap", "async tensor parallel runs on CUDA ranks only (symmetric memory and "
+                         "Inductor's micro-pipelined TP)", "set tp_overlap: false")
+    if plan.tp_overlap and not plan.compile:
+        raise InputError("plan.tp_overlap", "async tensor parallel needs compiled blocks (Inductor rewrites "
+                         "their all-gather + matmul and matmul + reduce-scatter)", "set compile: true, or "
+                         "tp_overlap: false")
     if plan.tp > 1 and not plan.sequence_parallel:
         # The planner prices tp > 1 with sequence parallelism only, and without it apply_tp leaves the norms'
         # weights plain tensors beside DTensors, which the optimizer step cannot mix unless dp x cp wraps them.

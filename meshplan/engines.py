@@ -141,8 +141,9 @@ MESHPLAN = Engine(
     schedules=("gpipe", "1f1b", "interleaved"), zero_stages=(0, 1, 2, 3),
     # runtime/context_parallel.py: Ulysses all-to-all and ring attention on the fused attention kernel.
     cp_kinds=("ulysses", "ring"), vocab_parallel=True,
-    # The runtime does not run async TP: it never reads tp_overlap, so the planner never offers it.
-    tp_overlap=False, tp_overlap_needs_compile=True,
+    # runtime/parallelize.py enable_async_tp: Inductor's micro-pipelined TP on compiled blocks with symmetric
+    # memory for the TP group, as torchtitan's distributed/compile.py enables it (CUDA ranks only).
+    tp_overlap=True, tp_overlap_needs_compile=True,
     compile=True, fused_kernels=True, mixed_recompute=True,
     # runtime/parallelize.py replicate_kv_heads: tp a multiple of kv_heads gives each rank the head its query
     # heads use, the copies' gradients summed (train.sync_kv_replica_grads).

@@ -289,13 +289,12 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
     keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
     shard and gathers it again in backward); ``selective`` the engine's selective policy. LayerNorm is
-    PyTorch's fused kernel (keeps its input); the fused RMSNorm (Triton) takes plain tensors, so under sequence
-    parallel the runtime's RMSNorms are the reference ones. Megatron-Core runs Transformer Engine's fused norms
-    (keeping their 16-bit input) at every degree. ``sp``: sequence parallel, in effect where tp > 1;
-    ``flash``: False keeps the unfused attention's scores."""
+    PyTorch's fused kernel (keeps its input); an engine with fused kernels runs a fused RMSNorm keeping its
+    16-bit input (meshplan's Triton norm, on the local shard under sequence parallel; Transformer Engine's in
+    Megatron-Core). ``sp``: sequence parallel, in effect where tp > 1; ``flash``: False keeps the unfused
+    attention's scores."""
     sp = sp and tp > 1
-    fused_norm = (model.norm == "layernorm" or (fused_swiglu and not sp)
-                  or (sp_saved_input == "sharded" and fused_swiglu))
+    fused_norm = model.norm == "layernorm" or fused_swiglu
     return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
                                              flash=flash, recompute=mode, fused_swiglu=fused_swiglu,
                                              fused_norm=fused_norm,

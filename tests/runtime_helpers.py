@@ -21,8 +21,13 @@ TINY_LLAMA_KV2 = ModelSpec(name="tiny-llama-kv2", layers=4, hidden=96, heads=12,
 # 6 query heads over 2 key/value heads: tp=2 holds 3 query heads per local KV head (an odd group).
 TINY_LLAMA_GQA3 = ModelSpec(name="tiny-llama-gqa3", layers=4, hidden=48, heads=6, kv_heads=2, ffn_hidden=128,
                             vocab=256)
+# TINY_LLAMA's 2-block sibling for the Triton kernels, which run under Triton's interpreter on CPU (slow).
+TINY_LLAMA_2L = ModelSpec(name="tiny-llama-gqa-2l", layers=2, hidden=64, heads=8, kv_heads=4, ffn_hidden=128,
+                          vocab=256)
 TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, biases, tied embeddings
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
+# The Triton kernels a plan may run fused (the loss stays the reference: its chunked kernel has its own tests).
+TRITON_KERNELS = {"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "reference"}
 PARITY_RTOL = 1e-4
 JOB_TIMEOUT_S = 240
 
@@ -88,7 +93,9 @@ def train(plan: Plan, workdir: Path, name: str, steps: int = STEPS, extra: list[
 # The launcher's CPU parity matrix: tests/test_runtime_parity.py trains each like one process, tests/test_check.py
 # measures its memory like ``meshplan check`` (``layout_run`` in conftest.py: one torchrun job per world size).
 PARITY_LAYOUTS = {
-    "dp2-tp2": dict(dp=2, tp=2),
+    # the Triton norm, SwiGLU and rotary with sequence parallel (on CPU under Triton's interpreter: conftest.py
+    # sets TRITON_INTERPRET=1 for the session and the jobs it starts)
+    "tp2-fused-kernels": dict(model=TINY_LLAMA_2L, tp=2, kernels=TRITON_KERNELS, global_batch=4, seq_len=16),
     "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
     "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
     "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),

@@ -218,12 +218,12 @@ def _refused(plan: Plan, field: str) -> InputError:
 
 
 def test_values_outside_the_profile_are_refused():
-    """Every engine field's value MESHPLAN does not list (tp_overlap: true today) is refused by the runtime's
+    """Every engine field's value MESHPLAN does not list (attention: unfused today) is refused by the runtime's
     check and by Plan.validate, in one line naming the field."""
     base = planned("gpu", {"tp": 2, "pp": 2, "cp": 2})
     outside = [(f, v) for f in engine_fields() for v in domain(f, base.world_size)
                if v not in MESHPLAN.supported_values(f)]
-    assert ("tp_overlap", True) in outside
+    assert ("attention", "unfused") in outside
     for field, value in outside:
         plan = _with(base, field, value)
         _refused(plan, f"plan.{field}")
@@ -242,14 +242,24 @@ def test_precisions_the_runtime_does_not_compute_in_are_refused(kind):
             _refused(plan, "plan.train.precision")
 
 
-def test_values_the_runtime_would_run_as_another_are_refused():
-    """Each value the runtime reads but would silently replace: fused norm/SwiGLU/RoPE on CPU ranks (the
-    reference would run), tensor parallel without sequence parallel (not priced; the optimizer step fails
-    without dp x cp), virtual stages without the interleaved schedule (interleaved 1F1B would run)."""
+def test_values_the_runtime_would_run_as_another_are_refused(monkeypatch):
+    """Each value the runtime reads but would silently replace: fused norm/SwiGLU/RoPE on CPU ranks without
+    Triton's interpreter (the reference would run), async TP on CPU ranks or without compiled blocks, tensor
+    parallel without sequence parallel (not priced; the optimizer step fails without dp x cp), virtual stages
+    without the interleaved schedule (interleaved 1F1B would run)."""
     cpu = planned("cpu", {"tp": 2, "pp": 2, "schedule": "interleaved", "virtual_stages": 2})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for name in ("norm", "swiglu", "rope"):
-        _refused(dataclasses.replace(cpu, kernels={**cpu.kernels, name: "fused"}), f"plan.kernels.{name}")
+        fused = dataclasses.replace(cpu, kernels={**cpu.kernels, name: "fused"})
+        _refused(fused, f"plan.kernels.{name}")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")         # the interpreter runs them on CPU ranks
+        check_supported(fused)
+        monkeypatch.delenv("TRITON_INTERPRET")
     check_supported(dataclasses.replace(cpu, kernels={**cpu.kernels, "loss": "fused"}))   # the chunked loss runs
+    _refused(dataclasses.replace(cpu, tp_overlap=True, compile=True), "plan.tp_overlap")
+    gpu = planned("gpu", {"tp": 2})
+    assert gpu.tp_overlap and gpu.compile
+    _refused(dataclasses.replace(gpu, compile=False), "plan.tp_overlap")
     _refused(dataclasses.replace(cpu, sequence_parallel=False), "plan.sequence_parallel")
     for schedule in ("gpipe", "1f1b"):
         _refused(dataclasses.replace(cpu, schedule=schedule), "plan.virtual_stages")

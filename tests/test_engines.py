@@ -50,7 +50,7 @@ def test_the_search_offers_only_what_the_engine_runs(engine):
 
 def test_each_engine_keeps_its_own_defaults_on_gpus():
     meshplan, megatron, titan = (top_plans(e, {"tp": 2, "pp": 1}, top=1)[0] for e in ENGINES)
-    assert not meshplan.tp_overlap and meshplan.compile                       # the runtime runs no async TP
+    assert meshplan.tp_overlap and meshplan.compile                           # async TP on compiled blocks
     assert megatron.tp_overlap and not megatron.compile                       # TE userbuffers, no torch.compile
     assert megatron.kernels["norm"] == "fused"
     assert titan.tp_overlap == (TORCHTITAN.tp_overlap and titan.compile)      # async TP needs compile
@@ -62,7 +62,6 @@ def test_each_engine_keeps_its_own_defaults_on_gpus():
     ("megatron", {"vocab_parallel": True}, "vocab_parallel"),
     ("torchtitan", {"zero": 1}, "zero"),
     ("torchtitan", {"cp": 2, "cp_kind": "ulysses"}, "cp_kind"),
-    ("meshplan", {"tp": 2, "tp_overlap": True}, "tp_overlap"),
 ])
 def test_a_pin_the_engine_cannot_run_names_the_engine(engine, pin, field):
     with pytest.raises(InputError) as error:
@@ -112,8 +111,8 @@ def test_plan_files_record_their_engine_and_older_files_are_meshplan(tmp_path):
     data = yaml.safe_load(top_plans("meshplan", {"pp": 2}, top=1)[0].to_yaml())
     del data["engine"]
     assert Plan.from_dict(data).engine == "meshplan"
-    data["tp_overlap"] = True
-    with pytest.raises(InputError, match="plan.tp_overlap"):
+    data["attention"] = "unfused"                 # Megatron's; meshplan's runtime runs flash attention only
+    with pytest.raises(InputError, match="plan.attention"):
         Plan.from_dict(data)
 
 

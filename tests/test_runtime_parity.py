@@ -19,18 +19,25 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def baseline(trained):
-    """``baseline(model)``: the model's per-step losses trained in one process (once per session)."""
-    return lambda model: losses(trained(f"{model.name}-1proc", make_plan(model=model)))
+    """``baseline(layout)``: the per-step losses of the layout's model, batch and sequence trained in one
+    process (once per session)."""
+    def get(layout: dict) -> list[float]:
+        same = {k: layout[k] for k in ("model", "global_batch", "seq_len") if k in layout}
+        shared = {TINY_LLAMA.name: "llama", TINY_GPT.name: "gpt"}      # the runs other test files share
+        name = "-".join(str(getattr(v, "name", v)) for v in same.values())
+        name = shared.get(name, name)
+        return losses(trained(f"{name}-1proc", make_plan(**same)))
+    return get
 
 
 @pytest.fixture(scope="module")
 def llama_baseline(baseline):
-    return baseline(TINY_LLAMA)
+    return baseline({"model": TINY_LLAMA})
 
 
 @pytest.fixture(scope="module")
 def gpt_baseline(baseline):
-    return baseline(TINY_GPT)
+    return baseline({"model": TINY_GPT})
 
 
 def test_baseline_learns(llama_baseline):
@@ -44,7 +51,7 @@ LLAMA_PLANS = {name: kw for name, kw in PARITY_LAYOUTS.items() if kw.get("model"
 
 @pytest.mark.parametrize("name", list(LLAMA_PLANS))
 def test_llama_plan_matches_one_process(name, baseline, layout_run):
-    expected = baseline(LLAMA_PLANS[name].get("model", TINY_LLAMA))
+    expected = baseline({"model": TINY_LLAMA, **LLAMA_PLANS[name]})
     measured = losses(layout_run(name).records)
     diff = max_relative_difference(expected, measured)
     print(f"parity {name}: max relative loss difference {diff:.2e}")

@@ -6,7 +6,7 @@
                       key/value heads replicated where tp exceeds them
     apply_cp          Ulysses or ring attention over the context-parallel group
     apply_ac          activation checkpointing per block: none / selective (op level) / full
-    apply_compile     torch.compile per block
+    apply_compile     torch.compile per block (enable_async_tp first where the plan overlaps TP)
     apply_dp          ZeRO 0 (replicate, i.e. DDP), ZeRO 1/2 (FSDP2, parameters kept after forward),
                       ZeRO 3 (FSDP2, parameters resharded after forward), over the dp x cp ranks
     build_schedule    torch.distributed.pipelining stages and schedule (GPipe, 1F1B, interleaved 1F1B)
@@ -302,6 +302,22 @@ def apply_ac(model: Transformer, mode_of_layer) -> None:
             linears = sum(isinstance(m, nn.Linear) for m in block.modules())   # 7 for SwiGLU, 6 for GELU
             model.layers[name] = checkpoint_wrapper(block, context_fn=functools.partial(selective_context, linears),
                                                     preserve_rng_state=False)
+
+
+def enable_async_tp(tp_mesh: DeviceMesh) -> None:
+    """Async tensor parallel (Wang et al. 2023, as torchtitan's distributed/compile.py enables it): symmetric
+    memory for the TP group and Inductor's micro-pipeline TP pass, which splits each sequence-parallel
+    all-gather + matmul and matmul + reduce-scatter of a compiled block into chunks that overlap. CUDA only;
+    before the blocks are compiled (:func:`apply_compile`)."""
+    import warnings
+
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # deprecated in favour of automatic registration
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    inductor_config._micro_pipeline_tp = True
 
 
 def apply_compile(model: Transformer) -> None:

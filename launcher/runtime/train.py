@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meshplan.errors import InputError
-from meshplan.launcher.checks import check_supported
+from meshplan.launcher.checks import check_supported, triton_interprets
 from meshplan.launcher.runtime import checkpoint as ckpt
 from meshplan.launcher.runtime import kernels
 from meshplan.launcher.runtime import parallelize as par
@@ -188,6 +188,8 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
             par.apply_cp(part, meshes.cp, plan.cp_kind)
         par.apply_ac(part, lambda layer: par.layer_recompute(plan, layer))
         if plan.compile:
+            if plan.tp_overlap and meshes.tp is not None and device_type == "cuda":
+                par.enable_async_tp(meshes.tp)
             par.apply_compile(part)
         if meshes.dp_cp is not None:
             par.apply_dp(part, meshes.dp_cp, plan.zero, mp_policy)
@@ -257,12 +259,14 @@ def local_positions(plan: Plan, meshes: par.Meshes) -> torch.Tensor:
 
 
 def _set_kernels(model: torch.nn.Module, plan: Plan, device_type: str) -> None:
-    """The plan's kernel choice per op; the fused (Triton) kernels run on CUDA only (reference on CPU).
-    Under sequence parallelism the norms see DTensors, which the Triton norm does not take: reference there."""
+    """The plan's kernel choice per op. The fused (Triton) kernels run on CUDA, and on CPU ranks only under
+    Triton's interpreter (``TRITON_INTERPRET=1``, checks.triton_interprets; check_supported refuses a fused
+    plan on CPU ranks otherwise). Under sequence parallelism the fused norm runs on the local shard of the
+    DTensor (kernels.rms_norm)."""
+    runs_triton = device_type == "cuda" or triton_interprets()
+
     def impl(name: str) -> str:
-        if name == "norm" and plan.tp > 1 and plan.sequence_parallel:
-            return "reference"
-        return plan.kernels.get(name, "reference") if device_type == "cuda" else "reference"
+        return plan.kernels.get(name, "reference") if runs_triton else "reference"
 
     for module in model.modules():
         if hasattr(module, "impl"):
@@ -530,9 +534,10 @@ def run(config: RunConfig) -> list[dict]:
         loss = global_mean_loss(trainer, loss_sum)
         record = {"step": step, "loss": loss, "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
         if device_type == "cuda":
-            peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            record["peak_memory_gib"] = float(peak)
+            peaks = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30,
+                                  torch.cuda.max_memory_reserved(device) / 2**30], device=device)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            record["peak_memory_gib"], record["reserved_memory_gib"] = (float(v) for v in peaks)
             record["mfu"] = flops_per_token * tokens_per_step / elapsed / (plan.world_size * peak_flops)
         records.append(record)
         metrics.write(record)

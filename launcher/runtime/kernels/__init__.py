@@ -18,11 +18,12 @@ helpers). ``docs/kernels.md`` lists the bytes each implementation keeps for back
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+
+from meshplan.launcher.checks import triton_interprets
 
 from .cross_entropy import chunked_linear_cross_entropy, default_chunk_tokens
 from .reference import (linear_cross_entropy_reference, rms_norm_reference, rotary_reference, swiglu_reference,
@@ -54,13 +55,9 @@ def _triton_import_error() -> str | None:
     return _TRITON_IMPORT[0]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
 def triton_available() -> bool:
     """``triton`` imports and can run somewhere here: a CUDA device is present or ``TRITON_INTERPRET=1``."""
-    return _triton_import_error() is None and (torch.cuda.is_available() or _interpreting())
+    return _triton_import_error() is None and (torch.cuda.is_available() or triton_interprets())
 
 
 def _why_not_fused(device: torch.device | None) -> str | None:
@@ -68,7 +65,7 @@ def _why_not_fused(device: torch.device | None) -> str | None:
     err = _triton_import_error()
     if err is not None:
         return f"triton is not importable ({err}); `pip install triton` or use impl='reference'/'auto'"
-    if _interpreting():
+    if triton_interprets():
         return None
     if device is not None and device.type == "cuda":
         return None
@@ -110,11 +107,58 @@ def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "k
 # --- the kernels ---------------------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str = "reference") -> torch.Tensor:
-    """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in ``x.dtype``."""
+    """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in ``x.dtype``.
+    A DTensor ``x`` (sequence parallel: rows sharded, the weight replicated) is normed on its local shard
+    (:func:`_rms_norm_on_shards`)."""
+    if _is_dtensor(x):
+        return _rms_norm_on_shards(x, weight, eps, impl)
     if resolve_impl(impl, x.device, "rms_norm", x) == "reference":
         return rms_norm_reference(x, weight, eps)
     from .fused_functions import RMSNormFunction
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _rms_norm_on_shards(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str) -> torch.Tensor:
+    """RMSNorm of a DTensor whose rows are sharded (``Shard`` on a dimension other than the last, as sequence
+    parallelism leaves the residual stream) or replicated, on a one-dimensional mesh: the kernel runs on the
+    local shard, each rank's weight gradient covers its rows only and is summed over the mesh's group (where
+    the rows are sharded), and the output is a DTensor placed like ``x``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh, placements = x.device_mesh, x.placements
+    if mesh.ndim != 1 or not (isinstance(placements[0], Replicate) or
+                              (isinstance(placements[0], Shard) and placements[0].dim % x.ndim != x.ndim - 1)):
+        raise ValueError(f"rms_norm: a DTensor input must be row-sharded or replicated on a 1-D mesh, got "
+                         f"{placements} on a {mesh.ndim}-D mesh")
+    w = weight
+    if _is_dtensor(weight):
+        w = weight.to_local()
+        if isinstance(placements[0], Shard):
+            w = _SumGradOverGroup.apply(w, mesh.get_group())
+    y = rms_norm(x.to_local(), w, eps, impl)
+    return DTensor.from_local(y, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ``group`` (a functional all-reduce, traceable by
+    torch.compile): the replicated norm weight's gradient from every rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:

@@ -18,6 +18,14 @@ def has_data(t: torch.Tensor) -> bool:
     return not (t.is_meta or isinstance(t, FakeTensor))
 
 
+def arrived(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the tensor that a pending collective's result wraps (``AsyncCollectiveTensor``: a DTensor's
+    local shard or gradient right after a reduce-scatter), waited for: a kernel launch needs real storage."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
+
+
 def num_programs(rows: int, device: torch.device) -> int:
     """Programs for the row-blocked kernels: a few per SM on a GPU, a handful under the interpreter."""
     if device.type == "cuda":
@@ -38,7 +46,7 @@ class RMSNormFunction(torch.autograd.Function):
         n = shape[-1]
         if weight.shape != (n,):
             raise ValueError(f"rms_norm: weight must have shape ({n},), got {tuple(weight.shape)}")
-        x2 = x.reshape(-1, n)
+        x2 = arrived(x).reshape(-1, n)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         w = weight.contiguous()
@@ -59,7 +67,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         x2, w, rstd = ctx.saved_tensors
         m, n = x2.shape
-        dy2 = dy.reshape(-1, n)
+        dy2 = arrived(dy).reshape(-1, n)
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
@@ -83,7 +91,7 @@ class SwiGLUFunction(torch.autograd.Function):
             raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
         if gate.dtype != up.dtype:
             raise ValueError(f"swiglu: gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
-        g, u = gate.contiguous(), up.contiguous()
+        g, u = arrived(gate).contiguous(), arrived(up).contiguous()
         out = torch.empty_like(g)
         if g.numel() and has_data(g):
             from .triton_kernels import swiglu_forward
@@ -95,7 +103,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         g, u = ctx.saved_tensors
-        dout = dout.contiguous()
+        dout = arrived(dout).contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         if g.numel() and has_data(g):
             from .triton_kernels import swiglu_backward
@@ -132,6 +140,6 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx: torch.Tensor):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        dx = dx.contiguous().clone()
+        dx = arrived(dx).contiguous().clone()
         rotate_inplace(dx, cos, sin, inverse=True)
         return dx, None, None
