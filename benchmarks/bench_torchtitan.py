@@ -104,6 +104,9 @@ def main() -> int:
 
     from meshplan.plan import Plan
 
+    if not args.plan.is_file():
+        print(f"error: --plan {args.plan}: no such file (plan it first: meshplan plan ... --out PLAN)", file=sys.stderr)
+        return 2
     plan = Plan.load(args.plan)
     if plan.world_size != 1 or plan.model.name not in FLAVORS:
         print(f"error: --plan must be a one-GPU plan of {', '.join(FLAVORS)} (got {plan.model.name} on "

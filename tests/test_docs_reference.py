@@ -89,8 +89,9 @@ def test_every_result_names_its_command_date_and_machine():
     gen = _gen_results()
     stems = {stem for stem, _ in gen.SECTIONS}
     on_disk = {p.stem for p in gen.RESULTS.glob("*.json")}
-    assert on_disk == stems, f"benchmarks/results/ and gen_results.SECTIONS differ: {sorted(on_disk ^ stems)}"
-    for stem in sorted(stems):
+    assert on_disk <= stems and stems - on_disk <= set(gen.NOT_YET), \
+        f"benchmarks/results/ and gen_results.SECTIONS differ: {sorted(on_disk ^ stems)}"
+    for stem in sorted(on_disk):
         data = json.loads((gen.RESULTS / f"{stem}.json").read_text())
         for key in ("command", "date", "machine"):
             assert str(data.get(key) or "").strip(), f"benchmarks/results/{stem}.json has no {key}"
