@@ -95,7 +95,7 @@ def train(plan: Plan, workdir: Path, name: str, steps: int = STEPS, extra: list[
 PARITY_LAYOUTS = {
     # the Triton norm, SwiGLU and rotary with sequence parallel (on CPU under Triton's interpreter: conftest.py
     # sets TRITON_INTERPRET=1 for the session and the jobs it starts)
-    "tp2-fused-kernels": dict(model=TINY_LLAMA_2L, tp=2, kernels=TRITON_KERNELS, global_batch=4, seq_len=16),
+    "tp2-fused-kernels": dict(model=TINY_LLAMA_2L, tp=2, kernels=TRITON_KERNELS, global_batch=2, seq_len=16),
     "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
     "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
     "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),

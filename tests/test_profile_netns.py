@@ -1,6 +1,6 @@
 """Done-when 2 in CI: two "nodes" as network namespaces joined by a tc-throttled veth pair; the profile sees the
 slow inter-node level and the plan keeps tensor parallel inside a node. Needs root, `ip` and `tc`; skipped
-elsewhere. About a minute (two 2-rank profiles with a 30 s budget), hence ``slow``."""
+elsewhere. About half a minute (two 2-rank profiles with a 15 s budget), hence ``slow``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_slow_link_is_seen_and_avoided(tmp_path):
     out = tmp_path / "cluster.yaml"
     try:
         netns.setup("100mbit")
-        netns.profile_two_nodes(out, "30s", model, max_message="1M", reps=3, port=29547, timeout=240)
+        netns.profile_two_nodes(out, "15s", model, max_message="1M", reps=3, port=29547, timeout=240)
     finally:
         netns.teardown()
     s = netns.summarize(out, model)

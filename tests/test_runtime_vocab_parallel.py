@@ -32,9 +32,8 @@ PLANS = {   # name: (model, plan fields); llama: untied head, RoPE; gpt: tied em
     "llama-pp2": ("llama", dict(pp=2)),
     "llama-pp4": ("llama", dict(pp=4)),
     "llama-tp2-pp2": ("llama", dict(tp=2, pp=2)),
-    "llama-tp2-pp4-gpipe": ("llama", dict(tp=2, pp=4, schedule="gpipe")),
     "gpt-tied-pp2-uneven": ("gpt", dict(pp=2, bounds=[0, 1, 4])),
-    "gpt-tied-tp2-pp4": ("gpt", dict(tp=2, pp=4)),
+    "gpt-tied-tp2-pp4-gpipe": ("gpt", dict(tp=2, pp=4, schedule="gpipe")),     # the one 8-rank job
 }
 
 

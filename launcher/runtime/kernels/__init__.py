@@ -136,29 +136,30 @@ def _rms_norm_on_shards(x: torch.Tensor, weight: torch.Tensor, eps: float, impl:
                               (isinstance(placements[0], Shard) and placements[0].dim % x.ndim != x.ndim - 1)):
         raise ValueError(f"rms_norm: a DTensor input must be row-sharded or replicated on a 1-D mesh, got "
                          f"{placements} on a {mesh.ndim}-D mesh")
-    w = weight
-    if _is_dtensor(weight):
-        w = weight.to_local()
-        if isinstance(placements[0], Shard):
-            w = _SumGradOverGroup.apply(w, mesh.get_group())
+    if isinstance(placements[0], Shard) and not _is_dtensor(weight):
+        raise ValueError("rms_norm: a row-sharded DTensor input needs a replicated DTensor weight (its gradient "
+                         "is summed over the mesh); distribute the weight with Replicate()")
+    w = weight.to_local() if _is_dtensor(weight) else weight
+    if isinstance(placements[0], Shard):
+        w = _SumGradOverMesh.apply(w, mesh)
     y = rms_norm(x.to_local(), w, eps, impl)
     return DTensor.from_local(y, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
 
 
-class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over ``group`` (a functional all-reduce, traceable by
-    torch.compile): the replicated norm weight's gradient from every rank's rows."""
+class _SumGradOverMesh(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the one-dimensional ``mesh`` (a functional
+    all-reduce, traceable by torch.compile): the replicated norm weight's gradient from every rank's rows."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
+    def forward(ctx, t: torch.Tensor, mesh) -> torch.Tensor:  # type: ignore[override]
+        ctx.mesh = mesh
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.mesh)), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
