@@ -40,16 +40,23 @@ def launch(
     metrics_out: Optional[str] = typer.Option(None, "--metrics-out", help="JSON lines, one per step"),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="DCP checkpoints; resumes from it"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="checkpoint every N steps (0: at the end)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate after warm-up (default 1e-3)"),
+    warmup: int = typer.Option(0, "--warmup", help="steps of linear learning-rate warm-up"),
+    schedule: str = typer.Option("constant", "--schedule", help="after warm-up: constant, linear or cosine decay "
+                                 "to --min-lr at the last step"),
+    min_lr: float = typer.Option(0.0, "--min-lr", help="the floor of linear / cosine decay"),
+    clip: float = typer.Option(0.0, "--clip", help="clip gradients to this global norm (0: off; the norm is "
+                               "reported either way)"),
     image: str = typer.Option("meshplan:latest", "--image", help="container image for --emit k8s"),
     replan: bool = typer.Option(False, "--replan", help="re-plan for this machine when the plan does not fit it"),
     check: bool = typer.Option(True, "--check/--no-check", help="build the plan's first and last pipeline rank on "
                                "fake tensors before starting (meshplan check's fast mode, a few seconds)"),
 ) -> None:
     try:
+        training = dict(lr=lr, warmup=warmup, schedule=schedule, min_lr=min_lr, clip=clip)
         code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
-                       steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan,
-                       check)
+                       steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image,
+                       replan, check)
     except MeshplanError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code)
@@ -58,8 +65,9 @@ def launch(
 
 
 def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
-            steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, lr, image, replan,
+            steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image, replan,
             check=True) -> int:
+    """``training``: the runtime's ``lr`` (None: its default), ``warmup``, ``schedule``, ``min_lr``, ``clip``."""
     from meshplan.launcher import render
     from meshplan.launcher.checks import check_local, check_supported
     from meshplan.launcher.runtime.checkpoint import find_latest
@@ -73,6 +81,8 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
                              ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1)):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"give an integer >= {low}")
+    training = {"lr": None, "warmup": 0, "schedule": "constant", "min_lr": 0.0, "clip": 0.0, **(training or {})}
+    _check_training(training, steps)
     plan = Plan.load(plan_path)
     check_supported(plan)
     nnodes = nnodes if nnodes is not None else plan.cluster.nodes
@@ -80,7 +90,7 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
     if node_rank is not None and not 0 <= node_rank < nnodes:
         raise InputError("--node-rank", f"{node_rank} is not in 0..{nnodes - 1}", "give this node's rank")
     args = render.train_args(steps=steps, seed=seed, data=data, data_dtype=data_dtype, metrics_out=metrics_out,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, lr=lr)
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, **training)
     cfg = render.LaunchConfig(plan_path=str(plan_path), nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                               master_port=master_port, rdzv_id=rdzv_id, max_restarts=max_restarts, train_args=args)
     if emit is not None:
@@ -126,6 +136,17 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
     argv = render.torchrun_argv(plan, cfg)
     typer.echo("meshplan: " + " ".join(argv), err=True)
     return subprocess.run(argv, env=env).returncode
+
+
+def _check_training(training: dict, steps: int) -> None:
+    """The learning-rate schedule and clipping options, one line each (launcher/runtime/schedule.py)."""
+    from meshplan.launcher.runtime.schedule import LRSchedule
+
+    lr = training["lr"] if training["lr"] is not None else LRSchedule.base_lr
+    LRSchedule(base_lr=lr, total_steps=steps, warmup_steps=training["warmup"], decay=training["schedule"],
+               min_lr=training["min_lr"]).validate()
+    if not training["clip"] >= 0:
+        raise InputError("--clip", f"must be >= 0, got {training['clip']:g}", "give a global norm, or 0 for no clipping")
 
 
 def _replan(plan, plan_path: Path) -> Path:

@@ -214,7 +214,8 @@ def _comment(text: str) -> str:
 
 
 def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | None, metrics_out: str | None,
-               checkpoint_dir: str | None, checkpoint_every: int, lr: float | None,
+               checkpoint_dir: str | None, checkpoint_every: int, lr: float | None, warmup: int = 0,
+               schedule: str = "constant", min_lr: float = 0.0, clip: float = 0.0,
                resume: bool = True) -> tuple[str, ...]:
     """The runtime's arguments, in the order ``python -m meshplan.launcher.runtime.train`` documents them."""
     args = ["--steps", str(steps), "--seed", str(seed)]
@@ -230,6 +231,12 @@ def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | Non
             args += ["--checkpoint-every", str(checkpoint_every)]
     if lr is not None:
         args += ["--lr", repr(float(lr))]
+    if warmup:
+        args += ["--warmup", str(warmup)]
+    if schedule != "constant":
+        args += ["--schedule", schedule, "--min-lr", repr(float(min_lr))]
+    if clip:
+        args += ["--clip", repr(float(clip))]
     if not resume:
         args.append("--no-resume")
     return tuple(args)

@@ -16,6 +16,6 @@ fi
 # The fast tests (what plain `pytest` runs) and the slow ones of a single process (marked `parallel`) on two
 # pytest-xdist workers; the other slow ones (torchrun jobs that use every core, timing checks) one at a time.
 python -m pytest -q -p no:cacheprovider -n 2 -m "not slow or parallel"
-python -m pytest -q -p no:cacheprovider -m "slow and not parallel"
+python -m pytest -q -p no:cacheprovider -m "slow and not parallel" --durations=25
 # The example matrix planned and reported, every report checked complete (build/ci-reports).
 python scripts/ci_reports.py --out build/ci-reports

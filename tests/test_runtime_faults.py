@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from meshplan.launcher.runtime.schedule import LRSchedule
 from runtime_helpers import PARITY_LAYOUTS, STEPS, job_env, losses, make_plan, read_metrics, run_launch, train
 
 pytestmark = pytest.mark.slow
@@ -67,3 +68,26 @@ def test_resume_continues_exactly_and_bad_checkpoints_are_refused(tmp_path):
     proc = run_launch([plan, "--steps", "6", "--checkpoint-dir", str(ckpt)], tmp_path)
     assert proc.returncode == 2
     assert "step-00000099 is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_killed_run_resumes_its_schedule_and_clipping_exactly(tmp_path):
+    """Warm-up, cosine decay and clipping: a run killed before step 3 and started again from its step-2
+    checkpoint reports the uninterrupted run's losses, learning rates and gradient norms."""
+    options = ["--steps", "4", "--warmup", "1", "--schedule", "cosine", "--min-lr", "1e-4", "--clip", "0.5"]
+    full = _one_process(tmp_path, *options, "--metrics-out", "full.jsonl")
+    assert full.returncode == 0, full.stderr
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--metrics-out", "part.jsonl"]
+    killed = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan",
+                             str(tmp_path / "one.yaml"), *options, *ckpt], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=job_env(MESHPLAN_FAULT_STEP="3", MESHPLAN_FAULT_RANK="0"))
+    assert killed.returncode == 13, killed.stderr
+    resumed = _one_process(tmp_path, *options, *ckpt)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    full_records, part_records = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "part.jsonl")
+    assert [r["step"] for r in part_records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in part_records] == pytest.approx([r[key] for r in full_records], rel=1e-6), key
+    schedule = LRSchedule(base_lr=1e-3, total_steps=4, warmup_steps=1, decay="cosine", min_lr=1e-4)
+    assert [r["lr"] for r in full_records] == pytest.approx([schedule.lr_at(s) for s in range(1, 5)])
+    assert full_records[-1]["lr"] == pytest.approx(1e-4)                               # the floor at the end
+    assert any(r["grad_norm"] > 0.5 for r in full_records)                             # the clip took effect

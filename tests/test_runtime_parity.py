@@ -15,29 +15,25 @@ from runtime_helpers import (PARITY_LAYOUTS, PARITY_RTOL, TINY_GPT, TINY_LLAMA, 
                              max_relative_difference)
 
 pytestmark = pytest.mark.slow
+GRAD_NORM_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def baseline(trained):
-    """``baseline(layout)``: the per-step losses of the layout's model, batch and sequence trained in one
-    process (once per session)."""
+    """``baseline(layout)``: the metrics of the layout's model, batch and sequence trained in one process (once
+    per session)."""
     def get(layout: dict) -> list[float]:
         same = {k: layout[k] for k in ("model", "global_batch", "seq_len") if k in layout}
         shared = {TINY_LLAMA.name: "llama", TINY_GPT.name: "gpt"}      # the runs other test files share
         name = "-".join(str(getattr(v, "name", v)) for v in same.values())
         name = shared.get(name, name)
-        return losses(trained(f"{name}-1proc", make_plan(**same)))
+        return trained(f"{name}-1proc", make_plan(**same))
     return get
 
 
 @pytest.fixture(scope="module")
 def llama_baseline(baseline):
-    return baseline({"model": TINY_LLAMA})
-
-
-@pytest.fixture(scope="module")
-def gpt_baseline(baseline):
-    return baseline({"model": TINY_GPT})
+    return losses(baseline({"model": TINY_LLAMA}))
 
 
 def test_baseline_learns(llama_baseline):
@@ -52,10 +48,13 @@ LLAMA_PLANS = {name: kw for name, kw in PARITY_LAYOUTS.items() if kw.get("model"
 @pytest.mark.parametrize("name", list(LLAMA_PLANS))
 def test_llama_plan_matches_one_process(name, baseline, layout_run):
     expected = baseline({"model": TINY_LLAMA, **LLAMA_PLANS[name]})
-    measured = losses(layout_run(name).records)
-    diff = max_relative_difference(expected, measured)
+    measured = layout_run(name).records
+    diff = max_relative_difference(losses(expected), losses(measured))
     print(f"parity {name}: max relative loss difference {diff:.2e}")
-    assert diff <= PARITY_RTOL, (name, expected, measured)
+    assert diff <= PARITY_RTOL, (name, losses(expected), losses(measured))
+    # one global gradient norm, whatever the layout (launcher/runtime/grad_norm.py)
+    norms = [[r["grad_norm"] for r in run] for run in (expected, measured)]
+    assert max_relative_difference(*norms) <= GRAD_NORM_RTOL, (name, *norms)
 
 
 def test_replicated_kv_and_odd_group_layouts_are_in_the_matrix():
@@ -66,12 +65,16 @@ def test_replicated_kv_and_odd_group_layouts_are_in_the_matrix():
     assert gqa3["cp_kind"] == "ring" and (gqa3["model"].heads // gqa3["model"].kv_heads) % 2 == 1
 
 
-def test_gpt_tied_uneven_gpipe_matches_one_process(gpt_baseline, layout_run):
+def test_gpt_tied_uneven_gpipe_matches_one_process(baseline, layout_run):
     """GPT family (LayerNorm, learned positions, GELU, biases) with tied embeddings split over two pipeline
-    stages (the tied copies' gradients summed), uneven stages [0,1) and [1,4), GPipe, tp2 + selective."""
+    stages (the tied copies' gradients summed, their norm counted once), uneven stages [0,1) and [1,4), GPipe,
+    tp2 + selective."""
     assert PARITY_LAYOUTS["gpt-tied-tp2-pp2-gpipe-uneven"] == dict(
         model=TINY_GPT, tp=2, pp=2, schedule="gpipe", bounds=[0, 1, 4], recompute="selective")
-    measured = losses(layout_run("gpt-tied-tp2-pp2-gpipe-uneven").records)
-    diff = max_relative_difference(gpt_baseline, measured)
+    expected = baseline({"model": TINY_GPT})
+    measured = layout_run("gpt-tied-tp2-pp2-gpipe-uneven").records
+    diff = max_relative_difference(losses(expected), losses(measured))
     print(f"parity gpt tp2-pp2 gpipe uneven tied: max relative loss difference {diff:.2e}")
-    assert diff <= PARITY_RTOL, (gpt_baseline, measured)
+    assert diff <= PARITY_RTOL, (losses(expected), losses(measured))
+    norms = [[r["grad_norm"] for r in run] for run in (expected, measured)]
+    assert max_relative_difference(*norms) <= GRAD_NORM_RTOL, norms

@@ -1,6 +1,7 @@
 """Per-step metrics (JSON lines) and the end-of-run summary: measured next to the plan's predictions.
 
-Each line: ``step``, ``loss``, ``step_time_s``, ``tokens_per_s``, and on GPU ``peak_memory_gib`` (the worst
+Each line: ``step``, ``loss``, ``step_time_s``, ``tokens_per_s``, ``lr`` (the step's learning rate),
+``grad_norm`` (the global gradient norm before clipping), and on GPU ``peak_memory_gib`` (the worst
 rank's ``max_memory_allocated``), ``reserved_memory_gib`` (the worst rank's ``max_memory_reserved``: what the
 caching allocator holds) and ``mfu`` (model FLOPs per second over the ranks' dense peak). A resumed
 run keeps the lines up to the step it resumed from and rewrites the rest, so the file lists each step once.

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from meshplan.errors import InputError
 from meshplan.launcher.checks import check_supported, triton_interprets
+from meshplan.launcher.runtime.grad_norm import clip_grads, global_grad_norm
+from meshplan.launcher.runtime.schedule import LRSchedule
 from meshplan.launcher.runtime import checkpoint as ckpt
 from meshplan.launcher.runtime import kernels
 from meshplan.launcher.runtime import parallelize as par
@@ -43,7 +45,12 @@ class RunConfig:
         steps: optimizer steps to reach (a resumed run continues up to this step).
         seed: seeds the weights (by parameter name) and the data.
         data: a flat token file, or ``None`` for the synthetic stream; ``data_dtype`` its element type.
-        lr, weight_decay, betas: AdamW (constant learning rate, no warm-up).
+        lr, weight_decay, betas: AdamW; weight decay applies to the matrices of the blocks and the untied head
+            only, not to norms, biases and embeddings (:func:`param_groups`).
+        warmup, schedule, min_lr: the learning rate per step (schedule.LRSchedule: linear warm-up over
+            ``warmup`` steps, then ``constant``, ``linear`` or ``cosine`` decay to ``min_lr`` at ``steps``).
+        clip: clip the gradients to this global norm (grad_norm.global_grad_norm, over every shard of every
+            parallel dimension); 0: no clipping. The norm is reported either way.
         metrics_out: JSON-lines file, one line per step (rank 0 writes it).
         checkpoint_dir, checkpoint_every: DCP checkpoints every N steps (0: only at the end).
         resume: resume from the newest checkpoint in ``checkpoint_dir`` when there is one.
@@ -60,12 +67,20 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 0
+    schedule: str = "constant"
+    min_lr: float = 0.0
+    clip: float = 0.0
     metrics_out: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = True
     fail_at_step: int = 0
     fail_rank: int = 0
+
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(base_lr=self.lr, total_steps=self.steps, warmup_steps=self.warmup, decay=self.schedule,
+                          min_lr=self.min_lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,9 +214,19 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
     return parts
 
 
+def param_groups(part: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: the matrices of the blocks and the untied head decay; norms, biases and embeddings
+    (tied or not, and a learned positions table) do not (GPT-2 / Megatron-LM practice)."""
+    decay, no_decay = [], []
+    for name, param in part.named_parameters():
+        (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_optimizer(part: torch.nn.Module, config: RunConfig, device_type: str) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(part.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                             fused=device_type == "cuda", foreach=None if device_type == "cuda" else True)
+    return torch.optim.AdamW(param_groups(part, config.weight_decay), lr=config.lr_schedule().lr_at(1),
+                             betas=config.betas, fused=device_type == "cuda",
+                             foreach=None if device_type == "cuda" else True)
 
 
 def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str) -> Trainer:
@@ -352,9 +377,11 @@ def _schedule_step_takes_return_outputs() -> bool:
 _STEP_TAKES_RETURN_OUTPUTS = _schedule_step_takes_return_outputs()
 
 
-def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One optimizer step over this rank's slice of the global batch. Returns the summed micro-batch losses
-    (a scalar on the last pipeline stage, zero elsewhere)."""
+def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
+               lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's slice of the global batch at learning rate ``lr`` (None: the
+    optimizers' current one). Returns the summed micro-batch losses (a scalar on the last pipeline stage, zero
+    elsewhere) and the global gradient norm before clipping (equal on every rank)."""
     plan = trainer.plan
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
     with _loss_context(trainer):
@@ -384,10 +411,16 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) ->
                 loss_sum += _local(loss).detach().double()
     sync_tied_embedding_grads(trainer)
     sync_kv_replica_grads(trainer)
+    norm = global_grad_norm(trainer.parts, plan, trainer.tied_group is not None, trainer.device)
+    if trainer.config.clip > 0:
+        clip_grads(trainer.parts, norm, trainer.config.clip)
     for optimizer in trainer.optimizers:
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    return loss_sum, norm
 
 
 def _accumulate_without_sync(model: torch.nn.Module, plan: Plan, last: bool) -> None:
@@ -491,6 +524,7 @@ def restore(trainer: Trainer, path: Path) -> int:
 def run(config: RunConfig) -> list[dict]:
     plan = Plan.load(config.plan_path)
     check_supported(plan)
+    config.lr_schedule().validate()
     device, device_type = init_distributed(plan)
     rank = dist.get_rank()
     torch.manual_seed(config.seed)
@@ -513,6 +547,7 @@ def run(config: RunConfig) -> list[dict]:
               f"on {dist.get_world_size()} {device_type} ranks, steps {start + 1}..{config.steps}"
               + (f" (resumed from {found[0]})" if found else ""), flush=True)
 
+    schedule = config.lr_schedule()
     flops_per_token = model_flops_per_token(plan)
     tokens_per_step = plan.train.global_batch * plan.train.seq_len
     peak_flops = plan.cluster.gpu.peak_flops(plan.train.precision) if device_type == "cuda" else None
@@ -527,12 +562,14 @@ def run(config: RunConfig) -> list[dict]:
         inputs, targets = data_slice.take(data.batch(step, plan.train.global_batch, plan.train.seq_len + 1))
         inputs, targets = inputs.to(device), targets.to(device)
         begin = time.perf_counter()
-        loss_sum = train_step(trainer, inputs, targets)
+        lr = schedule.lr_at(step)
+        loss_sum, grad_norm = train_step(trainer, inputs, targets, lr)
         if device_type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - begin
         loss = global_mean_loss(trainer, loss_sum)
-        record = {"step": step, "loss": loss, "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+        record = {"step": step, "loss": loss, "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
+                  "lr": lr, "grad_norm": float(grad_norm)}
         if device_type == "cuda":
             peaks = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30,
                                   torch.cuda.max_memory_reserved(device) / 2**30], device=device)
@@ -562,6 +599,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--data", default=None)
     p.add_argument("--data-dtype", default=None, choices=["uint16", "uint32"])
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--metrics-out", default=None)
     p.add_argument("--checkpoint-dir", default=None)
@@ -569,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
     return RunConfig(plan_path=a.plan, steps=a.steps, seed=a.seed, data=a.data, data_dtype=a.data_dtype, lr=a.lr,
-                     weight_decay=a.weight_decay, metrics_out=a.metrics_out, checkpoint_dir=a.checkpoint_dir,
+                     warmup=a.warmup, schedule=a.schedule, min_lr=a.min_lr, clip=a.clip, weight_decay=a.weight_decay, metrics_out=a.metrics_out, checkpoint_dir=a.checkpoint_dir,
                      checkpoint_every=a.checkpoint_every, resume=not a.no_resume,
                      fail_at_step=int(os.environ.get("MESHPLAN_FAULT_STEP", "0")),
                      fail_rank=int(os.environ.get("MESHPLAN_FAULT_RANK", "0")))
