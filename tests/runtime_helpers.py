@@ -166,6 +166,18 @@ def losses(records: list[dict]) -> list[float]:
     return [r["loss"] for r in records]
 
 
+GRAD_NORM_RTOL = 1e-5
+
+
+def assert_same_grad_norms(name: str, expected: list[dict], measured: list[dict]) -> None:
+    """One global gradient norm whatever the layout (launcher/runtime/grad_norm.py): the first step's, from the
+    same weights, within GRAD_NORM_RTOL of one process's; the later ones within PARITY_RTOL, the drift the
+    losses are allowed (a few 1e-5 of the norm by step 4 at tp 4)."""
+    norms = [[r["grad_norm"] for r in run] for run in (expected, measured)]
+    assert abs(norms[1][0] - norms[0][0]) <= GRAD_NORM_RTOL * norms[0][0], (name, *norms)
+    assert max_relative_difference(*norms) <= PARITY_RTOL, (name, *norms)
+
+
 def max_relative_difference(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (a, b)
     return max(abs(x - y) / abs(x) for x, y in zip(a, b))

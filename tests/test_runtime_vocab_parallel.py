@@ -1,15 +1,15 @@
 """Vocabulary parallelism across pipeline ranks (``vocab_parallel: true`` with pp > 1, issue 6): the embedding
 and the LM head + cross-entropy split by vocabulary over every pp x tp rank must train the same model as one
 process, step for step (fp32, CPU/gloo, per-step losses within 1e-4 relative), for tied and untied embeddings,
-pp2 and pp4, with and without tp2 (sequence parallel). See ``launcher/runtime/vocab_parallel.py``.
+pp2 and pp4, with and without tp2 (sequence parallel), 1F1B and GPipe. See ``launcher/runtime/vocab_parallel.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from runtime_helpers import (PARITY_RTOL, TINY_GPT, TINY_LLAMA, losses, make_plan, max_relative_difference,
-                             train_together)
+from runtime_helpers import (PARITY_RTOL, TINY_GPT, TINY_LLAMA, assert_same_grad_norms, losses, make_plan,
+                             max_relative_difference, train_together)
 
 pytestmark = pytest.mark.slow
 STEPS = 3   # 4-8 process jobs on a small machine: three steps already show a wrong shard or scale
@@ -33,7 +33,7 @@ PLANS = {   # name: (model, plan fields); llama: untied head, RoPE; gpt: tied em
     "llama-pp4": ("llama", dict(pp=4)),
     "llama-tp2-pp2": ("llama", dict(tp=2, pp=2)),
     "gpt-tied-pp2-uneven": ("gpt", dict(pp=2, bounds=[0, 1, 4])),
-    "gpt-tied-tp2-pp4-gpipe": ("gpt", dict(tp=2, pp=4, schedule="gpipe")),     # the one 8-rank job
+    "gpt-tied-tp2-pp2-gpipe": ("gpt", dict(tp=2, pp=2, schedule="gpipe")),
 }
 
 
@@ -68,5 +68,4 @@ def test_vocab_parallel_matches_one_process(name, baselines, runs):
     diff = max_relative_difference(losses(expected), losses(measured))
     print(f"parity vocab_parallel {name}: max relative loss difference {diff:.2e}")
     assert diff <= PARITY_RTOL, (name, losses(expected), losses(measured))
-    norms = [[r["grad_norm"] for r in run] for run in (expected, measured)]     # the shards' norm counted once
-    assert max_relative_difference(*norms) <= 1e-5, (name, *norms)
+    assert_same_grad_norms(name, expected, measured)      # the vocabulary shards' norm counted once
