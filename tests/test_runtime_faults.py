@@ -41,17 +41,28 @@ def _one_process(tmp_path, *args):
                           cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
 
 
-def test_resume_continues_exactly_and_bad_checkpoints_are_refused(tmp_path):
+def test_a_killed_run_resumes_exactly_and_bad_checkpoints_are_refused(tmp_path):
+    """Warm-up, cosine decay and clipping: a run killed before step 3 and started again from its step-2
+    checkpoint reports the uninterrupted run's losses, learning rates and gradient norms; then a corrupt or
+    missing checkpoint is refused in one line."""
     ckpt = tmp_path / "ckpt"
-    full = _one_process(tmp_path, "--steps", "4", "--metrics-out", "full.jsonl")
+    options = ["--steps", "4", "--warmup", "1", "--schedule", "cosine", "--min-lr", "1e-4", "--clip", "0.5"]
+    full = _one_process(tmp_path, *options, "--metrics-out", "full.jsonl")
     assert full.returncode == 0, full.stderr
-    first = _one_process(tmp_path, "--steps", "2", "--checkpoint-dir", str(ckpt), "--metrics-out", "part.jsonl")
-    assert first.returncode == 0, first.stderr
-    second = _one_process(tmp_path, "--steps", "4", "--checkpoint-dir", str(ckpt), "--metrics-out", "part.jsonl")
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout
-    assert losses(read_metrics(tmp_path / "part.jsonl")) == pytest.approx(
-        losses(read_metrics(tmp_path / "full.jsonl")), rel=1e-6)
+    saving = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--metrics-out", "part.jsonl"]
+    killed = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan",
+                             str(tmp_path / "one.yaml"), *options, *saving], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=job_env(MESHPLAN_FAULT_STEP="3", MESHPLAN_FAULT_RANK="0"))
+    assert killed.returncode == 13, killed.stderr
+    resumed = _one_process(tmp_path, *options, *saving)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    full_records, part_records = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "part.jsonl")
+    assert [r["step"] for r in part_records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in part_records] == pytest.approx([r[key] for r in full_records], rel=1e-6), key
+    schedule = LRSchedule(base_lr=1e-3, total_steps=4, warmup_steps=1, decay="cosine", min_lr=1e-4)
+    assert [r["lr"] for r in full_records] == pytest.approx([schedule.lr_at(s) for s in range(1, 5)])
+    assert any(r["grad_norm"] > 0.5 for r in full_records)                             # the clip took effect
 
     plan = str(tmp_path / "one.yaml")
     # a corrupt shard (truncated file): refused by launch before any rank starts, and by the runtime itself
@@ -69,25 +80,3 @@ def test_resume_continues_exactly_and_bad_checkpoints_are_refused(tmp_path):
     assert proc.returncode == 2
     assert "step-00000099 is missing" in proc.stderr and "Traceback" not in proc.stderr
 
-
-def test_a_killed_run_resumes_its_schedule_and_clipping_exactly(tmp_path):
-    """Warm-up, cosine decay and clipping: a run killed before step 3 and started again from its step-2
-    checkpoint reports the uninterrupted run's losses, learning rates and gradient norms."""
-    options = ["--steps", "4", "--warmup", "1", "--schedule", "cosine", "--min-lr", "1e-4", "--clip", "0.5"]
-    full = _one_process(tmp_path, *options, "--metrics-out", "full.jsonl")
-    assert full.returncode == 0, full.stderr
-    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--metrics-out", "part.jsonl"]
-    killed = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan",
-                             str(tmp_path / "one.yaml"), *options, *ckpt], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120, env=job_env(MESHPLAN_FAULT_STEP="3", MESHPLAN_FAULT_RANK="0"))
-    assert killed.returncode == 13, killed.stderr
-    resumed = _one_process(tmp_path, *options, *ckpt)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
-    full_records, part_records = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "part.jsonl")
-    assert [r["step"] for r in part_records] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "grad_norm"):
-        assert [r[key] for r in part_records] == pytest.approx([r[key] for r in full_records], rel=1e-6), key
-    schedule = LRSchedule(base_lr=1e-3, total_steps=4, warmup_steps=1, decay="cosine", min_lr=1e-4)
-    assert [r["lr"] for r in full_records] == pytest.approx([schedule.lr_at(s) for s in range(1, 5)])
-    assert full_records[-1]["lr"] == pytest.approx(1e-4)                               # the floor at the end
-    assert any(r["grad_norm"] > 0.5 for r in full_records)                             # the clip took effect

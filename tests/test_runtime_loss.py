@@ -28,7 +28,9 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("name", list(PLANS))
+# one-process plans run beside the fast tests (``parallel``: scripts/test.sh runs them on two workers)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.parallel) if not fields else n
+                                  for n, (_, fields) in PLANS.items()])
 def test_fused_loss_matches_reference_path(name, workdir, trained):
     family, fields = PLANS[name]
     model = TINY_LLAMA if family == "llama" else TINY_GPT
