@@ -26,8 +26,8 @@ import torch
 from meshplan.launcher.checks import triton_interprets
 
 from .cross_entropy import chunked_linear_cross_entropy, default_chunk_tokens
-from .reference import (linear_cross_entropy_reference, rms_norm_reference, rotary_reference, swiglu_reference,
-                        _check_rotary)
+from .reference import (copy_to_group, linear_cross_entropy_reference, rms_norm_reference, rotary_reference,
+                        swiglu_reference, _check_rotary)
 
 __all__ = [
     "IMPLS", "rms_norm", "swiglu", "apply_rotary", "linear_cross_entropy", "fused_adamw_available",
@@ -141,25 +141,9 @@ def _rms_norm_on_shards(x: torch.Tensor, weight: torch.Tensor, eps: float, impl:
                          "is summed over the mesh); distribute the weight with Replicate()")
     w = weight.to_local() if _is_dtensor(weight) else weight
     if isinstance(placements[0], Shard):
-        w = _SumGradOverMesh.apply(w, mesh)
+        w = copy_to_group(w, mesh.get_group())      # each rank's rows give part of the weight's gradient
     y = rms_norm(x.to_local(), w, eps, impl)
     return DTensor.from_local(y, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
-
-
-class _SumGradOverMesh(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the one-dimensional ``mesh`` (a functional
-    all-reduce, traceable by torch.compile): the replicated norm weight's gradient from every rank's rows."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, mesh) -> torch.Tensor:  # type: ignore[override]
-        ctx.mesh = mesh
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        from torch.distributed import _functional_collectives as funcol
-
-        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.mesh)), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:

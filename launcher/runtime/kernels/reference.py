@@ -62,7 +62,8 @@ def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; all-reduce (sum) of the gradient backward (Megatron's ``f`` operator).
+    """Identity forward; all-reduce (sum) of the gradient backward (Megatron's ``f`` operator), a functional
+    collective so torch.compile traces it.
 
     The hidden state entering a vocabulary-parallel head is replicated over the group and each rank's shard
     contributes only part of its gradient; the sum makes the hidden gradient the full (unsharded) one.
@@ -75,9 +76,9 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
