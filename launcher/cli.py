@@ -20,6 +20,42 @@ EMIT_KINDS = ("slurm", "k8s", "sh")
 
 def register(app: typer.Typer) -> None:
     app.command("launch", help="Run a plan as torchrun job(s) (or --dry-run / --emit slurm|k8s|sh).")(launch)
+    app.command("export-hf", help="Write a run's DCP checkpoint as a Hugging Face checkpoint (config.json, "
+                                  "sharded safetensors, index).")(export_hf)
+
+
+def export_hf(
+    checkpoint: Path = typer.Argument(..., help="a --checkpoint-dir (its latest checkpoint) or one step-* in it"),
+    plan: Path = typer.Option(..., "--plan", help="the plan the run trained"),
+    out: Path = typer.Option(..., "--out", "-o", help="the Hugging Face model directory to write"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    try:
+        _export_hf(checkpoint, plan, out, dtype, overwrite)
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+
+
+def _export_hf(checkpoint: Path, plan_path: Path, out: Path, dtype: str, overwrite: bool) -> None:
+    from meshplan.launcher.runtime import hf_format
+    from meshplan.launcher.runtime.checkpoint import find_latest, validate
+    from meshplan.plan import Plan
+
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError("--dtype", f"unknown dtype {dtype!r}", "use float32 or bfloat16")
+    plan = Plan.load(plan_path)
+    hf_format.hf_family_for(plan.model)
+    hf_format.prepare_output(out, overwrite, "--out")
+    if (checkpoint / "latest").exists():
+        checkpoint = find_latest(checkpoint)[0]
+    else:
+        validate(checkpoint)
+    from meshplan.launcher.runtime.hf_weights import export_hf as write
+
+    write(checkpoint, plan.model, out, dtype, plan.train.seq_len, overwrite=overwrite)
+    typer.echo(f"wrote {out} ({plan.model.name}, {dtype}) from {checkpoint}", err=True)
 
 
 def launch(
@@ -47,13 +83,20 @@ def launch(
     min_lr: float = typer.Option(0.0, "--min-lr", help="the floor of linear / cosine decay"),
     clip: float = typer.Option(0.0, "--clip", help="clip gradients to this global norm (0: off; the norm is "
                                "reported either way)"),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this Hugging Face model directory "
+                                             "(config.json + safetensors; Llama, Mistral, Qwen2, GPT-2)"),
+    save_hf: Optional[Path] = typer.Option(None, "--save-hf", help="write the final weights as a Hugging Face "
+                                           "checkpoint into this directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="let --save-hf replace an existing directory"),
     image: str = typer.Option("meshplan:latest", "--image", help="container image for --emit k8s"),
     replan: bool = typer.Option(False, "--replan", help="re-plan for this machine when the plan does not fit it"),
     check: bool = typer.Option(True, "--check/--no-check", help="build the plan's first and last pipeline rank on "
                                "fake tensors before starting (meshplan check's fast mode, a few seconds)"),
 ) -> None:
     try:
-        training = dict(lr=lr, warmup=warmup, schedule=schedule, min_lr=min_lr, clip=clip)
+        training = dict(lr=lr, warmup=warmup, schedule=schedule, min_lr=min_lr, clip=clip,
+                        init_from=str(init_from) if init_from else None, save_hf=str(save_hf) if save_hf else None,
+                        overwrite=overwrite)
         code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
                        steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image,
                        replan, check)
@@ -67,7 +110,8 @@ def launch(
 def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
             steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image, replan,
             check=True) -> int:
-    """``training``: the runtime's ``lr`` (None: its default), ``warmup``, ``schedule``, ``min_lr``, ``clip``."""
+    """``training``: the runtime's ``lr`` (None: its default), ``warmup``, ``schedule``, ``min_lr``, ``clip``,
+    ``init_from``, ``save_hf`` and ``overwrite``."""
     from meshplan.launcher import render
     from meshplan.launcher.checks import check_local, check_supported
     from meshplan.launcher.runtime.checkpoint import find_latest
@@ -81,7 +125,8 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
                              ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1)):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"give an integer >= {low}")
-    training = {"lr": None, "warmup": 0, "schedule": "constant", "min_lr": 0.0, "clip": 0.0, **(training or {})}
+    training = {"lr": None, "warmup": 0, "schedule": "constant", "min_lr": 0.0, "clip": 0.0, "init_from": None,
+                "save_hf": None, "overwrite": False, **(training or {})}
     _check_training(training, steps)
     plan = Plan.load(plan_path)
     check_supported(plan)
@@ -125,6 +170,7 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
         raise InputError("--data", f"no such file: {data}", "give a flat token file (nanoGPT-style train.bin)")
     if checkpoint_dir is not None:
         find_latest(Path(checkpoint_dir))  # a missing or corrupt checkpoint stops here, before any rank starts
+    _check_weights_io(plan, training)
     if nnodes > 1 and node_rank is None and master_addr in ("127.0.0.1", "localhost"):
         typer.echo("note: multi-node rendezvous on 127.0.0.1: every agent must run on this machine "
                    "(pass --master-addr for real nodes)", err=True)
@@ -147,6 +193,18 @@ def _check_training(training: dict, steps: int) -> None:
                min_lr=training["min_lr"]).validate()
     if not training["clip"] >= 0:
         raise InputError("--clip", f"must be >= 0, got {training['clip']:g}", "give a global norm, or 0 for no clipping")
+
+
+def _check_weights_io(plan, training: dict) -> None:
+    """``--init-from`` (the architecture, the plan's model, every shard and shape) and ``--save-hf`` (an
+    architecture that holds the model, an output that does not exist) before any rank starts."""
+    from meshplan.launcher.runtime import hf_format
+
+    if training["init_from"]:
+        hf_format.check_checkpoint(Path(training["init_from"]), plan.model)
+    if training["save_hf"]:
+        hf_format.hf_family_for(plan.model)
+        hf_format.prepare_output(Path(training["save_hf"]), training["overwrite"])
 
 
 def _replan(plan, plan_path: Path) -> Path:

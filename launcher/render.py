@@ -216,7 +216,8 @@ def _comment(text: str) -> str:
 def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | None, metrics_out: str | None,
                checkpoint_dir: str | None, checkpoint_every: int, lr: float | None, warmup: int = 0,
                schedule: str = "constant", min_lr: float = 0.0, clip: float = 0.0,
-               resume: bool = True) -> tuple[str, ...]:
+               resume: bool = True, init_from: str | None = None, save_hf: str | None = None,
+               overwrite: bool = False) -> tuple[str, ...]:
     """The runtime's arguments, in the order ``python -m meshplan.launcher.runtime.train`` documents them."""
     args = ["--steps", str(steps), "--seed", str(seed)]
     if data:
@@ -239,5 +240,11 @@ def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | Non
         args += ["--clip", repr(float(clip))]
     if not resume:
         args.append("--no-resume")
+    if init_from:
+        args += ["--init-from", str(init_from)]
+    if save_hf:
+        args += ["--save-hf", str(save_hf)]
+    if overwrite:
+        args.append("--overwrite")
     return tuple(args)
 

@@ -150,13 +150,18 @@ def _megatron_model(plan: Plan, args: list[str], warnings: list[str] | None) -> 
         warn(warnings, f"megatron: the model's learned position table has {m.max_seq_len} rows but seq_len is "
                        f"{t.seq_len}; exported --max-position-embeddings {t.seq_len}")
     _opt(args, "--position-embedding-type", "rope" if m.position == "rope" else "learned_absolute")
+    if m.position == "rope":
+        _megatron_rope(m, args, warnings)
     _opt(args, "--normalization", "RMSNorm" if m.norm == "rmsnorm" else "LayerNorm")
+    _opt(args, "--norm-epsilon", m.norm_eps)
     if m.mlp == "swiglu":
         args.append("--swiglu")
     if not m.tied_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if not m.bias:
         args.append("--disable-bias-linear")
+        if m.qkv_bias:
+            args.append("--add-qkv-bias")
     _opt(args, "--attention-dropout", m.dropout)
     _opt(args, "--hidden-dropout", m.dropout)
     _opt(args, "--vocab-size", m.vocab)
@@ -167,6 +172,27 @@ def _megatron_model(plan: Plan, args: list[str], warnings: list[str] | None) -> 
     if t.precision == "fp8":
         _opt(args, "--fp8-format", "hybrid")
     _opt(args, "--optimizer", "sgd" if t.optimizer == "sgd" else "adam")
+
+
+# Megatron-LM's Llama 3 rotary scaling (megatron/core/models/common/embeddings/rope_utils.py, apply_scaling):
+# only the factor is an option; the band edges and the original context are fixed at these values.
+MEGATRON_ROPE_SCALING_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _megatron_rope(m, args: list[str], warnings: list[str] | None) -> None:
+    """``--rotary-base`` (an integer in Megatron-LM) and Llama 3 scaling (``--use-rope-scaling``)."""
+    _opt(args, "--rotary-base", int(m.rope_theta))
+    if m.rope_theta != int(m.rope_theta):
+        warn(warnings, f"megatron: rope_theta {m.rope_theta:g} is not an integer; exported --rotary-base "
+                       f"{int(m.rope_theta)}")
+    if m.rope_scaling is None:
+        return
+    args.append("--use-rope-scaling")
+    _opt(args, "--rope-scaling-factor", m.rope_scaling.factor)
+    for field, fixed in MEGATRON_ROPE_SCALING_FIXED.items():
+        if getattr(m.rope_scaling, field) != fixed:
+            warn(warnings, f"megatron: rope_scaling {field} {getattr(m.rope_scaling, field):g} cannot be expressed; "
+                           f"Megatron-LM fixes it at {fixed:g}")
 
 
 def _megatron_degrees(plan: Plan, args: list[str], warnings: list[str] | None) -> None:

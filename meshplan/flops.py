@@ -18,16 +18,17 @@ from meshplan.spec import ModelSpec
 
 
 def attention_params_per_layer(m: ModelSpec) -> int:
-    """q and o projections h*h each; k and v h*(kv_heads*head_dim) each; biases if the model has them."""
+    """q and o projections h*h each; k and v h*(kv_heads*head_dim) each; biases if the model has them
+    (q, k and v only with ``qkv_bias``)."""
     kv_width = m.kv_heads * m.head_dim
     weights = 2 * m.hidden * m.hidden + 2 * m.hidden * kv_width
-    biases = (2 * m.hidden + 2 * kv_width) if m.bias else 0
-    return weights + biases
+    biases = (m.hidden + 2 * kv_width) if m.attention_biases else 0
+    return weights + biases + (m.hidden if m.bias else 0)
 
 
 def kv_params_per_layer(m: ModelSpec) -> int:
     """The k and v projections of one block: h*(kv_heads*head_dim) weights each, and their biases."""
-    return 2 * m.kv_heads * m.head_dim * (m.hidden + (1 if m.bias else 0))
+    return 2 * m.kv_heads * m.head_dim * (m.hidden + (1 if m.attention_biases else 0))
 
 
 def kv_heads_per_rank(m: ModelSpec, tp: int) -> float:

@@ -144,6 +144,10 @@ class ModelSpec:
         position: ``learned`` (a max_seq_len x hidden table) or ``rope`` (no parameters).
         tied_embeddings: the LM head reuses the input embedding matrix.
         bias: linear layers and norms have biases (GPT-2/GPT-3, Megatron's default); Llama has none.
+        qkv_bias: the query, key and value projections (only those) have biases (Qwen2).
+        norm_eps: the epsilon of every norm (Hugging Face ``rms_norm_eps`` / ``layer_norm_epsilon``).
+        rope_theta: the rotary base (Su et al. 2021: 10000; Llama 3: 500000).
+        rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
         dropout: dropout probability on attention and residual branches (0 for Llama-style models).
         max_seq_len: positions table size for ``learned``; 0 means the training sequence length.
     """
@@ -160,12 +164,22 @@ class ModelSpec:
     position: str = "rope"
     tied_embeddings: bool = False
     bias: bool = False
+    qkv_bias: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: "RopeScaling | None" = None
     dropout: float = 0.0
     max_seq_len: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         where = f"model '{self.name}'"
+        object.__setattr__(self, "qkv_bias", _as_bool(self.qkv_bias, f"{where}: qkv_bias"))
+        object.__setattr__(self, "norm_eps", _as_float(self.norm_eps, f"{where}: norm_eps"))
+        object.__setattr__(self, "rope_theta", _as_float(self.rope_theta, f"{where}: rope_theta"))
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling,
+                                                                           f"{where}: rope_scaling"))
         for key in ("layers", "hidden", "heads", "vocab"):
             object.__setattr__(self, key, _as_int(getattr(self, key), f"{where}: {key}", 1, 10**9))
         object.__setattr__(self, "mlp", _as_choice(self.mlp, f"{where}: mlp", MLP_KINDS))
@@ -196,6 +210,11 @@ class ModelSpec:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def attention_biases(self) -> bool:
+        """The query, key and value projections have biases (``bias`` or ``qkv_bias``)."""
+        return self.bias or self.qkv_bias
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -208,6 +227,36 @@ class ModelSpec:
         return cls(**dict(data))
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary scaling (``rope_type: llama3`` in Hugging Face configs): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, shorter than
+    ``original_max_position_embeddings / high_freq_factor`` are kept, and the band between is interpolated.
+
+    Fields:
+        factor: the stretch of the low frequencies (8 for Llama 3.1, 32 for Llama 3.2).
+        low_freq_factor, high_freq_factor: the band edges as fractions of the original context (1 and 4).
+        original_max_position_embeddings: the context the model was first trained at (8192).
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "RopeScaling":
+        _check_keys(cls, data, where)
+        try:
+            return cls(factor=_as_float(data["factor"], f"{where}.factor"),
+                       low_freq_factor=_as_float(data["low_freq_factor"], f"{where}.low_freq_factor"),
+                       high_freq_factor=_as_float(data["high_freq_factor"], f"{where}.high_freq_factor"),
+                       original_max_position_embeddings=_as_int(data["original_max_position_embeddings"],
+                                                                f"{where}.original_max_position_embeddings"))
+        except KeyError as exc:
+            raise InputError(f"{where}.{exc.args[0]}", "missing", "give all four Llama 3 scaling fields") from None
+
+
 def default_ffn_hidden(hidden: int, mlp: str) -> int:
     """MLP width when none is given: 4h for GELU (Vaswani et al. 2017); for SwiGLU Llama's
     ``multiple_of * ceil(int(2/3 * 4h) / multiple_of)`` with multiple_of = 256 (Touvron et al. 2023)."""
@@ -216,9 +265,17 @@ def default_ffn_hidden(hidden: int, mlp: str) -> int:
     return 256 * math.ceil(int(2 * 4 * hidden / 3) / 256)
 
 
-def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, tied=False):
+def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, tied=False, **rest):
     return ModelSpec(name=name, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn,
-                     vocab=vocab, mlp="swiglu", norm="rmsnorm", position="rope", tied_embeddings=tied)
+                     vocab=vocab, mlp="swiglu", norm="rmsnorm", position="rope", tied_embeddings=tied, **rest)
+
+
+def _llama3(factor: float) -> dict[str, Any]:
+    """Llama 3.1 / 3.2's rotary base and scaling, from their config.json."""
+    return dict(rope_theta=500000.0, rope_scaling=RopeScaling(factor, 1.0, 4.0, 8192))
+
+
+_QWEN2 = dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1000000.0)   # Qwen2.5 config.json
 
 
 def _gpt(name, layers, hidden, heads, vocab, max_seq_len, tied=True):
@@ -236,13 +293,13 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         _llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000),             # Touvron et al. 2023b
         _llama("llama2-13b", 40, 5120, 40, 40, 13824, 32000),
         _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000),
-        _llama("llama3.2-1b", 16, 2048, 32, 8, 8192, 128256, tied=True),  # meta-llama/Llama-3.2-1B
-        _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256),             # Llama 3.1 config.json
-        _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256),
-        _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256),
+        _llama("llama3.2-1b", 16, 2048, 32, 8, 8192, 128256, tied=True, **_llama3(32.0)),  # meta-llama/Llama-3.2-1B
+        _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, **_llama3(8.0)),             # Llama 3.1 config.json
+        _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256, **_llama3(8.0)),
+        _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256, **_llama3(8.0)),
         _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000),             # mistralai/Mistral-7B-v0.1
-        _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064),            # Qwen/Qwen2.5-7B
-        _llama("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064),           # Qwen/Qwen2.5-72B
+        _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, **_QWEN2),  # Qwen/Qwen2.5-7B
+        _llama("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064, **_QWEN2),  # Qwen/Qwen2.5-72B
         # A tiny model for CPU launches and tests.
         _llama("tiny-llama", 4, 64, 4, 2, 176, 256),
         _gpt("tiny-gpt", 4, 64, 4, 256, 256),
@@ -250,7 +307,30 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
-def _from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
+def _hf_rope(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The rotary base and scaling of a Hugging Face config: ``rope_parameters`` (transformers 5) or
+    ``rope_theta`` + ``rope_scaling`` (transformers 4). Llama 3 scaling is kept; another scaling type
+    (yarn, dynamic, linear...) is kept out of the spec and refused where weights are loaded (the
+    launcher's ``--init-from`` check)."""
+    params = dict(data.get("rope_scaling") or {})
+    params.update(data.get("rope_parameters") or {})
+    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling.from_dict({k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                               "original_max_position_embeddings") if k in params},
+                                        f"{where}: rope_scaling")
+    return dict(rope_theta=theta, rope_scaling=scaling)
+
+
+def hf_rope_type(data: Mapping[str, Any]) -> str:
+    """The rotary scaling type a Hugging Face config names (``default`` when none)."""
+    params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
     """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX) into a ModelSpec."""
     where = f"--model {path}"
     kind = str(data.get("model_type", "")).lower()
@@ -260,11 +340,17 @@ def _from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
             act = str(data.get("hidden_act", "silu"))
             if act not in ("silu", "swish"):
                 raise InputError(f"{where}: hidden_act", f"{act!r} is not supported for {kind}", "use silu (SwiGLU)")
+            hidden, heads = data["hidden_size"], data["num_attention_heads"]
+            head_dim = data.get("head_dim") or hidden // heads
+            if head_dim * heads != hidden:
+                raise InputError(f"{where}: head_dim", f"{head_dim} x {heads} heads is not hidden_size {hidden}",
+                                 "meshplan models head_dim = hidden_size / num_attention_heads")
             return ModelSpec(
-                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
-                heads=data["num_attention_heads"], kv_heads=data.get("num_key_value_heads") or 0,
+                name=name, layers=data["num_hidden_layers"], hidden=hidden,
+                heads=heads, kv_heads=data.get("num_key_value_heads") or 0,
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+                qkv_bias=kind == "qwen2", norm_eps=data.get("rms_norm_eps", 1e-6), **_hf_rope(data, where),
             )
         if kind == "gpt2":
             hidden = data["n_embd"]
@@ -272,7 +358,7 @@ def _from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 name=name, layers=data["n_layer"], hidden=hidden, heads=data["n_head"],
                 ffn_hidden=data.get("n_inner") or 4 * hidden, vocab=data["vocab_size"], mlp="gelu",
                 norm="layernorm", position="learned", tied_embeddings=bool(data.get("tie_word_embeddings", True)),
-                bias=True, max_seq_len=data.get("n_positions", 0),
+                bias=True, max_seq_len=data.get("n_positions", 0), norm_eps=data.get("layer_norm_epsilon", 1e-5),
             )
         if kind == "gpt_neox":
             return ModelSpec(
@@ -280,6 +366,7 @@ def _from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 heads=data["num_attention_heads"], ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"],
                 mlp="gelu", norm="layernorm", position="rope",
                 tied_embeddings=bool(data.get("tie_word_embeddings", False)), bias=True,
+                norm_eps=data.get("layer_norm_eps", 1e-5), **_hf_rope(data, where),
             )
     except KeyError as exc:
         raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None
@@ -301,7 +388,7 @@ def load_model(source: str | None) -> ModelSpec:
                          f"{hint}presets: {', '.join(MODEL_PRESETS)}")
     data = load_structured_file(p, "--model")
     if "model_type" in data or "num_hidden_layers" in data or "n_layer" in data:
-        return _from_hf_config(data, p)
+        return from_hf_config(data, p)
     if "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     return ModelSpec.from_dict(data, where=f"--model {p}")

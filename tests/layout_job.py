@@ -6,7 +6,8 @@
 For each plan in turn, with ``--memory`` each rank first measures one real step the way ``python -m
 meshplan.launcher.runtime.memory_run`` does (``memory_run.measure``: ``a/rank<R>.json``, beside the plan); then
 it trains the plan from fresh weights with the runtime's own loop (``train.run``, as ``meshplan launch`` starts
-it), writing ``a/x.jsonl``. The phases share nothing but the processes: each builds its trainer anew (the
+it), writing ``a/x.jsonl``; a ``a/x.run.json`` beside the plan adds fields of its ``RunConfig`` (``init_from``,
+``save_hf``, ``checkpoint_dir``...). The phases share nothing but the processes: each builds its trainer anew (the
 memory tracker follows only the storages made under it), resets the seed and creates its process group under
 a rendezvous prefix of its own.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if what == "memory":
             memory_run.measure(plan, Path(plan).parent)
         else:
-            rt.run(rt.RunConfig(plan_path=plan, steps=args.steps, metrics_out=str(Path(plan).with_suffix(".jsonl"))))
+            extra = Path(plan).with_suffix(".run.json")
+            fields = json.loads(extra.read_text()) if extra.is_file() else {}
+            rt.run(rt.RunConfig(plan_path=plan, steps=args.steps, metrics_out=str(Path(plan).with_suffix(".jsonl")),
+                                **fields))
     os.environ["TORCHELASTIC_RESTART_COUNT"] = attempt
     return 0
 

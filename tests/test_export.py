@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from meshplan.export import export_plan, recompute_kind, to_deepspeed_config, to_megatron_args
 from meshplan.export_torchtitan import to_torchtitan_toml
 from meshplan.plan import Plan, Prediction, StagePlan
-from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
+from meshplan.spec import MODEL_PRESETS, RopeScaling, TrainSpec, load_cluster
 
 
 def _stages(counts, full=None, selective=None, peak=60.0):
@@ -81,8 +81,9 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "num-layers-per-virtual-pipeline-stage", "num-virtual-stages-per-pipeline-rank",
                  "decoder-first-pipeline-num-layers", "decoder-last-pipeline-num-layers", "recompute-num-layers"):
         p.add_argument(f"--{name}", type=int)
-    for name in ("attention-dropout", "hidden-dropout"):
+    for name in ("attention-dropout", "hidden-dropout", "norm-epsilon", "rope-scaling-factor"):
         p.add_argument(f"--{name}", type=float)
+    p.add_argument("--rotary-base", type=int)
     p.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "yarn", "mrope", "relative",
                                                           "none"])
     p.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
@@ -102,7 +103,8 @@ def megatron_parser() -> argparse.ArgumentParser:
     for name in ("group-query-attention", "swiglu", "untie-embeddings-and-output-weights", "disable-bias-linear",
                  "bf16", "fp16", "sequence-parallel", "use-distributed-optimizer", "use-megatron-fsdp",
                  "use-tp-pp-dp-mapping", "tp-comm-overlap", "cross-entropy-loss-fusion", "overlap-grad-reduce",
-                 "overlap-param-gather", "no-bias-swiglu-fusion", "no-rope-fusion"):
+                 "overlap-param-gather", "no-bias-swiglu-fusion", "no-rope-fusion", "add-qkv-bias",
+                 "use-rope-scaling"):
         p.add_argument(f"--{name}", action="store_true")
     return p
 
@@ -149,9 +151,22 @@ def test_megatron_round_trips_pipeline_plan():
     assert ns.transformer_impl == "transformer_engine" and ns.attention_backend == "fused"      # cuDNN (TE)
     assert ns.cross_entropy_loss_fusion and ns.cross_entropy_fusion_impl == "native"
     assert not ns.no_rope_fusion and not ns.no_bias_swiglu_fusion and not ns.tp_comm_overlap
+    assert ns.rotary_base == 500000 and ns.use_rope_scaling and ns.rope_scaling_factor == 8.0      # Llama 3.1
+    assert ns.norm_epsilon == 1e-5 and not ns.add_qkv_bias
     assert warnings == []
     ns = megatron_parser().parse_args(to_megatron_args(pipeline_plan(tp_overlap=True)))
     assert ns.tp_comm_overlap and ns.sequence_parallel
+
+
+def test_megatron_model_numerics_qkv_bias_and_rope_scaling_it_cannot_express():
+    qwen = dataclasses.replace(MODEL_PRESETS["qwen2.5-7b"], layers=32)
+    ns = megatron_parser().parse_args(to_megatron_args(flat_plan(model=qwen)))
+    assert ns.add_qkv_bias and ns.disable_bias_linear and ns.rotary_base == 1000000 and ns.norm_epsilon == 1e-6
+    assert not ns.use_rope_scaling
+    odd = dataclasses.replace(MODEL_PRESETS["llama3-8b"], rope_scaling=RopeScaling(8.0, 1.0, 4.0, 4096))
+    warnings: list[str] = []
+    to_megatron_args(flat_plan(model=odd), warnings)
+    assert any("original_max_position_embeddings 4096" in w for w in warnings), warnings
 
 
 def test_megatron_even_interleaved_and_first_last_and_block_recompute():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshplan.spec import ModelSpec
+from meshplan.spec import ModelSpec, RopeScaling
 
 try:  # the fused kernels live in their own package; the reference ops below are the fallback
     from meshplan.launcher.runtime import kernels as _kernels
@@ -71,11 +71,29 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return rotate(q), rotate(k)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``/``sin`` of shape ``(len(positions), head_dim // 2)`` for the given absolute positions."""
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` of shape ``(len(positions), head_dim // 2)`` for the given absolute positions: frequency
+    ``theta^(-2i/head_dim)`` for pair ``i``, rescaled by Llama 3's rule when ``scaling`` is given."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rotary scaling (Meta's reference ``apply_scaling``; Hugging Face ``rope_type: llama3``):
+    wavelengths above ``L / low_freq_factor`` (``L`` the original context) divide their frequency by
+    ``factor``, wavelengths below ``L / high_freq_factor`` keep it, and the band between interpolates with
+    ``s = (L / wavelength - low) / (high - low)``: ``(1 - s) * f / factor + s * f``."""
+    original = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength >= original / scaling.high_freq_factor) & (wavelength <= original / scaling.low_freq_factor)
+    return torch.where(in_band, interpolated, scaled)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,8 +120,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return RMSNorm(spec.hidden)
-    return nn.LayerNorm(spec.hidden, eps=1e-5, bias=spec.bias)
+        return RMSNorm(spec.hidden, spec.norm_eps)
+    return nn.LayerNorm(spec.hidden, eps=spec.norm_eps, bias=spec.bias)
 
 
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,9 +139,9 @@ class Attention(nn.Module):
         self.head_dim = spec.head_dim
         self.rope = spec.position == "rope"
         self.rope_impl = "reference"
-        self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.bias)
-        self.wk = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.bias)
-        self.wv = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.bias)
+        self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.attention_biases)
+        self.wk = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.attention_biases)
+        self.wv = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.attention_biases)
         self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
         self.core: AttentionCore = causal_attention
         self.kv_replicas = 1
@@ -214,7 +232,8 @@ class Transformer(nn.Module):
         """Absolute positions of this rank's tokens (a 1-D LongTensor)."""
         self.positions = positions
         if self.spec.position == "rope":
-            self.rope_cache = rotary_tables(positions, self.spec.head_dim)
+            self.rope_cache = rotary_tables(positions, self.spec.head_dim, self.spec.rope_theta,
+                                            self.spec.rope_scaling)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head matrix ``[vocab, hidden]`` (the embedding when tied); a vocabulary-sharded DTensor under TP."""

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from meshplan.errors import InputError
 from meshplan.launcher.checks import check_supported, triton_interprets
 from meshplan.launcher.runtime.grad_norm import clip_grads, global_grad_norm
+from meshplan.launcher.runtime import hf_format
+from meshplan.launcher.runtime.hf_weights import HFReader, export_hf, load_hf_weights
 from meshplan.launcher.runtime.schedule import LRSchedule
 from meshplan.launcher.runtime import checkpoint as ckpt
 from meshplan.launcher.runtime import kernels
@@ -54,6 +56,11 @@ class RunConfig:
         metrics_out: JSON-lines file, one line per step (rank 0 writes it).
         checkpoint_dir, checkpoint_every: DCP checkpoints every N steps (0: only at the end).
         resume: resume from the newest checkpoint in ``checkpoint_dir`` when there is one.
+        init_from: a Hugging Face model directory whose weights start the run (hf_weights.py; each rank reads
+            only its slices); a resumed run takes its weights from the checkpoint instead.
+        save_hf: write the final weights as a Hugging Face checkpoint into this directory (through the final
+            DCP checkpoint: ``checkpoint_dir``'s, or a temporary one beside ``save_hf``); ``overwrite``
+            replaces an existing directory.
         fail_at_step, fail_rank: fault injection for tests (environment ``MESHPLAN_FAULT_STEP`` and
             ``MESHPLAN_FAULT_RANK``): that rank exits abruptly before that step on the first attempt
             (``TORCHELASTIC_RESTART_COUNT == 0``).
@@ -75,6 +82,9 @@ class RunConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = True
+    init_from: str | None = None
+    save_hf: str | None = None
+    overwrite: bool = False
     fail_at_step: int = 0
     fail_rank: int = 0
 
@@ -229,13 +239,20 @@ def make_optimizer(part: torch.nn.Module, config: RunConfig, device_type: str) -
                              foreach=None if device_type == "cuda" else True)
 
 
-def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str) -> Trainer:
+def build(plan: Plan, config: RunConfig, device: torch.device, device_type: str,
+          init_from: str | None = None) -> Trainer:
+    """The Trainer with every part materialised: weights by name (model.init_weights), or this rank's slices
+    of the Hugging Face checkpoint ``init_from``."""
     meshes = par.build_mesh(plan, device_type)
     parts = build_parts(plan, meshes, device_type)
     positions = local_positions(plan, meshes).to(device)
+    reader = HFReader(Path(init_from), plan.model) if init_from else None
     for j, part in parts:
         part.to_empty(device=device)
-        init_weights(part, plan.model, InitConfig(seed=config.seed), device)
+        if reader is not None:
+            load_hf_weights(part, reader)
+        else:
+            init_weights(part, plan.model, InitConfig(seed=config.seed), device)
         if j != VOCAB_PART:
             part.set_positions(positions)
         part.train()
@@ -521,21 +538,51 @@ def restore(trainer: Trainer, path: Path) -> int:
 # main
 # ----------------------------------------------------------------------------------------------
 
+def check_weights_io(plan: Plan, config: RunConfig) -> None:
+    """``--init-from`` and ``--save-hf`` checked before any weight is read or any step trained."""
+    if config.init_from:
+        hf_format.check_checkpoint(Path(config.init_from), plan.model)
+    if config.save_hf:
+        hf_format.hf_family_for(plan.model)
+        hf_format.prepare_output(Path(config.save_hf), config.overwrite)
+
+
+def save_hf(trainer: Trainer, config: RunConfig, root: Path | None, step: int) -> None:
+    """Collective: the final weights as a Hugging Face checkpoint, converted by rank 0 from the final DCP
+    checkpoint (``root``'s newest, or one written into a temporary directory beside ``config.save_hf``)."""
+    out = Path(config.save_hf)
+    scratch = None
+    if root is None or ckpt.find_latest(root) is None:
+        scratch = out.with_name(out.name + ".dcp")
+        ckpt.save(scratch, step, state_for_checkpoint(trainer, step), keep=1)
+    source = ckpt.find_latest(root if scratch is None else scratch)[0]
+    if dist.get_rank() == 0:
+        plan = trainer.plan
+        dtype = "bfloat16" if plan.train.precision in ("bf16", "fp16", "fp8") else "float32"
+        export_hf(source, plan.model, out, dtype, plan.train.seq_len, overwrite=config.overwrite)
+        if scratch is not None:
+            import shutil
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"meshplan: wrote the Hugging Face checkpoint {out} ({dtype})", flush=True)
+    dist.barrier()
+
+
 def run(config: RunConfig) -> list[dict]:
     plan = Plan.load(config.plan_path)
     check_supported(plan)
     config.lr_schedule().validate()
+    check_weights_io(plan, config)
     device, device_type = init_distributed(plan)
     rank = dist.get_rank()
     torch.manual_seed(config.seed)
-    trainer = build(plan, config, device, device_type)
+    root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    found = ckpt.find_latest(root) if config.resume else None
+    trainer = build(plan, config, device, device_type, init_from=config.init_from if found is None else None)
     data = make_source(plan.model.vocab, config.seed, config.data, config.data_dtype)
     coords = trainer.meshes.coords
     data_slice = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind)
-    root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
 
     start = 0
-    found = ckpt.find_latest(root) if config.resume else None
     if found is not None:
         start = restore(trainer, found[0])
         if start != found[1]:
@@ -582,6 +629,8 @@ def run(config: RunConfig) -> list[dict]:
             ckpt.save(root, step, state_for_checkpoint(trainer, step))
     if root is not None and records and (not config.checkpoint_every or config.steps % config.checkpoint_every):
         ckpt.save(root, config.steps, state_for_checkpoint(trainer, config.steps))
+    if config.save_hf:
+        save_hf(trainer, config, root, config.steps if records else start)
     if rank == 0 and records:
         print(summary_table(plan, metrics.all_records()), flush=True)
     metrics.close()
@@ -608,10 +657,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--init-from", default=None)
+    p.add_argument("--save-hf", default=None)
+    p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     return RunConfig(plan_path=a.plan, steps=a.steps, seed=a.seed, data=a.data, data_dtype=a.data_dtype, lr=a.lr,
-                     warmup=a.warmup, schedule=a.schedule, min_lr=a.min_lr, clip=a.clip, weight_decay=a.weight_decay, metrics_out=a.metrics_out, checkpoint_dir=a.checkpoint_dir,
-                     checkpoint_every=a.checkpoint_every, resume=not a.no_resume,
+                     warmup=a.warmup, schedule=a.schedule, min_lr=a.min_lr, clip=a.clip,
+                     weight_decay=a.weight_decay, metrics_out=a.metrics_out, checkpoint_dir=a.checkpoint_dir,
+                     checkpoint_every=a.checkpoint_every, resume=not a.no_resume, init_from=a.init_from,
+                     save_hf=a.save_hf, overwrite=a.overwrite,
                      fail_at_step=int(os.environ.get("MESHPLAN_FAULT_STEP", "0")),
                      fail_rank=int(os.environ.get("MESHPLAN_FAULT_RANK", "0")))
 

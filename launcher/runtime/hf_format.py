@@ -1,0 +1,300 @@
+"""Hugging Face checkpoints as meshplan reads and writes them: the name map per family, the checks a
+``--init-from`` directory must pass, and the ``config.json`` written for an export.
+
+Torch-free (``meshplan launch`` runs every check here before starting torchrun); the tensors themselves are
+read and written by ``hf_weights.py``.
+
+Families and where each meshplan parameter lives (``{i}``: the block index)::
+
+    meshplan                          llama / mistral / qwen2              gpt2 (Conv1D: stored [in, out])
+    tok_embeddings.weight             model.embed_tokens.weight            wte.weight
+    pos_embeddings.weight             -                                    wpe.weight
+    layers.{i}.attention_norm.*       model.layers.{i}.input_layernorm.*   h.{i}.ln_1.*
+    layers.{i}.attention.wq/wk/wv.*   ...self_attn.q_proj/k_proj/v_proj.*  h.{i}.attn.c_attn.* (q | k | v columns)
+    layers.{i}.attention.wo.*         ...self_attn.o_proj.*                h.{i}.attn.c_proj.*
+    layers.{i}.ffn_norm.*             ...post_attention_layernorm.*        h.{i}.ln_2.*
+    layers.{i}.feed_forward.w1/w3/w2  ...mlp.gate_proj/up_proj/down_proj   h.{i}.mlp.c_fc / - / c_proj
+    norm.*                            model.norm.*                         ln_f.*
+    output.weight (untied)            lm_head.weight                       lm_head.weight
+
+GPT-2 checkpoints written by ``GPT2LMHeadModel`` prefix every name with ``transformer.``; the original
+OpenAI upload does not; both are read. Rotary models store q/k in the "rotate half" layout meshplan uses, so
+no permutation is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshplan.errors import InputError
+from meshplan.spec import ModelSpec, from_hf_config, hf_rope_type
+
+FIELD = "--init-from"
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+FAMILIES = (*LLAMA_TYPES, "gpt2")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# the fields of a ModelSpec that fix the weights' shapes and values (name, dropout and the like do not)
+WEIGHT_FIELDS = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "mlp", "norm", "position",
+                 "tied_embeddings", "bias", "qkv_bias", "norm_eps", "rope_theta", "rope_scaling")
+GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one meshplan tensor's values are in the checkpoint.
+
+    ``key``: the checkpoint tensor. ``transposed``: stored ``[in, out]`` (GPT-2's Conv1D). ``offset``: the
+    first output row (column when transposed; element for a vector) of this tensor inside a fused one
+    (GPT-2's ``c_attn`` holds q, k and v side by side)."""
+
+    key: str
+    transposed: bool = False
+    offset: int = 0
+
+
+_LLAMA_NAMES = {
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+_GPT2_NAMES = {
+    "attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wo": "attn.c_proj", "feed_forward.w1": "mlp.c_fc",
+    "feed_forward.w2": "mlp.c_proj",
+}
+_GPT2_QKV = {"attention.wq": 0, "attention.wk": 1, "attention.wv": 2}
+_TOP = {
+    "llama": {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"},
+    "gpt2": {"tok_embeddings": "wte", "pos_embeddings": "wpe", "norm": "ln_f", "output": "lm_head"},
+}
+
+
+def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "transformer.") -> Source:
+    """The checkpoint location of meshplan parameter ``name`` (canonical: no wrapper prefixes)."""
+    module, leaf = name.rsplit(".", 1)
+    kind = "gpt2" if family == "gpt2" else "llama"
+    prefix = gpt2_prefix if kind == "gpt2" else ""
+    if module in _TOP[kind]:
+        top = _TOP[kind][module]
+        return Source(f"{prefix if module != 'output' else ''}{top}.{leaf}")
+    parts = module.split(".")
+    if parts[0] != "layers" or len(parts) < 3:
+        raise KeyError(name)
+    block, inner = parts[1], ".".join(parts[2:])
+    if kind == "llama":
+        return Source(f"model.layers.{block}.{_LLAMA_NAMES[inner]}.{leaf}")
+    if inner in _GPT2_QKV:
+        return Source(f"{prefix}h.{block}.attn.c_attn.{leaf}", transposed=leaf == "weight",
+                      offset=_GPT2_QKV[inner] * spec.hidden)
+    return Source(f"{prefix}h.{block}.{_GPT2_NAMES[inner]}.{leaf}", transposed=leaf == "weight")
+
+
+def family_of(config: dict[str, Any], where: str = FIELD) -> str:
+    """The family of a Hugging Face ``config.json``; an unknown one is one line naming ``model_type``."""
+    kind = str(config.get("model_type", "")).lower()
+    if kind not in FAMILIES:
+        raise InputError(f"{where}: config.json model_type", f"{kind or 'none'!r} is not an architecture meshplan "
+                         "loads", f"supported: {', '.join(FAMILIES)}")
+    return kind
+
+
+def _refuse_unmodelled(config: dict[str, Any], family: str, where: str) -> None:
+    """Features of the checkpoint's architecture the reference model does not compute: one line each."""
+    problems = []
+    if family in LLAMA_TYPES and (config.get("attention_bias") or config.get("mlp_bias")):
+        problems.append(("attention_bias / mlp_bias", "biases on every projection"))
+    if family == "mistral" and config.get("sliding_window"):
+        problems.append(("sliding_window", f"sliding-window attention ({config['sliding_window']} tokens)"))
+    if family == "qwen2" and config.get("use_sliding_window"):
+        problems.append(("use_sliding_window", "sliding-window attention"))
+    if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
+        problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
+    if family == "gpt2":
+        act = config.get("activation_function", "gelu_new")
+        if act not in GPT2_TANH_GELU:
+            problems.append(("activation_function", f"activation {act!r} (meshplan's GELU is the tanh form)"))
+        if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
+            problems.append(("scale_attn_by_inverse_layer_idx", "per-layer attention scaling"))
+    if problems:
+        field, what = problems[0]
+        raise InputError(f"{where}: config.json {field}", f"the checkpoint uses {what}, which meshplan's model "
+                         "does not compute", "train this model with its own engine")
+
+
+def read_config(directory: Path, where: str = FIELD) -> tuple[dict[str, Any], str, ModelSpec]:
+    """``(config.json as read, family, its ModelSpec)``."""
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise InputError(where, f"no such directory: {directory}", "give a Hugging Face model directory")
+    if not path.is_file():
+        raise InputError(where, f"{directory} has no config.json", "give a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}: config.json", f"unreadable: {exc}", "restore the file") from None
+    family = family_of(config, where)
+    _refuse_unmodelled(config, family, where)
+    return config, family, from_hf_config(config, path)
+
+
+def check_matches_plan(checkpoint: ModelSpec, planned: ModelSpec, where: str = FIELD) -> None:
+    """The plan's model must be the checkpoint's: the first field that differs, in one line."""
+    fields = WEIGHT_FIELDS + (("max_seq_len",) if planned.position == "learned" else ())
+    for field in fields:
+        have, want = getattr(checkpoint, field), getattr(planned, field)
+        if have != want:
+            raise InputError(f"{where}: {field}", f"the checkpoint has {field} {have}, the plan's model {want}",
+                             "plan with --model <checkpoint>/config.json")
+
+
+def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of the one-process reference model (``model.py``), torch-free."""
+    h, f, hd = spec.hidden, spec.ffn_hidden, spec.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (spec.vocab, h)}
+    if spec.position == "learned":
+        shapes["pos_embeddings.weight"] = (spec.max_seq_len, h)
+
+    def linear(name: str, out: int, inp: int, bias: bool) -> None:
+        shapes[f"{name}.weight"] = (out, inp)
+        if bias:
+            shapes[f"{name}.bias"] = (out,)
+
+    def norm(name: str) -> None:
+        shapes[f"{name}.weight"] = (h,)
+        if spec.norm == "layernorm" and spec.bias:
+            shapes[f"{name}.bias"] = (h,)
+
+    for i in range(spec.layers):
+        block = f"layers.{i}"
+        norm(f"{block}.attention_norm")
+        linear(f"{block}.attention.wq", spec.heads * hd, h, spec.attention_biases)
+        linear(f"{block}.attention.wk", spec.kv_heads * hd, h, spec.attention_biases)
+        linear(f"{block}.attention.wv", spec.kv_heads * hd, h, spec.attention_biases)
+        linear(f"{block}.attention.wo", h, spec.heads * hd, spec.bias)
+        norm(f"{block}.ffn_norm")
+        linear(f"{block}.feed_forward.w1", f, h, spec.bias)
+        if spec.mlp == "swiglu":
+            linear(f"{block}.feed_forward.w3", f, h, spec.bias)
+        linear(f"{block}.feed_forward.w2", h, f, spec.bias)
+    norm("norm")
+    if not spec.tied_embeddings:
+        shapes["output.weight"] = (spec.vocab, h)
+    return shapes
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes), read without torch."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def weight_files(directory: Path, where: str = FIELD) -> dict[str, Path]:
+    """``{tensor name: file}`` from the index (sharded) or the single ``model.safetensors``; a shard the
+    index names but the directory lacks is an error."""
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{where}: {INDEX}", f"unreadable: {exc}", "restore the index file") from None
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise InputError(where, f"shard {missing[0]} is missing ({len(missing)} of "
+                             f"{len(set(weight_map.values()))} shards)", "download the whole checkpoint")
+        return {name: directory / f for name, f in weight_map.items()}
+    single = directory / SINGLE
+    if single.is_file():
+        return {name: single for name in safetensors_header(single)}
+    raise InputError(where, f"{directory} holds no {SINGLE} or {INDEX}",
+                     "give a directory written by save_pretrained (safetensors)")
+
+
+def gpt2_prefix(files: dict[str, Path]) -> str:
+    return "transformer." if "transformer.wte.weight" in files else ""
+
+
+def expected_shapes(spec: ModelSpec, family: str, files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint tensor: shape}`` the plan's model needs (fused GPT-2 tensors whole)."""
+    prefix = gpt2_prefix(files)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in parameter_shapes(spec).items():
+        src = source_of(name, family, spec, prefix)
+        if src.transposed:
+            shape = shape[::-1]
+        if family == "gpt2" and ".c_attn." in src.key:
+            shape = (*shape[:-1], 3 * spec.hidden) if src.transposed else (3 * spec.hidden,)
+        shapes[src.key] = tuple(shape)
+    return shapes
+
+
+def check_checkpoint(directory: Path, planned: ModelSpec, where: str = FIELD) -> str:
+    """Every check ``--init-from`` needs before a rank starts; returns the family. The architecture is known,
+    the model is the plan's, every tensor the plan needs is in a shard that exists, with the right shape."""
+    _, family, spec = read_config(directory, where)
+    check_matches_plan(spec, planned, where)
+    files = weight_files(directory, where)
+    headers: dict[Path, dict[str, Any]] = {}
+    for key, shape in expected_shapes(planned, family, files).items():
+        if key not in files:
+            raise InputError(where, f"the checkpoint has no tensor {key}", "give a complete checkpoint of this model")
+        header = headers.setdefault(files[key], safetensors_header(files[key]))
+        if key not in header:
+            raise InputError(where, f"{files[key].name} does not hold {key}, though the index says so",
+                             "download the checkpoint again")
+        have = tuple(header[key]["shape"])
+        if have != shape:
+            raise InputError(where, f"{key} has shape {list(have)}, the plan's model needs {list(shape)}",
+                             "plan with --model <checkpoint>/config.json")
+    return family
+
+
+def hf_family_for(spec: ModelSpec) -> str:
+    """The Hugging Face architecture that holds ``spec`` exactly, for an export."""
+    if spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias:
+        return "qwen2" if spec.qkv_bias else "llama"
+    if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
+            and spec.tied_embeddings):
+        return "gpt2"
+    raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
+                     "(llama/qwen2: SwiGLU, RMSNorm, rotary, no biases; gpt2: GELU, LayerNorm, learned "
+                     "positions, biases, tied head)", "keep the DCP checkpoint")
+
+
+def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]:
+    """The ``config.json`` of an export of ``spec`` (``dtype``: ``float32`` or ``bfloat16``;
+    ``max_positions``: the context a rotary model was trained at, the plan's sequence length)."""
+    family = hf_family_for(spec)
+    if family == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": spec.hidden,
+                "n_layer": spec.layers, "n_head": spec.heads, "n_inner": spec.ffn_hidden, "vocab_size": spec.vocab,
+                "n_positions": spec.max_seq_len, "layer_norm_epsilon": spec.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": True, "resid_pdrop": spec.dropout,
+                "embd_pdrop": spec.dropout, "attn_pdrop": spec.dropout, "torch_dtype": dtype}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
+                **{k: getattr(spec.rope_scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                              "original_max_position_embeddings")}}
+    arch = "Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"
+    return {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
+            "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
+            "vocab_size": spec.vocab, "hidden_act": "silu", "rms_norm_eps": spec.norm_eps,
+            "tie_word_embeddings": spec.tied_embeddings, "attention_bias": False, "mlp_bias": False,
+            "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
+            "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
+            "attention_dropout": 0.0, "torch_dtype": dtype}
+
+
+def prepare_output(out: Path, overwrite: bool, field: str = "--save-hf") -> None:
+    """An output directory that exists (and is not empty) needs ``overwrite``; nothing is removed here."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(field, f"{out} exists", "pass --overwrite to replace it, or name a new directory")

@@ -1,0 +1,293 @@
+"""Hugging Face weights in (``--init-from``) and out (``--save-hf``, ``meshplan export-hf``).
+
+Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``). One process: the loaded
+model's logits equal ``transformers``' for every family; an export of a DCP checkpoint loads with
+``from_pretrained`` and gives the same logits; every bad input is one line before a rank starts. One torchrun
+job (slow): for each layout the first step's loss after ``--init-from`` equals ``transformers``' loss on the
+same batch, and after 3 steps the ``--save-hf`` checkpoint's logits equal those of meshplan's final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from meshplan.launcher.runtime import hf_format
+from meshplan.launcher.runtime.hf_weights import HFReader, export_hf, load_hf_weights, load_dcp_model
+from meshplan.launcher.runtime.model import build_model, repeat_heads
+from meshplan.spec import MODEL_PRESETS, load_model
+from runtime_helpers import _layout_job, make_plan, read_metrics, run_launch
+
+SEQ = 32
+TOLERANCE = 1e-5
+LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def _save(model, directory: Path, **kwargs) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random ``transformers`` model of family ``kind`` saved in ``directory``."""
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=256, n_positions=SEQ,
+                                         **overrides)
+        return _save(transformers.GPT2LMHeadModel(config), directory)
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**LLAMA, **overrides}))
+        with torch.no_grad():     # nonzero q/k/v biases, so reading them is tested
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+        return _save(model, directory)
+    config = transformers.LlamaConfig(**{**LLAMA, **overrides})
+    return _save(transformers.LlamaForCausalLM(config), directory, max_shard_size="40KB")
+
+
+def hf_model(directory: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+
+
+def meshplan_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    model.set_positions(torch.arange(tokens.shape[1]))
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "llama-tied": make_hf("llama", root / "llama-tied", tie_word_embeddings=True),
+        "llama3-rope": make_hf("llama", root / "llama3-rope", rope_parameters=LLAMA3_ROPE),
+        "qwen2": make_hf("qwen2", root / "qwen2"),
+        "gpt2": make_hf("gpt2", root / "gpt2"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# one process
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt", "qwen2.5-7b", "llama3-8b", "gpt2"])
+def test_parameter_shapes_match_the_model(name):
+    spec = MODEL_PRESETS[name]
+    model = build_model(spec, 64, "meta")
+    assert hf_format.parameter_shapes(spec) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2"])
+def test_loaded_weights_give_transformers_logits(checkpoints, name):
+    directory = checkpoints[name]
+    spec = load_model(str(directory / "config.json"))
+    assert hf_format.check_checkpoint(directory, spec)
+    model = build_model(spec, SEQ, "meta")
+    model.to_empty(device="cpu")
+    load_hf_weights(model, HFReader(directory, spec))
+    tokens = torch.randint(0, spec.vocab, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    expected = hf_model(directory)(tokens).logits.detach()
+    assert (meshplan_logits(model, tokens) - expected).abs().max() <= TOLERANCE * expected.abs().max()
+
+
+def test_llama3_rope_scaling_changes_the_logits(checkpoints):
+    """The scaled frequencies are in use: the same weights with plain rotary give other logits."""
+    spec = load_model(str(checkpoints["llama3-rope"] / "config.json"))
+    assert spec.rope_scaling is not None and spec.rope_theta == 500000.0
+    import dataclasses
+    plain = dataclasses.replace(spec, rope_scaling=None)
+    tokens = torch.randint(0, spec.vocab, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for s in (spec, plain):
+        model = build_model(s, SEQ, "meta")
+        model.to_empty(device="cpu")
+        load_hf_weights(model, HFReader(checkpoints["llama3-rope"], s))
+        logits.append(meshplan_logits(model, tokens))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def _dcp_of(model, directory: Path, kv_copies: int = 1) -> Path:
+    """A DCP checkpoint of ``model`` as a run writes one (``model.<name>``), key/value heads repeated
+    ``kv_copies`` times as a tp > kv_heads run holds them."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {}
+    for name, value in model.state_dict().items():
+        if kv_copies > 1 and name.rsplit(".", 2)[-2] in ("wk", "wv"):
+            value = repeat_heads(value, kv_copies, model.spec.head_dim)
+        state[name] = value.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": state}, checkpoint_id=str(directory), no_dist=True)
+    return directory
+
+
+@pytest.mark.parametrize("name,kv_copies", [("llama-tied", 2), ("qwen2", 1), ("gpt2", 1)])
+def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies):
+    spec = load_model(str(checkpoints[name] / "config.json"))
+    model = build_model(spec, SEQ, "meta")
+    model.to_empty(device="cpu")
+    load_hf_weights(model, HFReader(checkpoints[name], spec))
+    with torch.no_grad():                      # weights no checkpoint holds: the export is not a copy
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    out = export_hf(_dcp_of(model, tmp_path / "dcp", kv_copies), spec, tmp_path / "out", max_positions=SEQ,
+                    max_shard_bytes=64 * 1024)
+    index = json.loads((out / hf_format.INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1           # sharded, with an index
+    assert not list(tmp_path.glob("*.partial"))
+    tokens = torch.randint(0, spec.vocab, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    expected = meshplan_logits(model, tokens)
+    assert (hf_model(out)(tokens).logits.detach() - expected).abs().max() <= TOLERANCE * expected.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line, before any rank starts
+# ----------------------------------------------------------------------------------------------
+
+def _refused(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _plan_for(directory: Path, tmp_path: Path, **edits) -> Path:
+    import dataclasses
+    spec = dataclasses.replace(load_model(str(directory / "config.json")), **edits)
+    path = tmp_path / f"plan-{len(list(tmp_path.glob('plan-*')))}.yaml"
+    make_plan(model=spec, dp=2).save(path)
+    return path
+
+
+def _edit_config(source: Path, target: Path, **changes) -> Path:
+    import shutil
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
+    llama = checkpoints["llama-tied"]
+    plan = _plan_for(llama, tmp_path)
+    launch = lambda *args: run_launch([str(plan), "--steps", "1", "--no-check", *map(str, args)], tmp_path)  # noqa: E731
+    _refused(launch("--init-from", tmp_path / "nowhere"), "--init-from", "no such directory")
+    _refused(run_launch([str(_plan_for(llama, tmp_path, norm_eps=1e-5)), "--steps", "1", "--no-check",
+                         "--init-from", str(llama)], tmp_path), "--init-from: norm_eps", "--model")
+    bert = _edit_config(llama, tmp_path / "bert", model_type="bert")
+    _refused(launch("--init-from", bert), "model_type", "'bert'", "supported")
+    mistral = _edit_config(llama, tmp_path / "mistral", model_type="mistral", sliding_window=16)
+    _refused(launch("--init-from", mistral), "sliding_window")
+    _refused(run_launch([str(_plan_for(llama, tmp_path, ffn_hidden=64)), "--steps", "1", "--no-check",
+                         "--init-from", str(_edit_config(llama, tmp_path / "ffn", intermediate_size=64))], tmp_path),
+             "mlp.gate_proj.weight has shape [176, 64]")
+    shard = sorted(llama.glob("model-*.safetensors"))[1].name
+    missing = _edit_config(llama, tmp_path / "missing")
+    (missing / shard).unlink()
+    _refused(launch("--init-from", missing), f"shard {shard} is missing")
+    exists = tmp_path / "exists"
+    (exists / "x").mkdir(parents=True)
+    _refused(launch("--save-hf", exists), "--save-hf", "--overwrite")
+    gelu = _edit_config(checkpoints["gpt2"], tmp_path / "gelu", activation_function="gelu")
+    gpt_plan = _plan_for(checkpoints["gpt2"], tmp_path)
+    _refused(run_launch([str(gpt_plan), "--steps", "1", "--no-check", "--init-from", str(gelu)], tmp_path),
+             "activation_function")
+
+
+# ----------------------------------------------------------------------------------------------
+# every layout (one torchrun job of 4 ranks)
+# ----------------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "dp2-tp2": ("llama", dict(dp=2, tp=2)),
+    "tp2-pp2": ("llama", dict(tp=2, pp=2)),
+    "dp2-pp2-vocab-parallel": ("llama", dict(dp=2, pp=2, vocab_parallel=True)),
+    "dp4-zero3": ("llama", dict(dp=4, zero=3)),
+    "dp2-cp2": ("llama", dict(dp=2, cp=2)),
+    "tp4-replicated-kv": ("llama", dict(tp=4)),
+    "gpt2-tied-tp2-pp2": ("gpt2", dict(tp=2, pp=2)),
+}
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-layouts")
+    sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5)}
+    paths = []
+    for name, (family, layout) in LAYOUTS.items():
+        spec = load_model(str(sources[family] / "config.json"))
+        plan_path = root / name / "plan.yaml"
+        plan_path.parent.mkdir()
+        make_plan(model=spec, **layout).save(plan_path)
+        plan_path.with_suffix(".run.json").write_text(json.dumps({
+            "init_from": str(sources[family]), "save_hf": str(plan_path.parent / "hf"),
+            "checkpoint_dir": str(plan_path.parent / "ckpt"), "lr": 1e-2}))
+        paths.append(plan_path)
+    from meshplan.plan import Plan
+    _layout_job([Plan.load(p) for p in paths], paths, STEPS)
+    return root, sources
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_init_from_and_save_hf_in_every_layout(layout_runs, name):
+    from meshplan.launcher.runtime import checkpoint as ckpt
+    from meshplan.launcher.runtime.data import make_source
+    from meshplan.plan import Plan
+
+    root, sources = layout_runs
+    family, _ = LAYOUTS[name]
+    plan = Plan.load(root / name / "plan.yaml")
+    batch = make_source(plan.model.vocab, 0, None, None).batch(1, plan.train.global_batch, plan.train.seq_len + 1)
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    start = hf_model(sources[family])
+    expected = F.cross_entropy(start(tokens).logits.detach().flatten(0, 1), targets.flatten()).item()
+    records = read_metrics(root / name / "plan.jsonl")
+    assert len(records) == STEPS
+    assert abs(records[0]["loss"] - expected) <= TOLERANCE * expected, (records[0]["loss"], expected)
+
+    final = load_dcp_model(ckpt.find_latest(root / name / "ckpt")[0], plan.model, plan.train.seq_len)
+    logits = meshplan_logits(final, tokens)
+    exported = hf_model(root / name / "hf")(tokens).logits.detach()
+    assert (exported - logits).abs().max() <= TOLERANCE * logits.abs().max()
+    assert (exported - start(tokens).logits.detach()).abs().max() > 1e-3      # trained, not the start
+
+
+@pytest.mark.slow
+def test_export_hf_command_converts_a_run_checkpoint(layout_runs, tmp_path):
+    """``meshplan export-hf`` on a --checkpoint-dir of the tp 4 run (key/value heads held twice): the same
+    weights as --save-hf wrote, in bf16 when asked; an existing --out needs --overwrite."""
+    import subprocess
+    import sys
+
+    root, _ = layout_runs
+    run = root / "tp4-replicated-kv"
+    command = [sys.executable, "-m", "meshplan.cli", "export-hf", str(run / "ckpt"), "--plan", str(run / "plan.yaml"),
+               "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _refused(subprocess.run(command, capture_output=True, text=True), "--out", "--overwrite")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["num_key_value_heads"] == 2
+    tokens = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(5))
+    fp32 = hf_model(run / "hf")(tokens).logits.detach()
+    bf16 = hf_model(tmp_path / "bf16")(tokens).logits.detach().float()
+    assert (bf16 - fp32).abs().max() <= 0.05 * fp32.abs().max()
