@@ -32,6 +32,54 @@ RUNTIME_PRECISIONS = {"gpu": ("bf16", "fp32"), "cpu": ("fp32",)}
 CPU_FUSED_KERNELS = ("loss",)
 
 
+def token_file_dtype(dtype: str | None, vocab: int, path=None) -> str:
+    """The element type of a flat token file: the one given, else the one its ``<file>.json`` records
+    (``meshplan data prepare`` writes it), else the smallest that holds the vocabulary."""
+    if dtype:
+        return dtype
+    if path is not None:
+        import json
+        from pathlib import Path
+
+        described = Path(str(path) + ".json")
+        if described.is_file():
+            try:
+                recorded = json.loads(described.read_text()).get("dtype")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            if recorded in ("uint16", "uint32"):
+                return recorded
+    return "uint16" if vocab <= 65536 else "uint32"
+
+
+def check_token_file(path, dtype: str, vocab: int, tokens_needed: int, field: str = "--data") -> int:
+    """A flat token file (``uint16``/``uint32`` ids) that training can read: it exists, its size is a whole
+    number of ids, it holds at least ``tokens_needed`` of them and its first million ids are in the
+    vocabulary. Returns its length in tokens. Torch-free: ``launch`` checks before starting torchrun."""
+    from pathlib import Path
+
+    import numpy as np
+
+    p = Path(path)
+    if dtype not in ("uint16", "uint32"):
+        raise InputError("--data-dtype", f"unknown dtype {dtype!r}", "use uint16 or uint32")
+    if not p.is_file():
+        raise InputError(field, f"no such file: {p}", "give a flat token file (meshplan data prepare writes one)")
+    itemsize = np.dtype(dtype).itemsize
+    size = p.stat().st_size
+    if size % itemsize:
+        raise InputError(field, f"{p} has {size} bytes, not a multiple of {itemsize} ({dtype})", "check --data-dtype")
+    tokens = size // itemsize
+    if tokens < tokens_needed:
+        raise InputError(field, f"{p} holds {tokens} tokens, fewer than the {tokens_needed} one batch needs",
+                         "give a longer token file")
+    sample = np.fromfile(p, dtype=dtype, count=min(tokens, 1 << 20))
+    if sample.size and int(sample.max()) >= vocab:
+        raise InputError(field, f"{p} holds token id {int(sample.max())} but the model's vocabulary is {vocab}",
+                         "tokenize for this model, or check --data-dtype")
+    return tokens
+
+
 def triton_interprets() -> bool:
     """Whether Triton kernels run under Triton's interpreter here (``TRITON_INTERPRET=1``: on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")

@@ -20,8 +20,67 @@ EMIT_KINDS = ("slurm", "k8s", "sh")
 
 def register(app: typer.Typer) -> None:
     app.command("launch", help="Run a plan as torchrun job(s) (or --dry-run / --emit slurm|k8s|sh).")(launch)
+    data_app = typer.Typer(no_args_is_help=True, help="Training data: tokenize text into the token files "
+                                                         "`launch --data` reads.")
+    data_app.command("prepare", help="Tokenize text / JSON-lines files into flat token files (EOS between "
+                                     "documents, uint16/uint32, an evaluation split).")(data_prepare)
+    app.add_typer(data_app, name="data")
     app.command("export-hf", help="Write a run's DCP checkpoint as a Hugging Face checkpoint (config.json, "
                                   "sharded safetensors, index).")(export_hf)
+
+
+def data_prepare(
+    extra_inputs: Optional[list[Path]] = typer.Argument(None, metavar="[INPUTS]...", help="more input files"),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.json, or the model directory holding it"),
+    inputs: Optional[list[str]] = typer.Option(None, "--input", "-i", help="text or JSON-lines files (a glob in "
+                                               "quotes is expanded)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the training token file"),
+    eval_out: Optional[Path] = typer.Option(None, "--eval-out", help="the evaluation token file"),
+    eval_fraction: float = typer.Option(0.01, "--eval-fraction", help="share of documents for --eval-out"),
+    text_key: str = typer.Option("text", "--text-key", help="the field of a JSON line holding the text"),
+    eos_token: Optional[str] = typer.Option(None, "--eos-token", help="the end-of-sequence token (default: the "
+                                            "tokenizer's <|endoftext|>, </s>, ...)"),
+    model: Optional[str] = typer.Option(None, "--model", help="refuse a tokenizer whose vocabulary is larger "
+                                        "than this model's (a preset, model YAML or config.json)"),
+    seed: int = typer.Option(0, "--seed", help="seeds the evaluation split"),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="encoding threads"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
+) -> None:
+    try:
+        _data_prepare(tokenizer, [*(inputs or []), *map(str, extra_inputs or [])], out, eval_out, eval_fraction,
+                      text_key, eos_token, model, seed, threads, overwrite)
+    except MeshplanError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code)
+
+
+def _data_prepare(tokenizer, inputs, out, eval_out, eval_fraction, text_key, eos_token, model, seed, threads,
+                  overwrite) -> None:
+    import glob
+
+    from meshplan.launcher.prepare import PrepareConfig, prepare
+    from meshplan.spec import load_model
+
+    paths: list[Path] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            raise InputError("--input", f"{item} matches no file", "check the pattern")
+        paths += [Path(m) for m in matches]
+    if threads < 1:
+        raise InputError("--threads", f"must be >= 1, got {threads}", "give a thread count")
+    config = PrepareConfig(tokenizer=tokenizer, inputs=tuple(paths), out=out, eval_out=eval_out,
+                           eval_fraction=eval_fraction, text_key=text_key, eos_token=eos_token,
+                           model_vocab=load_model(model).vocab if model else None, overwrite=overwrite, seed=seed,
+                           threads=threads)
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    with typer.progressbar(length=total, label="tokenizing", file=__import__("sys").stderr) as bar:
+        stats = prepare(config, progress=bar.update, note=lambda text: typer.echo(f"note: {text}", err=True))
+    typer.echo(f"wrote {out}: {stats.documents:,} documents, {stats.tokens:,} tokens ({stats.dtype})", err=True)
+    if eval_out is not None:
+        typer.echo(f"wrote {eval_out}: {stats.eval_documents:,} documents, {stats.eval_tokens:,} tokens", err=True)
+    typer.echo(f"{stats.input_bytes / 1e6:,.1f} MB in {stats.seconds:.1f} s ({stats.mb_per_s:.1f} MB/s, "
+               f"{stats.encoder})", err=True)
 
 
 def export_hf(
@@ -83,6 +142,14 @@ def launch(
     min_lr: float = typer.Option(0.0, "--min-lr", help="the floor of linear / cosine decay"),
     clip: float = typer.Option(0.0, "--clip", help="clip gradients to this global norm (0: off; the norm is "
                                "reported either way)"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out token file: eval_loss in the "
+                                            "metrics after every --eval-every steps and after the last"),
+    eval_every: int = typer.Option(0, "--eval-every", help="evaluate every N steps (0: only after the last)"),
+    eval_batches: int = typer.Option(16, "--eval-batches", help="global batches of --eval-data per evaluation "
+                                     "(at most what the file holds)"),
+    log_every: int = typer.Option(10, "--log-every", help="print a progress line every N steps"),
+    tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="also log the metrics to this "
+                                              "TensorBoard directory (pip install 'meshplan[tensorboard]')"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this Hugging Face model directory "
                                              "(config.json + safetensors; Llama, Mistral, Qwen2, GPT-2)"),
     save_hf: Optional[Path] = typer.Option(None, "--save-hf", help="write the final weights as a Hugging Face "
@@ -96,7 +163,8 @@ def launch(
     try:
         training = dict(lr=lr, warmup=warmup, schedule=schedule, min_lr=min_lr, clip=clip,
                         init_from=str(init_from) if init_from else None, save_hf=str(save_hf) if save_hf else None,
-                        overwrite=overwrite)
+                        overwrite=overwrite, eval_data=eval_data, eval_every=eval_every, eval_batches=eval_batches,
+                        log_every=log_every, tensorboard=tensorboard)
         code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
                        steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image,
                        replan, check)
@@ -122,11 +190,15 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
     if data_dtype is not None and data_dtype not in ("uint16", "uint32"):
         raise InputError("--data-dtype", f"unknown dtype {data_dtype!r}", "use uint16 or uint32")
     for name, value, low in (("--steps", steps, 1), ("--max-restarts", max_restarts, 0),
-                             ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1)):
+                             ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1),
+                             ("--eval-every", (training or {}).get("eval_every", 0), 0),
+                             ("--eval-batches", (training or {}).get("eval_batches", 16), 1),
+                             ("--log-every", (training or {}).get("log_every", 10), 1)):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"give an integer >= {low}")
     training = {"lr": None, "warmup": 0, "schedule": "constant", "min_lr": 0.0, "clip": 0.0, "init_from": None,
-                "save_hf": None, "overwrite": False, **(training or {})}
+                "save_hf": None, "overwrite": False, "eval_data": None, "eval_every": 0, "eval_batches": 16,
+                "log_every": 10, "tensorboard": None, **(training or {})}
     _check_training(training, steps)
     plan = Plan.load(plan_path)
     check_supported(plan)
@@ -166,8 +238,7 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
         plan = Plan.load(plan_path)
         nproc = render.nproc_per_node(plan, nnodes)
         cfg = render.LaunchConfig(**{**cfg.__dict__, "plan_path": str(plan_path)})
-    if data is not None and not Path(data).is_file():
-        raise InputError("--data", f"no such file: {data}", "give a flat token file (nanoGPT-style train.bin)")
+    _check_token_files(plan, data, data_dtype, training)
     if checkpoint_dir is not None:
         find_latest(Path(checkpoint_dir))  # a missing or corrupt checkpoint stops here, before any rank starts
     _check_weights_io(plan, training)
@@ -193,6 +264,23 @@ def _check_training(training: dict, steps: int) -> None:
                min_lr=training["min_lr"]).validate()
     if not training["clip"] >= 0:
         raise InputError("--clip", f"must be >= 0, got {training['clip']:g}", "give a global norm, or 0 for no clipping")
+
+
+def _check_token_files(plan, data: str | None, data_dtype: str | None, training: dict) -> None:
+    """--data holds one sequence, --eval-data one global batch, both in the model's vocabulary;
+    --tensorboard has its package."""
+    from meshplan.launcher.checks import check_token_file, token_file_dtype
+
+    sequence, vocab = plan.train.seq_len + 1, plan.model.vocab
+    if data is not None:
+        check_token_file(data, token_file_dtype(data_dtype, vocab, data), vocab, sequence, "--data")
+    if training["eval_data"] is not None:
+        check_token_file(training["eval_data"], token_file_dtype(data_dtype, vocab, training["eval_data"]), vocab,
+                         plan.train.global_batch * sequence, "--eval-data")
+    if training["tensorboard"]:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise InputError("--tensorboard", "needs the tensorboard package", "pip install 'meshplan[tensorboard]'")
 
 
 def _check_weights_io(plan, training: dict) -> None:

@@ -43,6 +43,7 @@ SECTIONS = [
     ("vocab_parallel_cpu", "Vocabulary parallelism on CPU ranks"),
     ("vocab_parallel_parity", "Vocabulary parallelism and fused loss: parity"),
     ("gpu_suite_h100", "The runtime on one H100: the GPU suite"),
+    ("data_prepare", "`meshplan data prepare` throughput"),
 ]
 # Sections whose file may not exist yet (a GPU was not available): the page says how to produce it.
 NOT_YET = {"gpu_suite_h100": "Not measured yet. On one H100: `bash benchmarks/gpu_suite.sh OUT`, then "

@@ -227,10 +227,24 @@ LAYOUTS = {
 STEPS = 3
 
 
+EVAL_BATCHES = 2
+
+
+def _token_files(root: Path) -> tuple[Path, Path]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    train, held_out = root / "train.bin", root / "eval.bin"
+    rng.integers(0, 256, 50_000).astype(np.uint16).tofile(train)
+    rng.integers(0, 256, 5_000).astype(np.uint16).tofile(held_out)
+    return train, held_out
+
+
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-layouts")
     sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5)}
+    train, held_out = _token_files(root)
     paths = []
     for name, (family, layout) in LAYOUTS.items():
         spec = load_model(str(sources[family] / "config.json"))
@@ -239,7 +253,8 @@ def layout_runs(tmp_path_factory):
         make_plan(model=spec, **layout).save(plan_path)
         plan_path.with_suffix(".run.json").write_text(json.dumps({
             "init_from": str(sources[family]), "save_hf": str(plan_path.parent / "hf"),
-            "checkpoint_dir": str(plan_path.parent / "ckpt"), "lr": 1e-2}))
+            "checkpoint_dir": str(plan_path.parent / "ckpt"), "lr": 1e-2, "data": str(train),
+            "eval_data": str(held_out), "eval_batches": EVAL_BATCHES}))
         paths.append(plan_path)
     from meshplan.plan import Plan
     _layout_job([Plan.load(p) for p in paths], paths, STEPS)
@@ -250,13 +265,15 @@ def layout_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_init_from_and_save_hf_in_every_layout(layout_runs, name):
     from meshplan.launcher.runtime import checkpoint as ckpt
-    from meshplan.launcher.runtime.data import make_source
+    from meshplan.launcher.runtime.data import EvalTokens, make_source
     from meshplan.plan import Plan
 
     root, sources = layout_runs
     family, _ = LAYOUTS[name]
     plan = Plan.load(root / name / "plan.yaml")
-    batch = make_source(plan.model.vocab, 0, None, None).batch(1, plan.train.global_batch, plan.train.seq_len + 1)
+    length = plan.train.seq_len + 1
+    batch = make_source(plan.model.vocab, 0, str(root / "train.bin"), None, length).batch(1, plan.train.global_batch,
+                                                                                         length)
     tokens, targets = batch[:, :-1], batch[:, 1:]
     start = hf_model(sources[family])
     expected = F.cross_entropy(start(tokens).logits.detach().flatten(0, 1), targets.flatten()).item()
@@ -269,6 +286,16 @@ def test_init_from_and_save_hf_in_every_layout(layout_runs, name):
     exported = hf_model(root / name / "hf")(tokens).logits.detach()
     assert (exported - logits).abs().max() <= TOLERANCE * logits.abs().max()
     assert (exported - start(tokens).logits.detach()).abs().max() > 1e-3      # trained, not the start
+
+    held_out = EvalTokens(root / "eval.bin", plan.model.vocab, "uint16", plan.train.global_batch, length, 16)
+    assert held_out.batches > EVAL_BATCHES and "eval_loss" not in records[0]     # --eval-batches caps it
+    losses = []
+    for i in range(EVAL_BATCHES):
+        window = held_out.eval_batch(i)
+        logits = meshplan_logits(final, window[:, :-1])
+        losses.append(F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten()).item())
+    expected_eval = sum(losses) / len(losses)
+    assert abs(records[-1]["eval_loss"] - expected_eval) <= TOLERANCE * expected_eval
 
 
 @pytest.mark.slow

@@ -38,3 +38,43 @@ def test_token_file_trains_and_bad_files_are_refused(tmp_path):
     proc = subprocess.run(run + ["--data", str(big)], cwd=tmp_path, env=job_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "error: --data:" in proc.stderr and "vocabulary is 256" in proc.stderr
+
+
+def test_short_files_are_refused_by_launch_before_any_rank_starts(tmp_path):
+    """--data shorter than one sequence, --eval-data shorter than one global batch: one line each."""
+    from runtime_helpers import run_launch
+
+    plan = tmp_path / "dp2.yaml"
+    make_plan(dp=2).save(plan)                               # batch 8 x (32 + 1) tokens
+    np.zeros(32, dtype=np.uint16).tofile(tmp_path / "short.bin")
+    np.zeros(8 * 33 - 1, dtype=np.uint16).tofile(tmp_path / "eval.bin")
+    np.zeros(1000, dtype=np.uint16).tofile(tmp_path / "ok.bin")
+    cases = [(["--data", "short.bin"], "--data", "32 tokens, fewer than the 33 one batch needs"),
+             (["--data", "ok.bin", "--eval-data", "eval.bin"], "--eval-data", "263 tokens, fewer than the 264"),
+             (["--eval-data", "nowhere.bin"], "--eval-data", "no such file"),
+             (["--eval-every", "-1"], "--eval-every", ">= 0"), (["--log-every", "0"], "--log-every", ">= 1")]
+    for args, field, problem in cases:
+        proc = run_launch([str(plan), "--steps", "1", "--no-check", *args], tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {field}") and problem in lines[0], lines
+
+
+def test_eval_windows_are_consecutive_and_the_same_at_every_evaluation(tmp_path):
+    from meshplan.launcher.runtime.data import EvalTokens
+
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "eval.bin")
+    held_out = EvalTokens(tmp_path / "eval.bin", 1000, "uint16", sequences=4, length=33, max_batches=100)
+    assert held_out.batches == 1000 // (4 * 33)
+    first, second = held_out.eval_batch(0), held_out.eval_batch(1)
+    assert torch.equal(first[:, 0], torch.tensor([0, 33, 66, 99])) and second[0, 0] == 132
+    assert torch.equal(held_out.eval_batch(1), second)
+    assert EvalTokens(tmp_path / "eval.bin", 1000, "uint16", 4, 33, max_batches=2).batches == 2
+
+
+def test_token_file_batches_depend_on_seed_and_step_only(tmp_path):
+    """What a resumed run reads: step s's sequences are the same in any run with the same seed."""
+    np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16).tofile(tmp_path / "t.bin")
+    a, b = TokenFile(tmp_path / "t.bin", 256, seed=3), TokenFile(tmp_path / "t.bin", 256, seed=3)
+    assert torch.equal(a.batch(7, 4, 33), b.batch(7, 4, 33))
+    assert not torch.equal(a.batch(7, 4, 33), a.batch(8, 4, 33))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from meshplan.launcher.runtime.schedule import LRSchedule
 from runtime_helpers import PARITY_LAYOUTS, STEPS, job_env, losses, make_plan, read_metrics, run_launch, train
@@ -42,24 +43,38 @@ def _one_process(tmp_path, *args):
 
 
 def test_a_killed_run_resumes_exactly_and_bad_checkpoints_are_refused(tmp_path):
-    """Warm-up, cosine decay and clipping: a run killed before step 3 and started again from its step-2
-    checkpoint reports the uninterrupted run's losses, learning rates and gradient norms; then a corrupt or
-    missing checkpoint is refused in one line."""
+    """Warm-up, cosine decay, clipping, a token file and a held-out one: a run killed before step 3 and
+    started again from its step-2 checkpoint reports the uninterrupted run's losses, evaluation losses,
+    learning rates and gradient norms and ends with the same weights; then a corrupt or missing checkpoint is
+    refused in one line."""
+    import numpy as np
+    from safetensors.torch import load_file
+
     ckpt = tmp_path / "ckpt"
-    options = ["--steps", "4", "--warmup", "1", "--schedule", "cosine", "--min-lr", "1e-4", "--clip", "0.5"]
-    full = _one_process(tmp_path, *options, "--metrics-out", "full.jsonl")
+    rng = np.random.default_rng(1)
+    rng.integers(0, 256, 20_000).astype(np.uint16).tofile(tmp_path / "train.bin")
+    rng.integers(0, 256, 2_000).astype(np.uint16).tofile(tmp_path / "eval.bin")
+    options = ["--steps", "4", "--warmup", "1", "--schedule", "cosine", "--min-lr", "1e-4", "--clip", "0.5",
+               "--data", "train.bin", "--eval-data", "eval.bin", "--eval-every", "2", "--eval-batches", "2"]
+    full = _one_process(tmp_path, *options, "--metrics-out", "full.jsonl", "--save-hf", "full-hf")
     assert full.returncode == 0, full.stderr
     saving = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--metrics-out", "part.jsonl"]
     killed = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan",
                              str(tmp_path / "one.yaml"), *options, *saving], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env=job_env(MESHPLAN_FAULT_STEP="3", MESHPLAN_FAULT_RANK="0"))
     assert killed.returncode == 13, killed.stderr
-    resumed = _one_process(tmp_path, *options, *saving)
+    resumed = _one_process(tmp_path, *options, *saving, "--save-hf", "part-hf")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
     full_records, part_records = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "part.jsonl")
     assert [r["step"] for r in part_records] == [1, 2, 3, 4]
+    assert [r["step"] for r in part_records if "eval_loss" in r] == [2, 4]
     for key in ("loss", "lr", "grad_norm"):
         assert [r[key] for r in part_records] == pytest.approx([r[key] for r in full_records], rel=1e-6), key
+    assert [r.get("eval_loss") for r in part_records] == pytest.approx([r.get("eval_loss") for r in full_records],
+                                                                       rel=1e-6)
+    final = [load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("full-hf", "part-hf")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])                # the same final weights
     schedule = LRSchedule(base_lr=1e-3, total_steps=4, warmup_steps=1, decay="cosine", min_lr=1e-4)
     assert [r["lr"] for r in full_records] == pytest.approx([schedule.lr_at(s) for s in range(1, 5)])
     assert any(r["grad_norm"] > 0.5 for r in full_records)                             # the clip took effect

@@ -9,8 +9,9 @@ a contiguous chunk, or under ring attention its zig-zag pair of chunks).
 Sources:
     * :class:`SyntheticTokens`: a learnable synthetic stream (arithmetic progressions modulo the vocabulary
       with a little noise), so the loss visibly falls.
-    * :class:`TokenFile`: a flat file of token ids (``uint16`` or ``uint32``, nanoGPT's ``train.bin``);
-      each sequence starts at a random offset.
+    * :class:`TokenFile`: a flat file of token ids (``uint16`` or ``uint32``, nanoGPT's ``train.bin``, what
+      ``meshplan data prepare`` writes); each sequence starts at a random offset.
+    * :class:`EvalTokens`: a held-out token file read in order, for the evaluation loss.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meshplan.errors import InputError
+from meshplan.launcher.checks import check_token_file, token_file_dtype
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -46,34 +47,39 @@ class SyntheticTokens:
 
 
 class TokenFile:
-    """A flat binary file of token ids, memory-mapped."""
+    """A flat binary file of token ids, memory-mapped; each sequence starts at a random offset drawn from
+    ``(seed, step)``, so a resumed run reads exactly the sequences an uninterrupted one would."""
 
-    def __init__(self, path: str | Path, vocab: int, dtype: str = "uint16", seed: int = 0):
-        p = Path(path)
-        if dtype not in ("uint16", "uint32"):
-            raise InputError("--data-dtype", f"unknown dtype {dtype!r}", "use uint16 or uint32")
-        if not p.is_file():
-            raise InputError("--data", f"no such file: {p}", "give a flat token file (nanoGPT-style train.bin)")
-        itemsize = np.dtype(dtype).itemsize
-        size = p.stat().st_size
-        if size % itemsize:
-            raise InputError("--data", f"{p} has {size} bytes, not a multiple of {itemsize} ({dtype})",
-                             "check --data-dtype")
-        self.tokens = np.memmap(p, dtype=dtype, mode="r")
-        self.vocab, self.seed, self.path = vocab, seed, p
-        sample = np.asarray(self.tokens[: min(len(self.tokens), 1 << 20)])
-        if sample.size and int(sample.max()) >= vocab:
-            raise InputError("--data", f"{p} holds token id {int(sample.max())} but the model's vocabulary is {vocab}",
-                             "tokenize for this model, or check --data-dtype")
+    def __init__(self, path: str | Path, vocab: int, dtype: str = "uint16", seed: int = 0, length: int = 2,
+                 field: str = "--data"):
+        check_token_file(path, dtype, vocab, length, field)
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.vocab, self.seed, self.path = vocab, seed, Path(path)
 
     def batch(self, step: int, sequences: int, length: int) -> torch.Tensor:
-        if len(self.tokens) < length + 1:
-            raise InputError("--data", f"{self.path} holds {len(self.tokens)} tokens, fewer than one sequence "
-                             f"({length})", "give a longer token file")
         g = _generator(self.seed, step)
         starts = torch.randint(0, len(self.tokens) - length + 1, (sequences,), generator=g).tolist()
+        return self._rows(starts, length)
+
+    def _rows(self, starts: list[int], length: int) -> torch.Tensor:
         rows = [torch.from_numpy(np.asarray(self.tokens[s: s + length]).astype(np.int64)) for s in starts]
         return torch.stack(rows)
+
+
+class EvalTokens(TokenFile):
+    """A held-out token file read in order: evaluation batch ``i`` holds the ``sequences`` consecutive,
+    non-overlapping windows of ``length`` tokens after the first ``i * sequences``, the same windows at every
+    evaluation, so the evaluation losses of a run compare. ``batches``: how many whole batches are read
+    (at most ``max_batches``, as many as the file holds)."""
+
+    def __init__(self, path: str | Path, vocab: int, dtype: str, sequences: int, length: int, max_batches: int):
+        super().__init__(path, vocab, dtype, 0, sequences * length, field="--eval-data")
+        self.sequences, self.length = sequences, length
+        self.batches = min(max_batches, len(self.tokens) // (sequences * length))
+
+    def eval_batch(self, i: int) -> torch.Tensor:
+        first = i * self.sequences
+        return self._rows([(first + j) * self.length for j in range(self.sequences)], self.length)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ class Slice:
         return inputs[:, positions].contiguous(), targets[:, positions].contiguous()
 
 
-def make_source(vocab: int, seed: int, path: str | None, dtype: str | None):
+def make_source(vocab: int, seed: int, path: str | None, dtype: str | None, length: int = 2):
+    """The training stream: synthetic, or the token file ``path`` (``length``: the tokens one sequence needs)."""
     if path is None:
         return SyntheticTokens(vocab, seed)
-    return TokenFile(path, vocab, dtype or ("uint16" if vocab <= 65536 else "uint32"), seed)
+    return TokenFile(path, vocab, token_file_dtype(dtype, vocab, path), seed, length)

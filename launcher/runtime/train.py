@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meshplan.errors import InputError
-from meshplan.launcher.checks import check_supported, triton_interprets
+from meshplan.launcher.checks import check_supported, token_file_dtype, triton_interprets
 from meshplan.launcher.runtime.grad_norm import clip_grads, global_grad_norm
 from meshplan.launcher.runtime import hf_format
 from meshplan.launcher.runtime.hf_weights import HFReader, export_hf, load_hf_weights
@@ -32,8 +32,8 @@ from meshplan.launcher.runtime import checkpoint as ckpt
 from meshplan.launcher.runtime import kernels
 from meshplan.launcher.runtime import parallelize as par
 from meshplan.launcher.runtime import vocab_parallel as vp
-from meshplan.launcher.runtime.data import Slice, make_source
-from meshplan.launcher.runtime.metrics import MetricsWriter, model_flops_per_token, summary_table
+from meshplan.launcher.runtime.data import EvalTokens, Slice, make_source
+from meshplan.launcher.runtime.metrics import RunLog, model_flops_per_token, summary_table
 from meshplan.launcher.runtime.model import InitConfig, build_model, init_weights
 from meshplan.plan import Plan
 
@@ -54,6 +54,11 @@ class RunConfig:
         clip: clip the gradients to this global norm (grad_norm.global_grad_norm, over every shard of every
             parallel dimension); 0: no clipping. The norm is reported either way.
         metrics_out: JSON-lines file, one line per step (rank 0 writes it).
+        eval_data, eval_every, eval_batches: the evaluation loss (``eval_loss`` in the step's metrics line) on
+            the held-out token file ``eval_data``, over its first ``eval_batches`` global batches (as many as it
+            holds), after every ``eval_every`` steps (0: only after the last) and after the last.
+        log_every: rank 0 prints a progress line every N steps, the first and the last (metrics.ProgressLine).
+        tensorboard: also log every metric to this TensorBoard directory (the ``tensorboard`` extra).
         checkpoint_dir, checkpoint_every: DCP checkpoints every N steps (0: only at the end).
         resume: resume from the newest checkpoint in ``checkpoint_dir`` when there is one.
         init_from: a Hugging Face model directory whose weights start the run (hf_weights.py; each rank reads
@@ -79,6 +84,11 @@ class RunConfig:
     min_lr: float = 0.0
     clip: float = 0.0
     metrics_out: str | None = None
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_batches: int = 16
+    log_every: int = 10
+    tensorboard: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = True
@@ -394,41 +404,52 @@ def _schedule_step_takes_return_outputs() -> bool:
 _STEP_TAKES_RETURN_OUTPUTS = _schedule_step_takes_return_outputs()
 
 
-def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
-               lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's slice of the global batch at learning rate ``lr`` (None: the
-    optimizers' current one). Returns the summed micro-batch losses (a scalar on the last pipeline stage, zero
-    elsewhere) and the global gradient norm before clipping (equal on every rank)."""
+def run_batch(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, backward: bool = True) -> torch.Tensor:
+    """Every micro-batch of this rank's slice of a global batch, forward (and ``backward``: backward,
+    gradients accumulated). Returns the summed micro-batch losses: a scalar on the last pipeline stage, zero
+    elsewhere. Forward only, the pipeline runs its schedule's ``eval`` and the vocabulary passes no gradient."""
     plan = trainer.plan
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
-    with _loss_context(trainer):
+    grad_mode = contextlib.nullcontext() if backward else torch.no_grad()
+    with _loss_context(trainer), grad_mode:
         if trainer.schedule is None:                     # no pipeline: gradient accumulation over micro-batches
             model = trainer.parts[0][1]
             batches = list(zip(inputs.chunk(plan.num_microbatches), targets.chunk(plan.num_microbatches)))
             for i, (x, y) in enumerate(batches):
-                _accumulate_without_sync(model, plan, last=i == len(batches) - 1)
+                if backward:
+                    _accumulate_without_sync(model, plan, last=i == len(batches) - 1)
                 loss = trainer.loss_fn(model(x), y)
-                (loss / plan.num_microbatches).backward()
+                if backward:
+                    (loss / plan.num_microbatches).backward()
                 loss_sum += _local(loss).detach().double()
         else:                                            # pipeline: the schedule splits into micro-batches
             losses: list[torch.Tensor] = []
             first_input = inputs
             if trainer.vocab is not None:                # embedding passes; head passes start serving
-                first_input = trainer.vocab.begin_step(inputs, targets)
+                first_input = trainer.vocab.begin_step(inputs, targets, evaluating=not backward)
             args = (first_input,) if trainer.is_first_stage else ()
             kwargs = {"target": targets, "losses": losses} if trainer.is_last_stage else {}
             if _STEP_TAKES_RETURN_OUTPUTS:
                 # the last stage would keep every micro-batch's output (the logits) to the step's end to
                 # return them merged; the losses are all train_step needs (m x the logits, found by check)
                 kwargs["return_outputs"] = False
-            trainer.schedule.step(*args, **kwargs)
+            (trainer.schedule.step if backward else trainer.schedule.eval)(*args, **kwargs)
             if trainer.vocab is not None:                # head passes joined, embedding backward, shard grads
                 trainer.vocab.end_step()
             for loss in losses:
                 loss_sum += _local(loss).detach().double()
+    return loss_sum
+
+
+def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
+               lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's slice of the global batch at learning rate ``lr`` (None: the
+    optimizers' current one). Returns the summed micro-batch losses (a scalar on the last pipeline stage, zero
+    elsewhere) and the global gradient norm before clipping (equal on every rank)."""
+    loss_sum = run_batch(trainer, inputs, targets)
     sync_tied_embedding_grads(trainer)
     sync_kv_replica_grads(trainer)
-    norm = global_grad_norm(trainer.parts, plan, trainer.tied_group is not None, trainer.device)
+    norm = global_grad_norm(trainer.parts, trainer.plan, trainer.tied_group is not None, trainer.device)
     if trainer.config.clip > 0:
         clip_grads(trainer.parts, norm, trainer.config.clip)
     for optimizer in trainer.optimizers:
@@ -438,6 +459,16 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss_sum, norm
+
+
+def eval_loss(trainer: Trainer, data: EvalTokens, data_slice: Slice) -> float:
+    """The mean loss over every batch of the held-out file (forward only, the plan's own layout)."""
+    total = 0.0
+    for i in range(data.batches):
+        inputs, targets = data_slice.take(data.eval_batch(i))
+        total += global_mean_loss(trainer, run_batch(trainer, inputs.to(trainer.device),
+                                                     targets.to(trainer.device), backward=False))
+    return total / data.batches
 
 
 def _accumulate_without_sync(model: torch.nn.Module, plan: Plan, last: bool) -> None:
@@ -567,6 +598,39 @@ def save_hf(trainer: Trainer, config: RunConfig, root: Path | None, step: int) -
     dist.barrier()
 
 
+def timed_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> dict:
+    """One training step and its metrics record (launcher/runtime/metrics.py lists the fields)."""
+    plan, device = trainer.plan, trainer.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens_per_step = plan.train.global_batch * plan.train.seq_len
+    begin = time.perf_counter()
+    lr = trainer.config.lr_schedule().lr_at(step)
+    loss_sum, grad_norm = train_step(trainer, inputs, targets, lr)
+    if cuda:
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - begin
+    record = {"step": step, "loss": global_mean_loss(trainer, loss_sum), "step_time_s": elapsed,
+              "tokens_per_s": tokens_per_step / elapsed, "lr": lr, "grad_norm": float(grad_norm)}
+    if cuda:
+        peaks = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30,
+                              torch.cuda.max_memory_reserved(device) / 2**30], device=device)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        record["peak_memory_gib"], record["reserved_memory_gib"] = (float(v) for v in peaks)
+        peak_flops = plan.cluster.gpu.peak_flops(plan.train.precision)
+        record["mfu"] = model_flops_per_token(plan) * tokens_per_step / elapsed / (plan.world_size * peak_flops)
+    return record
+
+
+def _inject_fault(config: RunConfig, step: int) -> None:
+    """Tests: the chosen rank exits abruptly before the chosen step, on the first attempt only."""
+    if config.fail_at_step == step and dist.get_rank() == config.fail_rank \
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        print(f"meshplan: fault injection: rank {config.fail_rank} exits before step {step}", flush=True)
+        os._exit(13)
+
+
 def run(config: RunConfig) -> list[dict]:
     plan = Plan.load(config.plan_path)
     check_supported(plan)
@@ -578,53 +642,32 @@ def run(config: RunConfig) -> list[dict]:
     root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     found = ckpt.find_latest(root) if config.resume else None
     trainer = build(plan, config, device, device_type, init_from=config.init_from if found is None else None)
-    data = make_source(plan.model.vocab, config.seed, config.data, config.data_dtype)
+    seq, batch = plan.train.seq_len, plan.train.global_batch
+    data = make_source(plan.model.vocab, config.seed, config.data, config.data_dtype, seq + 1)
+    evals = EvalTokens(config.eval_data, plan.model.vocab,
+                       token_file_dtype(config.data_dtype, plan.model.vocab, config.eval_data),
+                       batch, seq + 1, config.eval_batches) if config.eval_data else None
     coords = trainer.meshes.coords
     data_slice = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind)
 
-    start = 0
-    if found is not None:
-        start = restore(trainer, found[0])
-        if start != found[1]:
-            raise InputError("--checkpoint-dir", f"{found[0]} says step {found[1]} but holds step {start}",
-                             "point `latest` at a consistent checkpoint")
-    metrics = MetricsWriter(config.metrics_out if rank == 0 else None, resume_after=start)
+    start = restore(trainer, found[0]) if found is not None else 0
+    if found is not None and start != found[1]:
+        raise InputError("--checkpoint-dir", f"{found[0]} says step {found[1]} but holds step {start}",
+                         "point `latest` at a consistent checkpoint")
+    log = RunLog(config.metrics_out, config.tensorboard, start, config.steps, config.log_every, rank == 0)
     if rank == 0:
         print(f"meshplan: training {plan.model.name} dp={plan.dp} tp={plan.tp} pp={plan.pp} cp={plan.cp} "
               f"on {dist.get_world_size()} {device_type} ranks, steps {start + 1}..{config.steps}"
               + (f" (resumed from {found[0]})" if found else ""), flush=True)
-
-    schedule = config.lr_schedule()
-    flops_per_token = model_flops_per_token(plan)
-    tokens_per_step = plan.train.global_batch * plan.train.seq_len
-    peak_flops = plan.cluster.gpu.peak_flops(plan.train.precision) if device_type == "cuda" else None
     records = []
     for step in range(start + 1, config.steps + 1):
-        if config.fail_at_step == step and rank == config.fail_rank \
-                and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-            print(f"meshplan: fault injection: rank {rank} exits before step {step}", flush=True)
-            os._exit(13)
-        if device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        inputs, targets = data_slice.take(data.batch(step, plan.train.global_batch, plan.train.seq_len + 1))
-        inputs, targets = inputs.to(device), targets.to(device)
-        begin = time.perf_counter()
-        lr = schedule.lr_at(step)
-        loss_sum, grad_norm = train_step(trainer, inputs, targets, lr)
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - begin
-        loss = global_mean_loss(trainer, loss_sum)
-        record = {"step": step, "loss": loss, "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
-                  "lr": lr, "grad_norm": float(grad_norm)}
-        if device_type == "cuda":
-            peaks = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30,
-                                  torch.cuda.max_memory_reserved(device) / 2**30], device=device)
-            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-            record["peak_memory_gib"], record["reserved_memory_gib"] = (float(v) for v in peaks)
-            record["mfu"] = flops_per_token * tokens_per_step / elapsed / (plan.world_size * peak_flops)
+        _inject_fault(config, step)
+        inputs, targets = data_slice.take(data.batch(step, batch, seq + 1))
+        record = timed_step(trainer, inputs.to(device), targets.to(device), step)
+        if evals is not None and (step == config.steps or config.eval_every and step % config.eval_every == 0):
+            record["eval_loss"] = eval_loss(trainer, evals, data_slice)
         records.append(record)
-        metrics.write(record)
+        log.write(record)
         if root is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             ckpt.save(root, step, state_for_checkpoint(trainer, step))
     if root is not None and records and (not config.checkpoint_every or config.steps % config.checkpoint_every):
@@ -632,8 +675,8 @@ def run(config: RunConfig) -> list[dict]:
     if config.save_hf:
         save_hf(trainer, config, root, config.steps if records else start)
     if rank == 0 and records:
-        print(summary_table(plan, metrics.all_records()), flush=True)
-    metrics.close()
+        print(summary_table(plan, log.metrics.all_records()), flush=True)
+    log.close()
     dist.barrier()
     dist.destroy_process_group()
     return records
@@ -657,6 +700,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--eval-data", default=None)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--tensorboard", default=None)
     p.add_argument("--init-from", default=None)
     p.add_argument("--save-hf", default=None)
     p.add_argument("--overwrite", action="store_true")
@@ -664,7 +712,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(plan_path=a.plan, steps=a.steps, seed=a.seed, data=a.data, data_dtype=a.data_dtype, lr=a.lr,
                      warmup=a.warmup, schedule=a.schedule, min_lr=a.min_lr, clip=a.clip,
                      weight_decay=a.weight_decay, metrics_out=a.metrics_out, checkpoint_dir=a.checkpoint_dir,
-                     checkpoint_every=a.checkpoint_every, resume=not a.no_resume, init_from=a.init_from,
+                     checkpoint_every=a.checkpoint_every, resume=not a.no_resume, eval_data=a.eval_data,
+                     eval_every=a.eval_every, eval_batches=a.eval_batches, log_every=a.log_every,
+                     tensorboard=a.tensorboard, init_from=a.init_from,
                      save_hf=a.save_hf, overwrite=a.overwrite,
                      fail_at_step=int(os.environ.get("MESHPLAN_FAULT_STEP", "0")),
                      fail_rank=int(os.environ.get("MESHPLAN_FAULT_RANK", "0")))

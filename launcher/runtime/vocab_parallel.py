@@ -209,6 +209,7 @@ class VocabParallel:
         self._grads: list[torch.Tensor] = []
         self._tokens = self._embedded = None
         self._head_targets: list[torch.Tensor] = []
+        self.evaluating = False       # forward only (train.run_batch for the evaluation loss): no gradients
 
     # --- shapes -------------------------------------------------------------------------------
 
@@ -233,9 +234,11 @@ class VocabParallel:
 
     # --- step lifecycle -----------------------------------------------------------------------
 
-    def begin_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    def begin_step(self, inputs: torch.Tensor, targets: torch.Tensor, evaluating: bool = False) -> torch.Tensor | None:
         """Embedding forward for all micro-batches; returns stage 0's input on the first stage (``None``
-        elsewhere) and starts serving the head passes on the other ranks."""
+        elsewhere) and starts serving the head passes on the other ranks. ``evaluating``: the losses only
+        (the pipeline runs forward only; no gradient is computed, reduced or set)."""
+        self.evaluating = evaluating
         weights = self.shard.weights()
         self._grads = [torch.zeros(w.to_local().shape, dtype=torch.float32, device=inputs.device) for w in weights]
         self._tokens = inputs
@@ -250,7 +253,7 @@ class VocabParallel:
                 dist.all_reduce(partial, group=self.groups.tp)
             if self.sp:
                 partial = partial.chunk(self.plan.tp, dim=1)[self.tp_rank].contiguous()
-            self._embedded = partial.requires_grad_()
+            self._embedded = partial if evaluating else partial.requires_grad_()
         if not self.is_last:
             self._head_targets = list(targets.chunk(self.plan.num_microbatches))
             if not self.fake:
@@ -276,6 +279,9 @@ class VocabParallel:
             self._serve_head()
         if self._error is not None:
             raise RuntimeError("vocabulary-parallel head pass failed") from self._error
+        if self.evaluating:
+            self._grads, self._embedded, self._tokens = [], None, None
+            return
         self._embedding_backward()
         self._set_grads()
 
@@ -287,9 +293,10 @@ class VocabParallel:
         start, _ = self.shard.rows()
         loss, grad_hidden, grad_weight = CE.chunked_loss_and_grads(
             hidden, self.shard.head_local().detach().to(self.compute_dtype), targets.reshape(-1), self.groups.group,
-            self._chunk(hidden.shape[0]), need_grad=True, reduce_hidden_grad=False,
+            self._chunk(hidden.shape[0]), need_grad=not self.evaluating, reduce_hidden_grad=False,
             backend=chunk_backend(hidden), vocab_start=start)
-        self._grads[-1].add_(grad_weight)             # accumulated in the shards' dtype
+        if grad_weight is not None:
+            self._grads[-1].add_(grad_weight)         # accumulated in the shards' dtype
         return loss, grad_hidden
 
     def _last_stage_pass(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +310,8 @@ class VocabParallel:
         h = h.reshape(-1, h.shape[-1]).contiguous()
         dist.broadcast(h, src=self.groups.last, group=self.groups.row)
         loss, grad_hidden = self._head_pass(h, targets)
+        if self.evaluating:
+            return loss, None
         dist.reduce(grad_hidden, dst=self.groups.last, group=self.groups.row)
         if self.groups.tp is not None:
             dist.all_reduce(grad_hidden, group=self.groups.tp)
@@ -320,7 +329,8 @@ class VocabParallel:
                 hidden = torch.empty(b * s, h, dtype=self.compute_dtype, device=device)
                 dist.broadcast(hidden, src=self.groups.last, group=self.groups.row)
                 _, grad_hidden = self._head_pass(hidden, targets)
-                dist.reduce(grad_hidden, dst=self.groups.last, group=self.groups.row)
+                if not self.evaluating:
+                    dist.reduce(grad_hidden, dst=self.groups.last, group=self.groups.row)
 
     def _serve_head_safely(self, modes: list) -> None:
         """The helper thread: ``_serve_head`` under the dispatch modes the step was started under

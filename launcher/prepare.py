@@ -1,0 +1,364 @@
+"""``meshplan data prepare``: text or JSON lines in, the flat token files ``meshplan launch --data`` reads out.
+
+Documents:
+    * ``.jsonl`` / ``.json``: one JSON object per line, its ``--text-key`` field (default ``text``) one document;
+    * any other file: the whole file is one document (encoded in one piece, so its tokens are exactly those of
+      the text; the work is spread over files, not within one).
+
+Each document is tokenized with a Hugging Face ``tokenizers`` file (``tokenizer.json``, or a directory holding
+one), as ordinary text (a special token's spelling inside a document is text, not the token), and followed by
+the end-of-sequence token. A document goes to the evaluation file with probability ``--eval-fraction``, decided
+by a hash of its index and ``--seed`` (the same split every time). Token ids are written as ``uint16`` when the
+vocabulary (the tokenizer's, or the model's when larger) fits in 16 bits, else ``uint32``; a sidecar
+``<file>.json`` records the dtype, the counts and the tokenizer, and ``launch`` reads the dtype from it.
+
+Speed: a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen2 style: no normalizer, ByteLevel or Split +
+ByteLevel pre-tokenization) is run by ``tiktoken`` on several threads, with the merge order of the
+``tokenizers`` file; the first documents are encoded both ways and must agree token for token, else (or for
+any other tokenizer) ``tokenizers`` encodes everything. Outputs are written to ``<file>.partial`` and renamed
+when complete: an interrupted run leaves no half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from meshplan.errors import InputError
+
+EOS_SPELLINGS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>", "<|eos|>")
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BATCH_BYTES = 4 << 20          # documents per encode call, by size
+VERIFY_DOCUMENTS = 256         # documents encoded both ways before the fast path is trusted
+
+Encoder = Callable[[list[str]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What ``meshplan data prepare`` does.
+
+    Fields:
+        tokenizer: ``tokenizer.json`` or a directory holding it.
+        inputs: text / JSON-lines files, in order.
+        out, eval_out: the training and (optional) evaluation token files.
+        eval_fraction: the probability that a document goes to ``eval_out``.
+        text_key: the field of a JSON line that holds the document.
+        eos_token: the end-of-sequence token's spelling (default: the first of :data:`EOS_SPELLINGS` the
+            tokenizer has).
+        model_vocab: the model's vocabulary; a larger tokenizer vocabulary is refused.
+        overwrite: replace existing outputs.
+        seed: seeds the evaluation split.
+        threads: encoding threads.
+    """
+
+    tokenizer: Path
+    inputs: tuple[Path, ...]
+    out: Path
+    eval_out: Path | None = None
+    eval_fraction: float = 0.01
+    text_key: str = "text"
+    eos_token: str | None = None
+    model_vocab: int | None = None
+    overwrite: bool = False
+    seed: int = 0
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass
+class PrepareStats:
+    """What a run wrote: documents and tokens per file, the input bytes, the time, the encoder used."""
+
+    documents: int = 0
+    eval_documents: int = 0
+    tokens: int = 0
+    eval_tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    dtype: str = "uint16"
+    encoder: str = "tokenizers"
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.input_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: Path):
+    """The ``tokenizers.Tokenizer`` and its JSON (for the fast path)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InputError("--tokenizer", "needs the tokenizers package", "pip install 'meshplan[data]'") from None
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError("--tokenizer", f"no tokenizer file at {file}",
+                         "give a tokenizer.json or the Hugging Face model directory holding it")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+        spec = json.loads(file.read_text())
+    except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
+        raise InputError("--tokenizer", f"{file} is not a tokenizers file: {str(exc).splitlines()[0][:160]}",
+                         "give the tokenizer.json of a Hugging Face model") from None
+    tokenizer.encode_special_tokens = True       # a special token's spelling inside a document is text
+    return tokenizer, spec
+
+
+def find_eos(tokenizer, spelling: str | None) -> int:
+    """The id of the end-of-sequence token: ``spelling``'s, or the first of :data:`EOS_SPELLINGS` known."""
+    for candidate in ([spelling] if spelling else EOS_SPELLINGS):
+        token = tokenizer.token_to_id(candidate)
+        if token is not None:
+            return token
+    if spelling:
+        raise InputError("--eos-token", f"the tokenizer has no token {spelling!r}", "give a token it has")
+    raise InputError("--eos-token", f"the tokenizer has none of {', '.join(EOS_SPELLINGS)}",
+                     "name its end-of-sequence token with --eos-token")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character each byte is written as in the vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _pre_token_pattern(spec: dict) -> str | None:
+    """The regex of a byte-level pre-tokenizer (GPT-2's, or a Split's before a regex-free ByteLevel)."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return GPT2_PATTERN
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" \
+            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space") \
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") \
+            and "Regex" in (steps[0].get("pattern") or {}):
+        return steps[0]["pattern"]["Regex"]
+    return None
+
+
+def fast_encoder(spec: dict, threads: int) -> Encoder | None:
+    """tiktoken running the tokenizer's BPE (merge ``i`` is rank ``256 + i``, as the ``tokenizers`` model
+    applies merges in list order), or ``None`` when the tokenizer is not a plain byte-level BPE or tiktoken
+    is not installed."""
+    model = spec.get("model") or {}
+    pattern = _pre_token_pattern(spec)
+    if model.get("type") != "BPE" or pattern is None or spec.get("normalizer") or model.get("dropout") \
+            or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    decode = _byte_decoder()
+    vocab = model["vocab"]
+
+    def to_bytes(token: str) -> bytes | None:
+        return bytes(decode[c] for c in token) if all(c in decode for c in token) else None
+
+    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+    for i, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merged = to_bytes(left + right)
+        if merged is None or merged in ranks:
+            return None
+        ranks[merged] = 256 + i
+    spell = {b: c for c, b in decode.items()}
+    rank_to_id = np.full(len(ranks), -1, dtype=np.int64)
+    for token, rank in ranks.items():
+        spelled = "".join(spell[b] for b in token)
+        if spelled not in vocab:
+            return None
+        rank_to_id[rank] = vocab[spelled]
+    if model.get("ignore_merges") and len(vocab) > len(ranks):
+        return None       # whole-word tokens no merge makes: tiktoken would not find them
+    encoding = tiktoken.Encoding("meshplan-prepare", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+
+    def encode_many(texts: list[str]) -> list[np.ndarray]:
+        return [rank_to_id[encoding.encode_to_numpy(t, disallowed_special=())] for t in texts]
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        parts = [texts[i::threads] for i in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(pool.map(encode_many, parts))
+        out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
+        for i, encoded in enumerate(done):
+            out[i::threads] = encoded
+        return out
+
+    return encode
+
+
+def reference_encoder(tokenizer) -> Encoder:
+    """``tokenizers`` itself (its own threads)."""
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return encode
+
+
+# ----------------------------------------------------------------------------------------------
+# documents
+# ----------------------------------------------------------------------------------------------
+
+def read_documents(paths: tuple[Path, ...], text_key: str) -> Iterator[tuple[str, int]]:
+    """``(document, input bytes it took)`` in order."""
+    for path in paths:
+        if path.suffix not in (".jsonl", ".json"):
+            data = path.read_bytes()
+            yield data.decode("utf-8", errors="replace"), len(data)
+            continue
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    yield "", len(line)
+                    continue
+                try:
+                    text = json.loads(line)[text_key]
+                except (ValueError, KeyError, TypeError):
+                    raise InputError("--input", f"{path}:{number} is not a JSON object with a {text_key!r} field",
+                                     "fix the line, or name the text field with --text-key") from None
+                if not isinstance(text, str):
+                    raise InputError("--input", f"{path}:{number}: {text_key!r} is not a string",
+                                     "name the text field with --text-key")
+                yield text, len(line)
+
+
+def goes_to_eval(index: int, fraction: float, seed: int) -> bool:
+    """Document ``index``'s side of the split: a hash of ``(seed, index)`` below ``fraction``."""
+    return zlib.crc32(f"{seed}:{index}".encode()) < fraction * 2**32
+
+
+def _batches(documents: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    texts, size, consumed = [], 0, 0
+    for text, nbytes in documents:
+        consumed += nbytes
+        if text:
+            texts.append(text)
+            size += len(text)
+        if size >= BATCH_BYTES:
+            yield texts, consumed
+            texts, size, consumed = [], 0, 0
+    if texts or consumed:
+        yield texts, consumed
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+def check_config(config: PrepareConfig) -> None:
+    """Everything that can be refused before any reading: one line each."""
+    for path in config.inputs:
+        if not path.is_file():
+            raise InputError("--input", f"no such file: {path}", "give text or JSON-lines files")
+    if not config.inputs:
+        raise InputError("--input", "no input files", "give text or JSON-lines files")
+    if not 0 < config.eval_fraction < 1:
+        raise InputError("--eval-fraction", f"must be between 0 and 1, got {config.eval_fraction:g}",
+                         "give the share of documents to hold out, e.g. 0.01")
+    outputs = [p for p in (config.out, config.eval_out) if p is not None]
+    if len(set(outputs)) < len(outputs) or any(p in config.inputs for p in outputs):
+        raise InputError("--out", "the outputs must differ from each other and from the inputs", "name new files")
+    for path in outputs:
+        if path.exists() and not config.overwrite:
+            raise InputError("--out" if path == config.out else "--eval-out", f"{path} exists",
+                             "pass --overwrite to replace it, or name a new file")
+
+
+def prepare(config: PrepareConfig, progress: Callable[[int], None] | None = None,
+            note: Callable[[str], None] | None = None) -> PrepareStats:
+    """Tokenize ``config.inputs`` into ``config.out`` (and ``config.eval_out``); ``progress(n)`` is called
+    with the input bytes each batch consumed, ``note(text)`` with what the user should know."""
+    check_config(config)
+    tokenizer, spec = load_tokenizer(config.tokenizer)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if config.model_vocab is not None and vocab > config.model_vocab:
+        raise InputError("--tokenizer", f"its vocabulary has {vocab} tokens, the model's {config.model_vocab}",
+                         "use the model's own tokenizer")
+    eos = find_eos(tokenizer, config.eos_token)
+    dtype = "uint16" if max(vocab, config.model_vocab or 0) <= 65536 else "uint32"
+    reference = reference_encoder(tokenizer)
+    fast = fast_encoder(spec, max(1, config.threads))
+    stats = PrepareStats(dtype=dtype, encoder="tiktoken" if fast else "tokenizers")
+    outputs = {"train": config.out, "eval": config.eval_out}
+    partial = {k: p.with_name(p.name + ".partial") for k, p in outputs.items() if p is not None}
+    files = {k: open(p, "wb") for k, p in partial.items()}
+    start, index, verified = time.perf_counter(), 0, fast is None
+    try:
+        for texts, consumed in _batches(read_documents(config.inputs, config.text_key)):
+            encoder = fast or reference
+            encoded = encoder(texts)
+            if not verified:
+                sample = texts[:VERIFY_DOCUMENTS]
+                if any(not np.array_equal(a, b) for a, b in zip(encoded, reference(sample))):
+                    if note:
+                        note("tiktoken and tokenizers disagree on these documents; encoding with tokenizers")
+                    fast, stats.encoder = None, "tokenizers"
+                    encoded = reference(texts)
+                verified = True
+            for ids in encoded:
+                side = "eval" if config.eval_out is not None and goes_to_eval(index, config.eval_fraction,
+                                                                                config.seed) else "train"
+                index += 1
+                np.append(ids, eos).astype(dtype).tofile(files[side])
+                if side == "eval":
+                    stats.eval_documents += 1
+                    stats.eval_tokens += len(ids) + 1
+                else:
+                    stats.documents += 1
+                    stats.tokens += len(ids) + 1
+            stats.input_bytes += consumed
+            if progress:
+                progress(consumed)
+        for f in files.values():
+            f.close()
+        _check_outputs(config, stats)
+        for key, path in partial.items():
+            os.replace(path, outputs[key])
+            _write_sidecar(outputs[key], stats, key, config, eos)
+    finally:
+        for f in files.values():
+            f.close()
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _check_outputs(config: PrepareConfig, stats: PrepareStats) -> None:
+    if stats.documents == 0:
+        raise InputError("--input", "no document reached the training file", "give non-empty inputs")
+    if config.eval_out is not None and stats.eval_documents == 0:
+        raise InputError("--eval-fraction", f"none of the {stats.documents} documents went to the evaluation file",
+                         "raise --eval-fraction, or give more documents")
+
+
+def _write_sidecar(path: Path, stats: PrepareStats, key: str, config: PrepareConfig, eos: int) -> None:
+    """``<file>.json``: what the file holds (``launch`` reads ``dtype`` from it)."""
+    info = {"dtype": stats.dtype, "tokens": stats.eval_tokens if key == "eval" else stats.tokens,
+            "documents": stats.eval_documents if key == "eval" else stats.documents, "eos_id": eos,
+            "tokenizer": str(config.tokenizer), "inputs": [str(p) for p in config.inputs]}
+    sidecar(path).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def sidecar(path: Path) -> Path:
+    """Where the description of token file ``path`` is written."""
+    return path.with_name(path.name + ".json")
