@@ -88,16 +88,19 @@ def export_hf(
     plan: Path = typer.Option(..., "--plan", help="the plan the run trained"),
     out: Path = typer.Option(..., "--out", "-o", help="the Hugging Face model directory to write"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="the Hugging Face directory the run "
+                                             "started from: its config.json and tokenizer files are carried over"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     try:
-        _export_hf(checkpoint, plan, out, dtype, overwrite)
+        _export_hf(checkpoint, plan, out, dtype, overwrite, init_from)
     except MeshplanError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code)
 
 
-def _export_hf(checkpoint: Path, plan_path: Path, out: Path, dtype: str, overwrite: bool) -> None:
+def _export_hf(checkpoint: Path, plan_path: Path, out: Path, dtype: str, overwrite: bool,
+               init_from: Path | None = None) -> None:
     from meshplan.launcher.runtime import hf_format
     from meshplan.launcher.runtime.checkpoint import find_latest, validate
     from meshplan.plan import Plan
@@ -107,13 +110,15 @@ def _export_hf(checkpoint: Path, plan_path: Path, out: Path, dtype: str, overwri
     plan = Plan.load(plan_path)
     hf_format.hf_family_for(plan.model)
     hf_format.prepare_output(out, overwrite, "--out")
+    if init_from is not None:
+        hf_format.check_matches_plan(hf_format.read_config(init_from)[2], plan.model)
     if (checkpoint / "latest").exists():
         checkpoint = find_latest(checkpoint)[0]
     else:
         validate(checkpoint)
     from meshplan.launcher.runtime.hf_weights import export_hf as write
 
-    write(checkpoint, plan.model, out, dtype, plan.train.seq_len, overwrite=overwrite)
+    write(checkpoint, plan.model, out, dtype, plan.train.seq_len, overwrite=overwrite, base=init_from)
     typer.echo(f"wrote {out} ({plan.model.name}, {dtype}) from {checkpoint}", err=True)
 
 

@@ -281,6 +281,11 @@ def test_init_from_and_save_hf_in_every_layout(layout_runs, name):
     assert len(records) == STEPS
     assert abs(records[0]["loss"] - expected) <= TOLERANCE * expected, (records[0]["loss"], expected)
 
+    kept = json.loads((sources[family] / "config.json").read_text())      # the start's config is carried over
+    written = json.loads((root / name / "hf" / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k not in ("dtype", "torch_dtype")} == \
+        {k: v for k, v in kept.items() if k not in ("dtype", "torch_dtype")}
+    assert (root / name / "hf" / "generation_config.json").is_file()
     final = load_dcp_model(ckpt.find_latest(root / name / "ckpt")[0], plan.model, plan.train.seq_len)
     logits = meshplan_logits(final, tokens)
     exported = hf_model(root / name / "hf")(tokens).logits.detach()

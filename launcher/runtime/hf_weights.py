@@ -28,6 +28,9 @@ from meshplan.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_SHARD_BYTES = 5 * 2**30     # transformers' default max_shard_size
+# what an export copies from the directory the run started from (--init-from), besides its config.json
+BASE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,9 +200,10 @@ def _groups(names: list[str]) -> list[list[str]]:
 
 
 def export_hf(checkpoint: Path, spec: ModelSpec, out: Path, dtype: str = "float32", max_positions: int = 2048,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, base: Path | None = None) -> Path:
     """Write the DCP checkpoint at ``checkpoint`` (a plan's run of ``spec``) as a Hugging Face checkpoint
-    in ``out``: built in ``out.partial`` and renamed when complete."""
+    in ``out``: built in ``out.partial`` and renamed when complete. ``base``: the Hugging Face directory the
+    run started from; its ``config.json`` is kept (dtype updated) and its tokenizer and generation files copied."""
     from safetensors.torch import save_file
 
     family = fmt.hf_family_for(spec)
@@ -228,7 +232,14 @@ def export_hf(checkpoint: Path, spec: ModelSpec, out: Path, dtype: str = "float3
         weight_map.update({k: final for k in keys})
     (partial / fmt.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
-    (partial / "config.json").write_text(json.dumps(fmt.hf_config(spec, dtype, max_positions), indent=2))
+    config = fmt.hf_config(spec, dtype, max_positions)
+    if base is not None:
+        config = {**json.loads((base / "config.json").read_text()), "torch_dtype": dtype}
+        config.pop("dtype", None)
+        for name in BASE_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, partial / name)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)

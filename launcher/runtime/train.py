@@ -64,8 +64,9 @@ class RunConfig:
         init_from: a Hugging Face model directory whose weights start the run (hf_weights.py; each rank reads
             only its slices); a resumed run takes its weights from the checkpoint instead.
         save_hf: write the final weights as a Hugging Face checkpoint into this directory (through the final
-            DCP checkpoint: ``checkpoint_dir``'s, or a temporary one beside ``save_hf``); ``overwrite``
-            replaces an existing directory.
+            DCP checkpoint: ``checkpoint_dir``'s, or a temporary one beside ``save_hf``), with ``init_from``'s
+            config and tokenizer files when the run started from one; ``overwrite`` replaces an existing
+            directory.
         fail_at_step, fail_rank: fault injection for tests (environment ``MESHPLAN_FAULT_STEP`` and
             ``MESHPLAN_FAULT_RANK``): that rank exits abruptly before that step on the first attempt
             (``TORCHELASTIC_RESTART_COUNT == 0``).
@@ -590,7 +591,8 @@ def save_hf(trainer: Trainer, config: RunConfig, root: Path | None, step: int) -
     if dist.get_rank() == 0:
         plan = trainer.plan
         dtype = "bfloat16" if plan.train.precision in ("bf16", "fp16", "fp8") else "float32"
-        export_hf(source, plan.model, out, dtype, plan.train.seq_len, overwrite=config.overwrite)
+        export_hf(source, plan.model, out, dtype, plan.train.seq_len, overwrite=config.overwrite,
+                  base=Path(config.init_from) if config.init_from else None)
         if scratch is not None:
             import shutil
             shutil.rmtree(scratch, ignore_errors=True)
