@@ -111,7 +111,7 @@ def _export_hf(checkpoint: Path, plan_path: Path, out: Path, dtype: str, overwri
     hf_format.hf_family_for(plan.model)
     hf_format.prepare_output(out, overwrite, "--out")
     if init_from is not None:
-        hf_format.check_matches_plan(hf_format.read_config(init_from)[2], plan.model)
+        hf_format.check_matches_plan(hf_format.read_config(init_from, "--init-from", plan.train.seq_len)[2], plan.model)
     if (checkpoint / "latest").exists():
         checkpoint = find_latest(checkpoint)[0]
     else:
@@ -294,7 +294,7 @@ def _check_weights_io(plan, training: dict) -> None:
     from meshplan.launcher.runtime import hf_format
 
     if training["init_from"]:
-        hf_format.check_checkpoint(Path(training["init_from"]), plan.model)
+        hf_format.check_checkpoint(Path(training["init_from"]), plan.model, plan.train.seq_len)
     if training["save_hf"]:
         hf_format.hf_family_for(plan.model)
         hf_format.prepare_output(Path(training["save_hf"]), training["overwrite"])

@@ -22,7 +22,7 @@ from meshplan.launcher.runtime import hf_format
 from meshplan.launcher.runtime.hf_weights import HFReader, export_hf, load_hf_weights, load_dcp_model
 from meshplan.launcher.runtime.model import build_model, repeat_heads
 from meshplan.spec import MODEL_PRESETS, load_model
-from runtime_helpers import _layout_job, make_plan, read_metrics, run_launch
+from runtime_helpers import _layout_job, make_plan, read_metrics
 
 SEQ = 32
 TOLERANCE = 1e-5
@@ -167,6 +167,20 @@ def _refused(proc, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
+def _launch_refused(args: list, *needles):
+    """``meshplan launch ARGS`` in this process (every refusal comes before torchrun): one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from meshplan.cli import app
+
+    result = CliRunner().invoke(app, ["launch", *map(str, args)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 def _plan_for(directory: Path, tmp_path: Path, **edits) -> Path:
     import dataclasses
     spec = dataclasses.replace(load_model(str(directory / "config.json")), **edits)
@@ -187,28 +201,29 @@ def _edit_config(source: Path, target: Path, **changes) -> Path:
 def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
     llama = checkpoints["llama-tied"]
     plan = _plan_for(llama, tmp_path)
-    launch = lambda *args: run_launch([str(plan), "--steps", "1", "--no-check", *map(str, args)], tmp_path)  # noqa: E731
-    _refused(launch("--init-from", tmp_path / "nowhere"), "--init-from", "no such directory")
-    _refused(run_launch([str(_plan_for(llama, tmp_path, norm_eps=1e-5)), "--steps", "1", "--no-check",
-                         "--init-from", str(llama)], tmp_path), "--init-from: norm_eps", "--model")
+    launch = lambda *args: [plan, "--steps", "1", "--no-check", *args]  # noqa: E731
+    _launch_refused(launch("--init-from", tmp_path / "nowhere"), "--init-from", "no such directory")
+    _launch_refused([_plan_for(llama, tmp_path, norm_eps=1e-5), "--steps", "1", "--no-check", "--init-from", llama],
+                    "--init-from: norm_eps", "--model")
     bert = _edit_config(llama, tmp_path / "bert", model_type="bert")
-    _refused(launch("--init-from", bert), "model_type", "'bert'", "supported")
+    _launch_refused(launch("--init-from", bert), "model_type", "'bert'", "supported")
     mistral = _edit_config(llama, tmp_path / "mistral", model_type="mistral", sliding_window=16)
-    _refused(launch("--init-from", mistral), "sliding_window")
-    _refused(run_launch([str(_plan_for(llama, tmp_path, ffn_hidden=64)), "--steps", "1", "--no-check",
-                         "--init-from", str(_edit_config(llama, tmp_path / "ffn", intermediate_size=64))], tmp_path),
-             "mlp.gate_proj.weight has shape [176, 64]")
+    _launch_refused(launch("--init-from", mistral), "sliding_window", "16 tokens, shorter than the sequence")
+    wide = _edit_config(llama, tmp_path / "wide", model_type="mistral", sliding_window=32)   # = seq 32: exact
+    assert hf_format.check_checkpoint(wide, load_model(str(wide / "config.json")), seq_len=32) == "mistral"
+    _launch_refused([_plan_for(llama, tmp_path, ffn_hidden=64), "--steps", "1", "--no-check", "--init-from",
+                     _edit_config(llama, tmp_path / "ffn", intermediate_size=64)],
+                    "mlp.gate_proj.weight has shape [176, 64]")
     shard = sorted(llama.glob("model-*.safetensors"))[1].name
     missing = _edit_config(llama, tmp_path / "missing")
     (missing / shard).unlink()
-    _refused(launch("--init-from", missing), f"shard {shard} is missing")
+    _launch_refused(launch("--init-from", missing), f"shard {shard} is missing")
     exists = tmp_path / "exists"
     (exists / "x").mkdir(parents=True)
-    _refused(launch("--save-hf", exists), "--save-hf", "--overwrite")
+    _launch_refused(launch("--save-hf", exists), "--save-hf", "--overwrite")
     gelu = _edit_config(checkpoints["gpt2"], tmp_path / "gelu", activation_function="gelu")
     gpt_plan = _plan_for(checkpoints["gpt2"], tmp_path)
-    _refused(run_launch([str(gpt_plan), "--steps", "1", "--no-check", "--init-from", str(gelu)], tmp_path),
-             "activation_function")
+    _launch_refused([gpt_plan, "--steps", "1", "--no-check", "--init-from", gelu], "activation_function")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,8 +41,13 @@ def test_token_file_trains_and_bad_files_are_refused(tmp_path):
 
 
 def test_short_files_are_refused_by_launch_before_any_rank_starts(tmp_path):
-    """--data shorter than one sequence, --eval-data shorter than one global batch: one line each."""
-    from runtime_helpers import run_launch
+    """--data shorter than one sequence, --eval-data shorter than one global batch: one line each (``meshplan
+    launch`` in this process: the refusals come before torchrun)."""
+    from contextlib import chdir as _chdir
+
+    from typer.testing import CliRunner
+
+    from meshplan.cli import app
 
     plan = tmp_path / "dp2.yaml"
     make_plan(dp=2).save(plan)                               # batch 8 x (32 + 1) tokens
@@ -54,9 +59,10 @@ def test_short_files_are_refused_by_launch_before_any_rank_starts(tmp_path):
              (["--eval-data", "nowhere.bin"], "--eval-data", "no such file"),
              (["--eval-every", "-1"], "--eval-every", ">= 0"), (["--log-every", "0"], "--log-every", ">= 1")]
     for args, field, problem in cases:
-        proc = run_launch([str(plan), "--steps", "1", "--no-check", *args], tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
+        with _chdir(tmp_path):
+            result = CliRunner().invoke(app, ["launch", str(plan), "--steps", "1", "--no-check", *args])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {field}") and problem in lines[0], lines
 
 

@@ -103,15 +103,17 @@ def family_of(config: dict[str, Any], where: str = FIELD) -> str:
     return kind
 
 
-def _refuse_unmodelled(config: dict[str, Any], family: str, where: str) -> None:
-    """Features of the checkpoint's architecture the reference model does not compute: one line each."""
+def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len: int | None) -> None:
+    """Features of the checkpoint's architecture the reference model does not compute: one line each. A
+    sliding attention window is refused only when it is shorter than the sequences (``seq_len``; unknown:
+    refused), since a window at least as long as the sequence changes nothing."""
     problems = []
     if family in LLAMA_TYPES and (config.get("attention_bias") or config.get("mlp_bias")):
         problems.append(("attention_bias / mlp_bias", "biases on every projection"))
-    if family == "mistral" and config.get("sliding_window"):
-        problems.append(("sliding_window", f"sliding-window attention ({config['sliding_window']} tokens)"))
-    if family == "qwen2" and config.get("use_sliding_window"):
-        problems.append(("use_sliding_window", "sliding-window attention"))
+    window = config.get("sliding_window") if family == "mistral" or config.get("use_sliding_window") else None
+    if window and (seq_len is None or window < seq_len):
+        field = "sliding_window" if family == "mistral" else "use_sliding_window"
+        problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
     if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
     if family == "gpt2":
@@ -126,8 +128,10 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str) -> None:
                          "does not compute", "train this model with its own engine")
 
 
-def read_config(directory: Path, where: str = FIELD) -> tuple[dict[str, Any], str, ModelSpec]:
-    """``(config.json as read, family, its ModelSpec)``."""
+def read_config(directory: Path, where: str = FIELD, seq_len: int | None = None
+                ) -> tuple[dict[str, Any], str, ModelSpec]:
+    """``(config.json as read, family, its ModelSpec)``; what the model does not compute at sequence length
+    ``seq_len`` is refused."""
     path = directory / "config.json"
     if not directory.is_dir():
         raise InputError(where, f"no such directory: {directory}", "give a Hugging Face model directory")
@@ -138,7 +142,7 @@ def read_config(directory: Path, where: str = FIELD) -> tuple[dict[str, Any], st
     except (OSError, ValueError) as exc:
         raise InputError(f"{where}: config.json", f"unreadable: {exc}", "restore the file") from None
     family = family_of(config, where)
-    _refuse_unmodelled(config, family, where)
+    _refuse_unmodelled(config, family, where, seq_len)
     return config, family, from_hf_config(config, path)
 
 
@@ -235,10 +239,11 @@ def expected_shapes(spec: ModelSpec, family: str, files: dict[str, Path]) -> dic
     return shapes
 
 
-def check_checkpoint(directory: Path, planned: ModelSpec, where: str = FIELD) -> str:
-    """Every check ``--init-from`` needs before a rank starts; returns the family. The architecture is known,
-    the model is the plan's, every tensor the plan needs is in a shard that exists, with the right shape."""
-    _, family, spec = read_config(directory, where)
+def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = None, where: str = FIELD) -> str:
+    """Every check ``--init-from`` needs before a rank starts; returns the family. The architecture is known
+    and computed exactly at ``seq_len``, the model is the plan's, every tensor the plan needs is in a shard
+    that exists, with the right shape."""
+    _, family, spec = read_config(directory, where, seq_len)
     check_matches_plan(spec, planned, where)
     files = weight_files(directory, where)
     headers: dict[Path, dict[str, Any]] = {}

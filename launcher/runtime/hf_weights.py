@@ -41,7 +41,7 @@ class HFReader:
     """Lazy reads of boxes of a checkpoint's tensors, laid out as meshplan's parameters."""
 
     def __init__(self, directory: Path, spec: ModelSpec):
-        _, self.family, _ = fmt.read_config(directory)
+        self.family = fmt.family_of(json.loads((directory / "config.json").read_text()))   # checked already
         self.files = fmt.weight_files(directory)
         self.prefix = fmt.gpt2_prefix(self.files)
         self.spec = spec

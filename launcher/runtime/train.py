@@ -573,7 +573,7 @@ def restore(trainer: Trainer, path: Path) -> int:
 def check_weights_io(plan: Plan, config: RunConfig) -> None:
     """``--init-from`` and ``--save-hf`` checked before any weight is read or any step trained."""
     if config.init_from:
-        hf_format.check_checkpoint(Path(config.init_from), plan.model)
+        hf_format.check_checkpoint(Path(config.init_from), plan.model, plan.train.seq_len)
     if config.save_hf:
         hf_format.hf_family_for(plan.model)
         hf_format.prepare_output(Path(config.save_hf), config.overwrite)
