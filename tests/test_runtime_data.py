@@ -66,6 +66,19 @@ def test_short_files_are_refused_by_launch_before_any_rank_starts(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: {field}") and problem in lines[0], lines
 
 
+def test_the_runtime_refuses_bad_counts_when_run_directly(tmp_path, capsys):
+    """The runtime module checks the evaluation and logging counts itself (it is also run without ``launch``)."""
+    from meshplan.launcher.runtime.train import main
+
+    plan = tmp_path / "one.yaml"
+    make_plan().save(plan)
+    for option, value, bound in (("--eval-batches", "0", ">= 1"), ("--eval-every", "-2", ">= 0"),
+                                 ("--log-every", "0", ">= 1")):
+        assert main(["--plan", str(plan), "--steps", "1", option, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {option}") and bound in err[0], err
+
+
 def test_eval_windows_are_consecutive_and_the_same_at_every_evaluation(tmp_path):
     from meshplan.launcher.runtime.data import EvalTokens
 

@@ -3,8 +3,10 @@
     python -m torch.distributed.run --nproc-per-node 4 -m meshplan.launcher.runtime.train --plan plan.yaml
 
 It builds the reference model on the meta device, applies the plan (``parallelize.py``), initialises the
-weights by name, and trains: one JSON line of metrics per step, a checkpoint every N steps, a resume from
-the newest checkpoint after a restart, and a summary of measured against predicted at the end.
+weights by name (or reads its slices of a Hugging Face checkpoint, ``hf_weights.py``), and trains: a progress
+line and one JSON line of metrics per step, the evaluation loss on a held-out file, a checkpoint every N
+steps, a resume from the newest checkpoint after a restart, a Hugging Face export at the end, and a summary of
+measured against predicted.
 Run without torchrun it trains a world-size-1 plan in this process.
 """
 
@@ -571,7 +573,12 @@ def restore(trainer: Trainer, path: Path) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def check_weights_io(plan: Plan, config: RunConfig) -> None:
-    """``--init-from`` and ``--save-hf`` checked before any weight is read or any step trained."""
+    """``--init-from``, ``--save-hf`` and the evaluation and logging counts, checked before any weight is read
+    or any step trained."""
+    for option, value, low in (("--eval-every", config.eval_every, 0), ("--eval-batches", config.eval_batches, 1),
+                               ("--log-every", config.log_every, 1)):
+        if value < low:
+            raise InputError(option, f"must be >= {low}, got {value}", f"give an integer >= {low}")
     if config.init_from:
         hf_format.check_checkpoint(Path(config.init_from), plan.model, plan.train.seq_len)
     if config.save_hf:
