@@ -19,7 +19,7 @@ from meshplan.errors import InputError
 
 DEFAULT_ENGINE = "meshplan"
 # Where a plan file holds the values engine_fields names differently (meshplan/plan.py Plan.engine_fields).
-PLAN_FIELD_NAMES = {"precision": "train.precision", "fused_kernels": "kernels"}
+PLAN_FIELD_NAMES = {"precision": "train.precision", "fused_kernels": "kernels", "expert_tensor_parallel": "expert_tp"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Engine:
         attentions: attention implementations it runs (plan ``attention``): ``flash`` (a fused kernel that
             keeps no scores: FlashAttention, cuDNN fused attention) and ``unfused`` (the scores materialised,
             softmax and dropout as separate ops; cp = 1).
+        expert_tensor_parallel: splits each expert's matmuls over the tensor-parallel ranks (plan
+            ``expert_tp = tp``); without it every expert is whole on its rank (``expert_tp = 1``).
 
     Fields (how it behaves where engines differ; read by the cost terms):
         sp_saved_input: what a column-parallel linear keeps for its backward under sequence parallel:
@@ -99,6 +101,7 @@ class Engine:
     pipeline_buffers: str = "per_microbatch"
     attentions: tuple[str, ...] = ("flash",)
     tp_without_sp: bool = False
+    expert_tensor_parallel: bool = True
 
     def refusal(self, field: str, value: Any) -> str | None:
         """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
@@ -119,6 +122,7 @@ class Engine:
             "precision": self.precisions,
             "attention": self.attentions,
             "sequence_parallel": (False, True) if self.tp_without_sp else (True,),
+            "expert_tensor_parallel": (False, True) if self.expert_tensor_parallel else (False,),
         }
         return table.get(field)
 
@@ -154,6 +158,8 @@ MESHPLAN = Engine(
     # DTensor collectives wait; runtime/context_parallel.py _RingAttention: the fused attention kernel per
     # hop on zig-zag chunks, the next K/V sent under the current hop; attention is torch SDPA.
     tp_backward_async=False, attention_kernel="flash2", fp8_allgather=False,
+    # runtime/moe.py: experts whole on each rank (expert_tp = 1), expert parallel over all-to-all.
+    expert_tensor_parallel=False,
 )
 
 MEGATRON = Engine(

@@ -45,14 +45,38 @@ def mlp_params_per_layer(m: ModelSpec) -> int:
     return matmuls * m.hidden * m.ffn_hidden + biases
 
 
+def expert_params(m: ModelSpec) -> int:
+    """One routed expert: a SwiGLU of width ``moe.expert_ffn_hidden`` (gate, up, down: 3*h*f_e)."""
+    return 3 * m.hidden * m.moe.expert_ffn_hidden if m.moe else 0
+
+
+def router_params(m: ModelSpec) -> int:
+    """The router's h*E scores, and the shared experts' h-wide sigmoid gate (Qwen2-MoE)."""
+    return m.hidden * m.moe.experts + (m.hidden if m.moe.shared_expert_gate else 0) if m.moe else 0
+
+
+def shared_expert_params(m: ModelSpec) -> int:
+    """The shared experts: one SwiGLU of width ``moe.shared_ffn_hidden``."""
+    return 3 * m.hidden * m.moe.shared_ffn_hidden if m.moe else 0
+
+
+def moe_params_per_layer(m: ModelSpec) -> int:
+    """An MoE block's MLP: router + E routed experts + shared experts."""
+    return router_params(m) + m.moe.experts * expert_params(m) + shared_expert_params(m) if m.moe else 0
+
+
 def norm_params(m: ModelSpec) -> int:
     """One norm: a scale of width h, plus a bias for LayerNorm with biases."""
     return m.hidden * (2 if (m.norm == "layernorm" and m.bias) else 1)
 
 
-def params_per_layer(m: ModelSpec) -> int:
-    """One transformer block: attention + MLP + two norms."""
-    return attention_params_per_layer(m) + mlp_params_per_layer(m) + 2 * norm_params(m)
+def params_per_layer(m: ModelSpec, layer: int | None = None) -> int:
+    """One transformer block: attention + MLP (the experts' in an MoE block) + two norms. ``layer=None``: a
+    dense block, or for an MoE model the mean over its blocks."""
+    if layer is None and m.moe is not None:
+        return round(sum(params_per_layer(m, i) for i in range(m.layers)) / m.layers)
+    mlp = moe_params_per_layer(m) if layer is not None and m.is_moe_layer(layer) else mlp_params_per_layer(m)
+    return attention_params_per_layer(m) + mlp + 2 * norm_params(m)
 
 
 def position_params(m: ModelSpec, seq_len: int) -> int:
@@ -71,19 +95,36 @@ def head_params(m: ModelSpec) -> int:
 
 
 def total_params(m: ModelSpec, seq_len: int) -> int:
-    return m.layers * params_per_layer(m) + embedding_params(m, seq_len) + head_params(m)
+    return sum(params_per_layer(m, i) for i in range(m.layers)) + embedding_params(m, seq_len) + head_params(m)
+
+
+def active_params(m: ModelSpec, seq_len: int) -> int:
+    """Parameters one token's forward uses: ``total_params`` with ``top_k`` of the ``experts`` routed experts."""
+    idle = m.moe_layer_count * (m.moe.experts - m.moe.top_k) * expert_params(m) if m.moe else 0
+    return total_params(m, seq_len) - idle
 
 
 # ------------------------------------------------------------------------------------------------
 # FLOPs
 # ------------------------------------------------------------------------------------------------
 
-def layer_matmul_flops_per_token(m: ModelSpec) -> float:
-    """Forward FLOPs of the weight matmuls of one block, per token: 2 * (weights of the linears)."""
+def layer_matmul_flops_per_token(m: ModelSpec, moe: bool = False) -> float:
+    """Forward FLOPs of the weight matmuls of one block, per token: 2 * (weights of the linears a token
+    uses). ``moe``: the block's MLP is the mixture of experts (``moe_mlp_flops_per_token``)."""
     kv_width = m.kv_heads * m.head_dim
     attention = 2 * (2 * m.hidden * m.hidden + 2 * m.hidden * kv_width)
-    mlp = 2 * (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
-    return attention + mlp
+    if moe:
+        return attention + moe_mlp_flops_per_token(m)
+    return attention + 2 * (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
+
+
+def moe_mlp_flops_per_token(m: ModelSpec) -> float:
+    """Forward FLOPs of an MoE MLP per token: the router 2*h*E, ``top_k`` routed experts 2*3*h*f_e each, the
+    shared experts 2*3*h*f_s (Megatron-LM's ``num_floating_point_operations``: routed experts counted at
+    ``moe_router_topk``, megatron/training/training.py)."""
+    moe = m.moe
+    return 2.0 * m.hidden * (moe.experts + 3 * moe.top_k * moe.expert_ffn_hidden + 3 * moe.shared_ffn_hidden
+                             + (1 if moe.shared_expert_gate else 0))
 
 
 def attention_core_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = True) -> float:
@@ -105,8 +146,9 @@ def model_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = Tru
     12*l*h^2*((1 + g/a + s/h)*q/h + f/h*(3/2 if swiglu) + V/(2*l*h)) per token (Narayanan et al. 2021,
     generalised to GQA and SwiGLU as in megatron/training/training.py).
     """
-    per_layer = layer_matmul_flops_per_token(m) + attention_core_flops_per_token(m, seq_len, causal_halving)
-    return 3.0 * (m.layers * per_layer + head_flops_per_token(m))
+    matmuls = sum(layer_matmul_flops_per_token(m, m.is_moe_layer(i)) for i in range(m.layers))
+    attention = m.layers * attention_core_flops_per_token(m, seq_len, causal_halving)
+    return 3.0 * (matmuls + attention + head_flops_per_token(m))
 
 
 def model_flops_per_iteration(m: ModelSpec, seq_len: int, global_batch: int, causal_halving: bool = True) -> float:

@@ -64,6 +64,29 @@ def schedule_problem(schedule: str, pp: int, num_microbatches: int) -> str | Non
     return None
 
 
+def expert_layout_problem(model: ModelSpec, dp: int, tp: int, cp: int, ep: int,
+                          expert_tp: int) -> tuple[str, str, str] | None:
+    """Why ``ep`` and ``expert_tp`` cannot split ``model``'s experts over a dp x tp x cp layout, as
+    ``(field, problem, fix)``, or ``None``: one rule for the planner, the plan file and the runtime.
+    EP groups are folded into the data x context ranks (Megatron-Core's MoE parallel folding, restricted to
+    EP within dp x cp), so ``ep`` divides ``dp * cp``; each rank holds ``experts / ep`` whole experts."""
+    if model.moe is None:
+        if ep != 1 or expert_tp != 1:
+            return ("ep", f"ep={ep}, expert_tp={expert_tp} for a model without experts", "set ep: 1 and expert_tp: 1")
+        return None
+    if (dp * cp) % ep:
+        return ("ep", f"ep={ep} does not divide dp*cp = {dp * cp}",
+                "pick ep among the divisors of dp*cp (expert groups are folded into the data x context ranks)")
+    if model.moe.experts % ep:
+        return ("ep", f"ep={ep} does not divide the {model.moe.experts} experts", "pick ep dividing moe.experts")
+    if expert_tp not in (1, tp):
+        return ("expert_tp", f"expert_tp={expert_tp} is neither 1 nor tp={tp}", "set expert_tp to 1 or to tp")
+    if expert_tp > 1 and model.moe.expert_ffn_hidden % expert_tp:
+        return ("expert_tp", f"expert_tp={expert_tp} does not divide moe.expert_ffn_hidden "
+                f"{model.moe.expert_ffn_hidden}", "set expert_tp: 1")
+    return None
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """One pipeline stage (a virtual stage when interleaved).
@@ -188,6 +211,15 @@ class Plan:
         engine: the engine the plan is priced for and runs on (meshplan/engines.py): ``meshplan`` (``meshplan
             launch``), ``megatron`` or ``torchtitan`` (``meshplan export``).
         dp, tp, pp, cp: data, tensor, pipeline and context parallel degrees; dp*tp*pp*cp = world size.
+        ep: expert parallel degree of a mixture of experts (1 for a dense model): each MoE block's routed
+            experts are split over ``ep`` ranks of the data x context group (Megatron-Core's "MoE parallel
+            folding": the expert groups are folded into the dense part's dp x cp), tokens dispatched to their
+            experts' ranks and combined back by all-to-all. Divides ``dp * cp`` and ``moe.experts``. The
+            ``dp * cp * tp / (ep * expert_tp)`` ranks holding the same experts are the expert-data-parallel group
+            that reduces (and under ZeRO shards) their gradients and state.
+        expert_tp: the tensor-parallel degree of each expert: 1 (each expert whole on its rank; under tp > 1 the
+            tensor-parallel ranks route their own sequence-parallel shards of the tokens) or ``tp`` (the
+            expert's matmuls split like the dense MLP's).
         cp_kind: ``ulysses`` (all-to-all over heads) or ``ring`` (K/V passed around a ring); ignored if cp == 1.
         sequence_parallel: Megatron sequence parallelism inside the tensor-parallel group (the planner turns it
             on whenever tp > 1; ``--fix sequence_parallel=false`` prices tensor parallel without it).
@@ -226,6 +258,8 @@ class Plan:
     cluster: ClusterSpec
     train: TrainSpec
     engine: str = "meshplan"
+    ep: int = 1
+    expert_tp: int = 1
     cp_kind: str = "ulysses"
     sequence_parallel: bool = True
     attention: str = "flash"
@@ -245,6 +279,11 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks that hold the same experts (the expert-data-parallel group): dp*cp*tp / (ep*expert_tp)."""
+        return self.dp * self.cp * self.tp // (self.ep * self.expert_tp)
 
     @property
     def recompute(self) -> str:
@@ -275,6 +314,9 @@ class Plan:
             pins["sequence_parallel"] = False
         if self.attention != "flash":
             pins["attention"] = self.attention
+        if self.model.moe is not None:
+            pins["ep"] = self.ep
+            pins["expert_tp"] = self.expert_tp
         if pins["recompute"] == "mixed":
             del pins["recompute"]
         return pins
@@ -292,6 +334,8 @@ class Plan:
             fields["schedule"] = self.schedule
         if self.cp > 1:
             fields["cp_kind"] = self.cp_kind
+        if self.expert_tp > 1:
+            fields["expert_tensor_parallel"] = True
         return fields
 
     # --- serialisation ----------------------------------------------------------------------
@@ -299,6 +343,7 @@ class Plan:
         out: dict[str, Any] = {
             "schema_version": self.schema_version, "engine": self.engine,
             "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "cp_kind": self.cp_kind,
+            **({"ep": self.ep, "expert_tp": self.expert_tp} if self.model.moe is not None else {}),
             "sequence_parallel": self.sequence_parallel, "attention": self.attention,
             "vocab_parallel": self.vocab_parallel, "micro_batch": self.micro_batch, "num_microbatches": self.num_microbatches,
             "schedule": self.schedule, "virtual_stages": self.virtual_stages, "zero": self.zero,
@@ -355,6 +400,8 @@ class Plan:
             cluster=ClusterSpec.from_dict(data["cluster"], f"{where}.cluster"),
             train=TrainSpec.from_dict(data["train"], f"{where}.train"),
             engine=get_engine(data.get("engine", DEFAULT_ENGINE), f"{where}.engine").name,
+            ep=_as_int(data.get("ep", 1), f"{where}.ep", 1),
+            expert_tp=_as_int(data.get("expert_tp", 1), f"{where}.expert_tp", 1),
             cp_kind=_as_choice(data.get("cp_kind", "ulysses"), f"{where}.cp_kind", CP_KINDS),
             sequence_parallel=_as_bool(data.get("sequence_parallel", degrees["tp"] > 1), f"{where}.sequence_parallel"),
             attention=_as_choice(data.get("attention", "flash"), f"{where}.attention", ATTENTIONS),
@@ -394,6 +441,10 @@ class Plan:
         if self.tp_overlap and self.tp > 1 and not self.sequence_parallel:
             raise InputError(f"{where}.tp_overlap", "TP communication overlap needs sequence parallel",
                              "set sequence_parallel: true or tp_overlap: false")
+        expert_problem = expert_layout_problem(self.model, self.dp, self.tp, self.cp, self.ep, self.expert_tp)
+        if expert_problem:
+            field_name, problem, fix = expert_problem
+            raise InputError(f"{where}.{field_name}", problem, fix)
         expected = self.pp * self.virtual_stages
         if len(self.stages) != expected:
             raise InputError(f"{where}.stages", f"{len(self.stages)} stages for pp*virtual_stages = {expected}",

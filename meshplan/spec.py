@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 MLP_KINDS = ("gelu", "swiglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POSITION_KINDS = ("learned", "rope")
+ROUTER_SCORES = ("softmax", "sigmoid")
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -150,6 +151,8 @@ class ModelSpec:
         rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
         dropout: dropout probability on attention and residual branches (0 for Llama-style models).
         max_seq_len: positions table size for ``learned``; 0 means the training sequence length.
+        moe: the mixture-of-experts layout (:class:`MoESpec`) of the blocks whose MLP is a set of experts, or
+            ``None`` for a dense model.
     """
 
     name: str
@@ -170,10 +173,13 @@ class ModelSpec:
     rope_scaling: "RopeScaling | None" = None
     dropout: float = 0.0
     max_seq_len: int = 0
+    moe: "MoESpec | None" = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         where = f"model '{self.name}'"
+        if isinstance(self.moe, Mapping):
+            object.__setattr__(self, "moe", MoESpec.from_dict(self.moe, f"{where}: moe"))
         object.__setattr__(self, "qkv_bias", _as_bool(self.qkv_bias, f"{where}: qkv_bias"))
         object.__setattr__(self, "norm_eps", _as_float(self.norm_eps, f"{where}: norm_eps"))
         object.__setattr__(self, "rope_theta", _as_float(self.rope_theta, f"{where}: rope_theta"))
@@ -202,6 +208,11 @@ class ModelSpec:
         ffn = self.ffn_hidden or default_ffn_hidden(self.hidden, self.mlp)
         object.__setattr__(self, "ffn_hidden", _as_int(ffn, f"{where}: ffn_hidden", 1, 10**9))
         object.__setattr__(self, "max_seq_len", _as_int(self.max_seq_len, f"{where}: max_seq_len", 0, 10**9))
+        if self.moe is not None:
+            self.moe.check_layers(self.layers, f"{where}: moe.layers")
+            if self.moe.experts > 1 and self.mlp != "swiglu":
+                raise InputError(f"{where}: mlp", "experts are SwiGLU MLPs in every model meshplan reads",
+                                 "use mlp: swiglu for a model with a moe section")
         if self.schema_version != SCHEMA_VERSION:
             raise InputError(f"{where}: schema_version", f"unsupported version {self.schema_version}",
                              f"this meshplan reads version {SCHEMA_VERSION}")
@@ -210,13 +221,26 @@ class ModelSpec:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer``'s MLP is the mixture of experts (``moe.layers``)."""
+        return self.moe is not None and self.moe.is_moe_layer(layer)
+
+    @property
+    def moe_layer_count(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
     @property
     def attention_biases(self) -> bool:
         """The query, key and value projections have biases (``bias`` or ``qkv_bias``)."""
         return self.bias or self.qkv_bias
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.moe is None:
+            del out["moe"]                  # dense models' files stay as they were
+        else:
+            out["moe"] = self.moe.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> "ModelSpec":
@@ -255,6 +279,103 @@ class RopeScaling:
                                                                 f"{where}.original_max_position_embeddings"))
         except KeyError as exc:
             raise InputError(f"{where}.{exc.args[0]}", "missing", "give all four Llama 3 scaling fields") from None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Mixtral, Jiang et al. 2024):
+    a router scores every token against ``experts`` SwiGLU experts and sends it to its ``top_k`` best; the
+    outputs are summed with the router's weights; shared experts (Qwen2-MoE, DeepSeekMoE) see every token.
+
+    Fields:
+        experts: routed experts per MoE block (E).
+        top_k: experts each token is sent to (k).
+        expert_ffn_hidden: the inner width of one routed expert (Mixtral: 14336; Qwen2-MoE: 1408).
+        shared_experts: experts every token passes through, 0 for none.
+        shared_ffn_hidden: the inner width of all shared experts together (one SwiGLU of this width; Qwen2-MoE's
+            ``shared_expert_intermediate_size``, DeepSeek's ``n_shared_experts * moe_intermediate_size``).
+        shared_expert_gate: the shared experts' output is scaled by a sigmoid gate of the token (Qwen2-MoE).
+        layers: which blocks are MoE: ``None`` for all, else the sorted block indices (a YAML file may give an
+            integer N: every N-th block, counting from the N-th, as Qwen2-MoE's ``decoder_sparse_step``).
+            The other blocks keep the dense MLP of width ``ModelSpec.ffn_hidden``.
+        router_score: ``softmax`` (Mixtral, Qwen) or ``sigmoid`` (DeepSeek-V3) over the experts' logits.
+        normalize_top_k: the top-k weights are renormalised to sum to 1 (Mixtral, Qwen3-MoE: yes;
+            Qwen2-MoE: no).
+        aux_loss_coeff: the load-balancing loss coefficient (Switch Transformer's ``alpha * E * sum f_i P_i``,
+            Fedus et al. 2021), 0 for none.
+        capacity_factor: tokens an expert accepts, as a multiple of its even share, the rest dropped (GShard);
+            0 for dropless (every routed token is computed: Megatron-Core's dropless dispatcher, Mixtral).
+    """
+
+    experts: int
+    top_k: int
+    expert_ffn_hidden: int
+    shared_experts: int = 0
+    shared_ffn_hidden: int = 0
+    shared_expert_gate: bool = False
+    layers: tuple[int, ...] | None = None
+    router_score: str = "softmax"
+    normalize_top_k: bool = True
+    aux_loss_coeff: float = 0.01
+    capacity_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        where = "moe"
+        object.__setattr__(self, "experts", _as_int(self.experts, f"{where}.experts", 1, 1 << 20))
+        object.__setattr__(self, "top_k", _as_int(self.top_k, f"{where}.top_k", 1, self.experts))
+        object.__setattr__(self, "expert_ffn_hidden", _as_int(self.expert_ffn_hidden, f"{where}.expert_ffn_hidden"))
+        object.__setattr__(self, "shared_experts", _as_int(self.shared_experts, f"{where}.shared_experts", 0))
+        object.__setattr__(self, "shared_ffn_hidden", _as_int(self.shared_ffn_hidden, f"{where}.shared_ffn_hidden", 0))
+        if bool(self.shared_experts) != bool(self.shared_ffn_hidden):
+            raise InputError(f"{where}.shared_ffn_hidden", f"shared_experts {self.shared_experts} with "
+                             f"shared_ffn_hidden {self.shared_ffn_hidden}", "give both, or neither")
+        object.__setattr__(self, "shared_expert_gate", _as_bool(self.shared_expert_gate, f"{where}.shared_expert_gate"))
+        object.__setattr__(self, "router_score", _as_choice(self.router_score, f"{where}.router_score", ROUTER_SCORES))
+        object.__setattr__(self, "normalize_top_k", _as_bool(self.normalize_top_k, f"{where}.normalize_top_k"))
+        object.__setattr__(self, "aux_loss_coeff", _as_float(self.aux_loss_coeff, f"{where}.aux_loss_coeff",
+                                                             strict=False))
+        object.__setattr__(self, "capacity_factor", _as_float(self.capacity_factor, f"{where}.capacity_factor",
+                                                              strict=False))
+        if self.layers is not None and not isinstance(self.layers, int):
+            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+                raise InputError(f"{where}.layers", f"expected a list of block indices or an integer, got "
+                                 f"{self.layers!r}", "write layers: [1, 3, 5] or layers: 2")
+            object.__setattr__(self, "layers", tuple(sorted({_as_int(x, f"{where}.layers", 0) for x in self.layers})))
+
+    def check_layers(self, count: int, where: str) -> None:
+        """The block indices exist in a model of ``count`` blocks (and a frequency becomes its list)."""
+        if isinstance(self.layers, int):
+            step = _as_int(self.layers, where)
+            object.__setattr__(self, "layers", tuple(range(step - 1, count, step)))
+        if self.layers is not None:
+            if not self.layers or self.layers[-1] >= count:
+                raise InputError(where, f"{list(self.layers)} names no block or one beyond the model's {count}",
+                                 f"give indices in [0, {count})")
+            if len(self.layers) == count:
+                object.__setattr__(self, "layers", None)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "MoESpec":
+        _check_keys(cls, data, where)
+        missing = [k for k in ("experts", "top_k", "expert_ffn_hidden") if k not in data]
+        if missing:
+            raise InputError(f"{where}.{missing[0]}", "missing", "give experts, top_k and expert_ffn_hidden")
+        try:
+            return cls(**dict(data))
+        except InputError as error:
+            raise InputError(f"{where}{str(error.field)[3:]}", error.problem, error.fix) from None
 
 
 def default_ffn_hidden(hidden: int, mlp: str) -> int:
@@ -300,8 +421,16 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000),             # mistralai/Mistral-7B-v0.1
         _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, **_QWEN2),  # Qwen/Qwen2.5-7B
         _llama("qwen2.5-72b", 80, 8192, 64, 8, 29568, 152064, **_QWEN2),  # Qwen/Qwen2.5-72B
-        # A tiny model for CPU launches and tests.
+        _llama("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, rope_theta=1e6,      # mistralai/Mixtral-8x7B-v0.1
+               moe=MoESpec(experts=8, top_k=2, expert_ffn_hidden=14336, aux_loss_coeff=0.02)),
+        _llama("mixtral-8x22b", 56, 6144, 48, 8, 16384, 32000, rope_theta=1e6,     # mistralai/Mixtral-8x22B-v0.1
+               moe=MoESpec(experts=8, top_k=2, expert_ffn_hidden=16384, aux_loss_coeff=0.001)),
+        _llama("qwen2-moe-a2.7b", 24, 2048, 16, 16, 5632, 151936, **_QWEN2,        # Qwen/Qwen1.5-MoE-A2.7B
+               moe=MoESpec(experts=60, top_k=4, expert_ffn_hidden=1408, shared_experts=1, shared_ffn_hidden=5632,
+                           shared_expert_gate=True, normalize_top_k=False, aux_loss_coeff=0.001)),
+        # Tiny models for CPU launches and tests.
         _llama("tiny-llama", 4, 64, 4, 2, 176, 256),
+        _llama("tiny-moe", 4, 64, 4, 2, 176, 256, moe=MoESpec(experts=4, top_k=2, expert_ffn_hidden=64)),
         _gpt("tiny-gpt", 4, 64, 4, 256, 256),
     ]
 }
@@ -330,13 +459,59 @@ def hf_rope_type(data: Mapping[str, Any]) -> str:
     return str(params.get("rope_type", params.get("type", "default")))
 
 
+def _sparse_layers(layers: int, step: int, dense: Any, first_dense: int) -> tuple[int, ...] | None:
+    """The MoE blocks of a Hugging Face config: every ``step``-th block (Qwen's ``decoder_sparse_step``,
+    DeepSeek's ``moe_layer_freq``, counted as ``(i + 1) % step == 0`` in Qwen and ``i % step == 0`` past
+    ``first_k_dense_replace`` in DeepSeek: equal at step 1), less ``mlp_only_layers`` and the first dense ones."""
+    dense_set = set(dense or ())
+    chosen = tuple(i for i in range(first_dense, layers) if (i + 1) % step == 0 and i not in dense_set)
+    return None if len(chosen) == layers else chosen
+
+
+def hf_moe(data: Mapping[str, Any], kind: str, where: str) -> "MoESpec | None":
+    """The MoE part of a Mixtral, Qwen2-MoE / Qwen3-MoE or DeepSeek-V2/V3 ``config.json``."""
+    layers = data["num_hidden_layers"]
+    if kind == "mixtral":
+        return MoESpec(experts=data["num_local_experts"], top_k=data["num_experts_per_tok"],
+                       expert_ffn_hidden=data["intermediate_size"],
+                       aux_loss_coeff=data.get("router_aux_loss_coef", 0.001))
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        shared = data.get("shared_expert_intermediate_size") or 0
+        return MoESpec(experts=data["num_experts"], top_k=data["num_experts_per_tok"],
+                       expert_ffn_hidden=data["moe_intermediate_size"], shared_experts=1 if shared else 0,
+                       shared_ffn_hidden=shared, shared_expert_gate=bool(shared),
+                       layers=_sparse_layers(layers, data.get("decoder_sparse_step", 1), data.get("mlp_only_layers"), 0),
+                       normalize_top_k=bool(data.get("norm_topk_prob", kind == "qwen3_moe")),
+                       aux_loss_coeff=data.get("router_aux_loss_coef", 0.001))
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        shared = data.get("n_shared_experts") or 0
+        return MoESpec(experts=data["n_routed_experts"], top_k=data["num_experts_per_tok"],
+                       expert_ffn_hidden=data["moe_intermediate_size"], shared_experts=shared,
+                       shared_ffn_hidden=shared * data["moe_intermediate_size"],
+                       layers=_sparse_layers(layers, data.get("moe_layer_freq", 1), (),
+                                             data.get("first_k_dense_replace", 0)),
+                       router_score=data.get("scoring_func", "softmax"),
+                       normalize_top_k=bool(data.get("norm_topk_prob", False)),
+                       aux_loss_coeff=data.get("aux_loss_alpha", 0.001))
+    return None
+
+
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+
+
 def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
-    """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX) into a ModelSpec."""
+    """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE, GPT-2, GPT-NeoX)
+    into a ModelSpec."""
     where = f"--model {path}"
     kind = str(data.get("model_type", "")).lower()
     name = path.parent.name or kind or "hf-model"
     try:
-        if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        if kind in ("deepseek_v2", "deepseek_v3") and data.get("kv_lora_rank"):
+            raise InputError(f"{where}: kv_lora_rank", f"{kind}'s multi-head latent attention (kv_lora_rank "
+                             f"{data['kv_lora_rank']}) is not modelled by meshplan",
+                             "write a meshplan model YAML with grouped-query attention of the same size and this "
+                             "config's moe section")
+        if kind in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
             act = str(data.get("hidden_act", "silu"))
             if act not in ("silu", "swish"):
                 raise InputError(f"{where}: hidden_act", f"{act!r} is not supported for {kind}", "use silu (SwiGLU)")
@@ -350,7 +525,8 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 heads=heads, kv_heads=data.get("num_key_value_heads") or 0,
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
-                qkv_bias=kind == "qwen2", norm_eps=data.get("rms_norm_eps", 1e-6), **_hf_rope(data, where),
+                qkv_bias=kind in ("qwen2", "qwen2_moe"), norm_eps=data.get("rms_norm_eps", 1e-6),
+                moe=hf_moe(data, kind, where), **_hf_rope(data, where),
             )
         if kind == "gpt2":
             hidden = data["n_embd"]
@@ -371,7 +547,8 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
     except KeyError as exc:
         raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None
     raise InputError(f"{where}: model_type", f"unsupported model_type {kind!r}",
-                     "supported: llama, mistral, qwen2, gpt2, gpt_neox; or write a meshplan model YAML")
+                     "supported: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, gpt2, gpt_neox; "
+                     "or write a meshplan model YAML")
 
 
 def load_model(source: str | None) -> ModelSpec:
