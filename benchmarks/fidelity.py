@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 from tabulate import tabulate
 
+from meshplan.flops import model_flops_per_iteration
 from meshplan.planner.search import search
-from meshplan.spec import CLUSTER_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, ModelSpec, TrainSpec, load_model
+from meshplan.spec import CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, DeviceSpec, LinkSpec, ModelSpec, TrainSpec, load_model
 
 DEFAULT_RUNS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "public-runs.yaml"
 
@@ -114,9 +115,37 @@ def torchtitan_cases(entry: dict) -> list[Case]:
     return cases
 
 
+def megatron_moe_cases(entry: dict) -> list[Case]:
+    """Megatron-Core MoE: Mixtral 8x7B (the preset's shape, checked against the entry's model), bf16,
+    distributed optimizer (ZeRO-1), dropless all-to-all dispatch, grouped GEMM, the README's reference
+    mapping pinned (tp, ep, pp, virtual stages, micro batch). The published TFLOP/s count the routed experts at
+    top-k and attention in full (Megatron-LM's num_floating_point_operations); iteration time = those FLOPs /
+    (TFLOP/s * GPUs)."""
+    common, cases = entry, []
+    device, intra, inter = CLUSTER_PRESETS["dgx-h100"]
+    shape = common["model_mixtral_8x7b"]
+    model = MODEL_PRESETS["mixtral-8x7b"]
+    for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"):
+        assert getattr(model, key) == shape[key], f"mixtral-8x7b preset {key} differs from the published run"
+    assert (model.moe.experts, model.moe.top_k) == (shape["experts"], shape["top_k"])
+    for run in entry["runs"]:
+        cluster = ClusterSpec(f"dgx-h100:{run['gpus'] // 8}", run["gpus"] // 8, 8, device, intra, inter)
+        train = TrainSpec(run["global_batch"], run["seq_len"], "bf16", "adam")
+        fixes = {"tp": run["tp"], "pp": run["pp"], "cp": 1, "ep": run["ep"], "expert_tp": 1, "zero": 1,
+                 "micro_batch": run["micro_batch"], "schedule": "interleaved",
+                 "virtual_stages": run["virtual_stages"], "vocab_parallel": False}
+        env = {"compile": False, "fused_kernels": True}
+        flops = model_flops_per_iteration(model, run["seq_len"], run["global_batch"], causal_halving=False)
+        cases.append(Case(f"megatron {run['model']} {run['gpus']} GPUs", model, cluster, train, fixes, env,
+                          flops / (run["tflops_per_gpu"] * 1e12 * run["gpus"]), None, "Megatron-Core v0.9 MoE H100",
+                          "megatron"))
+    return cases
+
+
 def load_cases(path: Path) -> list[Case]:
     data = yaml.safe_load(path.read_text())
-    return megatron_cases(data["megatron_core_h100_r0.8"]) + torchtitan_cases(data["torchtitan_llama3_h100_2024_12"])
+    return (megatron_cases(data["megatron_core_h100_r0.8"]) + megatron_moe_cases(data["megatron_core_moe_h100_v0.9"])
+            + torchtitan_cases(data["torchtitan_llama3_h100_2024_12"]))
 
 
 def predicted_use_gib(prediction) -> float:
@@ -138,7 +167,10 @@ def run(path: Path) -> dict:
         reserved = p.reserved_memory_gib
         mem_err = reserved / case.measured_memory_gib - 1 if case.measured_memory_gib else None
         speedup = p.iteration_s / f.iteration_s - 1
-        choice = f"dp{free.dp} tp{free.tp} pp{free.pp} cp{free.cp} mb{free.micro_batch} z{free.zero}"
+        choice = f"dp{free.dp} tp{free.tp} pp{free.pp} cp{free.cp}"
+        if free.model.moe is not None:
+            choice += f" ep{free.ep}" + (f" etp{free.expert_tp}" if free.expert_tp > 1 else "")
+        choice += f" mb{free.micro_batch} z{free.zero}"
         if free.pp > 1:
             choice += f" {free.schedule}" + (f"v{free.virtual_stages}" if free.virtual_stages > 1 else "")
         choice += f" rc={free.recompute}"

@@ -206,6 +206,8 @@ MEGATRON = Engine(
     # --attention-backend unfused (megatron/core/transformer/enums.py AttnBackend; DotProductAttention);
     # --sequence-parallel is a switch: without it the TP regions all-reduce (tensor_parallel/mappings.py).
     attentions=("flash", "unfused"), tp_without_sp=True,
+    # --expert-tensor-parallel-size (1, or the dense part's tp: MoE parallel folding).
+    expert_tensor_parallel=True,
 )
 
 TORCHTITAN = Engine(
@@ -238,6 +240,9 @@ TORCHTITAN = Engine(
     # rotating K/V beside the step; attention is torch SDPA; torchao Float8ColwiseParallel casts the
     # column-parallel input to fp8 before its all-gather (torchtitan parallelize apply_tp with float8).
     tp_backward_async=False, attention_kernel="flash2", fp8_allgather=True,
+    # parallelism.expert_parallel_degree only: the experts' ranks are efsdp * ep = dp_shard * cp * tp, each
+    # expert whole (torchtitan/config/configs.py ParallelismConfig).
+    expert_tensor_parallel=False,
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (MESHPLAN, MEGATRON, TORCHTITAN)}

@@ -123,6 +123,7 @@ def to_megatron_args(plan: Plan, warnings: list[str] | None = None) -> list[str]
     """
     args: list[str] = []
     _megatron_model(plan, args, warnings)
+    _megatron_moe(plan, args, warnings)
     _megatron_degrees(plan, args, warnings)
     _megatron_pipeline(plan, args, warnings)
     _megatron_recompute(plan, args, warnings)
@@ -172,6 +173,44 @@ def _megatron_model(plan: Plan, args: list[str], warnings: list[str] | None) -> 
     if t.precision == "fp8":
         _opt(args, "--fp8-format", "hybrid")
     _opt(args, "--optimizer", "sgd" if t.optimizer == "sgd" else "adam")
+
+
+def _megatron_moe(plan: Plan, args: list[str], warnings: list[str] | None) -> None:
+    """The experts and their layout (megatron/training/arguments.py ``_add_moe_args``): dropless all-to-all
+    dispatch with grouped GEMM, as the planner prices them; the router renormalises the top-k weights unless
+    ``--moe-router-pre-softmax`` (softmax over all experts, then top-k: Qwen2-MoE's ``norm_topk_prob: false``)."""
+    moe = plan.model.moe
+    if moe is None:
+        return
+    _opt(args, "--num-experts", moe.experts)
+    _opt(args, "--moe-router-topk", moe.top_k)
+    _opt(args, "--moe-ffn-hidden-size", moe.expert_ffn_hidden)
+    _opt(args, "--expert-model-parallel-size", plan.ep)
+    _opt(args, "--expert-tensor-parallel-size", plan.expert_tp)
+    if moe.layers is not None:
+        _opt(args, "--moe-layer-freq", "[" + ",".join("1" if plan.model.is_moe_layer(i) else "0"
+                                                      for i in range(plan.model.layers)) + "]")
+    if moe.shared_ffn_hidden:
+        _opt(args, "--moe-shared-expert-intermediate-size", moe.shared_ffn_hidden)
+        if moe.shared_expert_gate:
+            args.append("--moe-shared-expert-gate")
+    _opt(args, "--moe-router-score-function", moe.router_score)
+    if not moe.normalize_top_k:
+        if moe.router_score == "softmax":
+            args.append("--moe-router-pre-softmax")
+        else:
+            warn(warnings, "megatron: sigmoid scores without top-k renormalisation cannot be expressed; Megatron-LM "
+                           "renormalises sigmoid top-k weights")
+    _opt(args, "--moe-router-load-balancing-type", "aux_loss" if moe.aux_loss_coeff else "none")
+    if moe.aux_loss_coeff:
+        _opt(args, "--moe-aux-loss-coeff", moe.aux_loss_coeff)
+    _opt(args, "--moe-token-dispatcher-type", "alltoall")
+    args.append("--moe-grouped-gemm")
+    if not moe.dropless:
+        _opt(args, "--moe-expert-capacity-factor", moe.capacity_factor)
+    if plan.moe_imbalance:
+        warn(warnings, f"megatron: the plan is priced with an MoE load imbalance of {plan.moe_imbalance:g}; that "
+                       "is a prediction input, not a Megatron-LM option")
 
 
 # Megatron-LM's Llama 3 rotary scaling (megatron/core/models/common/embeddings/rope_utils.py, apply_scaling):

@@ -143,6 +143,8 @@ def _titan_model_parallel(plan: Plan, warnings: list[str] | None) -> list[str]:
         args.append("--parallelism.enable_sequence_parallel" if plan.sequence_parallel
                     else "--parallelism.no_enable_sequence_parallel")
     args += ["--parallelism.context_parallel_degree", str(plan.cp)]
+    if plan.model.moe is not None:
+        args += ["--parallelism.expert_parallel_degree", str(plan.ep)]
     if plan.cp > 1:
         if plan.cp_kind == "ulysses":
             warn(warnings, "torchtitan: Ulysses (all-to-all) context parallelism cannot be expressed; exported "
@@ -326,6 +328,8 @@ def _toml_parallelism(plan: Plan, warnings: list[str] | None) -> dict[str, Any]:
             warn(warnings, "torchtitan: ZeRO-1 has no torchtitan equivalent; exported as FSDP2 with "
                            "fsdp_reshard_after_forward = never (ZeRO-2: gradients sharded too)")
     par["tensor_parallel_degree"] = plan.tp
+    if plan.model.moe is not None:
+        par["expert_parallel_degree"] = plan.ep
     if plan.tp > 1 and not plan.sequence_parallel:
         warn(warnings, "torchtitan: tensor parallelism without sequence parallelism cannot be expressed in 0.2; "
                        "it always shards norms over the sequence")

@@ -28,7 +28,7 @@ import yaml
 
 from meshplan.engines import DEFAULT_ENGINE, get_engine
 from meshplan.errors import InputError
-from meshplan.spec import (SCHEMA_VERSION, ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int,
+from meshplan.spec import (SCHEMA_VERSION, ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_float, _as_int,
                            load_structured_file)
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -220,6 +220,8 @@ class Plan:
         expert_tp: the tensor-parallel degree of each expert: 1 (each expert whole on its rank; under tp > 1 the
             tensor-parallel ranks route their own sequence-parallel shards of the tokens) or ``tp`` (the
             expert's matmuls split like the dense MLP's).
+        moe_imbalance: the load of the busiest EP rank over the mean that the plan was priced with
+            (``--fix moe_imbalance``); 0 for the planner's default (planner/moe.py default_imbalance).
         cp_kind: ``ulysses`` (all-to-all over heads) or ``ring`` (K/V passed around a ring); ignored if cp == 1.
         sequence_parallel: Megatron sequence parallelism inside the tensor-parallel group (the planner turns it
             on whenever tp > 1; ``--fix sequence_parallel=false`` prices tensor parallel without it).
@@ -260,6 +262,7 @@ class Plan:
     engine: str = "meshplan"
     ep: int = 1
     expert_tp: int = 1
+    moe_imbalance: float = 0.0
     cp_kind: str = "ulysses"
     sequence_parallel: bool = True
     attention: str = "flash"
@@ -317,6 +320,8 @@ class Plan:
         if self.model.moe is not None:
             pins["ep"] = self.ep
             pins["expert_tp"] = self.expert_tp
+            if self.moe_imbalance:
+                pins["moe_imbalance"] = self.moe_imbalance
         if pins["recompute"] == "mixed":
             del pins["recompute"]
         return pins
@@ -343,7 +348,8 @@ class Plan:
         out: dict[str, Any] = {
             "schema_version": self.schema_version, "engine": self.engine,
             "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "cp_kind": self.cp_kind,
-            **({"ep": self.ep, "expert_tp": self.expert_tp} if self.model.moe is not None else {}),
+            **({"ep": self.ep, "expert_tp": self.expert_tp, "moe_imbalance": self.moe_imbalance}
+               if self.model.moe is not None else {}),
             "sequence_parallel": self.sequence_parallel, "attention": self.attention,
             "vocab_parallel": self.vocab_parallel, "micro_batch": self.micro_batch, "num_microbatches": self.num_microbatches,
             "schedule": self.schedule, "virtual_stages": self.virtual_stages, "zero": self.zero,
@@ -402,6 +408,7 @@ class Plan:
             engine=get_engine(data.get("engine", DEFAULT_ENGINE), f"{where}.engine").name,
             ep=_as_int(data.get("ep", 1), f"{where}.ep", 1),
             expert_tp=_as_int(data.get("expert_tp", 1), f"{where}.expert_tp", 1),
+            moe_imbalance=_as_float(data.get("moe_imbalance", 0.0), f"{where}.moe_imbalance", strict=False),
             cp_kind=_as_choice(data.get("cp_kind", "ulysses"), f"{where}.cp_kind", CP_KINDS),
             sequence_parallel=_as_bool(data.get("sequence_parallel", degrees["tp"] > 1), f"{where}.sequence_parallel"),
             attention=_as_choice(data.get("attention", "flash"), f"{where}.attention", ATTENTIONS),

@@ -42,7 +42,8 @@ def plan_command(
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd"),
     fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
                                   "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
-                                  "compile, fused_kernels, sequence_parallel, attention (flash | unfused)"),
+                                  "compile, fused_kernels, sequence_parallel, attention (flash | unfused); for a mixture of "
+                                  "experts ep, expert_tp, moe_imbalance"),
     engine: str = typer.Option("meshplan", "--engine", "-e", help="The engine that will run the plan: meshplan "
                                "(meshplan launch), megatron (Megatron-Core) or torchtitan; the search offers what it "
                                "runs and prices it as it behaves"),
@@ -225,14 +226,16 @@ def render_text(result, markdown: bool = False) -> str:
     for i, p in enumerate(result.plans, 1):
         pr = p.predicted
         sched = "-" if p.pp == 1 else (p.schedule + (f" v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
-        rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", p.micro_batch,
+        experts = [p.ep if p.expert_tp == 1 else f"{p.ep} (etp {p.expert_tp})"] if m.moe is not None else []
+        rows.append([i, p.dp, p.tp, p.pp, p.cp if p.cp == 1 else f"{p.cp} {p.cp_kind}", *experts, p.micro_batch,
                      p.num_microbatches, sched, p.zero, p.recompute, "yes" if p.vocab_parallel else "no",
                      f"{pr.iteration_s:.4g}", f"{pr.tokens_per_s:,.0f}", f"{pr.tflops_per_gpu * rate_factor:.3g}",
                      f"{pr.mfu:.1%}", f"{pr.allocated_peak_gib * mem_factor:,.1f}",
                      f"{reserved_gib(pr) * mem_factor:,.1f}"])
     per_rank = units.rank_word(c.gpu.kind)
-    headers = ["#", "dp", "tp", "pp", "cp", "micro", "n_micro", "schedule", "zero", "recompute", "vocab par",
-               "iter s", "tokens/s", f"{rate_unit}/{per_rank}", "MFU", f"allocated {mem_unit}", f"reserved {mem_unit}"]
+    headers = ["#", "dp", "tp", "pp", "cp", *(["ep"] if m.moe is not None else []), "micro", "n_micro", "schedule",
+               "zero", "recompute", "vocab par", "iter s", "tokens/s", f"{rate_unit}/{per_rank}", "MFU",
+               f"allocated {mem_unit}", f"reserved {mem_unit}"]
     lines = []
     ranks = (units.rank_count("cpu", c.world_size) if c.gpu.kind == "cpu" else f"{c.world_size:,} x {c.gpu.name}")
     head = (f"{m.name} on {c.name} ({ranks}, {units.human_memory(c.gpu.memory_gib)} each), "

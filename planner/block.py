@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from meshplan.engines import MESHPLAN, Engine
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
-from meshplan.planner import comm, compute, flops, memory
+from meshplan.planner import comm, compute, flops, memory, moe
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.host import HostModel, host_model
 from meshplan.planner.inputs import MODES, Config, Context
@@ -32,6 +32,14 @@ class LayerCost:
     tp_comm: float                  # exposed seconds (fwd + bwd) included above
     cp_comm: float
     matmul_fwd: float
+    expert_params: float = 0.0      # of ``params``: the routed experts' (sharded over the expert-data-parallel group)
+    ep_comm: float = 0.0            # exposed seconds (fwd + bwd) of the experts' all-to-all and expert-TP collectives
+    imbalance: float = 1.0          # the MoE load factor applied (moe.default_imbalance or the pin)
+
+    @property
+    def dense_params(self) -> float:
+        """Parameters the data x context group shares (all but the routed experts)."""
+        return self.params - self.expert_params
 
 
 @dataclass(frozen=True)
@@ -51,14 +59,28 @@ def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
     """The per-layer costs of ``cfg`` (cached)."""
     return layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind,
                       cfg.tp_overlap, cfg.compile or cfg.fused_kernels, cfg.fused_kernels, cfg.mesh_order,
-                      cfg.dp, cfg.pp, engine=ctx.engine, sp=cfg.sp, attention=cfg.attention)
+                      cfg.dp, cfg.pp, engine=ctx.engine, sp=cfg.sp, attention=cfg.attention,
+                      experts=ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance))
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a mixture of experts is split (plan ``ep``, ``expert_tp``) and the load factor to price it with
+    (None: moe.default_imbalance)."""
+
+    ep: int = 1
+    expert_tp: int = 1
+    imbalance: float | None = None
+
+
+DENSE = ExpertLayout()
 
 
 @lru_cache(maxsize=4096)
 def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
                mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool = True,
-               attention: str = "flash") -> LayerCost:
+               attention: str = "flash", experts: ExpertLayout = DENSE) -> LayerCost:
     """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
     (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
     (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
@@ -66,7 +88,8 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     ``unfused`` (plan.attention).
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
-        bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp"""
+        bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp
+    A model with experts has these of the mean block: :func:`moe_block_delta` in the share of MoE blocks."""
     host = host_model(cluster)
     act_bytes = memory.ACT_BYTES[train.precision]
     tokens = micro_batch * train.seq_len / cp
@@ -95,15 +118,70 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     fwd_compute = c.matmul_fwd + attn_fwd + c.ew_fwd
     fwd = fwd_compute + tp_fwd + cp_fwd
     bwd = 2 * c.matmul_fwd + attn_bwd + 2 * c.ew_fwd + tp_bwd + cp_bwd
+    params, expert_params, ep_comm, imbalance = layer_params_per_rank(model, tp), 0.0, 0.0, 1.0
+    if model.moe is not None:
+        mb = moe_of(model, cluster, train, tokens, tp, sp, degrees, mesh_order, experts, fused_swiglu)
+        d_fwd, d_bwd, d_tp = moe_block_delta(model, train, tokens, tp, sp, c, mb, tp_fwd, tp_bwd, fused_swiglu,
+                                             compute.achieved_rates(cluster, train.precision))
+        share = model.moe_layer_count / model.layers
+        fwd, bwd, tp_fwd, tp_bwd = fwd + share * d_fwd, bwd + share * d_bwd, tp_fwd - share * d_tp, tp_bwd - share * d_tp
+        ep_comm = share * 2 * (mb.a2a + mb.etp_comm)
+        params += share * (mb.expert_params + mb.other_params - flops.mlp_params_per_layer(model) / tp)
+        expert_params, imbalance = share * mb.expert_params, mb.imbalance
     recompute_cost = recompute_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, fwd,
                                        engine, attn_fwd + cp_fwd, sp)
     acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
                                          engine.sp_saved_input, engine.selective_recompute, sp,
-                                         attention == "flash")
+                                         attention == "flash", experts=experts, imbalance=imbalance)
             for mode in MODES}
     return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
-                     params=layer_params_per_rank(model, tp), tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
-                     matmul_fwd=c.matmul_fwd)
+                     params=params, tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
+                     matmul_fwd=c.matmul_fwd, expert_params=expert_params, ep_comm=ep_comm, imbalance=imbalance)
+
+
+def expert_group_link(cluster: ClusterSpec, mesh_order: tuple[str, ...], degrees: dict[str, int],
+                      ep: int) -> GroupLink:
+    """The link of an EP group: ``ep`` consecutive members of the data x context group (plan.ep), strided as
+    its innermost dimension."""
+    return comm.group_link(cluster, ep, data_context_stride(mesh_order, degrees))
+
+
+def data_context_stride(mesh_order: tuple[str, ...], degrees: dict[str, int]) -> int:
+    """The rank distance of neighbours in the flattened data x context group: the stride of its inner
+    dimension of more than one rank."""
+    used = [comm.group_stride(mesh_order, degrees, d) for d in ("dp", "cp") if degrees[d] > 1]
+    return min(used) if used else 1
+
+
+def moe_of(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tokens: float, tp: int, sp: bool,
+           degrees: dict[str, int], mesh_order: tuple[str, ...], experts: ExpertLayout,
+           fused_swiglu: bool) -> moe.MoEBlock:
+    """The MoE block (moe.moe_block) of this layout (``degrees``: dp, tp, pp, cp)."""
+    ep_link = expert_group_link(cluster, mesh_order, degrees, experts.ep)
+    tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
+    return moe.moe_block(model, tokens, tp, sp, experts.ep, experts.expert_tp, ep_link, tp_link,
+                         compute.achieved_rates(cluster, train.precision), memory.ACT_BYTES[train.precision],
+                         fused_swiglu, experts.imbalance)
+
+
+def moe_block_delta(model: ModelSpec, train: TrainSpec, tokens: float, tp: int, sp: bool, c: BlockCompute,
+                    mb: moe.MoEBlock, tp_fwd: float, tp_bwd: float, fused_swiglu: bool,
+                    rates: compute.Rates) -> tuple[float, float, float]:
+    """(forward, backward, TP seconds each direction no longer spent) of an MoE block over the dense block:
+        + experts, router and shared experts (moe.moe_block), the dispatch / combine and expert-TP collectives
+        - the dense MLP's GEMMs (compute.layer_matmul_shapes' MLP pair) and its activation function's traffic
+        - under sequence parallel without shared experts, the dense MLP's all-gather and reduce-scatter
+          (half the block's TP collectives): the routed experts take the sequence-parallel shard as it is
+    GEMMs and memory traffic scale by the profile's measured ratio of the block (``c.timed``)."""
+    shapes = compute.layer_matmul_shapes(model, tokens, tp)[2:]
+    act_passes = (3 if fused_swiglu else 5) if model.mlp == "swiglu" else 2
+    dense = (sum(compute.matmul_time(m, k, n, rates) for m, k, n in shapes)
+             + act_passes * tokens * model.ffn_hidden / tp * memory.ACT_BYTES[train.precision] / rates.memory)
+    work = mb.gemm_fwd + mb.memory_fwd - dense
+    comm_s = mb.a2a + mb.etp_comm
+    saved_tp = 0.5 if sp and tp > 1 and not model.moe.shared_ffn_hidden else 0.0
+    return (c.timed * work + comm_s - saved_tp * tp_fwd, c.timed * 2 * work + comm_s - saved_tp * tp_bwd,
+            saved_tp * tp_fwd)
 
 
 def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
@@ -284,7 +362,8 @@ def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, 
 
 def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int, cp: int, act_bytes: int,
                            fused_swiglu: bool, mode: str, sp_saved_input: str = "gathered",
-                           selective: str = "meshplan", sp: bool = True, flash: bool = True) -> float:
+                           selective: str = "meshplan", sp: bool = True, flash: bool = True,
+                           experts: ExpertLayout = DENSE, imbalance: float = 1.0) -> float:
     """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer),
     as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
     keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
@@ -295,11 +374,24 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     attention's scores."""
     sp = sp and tp > 1
     fused_norm = model.norm == "layernorm" or fused_swiglu
-    return memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
-                                             flash=flash, recompute=mode, fused_swiglu=fused_swiglu,
-                                             fused_norm=fused_norm,
-                                             gathered_linear_inputs=sp_saved_input == "gathered",
-                                             selective=selective)
+    dense = memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
+                                              flash=flash, recompute=mode, fused_swiglu=fused_swiglu,
+                                              fused_norm=fused_norm,
+                                              gathered_linear_inputs=sp_saved_input == "gathered",
+                                              selective=selective)
+    if model.moe is None or mode == "full":
+        return dense
+    tokens = micro_batch * seq / cp
+    routed = tokens / (tp if sp else 1)
+    rows = routed * model.moe.top_k * imbalance * experts.expert_tp
+    mlp_input = act_bytes * tokens * model.hidden * (1.0 if sp_saved_input == "gathered" or not sp else 1.0 / tp)
+    if mode == "selective" and selective != "core_attention":     # the dense MLP kept w1's output only
+        replaced = act_bytes * tokens * model.ffn_hidden / tp
+    else:
+        replaced = moe.dense_mlp_saved_bytes(model, tokens, tp, act_bytes, fused_swiglu, mlp_input)
+    kept = moe.saved_bytes(model, routed, tokens, rows, model.moe.expert_ffn_hidden / experts.expert_tp, tp,
+                           act_bytes, fused_swiglu)
+    return dense + model.moe_layer_count / model.layers * (kept - replaced)
 
 
 def layer_params_per_rank(model: ModelSpec, tp: int) -> float:

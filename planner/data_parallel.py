@@ -18,7 +18,7 @@ call. Where ranks are time-sliced, each call also waits for the last rank to rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.layout import Layout
@@ -106,7 +106,8 @@ def per_unit_measured(s: Step, collective: str, bytes_per_param: float, blocks: 
     when it holds parameters), each as the profile timed that size with every replica group of this shape
     at once (comm.measured_collective_time). None without such a table."""
     cluster = s.ctx.cluster
-    block = comm.measured_collective_time(cluster, collective, s.replicas, s.dp_stride, bytes_per_param * s.lc.params)
+    block = comm.measured_collective_time(cluster, collective, s.replicas, s.dp_stride,
+                                          bytes_per_param * s.lc.dense_params)
     if block is None:
         return None
     root = (comm.measured_collective_time(cluster, collective, s.replicas, s.dp_stride, bytes_per_param * root_params)
@@ -173,25 +174,38 @@ def zero3_exposed(s: Step, o: Overlap, k: RankTraffic) -> float:
     return s.num_mb * per_mb
 
 
-def rank_traffic(s: Step, layout: Layout, o: Overlap, r: int) -> RankTraffic:
-    """Pipeline rank ``r``'s :class:`RankTraffic`; the gradient reduction's window is the last micro-batch's
-    backward, or (one REDUCE_GRAD after the stage's last backward) the rank's drain."""
+def rank_traffic(s: Step, layout: Layout, o: Overlap, r: int, roots: bool = True) -> RankTraffic:
+    """Pipeline rank ``r``'s :class:`RankTraffic` (its blocks' shared parameters, and with ``roots`` its root
+    unit's); the gradient reduction's window is the last micro-batch's backward, or (one REDUCE_GRAD after the
+    stage's last backward) the rank's drain."""
     blocks = layout.rank_layers[r]
-    root_params = rank_root_params(s, r)
+    root_params = rank_root_params(s, r) if roots else 0.0
     window = drain_after_last_backward(s, layout, r) if o.after_schedule else blocks * s.lc.bwd
-    return RankTraffic(blocks, root_params, root_params + blocks * s.lc.params,
+    return RankTraffic(blocks, root_params, root_params + blocks * s.lc.dense_params,
                        blocks + (1 if root_params > 0 else 0), blocks * s.lc.fwd, blocks * s.lc.bwd, window)
 
 
-def dp_time(s: Step, layout: Layout, makespan: float) -> float:
-    """The slowest pipeline rank's exposed data-parallel seconds per step (0 without replicas)."""
+def dp_time(s: Step, layout: Layout, makespan: float, roots: bool = True) -> float:
+    """The slowest pipeline rank's exposed data-parallel seconds per step (0 without replicas), with the
+    routed experts' reduction over their own group (:func:`expert_dp_step`) beside it."""
+    expert = 0.0
+    if s.lc.expert_params and s.expert_dp > 1 and roots:
+        expert = dp_time(expert_dp_step(s), layout, makespan, roots=False)
     if s.replicas == 1:
-        return 0.0
+        return expert
     o = overlap_of(s, makespan)
     term = {0: ddp_exposed, 1: zero1_exposed}.get(s.cfg.zero)
     if term is None:
         term = sharded_step_exposed if s.cfg.zero == 2 or s.p > 1 else zero3_exposed
-    return max(term(s, o, rank_traffic(s, layout, o, r)) for r in range(s.p))
+    return expert + max(term(s, o, rank_traffic(s, layout, o, r, roots)) for r in range(s.p))
+
+
+def expert_dp_step(s: Step) -> Step:
+    """The step as the routed experts' data-parallel traffic sees it: their parameters per block, reduced (and
+    under ZeRO gathered) over the expert-data-parallel group on its link. Its exposed seconds add to the
+    shared parameters' (each priced beside the same compute windows)."""
+    lc = replace(s.lc, params=s.lc.expert_params, expert_params=0.0)
+    return replace(s, lc=lc, replicas=s.expert_dp, dp_link=s.expert_dp_link, dp_stride=s.dp_stride * s.cfg.ep)
 
 
 def kv_replica_sync_time(s: Step, layout: Layout) -> float:
@@ -221,6 +235,7 @@ def optimizer_time(s: Step, layout: Layout) -> float:
                                                              cfg.tp)
     if per_param is None:
         per_param = opt_bytes / rates.memory
-    return max(((rank_root_params(s, r) + layout.rank_layers[r] * s.lc.params)
-                / (s.replicas if cfg.zero >= 1 else 1) + s.vocab_shard_params) * per_param
-               for r in range(s.p))
+    experts = s.lc.expert_params / (s.expert_dp if cfg.zero >= 1 else 1)
+    return max(((rank_root_params(s, r) + layout.rank_layers[r] * s.lc.dense_params)
+                / (s.replicas if cfg.zero >= 1 else 1) + layout.rank_layers[r] * experts + s.vocab_shard_params)
+               * per_param for r in range(s.p))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshplan.plan import KERNEL_NAMES, Plan, Prediction, StagePlan
+from meshplan.plan import KERNEL_NAMES, Plan, Prediction, StagePlan, expert_layout_problem
 from meshplan.planner import data_parallel, flops, memory, pipeline, rank_memory
 from meshplan.planner.layout import Layout, block_split_counts, choose_layout, split_counts
 from meshplan.planner.layout import nccl_bytes as layout_nccl_bytes
@@ -101,6 +101,9 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
 
         iteration = pipeline makespan + exposed p2p + vocabulary edges + exposed data parallel + optimizer
     (the data-parallel term includes the gradient sum of replicated key/value heads where tp > kv_heads)."""
+    expert_problem = expert_layout_problem(ctx.model, cfg.dp, cfg.tp, cfg.cp, cfg.ep, cfg.expert_tp)
+    if expert_problem:
+        return Rejection(f"divisibility: {expert_problem[0]}", expert_problem[1])
     s = step_of(ctx, cfg)
     base, slope = rank_memory.static_lines(s)
     layout = choose_layout(s, base, slope, partition, recompute_counts)
@@ -134,12 +137,16 @@ def time_breakdown(s: Step, layout: Layout, pipe: PipelineTime, dp_time: float, 
     n_layers_total = sum(layout.rank_layers)
     tp_comm = lc.tp_comm * n_layers_total / p * num_mb
     cp_comm = lc.cp_comm * n_layers_total / p * num_mb
+    ep_comm = lc.ep_comm * n_layers_total / p * num_mb
     recompute_total = max(c.time for c in layout.choices) * num_mb
-    compute_total = (pipe.makespan + vc.edges_compute - pipe.bubble - tp_comm - cp_comm - recompute_total
+    compute_total = (pipe.makespan + vc.edges_compute - pipe.bubble - tp_comm - cp_comm - ep_comm - recompute_total
                      - vc.vocab_comm * num_mb)
-    return {"compute": compute_total, "recompute": recompute_total, "tp_comm": tp_comm, "cp_comm": cp_comm,
-            "pp_comm": pipe.pp_comm, "vocab_comm": vc.vocab_comm * num_mb + vc.edges_comm, "dp_comm": dp_time,
-            "bubble": pipe.bubble, "optimizer": opt_time}
+    out = {"compute": compute_total, "recompute": recompute_total, "tp_comm": tp_comm, "cp_comm": cp_comm,
+           "pp_comm": pipe.pp_comm, "vocab_comm": vc.vocab_comm * num_mb + vc.edges_comm, "dp_comm": dp_time,
+           "bubble": pipe.bubble, "optimizer": opt_time}
+    if s.ctx.model.moe is not None:
+        out["ep_comm"] = ep_comm
+    return out
 
 
 def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search: dict | None = None) -> Plan:
@@ -164,5 +171,6 @@ def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search
                 sequence_parallel=cfg.sp, attention=cfg.attention, vocab_parallel=cfg.vocab_parallel,
                 schedule=cfg.schedule if cfg.pp > 1 else "1f1b", virtual_stages=cfg.virtual_stages, zero=cfg.zero,
                 tp_overlap=cfg.tp_overlap, compile=cfg.compile, kernels=kernels, mesh_order=cfg.mesh_order,
-                predicted=prediction, notes=tuple(notes or ev.notes), search=search)
+                predicted=prediction, notes=tuple(notes or ev.notes), search=search, ep=cfg.ep,
+                expert_tp=cfg.expert_tp, moe_imbalance=cfg.moe_imbalance or 0.0)
 

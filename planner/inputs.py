@@ -37,6 +37,9 @@ class Config:
     mesh_order: tuple[str, ...] = DEFAULT_MESH_ORDER
     sequence_parallel: bool = True     # under tp > 1: sequence parallel (False: TP alone, all-reduces)
     attention: str = "flash"           # ``flash`` or ``unfused`` (plan.ATTENTIONS)
+    ep: int = 1                        # expert parallel (plan.ep)
+    expert_tp: int = 1                 # tensor parallel of each expert: 1 or tp (plan.expert_tp)
+    moe_imbalance: float | None = None  # MoE load factor of the slowest EP rank; None: moe.default_imbalance
 
     @property
     def sp(self) -> bool:
@@ -46,6 +49,11 @@ class Config:
     @property
     def degrees(self) -> dict[str, int]:
         return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp}
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (plan.Plan.expert_dp)."""
+        return self.dp * self.cp * self.tp // (self.ep * self.expert_tp)
 
 
 @dataclass(frozen=True)

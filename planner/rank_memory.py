@@ -43,6 +43,18 @@ def rank_root_params(s: Step, rank: int) -> float:
     return params
 
 
+def rank_state_bytes(s: Step, root: float, layers: int) -> dict[str, float]:
+    """Parameters, gradients and optimizer state of a rank with ``root`` root parameters and ``layers`` blocks
+    (memory.model_state_bytes): the routed experts' sharded over the expert-data-parallel group, everything
+    else over the data x context replicas."""
+    stage, lc = sharding_stage(s), s.lc
+    states = memory.model_state_bytes(root + layers * lc.dense_params, stage, s.replicas, s.sb)
+    if lc.expert_params:
+        experts = memory.model_state_bytes(layers * lc.expert_params, stage, s.expert_dp, s.sb)
+        states = {k: states[k] + experts[k] for k in states}
+    return states
+
+
 def uses_fsdp(s: Step) -> bool:
     """Whether the rank's state is wrapped by FSDP2 / replicate (meshplan's runtime, torchtitan: with more than
     one data-parallel rank) or gathers parameters like it (Megatron FSDP, ZeRO 3). Megatron below ZeRO 3 keeps
@@ -73,7 +85,7 @@ def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Pha
     cfg, lc, sb, p, num_mb, train = s.cfg, s.lc, s.sb, s.p, s.num_mb, s.ctx.train
     root = rank_root_params(s, rank)
     params = root + layers * lc.params
-    states = memory.model_state_bytes(params, sharding_stage(s), s.replicas, sb)
+    states = rank_state_bytes(s, root, layers)
     states = {k: states[k] + s.shard_states[k] for k in states}
     fsdp = uses_fsdp(s)
     grad_buffer = not fsdp and s.ctx.engine.state_layout == "distributed_optimizer"   # kept for the whole run

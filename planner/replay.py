@@ -20,7 +20,8 @@ def config_of(plan: Plan) -> Config:
                   vocab_parallel=plan.vocab_parallel, cp_kind=plan.cp_kind, tp_overlap=plan.tp_overlap,
                   compile=plan.compile, fused_kernels=plan.kernels.get("norm") == "fused",
                   mesh_order=tuple(plan.mesh_order), sequence_parallel=plan.sequence_parallel or plan.tp == 1,
-                  attention=plan.attention)
+                  attention=plan.attention, ep=plan.ep, expert_tp=plan.expert_tp,
+                  moe_imbalance=plan.moe_imbalance or None)
 
 
 def replay(plan: Plan) -> Evaluation:

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 from meshplan.engines import MESHPLAN, Engine, get_engine
 from meshplan.errors import InputError, NoFeasiblePlan
-from meshplan.plan import ATTENTIONS, CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan, schedule_problem
-from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_int
+from meshplan.plan import (ATTENTIONS, CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan,
+                           expert_layout_problem, schedule_problem)
+from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_float, _as_int
 from meshplan.units import human_memory
 from meshplan.planner import memory
 from meshplan.planner.block import config_layer_cost
@@ -55,6 +56,9 @@ FIX_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "fused_kernels": lambda v, w: _as_bool(v, w),
     "sequence_parallel": lambda v, w: _as_bool(v, w),
     "attention": lambda v, w: _as_choice(v, w, ATTENTIONS),
+    "ep": lambda v, w: _as_int(v, w, 1),
+    "expert_tp": lambda v, w: _as_int(v, w, 1),
+    "moe_imbalance": lambda v, w: _as_float(v, w, 1.0, strict=False),
 }
 
 
@@ -165,12 +169,32 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
                     if degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind, engine):
                         continue
                     for ov in overlap:
-                        out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
-                                          virtual_stages=v, zero=z, vocab_parallel=vp, cp_kind=kind, tp_overlap=ov,
-                                          compile=compiled, fused_kernels=fused, recompute=fixes.get("recompute"),
-                                          mesh_order=DEFAULT_MESH_ORDER, sequence_parallel=sequence_parallel,
-                                          attention=fixes.get("attention", "flash")))
+                        for ep, etp in expert_layouts(ctx, dp, tp, cp, fixes):
+                            out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
+                                              virtual_stages=v, zero=z, vocab_parallel=vp, cp_kind=kind,
+                                              tp_overlap=ov, compile=compiled, fused_kernels=fused,
+                                              recompute=fixes.get("recompute"), mesh_order=DEFAULT_MESH_ORDER,
+                                              sequence_parallel=sequence_parallel,
+                                              attention=fixes.get("attention", "flash"), ep=ep, expert_tp=etp,
+                                              moe_imbalance=fixes.get("moe_imbalance")))
     return out
+
+
+def expert_layouts(ctx: Context, dp: int, tp: int, cp: int, fixes: dict[str, Any]) -> list[tuple[int, int]]:
+    """The (ep, expert_tp) pairs a degree family offers: for a model with experts every ep dividing dp*cp and
+    the experts (plan.expert_layout_problem), each expert whole (1) or split over tp where the engine runs it;
+    (1, 1) for a dense model. Routed experts take the sequence-parallel shard of the tokens, so tp > 1 needs
+    sequence parallel (as Megatron-Core requires it for MoE with tensor parallel)."""
+    model = ctx.model
+    if model.moe is None:
+        return [(1, 1)]
+    if tp > 1 and not fixes.get("sequence_parallel", True):
+        return []
+    eps = [fixes["ep"]] if "ep" in fixes else divisors(dp * cp)
+    etps = ([fixes["expert_tp"]] if "expert_tp" in fixes
+            else [1, tp] if tp > 1 and ctx.engine.expert_tensor_parallel else [1])
+    return [(ep, etp) for ep in eps for etp in etps
+            if expert_layout_problem(model, dp, tp, cp, ep, etp) is None]
 
 
 def _lower_bound(ctx: Context, cfg: Config) -> float:
@@ -196,7 +220,9 @@ def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
     num_mb = ctx.train.global_batch // (cfg.dp * cfg.micro_batch)
     layers = ctx.model.layers / cfg.pp
     b = memory.state_bytes(ctx.train.precision, ctx.train.optimizer)
-    states = (b.param + b.grad + b.optimizer) * layers * lc.params / (cfg.dp * cfg.cp)   # sharded over dp x cp
+    # sharded over dp x cp; the routed experts over their own group
+    states = (b.param + b.grad + b.optimizer) * layers * (lc.dense_params / (cfg.dp * cfg.cp)
+                                                          + lc.expert_params / cfg.expert_dp)
     in_flight = min(cfg.pp, num_mb)
     return states + in_flight * layers * lc.act["full"]
 
@@ -346,6 +372,8 @@ def _fix_of(cfg: Config) -> dict[str, Any]:
         pins["sequence_parallel"] = False
     if cfg.attention != "flash":
         pins["attention"] = cfg.attention
+    if cfg.ep > 1 or cfg.expert_tp > 1:
+        pins.update(ep=cfg.ep, expert_tp=cfg.expert_tp)
     return pins
 
 
@@ -490,9 +518,32 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
     if fixes.get("attention") == "unfused" and fixes.get("cp", 1) > 1:
         raise InputError("--fix attention", "unfused attention runs without context parallel",
                          "add --fix cp=1, or drop attention=unfused")
+    _check_expert_fixes(ctx, fixes)
     if fixes.get("tp_overlap") and ctx.engine.tp_overlap_needs_compile and fixes.get("compile") is False:
         raise InputError("--fix tp_overlap", f"{ctx.engine.title} runs async tensor parallel only on compiled blocks",
                          "drop --fix compile=false")
+
+
+def _check_expert_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
+    """Pins of the expert layout: a model with experts, ep dividing them, expert_tp 1 or the pinned tp."""
+    pinned = [k for k in ("ep", "expert_tp", "moe_imbalance") if k in fixes]
+    if not pinned:
+        return
+    moe = ctx.model.moe
+    if moe is None:
+        raise InputError(f"--fix {pinned[0]}", f"the model {ctx.model.name!r} has no experts",
+                         "drop the pin, or give a model with a moe section")
+    if "ep" in fixes and moe.experts % fixes["ep"]:
+        raise InputError("--fix ep", f"{fixes['ep']} does not divide the {moe.experts} experts",
+                         f"pick one of {divisors(moe.experts)}")
+    if "ep" in fixes and ctx.cluster.world_size % fixes["ep"]:
+        raise InputError("--fix ep", f"{fixes['ep']} does not divide the world size {ctx.cluster.world_size}",
+                         "pick ep dividing dp*cp")
+    etp = fixes.get("expert_tp", 1)
+    if etp > 1:
+        ctx.engine.check({"expert_tensor_parallel": True})
+        if "tp" in fixes and etp != fixes["tp"]:
+            raise InputError("--fix expert_tp", f"{etp} is neither 1 nor tp={fixes['tp']}", "set it to 1 or to tp")
 
 
 def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter, closest) -> str:

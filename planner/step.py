@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from meshplan.planner import comm, memory
-from meshplan.planner.block import LayerCost, block_activation_bytes, config_layer_cost
+from meshplan.planner.block import (ExpertLayout, LayerCost, block_activation_bytes, config_layer_cost,
+                                    data_context_stride)
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.host import HostModel
 from meshplan.planner.inputs import Config, Context
@@ -40,6 +41,8 @@ class Step:
     in_flight: tuple[float, ...]          # micro-batches in flight per pipeline rank (memory.microbatches_in_flight)
     vocab_shard_params: float
     shard_states: dict[str, float]
+    expert_dp: int = 1                    # ranks holding the same experts (Config.expert_dp)
+    expert_dp_link: GroupLink | None = None   # their group's link (None without experts)
 
     @property
     def p(self) -> int:
@@ -75,8 +78,19 @@ def step_of(ctx: Context, cfg: Config) -> Step:
     in_flight = tuple(memory.microbatches_in_flight(cfg.schedule, p, r, num_mb, v) for r in range(p))
     vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
     shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
+    expert_link = expert_dp_link(ctx, cfg) if model.moe is not None else None
     return Step(ctx, cfg, engine_layer_cost(ctx, cfg), vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link,
-                boundary_bytes, hop, in_flight, vocab_shard_params, shard_states)
+                boundary_bytes, hop, in_flight, vocab_shard_params, shard_states, cfg.expert_dp, expert_link)
+
+
+def expert_dp_link(ctx: Context, cfg: Config) -> GroupLink:
+    """The link of the expert-data-parallel group (the ranks holding the same experts): where the experts are
+    whole on every TP rank its nearest members are TP neighbours (the tensor dimension's stride); else its
+    members are every ``ep``-th member of the data x context group."""
+    degrees = cfg.degrees
+    if cfg.tp // cfg.expert_tp > 1:     # experts replicated over tp: tp ranks belong to the group
+        return comm.group_link(ctx.cluster, cfg.expert_dp, comm.group_stride(cfg.mesh_order, degrees, "tp"))
+    return comm.group_link(ctx.cluster, cfg.expert_dp, data_context_stride(cfg.mesh_order, degrees) * cfg.ep)
 
 
 def engine_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
@@ -88,6 +102,7 @@ def engine_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
         return lc
     acts = {mode: block_activation_bytes(ctx.model, ctx.train.seq_len, cfg.micro_batch, cfg.tp, cfg.cp,
                                          ctx.act_bytes, cfg.fused_kernels, mode, engine.sp_saved_input,
-                                         engine.selective_recompute, cfg.sp, cfg.attention == "flash")
+                                         engine.selective_recompute, cfg.sp, cfg.attention == "flash",
+                                         ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance), lc.imbalance)
             for mode in lc.act}
     return replace(lc, act=acts, act_full_layer=acts["none"])

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from meshplan.report.document import Doc
 
 
-_COMPARED = ("dp", "tp", "pp", "cp", "cp_kind", "sequence_parallel", "vocab_parallel", "micro_batch",
+_COMPARED = ("dp", "tp", "pp", "cp", "ep", "expert_tp", "cp_kind", "sequence_parallel", "vocab_parallel", "micro_batch",
              "num_microbatches", "schedule", "virtual_stages", "zero", "recompute", "tp_overlap", "compile")
 
 

@@ -240,6 +240,10 @@ def build_document(plan: Plan, pics: Mapping[str, Path], *, measured: Measured |
         ["ZeRO stage", f"{plan.zero}" + (" (FSDP)" if plan.zero == 3 else "")],
         ["sequence parallel", plan.sequence_parallel if plan.tp > 1 else "n/a (tp = 1)"],
         ["context parallel kind", plan.cp_kind if plan.cp > 1 else "n/a (cp = 1)"],
+        *([["experts (routed / per token / per rank)",
+            f"{plan.model.moe.experts} / top-{plan.model.moe.top_k} / {plan.model.moe.experts // plan.ep}"],
+           ["expert parallel / expert tensor parallel / expert data parallel",
+            f"{plan.ep} / {plan.expert_tp} / {plan.expert_dp}"]] if plan.model.moe is not None else []),
         ["vocabulary parallel", plan.vocab_parallel], ["recompute", plan.recompute],
         ["TP comm overlap", plan.tp_overlap], ["torch.compile", plan.compile],
         ["kernels", ", ".join(f"{k}: {v}" for k, v in plan.kernels.items())]], "ll")
