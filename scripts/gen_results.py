@@ -58,8 +58,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def choice_text(choice: dict) -> str:
-    """A plan's fields (``Plan.fields_for_fix``) in one short line: degrees, micro batch, ZeRO, schedule, recompute."""
-    text = (f"dp{choice['dp']} tp{choice['tp']} pp{choice['pp']} cp{choice['cp']} mb{choice['micro_batch']} "
+    """A plan's fields (``Plan.fields_for_fix``) in one short line: degrees (with the expert layout of a mixture
+    of experts), micro batch, ZeRO, schedule, recompute."""
+    experts = f" ep{choice['ep']}" if "ep" in choice else ""
+    if choice.get("expert_tp", 1) > 1:
+        experts += f" etp{choice['expert_tp']}"
+    text = (f"dp{choice['dp']} tp{choice['tp']} pp{choice['pp']} cp{choice['cp']}{experts} mb{choice['micro_batch']} "
             f"z{choice['zero']}")
     if choice["pp"] > 1:
         text += f" {choice['schedule']}" + (f" v{choice['virtual_stages']}" if choice.get("virtual_stages", 1) > 1
