@@ -5,6 +5,8 @@ bytes one block holds for backward per recompute mode; and rounds of every measu
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Any, Callable
 
@@ -37,7 +39,10 @@ MIN_BLOCK_ROUNDS = 3
 def per_rank_block(spec: ModelSpec, tp: int, device: torch.device, dtype: torch.dtype) -> Block:
     """The runtime's ``Block`` with its projections cut to one tensor-parallel rank's widths (Megatron's
     column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2). Attention reads its head count from the
-    projection widths, so the block runs unchanged. The TP collectives are measured with the links."""
+    projection widths, so the block runs unchanged. The TP collectives are measured with the links.
+    A model with experts is timed as its dense block (``moe`` dropped): the rates fitted to it price the
+    experts' GEMMs and traffic (planner/moe.py)."""
+    spec = dataclasses.replace(spec, moe=None)
     h, d, f = spec.hidden, spec.head_dim, spec.ffn_hidden
     with torch.device(device):
         block = Block(spec)
