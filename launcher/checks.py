@@ -22,6 +22,7 @@ RUNTIME_VALUES: dict[str, tuple] = {
     "precision": ("fp32", "bf16"),                  # train.computes_in_bf16 (per device kind: RUNTIME_PRECISIONS)
     "attention": ("flash",),                        # model.Attention: scaled_dot_product_attention, no scores kept
     "sequence_parallel": (True,),                   # check_supported: tp > 1 runs with sequence parallel
+    "expert_tensor_parallel": (False,),             # runtime/moe.py: experts whole on their ranks (expert_tp 1)
 }
 # What the runtime computes in (runtime/train.py computes_in_bf16): GPU ranks in bf16 (FSDP2 mixed precision or
 # autocast) or fp32, CPU ranks in fp32. An fp16 or fp8 plan would silently run as bf16, so it is refused.
@@ -93,6 +94,7 @@ def check_supported(plan: Plan) -> None:
     if plan.engine != "meshplan":
         raise InputError("plan.engine", f"this plan is priced for {plan.engine}, not for meshplan's runtime",
                          f"run it with `meshplan export PLAN --to {plan.engine}`, or re-plan with --engine meshplan")
+    check_moe_supported(plan)
     MESHPLAN.check(plan.engine_fields(), "plan")
     check_runtime_values(plan)
     m = plan.model
@@ -117,6 +119,19 @@ def check_supported(plan: Plan) -> None:
     problem = schedule_problem(plan.schedule, plan.pp, plan.num_microbatches)
     if problem:
         raise InputError("plan.schedule", problem, "re-plan, or pin --fix schedule=gpipe or a smaller micro_batch")
+
+
+def check_moe_supported(plan: Plan) -> None:
+    """The mixtures of experts the runtime runs (runtime/moe.py): dropless, each expert whole on its rank."""
+    moe = plan.model.moe
+    if moe is None:
+        return
+    if moe.capacity_factor > 0:
+        raise InputError("model.moe.capacity_factor", f"{moe.capacity_factor:g}: meshplan's runtime computes every "
+                         "routed token (dropless) and drops none", "set capacity_factor: 0")
+    if plan.expert_tp > 1:
+        raise InputError("plan.expert_tp", f"meshplan's runtime keeps each expert whole on its rank, not split over "
+                         f"expert_tp={plan.expert_tp} ranks", "set expert_tp: 1, or export the plan to Megatron-Core")
 
 
 def check_runtime_values(plan: Plan) -> None:

@@ -6,7 +6,9 @@ data, and one all-reduce over the world adds them up: what one process computes 
 A gradient's copies (:func:`copies`, after :func:`reduced_grad` has done any pending ``Partial`` sum):
     DTensor           the ranks of its mesh's ``Replicate`` dimensions, times every data/tensor dimension (dp, cp,
                       tp) its mesh does not span (FSDP2 and DTensor meshes: ``dp``, ``cp``, ``dp_cp``, ``tp``,
-                      and vocabulary parallel's ``vocab_pp_tp``); pipeline ranks hold different stages
+                      vocabulary parallel's ``vocab_pp_tp``, and the routed experts' ``edp``, which with the EP
+                      group covers dp x cp x tp: experts differ across EP ranks); pipeline ranks hold
+                      different stages
     plain tensor      dp * cp * tp (replicated over every rank of its pipeline stage)
     replicated K/V    times ``tp / kv_heads`` (model.replicated_kv_params: neighbouring TP ranks hold equal heads)
     tied embedding    times 2 where the first and last pipeline ranks each hold it (parallelize.tied_embedding_group)
@@ -23,7 +25,7 @@ from meshplan.plan import Plan
 # The runtime's mesh dimension names (parallelize.build_mesh, vocab_parallel.build_vocab_parallel) and the plan
 # dimensions each spans.
 MESH_DIMS = {"dp": ("dp",), "cp": ("cp",), "tp": ("tp",), "pp": ("pp",), "dp_cp": ("dp", "cp"),
-             "vocab_pp_tp": ("pp", "tp")}
+             "vocab_pp_tp": ("pp", "tp"), "edp": ("dp", "cp", "tp")}
 DATA_AND_TENSOR_DIMS = ("dp", "cp", "tp")
 
 

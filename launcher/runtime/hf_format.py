@@ -243,6 +243,7 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
     """Every check ``--init-from`` needs before a rank starts; returns the family. The architecture is known
     and computed exactly at ``seq_len``, the model is the plan's, every tensor the plan needs is in a shard
     that exists, with the right shape."""
+    refuse_moe(planned, where)
     _, family, spec = read_config(directory, where, seq_len)
     check_matches_plan(spec, planned, where)
     files = weight_files(directory, where)
@@ -261,8 +262,17 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
     return family
 
 
+def refuse_moe(spec: ModelSpec, where: str) -> None:
+    """Mixture-of-experts weights are not read from or written to Hugging Face checkpoints yet."""
+    if spec.moe is not None:
+        raise InputError(where, f"model {spec.name!r} is a mixture of experts, whose Hugging Face weights meshplan "
+                         "does not read or write yet", "start from meshplan's own initialisation and keep the DCP "
+                         "checkpoint (--checkpoint-dir)")
+
+
 def hf_family_for(spec: ModelSpec) -> str:
     """The Hugging Face architecture that holds ``spec`` exactly, for an export."""
+    refuse_moe(spec, "--save-hf")
     if spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias:
         return "qwen2" if spec.qkv_bias else "llama"
     if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias

@@ -175,14 +175,19 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``; the MLP is a mixture of
+    experts (moe.MoE) in the blocks ``spec.is_moe_layer(layer)`` names."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         self.attention_norm = make_norm(spec)
         self.attention = Attention(spec)
         self.ffn_norm = make_norm(spec)
-        self.feed_forward = FeedForward(spec)
+        if spec.is_moe_layer(layer):
+            from meshplan.launcher.runtime.moe import MoE
+            self.feed_forward: nn.Module = MoE(spec)
+        else:
+            self.feed_forward = FeedForward(spec)
         self.dropout = spec.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -213,7 +218,7 @@ class Transformer(nn.Module):
         self.pos_embeddings: nn.Embedding | None = None
         if spec.position == "learned":
             self.pos_embeddings = nn.Embedding(spec.max_seq_len or max_seq_len, spec.hidden)
-        self.layers = nn.ModuleDict({str(i): Block(spec) for i in range(spec.layers)})
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.layers)})
         self.norm: nn.Module | None = make_norm(spec)
         self.tied = spec.tied_embeddings
         self.output: nn.Module | None = TiedHead() if self.tied else nn.Linear(spec.hidden, spec.vocab, bias=False)
@@ -323,7 +328,8 @@ def canonical_name(name: str) -> str:
 @dataclass(frozen=True)
 class InitConfig:
     """How weights are drawn. ``std`` for embeddings and projections (GPT-2 / Megatron: 0.02); output
-    projections of each block (``wo``, ``w2``) use ``std / sqrt(2 * layers)`` (GPT-2's residual scaling)."""
+    projections of each block (``wo``, ``w2``, each routed expert's ``experts.w2.<e>``) use
+    ``std / sqrt(2 * layers)`` (GPT-2's residual scaling)."""
 
     seed: int = 0
     std: float = 0.02
@@ -368,17 +374,44 @@ def repeat_heads(value: torch.Tensor, copies: int, head_dim: int) -> torch.Tenso
         heads * copies * head_dim, *value.shape[1:])
 
 
+def expert_row_params(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{parameter name: (start, total)}`` of stacked expert weights holding rows ``start ..`` of ``total``
+    (an expert-parallel rank's experts, moe.GroupedExperts.expert_rows), names as ``named_parameters`` gives."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        rows = getattr(sub, "expert_rows", None)
+        if rows is not None:
+            for leaf, _ in sub.named_parameters(recurse=False):
+                found[f"{prefix}.{leaf}" if prefix else leaf] = rows
+    return found
+
+
+def expert_initial_value(name: str, start: int, shape: tuple[int, ...], spec: ModelSpec, config: InitConfig,
+                         device: torch.device) -> torch.Tensor:
+    """Rows ``start .. start + shape[0] - 1`` of stacked expert weights ``name``: expert ``e`` is drawn as
+    parameter ``<name>.<e>`` (:func:`initial_value`), so a rank draws only its own experts."""
+    return torch.stack([initial_value(f"{name}.{e}", shape[1:], spec, config, device)
+                        for e in range(start, start + shape[0])])
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, spec: ModelSpec, config: InitConfig, device: torch.device) -> None:
     """Fill every parameter of ``module`` (possibly sharded DTensors, possibly a pipeline stage) with its
-    slice of :func:`initial_value`; replicated key/value heads get their head's value in every copy."""
+    slice of :func:`initial_value`; replicated key/value heads get their head's value in every copy; an
+    expert-parallel rank's experts get their rows of the full stacked tensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     replicated = replicated_kv_params(module)
+    expert_rows = expert_row_params(module)
     for name, param in module.named_parameters():
         full_shape = param.shape  # a DTensor reports its global shape
         copies = replicated.get(name, 1)
-        full = initial_value(canonical_name(name), (full_shape[0] // copies, *full_shape[1:]), spec, config, device)
+        if name in expert_rows:
+            full = expert_initial_value(canonical_name(name), expert_rows[name][0], tuple(full_shape), spec, config,
+                                        device)
+        else:
+            full = initial_value(canonical_name(name), (full_shape[0] // copies, *full_shape[1:]), spec, config,
+                                 device)
         if copies > 1:
             full = repeat_heads(full, copies, spec.head_dim)
         if isinstance(param, DTensor):

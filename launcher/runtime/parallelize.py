@@ -2,6 +2,7 @@
 
     build_mesh        DeviceMesh over the plan's ``mesh_order`` (outermost first)
     build_stages      the plan's layer partition: one model part per (virtual) stage of this pipeline rank
+    apply_ep          expert parallel: each rank keeps its ``experts / ep`` experts of every MoE block
     apply_tp          tensor + sequence parallel with DTensor; embedding and head sharded by vocabulary;
                       key/value heads replicated where tp exceeds them
     apply_cp          Ulysses or ring attention over the context-parallel group
@@ -46,6 +47,13 @@ class Meshes:
         dp_cp: the ranks that hold the same parameters and average gradients (dp flattened with cp);
             ``None`` when dp * cp == 1.
         coords: this rank's coordinate along each dimension.
+        ep: the expert-parallel group (``ep`` consecutive members of the dp_cp group), ``None`` when ep == 1;
+            ep_rank: this rank's place in it.
+        edp: the expert-data-parallel mesh (named ``edp``): the ranks of this pipeline rank holding the same
+            experts (dp*cp/ep of them, times tp: experts are whole on every tensor-parallel rank); ``None``
+            for a dense model or where dp * cp == 1.
+        sequence: the ranks that split each sequence (cp, and tp under sequence parallelism), whose MoE
+            blocks sum their load-balancing statistics; ``None`` for a dense model or where they are one.
     """
 
     world: DeviceMesh
@@ -54,6 +62,10 @@ class Meshes:
     pp: DeviceMesh | None
     dp_cp: DeviceMesh | None
     coords: dict[str, int]
+    ep: dist.ProcessGroup | None = None
+    ep_rank: int = 0
+    edp: DeviceMesh | None = None
+    sequence: dist.ProcessGroup | None = None
 
 
 def build_mesh(plan: Plan, device_type: str) -> Meshes:
@@ -70,7 +82,50 @@ def build_mesh(plan: Plan, device_type: str) -> Meshes:
     def sub(name: str) -> DeviceMesh | None:
         return world[name] if getattr(plan, name) > 1 else None
 
-    return Meshes(world, sub("tp"), sub("cp"), sub("pp"), dp_cp, coords)
+    meshes = Meshes(world, sub("tp"), sub("cp"), sub("pp"), dp_cp, coords)
+    if plan.model.moe is not None:
+        build_expert_groups(plan, meshes, device_type)
+    return meshes
+
+
+def expert_rank_groups(plan: Plan) -> tuple[list[list[int]], list[list[int]]]:
+    """(EP groups, expert-data-parallel groups) as global ranks, in plain Python (no tensor reads under
+    ``meshplan check``'s fake mode). An EP group is ``ep`` consecutive members of a dp_cp group (dp and cp
+    flattened in mesh order, like ``Meshes.dp_cp``); the expert-data-parallel group of a rank is every rank
+    of its pipeline rank at the same place in its EP group, across EP groups and tensor-parallel ranks."""
+    from meshplan.launcher.runtime.vocab_parallel import rank_groups
+
+    rows = rank_groups(plan, ("dp", "cp"))
+    ep_groups = [row[i:i + plan.ep] for row in rows for i in range(0, len(row), plan.ep)]
+    edp_groups = []
+    for stage in rank_groups(plan, ("dp", "cp", "tp")):
+        members = set(stage)
+        mine = [g for g in ep_groups if g[0] in members]
+        edp_groups += [sorted(g[j] for g in mine) for j in range(plan.ep)]
+    return ep_groups, edp_groups
+
+
+def build_expert_groups(plan: Plan, meshes: Meshes, device_type: str) -> None:
+    """The MoE groups of ``meshes`` (its ``ep``, ``edp`` and ``sequence`` fields). Every rank creates every
+    group (``new_group`` is collective), in the same order."""
+    from meshplan.launcher.runtime.vocab_parallel import rank_groups
+
+    me = dist.get_rank()
+    ep_groups, edp_groups = expert_rank_groups(plan)
+    for ranks in ep_groups if plan.ep > 1 else []:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            meshes.ep, meshes.ep_rank = group, ranks.index(me)
+    for ranks in edp_groups if meshes.dp_cp is not None else []:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            meshes.edp = DeviceMesh.from_group(group, device_type, mesh=ranks, mesh_dim_names=("edp",))
+    split = ("cp", "tp") if plan.sequence_parallel else ("cp",)
+    if plan.cp * (plan.tp if plan.sequence_parallel else 1) > 1:
+        for ranks in rank_groups(plan, split):
+            group = dist.new_group(ranks)
+            if me in ranks:
+                meshes.sequence = group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +151,15 @@ def build_stages(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[int
                          vocab_elsewhere=plan.vocab_parallel)
         parts.append((j, part))
     return parts
+
+
+def apply_ep(model: Transformer, meshes: Meshes) -> None:
+    """Expert parallel: every MoE block keeps this EP rank's ``experts / ep`` experts (moe.shard_experts)
+    and dispatches its tokens over the EP group. On the meta device, before the other dimensions."""
+    from meshplan.launcher.runtime import moe
+
+    if meshes.ep is not None:
+        moe.shard_experts(model, dist.get_world_size(meshes.ep), meshes.ep_rank)
 
 
 def fused_loss(plan: Plan) -> bool:
@@ -227,15 +291,21 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         plan: dict[str, object] = {
             "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=residual),
-            "feed_forward.w1": ColwiseParallel(), "feed_forward.w2": RowwiseParallel(output_layouts=residual),
         }
-        if block.feed_forward.w3 is not None:
+        moe_block = not hasattr(block.feed_forward, "w1")
+        if not moe_block:
+            plan.update({"feed_forward.w1": ColwiseParallel(),
+                         "feed_forward.w2": RowwiseParallel(output_layouts=residual)})
+        if not moe_block and block.feed_forward.w3 is not None:
             plan["feed_forward.w3"] = ColwiseParallel()
         if sequence_parallel:
+            # a mixture of experts routes this rank's sequence shard (its weights whole on every TP rank)
+            ffn_input = Shard(1) if moe_block else Replicate()
             plan.update({
                 "attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel(),
                 "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(ffn_input,),
+                                                   use_local_output=moe_block),
             })
         parallelize_module(block, tp_mesh, plan)
 
@@ -329,14 +399,45 @@ def apply_compile(model: Transformer) -> None:
 # data parallel: ZeRO 0 / 1-2 / 3
 # ----------------------------------------------------------------------------------------------
 
-def apply_dp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -> None:
+def apply_expert_dp(model: nn.Module, expert_mesh: DeviceMesh, zero: int, divide: int, kwargs: dict) -> None:
+    """The routed experts of each MoE block as a unit of their own over the expert-data-parallel mesh (the
+    ranks holding the same experts), by the plan's ZeRO stage. Each expert's gradient arrives summed over the
+    EP group's tokens (and the TP ranks' sequence shards), so the reduction divides by ``divide`` = dp * cp,
+    the ranks the dense part averages over, not by the mesh's size (torchtitan's ``gradient_divide_factor``).
+    ZeRO shards the stacked weights by expert, or by their second dimension where the rank's experts do not
+    divide over the mesh (as torchtitan does), so no rank holds padding for a whole expert."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from meshplan.launcher.runtime.moe import moe_modules
+
+    for moe in moe_modules(model):
+        if zero == 0:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+            unit = replicate(moe.experts, mesh=expert_mesh, **kwargs)
+        else:
+            dim = 0 if moe.experts.w1.shape[0] % expert_mesh.size() == 0 else 1
+            unit = fully_shard(moe.experts, mesh=expert_mesh, reshard_after_forward=zero == 3,
+                               shard_placement_fn=lambda _, dim=dim: Shard(dim), **kwargs)
+        unit.set_gradient_divide_factor(float(divide))
+        if zero > 0 and expert_mesh.size() > 1 and expert_mesh.device_type == "cpu":
+            # gloo has no PREMUL_SUM: sum, then divide (a reduce-scatter over more than one rank only: the
+            # others divide while copying, and would divide twice)
+            unit.set_force_sum_reduction_for_comms(True)
+
+
+def apply_dp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy=None, expert_mesh: DeviceMesh | None = None,
+             expert_divide: int = 1) -> None:
     """ZeRO 0: ``replicate`` (DDP on FSDP2's machinery, composable with TP and PP): gradients all-reduced.
     ZeRO 1 and 2: FSDP2 with ``reshard_after_forward=False``: optimizer state and gradients sharded,
     parameters kept gathered between forward and backward. ZeRO 3: FSDP2 resharding parameters after
-    forward. Each block is its own communication unit, the rest (embedding, norm, head) the root's."""
+    forward. Each block is its own communication unit, the rest (embedding, norm, head) the root's; a MoE
+    block's routed experts are a unit of their own over ``expert_mesh`` (:func:`apply_expert_dp`)."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if expert_mesh is not None:
+        apply_expert_dp(model, expert_mesh, zero, expert_divide, kwargs)
     if zero == 0:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

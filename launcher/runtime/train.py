@@ -219,6 +219,8 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
                 part.output_hidden = True
     mp_policy = mixed_precision_policy(plan, meshes, device_type)
     for _, part in parts:
+        par.apply_ep(part, meshes)
+        configure_moe(part, plan, meshes)
         _set_kernels(part, plan, device_type)
         if meshes.tp is not None:
             par.apply_tp(part, meshes.tp, plan.sequence_parallel)
@@ -230,11 +232,26 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
                 par.enable_async_tp(meshes.tp)
             par.apply_compile(part)
         if meshes.dp_cp is not None:
-            par.apply_dp(part, meshes.dp_cp, plan.zero, mp_policy)
+            par.apply_dp(part, meshes.dp_cp, plan.zero, mp_policy, meshes.edp, plan.dp * plan.cp)
     if vp.enabled(plan):
         shard, _ = vp.build_vocab_parallel(plan, meshes)
         parts.append((VOCAB_PART, shard))
     return parts
+
+
+def configure_moe(part: torch.nn.Module, plan: Plan, meshes: par.Meshes) -> None:
+    """The MoE blocks' groups (moe.configure) and the scale of their load-balancing gradient: the training
+    loss's, ``1 / num_microbatches`` without a pipeline (the loss is divided before backward; a pipeline
+    scales the gradients after), over ``tp`` under sequence parallelism (each TP rank's loss is the whole
+    loss, its statistics summed with the other TP ranks')."""
+    from meshplan.launcher.runtime import moe
+
+    scale = 1.0 / plan.num_microbatches if plan.pp == 1 else 1.0
+    if plan.tp > 1 and plan.sequence_parallel:
+        scale /= plan.tp
+    sequence_ranks = plan.cp * (plan.tp if plan.sequence_parallel else 1)
+    moe.configure(part, ep_group=meshes.ep, sequence_group=meshes.sequence, sequence_ranks=sequence_ranks,
+                  aux_grad_scale=scale)
 
 
 def param_groups(part: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -452,6 +469,7 @@ def train_step(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
     loss_sum = run_batch(trainer, inputs, targets)
     sync_tied_embedding_grads(trainer)
     sync_kv_replica_grads(trainer)
+    sync_moe_tp_grads(trainer)
     norm = global_grad_norm(trainer.parts, trainer.plan, trainer.tied_group is not None, trainer.device)
     if trainer.config.clip > 0:
         clip_grads(trainer.parts, norm, trainer.config.clip)
@@ -524,6 +542,24 @@ def sync_kv_replica_grads(trainer: Trainer) -> None:
         grad.copy_(summed.view_as(grad))
 
 
+def sync_moe_tp_grads(trainer: Trainer) -> None:
+    """Sum over the tensor-parallel ranks the gradients of the MoE weights each of them holds whole while
+    routing only its sequence shard (moe.tp_partial_params: the router, the shared experts and gate, and the
+    routed experts where no expert-data-parallel mesh reduces them). One all-reduce of the rank's shards."""
+    if trainer.meshes.tp is None or trainer.plan.model.moe is None:
+        return
+    from meshplan.launcher.runtime.moe import tp_partial_params
+
+    grads = [_local_shard(p.grad) for _, part in trainer.stage_parts
+             for p in tp_partial_params(part, experts_too=trainer.meshes.edp is None) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=trainer.meshes.tp.get_group())
+    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(summed.view_as(grad))
+
+
 def _local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a (possibly DTensor) tensor, as a view that writes through."""
     to_local = getattr(t, "to_local", None)
@@ -547,13 +583,40 @@ def global_mean_loss(trainer: Trainer, loss_sum: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def state_for_checkpoint(trainer: Trainer, step: int) -> dict:
+    """The DCP state of this rank. Under expert parallelism each EP rank's experts are its own entries
+    (:func:`expert_checkpoint_keys`), so a checkpoint resumes with the same ``ep``."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model, optim = {}, {}
     for (j, part), optimizer in zip(trainer.parts, trainer.optimizers):
         model.update(get_model_state_dict(part))
         optim[f"stage{j}"] = get_optimizer_state_dict(part, optimizer)
-    return {"model": model, "optim": optim, "progress": {"step": torch.tensor(step)}}
+    return _rename_experts({"model": model, "optim": optim, "progress": {"step": torch.tensor(step)}},
+                           expert_checkpoint_keys(trainer))
+
+
+def expert_checkpoint_keys(trainer: Trainer) -> dict[str, str]:
+    """``{name: checkpoint key}`` of this rank's routed experts under expert parallelism: the name tagged
+    with the rank's place in its EP group (``@ep<r>of<ep>``), as the EP ranks hold different experts under one
+    name; empty where ep == 1."""
+    if trainer.meshes.ep is None:
+        return {}
+    from meshplan.launcher.runtime.model import canonical_name
+    from meshplan.launcher.runtime.moe import expert_param_names
+
+    tag = f"@ep{trainer.meshes.ep_rank}of{trainer.plan.ep}"
+    return {canonical_name(n): canonical_name(n) + tag for _, part in trainer.stage_parts
+            for n in expert_param_names(part)}
+
+
+def _rename_experts(state: dict, keys: dict[str, str]) -> dict:
+    """``state`` with the model's and the optimizer states' entries renamed by ``keys``."""
+    if not keys:
+        return state
+    state["model"] = {keys.get(k, k): v for k, v in state["model"].items()}
+    for optim in state["optim"].values():
+        optim["state"] = {keys.get(k, k): v for k, v in optim["state"].items()}
+    return state
 
 
 def restore(trainer: Trainer, path: Path) -> int:
@@ -562,6 +625,7 @@ def restore(trainer: Trainer, path: Path) -> int:
 
     state = state_for_checkpoint(trainer, 0)
     ckpt.load(path, state)
+    state = _rename_experts(state, {v: k for k, v in expert_checkpoint_keys(trainer).items()})
     for (j, part), optimizer in zip(trainer.parts, trainer.optimizers):
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(part, optimizer, state["optim"][f"stage{j}"])
