@@ -39,9 +39,13 @@ def meshplan_train(train: TrainSpec) -> TrainSpec:
 
 
 def meshplan_pins(case) -> dict:
-    """The run's pins, less the values meshplan's engine does not run (each dropped to what it runs)."""
-    pins = {**case.fixes, **case.env}
-    return {k: v for k, v in pins.items() if MESHPLAN.refusal(k, v) is None}
+    """The run's pins, less the values meshplan's engine does not run (each dropped to what it runs). Async TP
+    runs on compiled blocks only, and the published runs pin ``compile: false``: they are checked without it
+    (``check`` builds blocks eagerly either way)."""
+    pins = {k: v for k, v in {**case.fixes, **case.env}.items() if MESHPLAN.refusal(k, v) is None}
+    if pins.get("tp_overlap") and not pins.get("compile"):
+        pins["tp_overlap"] = False
+    return pins
 
 
 def run(path: Path) -> list[dict]:
@@ -62,7 +66,8 @@ def run(path: Path) -> list[dict]:
         for r in result.ranks:
             measured, predicted = r.measured["peak"], r.predicted.get("peak", 0.0)
             rows.append({"run": case.name, "rank": r.rank, "pp": r.coords["pp"],
-                         "degrees": f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp} z{plan.zero} mb{plan.micro_batch}",
+                         "degrees": f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+                                    + (f" ep{plan.ep}" if plan.ep > 1 else "") + f" z{plan.zero} mb{plan.micro_batch}",
                          "measured_gib": measured / GIB, "predicted_gib": predicted / GIB,
                          "error": (predicted - measured) / measured, "seconds": seconds / len(result.ranks),
                          "measured": {k: v / GIB for k, v in r.measured.items()},

@@ -130,6 +130,10 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         expert_params, imbalance = share * mb.expert_params, mb.imbalance
     recompute_cost = recompute_seconds(model, cluster, train, tokens, tp, c, gathered, tp_link, tp_overlap, fwd,
                                        engine, attn_fwd + cp_fwd, sp)
+    if model.moe is not None and engine.selective_recompute == "meshplan":
+        recompute_cost["selective"] += share * moe_selective_delta(model, train, tokens, tp, sp, c, mb, experts.ep,
+                                                                   fused_swiglu,
+                                                                   compute.achieved_rates(cluster, train.precision))
     acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
                                          engine.sp_saved_input, engine.selective_recompute, sp,
                                          attention == "flash", experts=experts, imbalance=imbalance)
@@ -182,6 +186,24 @@ def moe_block_delta(model: ModelSpec, train: TrainSpec, tokens: float, tp: int, 
     saved_tp = 0.5 if sp and tp > 1 and not model.moe.shared_ffn_hidden else 0.0
     return (c.timed * work + comm_s - saved_tp * tp_fwd, c.timed * 2 * work + comm_s - saved_tp * tp_bwd,
             saved_tp * tp_fwd)
+
+
+def moe_selective_delta(model: ModelSpec, train: TrainSpec, tokens: float, tp: int, sp: bool, c: BlockCompute,
+                        mb: moe.MoEBlock, ep: int, fused_swiglu: bool, rates: compute.Rates) -> float:
+    """Seconds meshplan's selective recompute re-runs in an MoE block beyond the dense block's
+    (:func:`selective_seconds`):
+        + the MoE MLP's matmuls whose outputs are not kept (moe.selective_matmuls), its memory traffic
+          (router scores, permutes, SwiGLU) and the dispatch and combine all-to-alls (not on the save list)
+        - the dense MLP's re-run w3 GEMM and its activation function's traffic
+    GEMMs and memory traffic scale by the profile's measured ratio of the block (``c.timed``)."""
+    routed = tokens / (tp if sp else 1)
+    _, rerun = moe.selective_matmuls(model, routed, tokens, mb.routed_rows, model.moe.experts // ep, tp)
+    work = sum(compute.matmul_time(m, k, n, rates) for m, k, n in rerun) + mb.memory_fwd
+    if model.mlp == "swiglu":
+        work -= (compute.matmul_time(tokens, model.hidden, model.ffn_hidden / tp, rates)
+                 + (3 if fused_swiglu else 5) * tokens * model.ffn_hidden / tp * memory.ACT_BYTES[train.precision]
+                 / rates.memory)
+    return c.timed * work + mb.a2a + mb.etp_comm
 
 
 def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
@@ -371,7 +393,9 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     PyTorch's fused kernel (keeps its input); an engine with fused kernels runs a fused RMSNorm keeping its
     16-bit input (meshplan's Triton norm, on the local shard under sequence parallel; Transformer Engine's in
     Megatron-Core). ``sp``: sequence parallel, in effect where tp > 1; ``flash``: False keeps the unfused
-    attention's scores."""
+    attention's scores. In the share of MoE blocks the dense MLP's bytes are replaced by the MoE MLP's:
+    moe.selective_saved_bytes under meshplan's selective policy, moe.saved_bytes otherwise (``full`` keeps
+    the block's input either way)."""
     sp = sp and tp > 1
     fused_norm = model.norm == "layernorm" or fused_swiglu
     dense = memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
@@ -389,8 +413,11 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
         replaced = act_bytes * tokens * model.ffn_hidden / tp
     else:
         replaced = moe.dense_mlp_saved_bytes(model, tokens, tp, act_bytes, fused_swiglu, mlp_input)
-    kept = moe.saved_bytes(model, routed, tokens, rows, model.moe.expert_ffn_hidden / experts.expert_tp, tp,
-                           act_bytes, fused_swiglu)
+    if mode == "selective" and selective == "meshplan":
+        kept = moe.selective_saved_bytes(model, routed, tokens, rows, model.moe.experts // experts.ep, tp, act_bytes)
+    else:
+        kept = moe.saved_bytes(model, routed, tokens, rows, model.moe.expert_ffn_hidden / experts.expert_tp, tp,
+                               act_bytes, fused_swiglu)
     return dense + model.moe_layer_count / model.layers * (kept - replaced)
 
 

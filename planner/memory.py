@@ -129,7 +129,8 @@ def runtime_sharding_stage(zero: int) -> int:
 
 
 def gathered_weight_bytes(params: float, zero: int, largest_layer_params: float, b: StateBytes,
-                          fsdp: bool = True, root_params: float = 0.0, during_backward: bool = True) -> float:
+                          fsdp: bool = True, root_params: float = 0.0, during_backward: bool = True,
+                          units_per_block: int = 1) -> float:
     """The compute-dtype weights that live beside the sharded state during a step, as meshplan's runtime
     holds them (measured by ``meshplan check``, docs/check.md).
 
@@ -138,14 +139,17 @@ def gathered_weight_bytes(params: float, zero: int, largest_layer_params: float,
     ``fully_shard`` for 1-3): ZeRO 0-2 keep every weight gathered (cast) from the first forward to the last
     backward; ZeRO 3 keeps the root unit gathered (``root_params``: the embedding, final norm and head, kept
     from forward to backward -- the fused loss applies the head outside the module) and, during the backward
-    (``during_backward``), the current and the prefetched block; at the loss no block is gathered.
+    (``during_backward``), the current and the prefetched unit; at the loss no block is gathered. A block is
+    one unit, or two (``units_per_block``: a mixture of experts' routed experts are a unit of their own, beside
+    the rest of the block), and then the current and the prefetched unit are the two parts of one block.
     """
     copy = b.compute_copy or b.param
     if not fsdp:
         return b.compute_copy * params
     if zero <= 2:
         return copy * params
-    return copy * ((2 * largest_layer_params if during_backward else 0.0) + root_params)
+    gathered_units = 2 * largest_layer_params if units_per_block == 1 else largest_layer_params
+    return copy * ((gathered_units if during_backward else 0.0) + root_params)
 
 
 def unsharded_grad_bytes(params: float, largest_layer_params: float, b: StateBytes, accumulates_unsharded: bool,

@@ -131,6 +131,55 @@ def saved_bytes(model: ModelSpec, routed: float, tokens: float, rows: float, f_l
     return act_bytes * (routed_part + shared_part) + 8.0 * routed * moe.experts
 
 
+# The matmuls of a block before its MLP: wq, wk, wv, wo (launcher/runtime/model.py Attention).
+ATTENTION_MATMULS = 4
+
+
+def matmul_sequence(model: ModelSpec, routed: float, tokens: float, rows: float, local: int,
+                    tp: int) -> list[tuple[float, float, float]]:
+    """(m, k, n) of each matmul an MoE MLP runs on one rank, in the order meshplan's runtime runs them
+    (launcher/runtime/moe.py MoE.forward): the router [routed, h] x [h, E]; each of the ``local`` experts'
+    w1, w3 and w2 on ``rows / local`` rows (every local expert runs, with or without rows); the shared
+    experts' w1, w3, w2 split by tp; the shared gate [tokens, h] x [h, 1]."""
+    moe, h = model.moe, model.hidden
+    per_expert = rows / local
+    shapes = [(routed, h, moe.experts)]
+    for _ in range(local):
+        shapes += [(per_expert, h, moe.expert_ffn_hidden), (per_expert, h, moe.expert_ffn_hidden),
+                   (per_expert, moe.expert_ffn_hidden, h)]
+    if moe.shared_ffn_hidden:
+        f_s = moe.shared_ffn_hidden / tp
+        shapes += [(tokens, h, f_s), (tokens, h, f_s), (tokens, f_s, h)]
+    if moe.shared_expert_gate:
+        shapes.append((tokens, h, 1))
+    return shapes
+
+
+def selective_matmuls(model: ModelSpec, routed: float, tokens: float, rows: float, local: int,
+                      tp: int) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
+    """(kept, re-run) matmuls of an MoE MLP under meshplan's selective recompute
+    (launcher/runtime/parallelize.py selective_context): counting the block's matmuls from its first, the
+    odd-numbered outputs are kept but the block's last (parallelize.block_matmuls); the others run again in
+    the backward, the last excepted (the recompute stops once the backward has what it needs)."""
+    shapes = matmul_sequence(model, routed, tokens, rows, local, tp)
+    last = ATTENTION_MATMULS + len(shapes)
+    kept, rerun = [], []
+    for number, shape in enumerate(shapes, ATTENTION_MATMULS + 1):
+        if number % 2 == 1 and number != last:
+            kept.append(shape)
+        elif number != last:
+            rerun.append(shape)
+    return kept, rerun
+
+
+def selective_saved_bytes(model: ModelSpec, routed: float, tokens: float, rows: float, local: int, tp: int,
+                          act_bytes: int) -> float:
+    """Bytes an MoE MLP keeps under meshplan's selective recompute: the kept matmuls' outputs
+    (:func:`selective_matmuls`), ``m * n`` elements each; everything else is re-run."""
+    kept, _ = selective_matmuls(model, routed, tokens, rows, local, tp)
+    return act_bytes * sum(m * n for m, _, n in kept)
+
+
 def dense_mlp_saved_bytes(model: ModelSpec, tokens: float, tp: int, act_bytes: int, fused_swiglu: bool,
                           mlp_input_bytes: float) -> float:
     """What the dense MLP keeps (memory.activation_bytes_per_layer's MLP input and inner tensors), the part an

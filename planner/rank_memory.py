@@ -65,6 +65,12 @@ def uses_fsdp(s: Step) -> bool:
     return s.ctx.engine.state_layout != "distributed_optimizer" or s.cfg.zero >= 3
 
 
+def fsdp_units_per_block(s: Step) -> int:
+    """FSDP2 units in a block: 2 for a mixture of experts on an engine wrapping each block's routed experts
+    as a unit of their own (meshplan's runtime parallelize.apply_expert_dp, torchtitan's expert FSDP), else 1."""
+    return 2 if s.lc.expert_params and s.ctx.engine.state_layout != "distributed_optimizer" else 1
+
+
 def sharding_stage(s: Step) -> int:
     """The ZeRO stage of memory.model_state_bytes for this engine (memory.engine_sharding_stage)."""
     return memory.engine_sharding_stage(s.ctx.engine.state_layout, s.cfg.zero)
@@ -91,7 +97,8 @@ def rank_memory_phases(s: Step, rank: int, layers: int, recomputes: bool) -> Pha
     grad_buffer = not fsdp and s.ctx.engine.state_layout == "distributed_optimizer"   # kept for the whole run
     accumulators, transient = memory.unsharded_grad_bytes(params, lc.params, sb, accumulates_unsharded(s), fsdp)
     gathered_loss = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=False)
-    gathered_bwd = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=True)
+    gathered_bwd = memory.gathered_weight_bytes(params, cfg.zero, lc.params, sb, fsdp, root, during_backward=True,
+                                                units_per_block=fsdp_units_per_block(s))
     grads = states.pop("gradients") - s.shard_states["gradients"]
     grads_common = ((0.0 if accumulators else (grads if num_mb > 1 or grad_buffer else 0.0))
                     + s.shard_states["gradients"])

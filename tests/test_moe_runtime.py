@@ -160,6 +160,8 @@ MOE_LAYOUTS = {   # world 4, one torchrun job
     "shared-dp2-cp2-ep2-zero1": dict(model=TINY_MOE_SHARED, dp=2, cp=2, ep=2, zero=1),
     "shared-dp2-tp2-ep2-selective-zero2": dict(model=TINY_MOE_SHARED, dp=2, tp=2, ep=2, recompute="selective",
                                                zero=2),
+    # the experts' FSDP2 unit inside a selectively recomputed block (parallelize._run_profiler_ranges_as_they_come)
+    "dp4-ep2-selective-zero3": dict(model=TINY_MOE, dp=4, ep=2, recompute="selective", zero=3),
 }
 
 

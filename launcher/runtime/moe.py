@@ -201,7 +201,8 @@ class MoE(nn.Module):
 
     def routed(self, tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The weighted sum of each token's chosen experts' outputs: the copies sorted by expert, computed
-        (here or on their experts' ranks), weighted and added back to their tokens."""
+        (here or on their experts' ranks), put back in token order and summed with their weights (a gather and
+        a sum over k keep one ``[T*k, h]`` tensor for the backward; ``index_add`` would keep its source too)."""
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // self.top_k
@@ -215,8 +216,10 @@ class MoE(nn.Module):
             done = self.experts(copies, counts)
         else:
             done = self.dispatch(copies, counts)
-        weighted = done * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(tokens).index_add(0, token_of, weighted)
+        unsorted = torch.empty_like(order)
+        unsorted[order] = torch.arange(order.numel(), device=order.device)
+        by_token = done[unsorted].view(*chosen.shape, -1)
+        return (by_token * weights.unsqueeze(-1)).sum(1)
 
     def dispatch(self, copies: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert parallel: send each copy to its expert's rank, compute, send the results back (same order)."""

@@ -337,15 +337,31 @@ def _saved_ops() -> tuple[set, set]:
     return matmuls, {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
+def _run_profiler_ranges_as_they_come() -> None:
+    """Selective recompute replays a block's ops and requires the replay to dispatch each op as often as the
+    forward did. An FSDP2 unit inside a block (a mixture of experts' routed experts, sharded over their own
+    ranks) marks its hooks with profiler ranges, and in the replay, which runs in the backward, its
+    root pre-forward hook opens one range more than the forward did. A range holds no tensor, so its ops are
+    added to the ops the replay runs without counting (``torch.utils.checkpoint.SAC_IGNORED_OPS``)."""
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
+
+    for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
+        packet = getattr(torch.ops.profiler, name, None)
+        if packet is not None:
+            SAC_IGNORED_OPS.update(getattr(packet, overload) for overload in packet.overloads())
+
+
 def selective_context(matmuls_per_block: int = 0):
     """torchtitan's op-level policy, which the planner's memory and time model assume
-    (planner/memory.py activation_bytes_per_layer): keep the attention op's output and every *other* linear
-    layer's output (1st, 3rd, ...), recompute the rest -- except the block's last linear (the
-    ``matmuls_per_block``-th), whose output nothing in the backward needs: under TP it is the full-width
-    partial sum before the reduce-scatter, t times the size of anything else kept (found by
-    ``meshplan check``). Called once per checkpointed forward, so the counters start fresh each time."""
+    (planner/memory.py activation_bytes_per_layer; an MoE block's, planner/moe.py selective_matmuls): keep
+    the attention op's output and every *other* matmul's output (1st, 3rd, ...), recompute the rest -- except
+    the block's last matmul (the ``matmuls_per_block``-th, :func:`block_matmuls`), whose output nothing in the
+    backward needs: under TP it is the full-width partial sum before the reduce-scatter, t times the size of
+    anything else kept (found by ``meshplan check``). Called once per checkpointed forward, so the counters
+    start fresh each time."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+    _run_profiler_ranges_as_they_come()
     matmuls, saved = _saved_ops()
     counts = {"forward": 0, "recompute": 0}
 
@@ -369,9 +385,18 @@ def apply_ac(model: Transformer, mode_of_layer) -> None:
         if mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
-            linears = sum(isinstance(m, nn.Linear) for m in block.modules())   # 7 for SwiGLU, 6 for GELU
-            model.layers[name] = checkpoint_wrapper(block, context_fn=functools.partial(selective_context, linears),
+            model.layers[name] = checkpoint_wrapper(block, context_fn=functools.partial(selective_context,
+                                                                                        block_matmuls(block)),
                                                     preserve_rng_state=False)
+
+
+def block_matmuls(block: nn.Module) -> int:
+    """The matmuls one forward of ``block`` runs: one per linear layer (7 for a SwiGLU block, 6 for GELU) and
+    three per routed expert it holds (moe.GroupedExperts runs every local expert, with or without tokens)."""
+    from meshplan.launcher.runtime.moe import GroupedExperts
+
+    return sum(1 if isinstance(m, nn.Linear) else 3 * m.w1.shape[0] if isinstance(m, GroupedExperts) else 0
+               for m in block.modules())
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:
