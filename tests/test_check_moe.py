@@ -1,7 +1,7 @@
 """``meshplan check`` of mixture-of-experts plans: each rank built by the runtime on fake tensors over a fake
 process group, its parameter bytes equal to the count by hand (its stage's dense weights sharded over dp x cp,
 plus ``experts / ep`` experts per MoE block sharded over the expert-data-parallel ranks), from the tiny model
-to Mixtral 8x22B on 128 ranks and a DeepSeek-V3-sized model on 1024."""
+to Mixtral 8x22B on 128 ranks and a DeepSeek-V3-sized model on 2048."""
 
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def test_expert_bytes_scale_with_ep():
     assert two - four == model.moe_layer_count * per_expert
 
 
-@pytest.mark.slow   # one rank of a 128-rank Mixtral 8x22B plan on fake tensors: about 15 s
+@pytest.mark.slow
+@pytest.mark.parallel   # one rank of a 128-rank Mixtral 8x22B plan on fake tensors: about 15 s
 def test_mixtral_8x22b_on_128_ranks():
     """pp8 x dp16 x ep8, ZeRO-1: each rank one expert per block, split in two by its width over the
     expert-data-parallel pair; 7 blocks per stage."""
@@ -106,16 +107,18 @@ def test_mixtral_8x22b_on_128_ranks():
     assert checked.measured["peak"] > checked.measured["parameters"] + checked.measured["optimizer"]
 
 
-@pytest.mark.slow   # one rank of a 1024-rank plan on fake tensors: about 15 s
-def test_deepseek_v3_sized_pp16_ep64_on_1024_ranks():
-    """pp16 x dp64 x ep64, ZeRO-1: 4 of the 256 experts per block on each rank (no expert data parallel);
-    pipeline rank 1 holds blocks 4..7, all MoE."""
-    plan = gpu_plan(DEEPSEEK_V3_GQA, dp=64, pp=16, ep=64, zero=1, cluster="dgx-h100:128")
-    assert plan.world_size == 1024 and plan.expert_dp == 1
+@pytest.mark.slow
+@pytest.mark.parallel   # one rank of a 2048-rank plan on fake tensors: about 30 s
+def test_deepseek_v3_sized_at_its_published_scale():
+    """DeepSeek-V3's published layout (DeepSeek-AI 2024, section 3.2: 2048 H800s, 16-way pipeline, 64-way
+    expert parallel, ZeRO-1 data parallel): pp16 x dp128 x ep64, 4 of the 256 experts per block on each EP rank,
+    2 of them on each rank of the expert-data-parallel pair; pipeline rank 1 holds blocks 4..7, all MoE."""
+    plan = gpu_plan(DEEPSEEK_V3_GQA, dp=128, pp=16, ep=64, zero=1, cluster="dgx-h100:256")
+    assert plan.world_size == 2048 and plan.expert_dp == 2
     assert plan.stages[1].layers == (4, 8)
     checked = check_rank(plan, parse_ranks("pp:1", plan)[0])
     m = plan.model
-    experts = 4 * 4 * 3 * m.hidden * m.moe.expert_ffn_hidden * FP32
+    experts = 4 * 4 * 3 * m.hidden * m.moe.expert_ffn_hidden * FP32 // 2
     assert checked.measured["parameters"] == expected_parameter_bytes(plan, 1)
     assert checked.measured["parameters"] > experts
 
