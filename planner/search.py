@@ -555,13 +555,15 @@ def _nothing_fits_message(ctx: Context, fixes: dict[str, Any], rejected: Counter
     gpn = ctx.cluster.gpus_per_node
     min_nodes = math.ceil(min_gpus / gpn)
     reasons = ", ".join(f"{k} x{v}" for k, v in rejected.most_common(3))
+    device = "GPU" if ctx.cluster.gpu.kind == "gpu" else "process"
     text = f"no configuration fits ({reasons})"
     if closest is not None:
         over, cfg = closest
         text += (f"; closest: dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} cp={cfg.cp} micro_batch={cfg.micro_batch} "
-                 f"zero={cfg.zero}" + (f" misses by {over / memory.GIB:.1f} GiB per GPU" if over > 0 else ""))
-    text += (f"; the model's training state alone needs {state / memory.GIB:,.0f} GiB, so at least {min_gpus} "
-             f"GPUs of {ctx.cluster.gpu.memory_gib:g} GiB ({min_nodes} nodes of {gpn})")
+                 f"zero={cfg.zero}" + (f" misses by {over / memory.GIB:.1f} GiB per {device}" if over > 0 else ""))
+    devices = f"{min_gpus} {device}{'es' if device == 'process' else 's'}"
+    text += (f"; the model's training state alone needs {state / memory.GIB:,.0f} GiB, so at least {devices} of "
+             f"{ctx.cluster.gpu.memory_gib:.3g} GiB ({min_nodes} nodes of {gpn})")
     if fixes:
         text += "; or drop some --fix pins"
     text += "; shorter --seq-len or fewer layers also help"

@@ -135,7 +135,10 @@ def test_malformed_files_are_one_line(tmp_path):
 
 def test_model_that_fits_nowhere_exits_3():
     result = run("--model", "llama3-405b", "--cluster", "dgx-h100:1", "--global-batch", "8", "--seq-len", "8192")
-    assert_one_line_error(result, 3, "no configuration fits", "at least")
+    assert_one_line_error(result, 3, "no configuration fits", "at least", "GPUs of 79.6 GiB")
+    cpu = run("--model", "llama3-8b", "--cluster", "localhost:2", "--global-batch", "2", "--seq-len", "64",
+              "--precision", "fp32", "--no-profile")
+    assert_one_line_error(cpu, 3, "no configuration fits", "GiB per process", "processes of")
 
 
 def test_console_script_runs_without_importing_torch():
