@@ -248,19 +248,28 @@ def _check_weights_io(plan, training: dict) -> None:
 def _replan(plan, plan_path: Path) -> Path:
     """Re-plan the same model and batch for this machine (asked for with --replan), from this machine's
     measurement as ``meshplan plan --cluster localhost:N`` takes it (cached quick profile; the documented
-    defaults with MESHPLAN_NO_PROFILE=1)."""
+    defaults with MESHPLAN_NO_PROFILE=1), in a precision this machine's ranks compute in (the plan's where
+    they can: CPU ranks compute in fp32, GPU ranks in bf16 or fp32)."""
+    import dataclasses
+
     import torch
 
+    from meshplan.launcher.checks import RUNTIME_PRECISIONS
     from meshplan.plan_cli import measure_this_machine
     from meshplan.planner.search import search
     from meshplan.spec import _as_bool, load_cluster
 
-    ranks = torch.cuda.device_count() if torch.cuda.is_available() else plan.world_size
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    ranks = torch.cuda.device_count() if kind == "gpu" else plan.world_size
     cluster = load_cluster(f"localhost:{ranks}")
+    train, changed = plan.train, ""
+    if train.precision not in RUNTIME_PRECISIONS[kind]:
+        train = dataclasses.replace(train, precision=RUNTIME_PRECISIONS[kind][0])
+        changed = f" in {train.precision} ({kind.upper()} ranks do not compute in {plan.train.precision})"
     if not _as_bool(os.environ.get("MESHPLAN_NO_PROFILE", "false"), "MESHPLAN_NO_PROFILE"):
-        cluster = measure_this_machine(cluster, plan.model, plan.train)
-    new = search(plan.model, cluster, plan.train, {}, top=1).plans[0]
+        cluster = measure_this_machine(cluster, plan.model, train)
+    new = search(plan.model, cluster, train, {}, top=1).plans[0]
     target = plan_path.with_name(plan_path.stem + ".replanned.yaml")
     new.save(target)
-    typer.echo(f"meshplan: re-planned for localhost:{ranks} -> {target}", err=True)
+    typer.echo(f"meshplan: re-planned for localhost:{ranks}{changed} -> {target}", err=True)
     return target

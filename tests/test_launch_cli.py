@@ -12,7 +12,7 @@ import yaml
 
 from meshplan.plan import Plan
 from meshplan.spec import load_cluster
-from runtime_helpers import TINY_LLAMA, make_plan, run_launch
+from runtime_helpers import TINY_LLAMA, job_env, make_plan, run_launch
 
 
 @pytest.fixture()
@@ -129,6 +129,30 @@ def test_device_kind_mismatch_is_refused(tmp_path):
         has_gpu = False
     if not has_gpu:
         _refused(run_launch([str(path), "--steps", "1"], tmp_path), "plan.cluster.gpu.kind", "--replan")
+
+
+@pytest.mark.slow
+def test_replan_runs_a_gpu_plan_on_this_machine(tmp_path):
+    """launch --replan of a bf16 plan for 4 GPUs on a machine without one: re-planned for localhost:4 in
+    fp32 (what CPU ranks compute in), saved beside the plan, and trained."""
+    import torch
+
+    if torch.cuda.is_available():   # pragma: no cover
+        pytest.skip("this machine has a GPU: the plan launches as it is")
+    cluster = tmp_path / "gpus.yaml"
+    cluster.write_text("name: four\nnodes: 1\ngpus_per_node: 4\ngpu: {name: g, memory_gib: 80, peak_tflops: 900, "
+                       "memory_bandwidth_gbps: 3000}\nintra_node: {bandwidth_gbps: 400, latency_us: 5}\n")
+    gpu_plan = dataclasses.replace(make_plan(dp=4), cluster=load_cluster(str(cluster)),
+                                   train=dataclasses.replace(make_plan().train, precision="bf16"))
+    path = tmp_path / "gpu.yaml"
+    gpu_plan.save(path)
+    env = {**job_env(), "MESHPLAN_NO_PROFILE": "1"}
+    proc = run_launch([str(path), "--steps", "2", "--replan"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "re-planned for localhost:4 in fp32" in proc.stderr
+    replanned = Plan.load(tmp_path / "gpu.replanned.yaml")
+    assert replanned.train.precision == "fp32" and replanned.world_size == 4
+    assert replanned.train.global_batch == gpu_plan.train.global_batch
 
 
 def test_vocab_split_over_pipeline_is_accepted(tmp_path):

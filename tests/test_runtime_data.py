@@ -15,7 +15,7 @@ from runtime_helpers import job_env, make_plan, read_metrics
 def test_slices_tile_the_global_batch():
     tokens = SyntheticTokens(256, seed=3).batch(step=7, sequences=8, length=33)
     assert torch.equal(tokens, SyntheticTokens(256, seed=3).batch(step=7, sequences=8, length=33))
-    parts = {(d, c): Slice(d, 2, c, 2).take(tokens) for d in range(2) for c in range(2)}
+    parts = {(d, c): Slice(d, 2, c, 2, "ulysses").take(tokens) for d in range(2) for c in range(2)}
     inputs = torch.cat([torch.cat([parts[(d, c)][0] for c in range(2)], dim=1) for d in range(2)])
     targets = torch.cat([torch.cat([parts[(d, c)][1] for c in range(2)], dim=1) for d in range(2)])
     assert torch.equal(inputs, tokens[:, :-1]) and torch.equal(targets, tokens[:, 1:])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from meshplan.launcher.checks import check_token_file, token_file_dtype
+from meshplan.plan import Plan
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -90,7 +91,12 @@ class Slice:
     dp: int
     cp_rank: int
     cp: int
-    cp_kind: str = "ulysses"
+    cp_kind: str     # the plan's: ring attention's ranks hold zig-zag chunks, Ulysses' contiguous ones
+
+    @classmethod
+    def of_rank(cls, plan: Plan, coords: dict[str, int]) -> Slice:
+        """The slice of the rank at mesh coordinates ``coords`` of ``plan``."""
+        return cls(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind)
 
     def take(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)`` of this rank from the global ``(B, S+1)`` token batch."""

@@ -41,7 +41,7 @@ def measure(plan_path: str, out: Path, seed: int = 0) -> dict:
     coords = trainer.meshes.coords
     data = make_source(plan.model.vocab, seed, None, None)
     batch = data.batch(1, plan.train.global_batch, plan.train.seq_len + 1)
-    inputs, targets = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind).take(batch)
+    inputs, targets = Slice.of_rank(plan, coords).take(batch)
     inputs, targets = inputs.to(device), targets.to(device)
     hidden_dtype = rt.hidden_dtype(plan, trainer.meshes, device_type)
     if device_type == "cuda":

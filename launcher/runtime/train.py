@@ -721,7 +721,7 @@ def run(config: RunConfig) -> list[dict]:
                        token_file_dtype(config.data_dtype, plan.model.vocab, config.eval_data),
                        batch, seq + 1, config.eval_batches) if config.eval_data else None
     coords = trainer.meshes.coords
-    data_slice = Slice(coords["dp"], plan.dp, coords["cp"], plan.cp, plan.cp_kind)
+    data_slice = Slice.of_rank(plan, coords)
 
     start = restore(trainer, found[0]) if found is not None else 0
     if found is not None and start != found[1]:
