@@ -120,9 +120,10 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     bwd = 2 * c.matmul_fwd + attn_bwd + 2 * c.ew_fwd + tp_bwd + cp_bwd
     params, expert_params, ep_comm, imbalance = layer_params_per_rank(model, tp), 0.0, 0.0, 1.0
     if model.moe is not None:
+        rates = compute.achieved_rates(cluster, train.precision)
         mb = moe_of(model, cluster, train, tokens, tp, sp, degrees, mesh_order, experts, fused_swiglu)
         d_fwd, d_bwd, d_tp = moe_block_delta(model, train, tokens, tp, sp, c, mb, tp_fwd, tp_bwd, fused_swiglu,
-                                             compute.achieved_rates(cluster, train.precision))
+                                             rates)
         share = model.moe_layer_count / model.layers
         fwd, bwd, tp_fwd, tp_bwd = fwd + share * d_fwd, bwd + share * d_bwd, tp_fwd - share * d_tp, tp_bwd - share * d_tp
         ep_comm = share * 2 * (mb.a2a + mb.etp_comm)
@@ -132,8 +133,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
                                        engine, attn_fwd + cp_fwd, sp)
     if model.moe is not None and engine.selective_recompute == "meshplan":
         recompute_cost["selective"] += share * moe_selective_delta(model, train, tokens, tp, sp, c, mb, experts.ep,
-                                                                   fused_swiglu,
-                                                                   compute.achieved_rates(cluster, train.precision))
+                                                                   fused_swiglu, rates)
     acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
                                          engine.sp_saved_input, engine.selective_recompute, sp,
                                          attention == "flash", experts=experts, imbalance=imbalance)

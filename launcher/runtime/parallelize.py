@@ -287,12 +287,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             top["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, top)
 
+    from meshplan.launcher.runtime.moe import MoE
     for block in model.layers.values():
         plan: dict[str, object] = {
             "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=residual),
         }
-        moe_block = not hasattr(block.feed_forward, "w1")
+        moe_block = isinstance(block.feed_forward, MoE)
         if not moe_block:
             plan.update({"feed_forward.w1": ColwiseParallel(),
                          "feed_forward.w2": RowwiseParallel(output_layouts=residual)})
@@ -361,7 +362,6 @@ def selective_context(matmuls_per_block: int = 0):
     start fresh each time."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    _run_profiler_ranges_as_they_come()
     matmuls, saved = _saved_ops()
     counts = {"forward": 0, "recompute": 0}
 
@@ -385,6 +385,7 @@ def apply_ac(model: Transformer, mode_of_layer) -> None:
         if mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
+            _run_profiler_ranges_as_they_come()
             model.layers[name] = checkpoint_wrapper(block, context_fn=functools.partial(selective_context,
                                                                                         block_matmuls(block)),
                                                     preserve_rng_state=False)

@@ -534,10 +534,15 @@ def sync_kv_replica_grads(trainer: Trainer) -> None:
     for _, part in trainer.stage_parts:
         params = dict(part.named_parameters())
         grads += [_local_shard(params[name].grad) for name in replicated_kv_params(part)]
+    _sum_in_place(grads, trainer.kv_group)
+
+
+def _sum_in_place(grads: list[torch.Tensor], group) -> None:
+    """Replace each of ``grads`` by its sum over ``group``: one all-reduce of them flattened together."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=trainer.kv_group)
+    dist.all_reduce(flat, group=group)
     for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(summed.view_as(grad))
 
@@ -552,12 +557,7 @@ def sync_moe_tp_grads(trainer: Trainer) -> None:
 
     grads = [_local_shard(p.grad) for _, part in trainer.stage_parts
              for p in tp_partial_params(part, experts_too=trainer.meshes.edp is None) if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=trainer.meshes.tp.get_group())
-    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(summed.view_as(grad))
+    _sum_in_place(grads, trainer.meshes.tp.get_group())
 
 
 def _local_shard(t: torch.Tensor) -> torch.Tensor:
