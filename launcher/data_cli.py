@@ -35,18 +35,18 @@ def data_prepare(
     model: Optional[str] = typer.Option(None, "--model", help="refuse a tokenizer whose vocabulary is larger "
                                         "than this model's (a preset, model YAML or config.json)"),
     seed: int = typer.Option(0, "--seed", help="seeds the evaluation split"),
-    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="encoding threads"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", help="encoding processes (tiktoken)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
 ) -> None:
     try:
         _data_prepare(tokenizer, [*(inputs or []), *map(str, extra_inputs or [])], out, eval_out, eval_fraction,
-                      text_key, eos_token, model, seed, threads, overwrite)
+                      text_key, eos_token, model, seed, workers, overwrite)
     except MeshplanError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code)
 
 
-def _data_prepare(tokenizer, inputs, out, eval_out, eval_fraction, text_key, eos_token, model, seed, threads,
+def _data_prepare(tokenizer, inputs, out, eval_out, eval_fraction, text_key, eos_token, model, seed, workers,
                   overwrite) -> None:
     import glob
 
@@ -59,12 +59,12 @@ def _data_prepare(tokenizer, inputs, out, eval_out, eval_fraction, text_key, eos
         if not matches:
             raise InputError("--input", f"{item} matches no file", "check the pattern")
         paths += [Path(m) for m in matches]
-    if threads < 1:
-        raise InputError("--threads", f"must be >= 1, got {threads}", "give a thread count")
+    if workers < 1:
+        raise InputError("--workers", f"must be >= 1, got {workers}", "give a process count")
     config = PrepareConfig(tokenizer=tokenizer, inputs=tuple(paths), out=out, eval_out=eval_out,
                            eval_fraction=eval_fraction, text_key=text_key, eos_token=eos_token,
                            model_vocab=load_model(model).vocab if model else None, overwrite=overwrite, seed=seed,
-                           threads=threads)
+                           workers=workers)
     total = sum(p.stat().st_size for p in paths if p.is_file())
     with typer.progressbar(length=total, label="tokenizing", file=sys.stderr) as bar:
         stats = prepare(config, progress=bar.update, note=lambda text: typer.echo(f"note: {text}", err=True))

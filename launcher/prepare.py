@@ -13,21 +13,30 @@ vocabulary (the tokenizer's, or the model's when larger) fits in 16 bits, else `
 ``<file>.json`` records the dtype, the counts and the tokenizer, and ``launch`` reads the dtype from it.
 
 Speed: a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen2 style: no normalizer, ByteLevel or Split +
-ByteLevel pre-tokenization) is run by ``tiktoken`` on several threads, with the merge order of the
-``tokenizers`` file; the first documents are encoded both ways and must agree token for token, else (or for
-any other tokenizer) ``tokenizers`` encodes everything. Outputs are written to ``<file>.partial`` and renamed
-when complete: an interrupted run leaves no half-written file under the final name.
+ByteLevel pre-tokenization) is run by ``tiktoken`` in ``workers`` processes, with the merge order of the
+``tokenizers`` file, and for the GPT-2, Llama 3 and Qwen2 regexes word by word through a cache
+(:class:`TiktokenEncoder` says why that is exact). The first batch's documents (at most
+:data:`VERIFY_DOCUMENTS`) are encoded both ways and must agree token for token, else (or for any other
+tokenizer) ``tokenizers`` encodes everything. Outputs are written to ``<file>.partial`` and renamed when
+complete: an interrupted run leaves no half-written file under the final name.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
+import sys
 import time
 import zlib
+from array import array
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -35,10 +44,34 @@ from meshplan.errors import InputError
 
 EOS_SPELLINGS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>", "<|eos|>")
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-BATCH_BYTES = 4 << 20          # documents per encode call, by size
-VERIFY_DOCUMENTS = 256         # documents encoded both ways before the fast path is trusted
+# Llama 3's and Qwen2's Split regex, as their tokenizer.json files spell it
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+WORD_SAFE_PATTERNS = (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN)   # see TiktokenEncoder
+WORD_BOUNDARY = re.compile(r" (?<!\s )")     # a space after a non-space character (or at the start)
+WORD_CACHE_WORDS = 1 << 19     # words an encoding process remembers (~100 MB)
+BATCH_BYTES = 1 << 20          # documents per encode call, by size
+VERIFY_DOCUMENTS = 256         # of the first batch's documents, encoded both ways before tiktoken is trusted
 
-Encoder = Callable[[list[str]], list[np.ndarray]]
+
+
+class Encoded(NamedTuple):
+    """A batch of documents encoded: every document's ids end to end, and each document's count."""
+
+    ids: np.ndarray           # int32
+    lengths: np.ndarray       # int64, one per document
+
+    @classmethod
+    def of(cls, documents: list[bytes]) -> "Encoded":
+        """From each document's ids as int32 bytes."""
+        return cls(np.frombuffer(b"".join(documents), dtype=np.int32), np.array([len(d) // 4 for d in documents]))
+
+    def documents(self) -> list[np.ndarray]:
+        return np.split(self.ids, np.cumsum(self.lengths)[:-1])
+
+
+Encoder = Callable[[list[str]], Encoded]
 
 
 @dataclass(frozen=True)
@@ -56,7 +89,7 @@ class PrepareConfig:
         model_vocab: the model's vocabulary; a larger tokenizer vocabulary is refused.
         overwrite: replace existing outputs.
         seed: seeds the evaluation split.
-        threads: encoding threads.
+        workers: processes encoding with tiktoken (``tokenizers`` runs on its own threads).
     """
 
     tokenizer: Path
@@ -69,7 +102,7 @@ class PrepareConfig:
     model_vocab: int | None = None
     overwrite: bool = False
     seed: int = 0
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass
@@ -153,17 +186,36 @@ def _pre_token_pattern(spec: dict) -> str | None:
     return None
 
 
-def fast_encoder(spec: dict, threads: int) -> Encoder | None:
-    """tiktoken running the tokenizer's BPE (merge ``i`` is rank ``256 + i``, as the ``tokenizers`` model
-    applies merges in list order), or ``None`` when the tokenizer is not a plain byte-level BPE or tiktoken
-    is not installed."""
+@dataclass(frozen=True)
+class ByteLevelBPE:
+    """A ``tokenizers`` byte-level BPE in tiktoken's terms: what an encoding process rebuilds it from.
+
+    Fields:
+        pattern: the pre-tokenizer's regex.
+        ranks: byte string -> merge rank (the 256 bytes first, then merge ``i`` as rank ``256 + i``).
+        rank_to_id: rank -> the tokenizer file's token id.
+    """
+
+    pattern: str
+    ranks: dict[bytes, int]
+    rank_to_id: np.ndarray
+
+    @property
+    def by_words(self) -> bool:
+        """Whether documents may be encoded word by word (see :class:`TiktokenEncoder`)."""
+        return self.pattern in WORD_SAFE_PATTERNS
+
+
+def byte_level_bpe(spec: dict) -> ByteLevelBPE | None:
+    """The tokenizer as tiktoken runs it (merge ``i`` is rank ``256 + i``, as the ``tokenizers`` model applies
+    merges in list order), or ``None`` when it is not a plain byte-level BPE or tiktoken is not installed."""
     model = spec.get("model") or {}
     pattern = _pre_token_pattern(spec)
     if model.get("type") != "BPE" or pattern is None or spec.get("normalizer") or model.get("dropout") \
             or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return None
     try:
-        import tiktoken
+        import tiktoken  # noqa: F401
     except ImportError:
         return None
     decode = _byte_decoder()
@@ -180,7 +232,7 @@ def fast_encoder(spec: dict, threads: int) -> Encoder | None:
             return None
         ranks[merged] = 256 + i
     spell = {b: c for c, b in decode.items()}
-    rank_to_id = np.full(len(ranks), -1, dtype=np.int64)
+    rank_to_id = np.full(len(ranks), -1, dtype=np.int32)
     for token, rank in ranks.items():
         spelled = "".join(spell[b] for b in token)
         if spelled not in vocab:
@@ -188,29 +240,100 @@ def fast_encoder(spec: dict, threads: int) -> Encoder | None:
         rank_to_id[rank] = vocab[spelled]
     if model.get("ignore_merges") and len(vocab) > len(ranks):
         return None       # whole-word tokens no merge makes: tiktoken would not find them
-    encoding = tiktoken.Encoding("meshplan-prepare", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return ByteLevelBPE(pattern, ranks, rank_to_id)
 
-    def encode_many(texts: list[str]) -> list[np.ndarray]:
-        return [rank_to_id[encoding.encode_to_numpy(t, disallowed_special=())] for t in texts]
 
-    def encode(texts: list[str]) -> list[np.ndarray]:
-        from concurrent.futures import ThreadPoolExecutor
+class TiktokenEncoder:
+    """Documents -> token ids with tiktoken, as the ``tokenizers`` file encodes them.
 
-        parts = [texts[i::threads] for i in range(threads)]
-        with ThreadPoolExecutor(threads) as pool:
-            done = list(pool.map(encode_many, parts))
-        out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
-        for i, encoded in enumerate(done):
-            out[i::threads] = encoded
-        return out
+    For a pattern of :data:`WORD_SAFE_PATTERNS` a document is cut before every space that follows a
+    non-space character (:data:`WORD_BOUNDARY`), and each piece ("word") is encoded on its own, through a cache
+    of up to ``cache_words`` words. The cut is exact for these patterns: in each of them a space stands inside
+    a match only as its first character or in a match of whitespace alone, so no match spans a space that
+    follows a non-space character; the only lookahead, ``(?!\\S)``, ends whitespace alone. Python's ``\\s``
+    matches every Unicode White_Space character (and four more), so the cut is never made where the pattern
+    would see whitespace before the space. Any other pattern encodes whole documents.
+    """
 
-    return encode
+    def __init__(self, bpe: ByteLevelBPE, cache_words: int = WORD_CACHE_WORDS):
+        import tiktoken
+
+        self.encoding = tiktoken.Encoding("meshplan-prepare", pat_str=bpe.pattern, mergeable_ranks=bpe.ranks,
+                                          special_tokens={})
+        self.id_of = bpe.rank_to_id.tolist()     # rank -> token id
+        self.by_words = bpe.by_words
+        self.cache_words = cache_words
+        self.words: dict[str, bytes] = {}        # word w -> the int32 ids of " " + w
+
+    def _ids(self, text: str) -> bytes:
+        """``text``'s token ids as int32 bytes."""
+        return array("i", map(self.id_of.__getitem__, self.encoding.encode_ordinary(text))).tobytes()
+
+    def encode_document(self, text: str) -> bytes:
+        if not self.by_words:
+            return self._ids(text)
+        words = WORD_BOUNDARY.split(text)
+        found = list(map(self.words.get, words))
+        found[0] = self._ids(words[0])          # the first word has no space before it
+        i = 1
+        while True:
+            try:
+                i = found.index(None, i)
+            except ValueError:
+                break
+            found[i] = self._ids(" " + words[i])
+            if len(self.words) < self.cache_words:
+                self.words[words[i]] = found[i]
+            i += 1
+        return b"".join(found)
+
+    def __call__(self, texts: list[str]) -> Encoded:
+        return Encoded.of([self.encode_document(text) for text in texts])
+
+
+_process_encoder: TiktokenEncoder | None = None
+
+
+def _start_process(bpe: ByteLevelBPE) -> None:
+    global _process_encoder
+    _process_encoder = TiktokenEncoder(bpe)
+
+
+def _encode_in_process(texts: list[str]) -> Encoded:
+    assert _process_encoder is not None
+    return _process_encoder(texts)
+
+
+@contextmanager
+def _tiktoken_submitter(bpe: ByteLevelBPE, workers: int) -> Iterator[Callable[[list[str]], Future]]:
+    """``submit(texts) -> Future`` of the encoded documents: in this process for one worker, else in a pool of
+    ``workers`` processes, each with its own word cache. On Linux the processes are forked (no second import,
+    the tables inherited; the caller has not used ``tokenizers``' threads yet), elsewhere spawned (a script
+    that calls :func:`prepare` then needs the ``if __name__ == "__main__":`` guard)."""
+    if workers == 1:
+        encoder = TiktokenEncoder(bpe)
+
+        def submit(texts: list[str]) -> Future:
+            future: Future = Future()
+            future.set_result(encoder(texts))
+            return future
+
+        yield submit
+        return
+    start_method = "fork" if sys.platform == "linux" else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method),
+                               initializer=_start_process, initargs=(bpe,))
+    try:
+        yield lambda texts: pool.submit(_encode_in_process, texts)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def reference_encoder(tokenizer) -> Encoder:
     """``tokenizers`` itself (its own threads)."""
-    def encode(texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    def encode(texts: list[str]) -> Encoded:
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return Encoded.of([array("i", e.ids).tobytes() for e in encodings])
     return encode
 
 
@@ -295,36 +418,18 @@ def prepare(config: PrepareConfig, progress: Callable[[int], None] | None = None
                          "use the model's own tokenizer")
     eos = find_eos(tokenizer, config.eos_token)
     dtype = "uint16" if max(vocab, config.model_vocab or 0) <= 65536 else "uint32"
-    reference = reference_encoder(tokenizer)
-    fast = fast_encoder(spec, max(1, config.threads))
-    stats = PrepareStats(dtype=dtype, encoder="tiktoken" if fast else "tokenizers")
+    bpe = byte_level_bpe(spec)
+    stats = PrepareStats(dtype=dtype)
     outputs = {"train": config.out, "eval": config.eval_out}
     partial = {k: p.with_name(p.name + ".partial") for k, p in outputs.items() if p is not None}
     files = {k: open(p, "wb") for k, p in partial.items()}
-    start, index, verified = time.perf_counter(), 0, fast is None
+    start = time.perf_counter()
     try:
-        for texts, consumed in _batches(read_documents(config.inputs, config.text_key)):
-            encoder = fast or reference
-            encoded = encoder(texts)
-            if not verified:
-                sample = texts[:VERIFY_DOCUMENTS]
-                if any(not np.array_equal(a, b) for a, b in zip(encoded, reference(sample))):
-                    if note:
-                        note("tiktoken and tokenizers disagree on these documents; encoding with tokenizers")
-                    fast, stats.encoder = None, "tokenizers"
-                    encoded = reference(texts)
-                verified = True
-            for ids in encoded:
-                side = "eval" if config.eval_out is not None and goes_to_eval(index, config.eval_fraction,
-                                                                                config.seed) else "train"
-                index += 1
-                np.append(ids, eos).astype(dtype).tofile(files[side])
-                if side == "eval":
-                    stats.eval_documents += 1
-                    stats.eval_tokens += len(ids) + 1
-                else:
-                    stats.documents += 1
-                    stats.tokens += len(ids) + 1
+        batches = _batches(read_documents(config.inputs, config.text_key))
+        for encoded, consumed, encoder in _encoded(batches, bpe, reference_encoder(tokenizer), config.workers,
+                                                   note):
+            stats.encoder = encoder
+            _write(encoded, eos, dtype, files, config, stats)
             stats.input_bytes += consumed
             if progress:
                 progress(consumed)
@@ -341,6 +446,56 @@ def prepare(config: PrepareConfig, progress: Callable[[int], None] | None = None
             path.unlink(missing_ok=True)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _write(encoded: Encoded, eos: int, dtype: str, files: dict, config: PrepareConfig, stats: PrepareStats) -> None:
+    """Append a batch's documents, each followed by ``eos``, to the training or evaluation file."""
+    first = stats.documents + stats.eval_documents
+    to_eval = np.array([config.eval_out is not None and goes_to_eval(first + i, config.eval_fraction, config.seed)
+                        for i in range(len(encoded.lengths))], dtype=bool)
+    ids = np.insert(encoded.ids, np.cumsum(encoded.lengths), eos).astype(dtype)
+    token_to_eval = np.repeat(to_eval, encoded.lengths + 1)
+    for side, chosen in (("train", ~token_to_eval), ("eval", token_to_eval)):
+        if chosen.any():
+            files[side].write(ids[chosen].tobytes())
+    stats.eval_documents += int(to_eval.sum())
+    stats.eval_tokens += int(token_to_eval.sum())
+    stats.documents += int((~to_eval).sum())
+    stats.tokens += len(ids) - int(token_to_eval.sum())
+
+
+def _encoded(batches: Iterator[tuple[list[str], int]], bpe: ByteLevelBPE | None, reference: Encoder,
+             workers: int, note: Callable[[str], None] | None) -> Iterator[tuple[Encoded, int, str]]:
+    """``(ids per document, input bytes, encoder)`` for each batch, in order: tiktoken (``workers`` processes,
+    up to two batches each in flight) when the first batch's documents (at most :data:`VERIFY_DOCUMENTS`) agree
+    with ``tokenizers`` (checked while the next batches encode); ``tokenizers`` for everything when they do not, or
+    when there is no ``bpe``."""
+    if bpe is None:
+        yield from ((reference(texts), consumed, "tokenizers") for texts, consumed in batches)
+        return
+    trusted: bool | None = None        # whether tiktoken agrees with tokenizers; None until checked
+
+    def finish(future: Future | None, texts: list[str], consumed: int) -> tuple[Encoded, int, str]:
+        nonlocal trusted
+        if trusted is None:
+            assert future is not None
+            sample = reference(texts[:VERIFY_DOCUMENTS]).documents()
+            trusted = all(np.array_equal(a, b) for a, b in zip(future.result().documents(), sample))
+            if not trusted and note:
+                note("tiktoken and tokenizers disagree on these documents; encoding with tokenizers")
+        if not trusted:
+            return reference(texts), consumed, "tokenizers"
+        assert future is not None
+        return future.result(), consumed, "tiktoken"
+
+    with _tiktoken_submitter(bpe, workers) as submit:
+        window: deque[tuple[Future | None, list[str], int]] = deque()
+        for texts, consumed in batches:
+            window.append((submit(texts) if trusted is not False else None, texts, consumed))
+            while len(window) > 2 * workers:
+                yield finish(*window.popleft())
+        while window:
+            yield finish(*window.popleft())
 
 
 def _check_outputs(config: PrepareConfig, stats: PrepareStats) -> None:

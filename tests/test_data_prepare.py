@@ -5,11 +5,14 @@ half-written."""
 from __future__ import annotations
 
 import json
+import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import regex
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
 from meshplan.cli import app
@@ -64,7 +67,7 @@ def test_tokens_are_the_tokenizers_and_the_split_is_stable(tmp_path, kind):
     tokenizer_path = (_byte_level if kind == "byte-level" else _word_level)(tmp_path / "tokenizer.json")
     corpus = _corpus(tmp_path)
     config = prep.PrepareConfig(tokenizer=tokenizer_path, inputs=(corpus,), out=tmp_path / "train.bin",
-                                eval_out=tmp_path / "eval.bin", eval_fraction=0.1, threads=2,
+                                eval_out=tmp_path / "eval.bin", eval_fraction=0.1, workers=2,
                                 eos_token=None if kind == "byte-level" else "</s>")
     stats = prep.prepare(config)
     assert stats.encoder == ("tiktoken" if kind == "byte-level" else "tokenizers")
@@ -136,8 +139,99 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(tmp_path):
 
 def test_fast_path_refuses_tokenizers_it_cannot_reproduce(tmp_path):
     spec = json.loads(_byte_level(tmp_path / "t.json").read_text())
-    assert prep.fast_encoder(spec, 1) is not None
-    assert prep.fast_encoder({**spec, "normalizer": {"type": "NFC"}}, 1) is None
-    assert prep.fast_encoder({**spec, "pre_tokenizer": {"type": "Whitespace"}}, 1) is None
+    assert prep.byte_level_bpe(spec) is not None
+    assert prep.byte_level_bpe({**spec, "normalizer": {"type": "NFC"}}) is None
+    assert prep.byte_level_bpe({**spec, "pre_tokenizer": {"type": "Whitespace"}}) is None
     with pytest.raises(InputError):
         prep.find_eos(Tokenizer.from_file(str(_word_level(tmp_path / "w.json"))), "<nope>")
+
+
+# Unicode's White_Space property (PropList.txt): the characters a tokenizer regex's \\s matches.
+WHITE_SPACE = [*"\t\n\x0b\x0c\r \x85\xa0\u1680", *map(chr, range(0x2000, 0x200B)), *"\u2028\u2029\u202f\u205f\u3000"]
+PIECES = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\xa0", "\u3000", "\u2028", "\x1c", "a", "Bc", "word", "é",
+          "\u0301", "'s", "'LL", "1", "12345", ".", "!?", "🚀", "_", "<|endoftext|>", "\\", "x\n", "\t "]
+
+
+def _split_bpe(path: Path, pattern: str) -> Path:
+    """A byte-level BPE whose pre-tokenizer is a Split on ``pattern`` (Llama 3 / Qwen2 style)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(TEXTS * 20 + ["".join(PIECES)] * 5, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer.save(str(path))
+    return path
+
+
+def test_word_boundary_never_cuts_where_a_tokenizer_regex_sees_whitespace():
+    assert all(prep.WORD_BOUNDARY.pattern.startswith(" ") and re.match(r"\s", c) for c in WHITE_SPACE)
+    assert prep.WORD_BOUNDARY.split(" a b  c\n d\xa0 e") == ["", "a", "b", " c\n d\xa0 e"]
+
+
+def _random_texts(count: int) -> list[str]:
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 40))) for _ in range(count)]
+    return texts + [" leading", "trailing ", "   ", "a  \n  b", "\n a", "x\xa0  y", "x\u3000  y", "x\x1c  y"]
+
+
+@pytest.mark.parametrize("pattern", prep.WORD_SAFE_PATTERNS, ids=["gpt2", "llama3", "qwen2"])
+def test_cutting_at_word_boundaries_keeps_every_pre_token(pattern):
+    """The regex finds the same pieces in a text as in its words one by one, whatever the vocabulary merges."""
+    compiled = regex.compile(pattern)
+    for text in _random_texts(3000):
+        words = prep.WORD_BOUNDARY.split(text)
+        pieces = [piece for i, word in enumerate(words) for piece in compiled.findall(word if i == 0 else " " + word)]
+        assert pieces == compiled.findall(text), text
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "llama3", "qwen2"])
+def test_word_by_word_encoding_equals_tokenizers_on_adversarial_text(tmp_path, pattern):
+    if pattern == "gpt2":
+        path = _byte_level(tmp_path / "t.json", vocab=700)
+    else:
+        path = _split_bpe(tmp_path / "t.json", prep.LLAMA3_PATTERN if pattern == "llama3" else prep.QWEN2_PATTERN)
+    tokenizer, spec = prep.load_tokenizer(path)
+    bpe = prep.byte_level_bpe(spec)
+    assert bpe is not None and bpe.by_words
+    texts = _random_texts(1500)
+    reference = prep.reference_encoder(tokenizer)(texts).documents()
+    for cache_words in (2, prep.WORD_CACHE_WORDS):   # a full cache changes nothing
+        encoder = prep.TiktokenEncoder(bpe, cache_words=cache_words)
+        for _ in range(2):                           # the second pass reads the cache
+            got = encoder(texts).documents()
+            bad = [t for t, a, b in zip(texts, got, reference) if not np.array_equal(a, b)]
+            assert not bad, bad[:3]
+        assert len(encoder.words) <= cache_words
+
+
+def test_other_patterns_encode_whole_documents(tmp_path):
+    pattern = prep.LLAMA3_PATTERN.replace(r"\s+(?!\S)|", r"\s+$|\s+(?!\S)|")
+    tokenizer, spec = prep.load_tokenizer(_split_bpe(tmp_path / "t.json", pattern))
+    bpe = prep.byte_level_bpe(spec)
+    assert bpe is not None and not bpe.by_words
+    texts = ["a b  c \n", "x\t y "]
+    assert all(np.array_equal(a, b) for a, b in zip(prep.TiktokenEncoder(bpe)(texts).documents(),
+                                                     prep.reference_encoder(tokenizer)(texts).documents()))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tiktoken_that_disagrees_with_tokenizers_is_dropped_with_a_note(tmp_path, monkeypatch, workers):
+    tokenizer_path = _byte_level(tmp_path / "tokenizer.json")
+    good = prep.byte_level_bpe(json.loads(tokenizer_path.read_text()))
+    wrong_ids = good.rank_to_id[::-1].copy()                             # every token's id wrong
+    monkeypatch.setattr(prep, "byte_level_bpe", lambda spec: prep.ByteLevelBPE(good.pattern, good.ranks, wrong_ids))
+    monkeypatch.setattr(prep, "BATCH_BYTES", 2000)                        # many batches in flight
+    notes: list[str] = []
+    config = prep.PrepareConfig(tokenizer=tokenizer_path, inputs=(_corpus(tmp_path, 600),), out=tmp_path / "t.bin",
+                                workers=workers)
+    stats = prep.prepare(config, note=notes.append)
+    assert stats.encoder == "tokenizers" and notes == [
+        "tiktoken and tokenizers disagree on these documents; encoding with tokenizers"]
+    reference = Tokenizer.from_file(str(tokenizer_path))
+    reference.encode_special_tokens = True
+    texts = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    ids = np.fromfile(tmp_path / "t.bin", dtype=np.uint16)
+    assert [d[:-1] for d in _documents(ids, 0)] == [reference.encode(t).ids for t in texts]
