@@ -214,6 +214,8 @@ def byte_level_bpe(spec: dict) -> ByteLevelBPE | None:
     if model.get("type") != "BPE" or pattern is None or spec.get("normalizer") or model.get("dropout") \
             or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return None
+    if any(not token.get("special", True) for token in spec.get("added_tokens") or []):
+        return None       # tokenizers finds a non-special added token inside text; tiktoken would not
     try:
         import tiktoken  # noqa: F401
     except ImportError:
@@ -329,10 +331,14 @@ def _tiktoken_submitter(bpe: ByteLevelBPE, workers: int) -> Iterator[Callable[[l
         pool.shutdown(cancel_futures=True)
 
 
-def reference_encoder(tokenizer) -> Encoder:
-    """``tokenizers`` itself (its own threads)."""
+def reference_encoder(tokenizer, parallel: bool = True) -> Encoder:
+    """``tokenizers`` itself: on its own threads, or (``parallel=False``) on this thread alone, which leaves
+    the cores to tiktoken's processes (its idle threads spin for a while)."""
     def encode(texts: list[str]) -> Encoded:
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        if parallel:
+            encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        else:
+            encodings = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return Encoded.of([array("i", e.ids).tobytes() for e in encodings])
     return encode
 
@@ -426,8 +432,7 @@ def prepare(config: PrepareConfig, progress: Callable[[int], None] | None = None
     start = time.perf_counter()
     try:
         batches = _batches(read_documents(config.inputs, config.text_key))
-        for encoded, consumed, encoder in _encoded(batches, bpe, reference_encoder(tokenizer), config.workers,
-                                                   note):
+        for encoded, consumed, encoder in _encoded(batches, bpe, tokenizer, config.workers, note):
             stats.encoder = encoder
             _write(encoded, eos, dtype, files, config, stats)
             stats.input_bytes += consumed
@@ -464,22 +469,24 @@ def _write(encoded: Encoded, eos: int, dtype: str, files: dict, config: PrepareC
     stats.tokens += len(ids) - int(token_to_eval.sum())
 
 
-def _encoded(batches: Iterator[tuple[list[str], int]], bpe: ByteLevelBPE | None, reference: Encoder,
-             workers: int, note: Callable[[str], None] | None) -> Iterator[tuple[Encoded, int, str]]:
+def _encoded(batches: Iterator[tuple[list[str], int]], bpe: ByteLevelBPE | None, tokenizer, workers: int,
+             note: Callable[[str], None] | None) -> Iterator[tuple[Encoded, int, str]]:
     """``(ids per document, input bytes, encoder)`` for each batch, in order: tiktoken (``workers`` processes,
     up to two batches each in flight) when the first batch's documents (at most :data:`VERIFY_DOCUMENTS`) agree
     with ``tokenizers`` (checked while the next batches encode); ``tokenizers`` for everything when they do not, or
     when there is no ``bpe``."""
+    reference = reference_encoder(tokenizer)
     if bpe is None:
         yield from ((reference(texts), consumed, "tokenizers") for texts, consumed in batches)
         return
+    check = reference_encoder(tokenizer, parallel=False)
     trusted: bool | None = None        # whether tiktoken agrees with tokenizers; None until checked
 
     def finish(future: Future | None, texts: list[str], consumed: int) -> tuple[Encoded, int, str]:
         nonlocal trusted
         if trusted is None:
             assert future is not None
-            sample = reference(texts[:VERIFY_DOCUMENTS]).documents()
+            sample = check(texts[:VERIFY_DOCUMENTS]).documents()
             trusted = all(np.array_equal(a, b) for a, b in zip(future.result().documents(), sample))
             if not trusted and note:
                 note("tiktoken and tokenizers disagree on these documents; encoding with tokenizers")

@@ -142,6 +142,10 @@ def test_fast_path_refuses_tokenizers_it_cannot_reproduce(tmp_path):
     assert prep.byte_level_bpe(spec) is not None
     assert prep.byte_level_bpe({**spec, "normalizer": {"type": "NFC"}}) is None
     assert prep.byte_level_bpe({**spec, "pre_tokenizer": {"type": "Whitespace"}}) is None
+    added = {"id": 600, "content": "<tool_call>", "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False}
+    assert prep.byte_level_bpe({**spec, "added_tokens": [*spec["added_tokens"], added]}) is None
+    assert prep.byte_level_bpe({**spec, "added_tokens": [*spec["added_tokens"], {**added, "special": True}]})
     with pytest.raises(InputError):
         prep.find_eos(Tokenizer.from_file(str(_word_level(tmp_path / "w.json"))), "<nope>")
 
