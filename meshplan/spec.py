@@ -10,6 +10,7 @@ converts to bytes, FLOP/s and seconds at its edge.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -223,11 +224,18 @@ class ModelSpec:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer``'s MLP is the mixture of experts (``moe.layers``)."""
-        return self.moe is not None and self.moe.is_moe_layer(layer)
+        return layer in self.moe_layer_ids
+
+    @functools.cached_property
+    def moe_layer_ids(self) -> frozenset[int]:
+        """The blocks whose MLP is the mixture of experts (computed once: the planner asks per block)."""
+        if self.moe is None:
+            return frozenset()
+        return frozenset(i for i in range(self.layers) if self.moe.is_moe_layer(i))
 
     @property
     def moe_layer_count(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        return len(self.moe_layer_ids)
 
     @property
     def attention_biases(self) -> bool:

@@ -55,12 +55,20 @@ class BlockCompute:
     column_fwd: float = 0.0   # the column-parallel GEMMs (QKV, MLP-in) alone: their backward's windows
 
 
-def config_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
-    """The per-layer costs of ``cfg`` (cached)."""
+def config_layer_cost(ctx: Context, cfg: Config, moe_share: float | None = None) -> LayerCost:
+    """The per-layer costs of ``cfg`` (cached): the model's mean block, or with ``moe_share`` the mean of
+    blocks of which that share are MoE blocks (:func:`layer_cost`)."""
     return layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind,
                       cfg.tp_overlap, cfg.compile or cfg.fused_kernels, cfg.fused_kernels, cfg.mesh_order,
                       cfg.dp, cfg.pp, engine=ctx.engine, sp=cfg.sp, attention=cfg.attention,
-                      experts=ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance))
+                      experts=ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance), moe_share=moe_share)
+
+
+def moe_share_of(model: ModelSpec, moe_share: float | None) -> float:
+    """``moe_share``, or by default the model's share of MoE blocks (the mean block)."""
+    if moe_share is not None:
+        return moe_share
+    return model.moe_layer_count / model.layers if model.moe is not None else 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ DENSE = ExpertLayout()
 def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
                mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool = True,
-               attention: str = "flash", experts: ExpertLayout = DENSE) -> LayerCost:
+               attention: str = "flash", experts: ExpertLayout = DENSE,
+               moe_share: float | None = None) -> LayerCost:
     """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
     (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
     (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
@@ -89,7 +98,8 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
         bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp
-    A model with experts has these of the mean block: :func:`moe_block_delta` in the share of MoE blocks."""
+    A model with experts has these of the mean block: :func:`moe_block_delta` in the share of MoE blocks
+    (``moe_share``: of a rank's own blocks; by default the model's)."""
     host = host_model(cluster)
     act_bytes = memory.ACT_BYTES[train.precision]
     tokens = micro_batch * train.seq_len / cp
@@ -124,7 +134,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
         mb = moe_of(model, cluster, train, tokens, tp, sp, degrees, mesh_order, experts, fused_swiglu)
         d_fwd, d_bwd, d_tp = moe_block_delta(model, train, tokens, tp, sp, c, mb, tp_fwd, tp_bwd, fused_swiglu,
                                              rates)
-        share = model.moe_layer_count / model.layers
+        share = moe_share_of(model, moe_share)
         fwd, bwd, tp_fwd, tp_bwd = fwd + share * d_fwd, bwd + share * d_bwd, tp_fwd - share * d_tp, tp_bwd - share * d_tp
         ep_comm = share * 2 * (mb.a2a + mb.etp_comm)
         params += share * (mb.expert_params + mb.other_params - flops.mlp_params_per_layer(model) / tp)
@@ -136,7 +146,8 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
                                                                    fused_swiglu, rates)
     acts = {mode: block_activation_bytes(model, train.seq_len, micro_batch, tp, cp, act_bytes, fused_swiglu, mode,
                                          engine.sp_saved_input, engine.selective_recompute, sp,
-                                         attention == "flash", experts=experts, imbalance=imbalance)
+                                         attention == "flash", experts=experts, imbalance=imbalance,
+                                         moe_share=moe_share)
             for mode in MODES}
     return LayerCost(fwd=fwd, bwd=bwd, recompute=recompute_cost, act=acts, act_full_layer=acts["none"],
                      params=params, tp_comm=tp_fwd + tp_bwd, cp_comm=cp_fwd + cp_bwd,
@@ -385,7 +396,8 @@ def selective_seconds(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, 
 def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int, cp: int, act_bytes: int,
                            fused_swiglu: bool, mode: str, sp_saved_input: str = "gathered",
                            selective: str = "meshplan", sp: bool = True, flash: bool = True,
-                           experts: ExpertLayout = DENSE, imbalance: float = 1.0) -> float:
+                           experts: ExpertLayout = DENSE, imbalance: float = 1.0,
+                           moe_share: float | None = None) -> float:
     """Bytes one block keeps for its backward under recompute ``mode`` (memory.activation_bytes_per_layer),
     as the engine runs it (meshplan/engines.py): ``sp_saved_input`` ``gathered`` (DTensor sequence parallel
     keeps the all-gathered input of each column-parallel linear) or ``sharded`` (Megatron-Core keeps its
@@ -393,9 +405,9 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     PyTorch's fused kernel (keeps its input); an engine with fused kernels runs a fused RMSNorm keeping its
     16-bit input (meshplan's Triton norm, on the local shard under sequence parallel; Transformer Engine's in
     Megatron-Core). ``sp``: sequence parallel, in effect where tp > 1; ``flash``: False keeps the unfused
-    attention's scores. In the share of MoE blocks the dense MLP's bytes are replaced by the MoE MLP's:
-    moe.selective_saved_bytes under meshplan's selective policy, moe.saved_bytes otherwise (``full`` keeps
-    the block's input either way)."""
+    attention's scores. In the share of MoE blocks (``moe_share``, by default the model's) the dense MLP's
+    bytes are replaced by the MoE MLP's: moe.selective_saved_bytes under meshplan's selective policy,
+    moe.saved_bytes otherwise (``full`` keeps the block's input either way)."""
     sp = sp and tp > 1
     fused_norm = model.norm == "layernorm" or fused_swiglu
     dense = memory.activation_bytes_per_layer(model, seq, micro_batch, tp=tp, sp=sp, cp=cp, act_bytes=act_bytes,
@@ -418,7 +430,7 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     else:
         kept = moe.saved_bytes(model, routed, tokens, rows, model.moe.expert_ffn_hidden / experts.expert_tp, tp,
                                act_bytes, fused_swiglu)
-    return dense + model.moe_layer_count / model.layers * (kept - replaced)
+    return dense + moe_share_of(model, moe_share) * (kept - replaced)
 
 
 def layer_params_per_rank(model: ModelSpec, tp: int) -> float:

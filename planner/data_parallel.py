@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from meshplan.planner import comm, compute, flops, memory
-from meshplan.planner.layout import Layout
+from meshplan.planner.layout import Layout, rank_step
 from meshplan.planner.pipeline import drain_after_last_backward
 from meshplan.planner.rank_memory import rank_root_params
 from meshplan.planner.step import Step
@@ -185,19 +185,27 @@ def rank_traffic(s: Step, layout: Layout, o: Overlap, r: int, roots: bool = True
                        blocks + (1 if root_params > 0 else 0), blocks * s.lc.fwd, blocks * s.lc.bwd, window)
 
 
-def dp_time(s: Step, layout: Layout, makespan: float, roots: bool = True) -> float:
+def dp_time(s: Step, layout: Layout, makespan: float) -> float:
     """The slowest pipeline rank's exposed data-parallel seconds per step (0 without replicas), with the
-    routed experts' reduction over their own group (:func:`expert_dp_step`) beside it."""
+    routed experts' reduction over their own group (:func:`expert_dp_step`) beside it; each rank's blocks
+    priced as its own (layout.rank_step)."""
+    ranks = [rank_step(s, layout, r) for r in range(s.p)]
     expert = 0.0
-    if s.lc.expert_params and s.expert_dp > 1 and roots:
-        expert = dp_time(expert_dp_step(s), layout, makespan, roots=False)
+    if s.lc.expert_params and s.expert_dp > 1:
+        expert = max(rank_dp_exposed(expert_dp_step(own), layout, makespan, r, roots=False)
+                     for r, own in enumerate(ranks))
     if s.replicas == 1:
         return expert
+    return expert + max(rank_dp_exposed(own, layout, makespan, r, roots=True) for r, own in enumerate(ranks))
+
+
+def rank_dp_exposed(s: Step, layout: Layout, makespan: float, r: int, roots: bool) -> float:
+    """Pipeline rank ``r``'s exposed data-parallel seconds under the plan's ZeRO stage."""
     o = overlap_of(s, makespan)
     term = {0: ddp_exposed, 1: zero1_exposed}.get(s.cfg.zero)
     if term is None:
         term = sharded_step_exposed if s.cfg.zero == 2 or s.p > 1 else zero3_exposed
-    return expert + max(term(s, o, rank_traffic(s, layout, o, r, roots)) for r in range(s.p))
+    return term(s, o, rank_traffic(s, layout, o, r, roots))
 
 
 def expert_dp_step(s: Step) -> Step:
@@ -235,7 +243,12 @@ def optimizer_time(s: Step, layout: Layout) -> float:
                                                              cfg.tp)
     if per_param is None:
         per_param = opt_bytes / rates.memory
-    experts = s.lc.expert_params / (s.expert_dp if cfg.zero >= 1 else 1)
-    return max(((rank_root_params(s, r) + layout.rank_layers[r] * s.lc.dense_params)
-                / (s.replicas if cfg.zero >= 1 else 1) + layout.rank_layers[r] * experts + s.vocab_shard_params)
-               * per_param for r in range(s.p))
+    seconds = []
+    for r in range(s.p):
+        lc = rank_step(s, layout, r).lc
+        shared = rank_root_params(s, r) + layout.rank_layers[r] * lc.dense_params
+        experts = layout.rank_layers[r] * lc.expert_params
+        if cfg.zero >= 1:
+            shared, experts = shared / s.replicas, experts / s.expert_dp
+        seconds.append((shared + experts + s.vocab_shard_params) * per_param)
+    return max(seconds)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from meshplan.plan import KERNEL_NAMES, Plan, Prediction, StagePlan, expert_layout_problem
 from meshplan.planner import data_parallel, flops, memory, pipeline, rank_memory
-from meshplan.planner.layout import Layout, block_split_counts, choose_layout, split_counts
+from meshplan.planner.layout import Layout, block_split_counts, choose_layout, priced_for_own_blocks, split_counts
 from meshplan.planner.layout import nccl_bytes as layout_nccl_bytes
 from meshplan.planner.pipeline import PipelineTime
 from meshplan.planner.step import Step, step_of
@@ -109,6 +109,7 @@ def evaluate(cfg: Config, ctx: Context, partition: list[int] | None = None,
     layout = choose_layout(s, base, slope, partition, recompute_counts)
     if isinstance(layout, Rejection):
         return layout
+    layout = priced_for_own_blocks(s, layout)
     pipe = pipeline.pipeline_time(s, pipeline.rank_times(s, layout))
     dp_time = data_parallel.dp_time(s, layout, pipe.makespan) + data_parallel.kv_replica_sync_time(s, layout)
     opt_time = data_parallel.optimizer_time(s, layout)

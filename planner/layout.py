@@ -28,6 +28,35 @@ class Layout:
     choices: tuple[RecomputeChoice, ...]
 
 
+def stage_layers(partition: list[int] | tuple[int, ...], stage: int) -> list[int]:
+    """The blocks of virtual stage ``stage``: the partition's consecutive ranges, in stage order."""
+    first = sum(partition[:stage])
+    return list(range(first, first + partition[stage]))
+
+
+def rank_layer_ids(layout: "Layout", rank: int, p: int) -> list[int]:
+    """The blocks pipeline rank ``rank`` holds: those of its virtual stages ``rank, rank + p, ...``."""
+    return [i for j in range(rank, len(layout.partition), p) for i in stage_layers(layout.partition, j)]
+
+
+def rank_step(s: Step, layout: "Layout", rank: int) -> Step:
+    """``s`` with its block cost that of the rank's own blocks (Step.for_blocks)."""
+    return s.for_blocks(rank_layer_ids(layout, rank, s.p)) if s.mixes_blocks else s
+
+
+def priced_for_own_blocks(s: Step, layout: "Layout") -> "Layout":
+    """``layout`` with each rank's recompute time and saved activations those of its own blocks, where the
+    model mixes dense and MoE blocks (the partition and the counts are chosen on the mean block)."""
+    if not s.mixes_blocks:
+        return layout
+    choices = []
+    for r, choice in enumerate(layout.choices):
+        own = rank_step(s, layout, r)
+        choices.append(RecomputeChoice(choice.counts, sum(choice.counts[m] * own.lc.recompute[m] for m in MODES),
+                                       saved_activation_bytes(own, r, choice.counts)))
+    return Layout(layout.partition, layout.rank_layers, tuple(choices))
+
+
 def stage_extra_time(s: Step) -> list[float]:
     """Seconds per micro-batch each virtual stage runs beside its blocks: the embedding on the first, head +
     loss on the last, each rank's vocabulary-parallel share on its first chunk, and -- under a pipeline -- a

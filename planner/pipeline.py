@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshplan.planner import comm, host, schedule_sim
-from meshplan.planner.layout import Layout, stage_extra_time
+from meshplan.planner.layout import Layout, rank_step, stage_extra_time, stage_layers
 from meshplan.planner.schedule_sim import TimedOp
 from meshplan.planner.step import Step
 
@@ -102,12 +102,13 @@ def pipeline_p2p_exposed(schedule: str, rank_time: list[float], num_mb: int, vir
 
 def rank_times(s: Step, layout: Layout) -> list[float]:
     """Pipeline rank r's forward + backward seconds for one micro-batch over all its chunks: its blocks, their
-    recompute, and its stages' extra work (layout.stage_extra_time)."""
-    layer_time = s.lc.fwd + s.lc.bwd
+    recompute, and its stages' extra work (layout.stage_extra_time). Each rank's blocks cost their own
+    (layout.rank_step: a model's dense and MoE blocks differ)."""
     extra_time = stage_extra_time(s)
     rank_time = []
     for r in range(s.p):
-        t = layout.rank_layers[r] * layer_time + layout.choices[r].time
+        lc = rank_step(s, layout, r).lc
+        t = layout.rank_layers[r] * (lc.fwd + lc.bwd) + layout.choices[r].time
         t += sum(extra_time[j] for j in range(r, s.n_stages, s.p))
         rank_time.append(t)
     return rank_time
@@ -156,5 +157,5 @@ def drain_after_last_backward(s: Step, layout: Layout, rank: int) -> float:
     its first chunk (stage ``rank``; schedule_sim.pipeline_ops), which then runs through stages
     ``rank - 1 .. 0``, one hop before each."""
     partition, choices, rank_layers = layout.partition, layout.choices, layout.rank_layers
-    return sum(partition[j] * s.lc.bwd + choices[j].time * partition[j] / max(1, rank_layers[j])
-               for j in range(rank)) + rank * s.hop
+    return sum(partition[j] * s.for_blocks(stage_layers(partition, j)).lc.bwd
+               + choices[j].time * partition[j] / max(1, rank_layers[j]) for j in range(rank)) + rank * s.hop

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from meshplan.planner import memory
 from meshplan.planner.inputs import MODES
-from meshplan.planner.layout import Layout, split_counts
+from meshplan.planner.layout import Layout, rank_step, split_counts, stage_layers
 from meshplan.planner.step import Step
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits", "buffers")
@@ -171,6 +171,7 @@ def rank_reserved_bytes(s: Step, layout: Layout, r: int, detail: dict[str, float
     """What pipeline rank ``r``'s caching allocator reserves at its peak (memory.reserved_bytes): its live peak
     (``detail``, :func:`rank_peak_detail`), one backward working set cached beside it and the fragmented share
     of what is not persistent."""
+    s = rank_step(s, layout, r)
     choice = layout.choices[r]
     recomputes = bool(choice.counts["full"] or choice.counts["selective"])
     _, loss, backward, persistent = phase_sums(rank_memory_phases(s, r, layout.rank_layers[r], recomputes))
@@ -178,7 +179,9 @@ def rank_reserved_bytes(s: Step, layout: Layout, r: int, detail: dict[str, float
 
 
 def rank_peak_detail(s: Step, layout: Layout, r: int) -> dict[str, float]:
-    """Bytes per category at pipeline rank ``r``'s peak, the allocator margin left out."""
+    """Bytes per category at pipeline rank ``r``'s peak, the allocator margin left out (its own blocks' costs:
+    layout.rank_step)."""
+    s = rank_step(s, layout, r)
     choice = layout.choices[r]
     recomputes = bool(choice.counts["full"] or choice.counts["selective"])
     ph = rank_memory_phases(s, r, layout.rank_layers[r], recomputes)
@@ -194,15 +197,18 @@ def rank_peak_detail(s: Step, layout: Layout, r: int) -> dict[str, float]:
 def interleaved_peak_detail(s: Step, layout: Layout, r: int, ph: Phases) -> dict[str, float]:
     """The interleaved rank's peak by replaying its ops (memory.schedule_peak): its chunks differ in size and
     create their gradient accumulators late."""
-    p, n_stages, lc, sb, vc = s.p, s.n_stages, s.lc, s.sb, s.vc
+    p, n_stages, sb, vc = s.p, s.n_stages, s.sb, s.vc
     partition, counts = layout.partition, layout.choices[r].counts
     stages = list(range(r, n_stages, p))
-    acts = [sum(split_counts(counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES) for j in stages]
+    chunk_costs = [s.for_blocks(stage_layers(partition, j)).lc for j in stages]     # each chunk's own blocks
+    acts = [sum(split_counts(counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES)
+            for j, lc in zip(stages, chunk_costs)]
     chunk_params = [partition[j] * lc.params          # FSDP2's units (the vocabulary shard is not one)
                     + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
-                    for j in stages]
+                    for j, lc in zip(stages, chunk_costs)]
     fsdp = uses_fsdp(s)
-    accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates_unsharded(s), fsdp)[0] for x in chunk_params]
+    accs = [memory.unsharded_grad_bytes(x, lc.params, sb, accumulates_unsharded(s), fsdp)[0]
+            for x, lc in zip(chunk_params, chunk_costs)]
     shards = [memory.model_state_bytes(x, sharding_stage(s), s.replicas, sb)["gradients"]
               if a else 0.0 for x, a in zip(chunk_params, accs)]
     ops = memory.interleaved_1f1b_order(p, r, s.num_mb, s.v)

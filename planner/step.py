@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from meshplan.planner import comm, memory
 from meshplan.planner.block import (ExpertLayout, LayerCost, block_activation_bytes, config_layer_cost,
@@ -43,6 +43,10 @@ class Step:
     shard_states: dict[str, float]
     expert_dp: int = 1                    # ranks holding the same experts (Config.expert_dp)
     expert_dp_link: GroupLink | None = None   # their group's link (None without experts)
+    # block costs by share of MoE blocks (for_blocks), shared by the steps derived from this one
+    block_costs: dict[float, LayerCost] = field(default_factory=dict, compare=False, repr=False)
+    # this step's for_blocks results by share (its own: replace() starts the copy with an empty one)
+    for_share: dict[float, "Step"] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def p(self) -> int:
@@ -59,6 +63,27 @@ class Step:
     @property
     def host(self) -> HostModel:
         return self.ctx.host
+
+    @property
+    def mixes_blocks(self) -> bool:
+        """Whether the model has both dense and MoE blocks (DeepSeek's first dense blocks, an MoE every
+        ``n``-th block), so that a rank's blocks cost their own mix rather than the mean block ``lc``."""
+        model = self.ctx.model
+        return model.moe is not None and 0 < model.moe_layer_count < model.layers
+
+    def for_blocks(self, layers: list[int]) -> "Step":
+        """This step with ``lc`` the mean of blocks ``layers`` (a rank's or a stage's own mix of dense and MoE
+        blocks); itself where every block is alike."""
+        if not self.mixes_blocks or not layers:
+            return self
+        share = len(self.ctx.model.moe_layer_ids.intersection(layers)) / len(layers)
+        step = self.for_share.get(share)
+        if step is None:
+            cost = self.block_costs.get(share)
+            if cost is None:
+                cost = self.block_costs[share] = engine_layer_cost(self.ctx, self.cfg, share)
+            step = self.for_share[share] = self if cost is self.lc else replace(self, lc=cost)
+        return step
 
 
 def step_of(ctx: Context, cfg: Config) -> Step:
@@ -79,8 +104,10 @@ def step_of(ctx: Context, cfg: Config) -> Step:
     vocab_shard_params = vc.each_params if cfg.vocab_parallel else 0.0
     shard_states = memory.model_state_bytes(vocab_shard_params, 0, 1, sb)
     expert_link = expert_dp_link(ctx, cfg) if model.moe is not None else None
-    return Step(ctx, cfg, engine_layer_cost(ctx, cfg), vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link,
-                boundary_bytes, hop, in_flight, vocab_shard_params, shard_states, cfg.expert_dp, expert_link)
+    lc = engine_layer_cost(ctx, cfg)
+    mean_share = model.moe_layer_count / model.layers
+    return Step(ctx, cfg, lc, vc, sb, num_mb, replicas, dp_stride, dp_link, pp_link, boundary_bytes, hop, in_flight,
+                vocab_shard_params, shard_states, cfg.expert_dp, expert_link, block_costs={mean_share: lc})
 
 
 def expert_dp_link(ctx: Context, cfg: Config) -> GroupLink:
@@ -93,16 +120,18 @@ def expert_dp_link(ctx: Context, cfg: Config) -> GroupLink:
     return comm.group_link(ctx.cluster, cfg.expert_dp, data_context_stride(cfg.mesh_order, degrees) * cfg.ep)
 
 
-def engine_layer_cost(ctx: Context, cfg: Config) -> LayerCost:
-    """The block's costs (block.config_layer_cost) with the saved activations of the engine that runs it:
-    its sequence-parallel saved input and its selective policy (block.block_activation_bytes)."""
-    lc = config_layer_cost(ctx, cfg)
+def engine_layer_cost(ctx: Context, cfg: Config, moe_share: float | None = None) -> LayerCost:
+    """The block's costs (block.config_layer_cost; ``moe_share``: of blocks of which that share are MoE blocks)
+    with the saved activations of the engine that runs it: its sequence-parallel saved input and its selective
+    policy (block.block_activation_bytes)."""
+    lc = config_layer_cost(ctx, cfg, moe_share)
     engine = ctx.engine
     if engine.sp_saved_input == "gathered" and engine.selective_recompute == "meshplan":
         return lc
     acts = {mode: block_activation_bytes(ctx.model, ctx.train.seq_len, cfg.micro_batch, cfg.tp, cfg.cp,
                                          ctx.act_bytes, cfg.fused_kernels, mode, engine.sp_saved_input,
                                          engine.selective_recompute, cfg.sp, cfg.attention == "flash",
-                                         ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance), lc.imbalance)
+                                         ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance), lc.imbalance,
+                                         moe_share)
             for mode in lc.act}
     return replace(lc, act=acts, act_full_layer=acts["none"])

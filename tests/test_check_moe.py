@@ -123,6 +123,17 @@ def test_deepseek_v3_sized_at_its_published_scale():
     assert checked.measured["parameters"] > experts
 
 
+def test_planner_predicts_each_deepseek_stages_parameters_exactly():
+    """Every pipeline rank of DeepSeek-V3's layout, the first of 3 dense blocks and 1 MoE block, is predicted
+    at the bytes counted by hand (the planner prices each rank's own blocks, not the model's mean block)."""
+    from meshplan.planner.replay import predicted_rank_memory
+
+    plan = gpu_plan(DEEPSEEK_V3_GQA, dp=128, pp=16, ep=64, zero=1, cluster="dgx-h100:256")
+    predicted = predicted_rank_memory(plan)
+    for stage in range(plan.pp):
+        assert predicted[stage]["parameters"] == pytest.approx(expected_parameter_bytes(plan, stage), rel=1e-6)
+
+
 def _moe_block_plan(layers: int, tp: int, mode: str, shared: bool) -> Plan:
     """A Mixtral-shaped model narrowed to ``layers`` blocks of width 1024 (8 experts of width 2048, top-2, with
     or without a gated shared expert): bf16 on H100s, dp2 x ep2 (x tp), FSDP2, fused kernels, seq 2048."""

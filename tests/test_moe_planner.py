@@ -184,3 +184,39 @@ def test_exports_carry_the_expert_layout():
                   {"ep": 4}, top=1, engine="megatron").plans[0]
     args = to_megatron_args(qwen)
     assert "--moe-router-pre-softmax" in args and "--moe-shared-expert-gate" in args
+
+
+def _half_moe(moe_layers: list[int] | None) -> ModelSpec:
+    """A Mixtral-shaped model of 8 blocks of width 1024 with experts in ``moe_layers`` (None: dense)."""
+    moe = None if moe_layers is None else dict(experts=8, top_k=2, expert_ffn_hidden=2048, layers=moe_layers)
+    return ModelSpec(name="half-moe", layers=8, hidden=1024, heads=8, kv_heads=4, ffn_hidden=2048, vocab=4096,
+                     moe=moe)
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved", 2)])
+def test_a_rank_of_dense_blocks_costs_what_the_dense_model_does(schedule, v):
+    """Dense blocks 0-3, MoE blocks 4-7, pp2: each pipeline rank costs what the same rank of the all-dense
+    (rank 0) or all-MoE (rank 1) model costs: time and every memory category, not the mean block's."""
+    from meshplan.engines import get_engine
+    from meshplan.planner import pipeline
+    from meshplan.planner.layout import choose_layout, priced_for_own_blocks
+    from meshplan.planner.rank_memory import rank_peak_detail, static_lines
+    from meshplan.planner.step import step_of
+
+    def ranks(moe_layers, ep):
+        ctx = Context(_half_moe(moe_layers), load_cluster("dgx-h100:1"), TrainSpec(32, 2048, "bf16", "adam"),
+                      get_engine("meshplan"))
+        cfg = Config(dp=4, tp=1, pp=2, cp=1, micro_batch=1, schedule=schedule, virtual_stages=v, zero=1, ep=ep)
+        s = step_of(ctx, cfg)
+        partition = [4, 4] if v == 1 else [2, 2, 2, 2]
+        counts = [{"none": n, "selective": 0, "full": 0} for n in partition]
+        layout = priced_for_own_blocks(s, choose_layout(s, *static_lines(s), partition, counts))
+        times = pipeline.rank_times(s, layout)
+        return [(times[r], rank_peak_detail(s, layout, r)) for r in range(2)]
+
+    mixed = ranks([4, 5, 6, 7] if v == 1 else [2, 3, 6, 7], ep=2)   # rank 1 holds blocks 2, 3, 6, 7 when v = 2
+    dense, experts = ranks(None, ep=1), ranks(list(range(8)), ep=2)
+    for got, want in ((mixed[0], dense[0]), (mixed[1], experts[1])):
+        assert got[0] == pytest.approx(want[0], rel=1e-12)
+        assert got[1] == pytest.approx(want[1], rel=1e-12)
+    assert mixed[1][1]["parameters"] > 2 * mixed[0][1]["parameters"]
