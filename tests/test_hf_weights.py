@@ -1,6 +1,7 @@
 """Hugging Face weights in (``--init-from``) and out (``--save-hf``, ``meshplan export-hf``).
 
-Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``). One process: the loaded
+Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``): Llama, Qwen2, GPT-2 and
+the mixtures of experts Mixtral and Qwen2-MoE (with a dense block and a gated shared expert). One process: the loaded
 model's logits equal ``transformers``' for every family; an export of a DCP checkpoint loads with
 ``from_pretrained`` and gives the same logits; every bad input is one line before a rank starts. One torchrun
 job (slow): for each layout the first step's loss after ``--init-from`` equals ``transformers``' loss on the
@@ -53,6 +54,20 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
                 if name.endswith("bias"):
                     p.normal_()
         return _save(model, directory)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(**{**LLAMA, "intermediate_size": 64, "num_local_experts": 4,
+                                               "num_experts_per_tok": 2, **overrides})
+        return _save(transformers.MixtralForCausalLM(config), directory, max_shard_size="40KB")
+    if kind == "qwen2_moe":     # block 1 dense, the others 4 experts and a gated shared expert
+        config = transformers.Qwen2MoeConfig(**{**LLAMA, "moe_intermediate_size": 64, "num_experts": 4,
+                                                "num_experts_per_tok": 2, "shared_expert_intermediate_size": 96,
+                                                "mlp_only_layers": [1], **overrides})
+        model = transformers.Qwen2MoeForCausalLM(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+        return _save(model, directory)
     config = transformers.LlamaConfig(**{**LLAMA, **overrides})
     return _save(transformers.LlamaForCausalLM(config), directory, max_shard_size="40KB")
 
@@ -77,6 +92,8 @@ def checkpoints(tmp_path_factory):
         "llama3-rope": make_hf("llama", root / "llama3-rope", rope_parameters=LLAMA3_ROPE),
         "qwen2": make_hf("qwen2", root / "qwen2"),
         "gpt2": make_hf("gpt2", root / "gpt2"),
+        "mixtral": make_hf("mixtral", root / "mixtral"),
+        "qwen2-moe": make_hf("qwen2_moe", root / "qwen2-moe"),
     }
 
 
@@ -84,14 +101,15 @@ def checkpoints(tmp_path_factory):
 # one process
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt", "qwen2.5-7b", "llama3-8b", "gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt", "qwen2.5-7b", "llama3-8b", "gpt2", "tiny-moe",
+                                  "qwen2-moe-a2.7b"])
 def test_parameter_shapes_match_the_model(name):
     spec = MODEL_PRESETS[name]
     model = build_model(spec, 64, "meta")
     assert hf_format.parameter_shapes(spec) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2", "mixtral", "qwen2-moe"])
 def test_loaded_weights_give_transformers_logits(checkpoints, name):
     directory = checkpoints[name]
     spec = load_model(str(directory / "config.json"))
@@ -120,15 +138,19 @@ def test_llama3_rope_scaling_changes_the_logits(checkpoints):
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
-def _dcp_of(model, directory: Path, kv_copies: int = 1) -> Path:
+def _dcp_of(model, directory: Path, kv_copies: int = 1, ep: int = 1) -> Path:
     """A DCP checkpoint of ``model`` as a run writes one (``model.<name>``), key/value heads repeated
-    ``kv_copies`` times as a tp > kv_heads run holds them."""
+    ``kv_copies`` times as a tp > kv_heads run holds them, stacked experts in ``ep`` pieces named as an
+    expert-parallel run's ranks save theirs (``<name>@ep<r>of<ep>``)."""
     import torch.distributed.checkpoint as dcp
 
     state = {}
     for name, value in model.state_dict().items():
         if kv_copies > 1 and name.rsplit(".", 2)[-2] in ("wk", "wv"):
             value = repeat_heads(value, kv_copies, model.spec.head_dim)
+        if ep > 1 and ".experts.w" in name:
+            state.update({f"{name}@ep{r}of{ep}": piece.clone() for r, piece in enumerate(value.chunk(ep))})
+            continue
         state[name] = value.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -136,8 +158,9 @@ def _dcp_of(model, directory: Path, kv_copies: int = 1) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("name,kv_copies", [("llama-tied", 2), ("qwen2", 1), ("gpt2", 1)])
-def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies):
+@pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("qwen2", 1, 1), ("gpt2", 1, 1),
+                                               ("mixtral", 1, 2), ("qwen2-moe", 1, 1)])
+def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies, ep):
     spec = load_model(str(checkpoints[name] / "config.json"))
     model = build_model(spec, SEQ, "meta")
     model.to_empty(device="cpu")
@@ -145,7 +168,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path
     with torch.no_grad():                      # weights no checkpoint holds: the export is not a copy
         for p in model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    out = export_hf(_dcp_of(model, tmp_path / "dcp", kv_copies), spec, tmp_path / "out", max_positions=SEQ,
+    out = export_hf(_dcp_of(model, tmp_path / "dcp", kv_copies, ep), spec, tmp_path / "out", max_positions=SEQ,
                     max_shard_bytes=64 * 1024)
     index = json.loads((out / hf_format.INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1           # sharded, with an index
@@ -221,6 +244,11 @@ def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
     exists = tmp_path / "exists"
     (exists / "x").mkdir(parents=True)
     _launch_refused(launch("--save-hf", exists), "--save-hf", "--overwrite")
+    import dataclasses
+    mixtral = checkpoints["mixtral"]
+    top1 = dataclasses.replace(load_model(str(mixtral / "config.json")).moe, top_k=1)
+    _launch_refused([_plan_for(mixtral, tmp_path, moe=top1), "--steps", "1", "--no-check", "--init-from", mixtral],
+                    "--init-from: moe.top_k", "the checkpoint has moe.top_k 2, the plan's model 1")
     gelu = _edit_config(checkpoints["gpt2"], tmp_path / "gelu", activation_function="gelu")
     gpt_plan = _plan_for(checkpoints["gpt2"], tmp_path)
     _launch_refused([gpt_plan, "--steps", "1", "--no-check", "--init-from", gelu], "activation_function")
@@ -238,6 +266,8 @@ LAYOUTS = {
     "dp2-cp2": ("llama", dict(dp=2, cp=2)),
     "tp4-replicated-kv": ("llama", dict(tp=4)),
     "gpt2-tied-tp2-pp2": ("gpt2", dict(tp=2, pp=2)),
+    "mixtral-dp2-tp2-ep2": ("mixtral", dict(dp=2, tp=2, ep=2)),
+    "qwen2-moe-dp2-pp2-ep2-zero3": ("qwen2_moe", dict(dp=2, pp=2, ep=2, zero=3)),
 }
 STEPS = 3
 
@@ -258,7 +288,9 @@ def _token_files(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-layouts")
-    sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5)}
+    sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5),
+               "mixtral": make_hf("mixtral", root / "mixtral", seed=6),
+               "qwen2_moe": make_hf("qwen2_moe", root / "qwen2_moe", seed=7)}
     train, held_out = _token_files(root)
     paths = []
     for name, (family, layout) in LAYOUTS.items():

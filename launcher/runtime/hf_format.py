@@ -17,6 +17,17 @@ Families and where each meshplan parameter lives (``{i}``: the block index)::
     norm.*                            model.norm.*                         ln_f.*
     output.weight (untied)            lm_head.weight                       lm_head.weight
 
+A mixture-of-experts block (``mixtral``, ``qwen2_moe``) keeps llama's attention and norm names (a dense block
+of Qwen2-MoE: qwen2's MLP names); its MLP, under ``model.layers.{i}.``::
+
+    meshplan feed_forward.      mixtral block_sparse_moe.     qwen2_moe mlp.
+    router.*                    gate.*                        gate.*
+    experts.w1 / w3 / w2        experts.{e}.w1 / w3 / w2      experts.{e}.gate_proj / up_proj / down_proj
+    shared_experts.w1/w3/w2.*   -                             shared_expert.gate_proj / up_proj / down_proj.*
+    shared_gate.*               -                             shared_expert_gate.*
+
+meshplan's ``experts.*`` are stacked ``[experts, out, in]``: row ``e`` is checkpoint expert ``{e}``'s ``.weight``.
+
 GPT-2 checkpoints written by ``GPT2LMHeadModel`` prefix every name with ``transformer.``; the original
 OpenAI upload does not; both are read. Rotary models store q/k in the "rotate half" layout meshplan uses, so
 no permutation is needed.
@@ -34,27 +45,40 @@ from meshplan.errors import InputError
 from meshplan.spec import ModelSpec, from_hf_config, hf_rope_type
 
 FIELD = "--init-from"
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+MOE_TYPES = ("mixtral", "qwen2_moe")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", *MOE_TYPES)
 FAMILIES = (*LLAMA_TYPES, "gpt2")
+EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # the fields of a ModelSpec that fix the weights' shapes and values (name, dropout and the like do not)
 WEIGHT_FIELDS = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "mlp", "norm", "position",
                  "tied_embeddings", "bias", "qkv_bias", "norm_eps", "rope_theta", "rope_scaling")
 GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# the fields of a MoESpec that fix the weights' shapes and what the router computes with them
+MOE_WEIGHT_FIELDS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "shared_ffn_hidden",
+                     "shared_expert_gate", "router_score", "normalize_top_k")
 
 
 @dataclass(frozen=True)
 class Source:
     """Where one meshplan tensor's values are in the checkpoint.
 
-    ``key``: the checkpoint tensor. ``transposed``: stored ``[in, out]`` (GPT-2's Conv1D). ``offset``: the
-    first output row (column when transposed; element for a vector) of this tensor inside a fused one
-    (GPT-2's ``c_attn`` holds q, k and v side by side)."""
+    ``key``: the checkpoint tensor (for stacked experts, with :data:`EXPERT` where the expert's index goes:
+    row ``e`` of the meshplan tensor is checkpoint tensor ``key`` of expert ``e``). ``transposed``: stored
+    ``[in, out]`` (GPT-2's Conv1D). ``offset``: the first output row (column when transposed; element for a
+    vector) of this tensor inside a fused one (GPT-2's ``c_attn`` holds q, k and v side by side)."""
 
     key: str
     transposed: bool = False
     offset: int = 0
+
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.key
+
+    def expert_key(self, expert: int) -> str:
+        return self.key.replace(EXPERT, str(expert))
 
 
 _LLAMA_NAMES = {
@@ -68,6 +92,20 @@ _GPT2_NAMES = {
     "feed_forward.w2": "mlp.c_proj",
 }
 _GPT2_QKV = {"attention.wq": 0, "attention.wk": 1, "attention.wv": 2}
+_MOE_NAMES = {
+    "mixtral": {"feed_forward.router": "block_sparse_moe.gate",
+                "feed_forward.experts.w1": f"block_sparse_moe.experts.{EXPERT}.w1.weight",
+                "feed_forward.experts.w3": f"block_sparse_moe.experts.{EXPERT}.w3.weight",
+                "feed_forward.experts.w2": f"block_sparse_moe.experts.{EXPERT}.w2.weight"},
+    "qwen2_moe": {"feed_forward.router": "mlp.gate",
+                  "feed_forward.experts.w1": f"mlp.experts.{EXPERT}.gate_proj.weight",
+                  "feed_forward.experts.w3": f"mlp.experts.{EXPERT}.up_proj.weight",
+                  "feed_forward.experts.w2": f"mlp.experts.{EXPERT}.down_proj.weight",
+                  "feed_forward.shared_experts.w1": "mlp.shared_expert.gate_proj",
+                  "feed_forward.shared_experts.w3": "mlp.shared_expert.up_proj",
+                  "feed_forward.shared_experts.w2": "mlp.shared_expert.down_proj",
+                  "feed_forward.shared_gate": "mlp.shared_expert_gate"},
+}
 _TOP = {
     "llama": {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"},
     "gpt2": {"tok_embeddings": "wte", "pos_embeddings": "wpe", "norm": "ln_f", "output": "lm_head"},
@@ -87,6 +125,11 @@ def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "trans
         raise KeyError(name)
     block, inner = parts[1], ".".join(parts[2:])
     if kind == "llama":
+        moe_names = _MOE_NAMES.get(family, {})
+        if f"{inner}.{leaf}" in moe_names:                   # stacked experts: no ``.weight`` leaf
+            return Source(f"model.layers.{block}.{moe_names[f'{inner}.{leaf}']}")
+        if inner in moe_names:
+            return Source(f"model.layers.{block}.{moe_names[inner]}.{leaf}")
         return Source(f"model.layers.{block}.{_LLAMA_NAMES[inner]}.{leaf}")
     if inner in _GPT2_QKV:
         return Source(f"{prefix}h.{block}.attn.c_attn.{leaf}", transposed=leaf == "weight",
@@ -110,9 +153,10 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     problems = []
     if family in LLAMA_TYPES and (config.get("attention_bias") or config.get("mlp_bias")):
         problems.append(("attention_bias / mlp_bias", "biases on every projection"))
-    window = config.get("sliding_window") if family == "mistral" or config.get("use_sliding_window") else None
+    window = config.get("sliding_window") if family in ("mistral", "mixtral") or config.get("use_sliding_window") \
+        else None
     if window and (seq_len is None or window < seq_len):
-        field = "sliding_window" if family == "mistral" else "use_sliding_window"
+        field = "sliding_window" if family in ("mistral", "mixtral") else "use_sliding_window"
         problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
     if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
@@ -149,9 +193,17 @@ def read_config(directory: Path, where: str = FIELD, seq_len: int | None = None
 def check_matches_plan(checkpoint: ModelSpec, planned: ModelSpec, where: str = FIELD) -> None:
     """The plan's model must be the checkpoint's: the first field that differs, in one line."""
     fields = WEIGHT_FIELDS + (("max_seq_len",) if planned.position == "learned" else ())
-    for field in fields:
-        have, want = getattr(checkpoint, field), getattr(planned, field)
+    pairs = [(field, getattr(checkpoint, field), getattr(planned, field)) for field in fields]
+    if checkpoint.moe is None or planned.moe is None:
+        pairs.append(("moe", checkpoint.moe, planned.moe))
+    else:
+        pairs += [(f"moe.{field}", getattr(checkpoint.moe, field), getattr(planned.moe, field))
+                  for field in MOE_WEIGHT_FIELDS]
+        pairs.append(("moe.layers", checkpoint.moe_layer_ids, planned.moe_layer_ids))
+    for field, have, want in pairs:
         if have != want:
+            if isinstance(have, frozenset):
+                have, want = sorted(have), sorted(want)
             raise InputError(f"{where}: {field}", f"the checkpoint has {field} {have}, the plan's model {want}",
                              "plan with --model <checkpoint>/config.json")
 
@@ -181,6 +233,9 @@ def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         linear(f"{block}.attention.wv", spec.kv_heads * hd, h, spec.attention_biases)
         linear(f"{block}.attention.wo", h, spec.heads * hd, spec.bias)
         norm(f"{block}.ffn_norm")
+        if spec.is_moe_layer(i):
+            moe_shapes(spec, f"{block}.feed_forward", shapes)
+            continue
         linear(f"{block}.feed_forward.w1", f, h, spec.bias)
         if spec.mlp == "swiglu":
             linear(f"{block}.feed_forward.w3", f, h, spec.bias)
@@ -189,6 +244,22 @@ def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if not spec.tied_embeddings:
         shapes["output.weight"] = (spec.vocab, h)
     return shapes
+
+
+def moe_shapes(spec: ModelSpec, prefix: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """An MoE block's parameters (runtime/moe.py ``MoE``, all experts in one process) added to ``shapes``."""
+    moe, h = spec.moe, spec.hidden
+    assert moe is not None
+    shapes[f"{prefix}.router.weight"] = (moe.experts, h)
+    f = moe.expert_ffn_hidden
+    shapes.update({f"{prefix}.experts.w1": (moe.experts, f, h), f"{prefix}.experts.w2": (moe.experts, h, f),
+                   f"{prefix}.experts.w3": (moe.experts, f, h)})
+    if moe.shared_experts:
+        s = moe.shared_ffn_hidden
+        shapes.update({f"{prefix}.shared_experts.w1.weight": (s, h), f"{prefix}.shared_experts.w2.weight": (h, s),
+                       f"{prefix}.shared_experts.w3.weight": (s, h)})
+    if moe.shared_expert_gate:
+        shapes[f"{prefix}.shared_gate.weight"] = (1, h)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -231,6 +302,9 @@ def expected_shapes(spec: ModelSpec, family: str, files: dict[str, Path]) -> dic
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in parameter_shapes(spec).items():
         src = source_of(name, family, spec, prefix)
+        if src.per_expert:
+            shapes.update({src.expert_key(e): tuple(shape[1:]) for e in range(shape[0])})
+            continue
         if src.transposed:
             shape = shape[::-1]
         if family == "gpt2" and ".c_attn." in src.key:
@@ -243,7 +317,6 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
     """Every check ``--init-from`` needs before a rank starts; returns the family. The architecture is known
     and computed exactly at ``seq_len``, the model is the plan's, every tensor the plan needs is in a shard
     that exists, with the right shape."""
-    refuse_moe(planned, where)
     _, family, spec = read_config(directory, where, seq_len)
     check_matches_plan(spec, planned, where)
     files = weight_files(directory, where)
@@ -262,18 +335,22 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
     return family
 
 
-def refuse_moe(spec: ModelSpec, where: str) -> None:
-    """Mixture-of-experts weights are not read from or written to Hugging Face checkpoints yet."""
-    if spec.moe is not None:
-        raise InputError(where, f"model {spec.name!r} is a mixture of experts, whose Hugging Face weights meshplan "
-                         "does not read or write yet", "start from meshplan's own initialisation and keep the DCP "
-                         "checkpoint (--checkpoint-dir)")
-
-
 def hf_family_for(spec: ModelSpec) -> str:
     """The Hugging Face architecture that holds ``spec`` exactly, for an export."""
-    refuse_moe(spec, "--save-hf")
-    if spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias:
+    llama_like = spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias
+    if spec.moe is not None:
+        moe = spec.moe
+        if llama_like and moe.router_score == "softmax" and moe.dropless and not spec.tied_embeddings:
+            if (not spec.qkv_bias and not moe.shared_experts and moe.normalize_top_k
+                    and spec.moe_layer_count == spec.layers):
+                return "mixtral"
+            if spec.qkv_bias and moe.shared_experts == 1 and moe.shared_expert_gate:
+                return "qwen2_moe"
+        raise InputError("--save-hf", f"no Hugging Face architecture meshplan writes holds the mixture of experts "
+                         f"{spec.name!r} exactly (mixtral: every block MoE, no shared experts, top-k renormalised, "
+                         "no biases; qwen2_moe: one gated shared expert, q/k/v biases; both softmax routing, "
+                         "untied head)", "keep the DCP checkpoint")
+    if llama_like:
         return "qwen2" if spec.qkv_bias else "llama"
     if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
             and spec.tied_embeddings):
@@ -298,15 +375,36 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
                 **{k: getattr(spec.rope_scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                               "original_max_position_embeddings")}}
-    arch = "Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"
-    return {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
-            "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
-            "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
-            "vocab_size": spec.vocab, "hidden_act": "silu", "rms_norm_eps": spec.norm_eps,
-            "tie_word_embeddings": spec.tied_embeddings, "attention_bias": False, "mlp_bias": False,
-            "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
-            "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
-            "attention_dropout": 0.0, "torch_dtype": dtype}
+    arch = {"qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM"}.get(family, "LlamaForCausalLM")
+    config = {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
+              "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+              "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
+              "vocab_size": spec.vocab, "hidden_act": "silu", "rms_norm_eps": spec.norm_eps,
+              "tie_word_embeddings": spec.tied_embeddings, "attention_bias": False, "mlp_bias": False,
+              "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
+              "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
+              "attention_dropout": 0.0, "torch_dtype": dtype}
+    return {**config, **moe_config(spec, family)}
+
+
+def moe_config(spec: ModelSpec, family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of an export's ``config.json`` (none for a dense family)."""
+    moe = spec.moe
+    if family == "mixtral":
+        assert moe is not None
+        return {"num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k,
+                "intermediate_size": moe.expert_ffn_hidden, "router_aux_loss_coef": moe.aux_loss_coeff,
+                "sliding_window": None}
+    if family == "qwen2_moe":
+        assert moe is not None
+        return {"num_experts": moe.experts, "num_experts_per_tok": moe.top_k,
+                "moe_intermediate_size": moe.expert_ffn_hidden,
+                "shared_expert_intermediate_size": moe.shared_ffn_hidden,
+                "norm_topk_prob": moe.normalize_top_k, "router_aux_loss_coef": moe.aux_loss_coeff,
+                "decoder_sparse_step": 1, "qkv_bias": True, "use_sliding_window": False,
+                "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
+    return {}
 
 
 def prepare_output(out: Path, overwrite: bool, field: str = "--save-hf") -> None:

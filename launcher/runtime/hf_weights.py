@@ -1,13 +1,15 @@
 """Hugging Face weights in and out of a meshplan run (the name map and checks: ``hf_format.py``).
 
 In (``--init-from DIR``): every rank fills each of its parameters, whole or a DTensor shard (tensor,
-sequence, vocabulary, ZeRO-3 or any mix), with exactly the rows and columns it holds, read through
+sequence, vocabulary, expert, ZeRO-3 or any mix), with exactly the rows and columns it holds, read through
 safetensors' lazy slices: no rank reads a tensor it does not hold a part of, and none reads a whole tensor
 it holds a shard of. Replicated key/value heads (tp > kv_heads) read their head once per copy.
 
 Out (``--save-hf DIR``, ``meshplan export-hf``): one process reads a DCP checkpoint tensor by tensor and
 writes ``config.json``, safetensors shards of at most ``max_shard_bytes`` and ``model.safetensors.index.json``,
-the layout ``transformers``' ``from_pretrained`` reads. Replicated key/value heads are written once.
+the layout ``transformers``' ``from_pretrained`` reads. Replicated key/value heads are written once; the
+experts of an expert-parallel run are put back together from their EP ranks' pieces and written one
+checkpoint tensor per expert.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from meshplan.errors import InputError
 from meshplan.launcher.runtime import hf_format as fmt
-from meshplan.launcher.runtime.model import canonical_name, replicated_kv_params
+from meshplan.launcher.runtime.model import canonical_name, expert_row_params, replicated_kv_params
 from meshplan.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,6 +57,14 @@ class HFReader:
             self._open[path] = safe_open(str(path), framework="pt")
         return self._open[path].get_slice(key)
 
+    def read_experts(self, name: str, experts: tuple[int, int], rows: tuple[int, int],
+                     cols: tuple[int, int]) -> torch.Tensor:
+        """Experts ``[e, f)``, rows ``[a, b)`` and columns ``[c, d)`` of stacked expert weights ``name``: one
+        slice of each expert's own checkpoint tensor."""
+        src = fmt.source_of(name, self.family, self.spec, self.prefix)
+        return torch.stack([self._slice(src.expert_key(e))[rows[0]:rows[1], cols[0]:cols[1]]
+                            for e in range(*experts)])
+
     def read(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None) -> torch.Tensor:
         """Rows ``[a, b)`` (and columns ``[c, d)`` of a matrix) of meshplan parameter ``name``."""
         src = fmt.source_of(name, self.family, self.spec, self.prefix)
@@ -80,11 +90,16 @@ def local_box(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def read_box(reader: HFReader, name: str, offset: tuple[int, ...], shape: tuple[int, ...],
-             copies: int = 1) -> torch.Tensor:
+             copies: int = 1, first_expert: int = 0) -> torch.Tensor:
     """The box ``offset + shape`` of parameter ``name``; ``copies`` > 1: the parameter holds each key/value
-    head ``copies`` times in a row (model.repeat_heads), so the box's rows map back to the stored heads."""
+    head ``copies`` times in a row (model.repeat_heads), so the box's rows map back to the stored heads;
+    stacked experts (three dimensions) whose first row is expert ``first_expert`` (an expert-parallel rank's)."""
     from meshplan.launcher.runtime.model import repeat_heads
 
+    if len(shape) == 3:
+        e0 = first_expert + offset[0]
+        return reader.read_experts(name, (e0, e0 + shape[0]), (offset[1], offset[1] + shape[1]),
+                                   (offset[2], offset[2] + shape[2]))
     r0, r1 = offset[0], offset[0] + shape[0]
     cols = (offset[1], offset[1] + shape[1]) if len(shape) == 2 else None
     if copies == 1:
@@ -102,13 +117,14 @@ def load_hf_weights(module: nn.Module, reader: HFReader) -> None:
     with its part of the checkpoint, in the parameter's dtype."""
     from torch.distributed.tensor import DTensor
 
-    replicated = replicated_kv_params(module)
+    replicated, expert_rows = replicated_kv_params(module), expert_row_params(module)
     for name, param in module.named_parameters():
         offset, shape = local_box(param)
         target = param.to_local() if isinstance(param, DTensor) else param
         if target.numel() == 0:
             continue
-        value = read_box(reader, canonical_name(name), offset, shape, replicated.get(name, 1))
+        value = read_box(reader, canonical_name(name), offset, shape, replicated.get(name, 1),
+                         expert_rows.get(name, (0, 0))[0])
         target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
@@ -116,33 +132,48 @@ def load_hf_weights(module: nn.Module, reader: HFReader) -> None:
 # out
 # ----------------------------------------------------------------------------------------------
 
-def _dcp_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
-    """``{meshplan parameter name: global shape}`` of the model tensors in a DCP checkpoint."""
+def _dcp_shapes(checkpoint: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, list[str]]]:
+    """``({meshplan parameter name: global shape}, {stacked experts: their pieces})`` of the model tensors in a
+    DCP checkpoint. An expert-parallel run saves each EP rank's experts as ``<name>@ep<r>of<ep>``
+    (train.expert_checkpoint_keys): their name gets the pieces' rows stacked in rank order."""
     import torch.distributed.checkpoint as dcp
 
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items()
-            if key.startswith("model.") and hasattr(meta, "size")}
+    shapes = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items()
+              if key.startswith("model.") and hasattr(meta, "size")}
+    pieces: dict[str, dict[int, str]] = {}
+    for key in shapes:
+        if "@ep" in key:
+            base, tag = key.split("@ep")
+            pieces.setdefault(base, {})[int(tag.split("of")[0])] = key
+    ordered = {base: [keys[r] for r in sorted(keys)] for base, keys in pieces.items()}
+    for base, keys in ordered.items():
+        shapes[base] = (sum(shapes[k][0] for k in keys), *shapes[keys[0]][1:])
+    return shapes, ordered
 
 
-def _load_dcp(checkpoint: Path, shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, torch.Tensor]:
-    """The full fp32 tensors ``names`` of a DCP checkpoint, read in this one process."""
+def _load_dcp(checkpoint: Path, shapes: dict[str, tuple[int, ...]], names: list[str],
+              pieces: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """The full fp32 tensors ``names`` of a DCP checkpoint, read in this one process (stacked experts
+    assembled from their EP ranks' ``pieces``)."""
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": {n: torch.empty(shapes[n], dtype=torch.float32) for n in names}}
+    keys = [k for n in names for k in pieces.get(n, [n])]
+    state = {"model": {k: torch.empty(shapes[k], dtype=torch.float32) for k in keys}}
     with warnings.catch_warnings():    # DCP notes that it reads in one process, which is the intent
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    return state["model"]
+    loaded = state["model"]
+    return {n: torch.cat([loaded[k] for k in pieces[n]]) if n in pieces else loaded[n] for n in names}
 
 
 def load_dcp_model(checkpoint: Path, spec: ModelSpec, max_seq_len: int) -> nn.Module:
     """The one-process reference model with the weights of a DCP checkpoint of any plan of ``spec``."""
     from meshplan.launcher.runtime.model import build_model
 
-    shapes = _dcp_shapes(checkpoint)
+    shapes, pieces = _dcp_shapes(checkpoint)
     check_dcp_shapes(checkpoint, shapes, spec)
-    values = _load_dcp(checkpoint, shapes, list(fmt.parameter_shapes(spec)))
+    values = _load_dcp(checkpoint, shapes, list(fmt.parameter_shapes(spec)), pieces)
     model = build_model(spec, max_seq_len, "meta")
     model.to_empty(device="cpu")
     model.load_state_dict({n: _dedupe_kv(v, spec) if n.rsplit(".", 2)[-2] in ("wk", "wv") else v
@@ -168,6 +199,9 @@ def _hf_tensors(spec: ModelSpec, family: str, values: dict[str, torch.Tensor]) -
         if name.rsplit(".", 2)[-2] in ("wk", "wv"):
             value = _dedupe_kv(value, spec)
         src = fmt.source_of(name, family, spec, "transformer.")
+        if src.per_expert:
+            out.update({src.expert_key(e): value[e] for e in range(value.shape[0])})
+            continue
         if family == "gpt2" and ".c_attn." in src.key:
             fused.setdefault(src.key, [None] * 3)[src.offset // spec.hidden] = value
             continue
@@ -208,7 +242,7 @@ def export_hf(checkpoint: Path, spec: ModelSpec, out: Path, dtype: str = "float3
 
     family = fmt.hf_family_for(spec)
     fmt.prepare_output(out, overwrite)
-    shapes = _dcp_shapes(checkpoint)
+    shapes, pieces = _dcp_shapes(checkpoint)
     wanted = list(fmt.parameter_shapes(spec))
     check_dcp_shapes(checkpoint, shapes, spec)
     partial = out.with_name(out.name + ".partial")
@@ -216,7 +250,7 @@ def export_hf(checkpoint: Path, spec: ModelSpec, out: Path, dtype: str = "float3
     partial.mkdir(parents=True)
     weight_map, shard, shard_bytes, files, total = {}, {}, 0, [], 0
     for group in _groups(wanted):
-        tensors = _hf_tensors(spec, family, _load_dcp(checkpoint, shapes, group))
+        tensors = _hf_tensors(spec, family, _load_dcp(checkpoint, shapes, group, pieces))
         for key, value in tensors.items():
             value = value.to(DTYPES[dtype]).contiguous()
             size = value.numel() * value.element_size()
