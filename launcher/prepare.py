@@ -463,10 +463,11 @@ def _write(encoded: Encoded, eos: int, dtype: str, files: dict, config: PrepareC
     for side, chosen in (("train", ~token_to_eval), ("eval", token_to_eval)):
         if chosen.any():
             files[side].write(ids[chosen].tobytes())
-    stats.eval_documents += int(to_eval.sum())
-    stats.eval_tokens += int(token_to_eval.sum())
-    stats.documents += int((~to_eval).sum())
-    stats.tokens += len(ids) - int(token_to_eval.sum())
+    eval_documents, eval_tokens = int(to_eval.sum()), int(token_to_eval.sum())
+    stats.eval_documents += eval_documents
+    stats.eval_tokens += eval_tokens
+    stats.documents += len(to_eval) - eval_documents
+    stats.tokens += len(ids) - eval_tokens
 
 
 def _encoded(batches: Iterator[tuple[list[str], int]], bpe: ByteLevelBPE | None, tokenizer, workers: int,

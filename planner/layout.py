@@ -49,12 +49,16 @@ def priced_for_own_blocks(s: Step, layout: "Layout") -> "Layout":
     model mixes dense and MoE blocks (the partition and the counts are chosen on the mean block)."""
     if not s.mixes_blocks:
         return layout
-    choices = []
-    for r, choice in enumerate(layout.choices):
-        own = rank_step(s, layout, r)
-        choices.append(RecomputeChoice(choice.counts, sum(choice.counts[m] * own.lc.recompute[m] for m in MODES),
-                                       saved_activation_bytes(own, r, choice.counts)))
-    return Layout(layout.partition, layout.rank_layers, tuple(choices))
+    choices = tuple(counted_choice(rank_step(s, layout, r), r, choice.counts)
+                    for r, choice in enumerate(layout.choices))
+    return Layout(layout.partition, layout.rank_layers, choices)
+
+
+def counted_choice(s: Step, rank: int, counts: dict[str, int]) -> RecomputeChoice:
+    """The :class:`RecomputeChoice` of given recompute ``counts`` on ``rank``: their recompute seconds and
+    saved activations at ``s``'s block cost."""
+    return RecomputeChoice(counts, sum(counts[m] * s.lc.recompute[m] for m in MODES),
+                           saved_activation_bytes(s, rank, counts))
 
 
 def stage_extra_time(s: Step) -> list[float]:
@@ -149,9 +153,7 @@ def choose_layout(s: Step, base: list[float], slope: list[float], partition: lis
     choices: list[RecomputeChoice] = []
     for r in range(p):
         if recompute_counts is not None:
-            counts = rank_counts(recompute_counts, r, p, n_stages)
-            choice = RecomputeChoice(counts, sum(counts[m] * lc.recompute[m] for m in MODES),
-                                     saved_activation_bytes(s, r, counts))
+            choice = counted_choice(s, r, rank_counts(recompute_counts, r, p, n_stages))
         else:
             choice = choose_recompute(rank_layers[r], s.in_flight[r], lc.act, lc.recompute, budgets[r],
                                       s.cfg.recompute)

@@ -40,6 +40,15 @@ def _save(model, directory: Path, **kwargs) -> Path:
     return directory
 
 
+def _random_biases(model):
+    """``model`` with nonzero q/k/v biases, so that reading them is tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    return model
+
+
 def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random ``transformers`` model of family ``kind`` saved in ``directory``."""
     torch.manual_seed(seed)
@@ -49,11 +58,7 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
         return _save(transformers.GPT2LMHeadModel(config), directory)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**LLAMA, **overrides}))
-        with torch.no_grad():     # nonzero q/k/v biases, so reading them is tested
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_()
-        return _save(model, directory)
+        return _save(_random_biases(model), directory)
     if kind == "mixtral":
         config = transformers.MixtralConfig(**{**LLAMA, "intermediate_size": 64, "num_local_experts": 4,
                                                "num_experts_per_tok": 2, **overrides})
@@ -62,12 +67,7 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
         config = transformers.Qwen2MoeConfig(**{**LLAMA, "moe_intermediate_size": 64, "num_experts": 4,
                                                 "num_experts_per_tok": 2, "shared_expert_intermediate_size": 96,
                                                 "mlp_only_layers": [1], **overrides})
-        model = transformers.Qwen2MoeForCausalLM(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_()
-        return _save(model, directory)
+        return _save(_random_biases(transformers.Qwen2MoeForCausalLM(config)), directory)
     config = transformers.LlamaConfig(**{**LLAMA, **overrides})
     return _save(transformers.LlamaForCausalLM(config), directory, max_shard_size="40KB")
 

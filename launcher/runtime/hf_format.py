@@ -48,6 +48,7 @@ FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", *MOE_TYPES)
 FAMILIES = (*LLAMA_TYPES, "gpt2")
+SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
 EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -153,10 +154,10 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     problems = []
     if family in LLAMA_TYPES and (config.get("attention_bias") or config.get("mlp_bias")):
         problems.append(("attention_bias / mlp_bias", "biases on every projection"))
-    window = config.get("sliding_window") if family in ("mistral", "mixtral") or config.get("use_sliding_window") \
-        else None
+    windowed = family in SLIDING_WINDOW_TYPES
+    window = config.get("sliding_window") if windowed or config.get("use_sliding_window") else None
     if window and (seq_len is None or window < seq_len):
-        field = "sliding_window" if family in ("mistral", "mixtral") else "use_sliding_window"
+        field = "sliding_window" if windowed else "use_sliding_window"
         problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
     if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))

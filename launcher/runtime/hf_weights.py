@@ -134,18 +134,20 @@ def load_hf_weights(module: nn.Module, reader: HFReader) -> None:
 
 def _dcp_shapes(checkpoint: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, list[str]]]:
     """``({meshplan parameter name: global shape}, {stacked experts: their pieces})`` of the model tensors in a
-    DCP checkpoint. An expert-parallel run saves each EP rank's experts as ``<name>@ep<r>of<ep>``
-    (train.expert_checkpoint_keys): their name gets the pieces' rows stacked in rank order."""
+    DCP checkpoint. An expert-parallel run saves each EP rank's experts under a key of their own
+    (moe.expert_checkpoint_key): their name gets the pieces' rows stacked in rank order."""
     import torch.distributed.checkpoint as dcp
+
+    from meshplan.launcher.runtime.moe import split_expert_checkpoint_key
 
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     shapes = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items()
               if key.startswith("model.") and hasattr(meta, "size")}
     pieces: dict[str, dict[int, str]] = {}
     for key in shapes:
-        if "@ep" in key:
-            base, tag = key.split("@ep")
-            pieces.setdefault(base, {})[int(tag.split("of")[0])] = key
+        piece = split_expert_checkpoint_key(key)
+        if piece is not None:
+            pieces.setdefault(piece[0], {})[piece[1]] = key
     ordered = {base: [keys[r] for r in sorted(keys)] for base, keys in pieces.items()}
     for base, keys in ordered.items():
         shapes[base] = (sum(shapes[k][0] for k in keys), *shapes[keys[0]][1:])

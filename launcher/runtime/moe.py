@@ -299,6 +299,20 @@ def tp_partial_params(model: nn.Module, experts_too: bool) -> list[nn.Parameter]
     return found
 
 
+def expert_checkpoint_key(name: str, ep_rank: int, ep: int) -> str:
+    """The checkpoint key of EP rank ``ep_rank``'s piece of stacked experts ``name``: the EP ranks hold
+    different experts under one name, so each piece is saved under its own key."""
+    return f"{name}@ep{ep_rank}of{ep}"
+
+
+def split_expert_checkpoint_key(key: str) -> tuple[str, int] | None:
+    """``(name, EP rank)`` of a key :func:`expert_checkpoint_key` wrote, else ``None``."""
+    if "@ep" not in key:
+        return None
+    name, tag = key.rsplit("@ep", 1)
+    return name, int(tag.split("of")[0])
+
+
 def expert_param_names(model: nn.Module) -> set[str]:
     """Names (as ``model.named_parameters`` gives them) of the routed experts' stacked weights."""
     return {f"{prefix}.{leaf}" for prefix, sub in model.named_modules() if isinstance(sub, GroupedExperts)

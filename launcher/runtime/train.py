@@ -602,10 +602,10 @@ def expert_checkpoint_keys(trainer: Trainer) -> dict[str, str]:
     if trainer.meshes.ep is None:
         return {}
     from meshplan.launcher.runtime.model import canonical_name
-    from meshplan.launcher.runtime.moe import expert_param_names
+    from meshplan.launcher.runtime.moe import expert_checkpoint_key, expert_param_names
 
-    tag = f"@ep{trainer.meshes.ep_rank}of{trainer.plan.ep}"
-    return {canonical_name(n): canonical_name(n) + tag for _, part in trainer.stage_parts
+    rank, ep = trainer.meshes.ep_rank, trainer.plan.ep
+    return {canonical_name(n): expert_checkpoint_key(canonical_name(n), rank, ep) for _, part in trainer.stage_parts
             for n in expert_param_names(part)}
 
 
