@@ -11,8 +11,11 @@ Sources:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from meshplan.planner import flops
 from meshplan.rules import ACT_BYTES, MIN_LOSS_CHUNK_TOKENS, loss_chunk_tokens  # noqa: F401  (the nouns decide them)
@@ -343,15 +346,57 @@ def interleaved_1f1b_order(pp: int, rank: int, num_microbatches: int, virtual_st
 
 @lru_cache(maxsize=1024)
 def _interleaved_order(pp: int, rank: int, num_microbatches: int, virtual_stages: int) -> tuple[tuple[str, int], ...]:
-    """:func:`interleaved_1f1b_order`, cached: the search replays the same orders for thousands of configurations."""
+    """:func:`interleaved_1f1b_order`, cached."""
     from meshplan.planner.schedule_sim import pipeline_ops
 
     return tuple((kind, stage // pp) for kind, stage, _ in pipeline_ops("interleaved", pp, rank, num_microbatches,
                                                                        virtual_stages))
 
 
-def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumulators: list[float],
-                  reduced: list[float], at_forward: list[float], in_backward: float) -> tuple[float, float, float, float]:
+@dataclass(frozen=True, eq=False)
+class OpOrder:
+    """A pipeline rank's (``"F"`` or ``"B"``, local chunk) operations as arrays, for :func:`schedule_peak`:
+    each op's chunk, whether it is a forward, and whether it is its chunk's first or last backward (the last
+    is the ``k``-th, k = the number of backwards of chunk 0, as the pipelining schedule counts them)."""
+
+    chunk: np.ndarray
+    forward: np.ndarray
+    first_backward: np.ndarray
+    last_backward: np.ndarray
+
+    @classmethod
+    def of(cls, ops: Sequence[tuple[str, int]]) -> OpOrder:
+        chunk = np.array([c for _, c in ops], dtype=np.int64)
+        forward = np.array([kind == "F" for kind, _ in ops], dtype=bool)
+        per_chunk = int(np.sum(~forward & (chunk == 0))) or 1
+        first, last = np.zeros(len(ops), dtype=bool), np.zeros(len(ops), dtype=bool)
+        seen: dict[int, int] = {}
+        for i in np.flatnonzero(~forward):
+            c = int(chunk[i])
+            seen[c] = seen.get(c, 0) + 1
+            first[i], last[i] = seen[c] == 1, seen[c] == per_chunk
+        return cls(chunk, forward, first, last)
+
+
+@lru_cache(maxsize=1024)
+def interleaved_op_order(pp: int, rank: int, num_microbatches: int, virtual_stages: int) -> OpOrder:
+    """:func:`interleaved_1f1b_order` as an :class:`OpOrder`, cached: the search replays the same orders for
+    thousands of configurations."""
+    return OpOrder.of(_interleaved_order(pp, rank, num_microbatches, virtual_stages))
+
+
+def _running_sum(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The running total at each op of amounts added just before it is measured (``before``) and just after
+    (``after``), summed in op order as a loop would (``cumsum`` adds sequentially, so the floats are the
+    loop's, bit for bit)."""
+    steps = np.empty(2 * len(before))
+    steps[0::2], steps[1::2] = before, after
+    return np.cumsum(steps)[0::2]
+
+
+def schedule_peak(order: OpOrder, activations: Sequence[float], accumulators: Sequence[float],
+                  reduced: Sequence[float], at_forward: Sequence[float],
+                  in_backward: float) -> tuple[float, float, float, float]:
     """Replay a pipeline rank's operations and return its peak as (total, activations, gradient
     accumulators, phase extra) at that moment.
 
@@ -362,28 +407,21 @@ def schedule_peak(ops: list[tuple[str, int]], activations: list[float], accumula
     stage), during a backward ``in_backward`` (:func:`step_peak_phases`). Under interleaving the most
     micro-batches are in flight before the other chunks' backwards have created their accumulators, and a
     chunk's accumulators may be reduced before the next one's exist: adding both maxima over-predicts
-    (torchtitan's Llama 3 405B interleaved configuration: +22%, docs/check.md).
+    (torchtitan's Llama 3 405B interleaved configuration: +22%, docs/check.md). The peak is the first op
+    with the largest total (none above zero: all four are 0).
     """
-    live = gradients = 0.0
-    backwards: dict[int, int] = {}
-    per_chunk = sum(kind == "B" for kind, chunk in ops if chunk == 0) or 1
-    best = (0.0, 0.0, 0.0, 0.0)
-    for kind, chunk in ops:
-        if kind == "F":
-            live += activations[chunk]
-            extra = at_forward[chunk]
-        else:
-            if chunk not in backwards:
-                gradients += accumulators[chunk]
-            backwards[chunk] = backwards.get(chunk, 0) + 1
-            extra = in_backward
-        if live + gradients + extra > best[0]:
-            best = (live + gradients + extra, live, gradients, extra)
-        if kind == "B":
-            live -= activations[chunk]
-            if backwards[chunk] == per_chunk:
-                gradients += reduced[chunk] - accumulators[chunk]
-    return best
+    chunk, forward, backward = order.chunk, order.forward, ~order.forward
+    act = np.asarray(activations, dtype=float)[chunk]
+    acc = np.asarray(accumulators, dtype=float)
+    left = (np.asarray(reduced, dtype=float) - acc)[chunk]
+    live = _running_sum(np.where(forward, act, 0.0), np.where(backward, -act, 0.0))
+    gradients = _running_sum(np.where(order.first_backward, acc[chunk], 0.0), np.where(order.last_backward, left, 0.0))
+    extra = np.where(forward, np.asarray(at_forward, dtype=float)[chunk], in_backward)
+    total = live + gradients + extra
+    if not len(total) or total.max() <= 0.0:
+        return (0.0, 0.0, 0.0, 0.0)
+    i = int(np.argmax(total))
+    return (float(total[i]), float(live[i]), float(gradients[i]), float(extra[i]))
 
 
 def pipeline_receive_buffers(pp: int, rank: int, num_microbatches: int, virtual_stages: int = 1,

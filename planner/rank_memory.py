@@ -211,7 +211,7 @@ def interleaved_peak_detail(s: Step, layout: Layout, r: int, ph: Phases) -> dict
             for x, lc in zip(chunk_params, chunk_costs)]
     shards = [memory.model_state_bytes(x, sharding_stage(s), s.replicas, sb)["gradients"]
               if a else 0.0 for x, a in zip(chunk_params, accs)]
-    ops = memory.interleaved_1f1b_order(p, r, s.num_mb, s.v)
+    ops = memory.interleaved_op_order(p, r, s.num_mb, s.v)
     at_loss, in_backward = sum(ph.at_loss.values()), sum(ph.in_backward.values())
     _, live, accumulated, extra = memory.schedule_peak(ops, acts, accs, shards, [at_loss] * s.v, in_backward)
     phase = ph.at_loss if extra == at_loss and extra > 0 else ph.in_backward

@@ -1,6 +1,7 @@
 """Each cost-model term against the numbers of the paper it comes from."""
 
 import math
+import random
 
 import pytest
 
@@ -110,12 +111,48 @@ def test_schedule_peak_counts_accumulators_only_while_they_exist():
     # its last backward) before B0 B0 creates chunk 0's: the two chunks' accumulators never coexist.
     ops = memory.interleaved_1f1b_order(2, 0, 2, 2)
     assert ops == [("F", 0), ("F", 0), ("F", 1), ("F", 1), ("B", 1), ("B", 1), ("B", 0), ("B", 0)]
+    ops = memory.OpOrder.of(ops)
     peak, live, grads, extra = memory.schedule_peak(ops, [1.0, 1.0], [10.0, 10.0], [1.0, 1.0], [0.0, 0.0], 0.5)
     assert (peak, live, grads, extra) == (4 + 10 + 0.5, 4.0, 10.0, 0.5)
     peak, *_ = memory.schedule_peak(ops, [1.0, 1.0], [10.0, 30.0], [1.0, 1.0], [0.0, 0.0], 0.0)
     assert peak == 4 + 30      # the larger chunk's accumulators at the most micro-batches in flight
     peak, *_ = memory.schedule_peak(ops, [1.0, 1.0], [30.0, 10.0], [1.0, 1.0], [0.0, 0.0], 0.0)
     assert peak == 2 + 1 + 30  # chunk 0's, later: two micro-batches left, chunk 1's shard
+
+
+def _replayed_peak(ops, activations, accumulators, reduced, at_forward, in_backward):
+    """schedule_peak's documented rule as a plain loop over the ops."""
+    live = gradients = 0.0
+    backwards: dict[int, int] = {}
+    per_chunk = sum(kind == "B" for kind, chunk in ops if chunk == 0) or 1
+    best = (0.0, 0.0, 0.0, 0.0)
+    for kind, chunk in ops:
+        if kind == "F":
+            live += activations[chunk]
+            extra = at_forward[chunk]
+        else:
+            if chunk not in backwards:
+                gradients += accumulators[chunk]
+            backwards[chunk] = backwards.get(chunk, 0) + 1
+            extra = in_backward
+        if live + gradients + extra > best[0]:
+            best = (live + gradients + extra, live, gradients, extra)
+        if kind == "B":
+            live -= activations[chunk]
+            if backwards[chunk] == per_chunk:
+                gradients += reduced[chunk] - accumulators[chunk]
+    return best
+
+
+@pytest.mark.parametrize("pp,m,v", [(2, 2, 2), (4, 8, 2), (4, 6, 3), (8, 16, 4), (3, 7, 2)])
+def test_schedule_peak_equals_the_replayed_loop_bit_for_bit(pp, m, v):
+    rng = random.Random(pp * 100 + m * 10 + v)
+    for rank in range(pp):
+        ops = memory.interleaved_1f1b_order(pp, rank, m, v)
+        for _ in range(5):
+            args = ([rng.uniform(0, 3) for _ in range(v)], [rng.uniform(0, 40) for _ in range(v)],
+                    [rng.uniform(0, 5) for _ in range(v)], [rng.uniform(0, 2) for _ in range(v)], rng.uniform(0, 2))
+            assert memory.schedule_peak(memory.interleaved_op_order(pp, rank, m, v), *args) == _replayed_peak(ops, *args)
 
 
 def test_pipeline_receive_buffers_follow_torch_pipelining():

@@ -59,7 +59,7 @@ def test_pipeline_plan_is_uneven_when_the_head_is_heavy():
 
 def test_memory_pressure_turns_on_recompute():
     plan = search(load_model("llama3-70b"), load_cluster("dgx-h100:4"), TrainSpec(32, 8192),
-                  parse_fixes(["tp=8", "pp=2", "micro_batch=1", "zero=1", "schedule=1f1b"])).plans[0]
+                  parse_fixes(["tp=8", "pp=2", "cp=1", "micro_batch=1", "zero=1", "schedule=1f1b"])).plans[0]
     assert plan.recompute != "none"
     assert plan.predicted.peak_memory_gib <= plan.cluster.gpu.memory_gib
 
