@@ -13,9 +13,9 @@ python -m pip install -q "tyro>=1.0" "spmd_types==0.2.3" "tokenizers>=0.15" "dat
 if [ $# -gt 0 ]; then
     exec python -m pytest -q -p no:cacheprovider -m "slow or not slow" "$@"
 fi
-# The fast tests (what plain `pytest` runs) and the slow ones of a single process (marked `parallel`) on two
-# pytest-xdist workers; the other slow ones (torchrun jobs that use every core, timing checks) one at a time.
-python -m pytest -q -p no:cacheprovider -n 2 -m "not slow or parallel"
-python -m pytest -q -p no:cacheprovider -m "slow and not parallel" --durations=25
+# Every test but those that assert on wall-clock time or bandwidth on two pytest-xdist workers (the tests that
+# share a torchrun job kept on one worker: tests/conftest.py), then those (marked `alone`) by themselves.
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not alone" --durations=25
+python -m pytest -q -p no:cacheprovider -m alone --durations=10
 # The example matrix planned and reported, every report checked complete (build/ci-reports).
 python scripts/ci_reports.py --out build/ci-reports

@@ -34,14 +34,35 @@ def _names_tests(config: pytest.Config) -> bool:
                for arg in config.invocation_params.args)
 
 
+@pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """Deselect the slow tests unless a ``-m`` expression or a named test file asks for them."""
+    """Deselect the slow tests unless a ``-m`` expression or a named test file asks for them; keep the tests
+    that share a session's or a module's torchrun job on one pytest-xdist worker (:func:`_share_jobs`)."""
+    _share_jobs(items)
     if config.option.markexpr or _names_tests(config):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def _shares_a_job(item) -> bool:
+    """Whether ``item`` reads a module- or session-scoped fixture of this suite (a job its neighbours share)."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d[-1].scope in ("module", "session") and not d[-1].func.__module__.startswith("_pytest")
+               for d in defs.values() if d)
+
+
+def _share_jobs(items: list) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh), send every test that reads ``layout_run`` to one
+    worker, and a module's slow tests that read a module- or session-scoped fixture to one worker: the jobs
+    they share then start once, not once per worker."""
+    for item in items:
+        if "layout_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("layout_run"))
+        elif item.get_closest_marker("slow") and _shares_a_job(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

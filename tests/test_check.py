@@ -188,7 +188,6 @@ def test_vocab_parallel_states_are_counted_as_the_runtime_holds_them(name):
 
 
 @pytest.mark.slow   # two `meshplan check` processes, each building two ranks of an 8-rank plan: about 10 s
-@pytest.mark.parallel
 def test_check_command_table_and_json(tmp_path):
     plan = make_plan(dp=2, tp=2, pp=2)
     plan.save(tmp_path / "plan.yaml")

@@ -92,8 +92,7 @@ def test_expert_bytes_scale_with_ep():
     assert two - four == model.moe_layer_count * per_expert
 
 
-@pytest.mark.slow
-@pytest.mark.parallel   # one rank of a 128-rank Mixtral 8x22B plan on fake tensors: about 15 s
+@pytest.mark.slow   # one rank of a 128-rank Mixtral 8x22B plan on fake tensors: about 15 s
 def test_mixtral_8x22b_on_128_ranks():
     """pp8 x dp16 x ep8, ZeRO-1: each rank one expert per block, split in two by its width over the
     expert-data-parallel pair; 7 blocks per stage."""
@@ -107,8 +106,7 @@ def test_mixtral_8x22b_on_128_ranks():
     assert checked.measured["peak"] > checked.measured["parameters"] + checked.measured["optimizer"]
 
 
-@pytest.mark.slow
-@pytest.mark.parallel   # one rank of a 2048-rank plan on fake tensors: about 30 s
+@pytest.mark.slow   # one rank of a 2048-rank plan on fake tensors: about 30 s
 def test_deepseek_v3_sized_at_its_published_scale():
     """DeepSeek-V3's published layout (DeepSeek-AI 2024, section 3.2: 2048 H800s, 16-way pipeline, 64-way
     expert parallel, ZeRO-1 data parallel): pp16 x dp128 x ep64, 4 of the 256 experts per block on each EP rank,
@@ -168,8 +166,7 @@ def test_planner_moe_block_activation_bytes_equal_the_runtime(tp, shared, mode):
                                                                   measured / 2**20)
 
 
-@pytest.mark.slow
-@pytest.mark.parallel   # one rank of a 64-rank Mixtral 8x7B plan on fake tensors: about a minute
+@pytest.mark.slow   # one rank of a 64-rank Mixtral 8x7B plan on fake tensors: about a minute
 def test_planned_mixtral_on_64_h100s_checks_within_five_percent():
     """Issue 29, done when 3: the meshplan-engine plan for Mixtral 8x7B on 64 H100s (global batch 256,
     sequence 4096) built on fake tensors: its measured peak within 5% of the predicted one."""

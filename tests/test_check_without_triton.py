@@ -29,8 +29,7 @@ except ImportError:
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parallel   # one subprocess of one process
+@pytest.mark.slow   # one subprocess of one process
 def test_check_of_a_fused_gpu_plan_needs_no_triton():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "TRITON_INTERPRET": "0"})

@@ -41,8 +41,6 @@ CONTEXT = {"schedule": {"pp": 2}, "virtual_stages": {"pp": 2, "schedule": "inter
            "sequence_parallel": {"tp": 2}}
 # Fields whose value shows only when a step runs: the plan runs one training step on fake tensors.
 STEPPED = ("schedule", "virtual_stages", "zero", "cp_kind", "vocab_parallel", "recompute")
-# The walk builds plans on fake tensors in this process: CI runs it on the pytest-xdist workers.
-pytestmark = pytest.mark.parallel
 # Values the planner emits for meshplan that its runtime refuses, each waiting on a planner-side refusal.
 PLANNER_GAPS: dict[tuple, str] = {}
 

@@ -19,7 +19,7 @@ from meshplan.plan import Plan, StagePlan
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
 
 # Importing torchtitan's llama3 config registry takes seconds (datasets, tensorboard, the trainer).
-pytestmark = [pytest.mark.slow, pytest.mark.parallel]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -135,7 +135,8 @@ def test_few_tokens_per_expert_run_below_peak():
     assert small.gemm_fwd / small.routed_rows > 2 * large.gemm_fwd / large.routed_rows
 
 
-@pytest.mark.slow   # a timing check: CI runs it alone (scripts/test.sh), not beside another worker
+@pytest.mark.slow
+@pytest.mark.alone
 def test_plan_for_mixtral_on_64_h100s_beats_the_published_mapping_quickly():
     """Issue 29, done when 3: at least as fast as Megatron-Core's reference mapping, found in under 5 s."""
     cluster, train = load_cluster("dgx-h100:8"), TrainSpec(256, 4096, "bf16", "adam")

@@ -156,6 +156,7 @@ def test_profile_bad_input_is_one_line(args, field):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     out = tmp_path / "cluster.yaml"
     budget = 25

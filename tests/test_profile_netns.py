@@ -17,6 +17,7 @@ spec.loader.exec_module(netns)
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_slow_link_is_seen_and_avoided(tmp_path):
     why = netns.netns_available()
     if why:

@@ -51,31 +51,41 @@ def test_ulysses_and_cp1_keep_contiguous_chunks():
     assert torch.equal(sequence_positions(32, 0, 1, "ring"), torch.arange(32))
 
 
-def _run(tmp_path: Path, cp: int, heads: int, kv_heads: int, seq: int, dtype: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp), "--master-port",
-           str(free_port()), str(Path(__file__).with_name("ring_attention_job.py")), str(tmp_path), str(heads),
-           str(kv_heads), str(seq), dtype]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=180)
+RING_CASES = {   # name: (cp, heads, kv_heads, dtype, tolerance)
+    "cp2": (2, 4, 4, "float32", 1e-5),
+    "cp4-gqa3": (4, 6, 2, "float32", 1e-5),       # 3 query heads per key/value head
+    "cp3-odd": (3, 8, 2, "float32", 1e-5),        # an odd ring
+    "cp4-bf16": (4, 8, 2, "bfloat16", 3e-2),      # K/V travel in bf16; merged in fp32
+}
+
+
+@pytest.fixture(scope="module")
+def ring_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every case of RING_CASES in one torchrun job of 4 ranks (tests/ring_attention_job.py), each on the first
+    cp ranks: per case, each rank's errors against one process."""
+    out = tmp_path_factory.mktemp("ring-attention")
+    world = max(cp for cp, *_ in RING_CASES.values())
+    cases = [f"{name}:{cp}:{heads}:{kv}:{16 * cp}:{dtype}" for name, (cp, heads, kv, dtype, _) in RING_CASES.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+           str(free_port()), str(Path(__file__).with_name("ring_attention_job.py")), str(out), *cases]
+    proc = subprocess.run(cmd, cwd=out, env=job_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(cp)]
+    return {name: [json.loads((out / name / f"result{r}.json").read_text()) for r in range(cp)]
+            for name, (cp, *_) in RING_CASES.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cp,heads,kv_heads,dtype,tolerance", [
-    (2, 4, 4, "float32", 1e-5),
-    (4, 6, 2, "float32", 1e-5),       # 3 query heads per key/value head
-    (3, 8, 2, "float32", 1e-5),       # an odd ring
-    (4, 8, 2, "bfloat16", 3e-2),      # K/V travel in bf16; merged in fp32
-])
-def test_ring_attention_equals_one_process(tmp_path, cp, heads, kv_heads, dtype, tolerance):
-    for result in _run(tmp_path, cp, heads, kv_heads, 16 * cp, dtype):
+@pytest.mark.parametrize("name", list(RING_CASES))
+def test_ring_attention_equals_one_process(name, ring_results):
+    cp, _, _, dtype, tolerance = RING_CASES[name]
+    assert len(ring_results[name]) == cp
+    for result in ring_results[name]:
         errors = {k: result[k] for k in ("out", "dq", "dk", "dv")}
         assert max(errors.values()) < tolerance, errors
         assert set(result["dtypes"]) == {f"torch.{dtype}"}
 
 
 @pytest.mark.slow
-@pytest.mark.parallel
 def test_check_of_a_long_ring_plan_holds_no_score_tensor():
     """``meshplan check`` of Llama 3.2 1B at seq 131072 over cp 8 (ring): every rank holds 16384 tokens; the
     scores of one micro-batch's heads over them, [1, 32, 16384, 16384] in bf16, would be 16 GiB in one

@@ -14,11 +14,6 @@ FUSED_RTOL = 1e-5
 FUSED = {"norm": "reference", "swiglu": "reference", "rope": "reference", "loss": "fused"}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fused-loss")
-
-
 PLANS = {
     "llama-pp1": ("llama", dict()),
     "llama-tp2": ("llama", dict(tp=2)),
@@ -28,30 +23,55 @@ PLANS = {
 }
 
 
-# one-process plans run beside the fast tests (``parallel``: scripts/test.sh runs them on two workers)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.parallel) if not fields else n
-                                  for n, (_, fields) in PLANS.items()])
-def test_fused_loss_matches_reference_path(name, workdir, trained):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fused-loss")
+
+
+def _plans(name: str):
+    """(reference, fused) plans of PLANS[name]."""
     family, fields = PLANS[name]
     model = TINY_LLAMA if family == "llama" else TINY_GPT
-    reference_plan, fused_plan = make_plan(model=model, **fields), make_plan(model=model, kernels=FUSED, **fields)
+    return make_plan(model=model, **fields), make_plan(model=model, kernels=FUSED, **fields)
+
+
+@pytest.fixture(scope="module")
+def multi_rank(workdir):
+    """``multi_rank(name)``: the losses of PLANS[name] on both paths. Each world size's plans are trained in one
+    torchrun job (``train_together``), after what ``meshplan launch`` checks before starting."""
+    from meshplan.launcher.check import check_builds
+
+    done: dict[str, list[dict]] = {}
+
+    def get(name: str) -> tuple[list[float], list[float]]:
+        if f"{name}-fused" not in done:
+            world = _plans(name)[0].world_size
+            group = {}
+            for other in PLANS:
+                reference, fused = _plans(other)
+                if reference.world_size == world:
+                    check_builds(fused)
+                    group.update({f"{other}-reference": reference, f"{other}-fused": fused})
+            done.update(train_together(group, workdir / f"world{world}"))
+        return losses(done[f"{name}-reference"]), losses(done[f"{name}-fused"])
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_fused_loss_matches_reference_path(name, workdir, trained, multi_rank):
+    reference_plan, fused_plan = _plans(name)
     if reference_plan.world_size == 1:
         # the reference path is the one-process run the parity tests compare with (``trained`` in conftest.py)
-        reference = losses(trained(f"{family}-1proc", reference_plan))
+        reference = losses(trained(f"{PLANS[name][0]}-1proc", reference_plan))
         fused = losses(train(fused_plan, workdir, f"{name}-fused"))
     else:
-        # what ``meshplan launch`` checks before starting, then both paths trained in one torchrun job
-        from meshplan.launcher.check import check_builds
-
-        check_builds(fused_plan)
-        runs = train_together({"reference": reference_plan, "fused": fused_plan}, workdir / name)
-        reference, fused = losses(runs["reference"]), losses(runs["fused"])
+        reference, fused = multi_rank(name)
     diff = max_relative_difference(reference, fused)
     print(f"fused loss {name}: max relative loss difference to the reference path {diff:.2e}")
     assert diff <= FUSED_RTOL, (name, reference, fused)
 
 
-@pytest.mark.parallel   # one process
 def test_runtime_fused_loss_peak_matches_planner():
     """The runtime's fused loss function (head + chunked cross-entropy, forward and backward) peaks at what
     ``planner.memory.logits_bytes(fused_loss=True)`` predicts for it, within 10% (CPU tracked allocations)."""

@@ -8,6 +8,7 @@ from meshplan.errors import InputError, NoFeasiblePlan
 from meshplan.planner.search import parse_fixes, search
 
 
+@pytest.mark.alone
 def test_llama3_8b_one_node_in_well_under_a_second():
     start = time.perf_counter()
     result = search(load_model("llama3-8b"), load_cluster("dgx-h100:1"), TrainSpec(64, 8192), top=3)
@@ -21,7 +22,8 @@ def test_llama3_8b_one_node_in_well_under_a_second():
     assert result.rejected and sum(result.rejected.values()) > 0
 
 
-@pytest.mark.slow   # a timing check: CI runs it alone (scripts/test.sh), not beside another worker
+@pytest.mark.slow
+@pytest.mark.alone
 def test_llama3_405b_on_16384_gpus_within_five_seconds():
     start = time.perf_counter()
     result = search(load_model("llama3-405b"), load_cluster("dgx-h100:2048"), TrainSpec(2048, 8192), top=3)
