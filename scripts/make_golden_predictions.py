@@ -228,13 +228,14 @@ def fidelity_table() -> dict[str, Any]:
         return fidelity.run(PUBLIC_RUNS)
 
 
-def golden_sections() -> dict[str, dict[str, Any]]:
-    """Every section of the golden file, by name."""
+def golden_sections(fidelity: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every section of the golden file, by name (``fidelity``: :func:`fidelity_table`'s result when the
+    caller has it already)."""
     return {
         "search": {name: search_case(*args) for name, *args in SEARCH_CASES},
         "evaluate": {name: pinned_case(*args) for name, *args in PINNED_CASES},
         "report_matrix": report_matrix(),
-        "fidelity": fidelity_table(),
+        "fidelity": fidelity if fidelity is not None else fidelity_table(),
     }
 
 
@@ -243,8 +244,8 @@ def to_text(data: dict[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, indent=1) + "\n"
 
 
-def golden_text() -> str:
-    return to_text(golden_sections())
+def golden_text(fidelity: dict[str, Any] | None = None) -> str:
+    return to_text(golden_sections(fidelity))
 
 
 def first_difference(old: Any, new: Any, where: str = "") -> str | None:

@@ -47,6 +47,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
+# session-scoped fixtures below whose readers span several modules
+SESSION_JOBS = ("layout_run", "fidelity_table")
+
+
 def _shares_a_job(item) -> bool:
     """Whether ``item`` reads a module- or session-scoped fixture of this suite (a job its neighbours share)."""
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
@@ -55,12 +59,13 @@ def _shares_a_job(item) -> bool:
 
 
 def _share_jobs(items: list) -> None:
-    """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh), send every test that reads ``layout_run`` to one
-    worker, and a module's slow tests that read a module- or session-scoped fixture to one worker: the jobs
-    they share then start once, not once per worker."""
+    """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh), send every test that reads one of
+    ``SESSION_JOBS`` to one worker, and a module's slow tests that read a module- or session-scoped fixture to
+    one worker: the jobs they share then run once, not once per worker."""
     for item in items:
-        if "layout_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("layout_run"))
+        shared = [name for name in SESSION_JOBS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
         elif item.get_closest_marker("slow") and _shares_a_job(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
@@ -102,5 +107,30 @@ def trained(tmp_path_factory):
         if key not in runs:
             runs[key] = train(plan, workdir / name, name)
         return runs[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fidelity_table():
+    """``fidelity_table(path)``: benchmarks/fidelity.py's result over the published runs in ``path``, computed
+    once per session for each file content: tests/test_fidelity.py reads ../shared's runs and the golden file's
+    fidelity section its committed copy of them (tests/golden/public-runs.yaml)."""
+    import contextlib
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fidelity
+
+    results: dict[bytes, dict] = {}
+
+    def get(path: Path) -> dict:
+        key = path.read_bytes()
+        if key not in results:
+            with contextlib.redirect_stdout(io.StringIO()):
+                results[key] = fidelity.run(path)
+        return results[key]
 
     return get

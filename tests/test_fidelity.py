@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(not fidelity.DEFAULT_RUNS.exists(),
 
 
 @pytest.fixture(scope="module")
-def result():
-    return fidelity.run(fidelity.DEFAULT_RUNS)
+def result(fidelity_table):
+    return fidelity_table(fidelity.DEFAULT_RUNS)
 
 
 def test_median_error_within_six_percent(result):
