@@ -7,8 +7,8 @@ it measured (``fit.py``, ``cluster_file.py``).
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import re
 import subprocess
 import sys
@@ -192,7 +192,8 @@ def profile(
     cluster: Optional[str] = typer.Option(None, "--cluster", help="localhost:N: N ranks on this node (default: "
                                           "its GPUs, or 2 CPU processes)"),
     out: Path = typer.Option(Path("cluster.yaml"), "--out", "-o", help="cluster YAML to write"),
-    budget: str = typer.Option("120s", "--budget", help="wall-clock budget, e.g. 120s or 5m (kept)"),
+    budget: str = typer.Option("120s", "--budget", help="wall-clock budget, start-up included, e.g. 120s or 5m "
+                               "(a budget under what start-up and the fewest rounds take is overrun, and said so)"),
     model: Optional[str] = typer.Option(None, "--model", help="model whose shapes to time (preset, YAML or "
                                         "config.json); default tiny-llama on CPU, llama3-8b on GPU"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="sequence length (default 256 CPU, 2048 GPU)"),
@@ -260,6 +261,9 @@ def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, 
 
     write_cluster(profiled, out)
     typer.echo(summary_text(profiled, time.time() - start), err=True)
+    overrun = budget_overrun(profiled.measured, time.time() - start)
+    if overrun:
+        typer.echo(overrun, err=True)
     typer.echo(f"wrote {out}", err=True)
     return 0
 
@@ -289,6 +293,7 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
                      kind=kind, precision=precision, deadline=deadline, max_message=max_bytes, reps=reps,
                      raw_out=str(raw_path), progress=sys.stderr.isatty() or not quick)
     cfg["quick"] = quick
+    cfg["start"], cfg["budget_s"] = start, budget_s
     if quick:
         cfg["compute_share"] = QUICK_COMPUTE_SHARE
     elif kind == "cpu" and budget_s < (full_rounds_budget := HOST_BUDGET_FACTOR * full_host_seconds(ranks)):
@@ -301,7 +306,7 @@ def measure(spec, seq: int, precision: str, micro_batches: list[int], ranks: int
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if kind == "cpu":
         env["OMP_NUM_THREADS"] = "1"   # as `meshplan launch` runs CPU ranks (launcher/render.py)
-    typer.echo(f"meshplan: profiling {nnodes} x {ranks} {kind} ranks for at most {budget_s:.0f}s "
+    typer.echo(f"meshplan: profiling {nnodes} x {ranks} {kind} ranks within {budget_s:.0f}s, start-up included "
                f"(shapes of {spec.name}, seq {seq})", err=True)
     result = subprocess.run(argv, env=env)
     if result.returncode:
@@ -327,11 +332,27 @@ def full_host_seconds(ranks_per_node: int) -> float:
     return host_phases_seconds(torch.device("cpu"), ranks_per_node)
 
 
+# A profile may end this much after its budget before the run says so (the fit, torchrun's exit).
+BUDGET_SLACK_S = 5.0
+
+
+def budget_overrun(measured: dict, elapsed: float) -> str | None:
+    """One line when the whole run took more than its budget (and BUDGET_SLACK_S): the start-up (torchrun,
+    the ranks' imports, the rendezvous) and each phase's fewest rounds do not shrink with the budget."""
+    budget = measured.get("budget_s")
+    if budget is None or elapsed <= budget + BUDGET_SLACK_S:
+        return None
+    return (f"meshplan: the profile took {elapsed:.0f}s, over its {budget:.0f}s budget: start-up took "
+            f"{measured.get('startup_s', 0.0):.0f}s and each phase ran its fewest rounds, which no budget "
+            f"shortens; give more than {math.ceil(elapsed):.0f}s for the phases to measure beyond them")
+
+
 def summary_text(cluster, elapsed: float) -> str:
     """A few lines on what was measured."""
     m = cluster.measured
     table = m["compute"]["matmul_table"]
-    lines = [f"profile took {elapsed:.0f}s: {len(m['compute']['block_check'])} block shapes, "
+    startup = f" (start-up {m['startup_s']:.0f}s)" if "startup_s" in m else ""
+    lines = [f"profile took {elapsed:.0f}s{startup}: {len(m['compute']['block_check'])} block shapes, "
              f"GEMM {min(r for _, r in table):.3g}-{max(r for _, r in table):.3g} TFLOP/s, "
              f"attention {m['compute']['attention_tflops']:.3g} TFLOP/s, "
              f"memory-bound {m['compute'].get('memory_gbps', float('nan')):.3g} GB/s"]

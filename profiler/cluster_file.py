@@ -336,7 +336,7 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
         "tool": "meshplan profile",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": raw["device"], "torch": raw["torch"], "world": raw["world"],
-        "budget_s": raw["budget_s"], "elapsed_s": raw["elapsed_s"],
+        "budget_s": raw["budget_s"], "startup_s": raw.get("startup_s", 0.0), "elapsed_s": raw["elapsed_s"],
         "shapes_model": spec.name,
         "compute": fit_compute(raw, spec),
         "memory": {"per_layer": memory_table(raw, spec)},

@@ -114,31 +114,34 @@ def run(cfg: dict) -> dict | None:
     raw: dict[str, Any] = {"ranks": hosts, "device": describe_device(device), "torch": torch.__version__,
                            "world": world, "nnodes": cfg["nnodes"], "nproc_per_node": cfg["nproc_per_node"],
                            "precision": cfg["precision"] if device.type == "cuda" else "fp32",
-                           "model": cfg["model"], "budget_s": total}
+                           "model": cfg["model"], "budget_s": cfg.get("budget_s", total),
+                           "startup_s": begin - cfg["start"] if "start" in cfg else 0.0}
     # the block rounds' floor (MIN_BLOCK_ROUNDS) may take up to half of the link sweep's time
     sweep_s = max(0.0, deadline - pairs_reserve - host_s - compute_deadline)
-    with Progress("compute", total, enabled=show) as progress:
+    # the bars count from the command's start against its whole budget, as announced
+    since, budget_shown = cfg.get("start", begin), cfg.get("budget_s", total)
+    with Progress("compute", budget_shown, enabled=show, start=since) as progress:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress,
                                        rounds_deadline=compute_deadline + 0.5 * sweep_s)
     # The host phases run before the link sweep: after it, ranks computing side by side drift apart several
     # times further than before it or inside a training job, while the sharing rates and the pipeline op
     # cost do not move.
-    with Progress("sharing", total, enabled=show and device.type != "cuda", start=begin) as progress:
+    with Progress("sharing", budget_shown, enabled=show and device.type != "cuda", start=since) as progress:
         raw["sharing"] = sharing_phase(cfg, device, progress)
-    with Progress("meeting", total, enabled=show and device.type != "cuda", start=begin) as progress:
+    with Progress("meeting", budget_shown, enabled=show and device.type != "cuda", start=since) as progress:
         raw["meeting"] = meeting_phase(cfg, device, progress)
-    with Progress("pipeline", total, enabled=show and device.type != "cuda", start=begin) as progress:
+    with Progress("pipeline", budget_shown, enabled=show and device.type != "cuda", start=since) as progress:
         raw["pipeline"] = pipeline_phase(cfg, device, progress)
     links_end = deadline - pairs_reserve
-    with Progress("links", total, enabled=show, start=begin) as progress:
+    with Progress("links", budget_shown, enabled=show, start=since) as progress:
         # half of what the compute phase left to the sweep; the reduction phase has the rest (and what the
         # sweep did not use)
         raw["links"] = links_phase(cfg, device, time.time() + 0.5 * max(0.0, links_end - time.time()), progress)
-    with Progress("reduction", total, enabled=show, start=begin) as progress:
+    with Progress("reduction", budget_shown, enabled=show, start=since) as progress:
         raw["reduction"] = reduction_phase(cfg, device, links_end, progress)
-    with Progress("overlap", total, enabled=show, start=begin) as progress:
+    with Progress("overlap", budget_shown, enabled=show, start=since) as progress:
         raw["overlap"] = overlap_phase(cfg, device, dtype, progress)
-    with Progress("pairs", total, enabled=show, start=begin) as progress:
+    with Progress("pairs", budget_shown, enabled=show, start=since) as progress:
         raw["pairs"] = pairs_phase(cfg, device, progress)
     raw["elapsed_s"] = time.time() - begin
     dist.barrier()

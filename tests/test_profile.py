@@ -151,6 +151,18 @@ def test_profile_bad_input_is_one_line(args, field):
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}") and "(" in lines[0], result.output
 
 
+def test_a_profile_over_its_budget_says_by_how_much_and_why():
+    from meshplan.profiler.cli import BUDGET_SLACK_S, budget_overrun
+
+    measured = {"budget_s": 15.0, "startup_s": 13.2, "elapsed_s": 26.0}
+    assert budget_overrun(measured, 15.0 + BUDGET_SLACK_S) is None
+    line = budget_overrun(measured, 40.4)
+    assert line == ("meshplan: the profile took 40s, over its 15s budget: start-up took 13s and each phase ran "
+                    "its fewest rounds, which no budget shortens; give more than 41s for the phases to measure "
+                    "beyond them")
+    assert budget_overrun({"elapsed_s": 26.0}, 400.0) is None      # a file without the budget: nothing to say
+
+
 # ----------------------------------------------------------------------------------------------
 # a real profile of two CPU processes
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +183,9 @@ def test_profile_two_cpu_ranks_writes_a_cluster_plan_accepts(tmp_path):
     assert "compute" in proc.stderr and "links" in proc.stderr          # progress bars on stderr
     data = yaml.safe_load(out.read_text())
     m = data["measured"]
+    # the budget given and the start-up it includes (torchrun, the ranks' imports), before the ranks' measuring
+    assert m["budget_s"] == budget and 0 < m["startup_s"] < elapsed and 0 < m["elapsed_s"] < elapsed
+    assert f"within {budget}s, start-up included" in proc.stderr
     assert m["compute"]["matmul_table"] and m["compute"]["attention_tflops"] > 0
     assert data["intra_node"]["bandwidth_gbps"] > 0 and data["intra_node"]["latency_us"] >= 0
     assert len(m["links"]["pair_bandwidth_gbps"]) == 2 and m["links"]["pair_bandwidth_gbps"][0][1] > 0
