@@ -1,5 +1,6 @@
-"""``meshplan check plan.yaml``: build every rank asked for in this process (fake process group, fake
-tensors), measure its memory, and set it beside the planner's prediction. Torch is imported only when the
+"""``meshplan check plan.yaml``: build every rank asked for on this CPU (fake process group, fake tensors; ranks
+of a large plan side by side in processes of their own, one per core), measure its memory, and set it beside
+the planner's prediction. Torch is imported only when the
 command runs, so registering it keeps ``meshplan plan`` torch-free.
 
 Exit codes: 0 the plan builds and its measured peak fits the device; 2 the plan cannot be built (one line
@@ -31,6 +32,8 @@ def check(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks to check: all, or a list such as 0,7,last "
                                         "or pp:3 (default: the first rank of each pipeline rank)"),
     output_format: str = typer.Option("table", "--format", help="table or json"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="ranks checked side by side, each in a process "
+                                          "of its own (default: one per core for large plans, else 1)"),
 ) -> None:
     from meshplan.plan import Plan
 
@@ -38,8 +41,11 @@ def check(
         if output_format not in ("table", "json"):
             from meshplan.errors import InputError
             raise InputError("--format", f"unknown format {output_format!r}", "use table or json")
+        if workers is not None and workers < 1:
+            from meshplan.errors import InputError
+            raise InputError("--workers", f"must be >= 1, got {workers}", "give a number of processes")
         loaded = Plan.load(plan)
-        result = run_check(loaded, ranks, progress=output_format == "table")
+        result = run_check(loaded, ranks, progress=output_format == "table", workers=workers)
     except MeshplanError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code)
@@ -55,8 +61,9 @@ def check(
         raise typer.Exit(3)
 
 
-def run_check(plan, ranks: str | None, progress: bool = True):
-    """Check the plan's ranks, with a progress line per rank on stderr."""
+def run_check(plan, ranks: str | None, progress: bool = True, workers: int | None = None):
+    """Check the plan's ranks (``workers`` side by side: ``check.check_workers`` when None), with a progress
+    line per rank on stderr."""
     from meshplan.launcher.check import check_plan, parse_ranks
 
     chosen = parse_ranks(ranks, plan)
@@ -68,7 +75,7 @@ def run_check(plan, ranks: str | None, progress: bool = True):
                   f"{rank_check.seconds:.1f}s", end="\n" if done == total or not tty else "", file=sys.stderr,
                   flush=True)
 
-    return check_plan(plan, chosen, report)
+    return check_plan(plan, chosen, report, workers=workers)
 
 
 def _unit(result) -> tuple[str, float]:

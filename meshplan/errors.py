@@ -29,6 +29,10 @@ class InputError(MeshplanError, ValueError):
             text += f" ({fix})"
         super().__init__(text)
 
+    def __reduce__(self):
+        """Rebuilt from its three parts (an error raised in a worker process reaches the parent whole)."""
+        return type(self), (self.field, self.problem, self.fix)
+
 
 class NoFeasiblePlan(MeshplanError):
     """The search found no configuration that fits; the message says what would."""

@@ -17,5 +17,3 @@ fi
 # share a torchrun job kept on one worker: tests/conftest.py), then those (marked `alone`) by themselves.
 python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not alone" --durations=25
 python -m pytest -q -p no:cacheprovider -m alone --durations=10
-# The example matrix planned and reported, every report checked complete (build/ci-reports).
-python scripts/ci_reports.py --out build/ci-reports

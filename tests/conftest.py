@@ -60,13 +60,13 @@ def _shares_a_job(item) -> bool:
 
 def _share_jobs(items: list) -> None:
     """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh), send every test that reads one of
-    ``SESSION_JOBS`` to one worker, and a module's slow tests that read a module- or session-scoped fixture to
-    one worker: the jobs they share then run once, not once per worker."""
+    ``SESSION_JOBS`` to one worker, and a module's tests that read a module- or session-scoped fixture to one
+    worker: the jobs they share then run once, not once per worker."""
     for item in items:
         shared = [name for name in SESSION_JOBS if name in getattr(item, "fixturenames", ())]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
-        elif item.get_closest_marker("slow") and _shares_a_job(item):
+        elif _shares_a_job(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 

@@ -249,3 +249,36 @@ def test_launch_checks_the_build_before_starting(tmp_path):
                           capture_output=True, text=True, timeout=300, env=job_env())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: plan.tp") and "torchrun" not in proc.stderr
+
+def test_an_input_error_crosses_processes_whole():
+    import pickle
+
+    from meshplan.errors import InputError
+
+    error = pickle.loads(pickle.dumps(InputError("plan, rank 3", "the runtime cannot build it", "re-plan")))
+    assert (error.field, error.problem, error.fix) == ("plan, rank 3", "the runtime cannot build it", "re-plan")
+    assert str(error) == "plan, rank 3: the runtime cannot build it (re-plan)"
+
+
+def test_large_plans_are_checked_one_process_per_core_small_ones_in_this_process(monkeypatch):
+    from meshplan.launcher import check
+
+    monkeypatch.setattr(check.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    small = make_plan(pp=2, num_microbatches=2)
+    assert check.check_workers(small, 2) == 1
+    large = make_plan(pp=2, num_microbatches=16, global_batch=16)       # 2 blocks x 16 micro-batches a rank
+    assert check.check_workers(large, 2) == 2 and check.check_workers(large, 20) == 8
+    assert check.check_workers(large, 1) == 1
+
+
+@pytest.mark.slow   # two check processes of their own (a few seconds of start-up each)
+def test_ranks_checked_side_by_side_measure_what_one_process_does():
+    from meshplan.launcher.check import check_plan
+
+    plan = make_plan(pp=2, num_microbatches=16, global_batch=16)
+    alone = check_plan(plan, [0, 1], workers=1)
+    seen = []
+    side_by_side = check_plan(plan, [0, 1], lambda done, total, r: seen.append((done, total)), workers=2)
+    assert [r.rank for r in side_by_side.ranks] == [0, 1] and seen == [(1, 2), (2, 2)]
+    for a, b in zip(alone.ranks, side_by_side.ranks):
+        assert a.measured == b.measured and a.predicted == b.predicted and a.coords == b.coords
