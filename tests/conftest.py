@@ -17,6 +17,7 @@ a test file or test id is named (``pytest tests/test_runtime_parity.py`` runs al
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +55,17 @@ SESSION_JOBS = ("layout_run", "fidelity_table")
 def _shares_a_job(item) -> bool:
     """Whether ``item`` reads a module- or session-scoped fixture of this suite (a job its neighbours share)."""
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    return any(d[-1].scope in ("module", "session") and not d[-1].func.__module__.startswith("_pytest")
-               for d in defs.values() if d)
+    return any(d[-1].scope in ("module", "session") and _in_this_suite(d[-1].func) for d in defs.values() if d)
+
+
+def _in_this_suite(function) -> bool:
+    """Whether ``function`` is defined in a file of this folder (not by pytest or a plugin)."""
+    import inspect
+
+    try:
+        return Path(inspect.getsourcefile(function) or "").resolve().parent == Path(__file__).resolve().parent
+    except TypeError:
+        return False
 
 
 def _share_jobs(items: list) -> None:
@@ -119,7 +129,6 @@ def fidelity_table():
     import contextlib
     import io
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import fidelity
