@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     phases = [(what, plan) for plan in args.plans for what in (("memory", "train") if args.memory else ("train",))]
+    gc.freeze()     # torch's modules and the imports stay: each phase's collection walks only what came after
     for i, (what, plan) in enumerate(phases):
         os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{attempt}-phase{i}"   # train._attempt_store's prefix
         gc.collect()                                                       # the last phase's trainer gone
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             rt.run(rt.RunConfig(plan_path=plan, steps=args.steps, metrics_out=str(Path(plan).with_suffix(".jsonl")),
                                 **fields))
     os.environ["TORCHELASTIC_RESTART_COUNT"] = attempt
+    gc.unfreeze()   # collectable again at exit (nanobind reports the instances it finds alive then as leaks)
     return 0
 
 
