@@ -589,17 +589,24 @@ def check_plan(plan: Plan, ranks: list[int] | None = None,
 # machine); a rank whose step runs its blocks fewer times than this checks faster than that in-process (one
 # block forward + backward on fake tensors took about 0.2 s for Llama 3 405B's rank 0 at pp16, m16).
 PARALLEL_MIN_BLOCK_PASSES = 32
+# Memory kept free per check process: checking Llama 3 405B's rank 0 (pp16, m16) peaked at 0.46 GB resident.
+CHECK_PROCESS_BYTES = 2**30
 
 
 def check_workers(plan: Plan, ranks: int) -> int:
-    """Processes that check ``ranks`` ranks of ``plan`` side by side: one per rank up to this machine's cores,
-    or 1 (in this process) when a rank's step runs its blocks fewer than PARALLEL_MIN_BLOCK_PASSES times."""
+    """Processes that check ``ranks`` ranks of ``plan`` side by side: one per rank up to this machine's cores
+    and its free memory (CHECK_PROCESS_BYTES each), or 1 (in this process) when a rank's step runs its blocks
+    fewer than PARALLEL_MIN_BLOCK_PASSES times."""
     blocks = max(stop - start for start, stop in (s.layers for s in plan.stages))
     chunks = plan.virtual_stages if plan.pp > 1 else 1
     if ranks <= 1 or blocks * chunks * plan.num_microbatches < PARALLEL_MIN_BLOCK_PASSES:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(ranks, cores))
+    try:
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // CHECK_PROCESS_BYTES
+    except (AttributeError, OSError, ValueError):     # no sysconf figure here: the cores decide
+        memory = cores
+    return max(1, min(ranks, cores, memory))
 
 
 def _check_ranks(plan: Plan, ranks: list[int], predicted: list[dict[str, float]] | None,

@@ -250,6 +250,7 @@ def test_launch_checks_the_build_before_starting(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: plan.tp") and "torchrun" not in proc.stderr
 
+
 def test_an_input_error_crosses_processes_whole():
     import pickle
 
@@ -263,12 +264,17 @@ def test_an_input_error_crosses_processes_whole():
 def test_large_plans_are_checked_one_process_per_core_small_ones_in_this_process(monkeypatch):
     from meshplan.launcher import check
 
+    free_pages = {"SC_AVPHYS_PAGES": 64 * 2**18, "SC_PAGE_SIZE": 4096}      # 64 GiB free
     monkeypatch.setattr(check.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    sysconf = check.os.sysconf
+    monkeypatch.setattr(check.os, "sysconf", lambda name: free_pages[name] if name in free_pages else sysconf(name))
     small = make_plan(pp=2, num_microbatches=2)
     assert check.check_workers(small, 2) == 1
     large = make_plan(pp=2, num_microbatches=16, global_batch=16)       # 2 blocks x 16 micro-batches a rank
     assert check.check_workers(large, 2) == 2 and check.check_workers(large, 20) == 8
     assert check.check_workers(large, 1) == 1
+    free_pages["SC_AVPHYS_PAGES"] = 3 * 2**18                           # 3 GiB free: 3 processes
+    assert check.check_workers(large, 20) == 3
 
 
 @pytest.mark.slow   # two check processes of their own (a few seconds of start-up each)
