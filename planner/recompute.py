@@ -108,23 +108,21 @@ def _solve_partition(num_layers: int, num_microbatches: int, layer_time: float, 
     import pulp
 
     act_d, cost_d, ranks = dict(act), dict(cost), range(len(rank_extra))
-    options = {(r, n): option for r in ranks
-               for n, option in rank_options(num_layers, len(rank_extra), r, layer_time, rank_extra[r],
-                                             static_bytes[r], bytes_per_layer[r], in_flight[r], act_d, cost_d,
-                                             capacity, pinned).items()}
-    if any(all(k[0] != r for k in options) for r in ranks):
+    options = [rank_options(num_layers, len(rank_extra), r, layer_time, rank_extra[r], static_bytes[r],
+                            bytes_per_layer[r], in_flight[r], act_d, cost_d, capacity, pinned) for r in ranks]
+    if not all(options):
         return None
     problem = pulp.LpProblem("meshplan_partition_recompute", pulp.LpMinimize)
-    x = {k: pulp.LpVariable(f"x_{k[0]}_{k[1]}", cat="Binary") for k in options}
+    x = [{n: pulp.LpVariable(f"x_{r}_{n}", cat="Binary") for n in options[r]} for r in ranks]
     t_max = pulp.LpVariable("t_max", lowBound=0)
-    stage_time = {r: pulp.lpSum(options[k][0] * x[k] for k in options if k[0] == r) for r in ranks}
-    problem += (num_microbatches - 1) * t_max + pulp.lpSum(stage_time.values())
-    problem += pulp.lpSum(k[1] * x[k] for k in options) == num_layers
+    stage_time = [pulp.lpSum(time * x[r][n] for n, (time, _) in options[r].items()) for r in ranks]
+    problem += (num_microbatches - 1) * t_max + pulp.lpSum(stage_time)
+    problem += pulp.lpSum(n * var for r in ranks for n, var in x[r].items()) == num_layers
     for r in ranks:
-        problem += pulp.lpSum(x[k] for k in options if k[0] == r) == 1
+        problem += pulp.lpSum(x[r].values()) == 1
         problem += t_max >= stage_time[r]
     status = problem.solve(pulp.PULP_CBC_CMD(msg=0, timeLimit=time_limit_s))
     if pulp.LpStatus[status] != "Optimal":
         return None
-    blocks = tuple(next(n for (rr, n) in options if rr == r and x[rr, n].value() > 0.5) for r in ranks)
-    return blocks, tuple(tuple(options[r, n][1].counts.items()) for r, n in zip(ranks, blocks))
+    blocks = tuple(next(n for n, var in x[r].items() if var.value() > 0.5) for r in ranks)
+    return blocks, tuple(tuple(options[r][n][1].counts.items()) for r, n in zip(ranks, blocks))

@@ -107,6 +107,8 @@ def run(cfg: dict) -> dict | None:
     flexible = max(0.0, total - host_s)
     compute_deadline = begin + cfg["compute_share"] * flexible
     pairs_reserve = cfg["pairs_share"] * flexible   # the host phases run before the sweep, its end is after them
+    # the command's start and whole budget, as announced: the bars count from there, the file records both
+    since, budget_shown = cfg.get("start", begin), cfg.get("budget_s", total)
     hosts = [None] * world
     dist.all_gather_object(hosts, {"host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
                                    "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
@@ -114,12 +116,10 @@ def run(cfg: dict) -> dict | None:
     raw: dict[str, Any] = {"ranks": hosts, "device": describe_device(device), "torch": torch.__version__,
                            "world": world, "nnodes": cfg["nnodes"], "nproc_per_node": cfg["nproc_per_node"],
                            "precision": cfg["precision"] if device.type == "cuda" else "fp32",
-                           "model": cfg["model"], "budget_s": cfg.get("budget_s", total),
-                           "startup_s": begin - cfg["start"] if "start" in cfg else 0.0}
+                           "model": cfg["model"], "budget_s": budget_shown,
+                           "startup_s": begin - since}
     # the block rounds' floor (MIN_BLOCK_ROUNDS) may take up to half of the link sweep's time
     sweep_s = max(0.0, deadline - pairs_reserve - host_s - compute_deadline)
-    # the bars count from the command's start against its whole budget, as announced
-    since, budget_shown = cfg.get("start", begin), cfg.get("budget_s", total)
     with Progress("compute", budget_shown, enabled=show, start=since) as progress:
         raw["compute"] = compute_phase(cfg, spec, device, dtype, compute_deadline, progress,
                                        rounds_deadline=compute_deadline + 0.5 * sweep_s)

@@ -158,6 +158,26 @@ def train_together(plans: dict[str, Plan], workdir: Path, steps: int = STEPS) ->
     return {name: read_metrics(path.with_suffix(".jsonl")) for name, path in zip(plans, paths)}
 
 
+def trained_by_world(plans: dict[str, Plan], workdir: Path, steps: int = STEPS):
+    """``get(name)``: the metrics of ``plans[name]``. On first asking, every plan of that plan's world size is
+    checked as ``meshplan launch`` checks it before starting (``check_builds``), then all of them train in one
+    torchrun job (:func:`train_together`)."""
+    done: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in done:
+            from meshplan.launcher.check import check_builds
+
+            world = plans[name].world_size
+            group = {n: plan for n, plan in plans.items() if plan.world_size == world}
+            for plan in group.values():
+                check_builds(plan)
+            done.update(train_together(group, workdir / f"world{world}", steps=steps))
+        return done[name]
+
+    return get
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime_helpers import TINY_GPT, TINY_LLAMA, losses, make_plan, max_relative_difference, train, train_together
+from runtime_helpers import TINY_GPT, TINY_LLAMA, losses, make_plan, max_relative_difference, train, trained_by_world
 
 pytestmark = pytest.mark.slow
 FUSED_RTOL = 1e-5
@@ -37,25 +37,12 @@ def _plans(name: str):
 
 @pytest.fixture(scope="module")
 def multi_rank(workdir):
-    """``multi_rank(name)``: the losses of PLANS[name] on both paths. Each world size's plans are trained in one
-    torchrun job (``train_together``), after what ``meshplan launch`` checks before starting."""
-    from meshplan.launcher.check import check_builds
-
-    done: dict[str, list[dict]] = {}
-
-    def get(name: str) -> tuple[list[float], list[float]]:
-        if f"{name}-fused" not in done:
-            world = _plans(name)[0].world_size
-            group = {}
-            for other in PLANS:
-                reference, fused = _plans(other)
-                if reference.world_size == world:
-                    check_builds(fused)
-                    group.update({f"{other}-reference": reference, f"{other}-fused": fused})
-            done.update(train_together(group, workdir / f"world{world}"))
-        return losses(done[f"{name}-reference"]), losses(done[f"{name}-fused"])
-
-    return get
+    """``multi_rank(name)``: the losses of PLANS[name] on both paths; each world size's plans train in one
+    torchrun job (``trained_by_world``)."""
+    plans = {f"{name}-{path}": plan for name in PLANS if _plans(name)[0].world_size > 1
+             for path, plan in zip(("reference", "fused"), _plans(name))}
+    runs = trained_by_world(plans, workdir)
+    return lambda name: (losses(runs(f"{name}-reference")), losses(runs(f"{name}-fused")))
 
 
 @pytest.mark.parametrize("name", list(PLANS))

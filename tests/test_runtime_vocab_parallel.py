@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from runtime_helpers import (PARITY_RTOL, TINY_GPT, TINY_LLAMA, assert_same_grad_norms, losses, make_plan,
-                             max_relative_difference, train_together)
+                             max_relative_difference, trained_by_world)
 
 pytestmark = pytest.mark.slow
 STEPS = 3   # 4-8 process jobs on a small machine: three steps already show a wrong shard or scale
@@ -44,22 +44,9 @@ def vocab_plan(name: str):
 
 @pytest.fixture(scope="module")
 def runs(workdir):
-    """``runs(name)``: the layout's metrics. The layouts of one world size train in one torchrun job
-    (``train_together``), after what ``meshplan launch`` checks before starting each (``check_builds``)."""
-    from meshplan.launcher.check import check_builds
-
-    done: dict[str, list[dict]] = {}
-
-    def get(name: str) -> list[dict]:
-        if name not in done:
-            world = vocab_plan(name).world_size
-            group = {n: vocab_plan(n) for n in PLANS if vocab_plan(n).world_size == world}
-            for plan in group.values():
-                check_builds(plan)
-            done.update(train_together(group, workdir / f"world{world}", steps=STEPS))
-        return done[name]
-
-    return get
+    """``runs(name)``: the layout's metrics; the layouts of one world size train in one torchrun job
+    (``trained_by_world``)."""
+    return trained_by_world({n: vocab_plan(n) for n in PLANS}, workdir, steps=STEPS)
 
 
 @pytest.mark.parametrize("name", list(PLANS))
