@@ -56,6 +56,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_forked(world: int) -> list[str]:
+    """The command line up to the job script of a ``world``-rank torchrun job on this machine whose ranks are
+    forked from an interpreter that has imported the runtime (tests/torchrun_forked.py); the script's path
+    must be absolute."""
+    return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--nproc-per-node", str(world),
+            "--master-port", str(free_port())]
+
+
 def job_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MESHPLAN_FAULT_STEP", None)
@@ -128,8 +136,7 @@ def _layout_job(plans: list[Plan], paths: list[Path], steps: int, memory: bool =
     for plan, path in zip(plans, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.save(path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-           "--master-port", str(free_port()), str(Path(__file__).with_name("layout_job.py")), "--steps", str(steps),
+    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name("layout_job.py")), "--steps", str(steps),
            *(["--memory"] if memory else []), *map(str, paths)]
     proc = subprocess.run(cmd, cwd=paths[0].parent, env=job_env(), capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S * len(plans))

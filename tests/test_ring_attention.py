@@ -4,14 +4,13 @@ gradients equal the causal attention of the whole sequence in one process."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from meshplan.launcher.runtime.context_parallel import sequence_positions, zigzag_block
-from runtime_helpers import free_port, job_env
+from runtime_helpers import job_env, torchrun_forked
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
@@ -66,8 +65,7 @@ def ring_results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("ring-attention")
     world = max(cp for cp, *_ in RING_CASES.values())
     cases = [f"{name}:{cp}:{heads}:{kv}:{16 * cp}:{dtype}" for name, (cp, heads, kv, dtype, _) in RING_CASES.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-           str(free_port()), str(Path(__file__).with_name("ring_attention_job.py")), str(out), *cases]
+    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name("ring_attention_job.py")), str(out), *cases]
     proc = subprocess.run(cmd, cwd=out, env=job_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: [json.loads((out / name / f"result{r}.json").read_text()) for r in range(cp)]
@@ -87,15 +85,18 @@ def test_ring_attention_equals_one_process(name, ring_results):
 
 @pytest.mark.slow
 def test_check_of_a_long_ring_plan_holds_no_score_tensor():
-    """``meshplan check`` of Llama 3.2 1B at seq 131072 over cp 8 (ring): every rank holds 16384 tokens; the
-    scores of one micro-batch's heads over them, [1, 32, 16384, 16384] in bf16, would be 16 GiB in one
-    tensor (the runtime's earlier ring attention materialised them per hop, in fp32); the largest tensor of
-    the step is the vocabulary's fp32 embedding, 1 GiB."""
+    """``meshplan check`` of Llama 3.2 1B's shape at seq 131072 over cp 8 (ring), two of its blocks and one
+    sequence: every rank holds 16384 tokens; the scores of the heads over them, [1, 32, 16384, 16384] in bf16,
+    would be 16 GiB in one tensor (a ring attention materialising them per hop); the largest tensor of the step
+    is the vocabulary's fp32 embedding, 1 GiB."""
+    import dataclasses
+
     from meshplan.launcher.check import check_rank
     from meshplan.planner.search import search
     from meshplan.spec import TrainSpec, load_cluster, load_model
 
-    plan = search(load_model("llama3.2-1b"), load_cluster("dgx-h100:1"), TrainSpec(8, 131072, "bf16", "adamw"),
+    model = dataclasses.replace(load_model("llama3.2-1b"), layers=2)
+    plan = search(model, load_cluster("dgx-h100:1"), TrainSpec(1, 131072, "bf16", "adamw"),
                   {"cp": 8, "cp_kind": "ring", "tp": 1, "pp": 1}, top=1).plans[0]
     result = check_rank(plan, 0)
     local = 131072 // 8
