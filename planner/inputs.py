@@ -67,6 +67,29 @@ class Context:
     engine: Engine = MESHPLAN
     memory_headroom: float = memory.DEFAULT_MEMORY_HEADROOM   # share of device memory a plan leaves unused
 
+    def __hash__(self) -> int:
+        """Computed once (the planner's caches are keyed on the context: hundreds of thousands of lookups in a
+        16,384-GPU search, each hashing the model, cluster, batch and engine again otherwise)."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.model, self.cluster, self.train, self.engine, self.memory_headroom))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        """Pickled without the cached hash (strings hash differently in another process) and the memo."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_memo")}
+
+    @property
+    def memo(self) -> dict:
+        """A cache of values computed from this context alone and a key of their own (block.config_layer_cost);
+        a context made by ``dataclasses.replace`` starts with an empty one."""
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_memo", memo)
+        return memo
+
     @property
     def pipeline_grad_sync(self) -> str:
         """When a pipeline stage's data-parallel gradients are reduced. ``"after_schedule"``

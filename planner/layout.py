@@ -232,15 +232,19 @@ def block_split_counts(counts: dict[str, int], partition: list[int] | tuple[int,
 def split_counts(counts: dict[str, int], partition: list[int] | tuple[int, ...], stage: int, p: int,
                  n_stages: int) -> dict[str, int]:
     """Hand a rank's recompute counts to its virtual stages in order: full first, then selective."""
+    return rank_chunk_counts(counts, partition, stage, p, n_stages)[stage // p]
+
+
+def rank_chunk_counts(counts: dict[str, int], partition: list[int] | tuple[int, ...], rank: int, p: int,
+                      n_stages: int) -> list[dict[str, int]]:
+    """:func:`split_counts` of every virtual stage of pipeline rank ``rank % p``, in stage order."""
     remaining = dict(counts)
-    result = {m: 0 for m in MODES}
-    for j in range(stage % p, n_stages, p):
-        layers = partition[j]
-        take = {}
+    chunks = []
+    for j in range(rank % p, n_stages, p):
+        layers, used, take = partition[j], 0, {}
         for m in ("full", "selective", "none"):
-            take[m] = min(remaining[m], layers - sum(take.values()))
+            take[m] = min(remaining[m], layers - used)
+            used += take[m]
             remaining[m] -= take[m]
-        if j == stage:
-            result = take
-            break
-    return result
+        chunks.append(take)
+    return chunks

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from meshplan.planner import memory
 from meshplan.planner.inputs import MODES
-from meshplan.planner.layout import Layout, rank_step, split_counts, stage_layers
+from meshplan.planner.layout import Layout, rank_chunk_counts, rank_step, stage_layers
 from meshplan.planner.step import Step
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits", "buffers")
@@ -147,24 +147,27 @@ def rank_static_bytes(s: Step, rank: int, layers: int, recomputes: bool = True) 
     return reserved_static(s, *phase_sums(rank_memory_phases(s, rank, layers, recomputes)))
 
 
-def upper_slope(s: Step, rank: int) -> float:
-    """Bytes per block of the linear upper bound on :func:`rank_static_bytes`. With f the fragmentation share,
-    reserved = (1 + f) (common + max(loss, bwd)) + bwd - f persistent (memory.reserved_bytes): its growth per
-    block is bounded by the common part's, the larger phase's (the maximum is convex in the number of blocks),
-    the backward's and the persistent part's."""
+def static_line(s: Step, rank: int) -> tuple[float, float]:
+    """(:func:`rank_static_bytes` with no blocks, bytes per block of its linear upper bound). With f the
+    fragmentation share, reserved = (1 + f) (common + max(loss, bwd)) + bwd - f persistent
+    (memory.reserved_bytes): its growth per block is bounded by the common part's, the larger phase's (the
+    maximum is convex in the number of blocks), the backward's and the persistent part's."""
     a, b = (phase_sums(rank_memory_phases(s, rank, n, True)) for n in (0, 1))
     common, loss, backward, persistent = (x1 - x0 for x0, x1 in zip(a, b))
     f = fragmentation_share(s)
     if not s.ctx.caching_allocator:
-        return common + max(0.0, loss, backward)
-    return ((1 + f) * (common + max(0.0, loss, backward)) + backward - f * persistent) / (1 + f)
+        slope = common + max(0.0, loss, backward)
+    else:
+        slope = ((1 + f) * (common + max(0.0, loss, backward)) + backward - f * persistent) / (1 + f)
+    return reserved_static(s, *a), slope
 
 
 def static_lines(s: Step) -> tuple[list[float], list[float]]:
     """Static memory (reserved, in activation units: :func:`reserved_static`) as a linear upper bound in the
     number of blocks a rank holds, ``total(r, n) = base[r] + n * slope[r]``, with room for one re-materialised
     block (the reported peaks, :func:`rank_peak_detail` and :func:`rank_reserved_bytes`, are exact)."""
-    return [rank_static_bytes(s, r, 0) for r in range(s.p)], [upper_slope(s, r) for r in range(s.p)]
+    lines = [static_line(s, r) for r in range(s.p)]
+    return [base for base, _ in lines], [slope for _, slope in lines]
 
 
 def rank_reserved_bytes(s: Step, layout: Layout, r: int, detail: dict[str, float]) -> float:
@@ -201,8 +204,8 @@ def interleaved_peak_detail(s: Step, layout: Layout, r: int, ph: Phases) -> dict
     partition, counts = layout.partition, layout.choices[r].counts
     stages = list(range(r, n_stages, p))
     chunk_costs = [s.for_blocks(stage_layers(partition, j)).lc for j in stages]     # each chunk's own blocks
-    acts = [sum(split_counts(counts, partition, j, p, n_stages)[m] * lc.act[m] for m in MODES)
-            for j, lc in zip(stages, chunk_costs)]
+    acts = [sum(chunk[m] * lc.act[m] for m in MODES)
+            for chunk, lc in zip(rank_chunk_counts(counts, partition, r, p, n_stages), chunk_costs)]
     chunk_params = [partition[j] * lc.params          # FSDP2's units (the vocabulary shard is not one)
                     + (vc.first_params if j == 0 else 0.0) + (vc.last_params if j == n_stages - 1 else 0.0)
                     for j, lc in zip(stages, chunk_costs)]

@@ -161,15 +161,16 @@ def _variants(ctx: Context, dp: int, tp: int, pp: int, cp: int, b: int, fixes: d
                else [gpu and tp > 1 and sequence_parallel and engine.tp_overlap
                      and (compiled or not engine.tp_overlap_needs_compile)])
     fused = fixes.get("fused_kernels", gpu and engine.fused_kernels)
+    cp_kinds = [kind for kind in cp_kinds
+                if not degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind, engine)]
+    experts = expert_layouts(ctx, dp, tp, cp, fixes)
     out = []
     for sched, v in schedules:
         for z in zeros:
             for vp in vocab:
                 for kind in cp_kinds:
-                    if degree_problems(ctx.model, ctx.cluster, ctx.train, dp, tp, pp, cp, kind, engine):
-                        continue
                     for ov in overlap:
-                        for ep, etp in expert_layouts(ctx, dp, tp, cp, fixes):
+                        for ep, etp in experts:
                             out.append(Config(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=b, schedule=sched,
                                               virtual_stages=v, zero=z, vocab_parallel=vp, cp_kind=kind,
                                               tp_overlap=ov, compile=compiled, fused_kernels=fused,
@@ -209,8 +210,16 @@ def _lower_bound(ctx: Context, cfg: Config) -> float:
 
 
 def _family_bound(ctx: Context, variants: list[Config]) -> float:
-    return min(_lower_bound(ctx, replace(c, virtual_stages=MAX_VIRTUAL_STAGES) if c.schedule == "interleaved" else c)
-               for c in variants)
+    """The least :func:`_lower_bound` of a family's variants, an interleaved one at the most virtual stages.
+    The bound reads the block and vocabulary costs and the number of virtual stages, not the ZeRO stage or
+    the schedule's name: variants differing only there are bounded once."""
+    bounds = {}
+    for c in variants:
+        v = MAX_VIRTUAL_STAGES if c.schedule == "interleaved" else c.virtual_stages
+        key = (v, c.vocab_parallel, c.cp_kind, c.tp_overlap, c.ep, c.expert_tp)
+        if key not in bounds:
+            bounds[key] = _lower_bound(ctx, c if v == c.virtual_stages else replace(c, virtual_stages=v))
+    return min(bounds.values())
 
 
 def _memory_lower_bound(ctx: Context, cfg: Config) -> float:
