@@ -585,11 +585,11 @@ def check_plan(plan: Plan, ranks: list[int] | None = None,
     return CheckResult(plan, results, capacity, notes)
 
 
-# A worker process costs a start-up (torch and the runtime imported anew: about 4 s on this project's 2-core CI
-# machine); a rank whose step runs its blocks fewer times than this checks faster than that in-process (one
-# block forward + backward on fake tensors took about 0.2 s for Llama 3 405B's rank 0 at pp16, m16).
+# A worker process costs a start-up (torch and the runtime imported anew); a rank whose step runs its blocks
+# fewer times than this checks faster in-process. benchmarks/check_speed.py measures both: a start-up of about
+# 20 block passes of Llama 3 405B on fake tensors (docs/results.md, "Planning and `meshplan check` speed").
 PARALLEL_MIN_BLOCK_PASSES = 32
-# Memory kept free per check process: checking Llama 3 405B's rank 0 (pp16, m16) peaked at 0.46 GB resident.
+# Memory kept free per check process: about twice the largest resident set benchmarks/check_speed.py measures.
 CHECK_PROCESS_BYTES = 2**30
 
 

@@ -31,6 +31,7 @@ SECTIONS = [
     ("quickstart", "The README quickstart on this machine"),
     ("check_public_runs", "Planned peak memory against `meshplan check`"),
     ("check_vs_real", "`meshplan check` against real runs"),
+    ("check_speed", "Planning and `meshplan check` speed"),
     ("check_activations", "Activation bytes: planner against runtime"),
     ("validate_cpu", "`meshplan validate` on 4 CPU ranks"),
     ("gpu_profile_validate_h200", "`meshplan profile` and `validate` on one GPU"),
