@@ -97,6 +97,8 @@ def launch(
     eval_batches: int = typer.Option(16, "--eval-batches", help="global batches of --eval-data per evaluation "
                                      "(at most what the file holds)"),
     log_every: int = typer.Option(10, "--log-every", help="print a progress line every N steps"),
+    gc_every: int = typer.Option(50, "--gc-every", help="Python's automatic garbage collection off while training; "
+                                 "every rank collects after every N steps at once (0: automatic)"),
     tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="also log the metrics to this "
                                               "TensorBoard directory (pip install 'meshplan[tensorboard]')"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this Hugging Face model directory "
@@ -113,7 +115,7 @@ def launch(
         training = dict(lr=lr, warmup=warmup, schedule=schedule, min_lr=min_lr, clip=clip,
                         init_from=str(init_from) if init_from else None, save_hf=str(save_hf) if save_hf else None,
                         overwrite=overwrite, eval_data=eval_data, eval_every=eval_every, eval_batches=eval_batches,
-                        log_every=log_every, tensorboard=tensorboard)
+                        log_every=log_every, tensorboard=tensorboard, gc_every=gc_every)
         code = _launch(plan, dry_run, emit, out, nnodes, node_rank, master_addr, master_port, rdzv_id, max_restarts,
                        steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image,
                        replan, check)
@@ -128,8 +130,8 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
             steps, seed, data, data_dtype, metrics_out, checkpoint_dir, checkpoint_every, training, image, replan,
             check=True) -> int:
     """``training``: the runtime's ``lr`` (None: its default), ``warmup``, ``schedule``, ``min_lr``, ``clip``,
-    ``eval_data``, ``eval_every``, ``eval_batches``, ``log_every``, ``tensorboard``, ``init_from``, ``save_hf``
-    and ``overwrite`` (train.RunConfig's fields of those names)."""
+    ``eval_data``, ``eval_every``, ``eval_batches``, ``log_every``, ``tensorboard``, ``gc_every``, ``init_from``,
+    ``save_hf`` and ``overwrite`` (train.RunConfig's fields of those names)."""
     from meshplan.launcher import render
     from meshplan.launcher.checks import check_local, check_supported
     from meshplan.launcher.runtime.checkpoint import find_latest
@@ -143,12 +145,13 @@ def _launch(plan_path, dry_run, emit, out, nnodes, node_rank, master_addr, maste
                              ("--checkpoint-every", checkpoint_every, 0), ("--master-port", master_port, 1),
                              ("--eval-every", (training or {}).get("eval_every", 0), 0),
                              ("--eval-batches", (training or {}).get("eval_batches", 16), 1),
-                             ("--log-every", (training or {}).get("log_every", 10), 1)):
+                             ("--log-every", (training or {}).get("log_every", 10), 1),
+                             ("--gc-every", (training or {}).get("gc_every", 50), 0)):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"give an integer >= {low}")
     training = {"lr": None, "warmup": 0, "schedule": "constant", "min_lr": 0.0, "clip": 0.0, "init_from": None,
                 "save_hf": None, "overwrite": False, "eval_data": None, "eval_every": 0, "eval_batches": 16,
-                "log_every": 10, "tensorboard": None, **(training or {})}
+                "log_every": 10, "tensorboard": None, "gc_every": 50, **(training or {})}
     _check_training(training, steps)
     plan = Plan.load(plan_path)
     check_supported(plan)

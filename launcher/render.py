@@ -218,7 +218,8 @@ def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | Non
                schedule: str = "constant", min_lr: float = 0.0, clip: float = 0.0,
                resume: bool = True, init_from: str | None = None, save_hf: str | None = None,
                overwrite: bool = False, eval_data: str | None = None, eval_every: int = 0,
-               eval_batches: int = 16, log_every: int = 10, tensorboard: str | None = None) -> tuple[str, ...]:
+               eval_batches: int = 16, log_every: int = 10, tensorboard: str | None = None,
+               gc_every: int = 50) -> tuple[str, ...]:
     """The runtime's arguments, in the order ``python -m meshplan.launcher.runtime.train`` documents them."""
     args = ["--steps", str(steps), "--seed", str(seed)]
     if data:
@@ -245,6 +246,8 @@ def train_args(*, steps: int, seed: int, data: str | None, data_dtype: str | Non
         args += ["--eval-data", str(eval_data), "--eval-every", str(eval_every), "--eval-batches", str(eval_batches)]
     if log_every != 10:
         args += ["--log-every", str(log_every)]
+    if gc_every != 50:
+        args += ["--gc-every", str(gc_every)]
     if tensorboard:
         args += ["--tensorboard", str(tensorboard)]
     if init_from:

@@ -124,10 +124,12 @@ PARITY_LAYOUTS = {
 @dataclass(frozen=True)
 class LayoutRun:
     """A plan's phases in a torchrun job (tests/layout_job.py): the real step's memory per rank
-    (``memory_run``'s ``rank<R>.json``) and the metrics of ``steps`` training steps."""
+    (``memory_run``'s ``rank<R>.json``), the metrics of ``steps`` training steps and, per rank, the tensors
+    among the cyclic garbage each step left (``layout_job.garbage_per_step``)."""
 
     memory: dict[int, dict]
     records: list[dict]
+    garbage: dict[int, list[dict]]
 
 
 def _layout_job(plans: list[Plan], paths: list[Path], steps: int, memory: bool = False) -> None:
@@ -152,7 +154,8 @@ def run_layouts(plans: dict[str, Plan], workdir: Path, steps: int = STEPS) -> di
     runs = {}
     for (name, plan), path in zip(plans.items(), paths):
         memory = {r: json.loads((path.parent / f"rank{r}.json").read_text()) for r in range(plan.world_size)}
-        runs[name] = LayoutRun(memory, read_metrics(path.with_suffix(".jsonl")))
+        garbage = {r: json.loads(path.with_suffix(f".garbage{r}.json").read_text()) for r in range(plan.world_size)}
+        runs[name] = LayoutRun(memory, read_metrics(path.with_suffix(".jsonl")), garbage)
     return runs
 
 

@@ -74,3 +74,15 @@ def test_gpt_tied_uneven_gpipe_matches_one_process(baseline, layout_run):
     print(f"parity gpt tp2-pp2 gpipe uneven tied: max relative loss difference {diff:.2e}")
     assert diff <= PARITY_RTOL, (losses(expected), losses(measured))
     assert_same_grad_norms("gpt-tied-tp2-pp2-gpipe-uneven", expected, measured)
+
+
+@pytest.mark.parametrize("name", list(PARITY_LAYOUTS))
+def test_a_step_leaves_no_tensor_in_cyclic_garbage(name, layout_run):
+    """``train.run`` turns Python's automatic garbage collection off while it steps (``RunConfig.gc_every``):
+    no memory may wait for a collection. On every rank, after every step, no tensor is among the cyclic
+    garbage the step left (``layout_job.garbage_per_step``)."""
+    plan, garbage = make_plan(**PARITY_LAYOUTS[name]), layout_run(name).garbage
+    assert sorted(garbage) == list(range(plan.world_size))
+    for rank, steps in garbage.items():
+        assert [s["step"] for s in steps] == [r["step"] for r in layout_run(name).records], (name, rank, steps)
+        assert all(s["tensors"] == 0 and s["bytes"] == 0 for s in steps), (name, rank, steps)

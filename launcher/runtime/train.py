@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -69,6 +70,12 @@ class RunConfig:
             DCP checkpoint: ``checkpoint_dir``'s, or a temporary one beside ``save_hf``), with ``init_from``'s
             config and tokenizer files when the run started from one; ``overwrite`` replaces an existing
             directory.
+        gc_every: Python's automatic garbage collection is off while the steps run, and every rank collects the
+            young generations (``gc.collect(1)``) after every ``gc_every`` steps, all at the same step; 0 leaves
+            automatic collection on. An automatic collection pauses one rank at a moment of its own (a full one
+            walks torch's whole heap) while the others wait in the next collective; torchtitan
+            (``training.gc_freq``, default 50) and Megatron-LM (``--manual-gc``) collect the same way. A step
+            leaves no tensor in cyclic garbage (tests/test_runtime_gc.py), so no memory waits for the collection.
         fail_at_step, fail_rank: fault injection for tests (environment ``MESHPLAN_FAULT_STEP`` and
             ``MESHPLAN_FAULT_RANK``): that rank exits abruptly before that step on the first attempt
             (``TORCHELASTIC_RESTART_COUNT == 0``).
@@ -98,6 +105,7 @@ class RunConfig:
     init_from: str | None = None
     save_hf: str | None = None
     overwrite: bool = False
+    gc_every: int = 50
     fail_at_step: int = 0
     fail_rank: int = 0
 
@@ -640,7 +648,7 @@ def check_weights_io(plan: Plan, config: RunConfig) -> None:
     """``--init-from``, ``--save-hf`` and the evaluation and logging counts, checked before any weight is read
     or any step trained."""
     for option, value, low in (("--eval-every", config.eval_every, 0), ("--eval-batches", config.eval_batches, 1),
-                               ("--log-every", config.log_every, 1)):
+                               ("--log-every", config.log_every, 1), ("--gc-every", config.gc_every, 0)):
         if value < low:
             raise InputError(option, f"must be >= {low}, got {value}", f"give an integer >= {low}")
     if config.init_from:
@@ -704,6 +712,24 @@ def _inject_fault(config: RunConfig, step: int) -> None:
         os._exit(13)
 
 
+@contextlib.contextmanager
+def manual_gc(every: int):
+    """With ``every`` > 0: the young generations collected, then automatic collection off until the block ends
+    (back as it was: a caller that turned it off keeps it off); the block collects every ``every`` steps
+    (RunConfig.gc_every)."""
+    if not every:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.collect(1)
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def run(config: RunConfig) -> list[dict]:
     plan = Plan.load(config.plan_path)
     check_supported(plan)
@@ -733,16 +759,19 @@ def run(config: RunConfig) -> list[dict]:
               f"on {dist.get_world_size()} {device_type} ranks, steps {start + 1}..{config.steps}"
               + (f" (resumed from {found[0]})" if found else ""), flush=True)
     records = []
-    for step in range(start + 1, config.steps + 1):
-        _inject_fault(config, step)
-        inputs, targets = data_slice.take(data.batch(step, batch, seq + 1))
-        record = timed_step(trainer, inputs.to(device), targets.to(device), step)
-        if evals is not None and (step == config.steps or config.eval_every and step % config.eval_every == 0):
-            record["eval_loss"] = eval_loss(trainer, evals, data_slice)
-        records.append(record)
-        log.write(record)
-        if root is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-            ckpt.save(root, step, state_for_checkpoint(trainer, step))
+    with manual_gc(config.gc_every):
+        for step in range(start + 1, config.steps + 1):
+            _inject_fault(config, step)
+            inputs, targets = data_slice.take(data.batch(step, batch, seq + 1))
+            record = timed_step(trainer, inputs.to(device), targets.to(device), step)
+            if evals is not None and (step == config.steps or config.eval_every and step % config.eval_every == 0):
+                record["eval_loss"] = eval_loss(trainer, evals, data_slice)
+            records.append(record)
+            log.write(record)
+            if root is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                ckpt.save(root, step, state_for_checkpoint(trainer, step))
+            if config.gc_every and step % config.gc_every == 0:
+                gc.collect(1)
     if root is not None and records and (not config.checkpoint_every or config.steps % config.checkpoint_every):
         ckpt.save(root, config.steps, state_for_checkpoint(trainer, config.steps))
     if config.save_hf:
@@ -781,6 +810,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--init-from", default=None)
     p.add_argument("--save-hf", default=None)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--gc-every", type=int, default=50)
     a = p.parse_args(argv)
     return RunConfig(plan_path=a.plan, steps=a.steps, seed=a.seed, data=a.data, data_dtype=a.data_dtype, lr=a.lr,
                      warmup=a.warmup, schedule=a.schedule, min_lr=a.min_lr, clip=a.clip,
@@ -788,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                      checkpoint_every=a.checkpoint_every, resume=not a.no_resume, eval_data=a.eval_data,
                      eval_every=a.eval_every, eval_batches=a.eval_batches, log_every=a.log_every,
                      tensorboard=a.tensorboard, init_from=a.init_from,
-                     save_hf=a.save_hf, overwrite=a.overwrite,
+                     save_hf=a.save_hf, overwrite=a.overwrite, gc_every=a.gc_every,
                      fail_at_step=int(os.environ.get("MESHPLAN_FAULT_STEP", "0")),
                      fail_rank=int(os.environ.get("MESHPLAN_FAULT_RANK", "0")))
 
