@@ -23,6 +23,8 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import math
 import statistics
@@ -360,9 +362,22 @@ def build_cluster(raw: dict, base: ClusterSpec, name: str) -> ClusterSpec:
     if host:
         measured["host"] = host
     MeasuredProfile.from_dict(measured, "the profile")   # what the planner reads back: checked as it is written
-    device: DeviceSpec = base.gpu
+    device = measured_cpu_peak(base.gpu, measured["compute"])
     return ClusterSpec(name=name, nodes=raw["nnodes"], gpus_per_node=raw["nproc_per_node"], gpu=device,
                        intra_node=intra_spec, inter_node=inter_spec, measured=measured)
+
+
+def measured_cpu_peak(device: DeviceSpec, compute: dict) -> DeviceSpec:
+    """A CPU process has no spec-sheet peak: ``localhost:N``'s nominal one (0.05 TFLOP/s per core) is raised to
+    the fastest GEMM the profile measured (``compute["matmul_table"]``, in its precision) when that is higher,
+    so that MFU stays a share of what this machine reaches. A GPU keeps its vendor's dense peak."""
+    rates = [tflops for _, tflops in compute.get("matmul_table") or ()]
+    if device.kind != "cpu" or not rates:
+        return device
+    best = max(rates)
+    if compute.get("precision") == "fp32":
+        return dataclasses.replace(device, peak_tflops_fp32=max(device.peak_flops("fp32") / 1e12, best))
+    return dataclasses.replace(device, peak_tflops=max(device.peak_tflops, best))
 
 
 def plain(value):

@@ -83,6 +83,20 @@ def test_two_scale_calibration_falls_back_when_the_runs_cannot_tell_the_scales_a
     assert a == pytest.approx(1.1) and b == pytest.approx(2.5)
 
 
+def test_a_profiled_cpu_peak_is_at_least_the_fastest_measured_gemm():
+    """MFU on a profiled CPU stays a share of what the machine reaches: the nominal 0.05 TFLOP/s per core is
+    raised to the fastest measured GEMM; a slower machine keeps it, and a GPU keeps its vendor's peak."""
+    from meshplan.profiler.cluster_file import measured_cpu_peak
+
+    cpu = DeviceSpec("cpu", 8.0, 0.05, 20.0, peak_tflops_fp32=0.05, kind="cpu")     # localhost:N's nominal one
+    fast = {"precision": "fp32", "matmul_table": [[1e9, 0.06], [8e9, 0.083]]}
+    assert measured_cpu_peak(cpu, fast).peak_flops("fp32") == pytest.approx(0.083e12)
+    slow = {"precision": "fp32", "matmul_table": [[1e9, 0.01]]}
+    assert measured_cpu_peak(cpu, slow).peak_flops("fp32") == cpu.peak_flops("fp32")
+    h100 = load_cluster("dgx-h100:1").gpu
+    assert measured_cpu_peak(h100, {"precision": "bf16", "matmul_table": [[1e9, 2000.0]]}) == h100
+
+
 def test_budget_and_sizes_parsing():
     assert parse_duration("2m") == 120 and parse_duration("90s") == 90 and parse_duration("45") == 45
     assert message_sizes(16 * 2**20)[0] == 4096 and message_sizes(16 * 2**20)[-1] == 16 * 2**20

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch")
@@ -65,6 +66,9 @@ def test_quickstart_commands_run(tmp_path):
     assert predicted_block(tmp_path / "again.yaml") == predicted_block(tmp_path / "quickstart.yaml")
 
     assert "localhost:4" in (tmp_path / "quickstart.yaml").read_text()
+    # MFU against a peak this machine reaches (a profiled CPU's is at least its fastest measured GEMM)
+    predicted = yaml.safe_load((tmp_path / "quickstart.yaml").read_text())["predicted"]
+    assert 0 < predicted["mfu"] <= 1.0, predicted
     steps = [json.loads(line) for line in (tmp_path / "quickstart.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 11)) and all(s["loss"] > 0 for s in steps)
     report = (tmp_path / "quickstart" / "README.md").read_text()
