@@ -24,7 +24,6 @@ alpha-beta of each level (bus bandwidth per rank in nccl-tests' convention, GB/s
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as _dt
 import math
 import statistics

@@ -1,16 +1,19 @@
 """One torchrun job that serves several tests of the same ranks (started by ``runtime_helpers.run_layout`` and
 ``runtime_helpers.train_together``):
 
-    python -m torch.distributed.run --nproc-per-node N tests/layout_job.py [--memory] --steps S a/x.yaml [b/y.yaml ...]
+    python tests/torchrun_forked.py --nproc-per-node N $PWD/tests/layout_job.py [--memory] --steps S a/x.yaml ...
+
+(``python -m torch.distributed.run`` in place of ``tests/torchrun_forked.py`` runs it too, each rank importing
+torch and the runtime itself.)
 
 For each plan in turn, with ``--memory`` each rank first measures one real step the way ``python -m
 meshplan.launcher.runtime.memory_run`` does (``memory_run.measure``: ``a/rank<R>.json``, beside the plan); then
 it trains the plan from fresh weights with the runtime's own loop (``train.run``, as ``meshplan launch`` starts
 it), writing ``a/x.jsonl`` and, per rank, ``a/x.garbage<R>.json``: after each step the tensors among the cyclic
-garbage it left (:func:`garbage_per_step`); a ``a/x.run.json`` beside the plan adds fields of its ``RunConfig`` (``init_from``,
-``save_hf``, ``checkpoint_dir``...). The phases share nothing but the processes: each builds its trainer anew (the
-memory tracker follows only the storages made under it), resets the seed and creates its process group under
-a rendezvous prefix of its own.
+garbage it left (:func:`garbage_per_step`); a ``a/x.run.json`` beside the plan adds fields of its ``RunConfig``
+(``init_from``, ``save_hf``, ``checkpoint_dir``...). The phases share nothing but the processes: each builds its
+trainer anew (the memory tracker follows only the storages made under it), resets the seed and creates its process
+group under a rendezvous prefix of its own.
 """
 
 from __future__ import annotations

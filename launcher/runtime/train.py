@@ -75,7 +75,8 @@ class RunConfig:
             automatic collection on. An automatic collection pauses one rank at a moment of its own (a full one
             walks torch's whole heap) while the others wait in the next collective; torchtitan
             (``training.gc_freq``, default 50) and Megatron-LM (``--manual-gc``) collect the same way. A step
-            leaves no tensor in cyclic garbage (tests/test_runtime_gc.py), so no memory waits for the collection.
+            leaves no tensor in cyclic garbage (tests/test_runtime_parity.py, every rank of every parity
+            layout), so no memory waits for the collection.
         fail_at_step, fail_rank: fault injection for tests (environment ``MESHPLAN_FAULT_STEP`` and
             ``MESHPLAN_FAULT_RANK``): that rank exits abruptly before that step on the first attempt
             (``TORCHELASTIC_RESTART_COUNT == 0``).
