@@ -79,3 +79,15 @@ def test_the_parity_jobs_probe_finds_a_tensor_held_by_a_cycle(tmp_path, monkeypa
     assert rt.timed_step is step_with_a_cycle
     (found,) = json.loads(out.read_text())
     assert found["step"] == 1 and found["tensors"] == 1 and found["bytes"] == 40, found
+
+
+def test_launch_refuses_a_negative_gc_every_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from meshplan.cli import app
+    from runtime_helpers import make_plan
+
+    make_plan().save(tmp_path / "plan.yaml")
+    result = CliRunner().invoke(app, ["launch", str(tmp_path / "plan.yaml"), "--gc-every", "-1", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: --gc-every: must be >= 0, got -1 (give an integer >= 0)"
