@@ -58,16 +58,14 @@ class BlockCompute:
 def config_layer_cost(ctx: Context, cfg: Config, moe_share: float | None = None) -> LayerCost:
     """The per-layer costs of ``cfg`` (cached on the context, keyed by the fields :func:`layer_cost` reads): the
     model's mean block, or with ``moe_share`` the mean of blocks of which that share are MoE blocks."""
-    key = ("layer_cost", cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind, cfg.tp_overlap, cfg.compile or cfg.fused_kernels,
-           cfg.fused_kernels, cfg.mesh_order, cfg.dp, cfg.pp, cfg.sp, cfg.attention, cfg.ep, cfg.expert_tp,
-           cfg.moe_imbalance, moe_share)
+    positional = (cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind, cfg.tp_overlap, cfg.compile or cfg.fused_kernels,
+                  cfg.fused_kernels, cfg.mesh_order, cfg.dp, cfg.pp)
+    key = ("layer_cost", *positional, cfg.sp, cfg.attention, cfg.ep, cfg.expert_tp, cfg.moe_imbalance, moe_share)
     memo = ctx.memo
     cost = memo.get(key)
     if cost is None:
-        cost = memo[key] = layer_cost(ctx.model, ctx.cluster, ctx.train, cfg.tp, cfg.cp, cfg.micro_batch,
-                                      cfg.cp_kind, cfg.tp_overlap, cfg.compile or cfg.fused_kernels,
-                                      cfg.fused_kernels, cfg.mesh_order, cfg.dp, cfg.pp, engine=ctx.engine,
-                                      sp=cfg.sp, attention=cfg.attention,
+        cost = memo[key] = layer_cost(ctx.model, ctx.cluster, ctx.train, *positional, engine=ctx.engine, sp=cfg.sp,
+                                      attention=cfg.attention,
                                       experts=ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance),
                                       moe_share=moe_share)
     return cost

@@ -141,17 +141,12 @@ def reserved_static(s: Step, common: float, loss: float, backward: float, persis
     return reserved / (1.0 + fragmentation_share(s))
 
 
-def rank_static_bytes(s: Step, rank: int, layers: int, recomputes: bool = True) -> float:
-    """The rank's reserved bytes without its blocks' saved activations, in activation units
-    (:func:`reserved_static`)."""
-    return reserved_static(s, *phase_sums(rank_memory_phases(s, rank, layers, recomputes)))
-
-
 def static_line(s: Step, rank: int) -> tuple[float, float]:
-    """(:func:`rank_static_bytes` with no blocks, bytes per block of its linear upper bound). With f the
-    fragmentation share, reserved = (1 + f) (common + max(loss, bwd)) + bwd - f persistent
-    (memory.reserved_bytes): its growth per block is bounded by the common part's, the larger phase's (the
-    maximum is convex in the number of blocks), the backward's and the persistent part's."""
+    """(the rank's reserved bytes with no blocks, in activation units (:func:`reserved_static`), bytes per block
+    of their linear upper bound in its blocks). With f the fragmentation share, reserved = (1 + f) (common +
+    max(loss, bwd)) + bwd - f persistent (memory.reserved_bytes): its growth per block is bounded by the common
+    part's, the larger phase's (the maximum is convex in the number of blocks), the backward's and the
+    persistent part's."""
     a, b = (phase_sums(rank_memory_phases(s, rank, n, True)) for n in (0, 1))
     common, loss, backward, persistent = (x1 - x0 for x0, x1 in zip(a, b))
     f = fragmentation_share(s)

@@ -31,9 +31,10 @@ from meshplan.launcher.runtime import train as rt
 
 def garbage_per_step(out: Path):
     """Wrap ``train.timed_step`` so that after each step the cyclic garbage the step left is collected and its
-    tensors counted into ``out`` (``[{"step", "objects", "tensors", "bytes"}]``). Automatic collection is off
-    while ``train.run`` steps (``RunConfig.gc_every``), so all the step made is in the youngest generation:
-    ``gc.collect(0)`` with ``DEBUG_SAVEALL`` finds it. Returns the function that undoes the wrapping."""
+    tensors counted, written to ``out`` (``[{"step", "objects", "tensors", "bytes"}]``) when undone. Automatic
+    collection is off while ``train.run`` steps (``RunConfig.gc_every``), so all the step made is in the youngest
+    generation: ``gc.collect(0)`` with ``DEBUG_SAVEALL`` finds it. Returns the function that undoes the
+    wrapping."""
     import torch
 
     timed_step, found = rt.timed_step, []
@@ -49,13 +50,13 @@ def garbage_per_step(out: Path):
         finally:
             gc.garbage.clear()
             gc.set_debug(0)
-        out.write_text(json.dumps(found))
         return record
 
     rt.timed_step = probed
 
     def undo() -> None:
         rt.timed_step = timed_step
+        out.write_text(json.dumps(found))
     return undo
 
 
