@@ -186,13 +186,15 @@ class BlockLine(_Row):
 class VocabRow(_Row):
     """The LM head and loss timed at one shape: the head GEMM (``head_s``) and reference loss (``loss_s``), and
     (files since the chunked loss) the shape (``tokens``, ``hidden``, ``vocab_local``) and the chunked head + loss
-    (``chunked_head_loss_s``)."""
+    (``chunked_head_loss_s``); the embedding's forward + backward (``embedding_s``) on ``embedding_rows`` rows
+    (files since the vocabulary-sharded embedding was timed; older files timed all rows and leave it out)."""
 
     tp: int = _typed("whole", True)
     micro_batch: int = _typed("whole", True)
     head_s: float = _typed("number", True)
     loss_s: float = _typed("number", True)
     embedding_s: float | None = _typed("number")
+    embedding_rows: int | None = _typed("whole")
     seq: int | None = _typed("whole")
     tokens: int | None = _typed("whole")
     hidden: int | None = _typed("whole")

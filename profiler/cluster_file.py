@@ -170,7 +170,8 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
                      "loss_s": v["loss_s"], "embedding_s": v["embedding_s"],
                      **({"seq": v["seq"], "tokens": v["head_gemm"]["m"], "hidden": v["hidden"],
                          "vocab_local": v["vocab_local"], "chunked_head_loss_s": v["chunked_head_loss_s"]}
-                        if "chunked_head_loss_s" in v else {})}
+                        if "chunked_head_loss_s" in v else {}),
+                     **({"embedding_rows": v["embedding_rows"]} if "embedding_rows" in v else {})}
                     for v in raw["compute"]["vocab"]]
     optimizer = [o for o in raw["compute"].get("optimizer") or () if o["params"] > 0 and o["step_s"] > 0]
     if optimizer:

@@ -29,8 +29,9 @@ import yaml
 from meshplan.spec import ClusterSpec, ModelSpec
 
 # What a cached measurement holds; a file of another format is measured again. 2: a CPU's peak is at least its
-# fastest measured GEMM (cluster_file.measured_cpu_peak).
-CACHE_FORMAT = 2
+# fastest measured GEMM (cluster_file.measured_cpu_peak). 3: the embedding timed on a tp rank's vocabulary rows
+# (``embedding_rows``), which the planner reads.
+CACHE_FORMAT = 3
 # The job's own budget; torchrun's start and the fit add a few seconds (4 CPU ranks on 2 cores: 32 s in all).
 QUICK_BUDGET_S = 30.0
 QUICK_REPS = 3
@@ -143,9 +144,10 @@ def measured_localhost(base: ClusterSpec, model: ModelSpec, seq_len: int, precis
         return _named(cluster, base.name)
     if why != "no cached measurement":
         echo(f"meshplan: {why}; measuring again")
-    echo(f"meshplan: measuring this machine once for {base.name} (a quick profile, about half a minute: "
-         f"{model.name}'s blocks at seq {seq_len}, the links between ranks"
-         + (", how the processes share the cores" if base.gpu.kind == "cpu" else "")
+    cpu = base.gpu.kind == "cpu"
+    echo(f"meshplan: measuring this machine once for {base.name} (a quick profile, about half a minute"
+         + (", more for a large model" if cpu else "") + f": {model.name}'s blocks at seq {seq_len}, the links "
+         "between ranks" + (", how the processes share the cores" if cpu else "")
          + f"); it is cached in {path.parent}. --no-profile uses the documented defaults instead; "
          "`meshplan profile` measures longer")
     from meshplan.errors import InputError

@@ -21,8 +21,8 @@ from meshplan.launcher.runtime.model import Block, causal_attention, rotary_tabl
 from meshplan.launcher.runtime.parallelize import apply_ac
 from meshplan.planner.compute import layer_matmul_shapes
 from meshplan.plan import RECOMPUTE_MODES
-from meshplan.profiler.phases.timing import (SAMPLE_S, agree, lower_quartile, quiet_stderr, slowest, sync,
-                                             time_reps)
+from meshplan.profiler.phases.timing import (LONG_CALL_S, SAMPLE_S, agree, lower_quartile, quiet_stderr, slowest,
+                                             sync, time_reps)
 from meshplan.profiler.progress import Progress
 from meshplan.spec import ModelSpec
 
@@ -151,10 +151,15 @@ def measure_optimizer(spec: ModelSpec, tp: int, device, reps: int) -> dict | Non
             "step_s": lower_quartile(times), "step_reps": times}
 
 
-def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int) -> dict:
-    """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup, forward + backward; and
-    the runtime's chunked head + loss (``kernels.linear_cross_entropy(impl="fused")``: the fused loss, and the
-    head pass of vocabulary parallelism, whose shards have these shapes) on the same tokens and rows."""
+def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int,
+                  quick: bool = False) -> dict:
+    """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup (the vocab / tp rows of a
+    tensor-parallel rank), forward + backward; and the runtime's chunked head + loss
+    (``kernels.linear_cross_entropy(impl="fused")``: the fused loss, and the head pass of vocabulary
+    parallelism, whose shards have these shapes) on the same tokens and rows. Each op
+    runs an untimed call, a trial call, then ``reps`` samples (``timing.time_reps``); ``quick`` (the quick
+    profile) times each op in one sample with its trial as its warm-up, and an op whose trial lasts
+    LONG_CALL_S or more in that trial alone (on a CPU one call of a 128k-vocabulary head takes seconds)."""
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
@@ -167,7 +172,9 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     def every_rank(fn: Callable[[], Any]) -> list[float]:
         # as the block (time_block): every rank starts each sample together, and each sample is the slowest
         # rank's -- a rank's own samples, taken while the others are between calls, run on the cores they left
-        return slowest(time_reps(fn, device, reps, barrier=dist.barrier, sample_seconds=SAMPLE_S), device)
+        return slowest(time_reps(fn, device, 1 if quick else reps, warmup=0 if quick else 1, barrier=dist.barrier,
+                                 sample_seconds=SAMPLE_S, agree_count=quick,
+                                 single_call_s=LONG_CALL_S if quick else None), device)
 
     head = every_rank(fwd_bwd(lambda: F.linear(x, w), [x, w]))
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
@@ -175,14 +182,18 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     loss = every_rank(fwd_bwd(lambda: F.cross_entropy(logits.float(), targets), [logits]))
     del logits
     chunked = every_rank(fwd_bwd(lambda: linear_cross_entropy(x, w, targets, impl="fused"), [x, w]))
-    emb = nn.Embedding(spec.vocab, spec.hidden, device=device, dtype=dtype)
-    ids = torch.randint(0, spec.vocab, (mb, seq), device=device)
+    # the embedding as a tp rank's VocabShardEmbedding runs it: a plain lookup into its vocab / tp rows, whose
+    # backward writes a dense [rows, hidden] gradient (about 1.5 s on a CPU rank for 64k rows of 2048, most of
+    # it the page faults of a fresh allocation). Zero weights: neither pass's time depends on their values
+    emb = nn.Embedding(vocab_local, spec.hidden, device=device, dtype=dtype, _weight=torch.zeros(
+        vocab_local, spec.hidden, device=device, dtype=dtype))
+    ids = torch.randint(0, vocab_local, (mb, seq), device=device)
     embed = every_rank(fwd_bwd(lambda: emb(ids), list(emb.parameters())))
     return {"tp": tp, "micro_batch": mb, "seq": seq, "hidden": spec.hidden, "vocab_local": vocab_local,
             "head_gemm": {"m": tokens, "k": spec.hidden, "n": vocab_local,
                           "flops": 2.0 * tokens * spec.hidden * vocab_local, "seconds": lower_quartile(head)},
             "loss_s": lower_quartile(loss), "chunked_head_loss_s": lower_quartile(chunked),
-            "embedding_s": lower_quartile(embed)}
+            "embedding_s": lower_quartile(embed), "embedding_rows": vocab_local}
 
 
 class _Holder(nn.Module):
@@ -222,7 +233,7 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     reps = cfg["reps"]
     seq = cfg["seq_len"]
     out = {"blocks": [], "vocab": [], "memory": [], "skipped": []}
-    warm_up(spec, shapes[0], seq, device, dtype)
+    warm_up(spec, shapes[0], seq, device, dtype, quick=bool(cfg.get("quick")))
     last_cost = last_seconds = 0.0
     round_estimate = 0.0    # one block round: each shape's warm-up, trial and reps samples (time_reps)
     for index, (tp, mb) in enumerate(shapes):
@@ -264,11 +275,13 @@ def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
                   quick: bool = False, vocab: bool = True) -> tuple[dict, dict | None, list]:
     """Everything the compute phase measures at one shape: the block, its GEMMs, the vocabulary ops, and the
     saved bytes per recompute mode, which the cluster file records beside the planner's formula. ``quick``
-    (the quick profile) times each GEMM in one sample and leaves the saved bytes out (the planner prices
-    memory from its formulas): the time goes to the blocks, whose rounds and lines the planner reads. Without
-    ``vocab`` the vocabulary ops are left out (``None``)."""
+    (the quick profile) times each GEMM and each vocabulary op in one sample (``measure_vocab``), and leaves
+    the saved bytes out (the planner prices memory from its formulas): the time goes to the blocks, whose
+    rounds and lines the planner reads. Without ``vocab`` the vocabulary ops are left out (``None``)."""
     block = measure_block(spec, tp, mb, seq, device, dtype, reps, gemm_reps=1 if quick else None)
-    vocab_ops = measure_vocab(spec, tp, mb, seq, device, dtype, reps) if vocab else None
+    vocab_ops = None
+    if vocab:
+        vocab_ops = measure_vocab(spec, tp, mb, seq, device, dtype, reps, quick=quick)
     saved = []
     if not quick:
         with quiet_stderr():
@@ -276,15 +289,17 @@ def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     return block, vocab_ops, saved
 
 
-def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype) -> None:
-    """Everything the first shape's measurement runs, once, untimed (the smallest shape, one sample each). On
+def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype, quick: bool = False) -> None:
+    """The first shape's block, GEMMs, attention and (outside the quick profile) saved-bytes passes, once,
+    untimed (the smallest shape, one sample each); the vocabulary ops warm themselves (``measure_vocab``; at a
+    128k vocabulary one call is seconds on a CPU). On
     a GPU the first measurement also pays one-time costs (kernel loading, cuBLAS and attention back-end set-up)
     that later shapes do not: an H200 profile with a 40 s budget took about 3.7 s for the micro-batch-1 shape,
     expected twice that for micro-batch 2 and measured no other shape, while with a 75 s budget micro-batches 2
     and 4 took about 1 s each. CPU processes pay one too (the first calls of each operator and of autograd's
     recompute paths): 4 CPU ranks took 3 s over the first shape of a small model, against well under a second
     for each shape after it. The next shapes' expected times scale the first shape's time."""
-    measure_shape(spec, *shape, seq, device, dtype, reps=1)
+    measure_shape(spec, *shape, seq, device, dtype, reps=1, quick=quick, vocab=False)
     sync(device)
 
 

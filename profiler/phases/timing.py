@@ -15,6 +15,10 @@ import torch.distributed as dist
 # One timed sample lasts about this long: several scheduler quanta (~4 ms at Linux's common 250 Hz tick),
 # so every sample sees the same fair share of the cores.
 SAMPLE_S = 0.025
+# A call at least this long is its own sample in the quick profile (``time_reps(single_call_s=...)``): it spans
+# some 250 scheduler quanta, forty samples' worth, so a second call would mostly repeat it. On a CPU one call of
+# a 128k-vocabulary head takes seconds.
+LONG_CALL_S = 1.0
 
 
 def init(device_kind: str) -> torch.device:
@@ -66,13 +70,14 @@ def calls_per_sample(trial_seconds: float, sample_seconds: float, max_calls: int
 
 def time_reps(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
               barrier: Callable[[], None] | None = None, sample_seconds: float = 0.0,
-              agree_count: bool = False) -> list[float]:
+              agree_count: bool = False, single_call_s: float | None = None) -> list[float]:
     """Seconds per call of ``fn``, one figure per timed sample, ``reps`` samples after ``warmup`` untimed
     calls. Each sample runs ``fn`` back to back for about ``sample_seconds`` and divides, as nccl-tests and
     ``torch.utils.benchmark`` do: a sample much longer than a scheduler quantum sees the share of the
     machine a rank gets in a real step (all ranks busy at once), not a lucky idle core. ``barrier`` runs
     before each sample; ``agree_count``: every rank uses the slowest rank's trial to pick the number of
-    calls, so collectives stay matched."""
+    calls, so collectives stay matched. ``single_call_s``: a trial at least this long (the slowest rank's with
+    ``agree_count``) is the only sample, and ``reps`` are not run."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -82,6 +87,8 @@ def time_reps(fn: Callable[[], Any], device: torch.device, reps: int, warmup: in
     trial = time.perf_counter() - begin
     if agree_count:
         trial = slowest([trial], device)[0]
+    if single_call_s is not None and trial >= single_call_s:
+        return [trial]
     calls = calls_per_sample(trial, sample_seconds)
     times = []
     for _ in range(reps):
