@@ -161,24 +161,34 @@ def measured_block_ratio(cluster: ClusterSpec, precision: str, tp: int, micro_ba
     return 1.0
 
 
-def measured_head_loss_time(cluster: ClusterSpec, precision: str, tokens: float, hidden: int, vocab_local: int,
-                            chunked: bool) -> float | None:
-    """Forward + backward seconds of the LM head and its cross-entropy on ``tokens`` tokens and ``vocab_local``
-    vocabulary rows, as the profile timed them at exactly this shape (``compute.vocab``, worker
-    ``measure_vocab``, every rank busy): ``chunked`` the runtime's chunked linear + cross-entropy (the fused
-    loss, and each shard's head pass under vocabulary parallelism), else the head GEMM plus the reference
-    cross-entropy on materialised fp32 logits. ``None`` where no such shape was profiled (the modelled
-    ``3 matmul + bytes / rate`` stands). Measured because the model misses both ways: on 4 CPU ranks the
-    reference loss takes about 5.4 ns a logit against 2.6 priced from the memory rate, and an H200 runs the
-    chunked loss at 0.85x eager's speed where the byte counts price its loss at 8 B a logit against the
-    reference's 30 (docs/kernels.md)."""
+# The vocabulary ops ``measured_vocab_op`` reads: each row field's seconds, and the rows it was timed on.
+VOCAB_OPS = {"head_loss": lambda row: (row.head_s + row.loss_s, row.vocab_local),
+             "chunked_head_loss": lambda row: (row.chunked_head_loss_s, row.vocab_local),
+             "embedding": lambda row: (row.embedding_s, row.embedding_rows)}
+
+
+def measured_vocab_op(cluster: ClusterSpec, precision: str, op: str, tokens: float, hidden: int,
+                      rows: int) -> tuple[int, int, float] | None:
+    """``(profiled tokens, profiled rows, seconds)``: a vocabulary op, forward + backward, as the profile timed
+    it (``compute.vocab``, worker ``measure_vocab``, every rank busy) at this hidden size, at the profiled
+    shape nearest ``tokens`` x ``rows`` (the sum of the two ratios' logarithms: the quick profile times the
+    smallest micro-batch of the tensor-parallel degrees its budget reaches); ``None`` where no row has this
+    width (an older row without its shape neither). ``op``: ``head_loss`` the head GEMM plus the reference
+    cross-entropy on materialised fp32 logits, ``chunked_head_loss`` the runtime's chunked linear +
+    cross-entropy (the fused loss, and each shard's head pass under vocabulary parallelism), ``embedding``
+    the lookup into a tp rank's rows (files since it is timed on them). The planner scales it to its own
+    shape by its model's ratio (vocab.scaled_measurement)."""
+    best = None
     for row in measured_compute(cluster, precision).vocab:
-        if (row.tokens, row.hidden, row.vocab_local) != (int(tokens), hidden, vocab_local):
-            continue                                  # another shape, or an older row without its shape
-        seconds = row.chunked_head_loss_s if chunked else row.head_s + row.loss_s
-        if seconds is not None and seconds > 0 and math.isfinite(seconds):
-            return seconds
-    return None
+        seconds, timed_rows = VOCAB_OPS[op](row)
+        if row.hidden != hidden or not row.tokens or not timed_rows or tokens <= 0 or rows <= 0:
+            continue
+        if seconds is None or not (seconds > 0 and math.isfinite(seconds)):
+            continue
+        distance = abs(math.log(row.tokens / tokens)) + abs(math.log(timed_rows / rows))
+        if best is None or distance < best[0]:
+            best = (distance, row.tokens, timed_rows, seconds)
+    return None if best is None else best[1:]
 
 
 def measured_optimizer_seconds_per_param(cluster: ClusterSpec, precision: str, optimizer: str, tp: int) -> float | None:

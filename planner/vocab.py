@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.comm import GroupLink
@@ -81,24 +81,17 @@ def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
 
 
 def head_and_loss(ctx: Context, cfg: VocabKey) -> HeadLoss:
-    """Seconds of one micro-batch's head + loss (``3 * head GEMM + loss bytes / memory rate``, or the profile's
-    timing of exactly this shape, compute.measured_head_loss_time) and embedding (3 passes over the [s, b, h]
-    activation), and the loss's logits bytes. The runtime's vocabulary-parallel loss is always the chunked
-    one (launcher/runtime/vocab_parallel.py); each chunk of a chunked loss reads and writes the weight
-    gradient."""
+    """Seconds of one micro-batch's head + loss (:func:`head_loss_time`) and embedding
+    (:func:`embedding_time`), and the loss's logits bytes. The runtime's vocabulary-parallel loss is always
+    the chunked one (launcher/runtime/vocab_parallel.py)."""
     model, train, cluster = ctx.model, ctx.train, ctx.cluster
     rates = compute.achieved_rates(cluster, train.precision)
     tokens = cfg.micro_batch * train.seq_len / cfg.cp
     shards = cfg.tp * (cfg.pp if cfg.vocab_parallel else 1)
     vocab_local = math.ceil(model.vocab / shards)
-    head_fwd = compute.matmul_time(tokens, model.hidden, vocab_local, rates)
     fused_loss = cfg.fused_kernels or (cfg.vocab_parallel and cfg.pp > 1)
-    loss = tokens * vocab_local * compute.loss_bytes_per_logit(fused_loss, train.precision) / rates.memory
-    if fused_loss:
-        loss += memory.loss_chunk_accumulate_bytes(int(tokens), model.hidden, vocab_local, ctx.act_bytes) / rates.memory
-    timed = compute.measured_head_loss_time(cluster, train.precision, tokens, model.hidden, vocab_local, fused_loss)
-    head_time = timed if timed is not None else 3 * head_fwd + loss
-    embed_time = 3 * tokens * model.hidden * ctx.act_bytes / (cfg.tp if cfg.tp > 1 else 1) / rates.memory
+    head_time = head_loss_time(ctx, tokens, vocab_local, fused_loss, rates)
+    embed_time = embedding_time(ctx, tokens, vocab_local, cfg.tp, rates)
     logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden,
                                       stage_keeps_logits=cfg.pp > 1)
     logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local, train.precision, cfg.pp > 1)
@@ -125,11 +118,14 @@ def vocab_parallel_cost(ctx: Context, cfg: VocabKey, h: HeadLoss) -> VocabCost:
     each_params = (model.vocab * model.hidden * (1 if model.tied_embeddings else 2)) / shards
     pass_time = h.head_time + vocab_comm
     num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
-    edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, h.embed_time * num_mb)
+    # the first stage looks up every micro-batch's tokens at once, one dense gradient a step (begin_step)
+    step_embed = embedding_time(ctx, num_mb * h.tokens, h.vocab_local, cfg.tp,
+                                compute.achieved_rates(ctx.cluster, train.precision))
+    edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, step_embed)
     # the first stage keeps a learned positions table (split over tp like the embedding it sits beside)
     positions = flops.position_params(model, train.seq_len) / cfg.tp
     return VocabCost(0.0, 0.0, pass_time, positions + flops.norm_params(model), flops.norm_params(model),
-                     each_params, h.logits_peak, h.logprob, vocab_comm, pass_time, edges_comm, h.embed_time * num_mb)
+                     each_params, h.logits_peak, h.logprob, vocab_comm, pass_time, edges_comm, step_embed)
 
 
 def _degrees(cfg: Config | VocabKey) -> dict[str, int]:
@@ -160,3 +156,50 @@ def vocab_edges_comm(ctx: Context, cfg: Config | VocabKey, step_activation_bytes
     meetings = (2 * ctx.host.meeting(embed_s, cfg.pp)             # the pipeline row's two calls
                 + grad_calls * ctx.host.meeting(embed_s, replicas))  # the replicas' gradient calls
     return comm.allreduce_time(step_activation_bytes, pp_link) + grads + meetings
+
+
+def scaled_measurement(ctx: Context, op: str, tokens: float, rows: int,
+                       modelled: Callable[[float, int], float]) -> float:
+    """A vocabulary op's seconds on ``tokens`` tokens and ``rows`` vocabulary rows: the profile's timing at the
+    nearest profiled shape (compute.measured_vocab_op) times the model's ratio between the two shapes, the way
+    a measured block corrects its fitted parts; the model alone where none was profiled. Measured because the
+    model misses both ways: on 2 CPU ranks the reference loss takes about 35 ns a logit against 1 priced from
+    the memory rate and the embedding's backward 18x its bytes at that rate (the page faults of a fresh dense
+    gradient every call), while an H200 runs the chunked loss at 0.85x eager's speed where the byte counts
+    price its loss at 8 B a logit against the reference's 30 (docs/kernels.md)."""
+    timed = compute.measured_vocab_op(ctx.cluster, ctx.train.precision, op, tokens, ctx.model.hidden, rows)
+    if timed is None:
+        return modelled(tokens, rows)
+    timed_tokens, timed_rows, seconds = timed
+    at_timed = modelled(timed_tokens, timed_rows)
+    return seconds * modelled(tokens, rows) / at_timed if at_timed > 0 else seconds
+
+
+def head_loss_time(ctx: Context, tokens: float, vocab_local: int, fused_loss: bool, rates: compute.Rates) -> float:
+    """Seconds of the LM head and its loss on ``tokens`` tokens and ``vocab_local`` rows, forward + backward:
+    ``3 * head GEMM + loss bytes / memory rate`` (each chunk of a chunked loss also reads and writes the weight
+    gradient), scaled to the profile's timing (:func:`scaled_measurement`)."""
+    hidden = ctx.model.hidden
+    per_logit = compute.loss_bytes_per_logit(fused_loss, ctx.train.precision)
+
+    def modelled(n: float, rows: int) -> float:
+        loss = n * rows * per_logit / rates.memory
+        if fused_loss:
+            loss += memory.loss_chunk_accumulate_bytes(int(n), hidden, rows, ctx.act_bytes) / rates.memory
+        return 3 * compute.matmul_time(n, hidden, rows, rates) + loss
+    op = "chunked_head_loss" if fused_loss else "head_loss"
+    return scaled_measurement(ctx, op, tokens, vocab_local, modelled)
+
+
+def embedding_time(ctx: Context, tokens: float, rows: int, tp: int, rates: compute.Rates) -> float:
+    """Seconds of one token-embedding lookup of ``tokens`` tokens into a rank's ``rows`` vocabulary rows,
+    forward + backward (``vocab / tp`` rows under parallelize.VocabShardEmbedding, ``vocab / (pp tp)`` under
+    vocabulary parallelism): 3 passes over the ``[s, b, h / tp]`` activation (the lookup's output, its
+    gradient, the gradient's scatter) and one write of the dense ``[rows, h]`` weight gradient the backward
+    zero-fills (``embedding_dense_backward``), at the memory rate, scaled to the profile's timing
+    (:func:`scaled_measurement`)."""
+    hidden, element = ctx.model.hidden, ctx.act_bytes
+
+    def modelled(n: float, shard_rows: int) -> float:
+        return (3 * n * hidden * element / tp + shard_rows * hidden * element) / rates.memory
+    return scaled_measurement(ctx, "embedding", tokens, rows, modelled)

@@ -71,35 +71,77 @@ def test_the_timed_block_corrects_the_fitted_parts_at_its_shape_only():
     assert timed.fwd == pytest.approx(1.5 * plain.fwd) and timed.bwd == pytest.approx(1.5 * plain.bwd)
 
 
-def test_the_timed_head_and_loss_replace_the_model_at_their_shape_only():
+def _vocab_cost(model, cluster, train, **fields):
+    cfg = evaluate.Config(**{"dp": 1, "tp": 2, "pp": 1, "cp": 1, "micro_batch": 2, **fields})
+    return evaluate.vocab_cost(evaluate.Context(model, cluster, train), cfg)
+
+
+def test_the_timed_head_and_loss_replace_the_model_at_their_shape_and_scale_with_it():
     """The profile times the head + reference loss and the runtime's chunked head + loss per shape; the
     planner takes them where tokens, width and vocabulary rows match (the fused loss and every shard of a
-    vocabulary-parallel pass use the chunked one), and its model elsewhere."""
+    vocabulary-parallel pass use the chunked one). At another shape of the same width it takes the nearest
+    timing scaled by the model's own ratio between the two shapes; the model alone without a timing."""
     base = load_cluster("localhost:4")
     model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
     tokens, rows = 2 * 256, -(-model.vocab // 2)
     row = {"tp": 2, "micro_batch": 2, "seq": 256, "tokens": tokens, "hidden": model.hidden, "vocab_local": rows,
            "head_s": 0.010, "loss_s": 0.004, "embedding_s": 0.001, "chunked_head_loss_s": 0.021}
     cluster = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [row]}})
-    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden, rows, False) == pytest.approx(0.014)
-    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden, rows, True) == pytest.approx(0.021)
-    assert compute.measured_head_loss_time(cluster, "bf16", tokens, model.hidden, rows, True) is None
-    assert compute.measured_head_loss_time(cluster, "fp32", 2 * tokens, model.hidden, rows, True) is None
-    assert compute.measured_head_loss_time(cluster, "fp32", tokens, model.hidden + 8, rows, True) is None
+
+    def timed(cluster, op, n=tokens, hidden=model.hidden, precision="fp32"):
+        return compute.measured_vocab_op(cluster, precision, op, n, hidden, rows)
+    assert timed(cluster, "head_loss") == (tokens, rows, pytest.approx(0.014))
+    assert timed(cluster, "chunked_head_loss") == (tokens, rows, pytest.approx(0.021))
+    assert timed(cluster, "chunked_head_loss", n=4 * tokens) == (tokens, rows, pytest.approx(0.021))  # nearest
+    assert timed(cluster, "chunked_head_loss", precision="bf16") is None
+    assert timed(cluster, "chunked_head_loss", hidden=model.hidden + 8) is None
     older = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [
         {k: v for k, v in row.items() if k not in ("tokens", "hidden", "vocab_local", "chunked_head_loss_s")}]}})
-    assert compute.measured_head_loss_time(older, "fp32", tokens, model.hidden, rows, False) is None
+    assert timed(older, "head_loss") is None
 
-    def vocab(cluster, **fields):
-        cfg = evaluate.Config(**{"dp": 1, "tp": 2, "pp": 1, "cp": 1, "micro_batch": 2, **fields})
-        return evaluate.vocab_cost(evaluate.Context(model, cluster, train), cfg)
-    assert vocab(cluster).last_time == pytest.approx(0.014)                      # tp2: V/2 rows on each
-    assert vocab(cluster, fused_kernels=True).last_time == pytest.approx(0.021)
-    assert vocab(base).last_time != pytest.approx(0.014)
+    assert _vocab_cost(model, cluster, train).last_time == pytest.approx(0.014)          # tp2: V/2 rows on each
+    assert _vocab_cost(model, cluster, train, fused_kernels=True).last_time == pytest.approx(0.021)
+    assert _vocab_cost(model, base, train).last_time != pytest.approx(0.014)
+    # twice the tokens, or twice the rows (tp1): the timing times the model's ratio, which the un-profiled
+    # cluster's model gives alone
+    modelled = _vocab_cost(model, base, train).last_time
+    for other in ({"micro_batch": 4}, {"tp": 1}):
+        assert _vocab_cost(model, cluster, train, **other).last_time == pytest.approx(
+            0.014 * _vocab_cost(model, base, train, **other).last_time / modelled)
+    nearest = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [
+        row, {**row, "micro_batch": 4, "tokens": 2 * tokens, "head_s": 0.030}]}})
+    assert _vocab_cost(model, nearest, train, micro_batch=4).last_time == pytest.approx(0.034)
     # vocabulary parallelism over tp1 x pp2: each shard's pass runs the chunked loss on V/2 rows
-    shared = vocab(cluster, tp=1, pp=2, vocab_parallel=True)
+    shared = _vocab_cost(model, cluster, train, tp=1, pp=2, vocab_parallel=True)
     assert shared.pass_time == pytest.approx(0.021 + shared.vocab_comm)
-    assert vocab(cluster, tp=1, micro_batch=4).last_time != pytest.approx(0.014)  # V rows: not profiled
+
+
+def test_the_timed_embedding_replaces_the_model_at_its_shard_rows():
+    """The profile times the embedding on a tp rank's vocab / tp rows (its backward's dense gradient is most of
+    its time on a CPU); the planner scales it like the head (above). Unprofiled, the model prices the
+    activation passes and one write of the [rows, hidden] gradient; an older row (all rows timed, no
+    ``embedding_rows``) is not read."""
+    base = load_cluster("localhost:4")
+    model, train = load_model("tiny-llama"), TrainSpec(16, 256, "fp32")
+    tokens, rows = 2 * 256, -(-model.vocab // 2)
+    row = {"tp": 2, "micro_batch": 2, "seq": 256, "tokens": tokens, "hidden": model.hidden, "vocab_local": rows,
+           "head_s": 0.010, "loss_s": 0.004, "embedding_s": 0.003, "embedding_rows": rows,
+           "chunked_head_loss_s": 0.021}
+    cluster = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [row]}})
+    assert compute.measured_vocab_op(cluster, "fp32", "embedding", tokens, model.hidden, rows) == (tokens, rows, 0.003)
+    assert compute.measured_vocab_op(cluster, "fp32", "embedding", tokens, model.hidden + 8, rows) is None
+    older = _with_measured(base, {"compute": {"precision": "fp32", "vocab": [
+        {k: v for k, v in row.items() if k != "embedding_rows"}]}})
+    assert compute.measured_vocab_op(older, "fp32", "embedding", tokens, model.hidden, rows) is None
+
+    assert _vocab_cost(model, cluster, train).first_time == pytest.approx(0.003)
+    rate = compute.achieved_rates(base, "fp32").memory
+    activation, gradient = 3 * tokens * model.hidden * 4 / 2, rows * model.hidden * 4
+    assert _vocab_cost(model, base, train).first_time == pytest.approx((activation + gradient) / rate)
+    assert _vocab_cost(model, base, train, tp=1, micro_batch=4).first_time == pytest.approx(
+        (3 * 2 * tokens * model.hidden * 4 + model.vocab * model.hidden * 4) / rate)
+    assert _vocab_cost(model, cluster, train, micro_batch=4).first_time == pytest.approx(
+        0.003 * (2 * activation + gradient) / (activation + gradient))
 
 
 def test_the_timed_optimizer_step_prices_the_optimizer():
