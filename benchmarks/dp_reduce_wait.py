@@ -47,9 +47,9 @@ def main() -> int:
         reduce_calls.append((begin, time.time() - begin))
         return out
 
-    def timed_step(trainer, inputs, targets):
+    def timed_step(trainer, inputs, targets, *rest):
         begin = time.time()
-        out = original_step(trainer, inputs, targets)
+        out = original_step(trainer, inputs, targets, *rest)
         step_calls.append((begin, time.time() - begin))
         timed_step.trainer = trainer
         return out

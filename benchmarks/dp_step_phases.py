@@ -130,11 +130,11 @@ def main() -> int:
             block.register_full_backward_hook(
                 lambda m, gi, go, i=i: marks[-1].append((("post", i), time.perf_counter())) and None)
 
-    def timed_step(trainer, inputs, targets):
+    def timed_step(trainer, inputs, targets, *rest):
         if not hasattr(timed_step, "trainer"):
             hook_blocks(trainer)
         marks.append([("begin", time.perf_counter())])
-        out = original_step(trainer, inputs, targets)
+        out = original_step(trainer, inputs, targets, *rest)
         marks[-1].append(("end", time.perf_counter()))
         timed_step.trainer = trainer
         return out

@@ -24,14 +24,14 @@ def main() -> int:
     ours, rest = p.parse_known_args()
     original, seen = train.train_step, [0]
 
-    def profiled_step(trainer, inputs, targets):
+    def profiled_step(trainer, inputs, targets, *rest):
         seen[0] += 1
         if seen[0] != ours.profile_step or int(os.environ.get("RANK", 0)) != 0:
-            return original(trainer, inputs, targets)
+            return original(trainer, inputs, targets, *rest)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = original(trainer, inputs, targets)
+            out = original(trainer, inputs, targets, *rest)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=ours.rows), flush=True)
         return out
 
