@@ -38,7 +38,8 @@ def plan_command(
     global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", help="Sequences per optimizer step "
                                                f"[default: {DEFAULT_GLOBAL_BATCH}]"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help=f"Tokens per sequence [default: {DEFAULT_SEQ_LEN}]"),
-    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32 | fp8"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp16 | fp32 | fp8 [default: bf16 on "
+                                            "GPUs, fp32 on CPU ranks]"),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd"),
     fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
                                   "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
@@ -87,10 +88,12 @@ def plan_command(
         engine_profile = get_engine(engine)
         model_spec = load_model(model or DEFAULT_MODEL)
         cluster_spec = load_cluster(cluster or DEFAULT_CLUSTER)
+        precision = precision or ("fp32" if cluster_spec.gpu.kind == "cpu" else "bf16")
         train = TrainSpec(global_batch if global_batch is not None else DEFAULT_GLOBAL_BATCH,
                           seq_len if seq_len is not None else DEFAULT_SEQ_LEN, precision, optimizer)
         if cluster_spec.gpu.kind == "cpu" and train.precision != "fp32":
-            raise InputError("--precision", f"{train.precision} on CPU ranks", "use --precision fp32 on CPU clusters")
+            raise InputError("--precision", f"{train.precision} on CPU ranks",
+                             "leave --precision out or give --precision fp32: CPU ranks train in fp32")
         if is_localhost(cluster) and not no_profile:
             cluster_spec = measure_this_machine(cluster_spec, model_spec, train)
         fixes = parse_fixes(fix)

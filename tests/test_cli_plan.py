@@ -146,3 +146,15 @@ def test_console_script_runs_without_importing_torch():
             "'--seq-len','1024']\ntry:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_precision_defaults_to_the_devices_own(tmp_path):
+    """bf16 on GPUs, fp32 on CPU ranks (the only precision they train in); bf16 asked of CPU ranks is refused."""
+    for cluster, extra, expected in (("dgx-h100:1", [], "bf16"), ("localhost:2", ["--no-profile"], "fp32")):
+        out = tmp_path / f"{expected}.yaml"
+        result = run("--model", "tiny-llama", "--cluster", cluster, "--global-batch", "8", "--seq-len", "64",
+                     "--out", str(out), *extra)
+        assert result.exit_code == 0, result.output
+        assert Plan.load(out).train.precision == expected
+    refused = run("--model", "tiny-llama", "--cluster", "localhost:2", "--precision", "bf16", "--no-profile")
+    assert_one_line_error(refused, 2, "--precision", "bf16 on CPU ranks", "fp32")
