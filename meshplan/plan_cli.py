@@ -94,9 +94,13 @@ def plan_command(
         if cluster_spec.gpu.kind == "cpu" and train.precision != "fp32":
             raise InputError("--precision", f"{train.precision} on CPU ranks",
                              "leave --precision out or give --precision fp32: CPU ranks train in fp32")
-        if is_localhost(cluster) and not no_profile:
-            cluster_spec = measure_this_machine(cluster_spec, model_spec, train)
         fixes = parse_fixes(fix)
+        if is_localhost(cluster) and not no_profile:
+            # what the measurement cannot change is answered before it runs: a --fix the model refuses, or a
+            # model no split fits in this machine's memory (the quick profile times compute and links only)
+            search(model_spec, cluster_spec, train, fixes, top=1, refine=False, engine=engine_profile,
+                   memory_headroom=memory_headroom)
+            cluster_spec = measure_this_machine(cluster_spec, model_spec, train)
         progress = _progress_bar() if sys.stderr.isatty() else None
         try:
             result = search(model_spec, cluster_spec, train, fixes, top=top, refine=not no_refine,
