@@ -158,10 +158,13 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     (``kernels.linear_cross_entropy(impl="fused")``: the fused loss, and the head pass of vocabulary
     parallelism, whose shards have these shapes) on the same tokens and rows. Each op
     runs an untimed call, a trial call, then ``reps`` samples (``timing.time_reps``); ``quick`` (the quick
-    profile) times each op in one sample with its trial as its warm-up, and an op whose trial lasts
-    LONG_CALL_S or more in that trial alone (on a CPU one call of a 128k-vocabulary head takes seconds)."""
+    profile) times each op in one sample, and an op whose trial lasts LONG_CALL_S or more in that trial alone
+    (on a CPU one call of a 128k-vocabulary head takes seconds). On CPU ranks the quick profile's trial is
+    also the op's warm-up (nothing compiles on a first call there); on a GPU the untimed call stays, since
+    the chunked loss's first call compiles its Triton kernels (seconds)."""
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
+    cold_trial = quick and device.type == "cpu"
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     # logits of a trained model's scale (std about 1, as after the final norm and a hidden^-1/2 head): with
     # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and on a CPU the loss's
@@ -172,9 +175,9 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     def every_rank(fn: Callable[[], Any]) -> list[float]:
         # as the block (time_block): every rank starts each sample together, and each sample is the slowest
         # rank's -- a rank's own samples, taken while the others are between calls, run on the cores they left
-        return slowest(time_reps(fn, device, 1 if quick else reps, warmup=0 if quick else 1, barrier=dist.barrier,
-                                 sample_seconds=SAMPLE_S, agree_count=quick,
-                                 single_call_s=LONG_CALL_S if quick else None), device)
+        times = time_reps(fn, device, 1 if quick else reps, warmup=0 if cold_trial else 1, barrier=dist.barrier,
+                          sample_seconds=SAMPLE_S, agree_count=quick, single_call_s=LONG_CALL_S if quick else None)
+        return slowest(times, device)
 
     head = every_rank(fwd_bwd(lambda: F.linear(x, w), [x, w]))
     logits = torch.randn(tokens, vocab_local, device=device, dtype=dtype, requires_grad=True)
@@ -290,16 +293,17 @@ def measure_shape(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
 
 
 def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype, quick: bool = False) -> None:
-    """The first shape's block, GEMMs, attention and (outside the quick profile) saved-bytes passes, once,
-    untimed (the smallest shape, one sample each); the vocabulary ops warm themselves (``measure_vocab``; at a
-    128k vocabulary one call is seconds on a CPU). On
-    a GPU the first measurement also pays one-time costs (kernel loading, cuBLAS and attention back-end set-up)
-    that later shapes do not: an H200 profile with a 40 s budget took about 3.7 s for the micro-batch-1 shape,
-    expected twice that for micro-batch 2 and measured no other shape, while with a 75 s budget micro-batches 2
-    and 4 took about 1 s each. CPU processes pay one too (the first calls of each operator and of autograd's
-    recompute paths): 4 CPU ranks took 3 s over the first shape of a small model, against well under a second
-    for each shape after it. The next shapes' expected times scale the first shape's time."""
-    measure_shape(spec, *shape, seq, device, dtype, reps=1, quick=quick, vocab=False)
+    """The first shape's block, GEMMs, attention, (outside the quick profile) saved-bytes passes and (on a GPU)
+    vocabulary ops, once, untimed (the smallest shape, one sample each). On CPU ranks the vocabulary ops warm
+    themselves (``measure_vocab``): nothing of theirs compiles on a first call, and at a 128k vocabulary one
+    call is seconds. On a GPU the first measurement also pays one-time costs (kernel loading and Triton
+    compiles, cuBLAS and attention back-end set-up) that later shapes do not: an H200 profile with a 40 s budget
+    took about 3.7 s for the micro-batch-1 shape, expected twice that for micro-batch 2 and measured no other
+    shape, while with a 75 s budget micro-batches 2 and 4 took about 1 s each. CPU processes pay one too (the
+    first calls of each operator and of autograd's recompute paths): 4 CPU ranks took 3 s over the first shape
+    of a small model, against well under a second for each shape after it. The next shapes' expected times
+    scale the first shape's time."""
+    measure_shape(spec, *shape, seq, device, dtype, reps=1, quick=quick, vocab=device.type != "cpu")
     sync(device)
 
 
