@@ -156,12 +156,12 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup (the vocab / tp rows of a
     tensor-parallel rank), forward + backward; and the runtime's chunked head + loss
     (``kernels.linear_cross_entropy(impl="fused")``: the fused loss, and the head pass of vocabulary
-    parallelism, whose shards have these shapes) on the same tokens and rows. Each op
-    runs an untimed call, a trial call, then ``reps`` samples (``timing.time_reps``); ``quick`` (the quick
-    profile) times each op in one sample, and an op whose trial lasts LONG_CALL_S or more in that trial alone
-    (on a CPU one call of a 128k-vocabulary head takes seconds). On CPU ranks the quick profile's trial is
-    also the op's warm-up (nothing compiles on a first call there); on a GPU the untimed call stays, since
-    the chunked loss's first call compiles its Triton kernels (seconds)."""
+    parallelism, whose shards have these shapes) on the same tokens and rows. Each op runs an untimed call, a
+    trial call, then ``reps`` samples (``timing.time_reps``); ``quick`` (the quick profile) times each op in
+    one sample, and an op whose trial lasts LONG_CALL_S or more in that trial alone (on a CPU one call of a
+    128k-vocabulary head takes seconds). On CPU ranks the quick profile's trial is also the op's warm-up
+    (nothing compiles on a first call there); on a GPU the untimed call stays, since the chunked loss's first
+    call compiles its Triton kernels (seconds)."""
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
     cold_trial = quick and device.type == "cpu"
