@@ -2,43 +2,25 @@
 # A new user's install: build the wheel, install it in a fresh virtual environment with no extras (so no
 # Triton, no matplotlib), import every module, and run the commands a newcomer runs first. Each must exit 0
 # and print no traceback or library warning.
-#   bash scripts/check_wheel.sh [WORK_DIR]                    build, install and check
-#   bash scripts/check_wheel.sh --install-only WORK_DIR       build and install only (.ci/run runs it beside the tests)
-#   bash scripts/check_wheel.sh --installed WORK_DIR          check what --install-only left in WORK_DIR
+#   bash scripts/check_wheel.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-STAGE=all
-case "${1:-}" in
-    --install-only) STAGE=install; shift ;;
-    --installed) STAGE=check; shift ;;
-esac
 WORK=${1:-$(mktemp -d -t meshplan-wheel-XXXXXX)}
 mkdir -p "$WORK"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-PY="$WORK/venv/bin/python"
-MESHPLAN="$WORK/venv/bin/meshplan"
 quiet() {   # run an install step; show its output only when it fails
     "$@" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; echo "check_wheel: FAILED: $*"; exit 1; }
 }
-if [ "$STAGE" != check ]; then
-    # build from a copy of the source, so no build/ folder of an earlier build is reused or left in the checkout
-    mkdir -p "$WORK/src"
-    tar --exclude=./.git --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -xf - -C "$WORK/src"
-    quiet python -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
-    quiet python -m venv "$WORK/venv"
-    quiet "$PY" -m pip install "torch==2.13.0"     # the CPU build, as the README's install
-    quiet "$PY" -m pip install "$WORK"/dist/meshplan-*.whl
-    touch "$WORK/installed"
-fi
-if [ "$STAGE" = install ]; then
-    echo "check_wheel: installed in $WORK"
-    exit 0
-fi
-if [ ! -f "$WORK/installed" ]; then
-    echo "check_wheel: nothing installed in $WORK (run scripts/check_wheel.sh --install-only $WORK first)"
-    exit 1
-fi
+# build from a copy of the source, so no build/ folder of an earlier build is reused or left in the checkout
+mkdir -p "$WORK/src"
+tar --exclude=./.git --exclude=./build --exclude='*.egg-info' -cf - . | tar -xf - -C "$WORK/src"
+quiet python -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
+quiet python -m venv "$WORK/venv"
+PY="$WORK/venv/bin/python"
+quiet "$PY" -m pip install "torch==2.13.0"     # the CPU build, as the README's install
+quiet "$PY" -m pip install "$WORK"/dist/meshplan-*.whl
+MESHPLAN="$WORK/venv/bin/meshplan"
 export MESHPLAN_CACHE_DIR="$WORK/cache"     # an empty cache: the first plan on localhost measures this machine
 
 echo "check_wheel: importing every module of the installed package"
