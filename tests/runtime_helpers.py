@@ -59,9 +59,10 @@ def free_port() -> int:
 def torchrun_forked(world: int) -> list[str]:
     """The command line up to the job script of a ``world``-rank torchrun job on this machine whose ranks are
     forked from an interpreter that has imported the runtime (tests/torchrun_forked.py); the script's path
-    must be absolute."""
-    return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--nproc-per-node", str(world),
-            "--master-port", str(free_port())]
+    must be absolute. ``--standalone``: the rendezvous store binds a free port itself (a port picked here and
+    released before torchrun binds it can be taken meanwhile by the other test worker's job: EADDRINUSE)."""
+    return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--standalone",
+            "--nproc-per-node", str(world)]
 
 
 def job_env(**extra: str) -> dict[str, str]:
