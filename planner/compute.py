@@ -178,10 +178,12 @@ def measured_vocab_op(cluster: ClusterSpec, precision: str, op: str, tokens: flo
     cross-entropy (the fused loss, and each shard's head pass under vocabulary parallelism), ``embedding``
     the lookup into a tp rank's rows (files since it is timed on them). The planner scales it to its own
     shape by its model's ratio (vocab.scaled_measurement)."""
+    if tokens <= 0 or rows <= 0:
+        return None
     best = None
     for row in measured_compute(cluster, precision).vocab:
         seconds, timed_rows = VOCAB_OPS[op](row)
-        if row.hidden != hidden or not row.tokens or not timed_rows or tokens <= 0 or rows <= 0:
+        if row.hidden != hidden or not row.tokens or not timed_rows:
             continue
         if seconds is None or not (seconds > 0 and math.isfinite(seconds)):
             continue
