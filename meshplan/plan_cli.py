@@ -88,7 +88,7 @@ def plan_command(
         engine_profile = get_engine(engine)
         model_spec = load_model(model or DEFAULT_MODEL)
         cluster_spec = load_cluster(cluster or DEFAULT_CLUSTER)
-        precision = precision or ("fp32" if cluster_spec.gpu.kind == "cpu" else "bf16")
+        precision = precision or cluster_spec.default_precision
         train = TrainSpec(global_batch if global_batch is not None else DEFAULT_GLOBAL_BATCH,
                           seq_len if seq_len is not None else DEFAULT_SEQ_LEN, precision, optimizer)
         if cluster_spec.gpu.kind == "cpu" and train.precision != "fp32":

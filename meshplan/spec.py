@@ -675,6 +675,12 @@ class ClusterSpec:
                            _as_int(self.gpus_per_node, f"cluster '{self.name}': gpus_per_node", 1, 4096))
 
     @property
+    def default_precision(self) -> str:
+        """The training precision when none is asked for: fp32 on CPU ranks (the only one they train in),
+        bf16 on GPUs."""
+        return "fp32" if self.gpu.kind == "cpu" else "bf16"
+
+    @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 

@@ -569,7 +569,7 @@ def run_validate(model, cluster, global_batch, seq_len, precision, top, steps, f
                          "give --cluster cluster.yaml (from `meshplan profile`)")
     model_spec = load_model(model)
     cluster_spec = load_cluster(cluster)
-    prec = precision or ("fp32" if cluster_spec.gpu.kind == "cpu" else "bf16")
+    prec = precision or cluster_spec.default_precision
     train = TrainSpec(global_batch, seq_len, prec)
     fixes = parse_fixes(fix)
     work = Path(work_dir) if work_dir else Path(__import__("tempfile").mkdtemp(prefix="meshplan-validate-"))
