@@ -28,6 +28,8 @@ TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, bia
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
 # The Triton kernels a plan may run fused (the loss stays the reference: its chunked kernel has its own tests).
 TRITON_KERNELS = {"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "reference"}
+# The kernels that exist only as Triton kernels (the chunked loss also computes its chunks in PyTorch).
+TRITON_ONLY_KERNELS = ("norm", "swiglu", "rope")
 PARITY_RTOL = 1e-4
 JOB_TIMEOUT_S = 240
 
@@ -65,12 +67,27 @@ def torchrun_forked(world: int) -> list[str]:
             "--nproc-per-node", str(world)]
 
 
-def job_env(**extra: str) -> dict[str, str]:
+def job_env(*plans: Plan, **extra: str) -> dict[str, str]:
+    """The environment of a test job's ranks: one thread each, no fault injection left from another test.
+
+    Given the job's ``plans``, Triton's interpreter (the session's ``TRITON_INTERPRET=1``, conftest.py) stays on
+    only when one of them runs a kernel that exists only in Triton (:func:`runs_triton_only_kernels`); the
+    others run as ``meshplan launch`` runs them on a CPU, where the chunked loss computes its chunks in PyTorch
+    (the Triton chunk kernels are tested against it in tests/test_kernels.py and
+    tests/test_kernels_vocab_parallel.py, and in the runtime's loss function by tests/test_runtime_loss.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MESHPLAN_FAULT_STEP", None)
     env.pop("MESHPLAN_FAULT_RANK", None)
+    if plans and not any(runs_triton_only_kernels(plan) for plan in plans):
+        env.pop("TRITON_INTERPRET", None)
     env.update(extra)
     return env
+
+
+def runs_triton_only_kernels(plan: Plan) -> bool:
+    """Whether ``plan`` asks for the fused norm, SwiGLU or rotary kernel, which run only in Triton (``auto``
+    counts: it picks them wherever they can run)."""
+    return any(plan.kernels.get(name) in ("fused", "auto") for name in TRITON_ONLY_KERNELS)
 
 
 def run_launch(args: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -91,10 +108,10 @@ def train(plan: Plan, workdir: Path, name: str, steps: int = STEPS, extra: list[
     common = ["--steps", str(steps), "--metrics-out", str(metrics), *(extra or [])]
     if plan.world_size == 1:
         proc = subprocess.run([sys.executable, "-m", "meshplan.launcher.runtime.train", "--plan", str(plan_path),
-                               *common], cwd=workdir, env=env or job_env(), capture_output=True, text=True,
+                               *common], cwd=workdir, env=env or job_env(plan), capture_output=True, text=True,
                               timeout=JOB_TIMEOUT_S)
     else:
-        proc = run_launch([str(plan_path), *common], workdir, env)
+        proc = run_launch([str(plan_path), *common], workdir, env or job_env(plan))
     assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return read_metrics(metrics)
 
@@ -141,7 +158,7 @@ def _layout_job(plans: list[Plan], paths: list[Path], steps: int, memory: bool =
         plan.save(path)
     cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name("layout_job.py")), "--steps", str(steps),
            *(["--memory"] if memory else []), *map(str, paths)]
-    proc = subprocess.run(cmd, cwd=paths[0].parent, env=job_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=paths[0].parent, env=job_env(*plans), capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S * len(plans))
     assert proc.returncode == 0, f"{paths} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 

@@ -1,7 +1,9 @@
 """The fused loss in the runtime (``kernels.loss: fused``, issue 7): the head's stage outputs the normed hidden
 states and the loss function runs the chunked linear + cross-entropy (vocabulary-parallel over the tp group
 under TP), so the logits never exist. Per-step losses must equal the reference path's within 1e-5 relative
-(fp32, CPU/gloo), for pp1, tp2, pp2, tied and untied embeddings."""
+(fp32, CPU/gloo), for pp1, tp2, pp2, tied and untied embeddings. The training jobs compute the loss's chunks in
+PyTorch, as CPU ranks do (``runtime_helpers.job_env``); the peak test runs the runtime's loss function on the
+Triton chunk kernels (under Triton's interpreter)."""
 
 from __future__ import annotations
 
