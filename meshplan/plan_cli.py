@@ -96,11 +96,12 @@ def plan_command(
                              "leave --precision out or give --precision fp32: CPU ranks train in fp32")
         fixes = parse_fixes(fix)
         if is_localhost(cluster) and not no_profile:
-            # what the measurement cannot change is answered before it runs: a --fix the model refuses, or a
+            # what a measurement cannot change is answered before one runs: a --fix the model refuses, or a
             # model no split fits in this machine's memory (the quick profile times compute and links only)
-            search(model_spec, cluster_spec, train, fixes, top=1, refine=False, engine=engine_profile,
-                   memory_headroom=memory_headroom)
-            cluster_spec = measure_this_machine(cluster_spec, model_spec, train)
+            unmeasured = cluster_spec
+            cluster_spec = measure_this_machine(unmeasured, model_spec, train, before_measuring=lambda: search(
+                model_spec, unmeasured, train, fixes, top=1, refine=False, engine=engine_profile,
+                memory_headroom=memory_headroom))
         progress = _progress_bar() if sys.stderr.isatty() else None
         try:
             result = search(model_spec, cluster_spec, train, fixes, top=top, refine=not no_refine,
@@ -141,14 +142,15 @@ def is_localhost(source: str | None) -> bool:
     return bool(source) and source.startswith("localhost:") and not Path(source).exists()
 
 
-def measure_this_machine(cluster_spec, model_spec, train):
-    """``localhost:N`` measured: the cached quick profile of this machine, or a new one (profiler.host_cache)."""
+def measure_this_machine(cluster_spec, model_spec, train, before_measuring=lambda: None):
+    """``localhost:N`` measured: the cached quick profile of this machine, or a new one (profiler.host_cache),
+    with ``before_measuring`` run first when a new one is about to start."""
     try:
         from meshplan.profiler.host_cache import measured_localhost
     except ImportError:   # an install without the profiler stage: the documented defaults
         return cluster_spec
     return measured_localhost(cluster_spec, model_spec, train.seq_len, train.precision,
-                              echo=lambda line: typer.echo(line, err=True))
+                              echo=lambda line: typer.echo(line, err=True), before_measuring=before_measuring)
 
 
 class _progress_bar:

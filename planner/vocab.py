@@ -71,21 +71,21 @@ def vocab_cost(ctx: Context, cfg: Config) -> VocabCost:
 @lru_cache(maxsize=4096)
 def _vocab_cost(ctx: Context, cfg: VocabKey) -> VocabCost:
     model, train = ctx.model, ctx.train
-    h = head_and_loss(ctx, cfg)
+    rates = compute.achieved_rates(ctx.cluster, train.precision)
+    h = head_and_loss(ctx, cfg, rates)
     embed_params = flops.embedding_params(model, train.seq_len) / cfg.tp
     head_params = (0 if model.tied_embeddings else model.vocab * model.hidden) / cfg.tp + flops.norm_params(model)
     if not cfg.vocab_parallel:
         return VocabCost(h.embed_time, h.head_time, 0.0, embed_params, head_params, 0.0, h.logits_peak, h.logprob,
                          0.0)
-    return vocab_parallel_cost(ctx, cfg, h)
+    return vocab_parallel_cost(ctx, cfg, h, rates)
 
 
-def head_and_loss(ctx: Context, cfg: VocabKey) -> HeadLoss:
+def head_and_loss(ctx: Context, cfg: VocabKey, rates: compute.Rates) -> HeadLoss:
     """Seconds of one micro-batch's head + loss (:func:`head_loss_time`) and embedding
     (:func:`embedding_time`), and the loss's logits bytes. The runtime's vocabulary-parallel loss is always
     the chunked one (launcher/runtime/vocab_parallel.py)."""
-    model, train, cluster = ctx.model, ctx.train, ctx.cluster
-    rates = compute.achieved_rates(cluster, train.precision)
+    model, train = ctx.model, ctx.train
     tokens = cfg.micro_batch * train.seq_len / cfg.cp
     shards = cfg.tp * (cfg.pp if cfg.vocab_parallel else 1)
     vocab_local = math.ceil(model.vocab / shards)
@@ -98,7 +98,7 @@ def head_and_loss(ctx: Context, cfg: VocabKey) -> HeadLoss:
     return HeadLoss(tokens, vocab_local, fused_loss, head_time, embed_time, logits_peak, logprob)
 
 
-def vocab_parallel_cost(ctx: Context, cfg: VocabKey, h: HeadLoss) -> VocabCost:
+def vocab_parallel_cost(ctx: Context, cfg: VocabKey, h: HeadLoss, rates: compute.Rates) -> VocabCost:
     """Vocabulary parallelism as meshplan's runtime does it (vocab_parallel.py): every pp x tp rank holds
     V/(p*t) rows of the embedding and head. Per micro-batch, inside the pipeline, the head pass: the last
     stage's hidden states broadcast over the pipeline row and its gradient reduced back (two one-way transfers
@@ -119,8 +119,7 @@ def vocab_parallel_cost(ctx: Context, cfg: VocabKey, h: HeadLoss) -> VocabCost:
     pass_time = h.head_time + vocab_comm
     num_mb = train.global_batch // (cfg.dp * cfg.micro_batch)
     # the first stage looks up every micro-batch's tokens at once, one dense gradient a step (begin_step)
-    step_embed = embedding_time(ctx, num_mb * h.tokens, h.vocab_local, cfg.tp,
-                                compute.achieved_rates(ctx.cluster, train.precision))
+    step_embed = embedding_time(ctx, num_mb * h.tokens, h.vocab_local, cfg.tp, rates)
     edges_comm = vocab_edges_comm(ctx, cfg, num_mb * activation, each_params, pp_link, step_embed)
     # the first stage keeps a learned positions table (split over tp like the embedding it sits beside)
     positions = flops.position_params(model, train.seq_len) / cfg.tp

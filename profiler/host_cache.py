@@ -130,10 +130,12 @@ def write_entry(path: Path, key: dict, cluster: ClusterSpec) -> None:
 
 
 def measured_localhost(base: ClusterSpec, model: ModelSpec, seq_len: int, precision: str,
-                       echo: Callable[[str], None]) -> ClusterSpec:
+                       echo: Callable[[str], None],
+                       before_measuring: Callable[[], None] = lambda: None) -> ClusterSpec:
     """``base`` (``localhost:N`` with documented defaults) replaced by this machine's measurement: the cached
     one when its key matches, else a quick profile, cached for the next plan. The returned cluster keeps
-    ``base``'s name (``localhost:N``), so a plan made from it launches here."""
+    ``base``'s name (``localhost:N``), so a plan made from it launches here. ``before_measuring`` runs only
+    when a quick profile is about to start (``meshplan plan`` refuses there what no measurement can change)."""
     precision = "bf16" if precision == "fp8" else precision   # fp8 runs its matmuls only; the rest is bf16
     key = cache_key(base, model, seq_len, precision)
     path = entry_path(key)
@@ -142,6 +144,7 @@ def measured_localhost(base: ClusterSpec, model: ModelSpec, seq_len: int, precis
         echo(f"meshplan: using this machine's measurement cached in {path} "
              f"(measured {cluster.measured.get('date', '?')}; delete it to measure again)")
         return _named(cluster, base.name)
+    before_measuring()
     if why != "no cached measurement":
         echo(f"meshplan: {why}; measuring again")
     cpu = base.gpu.kind == "cpu"

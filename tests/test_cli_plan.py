@@ -163,13 +163,13 @@ def test_precision_defaults_to_the_devices_own(tmp_path):
 def test_localhost_answers_what_measuring_cannot_change_before_measuring(monkeypatch, tmp_path):
     """A model that fits nowhere, or a --fix the model refuses, fails at once on localhost: the quick profile
     (which times compute and links, not memory) is not started."""
-    import meshplan.plan_cli as plan_cli
+    from meshplan.profiler import cli as profiler_cli
 
-    def no_profile(*args):
+    def no_profile(*args, **kwargs):
         raise AssertionError("the quick profile ran")
     monkeypatch.delenv("MESHPLAN_NO_PROFILE", raising=False)
     monkeypatch.setenv("MESHPLAN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(plan_cli, "measure_this_machine", no_profile)
+    monkeypatch.setattr(profiler_cli, "measure", no_profile)
     too_big = run("--model", "llama3-8b", "--cluster", "localhost:2", "--global-batch", "2", "--seq-len", "64")
     assert_one_line_error(too_big, 3, "no configuration fits")
     assert_one_line_error(run("--model", "tiny-llama", "--cluster", "localhost:2", "--fix", "tp=3"), 2, "--fix tp")

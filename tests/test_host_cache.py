@@ -49,6 +49,21 @@ def test_first_use_measures_then_the_cache_is_read(cache):
     assert second == first
 
 
+def test_before_measuring_runs_only_when_a_profile_starts(cache):
+    """``meshplan plan``'s refusals of what no measurement changes run before a quick profile, not on a
+    cache hit (where they cost a search for nothing)."""
+    _, calls = cache
+    order: list[str] = []
+
+    def before():
+        order.append(f"before, {len(calls)} profiles so far")
+    base = load_cluster("localhost:2")
+    for _ in range(2):
+        host_cache.measured_localhost(base, load_model("tiny-llama"), 64, "fp32", echo=lambda _: None,
+                                      before_measuring=before)
+    assert order == ["before, 0 profiles so far"] and len(calls) == 1
+
+
 def test_a_different_job_shape_or_rank_count_is_measured_on_its_own(cache):
     _, calls = cache
     measure(seq=64)
