@@ -287,29 +287,38 @@ def _skip_p2p_warmup(schedule) -> None:
     schedule._warmup_p2p = warmup
 
 
-def _block_bytes(part, tracker: LiveBytes, run: Callable[[], Any]) -> tuple[float, float]:
+def _block_bytes(part, tracker: LiveBytes, run: Callable[[], Any],
+                 settle: Callable[[], Any] | None = None) -> tuple[float, float]:
     """(bytes held by the part's blocks, bytes held by the whole forward) for one micro-batch: the live-bytes
-    growth from just before the first block to just after the last, and over the whole call."""
+    growth from just before the first block to just after the last, and over the whole call. ``settle`` (a
+    real run's) runs before each of the two marks is read, so that neither counts the tensors of a collective
+    that gloo's worker thread has finished but not yet let go of (:func:`measure_trainer`)."""
     blocks = list(part.layers.values())
     marks: dict[str, int] = {}
     hooks = []
+    settled = settle or (lambda: None)
+
     def start(*_):      # hooks return None: a return value would replace the module's args / output
-        marks.setdefault("start", tracker.live)
+        if "start" not in marks:
+            settled()
+            marks["start"] = tracker.live
 
     def end(*_):        # the blocks' output counts: each block keeps its input (the previous one's output)
+        settled()
         marks["end"] = tracker.live
 
     if blocks:   # after FSDP2's pre-forward (the first block gathered), before its post-forward (the last
         # block still gathered): equal-sized blocks, so the gathered weights cancel out under ZeRO-3
         hooks.append(blocks[0].register_forward_pre_hook(start))
         hooks.append(blocks[-1].register_forward_hook(end, prepend=True))
-    start = tracker.live
+    live_before = tracker.live
     try:
         result = run()
     finally:
         for hook in hooks:
             hook.remove()
-    total = tracker.live - start
+    settled()
+    total = tracker.live - live_before
     del result
     return float(marks.get("end", 0) - marks.get("start", 0)), float(total)
 
@@ -321,10 +330,12 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
     (parameters, gradients, optimizer, logits, peak; activations is filled in by the caller), the bytes one
     micro-batch keeps in each stage's blocks, and in each stage's whole forward (loss included).
 
-    ``settle`` runs between each stage's warm-up forward and its measured one: a real run passes a short
-    sleep, so that gloo's worker thread drops the warm-up's last collective (its input and output tensors,
-    held until the worker takes its queue lock again) before the window opens rather than inside it (seen in
-    CI: a ZeRO-1 run's blocks measured one unit's all-gather, 145 KiB, short of the fake run)."""
+    ``settle`` runs between each stage's warm-up forward and its measured one, and before each mark of the
+    blocks' window is read: a real run passes a short sleep, so that gloo's worker thread drops a finished
+    collective's input and output tensors (held until the worker takes its queue lock again) before a mark
+    counts them (seen in CI: a ZeRO-1 run's blocks measured one unit's all-gather, 145 KiB, short of the fake
+    run; a tp2 pp2 run's last block measured its sequence-parallel reduce-scatter's input and output, 48 KiB,
+    over it)."""
     from meshplan.launcher.runtime import train as rt
 
     plan, parts = trainer.plan, trainer.parts
@@ -356,7 +367,7 @@ def measure_trainer(trainer, tracker: LiveBytes, inputs: torch.Tensor, targets: 
         run()                                    # warm: ZeRO-1/2 parameters stay gathered after this
         if settle is not None:
             settle()
-        blocks, total = _block_bytes(part, tracker, run)
+        blocks, total = _block_bytes(part, tracker, run, settle)
         per_stage[j] = blocks
         forward_totals[j] = total
         if j == len(plan.stages) - 1:
