@@ -53,6 +53,9 @@ def make_plan(*, dp=1, tp=1, pp=1, cp=1, virtual_stages=1, num_microbatches=None
 
 
 def free_port() -> int:
+    """A port free now, for tests/test_launch_multinode.py, whose two agents must be given their rendezvous
+    port (``--master-port``) as users give it; it is released before the agents bind it, so another job could
+    take it meanwhile. Other jobs rendezvous without one (``--standalone``, a file store)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -15,12 +15,12 @@ import torch.distributed as dist
 
 from meshplan.launcher.runtime import train as rt
 from meshplan.launcher.runtime import vocab_parallel as vp
-from runtime_helpers import free_port, make_plan
+from runtime_helpers import make_plan
 
 
 @pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()
 
