@@ -21,7 +21,7 @@ import pytest
 
 from meshplan.plan import Plan, StagePlan
 from meshplan.spec import MODEL_PRESETS, TrainSpec, load_cluster
-from runtime_helpers import PARITY_LAYOUTS, TINY_GPT, job_env, make_plan
+from runtime_helpers import PARITY_LAYOUTS, TINY_GPT, job_env, make_plan, runs_triton_only_kernels
 
 torch = pytest.importorskip("torch")
 
@@ -46,8 +46,9 @@ def gloo_worker_slack_bytes(plan: Plan) -> float:
 
 
 def interpreted(plan: Plan) -> bool:
-    """Whether the plan runs Triton kernels, which run under Triton's interpreter on CPU ranks."""
-    return any(plan.kernels.get(name) == "fused" for name in ("norm", "swiglu", "rope"))
+    """Whether the plan runs Triton kernels, which run under Triton's interpreter on CPU ranks (its job keeps
+    the interpreter: ``runtime_helpers.job_env``)."""
+    return runs_triton_only_kernels(plan)
 
 
 def real_activation_bounds(record: dict, stage: str, plan: Plan) -> tuple[float, float]:
