@@ -583,6 +583,12 @@ def load_model(source: str | None) -> ModelSpec:
 # ClusterSpec
 # ----------------------------------------------------------------------------------------------
 
+def default_precision(kind: str) -> str:
+    """The training precision when none is asked for, by device kind (``DeviceSpec.kind``): fp32 on CPU ranks
+    (the only one they train in), bf16 on GPUs."""
+    return "fp32" if kind == "cpu" else "bf16"
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """One accelerator.
@@ -676,9 +682,8 @@ class ClusterSpec:
 
     @property
     def default_precision(self) -> str:
-        """The training precision when none is asked for: fp32 on CPU ranks (the only one they train in),
-        bf16 on GPUs."""
-        return "fp32" if self.gpu.kind == "cpu" else "bf16"
+        """The training precision when none is asked for (:func:`default_precision`)."""
+        return default_precision(self.gpu.kind)
 
     @property
     def world_size(self) -> int:

@@ -233,7 +233,7 @@ def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, 
         raise InputError("--node-rank", f"{node_rank} is not in 0..{nnodes - 1}", "give this node's rank")
     if not out.parent.exists():
         raise InputError("--out", f"folder {out.parent} does not exist", "create it or write elsewhere")
-    from meshplan.spec import PRECISIONS, load_cluster, load_model
+    from meshplan.spec import PRECISIONS, default_precision, load_cluster, load_model
 
     kind = device_kind()
     ranks = parse_localhost(cluster)
@@ -243,7 +243,7 @@ def run_profile(cluster, out, budget, model, seq_len, micro_batches, precision, 
     seq = seq_len if seq_len is not None else DEFAULT_SEQ[kind]
     if seq < 1:
         raise InputError("--seq-len", f"must be >= 1, got {seq}", "give the training sequence length")
-    prec = (precision or ("bf16" if kind == "gpu" else "fp32")).lower()
+    prec = (precision or default_precision(kind)).lower()
     if prec not in PRECISIONS or prec == "fp8":
         raise InputError("--precision", f"cannot time {prec!r}", "choose bf16, fp16 or fp32")
     if kind == "cpu" and prec != "fp32":

@@ -151,6 +151,14 @@ def measure_optimizer(spec: ModelSpec, tp: int, device, reps: int) -> dict | Non
             "step_s": lower_quartile(times), "step_reps": times}
 
 
+def vocab_ops_warm_themselves(device) -> bool:
+    """Whether the vocabulary ops are left out of :func:`warm_up` and warmed by their own calls in
+    :func:`measure_vocab`: on CPU ranks, where nothing of theirs compiles on a first call and at a 128k
+    vocabulary one call is seconds; a GPU warms them with the first shape (the chunked loss's first call
+    compiles its Triton kernels)."""
+    return device.type == "cpu"
+
+
 def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, reps: int,
                   quick: bool = False) -> dict:
     """LM head GEMM (vocab split by tp), its cross-entropy, and the embedding lookup (the vocab / tp rows of a
@@ -164,7 +172,7 @@ def measure_vocab(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
     call compiles its Triton kernels (seconds)."""
     tokens = mb * seq
     vocab_local = -(-spec.vocab // tp)
-    cold_trial = quick and device.type == "cpu"
+    cold_trial = quick and vocab_ops_warm_themselves(device)
     x = torch.randn(tokens, spec.hidden, device=device, dtype=dtype, requires_grad=True)
     # logits of a trained model's scale (std about 1, as after the final norm and a hidden^-1/2 head): with
     # unit weights they reach std sqrt(hidden), the softmax underflows to denormals and on a CPU the loss's
@@ -303,7 +311,7 @@ def warm_up(spec: ModelSpec, shape: tuple[int, int], seq: int, device, dtype, qu
     first calls of each operator and of autograd's recompute paths): 4 CPU ranks took 3 s over the first shape
     of a small model, against well under a second for each shape after it. The next shapes' expected times
     scale the first shape's time."""
-    measure_shape(spec, *shape, seq, device, dtype, reps=1, quick=quick, vocab=device.type != "cpu")
+    measure_shape(spec, *shape, seq, device, dtype, reps=1, quick=quick, vocab=not vocab_ops_warm_themselves(device))
     sync(device)
 
 
