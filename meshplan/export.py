@@ -142,9 +142,13 @@ def _megatron_model(plan: Plan, args: list[str], warnings: list[str] | None) -> 
     for name, value in (("--num-layers", m.layers), ("--hidden-size", m.hidden), ("--ffn-hidden-size", m.ffn_hidden),
                         ("--num-attention-heads", m.heads)):
         _opt(args, name, value)
+    if m.q_width != m.hidden:      # Megatron's kv_channels defaults to hidden / heads
+        _opt(args, "--kv-channels", m.head_dim)
     if m.kv_heads != m.heads:
         args.append("--group-query-attention")
         _opt(args, "--num-query-groups", m.kv_heads)
+    if m.qk_norm:                  # a norm of the model's kind over each q and k head (TransformerConfig.qk_layernorm)
+        args.append("--qk-layernorm")
     _opt(args, "--seq-length", t.seq_len)
     _opt(args, "--max-position-embeddings", max(m.max_seq_len, t.seq_len) if m.position == "learned" else t.seq_len)
     if m.position == "learned" and m.max_seq_len and m.max_seq_len < t.seq_len:

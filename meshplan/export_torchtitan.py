@@ -22,7 +22,7 @@ from typing import Any
 from meshplan.errors import InputError
 from meshplan.export import describe_recompute, mesh_is_default, recompute_counts, recompute_kind, schedule_name, warn
 from meshplan.plan import Plan
-from meshplan.spec import MODEL_PRESETS
+from meshplan.spec import MODEL_PRESETS, ModelSpec
 
 TORCHTITAN_VERSION = "0.3.0"
 
@@ -68,8 +68,7 @@ def torchtitan_config(plan: Plan, config: str | None, warnings: list[str] | None
             raise InputError("--torchtitan-config", f"{config!r} is not MODULE:FUNCTION",
                              "write e.g. --torchtitan-config my_pkg.configs:llama3_70b_sdpa")
         warn(warnings, f"torchtitan: the model is what {module}:{function} builds; it must have the plan's shape "
-                       f"({m.layers} layers, hidden {m.hidden}, {m.heads} heads, {m.kv_heads} kv heads, ffn "
-                       f"{m.ffn_hidden}, vocab {m.vocab})")
+                       f"({shape_words(m)})")
         return module, function
     if m.name not in TORCHTITAN_CONFIGS or MODEL_PRESETS.get(m.name) != m:
         presets = ", ".join(TORCHTITAN_CONFIGS)
@@ -79,6 +78,16 @@ def torchtitan_config(plan: Plan, config: str | None, warnings: list[str] | None
                          "MODULE:FUNCTION, or use --to torchtitan-toml for torchtitan 0.2")
     _warn_preset_precision(plan, warnings)
     return TORCHTITAN_CONFIGS[m.name]
+
+
+def shape_words(m: ModelSpec) -> str:
+    """The model's shape as a torchtitan model registry entry must match it, in words."""
+    words = [f"{m.layers} layers", f"hidden {m.hidden}", f"{m.heads} heads", f"{m.kv_heads} kv heads"]
+    if m.q_width != m.hidden:
+        words.append(f"head_dim {m.head_dim}")
+    if m.qk_norm:
+        words.append("q/k norms (torchtitan's qwen3 model)")
+    return ", ".join(words + [f"ffn {m.ffn_hidden}", f"vocab {m.vocab}"])
 
 
 def _warn_preset_precision(plan: Plan, warnings: list[str] | None) -> None:
@@ -294,8 +303,7 @@ def _toml_model(plan: Plan, warnings: list[str] | None) -> dict[str, Any]:
     name, flavor = _TORCHTITAN_FLAVORS.get(m.name, ("llama3", m.name))
     if m.name not in _TORCHTITAN_FLAVORS:
         warn(warnings, f"torchtitan: model {m.name!r} is not a torchtitan flavor; [model] flavor is set to "
-                       f"{m.name!r} and needs a matching entry ({m.layers} layers, hidden {m.hidden}, {m.heads} "
-                       f"heads, {m.kv_heads} kv heads, ffn {m.ffn_hidden}, vocab {m.vocab}) in the model registry")
+                       f"{m.name!r} and needs a matching entry ({shape_words(m)}) in the model registry")
     if m.mlp != "swiglu" or m.norm != "rmsnorm" or m.position != "rope":
         warn(warnings, f"torchtitan: model {m.name!r} ({m.mlp}, {m.norm}, {m.position}) is not Llama-shaped; "
                        "torchtitan's llama3 model uses SwiGLU, RMSNorm and RoPE")

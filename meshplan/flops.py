@@ -18,17 +18,23 @@ from meshplan.spec import ModelSpec
 
 
 def attention_params_per_layer(m: ModelSpec) -> int:
-    """q and o projections h*h each; k and v h*(kv_heads*head_dim) each; biases if the model has them
-    (q, k and v only with ``qkv_bias``)."""
-    kv_width = m.kv_heads * m.head_dim
-    weights = 2 * m.hidden * m.hidden + 2 * m.hidden * kv_width
-    biases = (m.hidden + 2 * kv_width) if m.attention_biases else 0
-    return weights + biases + (m.hidden if m.bias else 0)
+    """q and o projections h*q_width each (q_width = heads*head_dim, h unless head_dim says otherwise); k and
+    v h*kv_width each; biases if the model has them (q, k and v only with ``qkv_bias``); the per-head q and k
+    norms (``qk_norm``)."""
+    weights = 2 * m.hidden * m.q_width + 2 * m.hidden * m.kv_width
+    biases = (m.q_width + 2 * m.kv_width) if m.attention_biases else 0
+    return weights + biases + (m.hidden if m.bias else 0) + 2 * qk_norm_params(m)
+
+
+def qk_norm_params(m: ModelSpec) -> int:
+    """One of the two per-head norms of ``qk_norm`` (a scale of width head_dim, plus a bias for LayerNorm with
+    biases); 0 without them."""
+    return m.head_dim * (2 if (m.norm == "layernorm" and m.bias) else 1) if m.qk_norm else 0
 
 
 def kv_params_per_layer(m: ModelSpec) -> int:
-    """The k and v projections of one block: h*(kv_heads*head_dim) weights each, and their biases."""
-    return 2 * m.kv_heads * m.head_dim * (m.hidden + (1 if m.attention_biases else 0))
+    """The k and v projections of one block: h*kv_width weights each, and their biases."""
+    return 2 * m.kv_width * (m.hidden + (1 if m.attention_biases else 0))
 
 
 def kv_heads_per_rank(m: ModelSpec, tp: int) -> float:
@@ -111,8 +117,7 @@ def active_params(m: ModelSpec, seq_len: int) -> int:
 def layer_matmul_flops_per_token(m: ModelSpec, moe: bool = False) -> float:
     """Forward FLOPs of the weight matmuls of one block, per token: 2 * (weights of the linears a token
     uses). ``moe``: the block's MLP is the mixture of experts (``moe_mlp_flops_per_token``)."""
-    kv_width = m.kv_heads * m.head_dim
-    attention = 2 * (2 * m.hidden * m.hidden + 2 * m.hidden * kv_width)
+    attention = 2 * (2 * m.hidden * m.q_width + 2 * m.hidden * m.kv_width)
     if moe:
         return attention + moe_mlp_flops_per_token(m)
     return attention + 2 * (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
@@ -128,9 +133,9 @@ def moe_mlp_flops_per_token(m: ModelSpec) -> float:
 
 
 def attention_core_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = True) -> float:
-    """Forward FLOPs of QK^T and PV per token: 2 matmuls of 2*s*h each -> 4*s*h (Narayanan et al. 2021,
-    appendix). With causal masking only half the score matrix is useful: 2*s*h."""
-    full = 4.0 * seq_len * m.hidden
+    """Forward FLOPs of QK^T and PV per token: 2 matmuls of 2*s*q_width each -> 4*s*q_width (Narayanan et al.
+    2021, appendix, where q_width = h). With causal masking only half the score matrix is useful."""
+    full = 4.0 * seq_len * m.q_width
     return full / 2 if causal_halving else full
 
 
@@ -143,8 +148,9 @@ def model_flops_per_token(m: ModelSpec, seq_len: int, causal_halving: bool = Tru
     """Training FLOPs per token (forward + backward = 3x forward), no recompute.
 
     Equals Megatron-LM's ``num_floating_point_operations`` / tokens with ``causal_halving=False``:
-    12*l*h^2*((1 + g/a + s/h)*q/h + f/h*(3/2 if swiglu) + V/(2*l*h)) per token (Narayanan et al. 2021,
-    generalised to GQA and SwiGLU as in megatron/training/training.py).
+    12*l*h^2*((1 + g/a + s/h)*q/h + f/h*(3/2 if swiglu) + V/(2*l*h)) per token, q the query width
+    ``heads * kv_channels`` (Narayanan et al. 2021, generalised to GQA, SwiGLU and ``--kv-channels`` as in
+    megatron/training/training.py). The ``qk_norm`` norms are memory-bound and count no FLOPs.
     """
     matmuls = sum(layer_matmul_flops_per_token(m, m.is_moe_layer(i)) for i in range(m.layers))
     attention = m.layers * attention_core_flops_per_token(m, seq_len, causal_halving)

@@ -136,7 +136,11 @@ class ModelSpec:
         name: a label, shown in reports.
         layers: number of transformer blocks.
         hidden: model width h.
-        heads: attention (query) heads a; ``hidden % heads == 0``.
+        heads: attention (query) heads a; ``hidden % heads == 0`` unless ``head_dim`` is given.
+        head_dim: the width d of one attention head; default ``hidden / heads``. Qwen3 0.6B/4B/32B and the
+            Qwen3-MoE models set it so that the query width ``heads * head_dim`` (:attr:`q_width`) differs
+            from ``hidden``: q, k, v project ``hidden`` to ``heads * d`` (k, v: ``kv_heads * d``) and the
+            output projection ``heads * d`` back to ``hidden``. Even, for rotary positions.
         kv_heads: key/value heads (grouped-query attention); defaults to ``heads``; must divide ``heads``.
         ffn_hidden: MLP inner width f. Default: ``4*hidden`` for gelu; for swiglu Llama's rule
             ``256 * ceil((8/3*hidden) / 256)``.
@@ -147,6 +151,9 @@ class ModelSpec:
         tied_embeddings: the LM head reuses the input embedding matrix.
         bias: linear layers and norms have biases (GPT-2/GPT-3, Megatron's default); Llama has none.
         qkv_bias: the query, key and value projections (only those) have biases (Qwen2).
+        qk_norm: every query and key head is normed over its ``head_dim`` before rotary positions, with one
+            weight of width ``head_dim`` for the queries and one for the keys per block (Qwen3; Megatron-Core
+            ``--qk-layernorm``). The norm is the model's ``norm``.
         norm_eps: the epsilon of every norm (Hugging Face ``rms_norm_eps`` / ``layer_norm_epsilon``).
         rope_theta: the rotary base (Su et al. 2021: 10000; Llama 3: 500000).
         rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
@@ -169,6 +176,8 @@ class ModelSpec:
     tied_embeddings: bool = False
     bias: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
+    head_dim: int = 0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: "RopeScaling | None" = None
@@ -182,6 +191,7 @@ class ModelSpec:
         if isinstance(self.moe, Mapping):
             object.__setattr__(self, "moe", MoESpec.from_dict(self.moe, f"{where}: moe"))
         object.__setattr__(self, "qkv_bias", _as_bool(self.qkv_bias, f"{where}: qkv_bias"))
+        object.__setattr__(self, "qk_norm", _as_bool(self.qk_norm, f"{where}: qk_norm"))
         object.__setattr__(self, "norm_eps", _as_float(self.norm_eps, f"{where}: norm_eps"))
         object.__setattr__(self, "rope_theta", _as_float(self.rope_theta, f"{where}: rope_theta"))
         if isinstance(self.rope_scaling, Mapping):
@@ -200,9 +210,7 @@ class ModelSpec:
         object.__setattr__(self, "dropout", dropout)
         kv = self.kv_heads or self.heads
         object.__setattr__(self, "kv_heads", _as_int(kv, f"{where}: kv_heads", 1, 10**6))
-        if self.hidden % self.heads:
-            raise InputError(f"{where}: heads", f"hidden {self.hidden} is not divisible by heads {self.heads}",
-                             "pick heads that divide hidden")
+        self._set_head_dim(where)
         if self.heads % self.kv_heads:
             raise InputError(f"{where}: kv_heads", f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}",
                              "pick kv_heads that divide heads")
@@ -218,9 +226,29 @@ class ModelSpec:
             raise InputError(f"{where}: schema_version", f"unsupported version {self.schema_version}",
                              f"this meshplan reads version {SCHEMA_VERSION}")
 
+    def _set_head_dim(self, where: str) -> None:
+        """``head_dim`` as given (even under rotary positions), or ``hidden / heads``."""
+        if not self.head_dim:
+            if self.hidden % self.heads:
+                raise InputError(f"{where}: heads", f"hidden {self.hidden} is not divisible by heads {self.heads}",
+                                 "pick heads that divide hidden, or give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+            return
+        object.__setattr__(self, "head_dim", _as_int(self.head_dim, f"{where}: head_dim", 1, 10**6))
+        if self.position == "rope" and self.head_dim % 2:
+            raise InputError(f"{where}: head_dim", f"{self.head_dim} is odd; rotary positions rotate pairs",
+                             "give an even head_dim")
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def q_width(self) -> int:
+        """The width of all query heads together, ``heads * head_dim`` (the attention output's too); equals
+        ``hidden`` unless ``head_dim`` says otherwise."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """The width of all key (or value) heads together, ``kv_heads * head_dim``."""
+        return self.kv_heads * self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer``'s MLP is the mixture of experts (``moe.layers``)."""
@@ -244,6 +272,8 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if self.head_dim * self.heads == self.hidden:
+            del out["head_dim"]             # the default, hidden / heads: files without it stay as they were
         if self.moe is None:
             del out["moe"]                  # dense models' files stay as they were
         else:
@@ -405,6 +435,7 @@ def _llama3(factor: float) -> dict[str, Any]:
 
 
 _QWEN2 = dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1000000.0)   # Qwen2.5 config.json
+_QWEN3 = dict(qk_norm=True, head_dim=128, norm_eps=1e-6, rope_theta=1000000.0)   # Qwen3 config.json
 
 
 def _gpt(name, layers, hidden, heads, vocab, max_seq_len, tied=True):
@@ -436,6 +467,11 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         _llama("qwen2-moe-a2.7b", 24, 2048, 16, 16, 5632, 151936, **_QWEN2,        # Qwen/Qwen1.5-MoE-A2.7B
                moe=MoESpec(experts=60, top_k=4, expert_ffn_hidden=1408, shared_experts=1, shared_ffn_hidden=5632,
                            shared_expert_gate=True, normalize_top_k=False, aux_loss_coeff=0.001)),
+        _llama("qwen3-0.6b", 28, 1024, 16, 8, 3072, 151936, tied=True, **_QWEN3),   # Qwen/Qwen3-0.6B
+        _llama("qwen3-8b", 36, 4096, 32, 8, 12288, 151936, **_QWEN3),              # Qwen/Qwen3-8B
+        _llama("qwen3-32b", 64, 5120, 64, 8, 25600, 151936, **_QWEN3),             # Qwen/Qwen3-32B
+        _llama("qwen3-30b-a3b", 48, 2048, 32, 4, 6144, 151936, **_QWEN3,           # Qwen/Qwen3-30B-A3B
+               moe=MoESpec(experts=128, top_k=8, expert_ffn_hidden=768, aux_loss_coeff=0.001)),
         # Tiny models for CPU launches and tests.
         _llama("tiny-llama", 4, 64, 4, 2, 176, 256),
         _llama("tiny-moe", 4, 64, 4, 2, 176, 256, moe=MoESpec(experts=4, top_k=2, expert_ffn_hidden=64)),
@@ -505,6 +541,7 @@ def hf_moe(data: Mapping[str, Any], kind: str, where: str) -> "MoESpec | None":
 
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")     # RMSNorm of each q and k head (Qwen3Attention q_norm, k_norm)
 
 
 def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
@@ -523,14 +560,10 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
             act = str(data.get("hidden_act", "silu"))
             if act not in ("silu", "swish"):
                 raise InputError(f"{where}: hidden_act", f"{act!r} is not supported for {kind}", "use silu (SwiGLU)")
-            hidden, heads = data["hidden_size"], data["num_attention_heads"]
-            head_dim = data.get("head_dim") or hidden // heads
-            if head_dim * heads != hidden:
-                raise InputError(f"{where}: head_dim", f"{head_dim} x {heads} heads is not hidden_size {hidden}",
-                                 "meshplan models head_dim = hidden_size / num_attention_heads")
             return ModelSpec(
-                name=name, layers=data["num_hidden_layers"], hidden=hidden,
-                heads=heads, kv_heads=data.get("num_key_value_heads") or 0,
+                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
+                heads=data["num_attention_heads"], kv_heads=data.get("num_key_value_heads") or 0,
+                head_dim=data.get("head_dim") or 0, qk_norm=kind in QK_NORM_MODEL_TYPES,
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
                 qkv_bias=kind in ("qwen2", "qwen2_moe"), norm_eps=data.get("rms_norm_eps", 1e-6),

@@ -335,8 +335,8 @@ def ulysses_time(model: ModelSpec, tokens: float, tp: int, cp: int, cp_link: Gro
     if kv_local_heads % cp:     # fewer key/value heads than cp ranks: repeated to the query heads first
         kv_local_heads = model.heads / tp
     kv_local_width = kv_local_heads * model.head_dim
-    qkv_local = tokens * (model.hidden / tp + 2 * kv_local_width) * act_bytes
-    out_local = tokens * model.hidden / tp * act_bytes
+    qkv_local = tokens * (model.q_width / tp + 2 * kv_local_width) * act_bytes
+    out_local = tokens * model.q_width / tp * act_bytes
     return (comm.alltoall_time(qkv_local, cp_link) + comm.alltoall_time(out_local, cp_link)
             + 2 * host.meeting(compute_estimate / 2, cp))
 
@@ -442,7 +442,9 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
 
 def layer_params_per_rank(model: ModelSpec, tp: int) -> float:
     """Parameters of one block on one rank: attention and MLP split over tp, k and v by their heads
-    (flops.kv_heads_per_rank: one replicated head each when tp exceeds them), the two norms whole."""
-    kv = flops.kv_params_per_layer(model)
-    sharded = flops.attention_params_per_layer(model) - kv + flops.mlp_params_per_layer(model)
-    return sharded / tp + kv * flops.kv_heads_per_rank(model, tp) / model.kv_heads + 2 * flops.norm_params(model)
+    (flops.kv_heads_per_rank: one replicated head each when tp exceeds them), the two norms and the per-head
+    q/k norms whole."""
+    kv, whole = flops.kv_params_per_layer(model), 2 * flops.norm_params(model) + 2 * flops.qk_norm_params(model)
+    sharded = flops.attention_params_per_layer(model) - kv - 2 * flops.qk_norm_params(model) \
+        + flops.mlp_params_per_layer(model)
+    return sharded / tp + kv * flops.kv_heads_per_rank(model, tp) / model.kv_heads + whole

@@ -229,13 +229,14 @@ def roofline(compute_s: float, memory_s: float, overlapped: bool) -> float:
 
 def layer_matmul_shapes(model: ModelSpec, tokens: float, tp: int) -> list[tuple[float, float, float]]:
     """The forward GEMMs of one block on one tensor-parallel rank, as (m, k, n): column-parallel QKV and
-    MLP-in (n split by tp), row-parallel output projection and MLP-out (k split by tp), Megatron-style."""
-    h, f = model.hidden, model.ffn_hidden
+    MLP-in (n split by tp), row-parallel output projection and MLP-out (k split by tp), Megatron-style; q
+    and the attention output are ``q_width`` (heads x head_dim) wide."""
+    h, f, q = model.hidden, model.ffn_hidden, model.q_width
     kv_local_width = flops.kv_heads_per_rank(model, tp) * model.head_dim   # a replicated head when tp > kv_heads
     mlp_in = f * (2 if model.mlp == "swiglu" else 1)
     return [
-        (tokens, h, h / tp + 2 * kv_local_width),   # QKV
-        (tokens, h / tp, h),                    # attention output projection
+        (tokens, h, q / tp + 2 * kv_local_width),   # QKV
+        (tokens, q / tp, h),                    # attention output projection
         (tokens, h, mlp_in / tp),               # fc1 / gate+up
         (tokens, f / tp, h),                    # fc2 / down
     ]
@@ -246,17 +247,17 @@ def selective_recompute_shapes(model: ModelSpec, tokens: float, tp: int) -> list
     memory.activation_bytes_per_layer) that the backward needs: wk and wo, plus w3 for SwiGLU. The block's
     last matmul (w2) is not re-run: the recompute stops once the backward has what it needs."""
     h, f = model.hidden, model.ffn_hidden
-    shapes = [(tokens, h, flops.kv_heads_per_rank(model, tp) * model.head_dim), (tokens, h / tp, h)]
+    shapes = [(tokens, h, flops.kv_heads_per_rank(model, tp) * model.head_dim), (tokens, model.q_width / tp, h)]
     if model.mlp == "swiglu":
         shapes.append((tokens, h, f / tp))
     return shapes
 
 
 def attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int, cp: int, rates: Rates) -> tuple[float, float]:
-    """Flash attention forward and backward on one rank: causal forward FLOPs 2*b*s_local*s*h/tp
-    (4*b*s*s*h halved by the mask, the queries split over cp), backward 2.5x forward (5 matmuls against 2,
-    Dao 2023)."""
-    fwd_flops = 2.0 * micro_batch * (seq / cp) * seq * model.hidden / tp
+    """Flash attention forward and backward on one rank: causal forward FLOPs 2*b*s_local*s*q/tp
+    (4*b*s*s*q halved by the mask, the queries split over cp; q = heads x head_dim), backward 2.5x forward
+    (5 matmuls against 2, Dao 2023)."""
+    fwd_flops = 2.0 * micro_batch * (seq / cp) * seq * model.q_width / tp
     return fwd_flops / rates.attention, 2.5 * fwd_flops / rates.attention
 
 
@@ -298,6 +299,7 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
                        mean, rsqrt-scale, weight multiply, downcast), and where the activations are 16-bit
                        the NORM_FP32_TOUCHES between the upcast and the downcast move 4 bytes, not 2
                        (:func:`eager_norm_upcast_bytes`)
+        q/k norms      (``qk_norm``) as the norms, over q and k
         rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes
         activation     SwiGLU fused: read gate, up, write out (3 passes over f); eager: silu then multiply
                        (5 passes); GELU fused 2 passes, eager 2
@@ -306,15 +308,16 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
     """
     h, f = model.hidden, model.ffn_hidden
     outside = tokens * h / (tp if sp else 1)
-    qk = tokens * (h / tp + flops.kv_heads_per_rank(model, tp) * model.head_dim)
+    qk = tokens * (model.q_width / tp + flops.kv_heads_per_rank(model, tp) * model.head_dim)
+    normed = 2 * outside + (qk if model.qk_norm else 0.0)
     norm_passes = 2 if fused else 6
     rope_passes = (2 if fused else 6) if model.position == "rope" else 0
     if model.mlp == "swiglu":
         act = (3 if fused else 5) * tokens * f / tp
     else:
         act = 2 * tokens * f / tp
-    elements = 2 * norm_passes * outside + rope_passes * qk + act + 2 * 3 * outside
-    upcast = 0.0 if fused else 2 * eager_norm_upcast_bytes(act_bytes) * outside
+    elements = norm_passes * normed + rope_passes * qk + act + 2 * 3 * outside
+    upcast = 0.0 if fused else eager_norm_upcast_bytes(act_bytes) * normed
     return act_bytes * elements + upcast
 
 

@@ -225,17 +225,16 @@ def activation_bytes_per_layer(
     ``(34 + 5*a*s/h)/t``. This function computes the same terms one tensor at a time, so that GQA
     (k and v are kv/a of q), SwiGLU, flash attention, context parallel and 4-byte activations follow:
 
-        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP)  -- meshplan's reference norm (what
-                                                       runs unless the fused kernel does) keeps its fp32 input
-                                                       and its normalised output: (4 + b)/b times as much
+        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP; the bytes per kernel: norm_saved_bytes)
         QKV input                    sbh               (sharded by SP in Megatron-LM, which re-gathers it in
                                                        backward; DTensor sequence parallel -- meshplan's
                                                        runtime, torchtitan -- keeps the all-gathered sbh)
-        Q, K, V                      sbh * (1 + 2*kv_t*t/a) / t  (kv_t = flops.kv_heads_per_rank)
+        Q, K, V                      sbq * (1 + 2*kv_t*t/a) / t  (q = heads x head_dim; kv_t: kv_heads_per_rank)
+        q/k norm inputs (qk_norm)    sbq * (1 + kv_t*t/a) / t  (:func:`norm_saved_bytes`)
         softmax out, mask, dropout   5*a*s^2*b / t  (bytes; 2*a*s^2*b / t without dropout) -- absent with
                                                              flash attention, which saves its output and a
                                                              fp32 logsumexp (4*a*s*b/t)
-        attention output (proj in)   sbh / t
+        attention output (proj in)   sbq / t
         attention dropout mask       sbh (1 byte)      (sharded by SP)
         MLP input                    sbh               (as the QKV input)
         GELU: fc1 out + GELU out     2 * sbf / t
@@ -262,26 +261,26 @@ def activation_bytes_per_layer(
     s = seq / cp
     kv_ratio = flops.kv_heads_per_rank(m, tp) * tp / a      # k, v width over q's (one replicated head at tp > kv)
     dropout = (m.dropout > 0) if dropout is None else dropout
-    sbh = s * b * h
+    sbh, sbq = s * b * h, s * b * m.q_width
     replicated = 1.0 / tp if sp else 1.0      # tensors outside the TP region: sharded by SP
     mask = 1.0 if dropout else 0.0
 
     if recompute == "full":
         return act_bytes * sbh * replicated
 
-    qkv = act_bytes * sbh * (1 + 2 * kv_ratio) / tp
-    attn_out = act_bytes * sbh / tp
+    qkv = act_bytes * sbq * (1 + 2 * kv_ratio) / tp
+    attn_out = act_bytes * sbq / tp
     lse = 4.0 * a * s * b / tp if flash else 0.0
     # softmax output, and with dropout its 1-byte mask and output: 2*as^2b + as^2b + 2*as^2b at 16 bits
     scores = 0.0 if flash else a * s * s * b / tp * (act_bytes + mask * (1 + act_bytes))
 
     if recompute == "selective" and selective != "core_attention":
-        return selective_op_bytes(sbh, s * b * f, kv_ratio, tp, act_bytes, replicated, mask, selective) + attn_out + lse
+        return selective_op_bytes(sbh, sbq, s * b * f, kv_ratio, tp, act_bytes, replicated, mask,
+                                  selective) + attn_out + lse
     if recompute not in ("none", "selective"):
         raise ValueError(f"unknown recompute mode {recompute!r}")
     attention_core = scores + lse if recompute == "none" else 0.0    # Megatron's selective drops the core's
-    norm_bytes = act_bytes if fused_norm else 4 + act_bytes
-    norms = 2 * norm_bytes * sbh * replicated
+    norms = norm_saved_bytes(m, sbh * replicated, sbq * (1 + kv_ratio) / tp, act_bytes, fused_norm)
     # DTensor SP (``gathered_linear_inputs``) keeps the all-gathered input of wq/wk/wv and w1/w3; Megatron-LM
     # keeps its own shard and gathers again in backward (the paper's count)
     linear_input = act_bytes * sbh * (1.0 if gathered_linear_inputs else replicated)
@@ -294,11 +293,19 @@ def activation_bytes_per_layer(
     return norms + qkv_input + qkv + attention_core + attn_out + mlp_input + mlp_inner + masks
 
 
-def selective_op_bytes(sbh: float, sbf: float, kv_ratio: float, tp: int, act_bytes: int, replicated: float,
-                       mask: float, policy: str) -> float:
+def norm_saved_bytes(m: ModelSpec, normed_input: float, normed_qk: float, act_bytes: int, fused: bool) -> float:
+    """Bytes a block's norms keep for backward: the two over ``normed_input`` elements (the block's and the
+    MLP's input) and, with ``qk_norm``, those over ``normed_qk`` elements of q and k. A fused norm keeps its
+    input (``act_bytes``); meshplan's reference norm its fp32 input and normalised output (4 + act_bytes)."""
+    per_element = act_bytes if fused else 4 + act_bytes
+    return per_element * (2 * normed_input + (normed_qk if m.qk_norm else 0.0))
+
+
+def selective_op_bytes(sbh: float, sbq: float, sbf: float, kv_ratio: float, tp: int, act_bytes: int,
+                       replicated: float, mask: float, policy: str) -> float:
     """What op-level selective recompute keeps of one block beside the attention output and its logsumexp
     (activation_bytes_per_layer): the block input (``replicated``: 1/t under SP), the outputs of wq and wv
-    (q, and v at kv/a of q's width), w1's output (f wide), the two dropout masks; the ``op_policy``
+    (q, ``sbq`` wide, and v at kv/a of q's width; the q/k norms are recomputed), w1's output (f wide), the two dropout masks; the ``op_policy``
     (torchtitan's ``_save_list``, every odd mm) also keeps w2's full-width output and, under TP, the
     reduce-scatter outputs of wo and w2 (sbh/t each)."""
     if policy == "op_policy":
@@ -308,7 +315,7 @@ def selective_op_bytes(sbh: float, sbf: float, kv_ratio: float, tp: int, act_byt
     else:
         raise ValueError(f"unknown selective policy {policy!r}")
     block_input = act_bytes * sbh * replicated
-    q_and_v = act_bytes * sbh * (1 + kv_ratio) / tp
+    q_and_v = act_bytes * sbq * (1 + kv_ratio) / tp
     w1_out = act_bytes * sbf / tp
     masks = 2 * mask * sbh * replicated
     return block_input + q_and_v + w1_out + masks + kept_w2

@@ -79,7 +79,8 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "seq-length", "max-position-embeddings", "vocab-size", "tensor-model-parallel-size",
                  "pipeline-model-parallel-size", "context-parallel-size", "micro-batch-size", "global-batch-size",
                  "num-layers-per-virtual-pipeline-stage", "num-virtual-stages-per-pipeline-rank",
-                 "decoder-first-pipeline-num-layers", "decoder-last-pipeline-num-layers", "recompute-num-layers"):
+                 "decoder-first-pipeline-num-layers", "decoder-last-pipeline-num-layers", "recompute-num-layers",
+                 "kv-channels"):
         p.add_argument(f"--{name}", type=int)
     for name in ("attention-dropout", "hidden-dropout", "norm-epsilon", "rope-scaling-factor"):
         p.add_argument(f"--{name}", type=float)
@@ -100,7 +101,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine", "inference_optimized"])
     p.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"])
     p.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"])
-    for name in ("group-query-attention", "swiglu", "untie-embeddings-and-output-weights", "disable-bias-linear",
+    for name in ("group-query-attention", "qk-layernorm", "swiglu", "untie-embeddings-and-output-weights", "disable-bias-linear",
                  "bf16", "fp16", "sequence-parallel", "use-distributed-optimizer", "use-megatron-fsdp",
                  "use-tp-pp-dp-mapping", "tp-comm-overlap", "cross-entropy-loss-fusion", "overlap-grad-reduce",
                  "overlap-param-gather", "no-bias-swiglu-fusion", "no-rope-fusion", "add-qkv-bias",
@@ -167,6 +168,16 @@ def test_megatron_model_numerics_qkv_bias_and_rope_scaling_it_cannot_express():
     warnings: list[str] = []
     to_megatron_args(flat_plan(model=odd), warnings)
     assert any("original_max_position_embeddings 4096" in w for w in warnings), warnings
+
+
+def test_megatron_model_with_wide_heads_and_qk_norms():
+    """Qwen3-32B: 64 heads of 128 over hidden 5120 (``--kv-channels``, Megatron's default being hidden/heads)
+    and a norm over each q and k head (``--qk-layernorm``); a Llama model gets neither."""
+    ns = megatron_parser().parse_args(to_megatron_args(flat_plan(model=MODEL_PRESETS["qwen3-32b"],
+                                                                   stages=_stages([64], selective=[64]))))
+    assert ns.kv_channels == 128 and ns.qk_layernorm and ns.num_attention_heads == 64 and ns.hidden_size == 5120
+    ns = megatron_parser().parse_args(to_megatron_args(flat_plan()))
+    assert ns.kv_channels is None and not ns.qk_layernorm
 
 
 def test_megatron_even_interleaved_and_first_last_and_block_recompute():

@@ -20,6 +20,7 @@ from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes, saved_
 from meshplan.launcher.runtime.model import Block, causal_attention, rotary_tables
 from meshplan.launcher.runtime.parallelize import apply_ac
 from meshplan.planner.compute import layer_matmul_shapes
+from meshplan.planner.flops import kv_heads_per_rank
 from meshplan.plan import RECOMPUTE_MODES
 from meshplan.profiler.phases.timing import (LONG_CALL_S, SAMPLE_S, agree, lower_quartile, quiet_stderr, slowest,
                                              sync, time_reps)
@@ -38,18 +39,20 @@ MIN_BLOCK_ROUNDS = 3
 
 def per_rank_block(spec: ModelSpec, tp: int, device: torch.device, dtype: torch.dtype) -> Block:
     """The runtime's ``Block`` with its projections cut to one tensor-parallel rank's widths (Megatron's
-    column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2). Attention reads its head count from the
-    projection widths, so the block runs unchanged. The TP collectives are measured with the links.
+    column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2; one whole key/value head where tp exceeds them, as
+    the runtime replicates it). Attention reads its head count from the projection widths, so the block
+    runs unchanged. The TP collectives are measured with the links.
     A model with experts is timed as its dense block (``moe`` dropped): the rates fitted to it price the
     experts' GEMMs and traffic (planner/moe.py)."""
     spec = dataclasses.replace(spec, moe=None)
     h, d, f = spec.hidden, spec.head_dim, spec.ffn_hidden
+    kv_width = int(kv_heads_per_rank(spec, tp)) * d
     with torch.device(device):
         block = Block(spec)
         attn, ff = block.attention, block.feed_forward
-        attn.wq = nn.Linear(h, spec.heads * d // tp, bias=spec.bias)
-        attn.wk = nn.Linear(h, spec.kv_heads * d // tp, bias=spec.bias)
-        attn.wv = nn.Linear(h, spec.kv_heads * d // tp, bias=spec.bias)
+        attn.wq = nn.Linear(h, spec.heads * d // tp, bias=spec.attention_biases)
+        attn.wk = nn.Linear(h, kv_width, bias=spec.attention_biases)
+        attn.wv = nn.Linear(h, kv_width, bias=spec.attention_biases)
         attn.wo = nn.Linear(spec.heads * d // tp, h, bias=spec.bias)
         ff.w1 = nn.Linear(h, f // tp, bias=spec.bias)
         ff.w2 = nn.Linear(f // tp, h, bias=spec.bias)
@@ -112,7 +115,7 @@ def measure_block(spec: ModelSpec, tp: int, mb: int, seq: int, device, dtype, re
                       sample_seconds=SAMPLE_S)
         gemms.append({"m": m, "k": k, "n": n, "flops": 2.0 * m * k * n, "seconds": lower_quartile(t)})
 
-    heads, kv = spec.heads // tp, spec.kv_heads // tp
+    heads, kv = spec.heads // tp, int(kv_heads_per_rank(spec, tp))
     q = torch.randn(mb, heads, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(mb, kv, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(mb, kv, seq, spec.head_dim, device=device, dtype=dtype, requires_grad=True)
