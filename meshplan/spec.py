@@ -521,11 +521,14 @@ def hf_moe(data: Mapping[str, Any], kind: str, where: str) -> "MoESpec | None":
                        aux_loss_coeff=data.get("router_aux_loss_coef", 0.001))
     if kind in ("qwen2_moe", "qwen3_moe"):
         shared = data.get("shared_expert_intermediate_size") or 0
-        return MoESpec(experts=data["num_experts"], top_k=data["num_experts_per_tok"],
+        # the Hub's configs name the expert count num_experts; transformers 5 saves it as num_local_experts
+        experts = data["num_experts"] if "num_experts" in data or "num_local_experts" not in data \
+            else data["num_local_experts"]
+        return MoESpec(experts=experts, top_k=data["num_experts_per_tok"],
                        expert_ffn_hidden=data["moe_intermediate_size"], shared_experts=1 if shared else 0,
                        shared_ffn_hidden=shared, shared_expert_gate=bool(shared),
                        layers=_sparse_layers(layers, data.get("decoder_sparse_step", 1), data.get("mlp_only_layers"), 0),
-                       normalize_top_k=bool(data.get("norm_topk_prob", kind == "qwen3_moe")),
+                       normalize_top_k=bool(data.get("norm_topk_prob", False)),     # transformers' default
                        aux_loss_coeff=data.get("router_aux_loss_coef", 0.001))
     if kind in ("deepseek_v2", "deepseek_v3"):
         shared = data.get("n_shared_experts") or 0

@@ -24,6 +24,10 @@ TINY_LLAMA_GQA3 = ModelSpec(name="tiny-llama-gqa3", layers=4, hidden=48, heads=6
 # TINY_LLAMA's 2-block sibling for the Triton kernels, which run under Triton's interpreter on CPU (slow).
 TINY_LLAMA_2L = ModelSpec(name="tiny-llama-gqa-2l", layers=2, hidden=64, heads=8, kv_heads=4, ffn_hidden=128,
                           vocab=256)
+# Qwen3-shaped: every query and key head normed (qk_norm), 8 heads of 16 (queries 128 wide on a hidden of 64)
+# over 2 key/value heads: tp=2 holds one KV head per rank, tp=4 a copy of one.
+TINY_QWEN3 = ModelSpec(name="tiny-qwen3", layers=2, hidden=64, heads=8, kv_heads=2, head_dim=16, qk_norm=True,
+                       ffn_hidden=128, vocab=256)
 TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, biases, tied embeddings
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
 # The Triton kernels a plan may run fused (the loss stays the reference: its chunked kernel has its own tests).
@@ -131,6 +135,9 @@ PARITY_LAYOUTS = {
     "cp4-ring": dict(cp=4, cp_kind="ring"),
     "gqa3-tp2-cp2-ring": dict(model=TINY_LLAMA_GQA3, tp=2, cp=2, cp_kind="ring"),
     "kv2-tp4-replicated-kv": dict(model=TINY_LLAMA_KV2, tp=4),
+    # per-head q/k norms (weights replicated, gradients summed over the TP ranks), heads x head_dim != hidden
+    "qk-norm-tp2": dict(model=TINY_QWEN3, tp=2),
+    "qk-norm-tp4-replicated-kv": dict(model=TINY_QWEN3, tp=4),
     "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
     "dp4-zero3": dict(dp=4, zero=3),
     "tp4-vocab-sharded": dict(tp=4),

@@ -1,7 +1,8 @@
 """Hugging Face weights in (``--init-from``) and out (``--save-hf``, ``meshplan export-hf``).
 
-Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``): Llama, Qwen2, GPT-2 and
-the mixtures of experts Mixtral and Qwen2-MoE (with a dense block and a gated shared expert). One process: the loaded
+Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``): Llama, Qwen2, Qwen3 (per-head
+q/k norms, heads x head_dim wider than hidden), GPT-2 and the mixtures of experts Mixtral, Qwen2-MoE (with a dense
+block and a gated shared expert) and Qwen3-MoE (a dense block, top-k not renormalised). One process: the loaded
 model's logits equal ``transformers``' for every family; an export of a DCP checkpoint loads with
 ``from_pretrained`` and gives the same logits; every bad input is one line before a rank starts. One torchrun
 job (slow): for each layout the first step's loss after ``--init-from`` equals ``transformers``' loss on the
@@ -29,6 +30,8 @@ SEQ = 32
 TOLERANCE = 1e-5
 LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
+# Qwen3: 4 heads of 32 over 2 key/value heads, so q is 128 wide on a hidden of 64
+QWEN3 = dict(head_dim=32)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -46,6 +49,15 @@ def _random_biases(model):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_()
+    return model
+
+
+def _random_head_norms(model):
+    """``model`` with q/k norm weights other than ones (and each other), so that reading them is tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -68,6 +80,14 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
                                                 "num_experts_per_tok": 2, "shared_expert_intermediate_size": 96,
                                                 "mlp_only_layers": [1], **overrides})
         return _save(_random_biases(transformers.Qwen2MoeForCausalLM(config)), directory)
+    if kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**LLAMA, **QWEN3, **overrides}))
+        return _save(_random_head_norms(model), directory, max_shard_size="40KB")
+    if kind == "qwen3_moe":     # block 2 dense, the others 4 experts, top-k weights as the softmax gives them
+        config = transformers.Qwen3MoeConfig(**{**LLAMA, **QWEN3, "moe_intermediate_size": 64, "num_experts": 4,
+                                                "num_experts_per_tok": 2, "norm_topk_prob": False,
+                                                "mlp_only_layers": [2], **overrides})
+        return _save(_random_head_norms(transformers.Qwen3MoeForCausalLM(config)), directory)
     config = transformers.LlamaConfig(**{**LLAMA, **overrides})
     return _save(transformers.LlamaForCausalLM(config), directory, max_shard_size="40KB")
 
@@ -94,6 +114,8 @@ def checkpoints(tmp_path_factory):
         "gpt2": make_hf("gpt2", root / "gpt2"),
         "mixtral": make_hf("mixtral", root / "mixtral"),
         "qwen2-moe": make_hf("qwen2_moe", root / "qwen2-moe"),
+        "qwen3": make_hf("qwen3", root / "qwen3"),
+        "qwen3-moe": make_hf("qwen3_moe", root / "qwen3-moe"),
     }
 
 
@@ -102,14 +124,15 @@ def checkpoints(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt", "qwen2.5-7b", "llama3-8b", "gpt2", "tiny-moe",
-                                  "qwen2-moe-a2.7b"])
+                                  "qwen2-moe-a2.7b", "qwen3-0.6b", "qwen3-30b-a3b"])
 def test_parameter_shapes_match_the_model(name):
     spec = MODEL_PRESETS[name]
     model = build_model(spec, 64, "meta")
     assert hf_format.parameter_shapes(spec) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2", "mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2", "mixtral", "qwen2-moe", "qwen3",
+                                  "qwen3-moe"])
 def test_loaded_weights_give_transformers_logits(checkpoints, name):
     directory = checkpoints[name]
     spec = load_model(str(directory / "config.json"))
@@ -159,7 +182,8 @@ def _dcp_of(model, directory: Path, kv_copies: int = 1, ep: int = 1) -> Path:
 
 
 @pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("qwen2", 1, 1), ("gpt2", 1, 1),
-                                               ("mixtral", 1, 2), ("qwen2-moe", 1, 1)])
+                                               ("mixtral", 1, 2), ("qwen2-moe", 1, 1), ("qwen3", 2, 1),
+                                               ("qwen3-moe", 1, 2)])
 def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies, ep):
     spec = load_model(str(checkpoints[name] / "config.json"))
     model = build_model(spec, SEQ, "meta")
@@ -268,6 +292,7 @@ LAYOUTS = {
     "gpt2-tied-tp2-pp2": ("gpt2", dict(tp=2, pp=2)),
     "mixtral-dp2-tp2-ep2": ("mixtral", dict(dp=2, tp=2, ep=2)),
     "qwen2-moe-dp2-pp2-ep2-zero3": ("qwen2_moe", dict(dp=2, pp=2, ep=2, zero=3)),
+    "qwen3-tp4-replicated-kv": ("qwen3", dict(tp=4)),     # q/k norms replicated, a copy of one KV head per rank
 }
 STEPS = 3
 
@@ -290,7 +315,8 @@ def layout_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-layouts")
     sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5),
                "mixtral": make_hf("mixtral", root / "mixtral", seed=6),
-               "qwen2_moe": make_hf("qwen2_moe", root / "qwen2_moe", seed=7)}
+               "qwen2_moe": make_hf("qwen2_moe", root / "qwen2_moe", seed=7),
+               "qwen3": make_hf("qwen3", root / "qwen3", seed=8)}
     train, held_out = _token_files(root)
     paths = []
     for name, (family, layout) in LAYOUTS.items():

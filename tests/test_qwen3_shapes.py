@@ -129,3 +129,13 @@ def test_head_dim_round_trips_and_stays_out_of_default_files():
     assert wide.to_dict()["head_dim"] == 128 and ModelSpec.from_dict(wide.to_dict()) == wide
     assert "head_dim" not in MODEL_PRESETS["llama3-8b"].to_dict()
     assert ModelSpec(name="m", layers=1, hidden=1000, heads=8, vocab=10, head_dim=96).q_width == 768
+
+
+def test_qwen_moe_configs_name_experts_either_way_and_default_to_unnormalised_top_k():
+    """The Hub's Qwen3-MoE configs say ``num_experts``, ``transformers`` 5 saves ``num_local_experts``; a config
+    without ``norm_topk_prob`` is read as ``transformers`` reads it (False)."""
+    hub = from_hf_config(QWEN3_30B_A3B, Path("m/config.json"))
+    saved = {k: v for k, v in QWEN3_30B_A3B.items() if k not in ("num_experts", "norm_topk_prob")}
+    local = from_hf_config({**saved, "num_local_experts": 128}, Path("m/config.json"))
+    assert hub.moe.experts == local.moe.experts == 128
+    assert hub.moe.normalize_top_k and not local.moe.normalize_top_k

@@ -6,25 +6,31 @@ read and written by ``hf_weights.py``.
 
 Families and where each meshplan parameter lives (``{i}``: the block index)::
 
-    meshplan                          llama / mistral / qwen2              gpt2 (Conv1D: stored [in, out])
+    meshplan                          llama / mistral / qwen2 / qwen3      gpt2 (Conv1D: stored [in, out])
     tok_embeddings.weight             model.embed_tokens.weight            wte.weight
     pos_embeddings.weight             -                                    wpe.weight
     layers.{i}.attention_norm.*       model.layers.{i}.input_layernorm.*   h.{i}.ln_1.*
     layers.{i}.attention.wq/wk/wv.*   ...self_attn.q_proj/k_proj/v_proj.*  h.{i}.attn.c_attn.* (q | k | v columns)
+    layers.{i}.attention.q_norm.*     ...self_attn.q_norm.* (qwen3)        -
+    layers.{i}.attention.k_norm.*     ...self_attn.k_norm.* (qwen3)        -
     layers.{i}.attention.wo.*         ...self_attn.o_proj.*                h.{i}.attn.c_proj.*
     layers.{i}.ffn_norm.*             ...post_attention_layernorm.*        h.{i}.ln_2.*
     layers.{i}.feed_forward.w1/w3/w2  ...mlp.gate_proj/up_proj/down_proj   h.{i}.mlp.c_fc / - / c_proj
     norm.*                            model.norm.*                         ln_f.*
     output.weight (untied)            lm_head.weight                       lm_head.weight
 
-A mixture-of-experts block (``mixtral``, ``qwen2_moe``) keeps llama's attention and norm names (a dense block
-of Qwen2-MoE: qwen2's MLP names); its MLP, under ``model.layers.{i}.``::
+Qwen3 is Llama with a norm of every query and key head (``qk_norm``, a weight of width ``head_dim`` each) and no
+q/k/v biases; Qwen2 has the biases and no such norms. A mixture-of-experts block (``mixtral``, ``qwen2_moe``,
+``qwen3_moe``) keeps its dense sibling's attention and norm names (qwen3_moe: qwen3's; a dense block of
+Qwen2-MoE / Qwen3-MoE: the llama MLP names); its MLP, under ``model.layers.{i}.``::
 
-    meshplan feed_forward.      mixtral block_sparse_moe.     qwen2_moe mlp.
+    meshplan feed_forward.      mixtral block_sparse_moe.     qwen2_moe and qwen3_moe mlp.
     router.*                    gate.*                        gate.*
     experts.w1 / w3 / w2        experts.{e}.w1 / w3 / w2      experts.{e}.gate_proj / up_proj / down_proj
     shared_experts.w1/w3/w2.*   -                             shared_expert.gate_proj / up_proj / down_proj.*
     shared_gate.*               -                             shared_expert_gate.*
+
+Qwen3-MoE has no shared expert: only the router and expert rows apply to it.
 
 meshplan's ``experts.*`` are stacked ``[experts, out, in]``: row ``e`` is checkpoint expert ``{e}``'s ``.weight``.
 
@@ -45,16 +51,17 @@ from meshplan.errors import InputError
 from meshplan.spec import ModelSpec, from_hf_config, hf_rope_type
 
 FIELD = "--init-from"
-MOE_TYPES = ("mixtral", "qwen2_moe")
-LLAMA_TYPES = ("llama", "mistral", "qwen2", *MOE_TYPES)
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_TYPES)
 FAMILIES = (*LLAMA_TYPES, "gpt2")
 SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
 EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # the fields of a ModelSpec that fix the weights' shapes and values (name, dropout and the like do not)
-WEIGHT_FIELDS = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "mlp", "norm", "position",
-                 "tied_embeddings", "bias", "qkv_bias", "norm_eps", "rope_theta", "rope_scaling")
+WEIGHT_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "mlp", "norm",
+                 "position", "tied_embeddings", "bias", "qkv_bias", "qk_norm", "norm_eps", "rope_theta",
+                 "rope_scaling")
 GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # the fields of a MoESpec that fix the weights' shapes and what the router computes with them
 MOE_WEIGHT_FIELDS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "shared_ffn_hidden",
@@ -85,7 +92,8 @@ class Source:
 _LLAMA_NAMES = {
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "attention.wo": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj",
 }
 _GPT2_NAMES = {
@@ -106,6 +114,10 @@ _MOE_NAMES = {
                   "feed_forward.shared_experts.w3": "mlp.shared_expert.up_proj",
                   "feed_forward.shared_experts.w2": "mlp.shared_expert.down_proj",
                   "feed_forward.shared_gate": "mlp.shared_expert_gate"},
+    "qwen3_moe": {"feed_forward.router": "mlp.gate",
+                  "feed_forward.experts.w1": f"mlp.experts.{EXPERT}.gate_proj.weight",
+                  "feed_forward.experts.w3": f"mlp.experts.{EXPERT}.up_proj.weight",
+                  "feed_forward.experts.w2": f"mlp.experts.{EXPERT}.down_proj.weight"},
 }
 _TOP = {
     "llama": {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"},
@@ -221,18 +233,21 @@ def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if bias:
             shapes[f"{name}.bias"] = (out,)
 
-    def norm(name: str) -> None:
-        shapes[f"{name}.weight"] = (h,)
+    def norm(name: str, width: int = h) -> None:
+        shapes[f"{name}.weight"] = (width,)
         if spec.norm == "layernorm" and spec.bias:
-            shapes[f"{name}.bias"] = (h,)
+            shapes[f"{name}.bias"] = (width,)
 
     for i in range(spec.layers):
         block = f"layers.{i}"
         norm(f"{block}.attention_norm")
-        linear(f"{block}.attention.wq", spec.heads * hd, h, spec.attention_biases)
-        linear(f"{block}.attention.wk", spec.kv_heads * hd, h, spec.attention_biases)
-        linear(f"{block}.attention.wv", spec.kv_heads * hd, h, spec.attention_biases)
-        linear(f"{block}.attention.wo", h, spec.heads * hd, spec.bias)
+        linear(f"{block}.attention.wq", spec.q_width, h, spec.attention_biases)
+        linear(f"{block}.attention.wk", spec.kv_width, h, spec.attention_biases)
+        linear(f"{block}.attention.wv", spec.kv_width, h, spec.attention_biases)
+        linear(f"{block}.attention.wo", h, spec.q_width, spec.bias)
+        if spec.qk_norm:
+            norm(f"{block}.attention.q_norm", hd)
+            norm(f"{block}.attention.k_norm", hd)
         norm(f"{block}.ffn_norm")
         if spec.is_moe_layer(i):
             moe_shapes(spec, f"{block}.feed_forward", shapes)
@@ -337,28 +352,41 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
 
 
 def hf_family_for(spec: ModelSpec) -> str:
-    """The Hugging Face architecture that holds ``spec`` exactly, for an export."""
+    """The Hugging Face architecture that holds ``spec`` exactly, for an export. The per-head q/k norms
+    (``qk_norm``) are Qwen3's, the q/k/v biases (``qkv_bias``) Qwen2's: no family holds both."""
+    if spec.qk_norm and spec.qkv_bias:
+        raise InputError("--save-hf: model.qk_norm", f"model {spec.name!r} has both q/k norms (qk_norm) and q/k/v "
+                         "biases (qkv_bias), which no Hugging Face architecture holds together (qwen3: the norms, "
+                         "qwen2: the biases)", "keep the DCP checkpoint")
     llama_like = spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias
     if spec.moe is not None:
-        moe = spec.moe
-        if llama_like and moe.router_score == "softmax" and moe.dropless and not spec.tied_embeddings:
-            if (not spec.qkv_bias and not moe.shared_experts and moe.normalize_top_k
-                    and spec.moe_layer_count == spec.layers):
-                return "mixtral"
-            if spec.qkv_bias and moe.shared_experts == 1 and moe.shared_expert_gate:
-                return "qwen2_moe"
-        raise InputError("--save-hf", f"no Hugging Face architecture meshplan writes holds the mixture of experts "
-                         f"{spec.name!r} exactly (mixtral: every block MoE, no shared experts, top-k renormalised, "
-                         "no biases; qwen2_moe: one gated shared expert, q/k/v biases; both softmax routing, "
-                         "untied head)", "keep the DCP checkpoint")
+        return _hf_moe_family(spec, llama_like)
     if llama_like:
-        return "qwen2" if spec.qkv_bias else "llama"
+        return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "llama"
     if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
-            and spec.tied_embeddings):
+            and spec.tied_embeddings and not spec.qk_norm and spec.q_width == spec.hidden):
         return "gpt2"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
-                     "(llama/qwen2: SwiGLU, RMSNorm, rotary, no biases; gpt2: GELU, LayerNorm, learned "
-                     "positions, biases, tied head)", "keep the DCP checkpoint")
+                     "(llama/qwen2/qwen3: SwiGLU, RMSNorm, rotary, no biases; gpt2: GELU, LayerNorm, learned "
+                     "positions, biases, tied head, no q/k norms, head_dim hidden/heads)", "keep the DCP checkpoint")
+
+
+def _hf_moe_family(spec: ModelSpec, llama_like: bool) -> str:
+    """The mixture-of-experts architecture that holds ``spec`` exactly (see :func:`hf_family_for`)."""
+    moe = spec.moe
+    assert moe is not None
+    if llama_like and moe.router_score == "softmax" and moe.dropless and not spec.tied_embeddings:
+        if spec.qk_norm and not moe.shared_experts:
+            return "qwen3_moe"
+        if (not spec.qk_norm and not spec.qkv_bias and not moe.shared_experts and moe.normalize_top_k
+                and spec.moe_layer_count == spec.layers):
+            return "mixtral"
+        if not spec.qk_norm and spec.qkv_bias and moe.shared_experts == 1 and moe.shared_expert_gate:
+            return "qwen2_moe"
+    raise InputError("--save-hf", f"no Hugging Face architecture meshplan writes holds the mixture of experts "
+                     f"{spec.name!r} exactly (mixtral: every block MoE, no shared experts, top-k renormalised, "
+                     "no biases; qwen2_moe: one gated shared expert, q/k/v biases; qwen3_moe: q/k norms, no shared "
+                     "expert; all softmax routing, untied head)", "keep the DCP checkpoint")
 
 
 def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]:
@@ -376,8 +404,8 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
                 **{k: getattr(spec.rope_scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                               "original_max_position_embeddings")}}
-    arch = {"qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen2_moe": "Qwen2MoeForCausalLM"}.get(family, "LlamaForCausalLM")
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(family, "LlamaForCausalLM")
     config = {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
               "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
               "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
@@ -404,6 +432,12 @@ def moe_config(spec: ModelSpec, family: str) -> dict[str, Any]:
                 "shared_expert_intermediate_size": moe.shared_ffn_hidden,
                 "norm_topk_prob": moe.normalize_top_k, "router_aux_loss_coef": moe.aux_loss_coeff,
                 "decoder_sparse_step": 1, "qkv_bias": True, "use_sliding_window": False,
+                "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
+    if family == "qwen3_moe":
+        assert moe is not None
+        return {"num_experts": moe.experts, "num_experts_per_tok": moe.top_k,
+                "moe_intermediate_size": moe.expert_ffn_hidden, "norm_topk_prob": moe.normalize_top_k,
+                "router_aux_loss_coef": moe.aux_loss_coeff, "decoder_sparse_step": 1, "use_sliding_window": False,
                 "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
     return {}
 

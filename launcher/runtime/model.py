@@ -5,6 +5,9 @@ Two families share one skeleton (torchtitan style, parallelism is applied from o
 * Llama: RMSNorm, rotary positions (RoPE), grouped-query attention, SwiGLU MLP, no biases.
 * GPT:   LayerNorm, learned positions, multi-head attention, GELU MLP, biases, usually tied embeddings.
 
+Options on either: q/k/v biases (Qwen2), a head width ``head_dim`` apart from ``hidden / heads`` and a norm of
+every query and key head (Qwen3's ``q_norm`` / ``k_norm``), a mixture of experts in place of the MLP (``moe.py``).
+
 Names are what the rest of the runtime relies on: ``tok_embeddings``, ``pos_embeddings``, ``layers.<i>``
 (an ``nn.ModuleDict`` keyed by the *global* block index, so a pipeline stage that keeps blocks 4..7 still
 calls them ``layers.4`` .. ``layers.7``), ``norm`` and ``output``. Weights are initialised by parameter name
@@ -118,10 +121,13 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.impl)
 
 
-def make_norm(spec: ModelSpec) -> nn.Module:
+def make_norm(spec: ModelSpec, width: int | None = None) -> nn.Module:
+    """The model's norm (``spec.norm``, eps ``spec.norm_eps``) over the last ``width`` features (default
+    ``hidden``; ``head_dim`` for the per-head q/k norms)."""
+    width = spec.hidden if width is None else width
     if spec.norm == "rmsnorm":
-        return RMSNorm(spec.hidden, spec.norm_eps)
-    return nn.LayerNorm(spec.hidden, eps=spec.norm_eps, bias=spec.bias)
+        return RMSNorm(width, spec.norm_eps)
+    return nn.LayerNorm(width, eps=spec.norm_eps, bias=spec.bias)
 
 
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,17 +138,21 @@ class Attention(nn.Module):
     ``(batch, heads, seq, head_dim)``; context parallelism swaps it for Ulysses or ring attention.
     Head counts are read from the projections' output widths, so tensor parallelism (which shards them)
     needs no change here. ``kv_replicas`` > 1: ``wk`` and ``wv`` hold each key/value head that many times in
-    a row (tensor parallel over more ranks than key/value heads, parallelize.replicate_kv_heads)."""
+    a row (tensor parallel over more ranks than key/value heads, parallelize.replicate_kv_heads).
+    ``spec.qk_norm``: ``q_norm`` and ``k_norm`` (the model's norm over ``head_dim``) norm every query and key
+    head before rotary positions, as Qwen3 does."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.head_dim = spec.head_dim
         self.rope = spec.position == "rope"
         self.rope_impl = "reference"
-        self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.attention_biases)
-        self.wk = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.attention_biases)
-        self.wv = nn.Linear(spec.hidden, spec.kv_heads * spec.head_dim, bias=spec.attention_biases)
-        self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
+        self.wq = nn.Linear(spec.hidden, spec.q_width, bias=spec.attention_biases)
+        self.wk = nn.Linear(spec.hidden, spec.kv_width, bias=spec.attention_biases)
+        self.wv = nn.Linear(spec.hidden, spec.kv_width, bias=spec.attention_biases)
+        self.wo = nn.Linear(spec.q_width, spec.hidden, bias=spec.bias)
+        self.q_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
+        self.k_norm = make_norm(spec, spec.head_dim) if spec.qk_norm else None
         self.core: AttentionCore = causal_attention
         self.kv_replicas = 1
 
@@ -151,6 +161,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rotary(q, k, rope[0], rope[1], self.rope_impl)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

@@ -4,7 +4,8 @@
     build_stages      the plan's layer partition: one model part per (virtual) stage of this pipeline rank
     apply_ep          expert parallel: each rank keeps its ``experts / ep`` experts of every MoE block
     apply_tp          tensor + sequence parallel with DTensor; embedding and head sharded by vocabulary;
-                      key/value heads replicated where tp exceeds them
+                      key/value heads replicated where tp exceeds them; per-head q/k norms replicated, each
+                      rank norming its own heads
     apply_cp          Ulysses or ring attention over the context-parallel group
     apply_ac          activation checkpointing per block: none / selective (op level) / full
     apply_compile     torch.compile per block (enable_async_tp first where the plan overlaps TP)
@@ -259,12 +260,29 @@ def kv_replica_group(plan: Plan) -> dist.ProcessGroup | None:
     return mine
 
 
+def head_norm_plan() -> dict[str, object]:
+    """The per-head q/k norms (``qk_norm``) under tensor parallelism, as torchtitan's Qwen3 places them
+    (``SequenceParallel`` on the heads dimension: a norm over the last dimension treats every other one alike):
+    each rank norms its own heads, the local q and k ``(batch, seq, heads / tp, head_dim)`` taken as a DTensor
+    sharded on the heads; the weights are replicated and their gradients, each rank's covering its own heads,
+    summed over the TP ranks (by DTensor's ops for the reference RMSNorm and LayerNorm, by
+    ``kernels.rms_norm`` for the fused kernel). Replicated key/value heads (:func:`replicate_kv_heads`) sum
+    over every copy too, which is right: a copy's gradient covers the query heads of its own rank, and the
+    copies of a head together cover all its query heads, as its one norm does in a single process."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    heads_dim = 2
+    return {f"attention.{name}": SequenceParallel(sequence_dim=heads_dim, use_local_output=True)
+            for name in ("q_norm", "k_norm")}
+
+
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron tensor parallelism with DTensor: column-parallel q/k/v and MLP-in, row-parallel attention-out
     and MLP-out; with sequence parallelism the norms and residual stream are sharded on the sequence
     dimension. The embedding is sharded by vocabulary (row-wise) and the head by vocabulary (column-wise),
     its logits left as a DTensor sharded on the vocabulary for ``loss_parallel``. Key/value heads fewer than
-    the ranks are replicated first (:func:`replicate_kv_heads`)."""
+    the ranks are replicated first (:func:`replicate_kv_heads`); the q/k norms of each head are replicated
+    (:func:`head_norm_plan`)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, SequenceParallel,
                                                    parallelize_module)
@@ -293,6 +311,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=residual),
         }
+        if block.attention.q_norm is not None:
+            plan.update(head_norm_plan())
         moe_block = isinstance(block.feed_forward, MoE)
         if not moe_block:
             plan.update({"feed_forward.w1": ColwiseParallel(),
