@@ -4,7 +4,8 @@ torchtitan 0.3.0 (PyPI) reads no job file. ``torchtitan.train`` calls ``ConfigMa
 (``torchtitan/config/manager.py``): ``--module`` names a model package whose ``config_registry`` holds one
 function per job (``llama3_8b``, ``llama3_70b``, ``llama3_405b``), ``--config`` names that function, and tyro
 parses every other argument as ``--section.key value`` over the dataclasses it returns
-(``TrainingConfig``, ``ParallelismConfig``, ``CompileConfig`` in ``torchtitan/config/configs.py``). Activation
+(``TrainingConfig``, ``ParallelismConfig``, ``CompileConfig`` in ``torchtitan/config/configs.py``); the Qwen3
+package (``qwen3``) has ``qwen3_0_6b``, ``qwen3_32b`` and ``qwen3_30b_a3b``. Activation
 checkpointing is a tyro subcommand (``activation-checkpoint:none|full|selective``,
 ``torchtitan/distributed/activation_checkpoint.py``), which goes last because tyro parses every argument
 after it inside the subcommand. The model's shape is ``Trainer.Config.model_spec``, which is suppressed from
@@ -26,9 +27,10 @@ from meshplan.spec import MODEL_PRESETS, ModelSpec
 
 TORCHTITAN_VERSION = "0.3.0"
 
-# meshplan preset -> (module, config function) in torchtitan/models/llama3/config_registry.py of 0.3.0.
+# meshplan preset -> (module, config function) in torchtitan/models/{llama3,qwen3}/config_registry.py of 0.3.0.
 TORCHTITAN_CONFIGS = {"llama3-8b": ("llama3", "llama3_8b"), "llama3-70b": ("llama3", "llama3_70b"),
-                      "llama3-405b": ("llama3", "llama3_405b")}
+                      "llama3-405b": ("llama3", "llama3_405b"), "qwen3-0.6b": ("qwen3", "qwen3_0_6b"),
+                      "qwen3-32b": ("qwen3", "qwen3_32b"), "qwen3-30b-a3b": ("qwen3", "qwen3_30b_a3b")}
 
 # torch.distributed.pipelining.schedules.get_schedule_class names.
 _SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
@@ -45,7 +47,7 @@ def to_torchtitan_args(plan: Plan, warnings: list[str] | None = None, config: st
     """The arguments of ``torchrun ... -m torchtitan.train`` that run the plan on torchtitan 0.3.0.
 
     ``config`` (``MODULE:FUNCTION``) names the config function that builds the model; without it the model
-    must be one of torchtitan's llama3 presets (:data:`TORCHTITAN_CONFIGS`), since no override sets the shape.
+    must be one of torchtitan's presets (:data:`TORCHTITAN_CONFIGS`), since no override sets the shape.
     Data, tokenizer, optimizer, step count and checkpoint settings stay the config function's.
     """
     module, function = torchtitan_config(plan, config, warnings)
@@ -109,14 +111,15 @@ def _titan_training(plan: Plan, warnings: list[str] | None) -> list[str]:
     ``local_batch_size`` is what one data-parallel rank processes per gradient-accumulation step: with a
     pipeline the schedule splits it into ``pipeline_parallel_microbatch_size`` micro-batches (all of the
     plan's), without one torchtitan accumulates ``global / (local * dp)`` micro-batches (trainer.py).
-    CUDA graphs do not run pipelines (``Trainer.Config._validate_cuda_graphs``), so a pipeline disables them.
+    CUDA graphs run neither pipelines nor the all-to-all token dispatch of expert parallel
+    (``Trainer.Config._validate_cuda_graphs``), so a pipeline or ep > 1 disables them.
     """
     t = plan.train
     local = plan.micro_batch * plan.num_microbatches if plan.pp > 1 else plan.micro_batch
     args = ["--training.seq_len", str(t.seq_len), "--training.local_batch_size", str(local),
             "--training.global_batch_size", str(t.global_batch),
             "--training.mixed_precision_param", "float32" if t.precision == "fp32" else "bfloat16"]
-    if plan.pp > 1:
+    if plan.pp > 1 or plan.ep > 1:
         args.append("--training.disable_cuda_graphs")
     if t.precision == "fp16":
         warn(warnings, "torchtitan: fp16 is not a torchtitan mixed-precision choice (bfloat16 or float32); "

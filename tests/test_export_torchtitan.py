@@ -161,6 +161,29 @@ def test_partial_recompute_exports_a_policy_that_covers_it():
     assert type(config_manager().parse_args(to_torchtitan_args(mixed)).activation_checkpoint) is TITAN["full"]
 
 
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-32b", "qwen3-30b-a3b"])
+def test_qwen3_presets_are_torchtitans_own(name):
+    """The job of a Qwen3 preset builds torchtitan's Qwen3 of the same shape: blocks, width, heads of head_dim,
+    q/k norms, the MLP or the experts."""
+    m = MODEL_PRESETS[name]
+    layers = m.layers
+    plan = flat_plan(model=m, tp=1, dp=8, num_microbatches=2, tp_overlap=False,
+                     stages=_stages([layers], selective=[layers]), ep=8 if m.moe else 1)
+    job = config_manager().parse_args(to_torchtitan_args(plan))
+    assert_job_is_plan(job, plan)
+    attention = job.model_spec.model.layers[0].attention
+    assert (attention.n_heads, attention.n_kv_heads, attention.head_dim) == (m.heads, m.kv_heads, m.head_dim)
+    assert attention.qk_norm is not None and attention.qk_norm.normalized_shape == m.head_dim
+    block = job.model_spec.model.layers[0]
+    if m.moe is None:
+        assert block.feed_forward.w1.out_features == m.ffn_hidden
+    else:
+        experts = block.moe.routed_experts.inner_experts
+        assert (experts.num_experts, experts.hidden_dim, block.moe.router.top_k, block.moe.router.route_norm) == \
+            (m.moe.experts, m.moe.expert_ffn_hidden, m.moe.top_k, m.moe.normalize_top_k)
+        assert block.moe.shared_experts is None and job.training.disable_cuda_graphs      # all-to-all dispatch
+
+
 def test_model_that_is_no_preset_needs_a_config_function(tmp_path, monkeypatch):
     custom = dataclasses.replace(MODEL_PRESETS["llama3-8b"], name="my-llama")
     plan = flat_plan(model=custom)
