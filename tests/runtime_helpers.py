@@ -135,8 +135,8 @@ PARITY_LAYOUTS = {
     "cp4-ring": dict(cp=4, cp_kind="ring"),
     "gqa3-tp2-cp2-ring": dict(model=TINY_LLAMA_GQA3, tp=2, cp=2, cp_kind="ring"),
     "kv2-tp4-replicated-kv": dict(model=TINY_LLAMA_KV2, tp=4),
-    # per-head q/k norms (weights replicated, gradients summed over the TP ranks), heads x head_dim != hidden
-    "qk-norm-tp2": dict(model=TINY_QWEN3, tp=2),
+    # per-head q/k norms (weights replicated, gradients summed over the TP ranks; each TP gradient is compared
+    # with one process in tests/test_qk_norm.py), heads x head_dim != hidden
     "qk-norm-tp4-replicated-kv": dict(model=TINY_QWEN3, tp=4),
     "dp2-pp2-interleaved-v2": dict(dp=2, pp=2, virtual_stages=2, schedule="interleaved", num_microbatches=2),
     "dp4-zero3": dict(dp=4, zero=3),
