@@ -3,9 +3,9 @@
 the refusals of an export no family holds. Under tensor parallelism (one torchrun job of 4 ranks, slow) the norms'
 weight gradients, each rank's covering its own heads, are summed over the TP ranks: with and without sequence
 parallel, at tp 2 and at tp 4 over 2 key/value heads (copies of one KV head per rank), RMSNorm (reference and fused)
-and LayerNorm, every gradient equals the one-process gradient. The training runs of the same model are in the
-parity matrix (runtime_helpers.PARITY_LAYOUTS ``qk-norm-tp4-replicated-kv``); the checkpoints of ``transformers``' Qwen3 and
-Qwen3-MoE in tests/test_hf_weights.py.
+and LayerNorm, every gradient equals the one-process gradient. A training run of the same model is in the parity
+matrix (runtime_helpers.PARITY_LAYOUTS ``qk-norm-tp4-replicated-kv``); the checkpoints of ``transformers``'
+Qwen3 and Qwen3-MoE in tests/test_hf_weights.py.
 """
 
 from __future__ import annotations
