@@ -305,9 +305,9 @@ def selective_op_bytes(sbh: float, sbq: float, sbf: float, kv_ratio: float, tp: 
                        replicated: float, mask: float, policy: str) -> float:
     """What op-level selective recompute keeps of one block beside the attention output and its logsumexp
     (activation_bytes_per_layer): the block input (``replicated``: 1/t under SP), the outputs of wq and wv
-    (q, ``sbq`` wide, and v at kv/a of q's width; the q/k norms are recomputed), w1's output (f wide), the two dropout masks; the ``op_policy``
-    (torchtitan's ``_save_list``, every odd mm) also keeps w2's full-width output and, under TP, the
-    reduce-scatter outputs of wo and w2 (sbh/t each)."""
+    (q, ``sbq`` wide, and v at kv/a of q's width; the q/k norms are recomputed), w1's output (f wide), the
+    two dropout masks; the ``op_policy`` (torchtitan's ``_save_list``, every odd mm) also keeps w2's
+    full-width output and, under TP, the reduce-scatter outputs of wo and w2 (sbh/t each)."""
     if policy == "op_policy":
         kept_w2 = act_bytes * sbh + (2 * act_bytes * sbh / tp if tp > 1 else 0.0)
     elif policy == "meshplan":
