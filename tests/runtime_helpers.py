@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +70,34 @@ def free_port() -> int:
 def torchrun_forked(world: int) -> list[str]:
     """The command line up to the job script of a ``world``-rank torchrun job on this machine whose ranks are
     forked from an interpreter that has imported the runtime (tests/torchrun_forked.py); the script's path
-    must be absolute. ``--standalone``: the rendezvous store binds a free port itself (a port picked here and
-    released before torchrun binds it can be taken meanwhile by the other test worker's job: EADDRINUSE)."""
-    return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--standalone",
-            "--nproc-per-node", str(world)]
+    must be absolute. The rendezvous is ``--standalone``'s (the c10d store binds a free port itself: a port
+    picked here and released before torchrun binds it can be taken meanwhile by the other test worker's job,
+    EADDRINUSE) at 127.0.0.1 instead of ``localhost``: a rank forked while another thread of the agent was
+    resolving a host name inherits glibc's resolver lock held, and its store connection's ``getaddrinfo``
+    of ``localhost`` then waits for it forever; a numeric address is not resolved."""
+    return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, "--nnodes", "1",
+            "--local-addr", "127.0.0.1", "--nproc-per-node", str(world)]
+
+
+def run_forked_job(world: int, script: str, args: list[str], cwd: Path, env: dict[str, str],
+                   timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run tests/``script`` as a ``world``-rank torchrun job (:func:`torchrun_forked`). A job still running
+    after ``timeout`` seconds is killed and fails the test with what it printed, which includes every rank's
+    stacks: each rank prints them 30 s before the timeout (torchrun_forked.stacks_after_hang)."""
+    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name(script)), *args]
+    env = {**env, "MESHPLAN_JOB_STACKS_AFTER_S": str(max(1.0, timeout - 30))}
+    # a session of its own: on a timeout the agent and every rank it forked are killed together
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as job:
+        try:
+            out, err = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            out, err = job.communicate()
+            raise AssertionError(f"{script} {' '.join(args[:3])}... ran past {timeout:.0f} s; its stderr "
+                                 f"(each rank's stacks at {timeout - 30:.0f} s):\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 
 def job_env(*plans: Plan, **extra: str) -> dict[str, str]:
@@ -166,9 +192,8 @@ def _layout_job(plans: list[Plan], paths: list[Path], steps: int, memory: bool =
     for plan, path in zip(plans, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.save(path)
-    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name("layout_job.py")), "--steps", str(steps),
-           *(["--memory"] if memory else []), *map(str, paths)]
-    proc = subprocess.run(cmd, cwd=paths[0].parent, env=job_env(*plans), capture_output=True, text=True,
+    args = ["--steps", str(steps), *(["--memory"] if memory else []), *map(str, paths)]
+    proc = run_forked_job(world, "layout_job.py", args, paths[0].parent, job_env(*plans),
                           timeout=JOB_TIMEOUT_S * len(plans))
     assert proc.returncode == 0, f"{paths} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 

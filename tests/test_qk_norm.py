@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from meshplan.launcher.runtime import hf_format
 from meshplan.launcher.runtime.model import RMSNorm, build_model
 from meshplan.launcher.runtime.parallelize import block_matmuls
 from meshplan.spec import MODEL_PRESETS, ModelSpec
-from runtime_helpers import PARITY_LAYOUTS, TINY_QWEN3, job_env, torchrun_forked
+from runtime_helpers import PARITY_LAYOUTS, TINY_QWEN3, job_env, run_forked_job
 
 GRAD_RTOL = 1e-5
 
@@ -192,8 +190,7 @@ def tp_results(tmp_path_factory) -> dict[str, list[dict]]:
     against one process."""
     out = tmp_path_factory.mktemp("qk-norm")
     cases = [f"{name}:{tp}:{int(sp)}:{norm}:{impl}" for name, (tp, sp, norm, impl) in TP_CASES.items()]
-    cmd = [*torchrun_forked(TP_WORLD), str(Path(__file__).resolve().with_name("qk_norm_job.py")), str(out), *cases]
-    proc = subprocess.run(cmd, cwd=out, env=job_env(), capture_output=True, text=True, timeout=240)
+    proc = run_forked_job(TP_WORLD, "qk_norm_job.py", [str(out), *cases], out, job_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: [json.loads((out / name / f"result{r}.json").read_text()) for r in range(TP_WORLD)]
             for name in TP_CASES}

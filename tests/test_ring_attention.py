@@ -3,14 +3,12 @@ layout tiles the sequence with equal causal work per rank, and over 2-4 gloo ran
 gradients equal the causal attention of the whole sequence in one process."""
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from meshplan.launcher.runtime.context_parallel import sequence_positions, zigzag_block
-from runtime_helpers import job_env, torchrun_forked
+from runtime_helpers import job_env, run_forked_job
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
@@ -65,8 +63,7 @@ def ring_results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("ring-attention")
     world = max(cp for cp, *_ in RING_CASES.values())
     cases = [f"{name}:{cp}:{heads}:{kv}:{16 * cp}:{dtype}" for name, (cp, heads, kv, dtype, _) in RING_CASES.items()]
-    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name("ring_attention_job.py")), str(out), *cases]
-    proc = subprocess.run(cmd, cwd=out, env=job_env(), capture_output=True, text=True, timeout=240)
+    proc = run_forked_job(world, "ring_attention_job.py", [str(out), *cases], out, job_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: [json.loads((out / name / f"result{r}.json").read_text()) for r in range(cp)]
             for name, (cp, *_) in RING_CASES.items()}

@@ -14,6 +14,7 @@ test_launch_multinode.py and the README's quickstart run that path.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import sys
@@ -27,7 +28,18 @@ import torch.distributed.run  # noqa: E402
 from meshplan.launcher.runtime import context_parallel, memory_run, train  # noqa: E402, F401
 
 
+def stacks_after_hang() -> None:
+    """With ``MESHPLAN_JOB_STACKS_AFTER_S`` set, each forked rank prints every thread's Python stack to stderr
+    once it has run that long (``faulthandler``; the rank goes on): a job that hangs until the test's timeout
+    then shows where each rank waits. The watchdog starts in the child after the fork, so the agent that
+    forks the ranks runs no extra thread."""
+    seconds = float(os.environ.get("MESHPLAN_JOB_STACKS_AFTER_S", "0"))
+    if seconds > 0:
+        os.register_at_fork(after_in_child=lambda: faulthandler.dump_traceback_later(seconds, exit=False))
+
+
 def main(argv: list[str]) -> None:
+    stacks_after_hang()
     gc.freeze()     # the imports' objects: a rank's collections never walk them, their pages stay shared
     try:
         torch.distributed.run.main(["--run-path", "--start-method", "fork", *argv])
