@@ -444,7 +444,7 @@ def layer_params_per_rank(model: ModelSpec, tp: int) -> float:
     """Parameters of one block on one rank: attention and MLP split over tp, k and v by their heads
     (flops.kv_heads_per_rank: one replicated head each when tp exceeds them), the two norms and the per-head
     q/k norms whole."""
-    kv, whole = flops.kv_params_per_layer(model), 2 * flops.norm_params(model) + 2 * flops.qk_norm_params(model)
-    sharded = flops.attention_params_per_layer(model) - kv - 2 * flops.qk_norm_params(model) \
-        + flops.mlp_params_per_layer(model)
+    kv, qk_norms = flops.kv_params_per_layer(model), 2 * flops.qk_norm_params(model)
+    sharded = flops.attention_params_per_layer(model) - kv - qk_norms + flops.mlp_params_per_layer(model)
+    whole = 2 * flops.norm_params(model) + qk_norms
     return sharded / tp + kv * flops.kv_heads_per_rank(model, tp) / model.kv_heads + whole

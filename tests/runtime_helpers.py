@@ -61,7 +61,8 @@ def make_plan(*, dp=1, tp=1, pp=1, cp=1, virtual_stages=1, num_microbatches=None
 def free_port() -> int:
     """A port free now, for tests/test_launch_multinode.py, whose two agents must be given their rendezvous
     port (``--master-port``) as users give it; it is released before the agents bind it, so another job could
-    take it meanwhile. Other jobs rendezvous without one (``--standalone``, a file store)."""
+    take it meanwhile. Other jobs rendezvous without one (a c10d store on port 0: :func:`torchrun_forked`; a file
+    store)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -86,7 +87,8 @@ def run_forked_job(world: int, script: str, args: list[str], cwd: Path, env: dic
     after ``timeout`` seconds is killed and fails the test with what it printed, which includes every rank's
     stacks: each rank prints them 30 s before the timeout (torchrun_forked.stacks_after_hang)."""
     cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name(script)), *args]
-    env = {**env, "MESHPLAN_JOB_STACKS_AFTER_S": str(max(1.0, timeout - 30))}
+    stacks_at = max(1.0, timeout - 30)
+    env = {**env, "MESHPLAN_JOB_STACKS_AFTER_S": str(stacks_at)}
     # a session of its own: on a timeout the agent and every rank it forked are killed together
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as job:
@@ -96,7 +98,7 @@ def run_forked_job(world: int, script: str, args: list[str], cwd: Path, env: dic
             os.killpg(job.pid, signal.SIGKILL)
             out, err = job.communicate()
             raise AssertionError(f"{script} {' '.join(args[:3])}... ran past {timeout:.0f} s; its stderr "
-                                 f"(each rank's stacks at {timeout - 30:.0f} s):\n{err[-12000:]}") from None
+                                 f"(each rank's stacks at {stacks_at:.0f} s):\n{err[-12000:]}") from None
     return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 

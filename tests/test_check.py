@@ -45,12 +45,6 @@ def gloo_worker_slack_bytes(plan: Plan) -> float:
     return 2.0 * hidden_state
 
 
-def interpreted(plan: Plan) -> bool:
-    """Whether the plan runs Triton kernels, which run under Triton's interpreter on CPU ranks (its job keeps
-    the interpreter: ``runtime_helpers.job_env``)."""
-    return runs_triton_only_kernels(plan)
-
-
 def real_activation_bounds(record: dict, stage: str, plan: Plan) -> tuple[float, float]:
     """A real run's block bytes for one micro-batch, as (low, high). Under Triton's interpreter the live-bytes
     tracker misses storages the kernels' outputs live in (in one eager process it sees them), so its figure is
@@ -58,7 +52,7 @@ def real_activation_bounds(record: dict, stage: str, plan: Plan) -> tuple[float,
     and also whatever else a moment holds (a gloo collective's buffers), so adding their difference gives an
     upper bound. Without the interpreter both are the tracker's figure."""
     low = record["activations_per_microbatch"][stage]
-    if not interpreted(plan):
+    if not runs_triton_only_kernels(plan):     # Triton's interpreter on CPU ranks (runtime_helpers.job_env)
         return low, low
     return low, low + max(0.0, record["forward_totals_allocator"][stage] - record["forward_totals"][stage])
 
@@ -92,7 +86,7 @@ def test_check_measures_what_the_real_run_allocates(name, layout_run):
             fake_bytes = fake.activations_per_microbatch[int(stage)]
             low, high = real_activation_bounds(real[rank], stage, plan)
             assert 0.95 * low <= fake_bytes <= 1.05 * high, (name, rank, stage, fake_bytes, low, high)
-        if interpreted(plan):
+        if runs_triton_only_kernels(plan):
             continue        # the tracker's peak misses the interpreter's storages (above); the allocator has none
         fake_peak, real_peak = fake.measured["peak"], measured["peak"]
         assert fake_peak - 0.05 * real_peak <= real_peak <= fake_peak + 0.05 * real_peak + gloo_worker_slack_bytes(

@@ -45,15 +45,15 @@ def per_rank_block(spec: ModelSpec, tp: int, device: torch.device, dtype: torch.
     A model with experts is timed as its dense block (``moe`` dropped): the rates fitted to it price the
     experts' GEMMs and traffic (planner/moe.py)."""
     spec = dataclasses.replace(spec, moe=None)
-    h, d, f = spec.hidden, spec.head_dim, spec.ffn_hidden
-    kv_width = int(kv_heads_per_rank(spec, tp)) * d
+    h, f = spec.hidden, spec.ffn_hidden
+    q_width, kv_width = spec.q_width // tp, int(kv_heads_per_rank(spec, tp)) * spec.head_dim
     with torch.device(device):
         block = Block(spec)
         attn, ff = block.attention, block.feed_forward
-        attn.wq = nn.Linear(h, spec.heads * d // tp, bias=spec.attention_biases)
+        attn.wq = nn.Linear(h, q_width, bias=spec.attention_biases)
         attn.wk = nn.Linear(h, kv_width, bias=spec.attention_biases)
         attn.wv = nn.Linear(h, kv_width, bias=spec.attention_biases)
-        attn.wo = nn.Linear(spec.heads * d // tp, h, bias=spec.bias)
+        attn.wo = nn.Linear(q_width, h, bias=spec.bias)
         ff.w1 = nn.Linear(h, f // tp, bias=spec.bias)
         ff.w2 = nn.Linear(f // tp, h, bias=spec.bias)
         if ff.w3 is not None:
