@@ -102,7 +102,8 @@ def launch(
     tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="also log the metrics to this "
                                               "TensorBoard directory (pip install 'meshplan[tensorboard]')"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this Hugging Face model directory "
-                                             "(config.json + safetensors; Llama, Mistral, Qwen2, GPT-2)"),
+                                             "(config.json + safetensors; Llama, Mistral, Qwen2/3, Mixtral, "
+                                             "Qwen2/3-MoE, GPT-2)"),
     save_hf: Optional[Path] = typer.Option(None, "--save-hf", help="write the final weights as a Hugging Face "
                                            "checkpoint into this directory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="let --save-hf replace an existing directory"),

@@ -89,6 +89,8 @@ def shape_words(m: ModelSpec) -> str:
         words.append(f"head_dim {m.head_dim}")
     if m.qk_norm:
         words.append("q/k norms (torchtitan's qwen3 model)")
+    if m.bias or m.qkv_bias:
+        words.append("biases on every projection" if m.bias else "q/k/v biases")
     return ", ".join(words + [f"ffn {m.ffn_hidden}", f"vocab {m.vocab}"])
 
 

@@ -149,7 +149,8 @@ class ModelSpec:
         norm: ``layernorm`` or ``rmsnorm``.
         position: ``learned`` (a max_seq_len x hidden table) or ``rope`` (no parameters).
         tied_embeddings: the LM head reuses the input embedding matrix.
-        bias: linear layers and norms have biases (GPT-2/GPT-3, Megatron's default); Llama has none.
+        bias: every linear layer of the blocks and every LayerNorm has biases (GPT-2/GPT-3, Megatron's default;
+            a Llama config with ``attention_bias`` and ``mlp_bias``; RMSNorm has none); Llama has none.
         qkv_bias: the query, key and value projections (only those) have biases (Qwen2).
         qk_norm: every query and key head is normed over its ``head_dim`` before rotary positions, with one
             weight of width ``head_dim`` for the queries and one for the keys per block (Qwen3; Megatron-Core
@@ -543,6 +544,34 @@ def hf_moe(data: Mapping[str, Any], kind: str, where: str) -> "MoESpec | None":
     return None
 
 
+def hf_partial_bias(data: Mapping[str, Any], kind: str) -> str | None:
+    """The ``config.json`` field that gives some projections biases and not the others, which no ModelSpec
+    holds: Llama's ``attention_bias`` (q, k, v and o) without its ``mlp_bias`` (gate, up and down) or the
+    other way round, and Qwen3's ``attention_bias`` (Qwen3 has no MLP biases). None when there is none."""
+    attention = kind in ("llama", "qwen3", "qwen3_moe") and bool(data.get("attention_bias", False))
+    mlp = kind == "llama" and bool(data.get("mlp_bias", False))
+    if attention == mlp:
+        return None
+    return "attention_bias" if attention else "mlp_bias"
+
+
+def _hf_biases(data: Mapping[str, Any], kind: str, where: str) -> dict[str, bool]:
+    """The bias fields of a Llama-family config: Qwen2's q/k/v biases (always; Qwen2-MoE's unless its
+    ``qkv_bias`` is false), and ``bias`` for Llama's ``attention_bias`` with ``mlp_bias`` (every projection;
+    RMSNorm has no bias). Other families' configs do not switch biases on (transformers ignores the fields)."""
+    if kind == "qwen2":
+        return {"qkv_bias": True}
+    if kind == "qwen2_moe":
+        return {"qkv_bias": bool(data.get("qkv_bias", True))}
+    field = hf_partial_bias(data, kind)
+    if field is not None:
+        raise InputError(f"{where}: {field}", f"{field} alone gives biases to the "
+                         f"{'attention' if field == 'attention_bias' else 'MLP'} projections only, which meshplan's "
+                         "model does not hold", "write a meshplan model YAML with bias: true (biases on every "
+                         "projection) or bias: false (none); either prices this model within its bias vectors")
+    return {"bias": kind == "llama" and bool(data.get("attention_bias", False))}
+
+
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")     # RMSNorm of each q and k head (Qwen3Attention q_norm, k_norm)
 
@@ -569,8 +598,8 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 head_dim=data.get("head_dim") or 0, qk_norm=kind in QK_NORM_MODEL_TYPES,
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
-                qkv_bias=kind in ("qwen2", "qwen2_moe"), norm_eps=data.get("rms_norm_eps", 1e-6),
-                moe=hf_moe(data, kind, where), **_hf_rope(data, where),
+                norm_eps=data.get("rms_norm_eps", 1e-6), moe=hf_moe(data, kind, where),
+                **_hf_biases(data, kind, where), **_hf_rope(data, where),
             )
         if kind == "gpt2":
             hidden = data["n_embd"]

@@ -44,7 +44,7 @@ def _save(model, directory: Path, **kwargs) -> Path:
 
 
 def _random_biases(model):
-    """``model`` with nonzero q/k/v biases, so that reading them is tested."""
+    """``model`` with nonzero biases (where it has any), so that reading them is tested."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -88,8 +88,8 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
                                                 "num_experts_per_tok": 2, "norm_topk_prob": False,
                                                 "mlp_only_layers": [2], **overrides})
         return _save(_random_head_norms(transformers.Qwen3MoeForCausalLM(config)), directory)
-    config = transformers.LlamaConfig(**{**LLAMA, **overrides})
-    return _save(transformers.LlamaForCausalLM(config), directory, max_shard_size="40KB")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides}))
+    return _save(_random_biases(model), directory, max_shard_size="40KB")
 
 
 def hf_model(directory: Path):
@@ -110,6 +110,7 @@ def checkpoints(tmp_path_factory):
     return {
         "llama-tied": make_hf("llama", root / "llama-tied", tie_word_embeddings=True),
         "llama3-rope": make_hf("llama", root / "llama3-rope", rope_parameters=LLAMA3_ROPE),
+        "llama-biases": make_hf("llama", root / "llama-biases", attention_bias=True, mlp_bias=True),
         "qwen2": make_hf("qwen2", root / "qwen2"),
         "gpt2": make_hf("gpt2", root / "gpt2"),
         "mixtral": make_hf("mixtral", root / "mixtral"),
@@ -131,8 +132,8 @@ def test_parameter_shapes_match_the_model(name):
     assert hf_format.parameter_shapes(spec) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "qwen2", "gpt2", "mixtral", "qwen2-moe", "qwen3",
-                                  "qwen3-moe"])
+@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "llama-biases", "qwen2", "gpt2", "mixtral",
+                                  "qwen2-moe", "qwen3", "qwen3-moe"])
 def test_loaded_weights_give_transformers_logits(checkpoints, name):
     directory = checkpoints[name]
     spec = load_model(str(directory / "config.json"))
@@ -181,9 +182,9 @@ def _dcp_of(model, directory: Path, kv_copies: int = 1, ep: int = 1) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("qwen2", 1, 1), ("gpt2", 1, 1),
-                                               ("mixtral", 1, 2), ("qwen2-moe", 1, 1), ("qwen3", 2, 1),
-                                               ("qwen3-moe", 1, 2)])
+@pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("llama-biases", 2, 1), ("qwen2", 1, 1),
+                                               ("gpt2", 1, 1), ("mixtral", 1, 2), ("qwen2-moe", 1, 1),
+                                               ("qwen3", 2, 1), ("qwen3-moe", 1, 2)])
 def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies, ep):
     spec = load_model(str(checkpoints[name] / "config.json"))
     model = build_model(spec, SEQ, "meta")

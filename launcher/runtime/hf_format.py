@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.errors import InputError
-from meshplan.spec import ModelSpec, from_hf_config, hf_rope_type
+from meshplan.spec import ModelSpec, from_hf_config, hf_partial_bias, hf_rope_type
 
 FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -164,8 +164,10 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     sliding attention window is refused only when it is shorter than the sequences (``seq_len``; unknown:
     refused), since a window at least as long as the sequence changes nothing."""
     problems = []
-    if family in LLAMA_TYPES and (config.get("attention_bias") or config.get("mlp_bias")):
-        problems.append(("attention_bias / mlp_bias", "biases on every projection"))
+    partial_bias = hf_partial_bias(config, family)
+    if partial_bias:
+        problems.append((partial_bias, f"biases on the {'MLP' if partial_bias == 'mlp_bias' else 'attention'} "
+                                       "projections only"))
     windowed = family in SLIDING_WINDOW_TYPES
     window = config.get("sliding_window") if windowed or config.get("use_sliding_window") else None
     if window and (seq_len is None or window < seq_len):
@@ -353,22 +355,27 @@ def check_checkpoint(directory: Path, planned: ModelSpec, seq_len: int | None = 
 
 def hf_family_for(spec: ModelSpec) -> str:
     """The Hugging Face architecture that holds ``spec`` exactly, for an export. The per-head q/k norms
-    (``qk_norm``) are Qwen3's, the q/k/v biases (``qkv_bias``) Qwen2's: no family holds both."""
+    (``qk_norm``) are Qwen3's, the q/k/v biases (``qkv_bias``) Qwen2's: no family holds both. Biases on every
+    projection (``bias``) are Llama's ``attention_bias`` with ``mlp_bias``."""
     if spec.qk_norm and spec.qkv_bias:
         raise InputError("--save-hf: model.qk_norm", f"model {spec.name!r} has both q/k norms (qk_norm) and q/k/v "
                          "biases (qkv_bias), which no Hugging Face architecture holds together (qwen3: the norms, "
                          "qwen2: the biases)", "keep the DCP checkpoint")
-    llama_like = spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope" and not spec.bias
+    rotary_swiglu = spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope"
+    llama_like = rotary_swiglu and not spec.bias
     if spec.moe is not None:
         return _hf_moe_family(spec, llama_like)
     if llama_like:
         return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "llama"
+    if rotary_swiglu and not spec.qk_norm:
+        return "llama"                                  # attention_bias and mlp_bias
     if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
             and spec.tied_embeddings and not spec.qk_norm and spec.q_width == spec.hidden):
         return "gpt2"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
-                     "(llama/qwen2/qwen3: SwiGLU, RMSNorm, rotary, no biases; gpt2: GELU, LayerNorm, learned "
-                     "positions, biases, tied head, no q/k norms, head_dim hidden/heads)", "keep the DCP checkpoint")
+                     "(llama/qwen2/qwen3: SwiGLU, RMSNorm, rotary, biases on every projection only without q/k "
+                     "norms; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, head_dim "
+                     "hidden/heads)", "keep the DCP checkpoint")
 
 
 def _hf_moe_family(spec: ModelSpec, llama_like: bool) -> str:
@@ -381,11 +388,11 @@ def _hf_moe_family(spec: ModelSpec, llama_like: bool) -> str:
         if (not spec.qk_norm and not spec.qkv_bias and not moe.shared_experts and moe.normalize_top_k
                 and spec.moe_layer_count == spec.layers):
             return "mixtral"
-        if not spec.qk_norm and spec.qkv_bias and moe.shared_experts == 1 and moe.shared_expert_gate:
-            return "qwen2_moe"
+        if not spec.qk_norm and moe.shared_experts == 1 and moe.shared_expert_gate:
+            return "qwen2_moe"                          # its qkv_bias switches the q/k/v biases
     raise InputError("--save-hf", f"no Hugging Face architecture meshplan writes holds the mixture of experts "
                      f"{spec.name!r} exactly (mixtral: every block MoE, no shared experts, top-k renormalised, "
-                     "no biases; qwen2_moe: one gated shared expert, q/k/v biases; qwen3_moe: q/k norms, no shared "
+                     "no biases; qwen2_moe: one gated shared expert, no q/k norms; qwen3_moe: q/k norms, no shared "
                      "expert; all softmax routing, untied head)", "keep the DCP checkpoint")
 
 
@@ -410,7 +417,7 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
               "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
               "vocab_size": spec.vocab, "hidden_act": "silu", "rms_norm_eps": spec.norm_eps,
-              "tie_word_embeddings": spec.tied_embeddings, "attention_bias": False, "mlp_bias": False,
+              "tie_word_embeddings": spec.tied_embeddings, "attention_bias": spec.bias, "mlp_bias": spec.bias,
               "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
@@ -431,7 +438,7 @@ def moe_config(spec: ModelSpec, family: str) -> dict[str, Any]:
                 "moe_intermediate_size": moe.expert_ffn_hidden,
                 "shared_expert_intermediate_size": moe.shared_ffn_hidden,
                 "norm_topk_prob": moe.normalize_top_k, "router_aux_loss_coef": moe.aux_loss_coeff,
-                "decoder_sparse_step": 1, "qkv_bias": True, "use_sliding_window": False,
+                "decoder_sparse_step": 1, "qkv_bias": spec.qkv_bias, "use_sliding_window": False,
                 "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
     if family == "qwen3_moe":
         assert moe is not None
