@@ -16,6 +16,9 @@ ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 
 MIN_LOSS_CHUNK_TOKENS = 256
 
+# torch._grouped_mm's operands: rows aligned to 16 bytes (its checks: "strides should be multiple of 16 bytes").
+GROUPED_GEMM_ALIGN_BYTES = 16
+
 
 def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
     """Tokens per chunk of the fused (chunked) linear + cross-entropy, at most T:
@@ -34,3 +37,14 @@ def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
     factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
     chunk = max(1, math.ceil(tokens / factor))
     return int(min(tokens, max(1 << (chunk - 1).bit_length(), MIN_LOSS_CHUNK_TOKENS)))
+
+
+def grouped_expert_gemms(compute_bytes: int, hidden: int, expert_width: int) -> bool:
+    """The routed experts of an MoE block run as three grouped GEMMs (``torch._grouped_mm``: gate, up and down
+    of every local expert at once, as torchtitan's ``GroupedExperts``) when the block computes in bf16
+    (``compute_bytes`` 2: the op and its meta function take bf16) and rows of ``hidden`` and ``expert_width``
+    elements keep the op's 16-byte alignment; otherwise one GEMM per local expert and weight. The runtime
+    (``launcher/runtime/moe.py`` GroupedExperts) runs this choice and the planner (``planner/moe.py``
+    matmul_sequence) counts its matmuls for selective recompute."""
+    return (compute_bytes == 2 and (hidden * compute_bytes) % GROUPED_GEMM_ALIGN_BYTES == 0
+            and (expert_width * compute_bytes) % GROUPED_GEMM_ALIGN_BYTES == 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from meshplan import rules
 from meshplan.engines import MESHPLAN, Engine
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
 from meshplan.planner import comm, compute, flops, memory, moe
@@ -215,12 +216,13 @@ def moe_selective_delta(model: ModelSpec, train: TrainSpec, tokens: float, tp: i
         - the dense MLP's re-run w3 GEMM and its activation function's traffic
     GEMMs and memory traffic scale by the profile's measured ratio of the block (``c.timed``)."""
     routed = tokens / (tp if sp else 1)
-    _, rerun = moe.selective_matmuls(model, routed, tokens, mb.routed_rows, model.moe.experts // ep, tp)
-    work = sum(compute.matmul_time(m, k, n, rates) for m, k, n in rerun) + mb.memory_fwd
+    act_bytes = memory.ACT_BYTES[train.precision]
+    grouped = rules.grouped_expert_gemms(act_bytes, model.hidden, model.moe.expert_ffn_hidden)
+    _, rerun = moe.selective_matmuls(model, routed, mb.routed_rows, model.moe.experts // ep, grouped)
+    work = moe.sequence_time(rerun, rates) + mb.memory_fwd
     if model.mlp == "swiglu":
         work -= (compute.matmul_time(tokens, model.hidden, model.ffn_hidden / tp, rates)
-                 + (3 if fused_swiglu else 5) * tokens * model.ffn_hidden / tp * memory.ACT_BYTES[train.precision]
-                 / rates.memory)
+                 + (3 if fused_swiglu else 5) * tokens * model.ffn_hidden / tp * act_bytes / rates.memory)
     return c.timed * work + mb.a2a + mb.etp_comm
 
 
@@ -433,7 +435,8 @@ def block_activation_bytes(model: ModelSpec, seq: int, micro_batch: int, tp: int
     else:
         replaced = moe.dense_mlp_saved_bytes(model, tokens, tp, act_bytes, fused_swiglu, mlp_input)
     if mode == "selective" and selective == "meshplan":
-        kept = moe.selective_saved_bytes(model, routed, tokens, rows, model.moe.experts // experts.ep, tp, act_bytes)
+        grouped = rules.grouped_expert_gemms(act_bytes, model.hidden, model.moe.expert_ffn_hidden)
+        kept = moe.selective_saved_bytes(model, routed, rows, model.moe.experts // experts.ep, act_bytes, grouped)
     else:
         kept = moe.saved_bytes(model, routed, tokens, rows, model.moe.expert_ffn_hidden / experts.expert_tp, tp,
                                act_bytes, fused_swiglu)

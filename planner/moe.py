@@ -135,33 +135,44 @@ def saved_bytes(model: ModelSpec, routed: float, tokens: float, rows: float, f_l
 ATTENTION_MATMULS = 4
 
 
-def matmul_sequence(model: ModelSpec, routed: float, tokens: float, rows: float, local: int,
-                    tp: int) -> list[tuple[float, float, float]]:
-    """(m, k, n) of each matmul an MoE MLP runs on one rank, in the order meshplan's runtime runs them
-    (launcher/runtime/moe.py MoE.forward): the router [routed, h] x [h, E]; each of the ``local`` experts'
-    w1, w3 and w2 on ``rows / local`` rows (every local expert runs, with or without rows); the shared
-    experts' w1, w3, w2 split by tp; the shared gate [tokens, h] x [h, 1]."""
+def matmul_sequence(model: ModelSpec, routed: float, rows: float, local: int,
+                    grouped: bool) -> list[tuple[float, float, float, int]]:
+    """(m, k, n, groups) of each matmul op an MoE MLP runs on one rank, in the order meshplan's runtime runs
+    them (launcher/runtime/moe.py MoE.forward): the router [routed, h] x [h, E]; the routed experts' w1, w3
+    and w2 on ``rows`` rows, as three grouped GEMMs over the ``local`` experts (``grouped``,
+    rules.grouped_expert_gemms) or as each local expert's three GEMMs on ``rows / local`` rows (every local
+    expert runs, with or without rows); the shared experts' w1, w3, w2 and the shared gate [routed, h] x
+    [h, 1], whole on the ``routed`` tokens (the rank's sequence shard; moe.tp_partial_params). ``groups``: the
+    GEMMs of ``m / groups`` rows one op runs."""
     moe, h = model.moe, model.hidden
-    per_expert = rows / local
-    shapes = [(routed, h, moe.experts)]
-    for _ in range(local):
-        shapes += [(per_expert, h, moe.expert_ffn_hidden), (per_expert, h, moe.expert_ffn_hidden),
-                   (per_expert, moe.expert_ffn_hidden, h)]
+    f = moe.expert_ffn_hidden
+    shapes = [(routed, h, moe.experts, 1)]
+    if grouped:
+        shapes += [(rows, h, f, local), (rows, h, f, local), (rows, f, h, local)]
+    else:
+        for _ in range(local):
+            shapes += [(rows / local, h, f, 1), (rows / local, h, f, 1), (rows / local, f, h, 1)]
     if moe.shared_ffn_hidden:
-        f_s = moe.shared_ffn_hidden / tp
-        shapes += [(tokens, h, f_s), (tokens, h, f_s), (tokens, f_s, h)]
+        f_s = moe.shared_ffn_hidden
+        shapes += [(routed, h, f_s, 1), (routed, h, f_s, 1), (routed, f_s, h, 1)]
     if moe.shared_expert_gate:
-        shapes.append((tokens, h, 1))
+        shapes.append((routed, h, 1, 1))
     return shapes
 
 
-def selective_matmuls(model: ModelSpec, routed: float, tokens: float, rows: float, local: int,
-                      tp: int) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
-    """(kept, re-run) matmuls of an MoE MLP under meshplan's selective recompute
-    (launcher/runtime/parallelize.py selective_context): counting the block's matmuls from its first, the
+def sequence_time(shapes: list[tuple[float, float, float, int]], rates: compute.Rates) -> float:
+    """Seconds of the matmul ops ``shapes`` (:func:`matmul_sequence`): a grouped op costs its GEMMs'."""
+    return sum(groups * compute.matmul_time(m / groups, k, n, rates) for m, k, n, groups in shapes)
+
+
+def selective_matmuls(model: ModelSpec, routed: float, rows: float, local: int,
+                      grouped: bool) -> tuple[list[tuple[float, float, float, int]],
+                                              list[tuple[float, float, float, int]]]:
+    """(kept, re-run) matmul ops of an MoE MLP under meshplan's selective recompute
+    (launcher/runtime/parallelize.py selective_context): counting the block's matmul ops from its first, the
     odd-numbered outputs are kept but the block's last (parallelize.block_matmuls); the others run again in
     the backward, the last excepted (the recompute stops once the backward has what it needs)."""
-    shapes = matmul_sequence(model, routed, tokens, rows, local, tp)
+    shapes = matmul_sequence(model, routed, rows, local, grouped)
     last = ATTENTION_MATMULS + len(shapes)
     kept, rerun = [], []
     for number, shape in enumerate(shapes, ATTENTION_MATMULS + 1):
@@ -172,12 +183,12 @@ def selective_matmuls(model: ModelSpec, routed: float, tokens: float, rows: floa
     return kept, rerun
 
 
-def selective_saved_bytes(model: ModelSpec, routed: float, tokens: float, rows: float, local: int, tp: int,
-                          act_bytes: int) -> float:
+def selective_saved_bytes(model: ModelSpec, routed: float, rows: float, local: int, act_bytes: int,
+                          grouped: bool) -> float:
     """Bytes an MoE MLP keeps under meshplan's selective recompute: the kept matmuls' outputs
     (:func:`selective_matmuls`), ``m * n`` elements each; everything else is re-run."""
-    kept, _ = selective_matmuls(model, routed, tokens, rows, local, tp)
-    return act_bytes * sum(m * n for m, _, n in kept)
+    kept, _ = selective_matmuls(model, routed, rows, local, grouped)
+    return act_bytes * sum(m * n for m, _, n, _ in kept)
 
 
 def dense_mlp_saved_bytes(model: ModelSpec, tokens: float, tp: int, act_bytes: int, fused_swiglu: bool,

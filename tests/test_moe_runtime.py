@@ -75,6 +75,37 @@ def test_block_equals_the_per_token_reference(spec):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_expert_gemms_equal_the_per_expert_gemms_in_bf16():
+    """The grouped GEMMs (torch._grouped_mm) give the per-expert GEMMs' output and gradients, bit for bit in
+    bf16 here, with an expert that gets no rows and the counts as a device tensor; ``configure`` picks them
+    where the block computes in bf16 only, and selective recompute counts three matmul ops for them."""
+    from meshplan.launcher.runtime.parallelize import block_matmuls
+
+    model = build_model(TINY_MOE, 32, "cpu")
+    init_weights(model, TINY_MOE, InitConfig(seed=3), torch.device("cpu"))
+    moe_mod.configure(model, bf16=False)
+    experts = model.layers["0"].feed_forward.experts
+    assert not experts.grouped and block_matmuls(model.layers["0"]) == 4 + 1 + 3 * 4
+    moe_mod.configure(model, bf16=True)
+    assert experts.grouped and block_matmuls(model.layers["0"]) == 4 + 1 + 3
+    counts = [5, 0, 7, 4]
+    x = torch.randn(sum(counts), 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    grad = torch.randn(sum(counts), 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    results = []
+    for grouped, given in ((True, torch.tensor(counts)), (False, counts)):
+        experts.grouped = grouped
+        experts.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inputs = x.clone().requires_grad_()
+            out = experts(inputs, given)
+        out.backward(grad)
+        results.append([out, inputs.grad, experts.w1.grad, experts.w2.grad, experts.w3.grad])
+    assert results[0][0].dtype == torch.bfloat16
+    for grouped, looped in zip(*results):
+        assert torch.equal(grouped.float(), looped.float())
+    assert results[0][2][1].abs().max() == 0          # the expert without rows gets no gradient
+
+
 def test_load_balancing_loss_by_hand():
     """Sequence 1: both tokens to expert 0 (f = [1, 0]), mean probabilities [0.55, 0.45]: E * sum f P = 1.1.
     Sequence 2: one token each (f = [.5, .5]), P = [.5, .5]: 1.0. The loss is coeff times their mean."""

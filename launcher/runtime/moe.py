@@ -8,7 +8,10 @@ A block whose index is in ``spec.moe.layers`` (``ModelSpec.is_moe_layer``) holds
 Forward, per token: router scores (softmax or sigmoid over the E logits, in fp32), the top-k experts, their
 weights (renormalised to sum 1 when ``normalize_top_k``), the weighted sum of those experts' SwiGLU outputs,
 plus the shared experts' output (scaled by ``sigmoid(shared_gate(x))`` when gated). Dropless: every routed
-token is computed, the experts looping over their token groups.
+token is computed. The routed experts run as three grouped GEMMs over their token groups where the block
+computes in bf16 (``torch._grouped_mm``, torchtitan's ``GroupedExperts``; on GPUs the token counts then stay
+on the device without EP), otherwise one GEMM per expert and weight (fp32, or widths the grouped GEMM's
+16-byte row alignment refuses: rules.grouped_expert_gemms).
 
 Expert parallel (``plan.ep``): each rank of an EP group holds ``E / ep`` consecutive experts
 (:attr:`GroupedExperts.expert_rows` says which rows of the full tensors, so initialisation by name gives it its
@@ -34,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from meshplan import rules
 from meshplan.spec import ModelSpec
 
 
@@ -122,7 +126,9 @@ class _AllToAll(torch.autograd.Function):
 
 class GroupedExperts(nn.Module):
     """``local`` SwiGLU experts as stacked weights; rows ``expert_rows = (start, total)``: these are experts
-    ``start .. start + local - 1`` of ``total`` (model.init_weights gives each rank its slice)."""
+    ``start .. start + local - 1`` of ``total`` (model.init_weights gives each rank its slice). ``grouped``
+    (set from outside, :func:`configure`): the three GEMMs run over every expert at once in bf16
+    (``torch._grouped_mm``, rules.grouped_expert_gemms); otherwise one GEMM per expert and weight."""
 
     def __init__(self, local: int, hidden: int, width: int, start: int = 0, total: int | None = None):
         super().__init__()
@@ -131,11 +137,22 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(local, width, hidden))
         self.expert_rows = (start, total if total is not None else local)
         self.swiglu_impl = "reference"
+        self.grouped = False
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """``x``: token copies grouped by local expert, ``counts[e]`` rows for expert ``e``."""
+    def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+        """``x``: token copies grouped by local expert, ``counts[e]`` rows for expert ``e`` (a list, or a tensor
+        on ``x``'s device, which the grouped GEMMs take without waiting for the device)."""
         from meshplan.launcher.runtime.model import swiglu
 
+        if self.grouped:
+            offsets = torch.as_tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
+            rows = x.bfloat16()        # a no-op under FSDP's bf16 parameters; under autocast its cast
+            gate = torch._grouped_mm(rows, self.w1.bfloat16().transpose(-2, -1), offs=offsets)
+            up = torch._grouped_mm(rows, self.w3.bfloat16().transpose(-2, -1), offs=offsets)
+            inner = swiglu(gate, up, self.swiglu_impl)
+            return torch._grouped_mm(inner, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
         outs = []
         for e, rows in enumerate(x.split(counts)):
             gate, up = rows @ self.w1[e].t(), rows @ self.w3[e].t()
@@ -210,7 +227,9 @@ class MoE(nn.Module):
             counts = even_counts(flat.numel(), self.experts_total)
         else:
             counts = torch.zeros(self.experts_total, dtype=torch.long, device=flat.device)
-            counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
+            counts = counts.scatter_add_(0, flat, torch.ones_like(flat))
+            if self.ep_group is not None or not self.experts.grouped:
+                counts = counts.tolist()     # the all-to-all's splits, the per-expert GEMMs' rows: on the host
         copies = tokens[token_of]
         if self.ep_group is None:
             done = self.experts(copies, counts)
@@ -280,11 +299,16 @@ def shard_experts(model: nn.Module, ep: int, ep_rank: int) -> None:
 
 
 def configure(model: nn.Module, *, ep_group=None, sequence_group=None, sequence_ranks: int = 1,
-              aux_grad_scale: float = 1.0) -> None:
-    """Set every MoE block's groups and the scale of its load-balancing gradient (module doc)."""
+              aux_grad_scale: float = 1.0, bf16: bool = False) -> None:
+    """Set every MoE block's groups, the scale of its load-balancing gradient (module doc) and whether its
+    routed experts run as grouped GEMMs: where the block computes in ``bf16``, the widths suit
+    (rules.grouped_expert_gemms) and this torch has ``torch._grouped_mm``."""
     for moe in moe_modules(model):
         moe.ep_group, moe.sequence_group, moe.sequence_ranks = ep_group, sequence_group, sequence_ranks
         moe.aux_grad_scale = aux_grad_scale
+        experts = moe.experts
+        experts.grouped = hasattr(torch, "_grouped_mm") and rules.grouped_expert_gemms(
+            2 if bf16 else 4, experts.w1.shape[2], experts.w1.shape[1])
 
 
 def tp_partial_params(model: nn.Module, experts_too: bool) -> list[nn.Parameter]:

@@ -350,7 +350,7 @@ def apply_cp(model: Transformer, cp_mesh: DeviceMesh, kind: str) -> None:
 def _saved_ops() -> tuple[set, set]:
     """(matmul ops, other ops) whose outputs selective recompute may keep."""
     aten = torch.ops.aten
-    matmuls = {getattr(aten, n).default for n in ("mm", "addmm") if hasattr(aten, n)}
+    matmuls = {getattr(aten, n).default for n in ("mm", "addmm", "_grouped_mm") if hasattr(aten, n)}
     names = ["bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
@@ -412,12 +412,17 @@ def apply_ac(model: Transformer, mode_of_layer) -> None:
 
 
 def block_matmuls(block: nn.Module) -> int:
-    """The matmuls one forward of ``block`` runs: one per linear layer (7 for a SwiGLU block, 6 for GELU) and
-    three per routed expert it holds (moe.GroupedExperts runs every local expert, with or without tokens)."""
+    """The matmul ops one forward of ``block`` runs: one per linear layer (7 for a SwiGLU block, 6 for GELU)
+    and, for its routed experts (moe.GroupedExperts), three grouped GEMMs or three per local expert (each
+    runs, with or without tokens)."""
     from meshplan.launcher.runtime.moe import GroupedExperts
 
-    return sum(1 if isinstance(m, nn.Linear) else 3 * m.w1.shape[0] if isinstance(m, GroupedExperts) else 0
-               for m in block.modules())
+    def count(m: nn.Module) -> int:
+        if isinstance(m, GroupedExperts):
+            return 3 if m.grouped else 3 * m.w1.shape[0]
+        return 1 if isinstance(m, nn.Linear) else 0
+
+    return sum(count(m) for m in block.modules())
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:

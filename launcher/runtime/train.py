@@ -229,7 +229,7 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
     mp_policy = mixed_precision_policy(plan, meshes, device_type)
     for _, part in parts:
         par.apply_ep(part, meshes)
-        configure_moe(part, plan, meshes)
+        configure_moe(part, plan, meshes, device_type)
         _set_kernels(part, plan, device_type)
         if meshes.tp is not None:
             par.apply_tp(part, meshes.tp, plan.sequence_parallel)
@@ -248,11 +248,12 @@ def build_parts(plan: Plan, meshes: par.Meshes, device_type: str) -> list[tuple[
     return parts
 
 
-def configure_moe(part: torch.nn.Module, plan: Plan, meshes: par.Meshes) -> None:
-    """The MoE blocks' groups (moe.configure) and the scale of their load-balancing gradient: the training
-    loss's, ``1 / num_microbatches`` without a pipeline (the loss is divided before backward; a pipeline
-    scales the gradients after), over ``tp`` under sequence parallelism (each TP rank's loss is the whole
-    loss, its statistics summed with the other TP ranks')."""
+def configure_moe(part: torch.nn.Module, plan: Plan, meshes: par.Meshes, device_type: str) -> None:
+    """The MoE blocks' groups (moe.configure), their routed experts' GEMMs (grouped where the blocks compute
+    in bf16) and the scale of their load-balancing gradient: the training loss's, ``1 / num_microbatches``
+    without a pipeline (the loss is divided before backward; a pipeline scales the gradients after), over
+    ``tp`` under sequence parallelism (each TP rank's loss is the whole loss, its statistics summed with the
+    other TP ranks')."""
     from meshplan.launcher.runtime import moe
 
     scale = 1.0 / plan.num_microbatches if plan.pp == 1 else 1.0
@@ -260,7 +261,7 @@ def configure_moe(part: torch.nn.Module, plan: Plan, meshes: par.Meshes) -> None
         scale /= plan.tp
     sequence_ranks = plan.cp * (plan.tp if plan.sequence_parallel else 1)
     moe.configure(part, ep_group=meshes.ep, sequence_group=meshes.sequence, sequence_ranks=sequence_ranks,
-                  aux_grad_scale=scale)
+                  aux_grad_scale=scale, bf16=computes_in_bf16(plan, device_type))
 
 
 def param_groups(part: torch.nn.Module, weight_decay: float) -> list[dict]:
