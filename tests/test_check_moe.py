@@ -6,6 +6,8 @@ to Mixtral 8x22B on 128 ranks and a DeepSeek-V3-sized model on 2048."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,9 @@ from runtime_helpers import make_plan
 
 pytest.importorskip("torch")
 from meshplan.launcher.check import check_rank, parse_ranks  # noqa: E402  (after the torch skip)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from moe_block_bytes import block_plan  # noqa: E402  (the benchmark's plans: one MoE block of width 1024)
 
 FP32 = 4   # sharded parameters are fp32 masters in every plan (FSDP2 mixed precision computes in bf16)
 # DeepSeek-V3's layout with grouped-query attention in place of multi-head latent attention.
@@ -132,21 +137,6 @@ def test_planner_predicts_each_deepseek_stages_parameters_exactly():
         assert predicted[stage]["parameters"] == pytest.approx(expected_parameter_bytes(plan, stage), rel=1e-6)
 
 
-def _moe_block_plan(layers: int, tp: int, mode: str, shared: bool) -> Plan:
-    """A Mixtral-shaped model narrowed to ``layers`` blocks of width 1024 (8 experts of width 2048, top-2, with
-    or without a gated shared expert): bf16 on H100s, dp2 x ep2 (x tp), FSDP2, fused kernels, seq 2048."""
-    base = MODEL_PRESETS["mixtral-8x7b"]
-    moe = dict(experts=8, top_k=2, expert_ffn_hidden=2048)
-    if shared:
-        moe.update(shared_experts=1, shared_ffn_hidden=1024, shared_expert_gate=True)
-    spec = ModelSpec(name="moe-block", layers=layers, hidden=1024, heads=8, kv_heads=4, ffn_hidden=2048,
-                     vocab=1024, moe=moe, rope_theta=base.rope_theta)
-    return Plan(dp=2, tp=tp, pp=1, cp=1, ep=2, micro_batch=1, num_microbatches=1,
-                stages=(StagePlan((0, layers), {mode: layers}),), model=spec, cluster=load_cluster("dgx-h100:1"),
-                train=TrainSpec(2, 2048, precision="bf16"), sequence_parallel=tp > 1, zero=3,
-                kernels={"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "reference"})
-
-
 @pytest.mark.parametrize("tp,shared", [(1, False), (2, True)])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 def test_planner_moe_block_activation_bytes_equal_the_runtime(tp, shared, mode):
@@ -154,9 +144,9 @@ def test_planner_moe_block_activation_bytes_equal_the_runtime(tp, shared, mode):
     (block.block_activation_bytes with the experts over ep 2, even routing as ``check`` runs it)."""
     from meshplan.planner.block import ExpertLayout, block_activation_bytes
 
-    one, two = (check_rank(_moe_block_plan(n, tp, mode, shared), 0).activations_per_microbatch[0] for n in (1, 2))
+    one, two = (check_rank(block_plan(n, tp, mode, shared, 2048), 0).activations_per_microbatch[0] for n in (1, 2))
     measured = two - one
-    predicted = block_activation_bytes(_moe_block_plan(2, tp, mode, shared).model, 2048, 1, tp, 1, 2, True, mode,
+    predicted = block_activation_bytes(block_plan(2, tp, mode, shared, 2048).model, 2048, 1, tp, 1, 2, True, mode,
                                        experts=ExpertLayout(ep=2))
     # full recompute keeps the block input (4 MiB at tp 1, 2 MiB at tp 2); the runtime holds 0.5 MiB more per
     # block at either tp (hidden/4 bytes a token, found outside the planner's terms; 1 MiB of a Mixtral 8x7B
