@@ -48,6 +48,9 @@ class Engine:
             softmax and dropout as separate ops; cp = 1).
         expert_tensor_parallel: splits each expert's matmuls over the tensor-parallel ranks (plan
             ``expert_tp = tp``); without it every expert is whole on its rank (``expert_tp = 1``).
+        token_dropping: honours a model's ``moe.capacity_factor`` (each expert takes at most that multiple of
+            its even share of a rank's routed tokens, the rest dropped); without it the engine is dropless
+            and a model with a capacity factor is refused.
 
     Fields (how it behaves where engines differ; read by the cost terms):
         sp_saved_input: what a column-parallel linear keeps for its backward under sequence parallel:
@@ -102,6 +105,7 @@ class Engine:
     attentions: tuple[str, ...] = ("flash",)
     tp_without_sp: bool = False
     expert_tensor_parallel: bool = True
+    token_dropping: bool = False
 
     def refusal(self, field: str, value: Any) -> str | None:
         """Why this engine cannot run ``field = value`` (a plan field or ``--fix`` key), or None."""
@@ -123,6 +127,7 @@ class Engine:
             "attention": self.attentions,
             "sequence_parallel": (False, True) if self.tp_without_sp else (True,),
             "expert_tensor_parallel": (False, True) if self.expert_tensor_parallel else (False,),
+            "token_dropping": (False, True) if self.token_dropping else (False,),
         }
         return table.get(field)
 
@@ -158,8 +163,9 @@ MESHPLAN = Engine(
     # DTensor collectives wait; runtime/context_parallel.py _RingAttention: the fused attention kernel per
     # hop on zig-zag chunks, the next K/V sent under the current hop; attention is torch SDPA.
     tp_backward_async=False, attention_kernel="flash2", fp8_allgather=False,
-    # runtime/moe.py: experts whole on each rank (expert_tp = 1), expert parallel over all-to-all.
-    expert_tensor_parallel=False,
+    # runtime/moe.py: experts whole on each rank (expert_tp = 1), expert parallel over all-to-all; dropless
+    # (launcher/checks.py refuses a capacity factor).
+    expert_tensor_parallel=False, token_dropping=False,
 )
 
 MEGATRON = Engine(
@@ -208,6 +214,9 @@ MEGATRON = Engine(
     attentions=("flash", "unfused"), tp_without_sp=True,
     # --expert-tensor-parallel-size (1, or the dense part's tp: MoE parallel folding).
     expert_tensor_parallel=True,
+    # --moe-expert-capacity-factor: megatron/core/transformer/moe/moe_utils.py topk_softmax_with_capacity
+    # drops, on each rank before the dispatch, what an expert gets beyond get_capacity's ceil(T k / E * factor).
+    token_dropping=True,
 )
 
 TORCHTITAN = Engine(
@@ -241,8 +250,9 @@ TORCHTITAN = Engine(
     # column-parallel input to fp8 before its all-gather (torchtitan parallelize apply_tp with float8).
     tp_backward_async=False, attention_kernel="flash2", fp8_allgather=True,
     # parallelism.expert_parallel_degree only: the experts' ranks are efsdp * ep = dp_shard * cp * tp, each
-    # expert whole (torchtitan/config/configs.py ParallelismConfig).
-    expert_tensor_parallel=False,
+    # expert whole (torchtitan/config/configs.py ParallelismConfig); its all-to-all token dispatcher
+    # (torchtitan/models/common/token_dispatcher.py) drops no token.
+    expert_tensor_parallel=False, token_dropping=False,
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (MESHPLAN, MEGATRON, TORCHTITAN)}

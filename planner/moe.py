@@ -12,12 +12,14 @@ MLP of an MoE block on one rank as:
                down [m_j, f_e/etp] x [f_e/etp, h]; with etp > 1 the received rows are all-gathered over the
                expert-TP group first and the outputs reduce-scattered after (Megatron's ETP)
     combine    all-to-all back, unpermute, the k outputs of a token summed with the router's weights
-    shared     shared experts: a dense SwiGLU of width f_s over every token, split over tp like the dense MLP
+    shared     shared experts: a dense SwiGLU of width f_s, whole, over the rank's T tokens (the FLOPs of the
+               dense MLP split over tp)
 
 T is the rank's sequence-parallel shard of the micro-batch (tokens / tp under sequence parallel: the TP ranks
 route their own tokens), and the routed rows a rank computes are T*k times the load imbalance of the slowest
-EP rank (:func:`default_imbalance`, or ``--fix moe_imbalance``). Dispatch and combine are not overlapped with
-compute (Megatron-Core's all-to-all dispatcher, meshplan's runtime). Everything here is per MoE block, one
+EP rank (:func:`default_imbalance`, or ``--fix moe_imbalance``), at most the model's ``capacity_factor`` where
+one is set (an engine that drops tokens; the planner refuses a capacity factor for the others). Dispatch and
+combine are not overlapped with compute (Megatron-Core's all-to-all dispatcher, meshplan's runtime). Everything here is per MoE block, one
 micro-batch, one rank; ``block.layer_cost`` puts it in place of the dense MLP in the model's MoE blocks.
 """
 
@@ -88,6 +90,8 @@ def moe_block(model: ModelSpec, tokens: float, tp: int, sp: bool, ep: int, etp: 
     routed = tokens / (tp if sp else 1)
     mean_rows = routed * moe.top_k
     factor = default_imbalance(mean_rows, ep) if imbalance is None else imbalance
+    if not moe.dropless:        # no expert takes more than capacity_factor times its share (dropping engines)
+        factor = min(factor, moe.capacity_factor)
     rows = mean_rows * factor
     local = moe.experts // ep
     per_expert = rows * etp / local

@@ -534,11 +534,16 @@ def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
 
 
 def _check_expert_fixes(ctx: Context, fixes: dict[str, Any]) -> None:
-    """Pins of the expert layout: a model with experts, ep dividing them, expert_tp 1 or the pinned tp."""
+    """Pins of the expert layout: a model with experts, ep dividing them, expert_tp 1 or the pinned tp; and a
+    model's capacity factor only for an engine that drops tokens."""
+    moe = ctx.model.moe
+    if moe is not None and not moe.dropless and not ctx.engine.token_dropping:
+        raise InputError("model.moe.capacity_factor", f"{moe.capacity_factor:g}: {ctx.engine.title} computes every "
+                         "routed token (dropless) and drops none", "set capacity_factor: 0, or plan with --engine "
+                         "megatron")
     pinned = [k for k in ("ep", "expert_tp", "moe_imbalance") if k in fixes]
     if not pinned:
         return
-    moe = ctx.model.moe
     if moe is None:
         raise InputError(f"--fix {pinned[0]}", f"the model {ctx.model.name!r} has no experts",
                          "drop the pin, or give a model with a moe section")

@@ -135,6 +135,37 @@ def test_few_tokens_per_expert_run_below_peak():
     assert small.gemm_fwd / small.routed_rows > 2 * large.gemm_fwd / large.routed_rows
 
 
+def test_a_capacity_factor_caps_the_slowest_ranks_rows():
+    """An engine that drops tokens gives no expert more than capacity_factor times its share (Megatron-Core's
+    get_capacity): the slowest EP rank's rows are at most that multiple of the mean, below the imbalance a
+    dropless dispatch is priced at."""
+    import dataclasses
+
+    from meshplan.planner import comm, compute
+    cluster = load_cluster("dgx-h100:8")
+    rates = compute.achieved_rates(cluster, "bf16")
+    link = comm.group_link(cluster, 8, 1)
+    dropless = MIXTRAL
+    capped = dataclasses.replace(MIXTRAL, moe=dataclasses.replace(MIXTRAL.moe, capacity_factor=1.0))
+    roomy = dataclasses.replace(MIXTRAL, moe=dataclasses.replace(MIXTRAL.moe, capacity_factor=4.0))
+    blocks = [moe_terms.moe_block(m, 64, 1, False, 8, 1, link, link, rates, 2, True)
+              for m in (dropless, capped, roomy)]
+    assert blocks[0].imbalance > 1.1 and blocks[1].imbalance == 1.0 and blocks[2].imbalance == blocks[0].imbalance
+    assert blocks[1].gemm_fwd < blocks[0].gemm_fwd and blocks[1].a2a < blocks[0].a2a
+
+
+def test_only_an_engine_that_drops_tokens_plans_a_capacity_factor():
+    import dataclasses
+
+    capped = dataclasses.replace(MIXTRAL, moe=dataclasses.replace(MIXTRAL.moe, capacity_factor=1.25))
+    cluster, train = load_cluster("dgx-h100:8"), TrainSpec(256, 4096, "bf16", "adam")
+    for engine in ("meshplan", "torchtitan"):
+        with pytest.raises(InputError, match="model.moe.capacity_factor.*dropless.*--engine megatron") as error:
+            search(capped, cluster, train, top=1, engine=engine)
+        assert "\n" not in str(error.value)
+    assert search(capped, cluster, train, {"ep": 8}, top=1, engine="megatron").plans
+
+
 @pytest.mark.slow
 @pytest.mark.alone
 def test_plan_for_mixtral_on_64_h100s_beats_the_published_mapping_quickly():
