@@ -127,7 +127,6 @@ class Engine:
             "attention": self.attentions,
             "sequence_parallel": (False, True) if self.tp_without_sp else (True,),
             "expert_tensor_parallel": (False, True) if self.expert_tensor_parallel else (False,),
-            "token_dropping": (False, True) if self.token_dropping else (False,),
         }
         return table.get(field)
 

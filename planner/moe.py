@@ -19,8 +19,9 @@ T is the rank's sequence-parallel shard of the micro-batch (tokens / tp under se
 route their own tokens), and the routed rows a rank computes are T*k times the load imbalance of the slowest
 EP rank (:func:`default_imbalance`, or ``--fix moe_imbalance``), at most the model's ``capacity_factor`` where
 one is set (an engine that drops tokens; the planner refuses a capacity factor for the others). Dispatch and
-combine are not overlapped with compute (Megatron-Core's all-to-all dispatcher, meshplan's runtime). Everything here is per MoE block, one
-micro-batch, one rank; ``block.layer_cost`` puts it in place of the dense MLP in the model's MoE blocks.
+combine are not overlapped with compute (Megatron-Core's all-to-all dispatcher, meshplan's runtime).
+Everything here is per MoE block, one micro-batch, one rank; ``block.layer_cost`` puts it in place of the
+dense MLP in the model's MoE blocks.
 """
 
 from __future__ import annotations

@@ -61,24 +61,39 @@ def make_plan(*, dp=1, tp=1, pp=1, cp=1, virtual_stages=1, num_microbatches=None
 def free_port() -> int:
     """A port free now, for tests/test_launch_multinode.py, whose two agents must be given their rendezvous
     port (``--master-port``) as users give it; it is released before the agents bind it, so another job could
-    take it meanwhile. Other jobs rendezvous without one (a c10d store on port 0: :func:`torchrun_forked`; a file
-    store)."""
+    take it meanwhile. Other jobs rendezvous without one (a store bound to port 0 here: :func:`rendezvous_store`;
+    a file store)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def torchrun_forked(world: int) -> list[str]:
+def torchrun_forked(world: int, store_port: int) -> list[str]:
     """The command line up to the job script of a ``world``-rank torchrun job on this machine whose ranks are
     forked from an interpreter that has imported the runtime (tests/torchrun_forked.py); the script's path
-    must be absolute. The rendezvous is ``--standalone``'s (the c10d store binds a free port itself: a port
-    picked here and released before torchrun binds it can be taken meanwhile by the other test worker's job,
-    EADDRINUSE) at 127.0.0.1 instead of ``localhost``: a rank forked while another thread of the agent was
-    resolving a host name inherits glibc's resolver lock held, and its store connection's ``getaddrinfo``
-    of ``localhost`` then waits for it forever; a numeric address is not resolved."""
+    must be absolute. The rendezvous is a c10d store at 127.0.0.1:``store_port`` that another process hosts
+    (:func:`rendezvous_store`; ``is_host=false``: the agent only connects to it)."""
     return [sys.executable, str(Path(__file__).with_name("torchrun_forked.py")), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, "--nnodes", "1",
-            "--local-addr", "127.0.0.1", "--nproc-per-node", str(world)]
+            "--rdzv-endpoint", f"127.0.0.1:{store_port}", "--rdzv-conf", "is_host=false",
+            "--rdzv-id", uuid.uuid4().hex, "--nnodes", "1", "--local-addr", "127.0.0.1",
+            "--nproc-per-node", str(world)]
+
+
+def rendezvous_store():
+    """A c10d store on a free port of 127.0.0.1, hosted by this process for one forked job's rendezvous (the
+    port is bound here and kept, so no other job can take it between choosing and binding)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+# No thread of the agent that forks a job's ranks may look a name up: a store's server looks up the address of
+# every connection it accepts (getnameinfo, to name the peer in its logs) under glibc's resolver lock, and a rank
+# forked while another thread of its parent held that lock inherits it held and hangs at its own first lookup
+# (its store client's or gloo's, in init_process_group). So the agent hosts no store: the rendezvous store is
+# this process's (rendezvous_store, ``is_host=false``), and the store the ranks bootstrap from is rank 0's
+# (TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's agent otherwise serves it to the ranks itself).
+FORKED_JOB_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def run_forked_job(world: int, script: str, args: list[str], cwd: Path, env: dict[str, str],
@@ -86,9 +101,10 @@ def run_forked_job(world: int, script: str, args: list[str], cwd: Path, env: dic
     """Run tests/``script`` as a ``world``-rank torchrun job (:func:`torchrun_forked`). A job still running
     after ``timeout`` seconds is killed and fails the test with what it printed, which includes every rank's
     stacks: each rank prints them 30 s before the timeout (torchrun_forked.stacks_after_hang)."""
-    cmd = [*torchrun_forked(world), str(Path(__file__).resolve().with_name(script)), *args]
+    store = rendezvous_store()        # served until this function returns
+    cmd = [*torchrun_forked(world, store.port), str(Path(__file__).resolve().with_name(script)), *args]
     stacks_at = max(1.0, timeout - 30)
-    env = {**env, "MESHPLAN_JOB_STACKS_AFTER_S": str(stacks_at)}
+    env = {**env, **FORKED_JOB_ENV, "MESHPLAN_JOB_STACKS_AFTER_S": str(stacks_at)}
     # a session of its own: on a timeout the agent and every rank it forked are killed together
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as job:

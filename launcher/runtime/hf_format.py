@@ -373,9 +373,9 @@ def hf_family_for(spec: ModelSpec) -> str:
             and spec.tied_embeddings and not spec.qk_norm and spec.q_width == spec.hidden):
         return "gpt2"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
-                     "(llama/qwen2/qwen3: SwiGLU, RMSNorm, rotary, biases on every projection only without q/k "
-                     "norms; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, head_dim "
-                     "hidden/heads)", "keep the DCP checkpoint")
+                     "(llama: SwiGLU, RMSNorm, rotary, biases on every projection or none; qwen2: q/k/v biases; "
+                     "qwen3: q/k norms; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, "
+                     "head_dim hidden/heads)", "keep the DCP checkpoint")
 
 
 def _hf_moe_family(spec: ModelSpec, llama_like: bool) -> str:
