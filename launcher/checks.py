@@ -95,6 +95,7 @@ def check_supported(plan: Plan) -> None:
         raise InputError("plan.engine", f"this plan is priced for {plan.engine}, not for meshplan's runtime",
                          f"run it with `meshplan export PLAN --to {plan.engine}`, or re-plan with --engine meshplan")
     check_moe_supported(plan)
+    plan.model.check_sequence(plan.train.seq_len, "plan.train.seq_len")
     MESHPLAN.check(plan.engine_fields(), "plan")
     check_runtime_values(plan)
     m = plan.model

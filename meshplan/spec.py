@@ -160,6 +160,10 @@ class ModelSpec:
         rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
         dropout: dropout probability on attention and residual branches (0 for Llama-style models).
         max_seq_len: positions table size for ``learned``; 0 means the training sequence length.
+        sliding_window: the positions a query attends to, its own included, in the blocks that attend within a
+            window (Mistral 7B v0.1: 4096; Hugging Face ``sliding_window``); 0: every earlier position. meshplan
+            plans and runs full causal attention, which a window at least as long as the sequence equals: a
+            longer sequence is refused (:meth:`check_sequence`).
         moe: the mixture-of-experts layout (:class:`MoESpec`) of the blocks whose MLP is a set of experts, or
             ``None`` for a dense model.
     """
@@ -184,6 +188,7 @@ class ModelSpec:
     rope_scaling: "RopeScaling | None" = None
     dropout: float = 0.0
     max_seq_len: int = 0
+    sliding_window: int = 0
     moe: "MoESpec | None" = None
     schema_version: int = SCHEMA_VERSION
 
@@ -218,6 +223,8 @@ class ModelSpec:
         ffn = self.ffn_hidden or default_ffn_hidden(self.hidden, self.mlp)
         object.__setattr__(self, "ffn_hidden", _as_int(ffn, f"{where}: ffn_hidden", 1, 10**9))
         object.__setattr__(self, "max_seq_len", _as_int(self.max_seq_len, f"{where}: max_seq_len", 0, 10**9))
+        object.__setattr__(self, "sliding_window", _as_int(self.sliding_window, f"{where}: sliding_window", 0,
+                                                           10**9))
         if self.moe is not None:
             self.moe.check_layers(self.layers, f"{where}: moe.layers")
             if self.moe.experts > 1 and self.mlp != "swiglu":
@@ -275,11 +282,22 @@ class ModelSpec:
         out = dataclasses.asdict(self)
         if self.head_dim * self.heads == self.hidden:
             del out["head_dim"]             # the default, hidden / heads: files without it stay as they were
+        if not self.sliding_window:
+            del out["sliding_window"]       # full attention, the default
         if self.moe is None:
             del out["moe"]                  # dense models' files stay as they were
         else:
             out["moe"] = self.moe.to_dict()
         return out
+
+    def check_sequence(self, seq_len: int, field: str = "--seq-len") -> None:
+        """A sequence longer than the attention window is refused in one line: meshplan computes full causal
+        attention, which differs from the window's beyond it."""
+        if 0 < self.sliding_window < seq_len:
+            raise InputError(field, f"{seq_len} is longer than model {self.name!r}'s attention window "
+                             f"(sliding_window {self.sliding_window}), which meshplan does not compute",
+                             f"train at {self.sliding_window} tokens or fewer, or give a model YAML with "
+                             "sliding_window: 0 (full causal attention)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> "ModelSpec":
@@ -572,6 +590,17 @@ def _hf_biases(data: Mapping[str, Any], kind: str, where: str) -> dict[str, bool
     return {"bias": kind == "llama" and bool(data.get("attention_bias", False))}
 
 
+SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
+
+
+def hf_sliding_window(data: Mapping[str, Any], kind: str) -> int:
+    """The attention window of a Hugging Face config (``ModelSpec.sliding_window``): Mistral's and Mixtral's
+    ``sliding_window`` applies as given, the Qwen families' only under ``use_sliding_window``; 0 for none."""
+    if kind in SLIDING_WINDOW_TYPES or data.get("use_sliding_window"):
+        return int(data.get("sliding_window") or 0)
+    return 0
+
+
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")     # RMSNorm of each q and k head (Qwen3Attention q_norm, k_norm)
 
@@ -599,6 +628,7 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
                 norm_eps=data.get("rms_norm_eps", 1e-6), moe=hf_moe(data, kind, where),
+                sliding_window=hf_sliding_window(data, kind),
                 **_hf_biases(data, kind, where), **_hf_rope(data, where),
             )
         if kind == "gpt2":

@@ -247,6 +247,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
     fixes = dict(fixes or {})
     ctx = Context(model, cluster, train, engine if isinstance(engine, Engine) else get_engine(engine),
                   memory_headroom)
+    model.check_sequence(train.seq_len)
     _check_fixes(ctx, fixes)
     rejected: Counter[str] = Counter()
     families, closest_oom = _degree_families(ctx, fixes, rejected)

@@ -48,13 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.errors import InputError
-from meshplan.spec import ModelSpec, from_hf_config, hf_partial_bias, hf_rope_type
+from meshplan.spec import (SLIDING_WINDOW_TYPES, ModelSpec, from_hf_config, hf_partial_bias, hf_rope_type,
+                           hf_sliding_window)
 
 FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_TYPES)
 FAMILIES = (*LLAMA_TYPES, "gpt2")
-SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
 EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -168,10 +168,9 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     if partial_bias:
         problems.append((partial_bias, f"biases on the {'MLP' if partial_bias == 'mlp_bias' else 'attention'} "
                                        "projections only"))
-    windowed = family in SLIDING_WINDOW_TYPES
-    window = config.get("sliding_window") if windowed or config.get("use_sliding_window") else None
+    window = hf_sliding_window(config, family)
     if window and (seq_len is None or window < seq_len):
-        field = "sliding_window" if windowed else "use_sliding_window"
+        field = "sliding_window" if family in SLIDING_WINDOW_TYPES else "use_sliding_window"
         problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
     if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
