@@ -62,3 +62,18 @@ def test_launch_refuses_a_plan_longer_than_the_window():
     check_supported(make_plan(model=windowed, seq_len=16))
     with pytest.raises(InputError, match="plan.train.seq_len.*sliding_window 16"):
         check_supported(make_plan(model=windowed, seq_len=32))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_an_export_keeps_the_window(kind):
+    """``--save-hf``'s config.json of a windowed model says its window, as transformers and meshplan read it."""
+    transformers = pytest.importorskip("transformers")
+    from meshplan.launcher.runtime import hf_format
+
+    spec = _read({**MISTRAL, "model_type": kind, "use_sliding_window": True})
+    config = hf_format.hf_config(spec, "float32", 4096)
+    assert config["model_type"] == kind and _read(config).sliding_window == 4096
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    loaded = transformers.AutoConfig.for_model(kind, **fields)
+    assert loaded.sliding_window == 4096
+    assert hf_format.hf_config(_read({**MISTRAL, "sliding_window": None}), "float32", 4096)["model_type"] == "llama"

@@ -365,8 +365,8 @@ def hf_family_for(spec: ModelSpec) -> str:
     if spec.moe is not None:
         return _hf_moe_family(spec, llama_like)
     if llama_like:
-        return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "llama"
-    if rotary_swiglu and not spec.qk_norm:
+        return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "mistral" if spec.sliding_window else "llama"
+    if rotary_swiglu and not spec.qk_norm and not spec.sliding_window:
         return "llama"                                  # attention_bias and mlp_bias
     if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
             and spec.tied_embeddings and not spec.qk_norm and spec.q_width == spec.hidden):
@@ -410,7 +410,8 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
                 **{k: getattr(spec.rope_scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                               "original_max_position_embeddings")}}
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+    arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(family, "LlamaForCausalLM")
     config = {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
               "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
@@ -420,7 +421,19 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
-    return {**config, **moe_config(spec, family)}
+    return {**config, **window_config(spec, family), **moe_config(spec, family)}
+
+
+def window_config(spec: ModelSpec, family: str) -> dict[str, Any]:
+    """The attention window of an export's ``config.json`` (``spec.sliding_window``, read back by
+    meshplan.spec.hf_sliding_window): Mistral's and Mixtral's ``sliding_window``; the Qwen families' switched
+    on in every block."""
+    window = spec.sliding_window or None
+    if family in SLIDING_WINDOW_TYPES:
+        return {"sliding_window": window}
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        return {"use_sliding_window": bool(window), "sliding_window": window, "max_window_layers": 0}
+    return {}
 
 
 def moe_config(spec: ModelSpec, family: str) -> dict[str, Any]:
@@ -429,21 +442,20 @@ def moe_config(spec: ModelSpec, family: str) -> dict[str, Any]:
     if family == "mixtral":
         assert moe is not None
         return {"num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k,
-                "intermediate_size": moe.expert_ffn_hidden, "router_aux_loss_coef": moe.aux_loss_coeff,
-                "sliding_window": None}
+                "intermediate_size": moe.expert_ffn_hidden, "router_aux_loss_coef": moe.aux_loss_coeff}
     if family == "qwen2_moe":
         assert moe is not None
         return {"num_experts": moe.experts, "num_experts_per_tok": moe.top_k,
                 "moe_intermediate_size": moe.expert_ffn_hidden,
                 "shared_expert_intermediate_size": moe.shared_ffn_hidden,
                 "norm_topk_prob": moe.normalize_top_k, "router_aux_loss_coef": moe.aux_loss_coeff,
-                "decoder_sparse_step": 1, "qkv_bias": spec.qkv_bias, "use_sliding_window": False,
+                "decoder_sparse_step": 1, "qkv_bias": spec.qkv_bias,
                 "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
     if family == "qwen3_moe":
         assert moe is not None
         return {"num_experts": moe.experts, "num_experts_per_tok": moe.top_k,
                 "moe_intermediate_size": moe.expert_ffn_hidden, "norm_topk_prob": moe.normalize_top_k,
-                "router_aux_loss_coef": moe.aux_loss_coeff, "decoder_sparse_step": 1, "use_sliding_window": False,
+                "router_aux_loss_coef": moe.aux_loss_coeff, "decoder_sparse_step": 1,
                 "mlp_only_layers": [i for i in range(spec.layers) if not spec.is_moe_layer(i)]}
     return {}
 
