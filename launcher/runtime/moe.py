@@ -140,8 +140,8 @@ class GroupedExperts(nn.Module):
         self.grouped = False
 
     def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
-        """``x``: token copies grouped by local expert, ``counts[e]`` rows for expert ``e`` (a list, or a tensor
-        on ``x``'s device, which the grouped GEMMs take without waiting for the device)."""
+        """``x``: token copies grouped by local expert, ``counts[e]`` rows for expert ``e``: a list, or for the
+        grouped GEMMs also a tensor on ``x``'s device, which they take without waiting for the device."""
         from meshplan.launcher.runtime.model import swiglu
 
         if self.grouped:
@@ -151,8 +151,6 @@ class GroupedExperts(nn.Module):
             up = torch._grouped_mm(rows, self.w3.bfloat16().transpose(-2, -1), offs=offsets)
             inner = swiglu(gate, up, self.swiglu_impl)
             return torch._grouped_mm(inner, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
-        if isinstance(counts, torch.Tensor):
-            counts = counts.tolist()
         outs = []
         for e, rows in enumerate(x.split(counts)):
             gate, up = rows @ self.w1[e].t(), rows @ self.w3[e].t()
