@@ -21,7 +21,8 @@ Option names were checked against the projects' own sources (see docs/export.md 
   ``--use-megatron-fsdp``, ``--data-parallel-sharding-strategy``, ``--ckpt-format``, ``--overlap-grad-reduce``,
   ``--overlap-param-gather``, ``--use-tp-pp-dp-mapping``, ``--tp-comm-overlap``, ``--transformer-impl``,
   ``--attention-backend``, ``--cross-entropy-loss-fusion``, ``--cross-entropy-fusion-impl``,
-  ``--no-bias-swiglu-fusion``, ``--no-rope-fusion`` and the model-shape flags.
+  ``--no-bias-swiglu-fusion``, ``--no-bias-gelu-fusion``, ``--no-rope-fusion``, ``--rotary-percent`` and the
+  model-shape flags.
 * DeepSpeed ``docs/_pages/config-json.md`` and ``deepspeed/runtime/config.py``: ``train_batch_size``,
   ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``zero_optimization.stage``,
   ``bf16`` / ``fp16``, ``tensor_parallel.autotp_size`` / ``tp_overlap_comm`` (AutoTP training),
@@ -161,6 +162,11 @@ def _megatron_model(plan: Plan, args: list[str], warnings: list[str] | None) -> 
     _opt(args, "--norm-epsilon", m.norm_eps)
     if m.mlp == "swiglu":
         args.append("--swiglu")
+    else:
+        _megatron_gelu(m, args, warnings)
+    if m.parallel_residual:
+        warn(warnings, f"megatron: model {m.name!r} adds the attention and the MLP side by side (parallel_residual); "
+                       "Megatron-Core's TransformerLayer has no such option and computes the MLP on the attention's sum")
     if not m.tied_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if not m.bias:
@@ -217,14 +223,28 @@ def _megatron_moe(plan: Plan, args: list[str], warnings: list[str] | None) -> No
                        "is a prediction input, not a Megatron-LM option")
 
 
+def _megatron_gelu(m, args: list[str], warnings: list[str] | None) -> None:
+    """Megatron-Core's GELU MLP (megatron/core/transformer/mlp.py) computes the tanh form when it fuses the bias
+    with the activation (``bias_gelu_impl``: the default where the MLP has biases) and the erf form
+    (``F.gelu``) otherwise; ``--no-bias-gelu-fusion`` turns the fusion off, and a model without biases has none."""
+    if m.gelu == "exact" and m.bias:
+        args.append("--no-bias-gelu-fusion")
+    elif m.gelu == "tanh" and not m.bias:
+        warn(warnings, f"megatron: model {m.name!r} uses the tanh GELU without biases; Megatron-Core computes the "
+                       "erf GELU there (its tanh form is the bias-GELU fusion)")
+
+
 # Megatron-LM's Llama 3 rotary scaling (megatron/core/models/common/embeddings/rope_utils.py, apply_scaling):
 # only the factor is an option; the band edges and the original context are fixed at these values.
 MEGATRON_ROPE_SCALING_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _megatron_rope(m, args: list[str], warnings: list[str] | None) -> None:
-    """``--rotary-base`` (an integer in Megatron-LM) and Llama 3 scaling (``--use-rope-scaling``)."""
+    """``--rotary-base`` (an integer in Megatron-LM), the share of each head rotated (``--rotary-percent``) and
+    Llama 3 scaling (``--use-rope-scaling``)."""
     _opt(args, "--rotary-base", int(m.rope_theta))
+    if m.rotary_dim:                # RotaryEmbedding rotates int(kv_channels * rotary_percent) features
+        _opt(args, "--rotary-percent", m.rotary_dim / m.head_dim)
     if m.rope_theta != int(m.rope_theta):
         warn(warnings, f"megatron: rope_theta {m.rope_theta:g} is not an integer; exported --rotary-base "
                        f"{int(m.rope_theta)}")

@@ -28,6 +28,7 @@ from meshplan.measured import MeasuredProfile
 SCHEMA_VERSION = 1
 
 MLP_KINDS = ("gelu", "swiglu")
+GELU_FORMS = ("tanh", "exact")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POSITION_KINDS = ("learned", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -146,6 +147,9 @@ class ModelSpec:
             ``256 * ceil((8/3*hidden) / 256)``.
         vocab: vocabulary size V.
         mlp: ``gelu`` (two matmuls) or ``swiglu`` (gate, up, down: three matmuls).
+        gelu: the GELU of a ``gelu`` MLP: ``tanh``, Hendrycks & Gimpel's tanh approximation (GPT-2's
+            ``gelu_new``, Hugging Face ``gelu_pytorch_tanh``, Megatron-Core's bias-GELU fusion), or ``exact``,
+            the erf form (GPT-NeoX's; Megatron-Core's ``F.gelu`` without the fusion). The same cost either way.
         norm: ``layernorm`` or ``rmsnorm``.
         position: ``learned`` (a max_seq_len x hidden table) or ``rope`` (no parameters).
         tied_embeddings: the LM head reuses the input embedding matrix.
@@ -158,6 +162,13 @@ class ModelSpec:
         norm_eps: the epsilon of every norm (Hugging Face ``rms_norm_eps`` / ``layer_norm_epsilon``).
         rope_theta: the rotary base (Su et al. 2021: 10000; Llama 3: 500000).
         rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
+        rotary_dim: the leading features of every query and key head that rotary positions rotate, in the
+            "rotate half" layout within them; the rest pass unrotated. 0: all of ``head_dim``. GPT-NeoX and
+            Pythia rotate a quarter (Hugging Face ``partial_rotary_factor`` / ``rotary_pct``; Megatron-LM
+            ``--rotary-percent``). Even, at most ``head_dim``.
+        parallel_residual: the attention and the MLP both read the block's input,
+            ``out = x + attn(norm1(x)) + mlp(norm2(x))`` (GPT-NeoX, GPT-J; Hugging Face ``use_parallel_residual``),
+            instead of the MLP reading the attention's sum. The same cost either way.
         dropout: dropout probability on attention and residual branches (0 for Llama-style models).
         max_seq_len: positions table size for ``learned``; 0 means the training sequence length.
         sliding_window: the positions a query attends to, its own included, in the blocks that attend within a
@@ -176,6 +187,7 @@ class ModelSpec:
     kv_heads: int = 0
     ffn_hidden: int = 0
     mlp: str = "swiglu"
+    gelu: str = "tanh"
     norm: str = "rmsnorm"
     position: str = "rope"
     tied_embeddings: bool = False
@@ -186,6 +198,8 @@ class ModelSpec:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: "RopeScaling | None" = None
+    rotary_dim: int = 0
+    parallel_residual: bool = False
     dropout: float = 0.0
     max_seq_len: int = 0
     sliding_window: int = 0
@@ -206,6 +220,8 @@ class ModelSpec:
         for key in ("layers", "hidden", "heads", "vocab"):
             object.__setattr__(self, key, _as_int(getattr(self, key), f"{where}: {key}", 1, 10**9))
         object.__setattr__(self, "mlp", _as_choice(self.mlp, f"{where}: mlp", MLP_KINDS))
+        object.__setattr__(self, "gelu", _as_choice(self.gelu, f"{where}: gelu", GELU_FORMS))
+        object.__setattr__(self, "parallel_residual", _as_bool(self.parallel_residual, f"{where}: parallel_residual"))
         object.__setattr__(self, "norm", _as_choice(self.norm, f"{where}: norm", NORM_KINDS))
         object.__setattr__(self, "position", _as_choice(self.position, f"{where}: position", POSITION_KINDS))
         object.__setattr__(self, "tied_embeddings", _as_bool(self.tied_embeddings, f"{where}: tied_embeddings"))
@@ -217,6 +233,7 @@ class ModelSpec:
         kv = self.kv_heads or self.heads
         object.__setattr__(self, "kv_heads", _as_int(kv, f"{where}: kv_heads", 1, 10**6))
         self._set_head_dim(where)
+        self._set_rotary_dim(where)
         if self.heads % self.kv_heads:
             raise InputError(f"{where}: kv_heads", f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}",
                              "pick kv_heads that divide heads")
@@ -246,6 +263,24 @@ class ModelSpec:
         if self.position == "rope" and self.head_dim % 2:
             raise InputError(f"{where}: head_dim", f"{self.head_dim} is odd; rotary positions rotate pairs",
                              "give an even head_dim")
+
+    def _set_rotary_dim(self, where: str) -> None:
+        """``rotary_dim`` as given (even, at most ``head_dim``, under rotary positions only), 0 for all."""
+        rotary = _as_int(self.rotary_dim, f"{where}: rotary_dim", 0, 10**6)
+        if rotary == self.head_dim:
+            rotary = 0                      # every feature: the default, one spelling
+        if rotary and self.position != "rope":
+            raise InputError(f"{where}: rotary_dim", f"{rotary} with position {self.position!r}",
+                             "leave rotary_dim out, or use position: rope")
+        if rotary % 2 or rotary > self.head_dim:
+            raise InputError(f"{where}: rotary_dim", f"{rotary} is {'odd' if rotary % 2 else 'wider than head_dim'} "
+                             f"({self.head_dim})", "give an even width of at most head_dim, or 0 for all of it")
+        object.__setattr__(self, "rotary_dim", rotary)
+
+    @property
+    def rotary_width(self) -> int:
+        """The features of each query and key head that rotary positions rotate (``rotary_dim`` or all)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def q_width(self) -> int:
@@ -282,8 +317,10 @@ class ModelSpec:
         out = dataclasses.asdict(self)
         if self.head_dim * self.heads == self.hidden:
             del out["head_dim"]             # the default, hidden / heads: files without it stay as they were
-        if not self.sliding_window:
-            del out["sliding_window"]       # full attention, the default
+        for field, default in (("sliding_window", 0), ("gelu", "tanh"), ("rotary_dim", 0),
+                               ("parallel_residual", False)):
+            if out[field] == default:
+                del out[field]              # the default: files without the field stay as they were
         if self.moe is None:
             del out["moe"]                  # dense models' files stay as they were
         else:
@@ -463,12 +500,23 @@ def _gpt(name, layers, hidden, heads, vocab, max_seq_len, tied=True):
                      max_seq_len=max_seq_len)
 
 
+def _neox(name, layers, hidden, heads, vocab):
+    """GPT-NeoX (Black et al. 2022) and Pythia (Biderman et al. 2023): GELU (erf) MLP of 4h, LayerNorm, biases,
+    a quarter of each head rotated (``rotary_pct`` 0.25), parallel residual, untied head."""
+    return ModelSpec(name=name, layers=layers, hidden=hidden, heads=heads, vocab=vocab, mlp="gelu", gelu="exact",
+                     norm="layernorm", position="rope", bias=True, rotary_dim=hidden // heads // 4,
+                     parallel_residual=True)
+
+
 # Shapes from each model's published config.json / paper.
 MODEL_PRESETS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
         _gpt("gpt2", 12, 768, 12, 50257, 1024),                           # Radford et al. 2019, HF gpt2
         _gpt("gpt3-175b", 96, 12288, 96, 50257, 2048),                    # Brown et al. 2020, Table 2.1
+        _neox("pythia-1b", 16, 2048, 8, 50304),                           # EleutherAI/pythia-1b
+        _neox("pythia-6.9b", 32, 4096, 32, 50432),                        # EleutherAI/pythia-6.9b
+        _neox("gpt-neox-20b", 44, 6144, 64, 50432),                       # EleutherAI/gpt-neox-20b
         _llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000),             # Touvron et al. 2023b
         _llama("llama2-13b", 40, 5120, 40, 40, 13824, 32000),
         _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000),
@@ -502,14 +550,12 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 def _hf_rope(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The rotary base and scaling of a Hugging Face config: ``rope_parameters`` (transformers 5) or
     ``rope_theta`` + ``rope_scaling`` (transformers 4). Llama 3 scaling is kept; another scaling type
-    (yarn, dynamic, linear...) is kept out of the spec and refused where weights are loaded (the
-    launcher's ``--init-from`` check)."""
+    (yarn, dynamic, linear...) is refused in one line (:func:`refuse_rope_type`)."""
     params = dict(data.get("rope_scaling") or {})
     params.update(data.get("rope_parameters") or {})
     theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
     scaling = None
-    if kind == "llama3":
+    if refuse_rope_type(data, where) == "llama3":
         scaling = RopeScaling.from_dict({k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                                "original_max_position_embeddings") if k in params},
                                         f"{where}: rope_scaling")
@@ -520,6 +566,17 @@ def hf_rope_type(data: Mapping[str, Any]) -> str:
     """The rotary scaling type a Hugging Face config names (``default`` when none)."""
     params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
     return str(params.get("rope_type", params.get("type", "default")))
+
+
+def refuse_rope_type(data: Mapping[str, Any], where: str) -> str:
+    """The config's rotary scaling type when meshplan's model computes it (none, or Llama 3's); one line
+    otherwise. Time and memory do not depend on it, so the fix offered is to plan without it."""
+    kind = hf_rope_type(data)
+    if kind not in ("default", "llama3"):
+        raise InputError(f"{where}: rope_scaling", f"rotary scaling {kind!r} is not computed by meshplan's model "
+                         "(it computes none and llama3)", "to plan, remove rope_scaling from the config (the time "
+                         "and memory are the same); train this model with its own engine")
+    return kind
 
 
 def _sparse_layers(layers: int, step: int, dense: Any, first_dense: int) -> tuple[int, ...] | None:
@@ -562,15 +619,18 @@ def hf_moe(data: Mapping[str, Any], kind: str, where: str) -> "MoESpec | None":
     return None
 
 
-def hf_partial_bias(data: Mapping[str, Any], kind: str) -> str | None:
-    """The ``config.json`` field that gives some projections biases and not the others, which no ModelSpec
-    holds: Llama's ``attention_bias`` (q, k, v and o) without its ``mlp_bias`` (gate, up and down) or the
-    other way round, and Qwen3's ``attention_bias`` (Qwen3 has no MLP biases). None when there is none."""
+def hf_partial_bias(data: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
+    """``(config.json field, the projections that have biases)`` of a config that gives some projections biases
+    and not the others, which no ModelSpec holds: Llama's ``attention_bias`` (q, k, v and o) without its
+    ``mlp_bias`` (gate, up and down) or the other way round, Qwen3's ``attention_bias`` (Qwen3 has no MLP
+    biases), GPT-NeoX's ``attention_bias: false`` (its MLP and norms keep theirs). None when there is none."""
+    if kind == "gpt_neox":
+        return None if data.get("attention_bias", True) else ("attention_bias", "MLP")
     attention = kind in ("llama", "qwen3", "qwen3_moe") and bool(data.get("attention_bias", False))
     mlp = kind == "llama" and bool(data.get("mlp_bias", False))
     if attention == mlp:
         return None
-    return "attention_bias" if attention else "mlp_bias"
+    return ("attention_bias", "attention") if attention else ("mlp_bias", "MLP")
 
 
 def _hf_biases(data: Mapping[str, Any], kind: str, where: str) -> dict[str, bool]:
@@ -581,13 +641,44 @@ def _hf_biases(data: Mapping[str, Any], kind: str, where: str) -> dict[str, bool
         return {"qkv_bias": True}
     if kind == "qwen2_moe":
         return {"qkv_bias": bool(data.get("qkv_bias", True))}
-    field = hf_partial_bias(data, kind)
-    if field is not None:
-        raise InputError(f"{where}: {field}", f"{field} alone gives biases to the "
-                         f"{'attention' if field == 'attention_bias' else 'MLP'} projections only, which meshplan's "
-                         "model does not hold", "write a meshplan model YAML with bias: true (biases on every "
-                         "projection) or bias: false (none); either prices this model within its bias vectors")
+    refuse_partial_bias(data, kind, where)
     return {"bias": kind == "llama" and bool(data.get("attention_bias", False))}
+
+
+def refuse_partial_bias(data: Mapping[str, Any], kind: str, where: str) -> None:
+    """One line for a config whose biases no ModelSpec holds (:func:`hf_partial_bias`)."""
+    partial = hf_partial_bias(data, kind)
+    if partial is not None:
+        field, which = partial
+        raise InputError(f"{where}: {field}", f"{field} {data.get(field)} gives biases to the {which} projections "
+                         "only, which meshplan's model does not hold", "write a meshplan model YAML with bias: true "
+                         "(biases on every projection) or bias: false (none); either prices this model within its "
+                         "bias vectors")
+
+
+HF_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")     # transformers' names of the tanh form
+
+
+def hf_gelu(activation: str, field: str, where: str) -> str:
+    """``ModelSpec.gelu`` of a Hugging Face activation name: ``gelu`` is the erf form, the names of
+    :data:`HF_TANH_GELU` the tanh approximation; another activation is refused in one line."""
+    if activation == "gelu":
+        return "exact"
+    if activation in HF_TANH_GELU:
+        return "tanh"
+    raise InputError(f"{where}: {field}", f"activation {activation!r} is not computed by meshplan's model",
+                     f"meshplan computes gelu (exact) and {', '.join(HF_TANH_GELU)} (the tanh form)")
+
+
+def _hf_neox_rotary(data: Mapping[str, Any], head_dim: int, where: str) -> dict[str, Any]:
+    """GPT-NeoX's rotary positions: the share of each head rotated (``partial_rotary_factor`` under
+    ``rope_parameters`` in transformers 5, ``rotary_pct`` before; transformers' default 0.25) and the base
+    (``rope_theta``, ``rotary_emb_base`` before; 10000). transformers rotates ``int(head_dim * share)`` features."""
+    refuse_rope_type(data, where)
+    params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
+    share = params.get("partial_rotary_factor", data.get("partial_rotary_factor", data.get("rotary_pct", 0.25)))
+    theta = params.get("rope_theta", data.get("rope_theta", data.get("rotary_emb_base", 10000.0)))
+    return {"rotary_dim": int(head_dim * float(share)), "rope_theta": theta}
 
 
 SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
@@ -636,16 +727,21 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
             return ModelSpec(
                 name=name, layers=data["n_layer"], hidden=hidden, heads=data["n_head"],
                 ffn_hidden=data.get("n_inner") or 4 * hidden, vocab=data["vocab_size"], mlp="gelu",
+                gelu=hf_gelu(str(data.get("activation_function", "gelu_new")), "activation_function", where),
                 norm="layernorm", position="learned", tied_embeddings=bool(data.get("tie_word_embeddings", True)),
                 bias=True, max_seq_len=data.get("n_positions", 0), norm_eps=data.get("layer_norm_epsilon", 1e-5),
             )
         if kind == "gpt_neox":
+            heads, hidden = data["num_attention_heads"], data["hidden_size"]
+            refuse_partial_bias(data, kind, where)
             return ModelSpec(
-                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
-                heads=data["num_attention_heads"], ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"],
-                mlp="gelu", norm="layernorm", position="rope",
-                tied_embeddings=bool(data.get("tie_word_embeddings", False)), bias=True,
-                norm_eps=data.get("layer_norm_eps", 1e-5), **_hf_rope(data, where),
+                name=name, layers=data["num_hidden_layers"], hidden=hidden, heads=heads,
+                ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="gelu",
+                gelu=hf_gelu(str(data.get("hidden_act", "gelu")), "hidden_act", where), norm="layernorm",
+                position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)), bias=True,
+                norm_eps=data.get("layer_norm_eps", 1e-5), parallel_residual=bool(data.get("use_parallel_residual",
+                                                                                            True)),
+                **_hf_neox_rotary(data, hidden // heads, where),
             )
     except KeyError as exc:
         raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None

@@ -300,7 +300,10 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
                        the NORM_FP32_TOUCHES between the upcast and the downcast move 4 bytes, not 2
                        (:func:`eager_norm_upcast_bytes`)
         q/k norms      (``qk_norm``) as the norms, over q and k
-        rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes
+        rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes;
+                       over the rotated share ``rotary_width / head_dim`` of them; a share below one adds
+                       the copy of the rotated features (2 passes over the share) and the concatenation
+                       that puts q and k back together (2 passes over q and k)
         activation     SwiGLU fused: read gate, up, write out (3 passes over f); eager: silu then multiply
                        (5 passes); GELU fused 2 passes, eager 2
         residual x2    read two, write one (3 passes over h)
@@ -311,7 +314,10 @@ def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bo
     qk = tokens * (model.q_width / tp + flops.kv_heads_per_rank(model, tp) * model.head_dim)
     normed = 2 * outside + (qk if model.qk_norm else 0.0)
     norm_passes = 2 if fused else 6
-    rope_passes = (2 if fused else 6) if model.position == "rope" else 0
+    rope_passes = 0.0
+    if model.position == "rope":
+        share = model.rotary_width / model.head_dim
+        rope_passes = (2 if fused else 6) * share + (2 * share + 2 if share < 1 else 0.0)
     if model.mlp == "swiglu":
         act = (3 if fused else 5) * tokens * f / tp
     else:

@@ -225,7 +225,8 @@ def activation_bytes_per_layer(
     ``(34 + 5*a*s/h)/t``. This function computes the same terms one tensor at a time, so that GQA
     (k and v are kv/a of q), SwiGLU, flash attention, context parallel and 4-byte activations follow:
 
-        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP; the bytes per kernel: norm_saved_bytes)
+        LayerNorm/RMSNorm inputs     2 x sbh           (sharded by SP; the bytes per kernel, and one sbh under
+                                                       parallel_residual: norm_saved_bytes)
         QKV input                    sbh               (sharded by SP in Megatron-LM, which re-gathers it in
                                                        backward; DTensor sequence parallel -- meshplan's
                                                        runtime, torchtitan -- keeps the all-gathered sbh)
@@ -295,10 +296,13 @@ def activation_bytes_per_layer(
 
 def norm_saved_bytes(m: ModelSpec, normed_input: float, normed_qk: float, act_bytes: int, fused: bool) -> float:
     """Bytes a block's norms keep for backward: the two over ``normed_input`` elements (the block's and the
-    MLP's input) and, with ``qk_norm``, those over ``normed_qk`` elements of q and k. A fused norm keeps its
-    input (``act_bytes``); meshplan's reference norm its fp32 input and normalised output (4 + act_bytes)."""
+    MLP's input) and, with ``qk_norm``, those over ``normed_qk`` elements of q and k. A fused norm (and
+    LayerNorm) keeps its input (``act_bytes``); meshplan's reference norm its fp32 input and normalised output
+    (4 + act_bytes). Under ``parallel_residual`` both block norms read the block input, so a norm that keeps
+    its input keeps the one tensor for both (measured by ``meshplan check``: tests/test_gpt_neox.py)."""
     per_element = act_bytes if fused else 4 + act_bytes
-    return per_element * (2 * normed_input + (normed_qk if m.qk_norm else 0.0))
+    block_norms = 1 if m.parallel_residual and fused else 2
+    return per_element * (block_norms * normed_input + (normed_qk if m.qk_norm else 0.0))
 
 
 def selective_op_bytes(sbh: float, sbq: float, sbf: float, kv_ratio: float, tp: int, act_bytes: int,

@@ -82,7 +82,7 @@ def megatron_parser() -> argparse.ArgumentParser:
                  "decoder-first-pipeline-num-layers", "decoder-last-pipeline-num-layers", "recompute-num-layers",
                  "kv-channels"):
         p.add_argument(f"--{name}", type=int)
-    for name in ("attention-dropout", "hidden-dropout", "norm-epsilon", "rope-scaling-factor"):
+    for name in ("attention-dropout", "hidden-dropout", "norm-epsilon", "rope-scaling-factor", "rotary-percent"):
         p.add_argument(f"--{name}", type=float)
     p.add_argument("--rotary-base", type=int)
     p.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "yarn", "mrope", "relative",
@@ -104,7 +104,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     for name in ("group-query-attention", "qk-layernorm", "swiglu", "untie-embeddings-and-output-weights", "disable-bias-linear",
                  "bf16", "fp16", "sequence-parallel", "use-distributed-optimizer", "use-megatron-fsdp",
                  "use-tp-pp-dp-mapping", "tp-comm-overlap", "cross-entropy-loss-fusion", "overlap-grad-reduce",
-                 "overlap-param-gather", "no-bias-swiglu-fusion", "no-rope-fusion", "add-qkv-bias",
+                 "overlap-param-gather", "no-bias-swiglu-fusion", "no-bias-gelu-fusion", "no-rope-fusion", "add-qkv-bias",
                  "use-rope-scaling"):
         p.add_argument(f"--{name}", action="store_true")
     return p

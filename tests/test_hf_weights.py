@@ -1,7 +1,8 @@
 """Hugging Face weights in (``--init-from``) and out (``--save-hf``, ``meshplan export-hf``).
 
 Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``): Llama, Qwen2, Qwen3 (per-head
-q/k norms, heads x head_dim wider than hidden), GPT-2 and the mixtures of experts Mixtral, Qwen2-MoE (with a dense
+q/k norms, heads x head_dim wider than hidden), GPT-2, GPT-NeoX (partial rotary, parallel residual, erf GELU;
+and the other choice of each) and the mixtures of experts Mixtral, Qwen2-MoE (with a dense
 block and a gated shared expert) and Qwen3-MoE (a dense block, top-k not renormalised). One process: the loaded
 model's logits equal ``transformers``' for every family; an export of a DCP checkpoint loads with
 ``from_pretrained`` and gives the same logits; every bad input is one line before a rank starts. One torchrun
@@ -32,6 +33,12 @@ LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_att
              num_key_value_heads=2, vocab_size=256)
 # Qwen3: 4 heads of 32 over 2 key/value heads, so q is 128 wide on a hidden of 64
 QWEN3 = dict(head_dim=32)
+NEOX = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4, vocab_size=256,
+            max_position_embeddings=SEQ)
+# GPT-NeoX's other choices: the MLP reading the attention's sum, half of each head rotated, the tanh GELU, tied
+NEOX_SEQUENTIAL = dict(use_parallel_residual=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                                     "partial_rotary_factor": 0.5},
+                       hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -68,6 +75,9 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
         config = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=256, n_positions=SEQ,
                                          **overrides)
         return _save(transformers.GPT2LMHeadModel(config), directory)
+    if kind == "gpt_neox":     # transformers' defaults: parallel residual, a quarter of each head rotated, erf GELU
+        config = transformers.GPTNeoXConfig(**{**NEOX, **overrides})
+        return _save(_random_biases(transformers.GPTNeoXForCausalLM(config)), directory, max_shard_size="40KB")
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**LLAMA, **overrides}))
         return _save(_random_biases(model), directory)
@@ -113,6 +123,9 @@ def checkpoints(tmp_path_factory):
         "llama-biases": make_hf("llama", root / "llama-biases", attention_bias=True, mlp_bias=True),
         "qwen2": make_hf("qwen2", root / "qwen2"),
         "gpt2": make_hf("gpt2", root / "gpt2"),
+        "gpt2-erf-gelu": make_hf("gpt2", root / "gpt2-erf-gelu", activation_function="gelu"),
+        "neox": make_hf("gpt_neox", root / "neox"),
+        "neox-sequential": make_hf("gpt_neox", root / "neox-sequential", **NEOX_SEQUENTIAL),
         "mixtral": make_hf("mixtral", root / "mixtral"),
         "qwen2-moe": make_hf("qwen2_moe", root / "qwen2-moe"),
         "qwen3": make_hf("qwen3", root / "qwen3"),
@@ -132,8 +145,8 @@ def test_parameter_shapes_match_the_model(name):
     assert hf_format.parameter_shapes(spec) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "llama-biases", "qwen2", "gpt2", "mixtral",
-                                  "qwen2-moe", "qwen3", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "llama-biases", "qwen2", "gpt2", "gpt2-erf-gelu",
+                                  "neox", "neox-sequential", "mixtral", "qwen2-moe", "qwen3", "qwen3-moe"])
 def test_loaded_weights_give_transformers_logits(checkpoints, name):
     directory = checkpoints[name]
     spec = load_model(str(directory / "config.json"))
@@ -183,7 +196,8 @@ def _dcp_of(model, directory: Path, kv_copies: int = 1, ep: int = 1) -> Path:
 
 
 @pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("llama-biases", 2, 1), ("qwen2", 1, 1),
-                                               ("gpt2", 1, 1), ("mixtral", 1, 2), ("qwen2-moe", 1, 1),
+                                               ("gpt2", 1, 1), ("gpt2-erf-gelu", 1, 1), ("neox", 1, 1),
+                                               ("neox-sequential", 1, 1), ("mixtral", 1, 2), ("qwen2-moe", 1, 1),
                                                ("qwen3", 2, 1), ("qwen3-moe", 1, 2)])
 def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies, ep):
     spec = load_model(str(checkpoints[name] / "config.json"))
@@ -274,9 +288,16 @@ def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
     top1 = dataclasses.replace(load_model(str(mixtral / "config.json")).moe, top_k=1)
     _launch_refused([_plan_for(mixtral, tmp_path, moe=top1), "--steps", "1", "--no-check", "--init-from", mixtral],
                     "--init-from: moe.top_k", "the checkpoint has moe.top_k 2, the plan's model 1")
-    gelu = _edit_config(checkpoints["gpt2"], tmp_path / "gelu", activation_function="gelu")
+    relu = _edit_config(checkpoints["gpt2"], tmp_path / "relu", activation_function="relu")
     gpt_plan = _plan_for(checkpoints["gpt2"], tmp_path)
-    _launch_refused([gpt_plan, "--steps", "1", "--no-check", "--init-from", gelu], "activation_function")
+    _launch_refused([gpt_plan, "--steps", "1", "--no-check", "--init-from", relu], "activation_function", "'relu'")
+    neox = checkpoints["neox"]
+    _launch_refused([_plan_for(neox, tmp_path, parallel_residual=False), "--steps", "1", "--no-check", "--init-from",
+                     neox], "--init-from: parallel_residual", "the checkpoint has parallel_residual True")
+    yarn = _edit_config(neox, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                  "partial_rotary_factor": 0.25})
+    _launch_refused([_plan_for(neox, tmp_path), "--steps", "1", "--no-check", "--init-from", yarn],
+                    "--init-from: config.json rope_scaling", "'yarn'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +315,7 @@ LAYOUTS = {
     "mixtral-dp2-tp2-ep2": ("mixtral", dict(dp=2, tp=2, ep=2)),
     "qwen2-moe-dp2-pp2-ep2-zero3": ("qwen2_moe", dict(dp=2, pp=2, ep=2, zero=3)),
     "qwen3-tp4-replicated-kv": ("qwen3", dict(tp=4)),     # q/k norms replicated, a copy of one KV head per rank
+    "neox-tp2-cp2-ring": ("gpt_neox", dict(tp=2, cp=2, cp_kind="ring")),   # partial rotary on zig-zag chunks
 }
 STEPS = 3
 
@@ -317,7 +339,8 @@ def layout_runs(tmp_path_factory):
     sources = {"llama": make_hf("llama", root / "llama", seed=4), "gpt2": make_hf("gpt2", root / "gpt2", seed=5),
                "mixtral": make_hf("mixtral", root / "mixtral", seed=6),
                "qwen2_moe": make_hf("qwen2_moe", root / "qwen2_moe", seed=7),
-               "qwen3": make_hf("qwen3", root / "qwen3", seed=8)}
+               "qwen3": make_hf("qwen3", root / "qwen3", seed=8),
+               "gpt_neox": make_hf("gpt_neox", root / "gpt_neox", seed=9)}
     train, held_out = _token_files(root)
     paths = []
     for name, (family, layout) in LAYOUTS.items():

@@ -19,6 +19,11 @@ Families and where each meshplan parameter lives (``{i}``: the block index)::
     norm.*                            model.norm.*                         ln_f.*
     output.weight (untied)            lm_head.weight                       lm_head.weight
 
+GPT-NeoX (``gpt_neox``) under ``gpt_neox.``: ``embed_in``, ``layers.{i}.input_layernorm`` /
+``post_attention_layernorm``, ``attention.query_key_value`` (q, k and v rows of each head in turn: head ``j``'s
+q rows are ``3 j d .. 3 j d + d - 1``), ``attention.dense``, ``mlp.dense_h_to_4h`` / ``dense_4h_to_h``,
+``final_layer_norm``; the untied head is ``embed_out`` (no prefix).
+
 Qwen3 is Llama with a norm of every query and key head (``qk_norm``, a weight of width ``head_dim`` each) and no
 q/k/v biases; Qwen2 has the biases and no such norms. A mixture-of-experts block (``mixtral``, ``qwen2_moe``,
 ``qwen3_moe``) keeps its dense sibling's attention and norm names (qwen3_moe: qwen3's; a dense block of
@@ -48,21 +53,21 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.errors import InputError
-from meshplan.spec import (SLIDING_WINDOW_TYPES, ModelSpec, from_hf_config, hf_partial_bias, hf_rope_type,
-                           hf_sliding_window)
+from meshplan.spec import (HF_TANH_GELU, SLIDING_WINDOW_TYPES, ModelSpec, from_hf_config, hf_partial_bias,
+                           hf_rope_type, hf_sliding_window)
 
 FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_TYPES)
-FAMILIES = (*LLAMA_TYPES, "gpt2")
+FAMILIES = (*LLAMA_TYPES, "gpt2", "gpt_neox")
 EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # the fields of a ModelSpec that fix the weights' shapes and values (name, dropout and the like do not)
 WEIGHT_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "mlp", "norm",
                  "position", "tied_embeddings", "bias", "qkv_bias", "qk_norm", "norm_eps", "rope_theta",
-                 "rope_scaling")
-GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+                 "rope_scaling", "gelu", "rotary_dim", "parallel_residual")
+GELU_FIELDS = {"gpt2": ("activation_function", "gelu_new"), "gpt_neox": ("hidden_act", "gelu")}  # field, default
 # the fields of a MoESpec that fix the weights' shapes and what the router computes with them
 MOE_WEIGHT_FIELDS = ("experts", "top_k", "expert_ffn_hidden", "shared_experts", "shared_ffn_hidden",
                      "shared_expert_gate", "router_score", "normalize_top_k")
@@ -74,12 +79,18 @@ class Source:
 
     ``key``: the checkpoint tensor (for stacked experts, with :data:`EXPERT` where the expert's index goes:
     row ``e`` of the meshplan tensor is checkpoint tensor ``key`` of expert ``e``). ``transposed``: stored
-    ``[in, out]`` (GPT-2's Conv1D). ``offset``: the first output row (column when transposed; element for a
-    vector) of this tensor inside a fused one (GPT-2's ``c_attn`` holds q, k and v side by side)."""
+    ``[in, out]`` (GPT-2's Conv1D). ``parts`` > 1: the stored tensor holds that many meshplan tensors
+    (q, k and v), this one part ``part``: GPT-2's ``c_attn`` side by side (``head_stride`` 0: this tensor's
+    output rows, columns when transposed, elements for a vector, start at ``offset``), GPT-NeoX's
+    ``query_key_value`` head by head (meshplan row ``r`` is stored row ``(r // head_dim) * head_stride +
+    offset + r % head_dim``)."""
 
     key: str
     transposed: bool = False
     offset: int = 0
+    parts: int = 1
+    part: int = 0
+    head_stride: int = 0
 
     @property
     def per_expert(self) -> bool:
@@ -100,7 +111,11 @@ _GPT2_NAMES = {
     "attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wo": "attn.c_proj", "feed_forward.w1": "mlp.c_fc",
     "feed_forward.w2": "mlp.c_proj",
 }
-_GPT2_QKV = {"attention.wq": 0, "attention.wk": 1, "attention.wv": 2}
+_QKV_PARTS = {"attention.wq": 0, "attention.wk": 1, "attention.wv": 2}
+_NEOX_NAMES = {
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attention.wo": "attention.dense",
+    "feed_forward.w1": "mlp.dense_h_to_4h", "feed_forward.w2": "mlp.dense_4h_to_h",
+}
 _MOE_NAMES = {
     "mixtral": {"feed_forward.router": "block_sparse_moe.gate",
                 "feed_forward.experts.w1": f"block_sparse_moe.experts.{EXPERT}.w1.weight",
@@ -122,13 +137,14 @@ _MOE_NAMES = {
 _TOP = {
     "llama": {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"},
     "gpt2": {"tok_embeddings": "wte", "pos_embeddings": "wpe", "norm": "ln_f", "output": "lm_head"},
+    "gpt_neox": {"tok_embeddings": "gpt_neox.embed_in", "norm": "gpt_neox.final_layer_norm", "output": "embed_out"},
 }
 
 
 def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "transformer.") -> Source:
     """The checkpoint location of meshplan parameter ``name`` (canonical: no wrapper prefixes)."""
     module, leaf = name.rsplit(".", 1)
-    kind = "gpt2" if family == "gpt2" else "llama"
+    kind = family if family in ("gpt2", "gpt_neox") else "llama"
     prefix = gpt2_prefix if kind == "gpt2" else ""
     if module in _TOP[kind]:
         top = _TOP[kind][module]
@@ -144,10 +160,32 @@ def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "trans
         if inner in moe_names:
             return Source(f"model.layers.{block}.{moe_names[inner]}.{leaf}")
         return Source(f"model.layers.{block}.{_LLAMA_NAMES[inner]}.{leaf}")
-    if inner in _GPT2_QKV:
+    if kind == "gpt_neox":
+        if inner in _QKV_PARTS:
+            part = _QKV_PARTS[inner]
+            return Source(f"gpt_neox.layers.{block}.attention.query_key_value.{leaf}", offset=part * spec.head_dim,
+                          parts=3, part=part, head_stride=3 * spec.head_dim)
+        return Source(f"gpt_neox.layers.{block}.{_NEOX_NAMES[inner]}.{leaf}")
+    if inner in _QKV_PARTS:
+        part = _QKV_PARTS[inner]
         return Source(f"{prefix}h.{block}.attn.c_attn.{leaf}", transposed=leaf == "weight",
-                      offset=_GPT2_QKV[inner] * spec.hidden)
+                      offset=part * spec.hidden, parts=3, part=part)
     return Source(f"{prefix}h.{block}.{_GPT2_NAMES[inner]}.{leaf}", transposed=leaf == "weight")
+
+
+def stored_rows(src: Source, head_dim: int, first: int, end: int) -> list[tuple[int, int]]:
+    """The stored row ranges that hold meshplan rows ``[first, end)`` of ``src``'s tensor, in order: one range,
+    or one per head it touches for a tensor stored head by head (``head_stride``)."""
+    if not src.head_stride:
+        return [(first + src.offset, end + src.offset)]
+    ranges = []
+    while first < end:
+        head, within = divmod(first, head_dim)
+        stop = min(end, (head + 1) * head_dim)
+        start = head * src.head_stride + src.offset + within
+        ranges.append((start, start + stop - first))
+        first = stop
+    return ranges
 
 
 def family_of(config: dict[str, Any], where: str = FIELD) -> str:
@@ -166,18 +204,19 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     problems = []
     partial_bias = hf_partial_bias(config, family)
     if partial_bias:
-        problems.append((partial_bias, f"biases on the {'MLP' if partial_bias == 'mlp_bias' else 'attention'} "
-                                       "projections only"))
+        problems.append((partial_bias[0], f"biases on the {partial_bias[1]} projections only"))
     window = hf_sliding_window(config, family)
     if window and (seq_len is None or window < seq_len):
         field = "sliding_window" if family in SLIDING_WINDOW_TYPES else "use_sliding_window"
         problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
-    if family in LLAMA_TYPES and hf_rope_type(config) not in ("default", "llama3"):
+    if family != "gpt2" and hf_rope_type(config) not in ("default", "llama3"):
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
+    if family in GELU_FIELDS:
+        field, default = GELU_FIELDS[family]
+        act = config.get(field, default)
+        if act not in ("gelu", *HF_TANH_GELU):
+            problems.append((field, f"activation {act!r} (meshplan computes gelu and the tanh forms)"))
     if family == "gpt2":
-        act = config.get("activation_function", "gelu_new")
-        if act not in GPT2_TANH_GELU:
-            problems.append(("activation_function", f"activation {act!r} (meshplan's GELU is the tanh form)"))
         if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
             problems.append(("scale_attn_by_inverse_layer_idx", "per-layer attention scaling"))
     if problems:
@@ -324,8 +363,8 @@ def expected_shapes(spec: ModelSpec, family: str, files: dict[str, Path]) -> dic
             continue
         if src.transposed:
             shape = shape[::-1]
-        if family == "gpt2" and ".c_attn." in src.key:
-            shape = (*shape[:-1], 3 * spec.hidden) if src.transposed else (3 * spec.hidden,)
+        if src.parts > 1:               # the fused tensor whole: its output dimension holds every part
+            shape = (*shape[:-1], shape[-1] * src.parts) if src.transposed else (shape[0] * src.parts, *shape[1:])
         shapes[src.key] = tuple(shape)
     return shapes
 
@@ -368,13 +407,17 @@ def hf_family_for(spec: ModelSpec) -> str:
         return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "mistral" if spec.sliding_window else "llama"
     if rotary_swiglu and not spec.qk_norm and not spec.sliding_window:
         return "llama"                                  # attention_bias and mlp_bias
-    if (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.position == "learned" and spec.bias
-            and spec.tied_embeddings and not spec.qk_norm and spec.q_width == spec.hidden):
+    gpt_like = (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.bias and not spec.qk_norm
+                and spec.q_width == spec.hidden and not spec.sliding_window)
+    if gpt_like and spec.position == "learned" and spec.tied_embeddings and not spec.parallel_residual:
         return "gpt2"
+    if gpt_like and spec.position == "rope" and spec.kv_heads == spec.heads and spec.rope_scaling is None:
+        return "gpt_neox"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
                      "(llama: SwiGLU, RMSNorm, rotary, biases on every projection or none; qwen2: q/k/v biases; "
                      "qwen3: q/k norms; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, "
-                     "head_dim hidden/heads)", "keep the DCP checkpoint")
+                     "head_dim hidden/heads; gpt_neox: gpt2's block with rotary positions, no grouped-query "
+                     "attention)", "keep the DCP checkpoint")
 
 
 def _hf_moe_family(spec: ModelSpec, llama_like: bool) -> str:
@@ -399,12 +442,15 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
     """The ``config.json`` of an export of ``spec`` (``dtype``: ``float32`` or ``bfloat16``;
     ``max_positions``: the context a rotary model was trained at, the plan's sequence length)."""
     family = hf_family_for(spec)
+    gelu = "gelu_new" if spec.gelu == "tanh" else "gelu"
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": spec.hidden,
                 "n_layer": spec.layers, "n_head": spec.heads, "n_inner": spec.ffn_hidden, "vocab_size": spec.vocab,
                 "n_positions": spec.max_seq_len, "layer_norm_epsilon": spec.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True, "resid_pdrop": spec.dropout,
+                "activation_function": gelu, "tie_word_embeddings": True, "resid_pdrop": spec.dropout,
                 "embd_pdrop": spec.dropout, "attn_pdrop": spec.dropout, "torch_dtype": dtype}
+    if family == "gpt_neox":
+        return neox_config(spec, dtype, max_positions, gelu)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling is not None:
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
@@ -422,6 +468,24 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
     return {**config, **window_config(spec, family), **moe_config(spec, family)}
+
+
+def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> dict[str, Any]:
+    """GPT-NeoX's ``config.json`` for ``spec``, with the rotary share and base under both transformers 5's names
+    (``rope_parameters``) and transformers 4's (``rotary_pct``, ``rotary_emb_base``). The share is one that
+    transformers' ``int(head_dim * share)`` turns back into ``spec.rotary_width``."""
+    share = spec.rotary_width / spec.head_dim
+    if int(spec.head_dim * share) != spec.rotary_width:
+        share = (spec.rotary_width + 0.5) / spec.head_dim
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": spec.hidden,
+            "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+            "intermediate_size": spec.ffn_hidden, "vocab_size": spec.vocab, "hidden_act": gelu,
+            "layer_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tied_embeddings,
+            "use_parallel_residual": spec.parallel_residual, "attention_bias": True,
+            "max_position_embeddings": max_positions, "rotary_pct": share, "rotary_emb_base": spec.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta,
+                                "partial_rotary_factor": share},
+            "hidden_dropout": spec.dropout, "attention_dropout": spec.dropout, "torch_dtype": dtype}
 
 
 def window_config(spec: ModelSpec, family: str) -> dict[str, Any]:

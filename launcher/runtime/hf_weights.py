@@ -68,13 +68,16 @@ class HFReader:
     def read(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None) -> torch.Tensor:
         """Rows ``[a, b)`` (and columns ``[c, d)`` of a matrix) of meshplan parameter ``name``."""
         src = fmt.source_of(name, self.family, self.spec, self.prefix)
-        r0, r1 = rows[0] + src.offset, rows[1] + src.offset
         stored = self._slice(src.key)
-        if cols is None:
-            return stored[r0:r1]
-        if src.transposed:
-            return stored[cols[0]:cols[1], r0:r1].t().contiguous()
-        return stored[r0:r1, cols[0]:cols[1]]
+        pieces = []
+        for r0, r1 in fmt.stored_rows(src, self.spec.head_dim, *rows):
+            if cols is None:
+                pieces.append(stored[r0:r1])
+            elif src.transposed:
+                pieces.append(stored[cols[0]:cols[1], r0:r1].t().contiguous())
+            else:
+                pieces.append(stored[r0:r1, cols[0]:cols[1]])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def local_box(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -196,7 +199,7 @@ def _dedupe_kv(value: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def _hf_tensors(spec: ModelSpec, family: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """meshplan tensors (one block or the top-level ones) under their Hugging Face names and layouts."""
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, list] = {}
+    fused: dict[str, tuple[fmt.Source, list]] = {}
     for name, value in values.items():
         if name.rsplit(".", 2)[-2] in ("wk", "wv"):
             value = _dedupe_kv(value, spec)
@@ -204,13 +207,24 @@ def _hf_tensors(spec: ModelSpec, family: str, values: dict[str, torch.Tensor]) -
         if src.per_expert:
             out.update({src.expert_key(e): value[e] for e in range(value.shape[0])})
             continue
-        if family == "gpt2" and ".c_attn." in src.key:
-            fused.setdefault(src.key, [None] * 3)[src.offset // spec.hidden] = value
+        if src.parts > 1:
+            fused.setdefault(src.key, (src, [None] * src.parts))[1][src.part] = value
             continue
         out[src.key] = value.t() if src.transposed else value
-    for key, (q, k, v) in fused.items():
-        out[key] = torch.cat([q, k, v], dim=0).t() if q.ndim == 2 else torch.cat([q, k, v])
+    for key, (src, parts) in fused.items():
+        out[key] = fuse_parts(src, parts, spec.head_dim)
     return out
+
+
+def fuse_parts(src: fmt.Source, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """The stored tensor of ``src.key`` from its meshplan parts (q, k, v, in ``part`` order): side by side
+    (GPT-2's ``c_attn``, transposed if stored so) or head by head (GPT-NeoX's ``query_key_value``)."""
+    if src.head_stride:
+        rest = parts[0].shape[1:]
+        heads = parts[0].shape[0] // head_dim
+        return torch.stack([p.reshape(heads, head_dim, *rest) for p in parts], 1).reshape(-1, *rest)
+    fused = torch.cat(parts, dim=0)
+    return fused.t() if src.transposed else fused
 
 
 def check_dcp_shapes(checkpoint: Path, shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> None:

@@ -4,6 +4,8 @@ Two families share one skeleton (torchtitan style, parallelism is applied from o
 
 * Llama: RMSNorm, rotary positions (RoPE), grouped-query attention, SwiGLU MLP, no biases.
 * GPT:   LayerNorm, learned positions, multi-head attention, GELU MLP, biases, usually tied embeddings.
+  GPT-NeoX is GPT with rotary positions on part of each head (``rotary_dim``), the erf GELU and the
+  attention and MLP side by side (``parallel_residual``).
 
 Options on either: q/k/v biases (Qwen2), a head width ``head_dim`` apart from ``hidden / heads`` and a norm of
 every query and key head (Qwen3's ``q_norm`` / ``k_norm``), a mixture of experts in place of the MLP (``moe.py``).
@@ -60,8 +62,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding (Su et al. 2021), "rotate half" layout.
 
-    ``q``/``k``: ``(batch, seq, heads, head_dim)``; ``cos``/``sin``: ``(seq, head_dim // 2)``.
+    ``q``/``k``: ``(batch, seq, heads, head_dim)``; ``cos``/``sin``: ``(seq, rotary // 2)``. A ``rotary``
+    narrower than ``head_dim`` (``ModelSpec.rotary_dim``, GPT-NeoX) rotates each head's first ``rotary``
+    features, "rotate half" within them, and passes the rest through.
     """
+    rotary = 2 * cos.shape[-1]
+    if rotary < q.shape[-1]:
+        q_rot, k_rot = apply_rotary(q[..., :rotary].contiguous(), k[..., :rotary].contiguous(), cos, sin, impl)
+        return torch.cat((q_rot, q[..., rotary:]), -1), torch.cat((k_rot, k[..., rotary:]), -1)
     if impl == "fused" and _kernels is not None:
         return _kernels.apply_rotary(q, k, cos, sin, impl)
 
@@ -74,11 +82,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return rotate(q), rotate(k)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+def rotary_tables(positions: torch.Tensor, rotary: int, theta: float = 10000.0,
                   scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``/``sin`` of shape ``(len(positions), head_dim // 2)`` for the given absolute positions: frequency
-    ``theta^(-2i/head_dim)`` for pair ``i``, rescaled by Llama 3's rule when ``scaling`` is given."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    """``cos``/``sin`` of shape ``(len(positions), rotary // 2)`` for the given absolute positions, ``rotary``
+    the features rotated (``ModelSpec.rotary_width``): frequency ``theta^(-2i/rotary)`` for pair ``i``,
+    rescaled by Llama 3's rule when ``scaling`` is given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary, 2, device=positions.device, dtype=torch.float32) / rotary))
     if scaling is not None:
         inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
@@ -170,11 +179,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (``w2(silu(w1 x) * w3 x)``) or GELU (``w2(gelu(w1 x))``) MLP."""
+    """SwiGLU (``w2(silu(w1 x) * w3 x)``) or GELU (``w2(gelu(w1 x))``, ``spec.gelu``: tanh or erf) MLP."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.gated = spec.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if spec.gelu == "tanh" else "none"
         self.swiglu_impl = "reference"
         self.w1 = nn.Linear(spec.hidden, spec.ffn_hidden, bias=spec.bias)
         self.w2 = nn.Linear(spec.ffn_hidden, spec.hidden, bias=spec.bias)
@@ -183,12 +193,13 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_impl))
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.w2(F.gelu(self.w1(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``; the MLP is a mixture of
-    experts (moe.MoE) in the blocks ``spec.is_moe_layer(layer)`` names."""
+    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``, or with
+    ``spec.parallel_residual`` ``out = x + attn(norm(x)) + mlp(norm(x))`` (two norms of their own, GPT-NeoX);
+    the MLP is a mixture of experts (moe.MoE) in the blocks ``spec.is_moe_layer(layer)`` names."""
 
     def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
@@ -201,10 +212,12 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(spec)
         self.dropout = spec.dropout
+        self.parallel_residual = spec.parallel_residual
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         h = x + F.dropout(self.attention(self.attention_norm(x), rope), self.dropout, self.training)
-        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
+        mlp_input = x if self.parallel_residual else h
+        return h + F.dropout(self.feed_forward(self.ffn_norm(mlp_input)), self.dropout, self.training)
 
 
 class TiedHead(nn.Module):
@@ -249,7 +262,7 @@ class Transformer(nn.Module):
         """Absolute positions of this rank's tokens (a 1-D LongTensor)."""
         self.positions = positions
         if self.spec.position == "rope":
-            self.rope_cache = rotary_tables(positions, self.spec.head_dim, self.spec.rope_theta,
+            self.rope_cache = rotary_tables(positions, self.spec.rotary_width, self.spec.rope_theta,
                                             self.spec.rope_scaling)
 
     def head_weight(self) -> torch.Tensor:

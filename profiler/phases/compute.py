@@ -68,7 +68,7 @@ def per_rank_block(spec: ModelSpec, tp: int, device: torch.device, dtype: torch.
 def rope_for(spec: ModelSpec, seq: int, device: torch.device):
     if spec.position != "rope":
         return None
-    return rotary_tables(torch.arange(seq, device=device), spec.head_dim)
+    return rotary_tables(torch.arange(seq, device=device), spec.rotary_width)
 
 
 def fwd_bwd(module_call: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
