@@ -38,6 +38,7 @@ from typing import Any
 from meshplan.engines import get_engine
 from meshplan.errors import InputError
 from meshplan.plan import DEFAULT_MESH_ORDER, Plan
+from meshplan.spec import YarnScaling
 
 TARGETS = ("megatron", "torchtitan", "torchtitan-toml", "deepspeed", "json")
 
@@ -249,6 +250,12 @@ def _megatron_rope(m, args: list[str], warnings: list[str] | None) -> None:
         warn(warnings, f"megatron: rope_theta {m.rope_theta:g} is not an integer; exported --rotary-base "
                        f"{int(m.rope_theta)}")
     if m.rope_scaling is None:
+        return
+    if isinstance(m.rope_scaling, YarnScaling):
+        warn(warnings, f"megatron: YaRN rotary scaling (factor {m.rope_scaling.factor:g}, original context "
+                       f"{m.rope_scaling.original_max_position_embeddings}) cannot be expressed: Megatron-Core's GPT "
+                       "model reads config.yarn_rotary_scaling_factor, which no command-line option sets; exported "
+                       "with plain rotary positions")
         return
     args.append("--use-rope-scaling")
     _opt(args, "--rope-scaling-factor", m.rope_scaling.factor)

@@ -91,6 +91,10 @@ def shape_words(m: ModelSpec) -> str:
         words.append("q/k norms (torchtitan's qwen3 model)")
     if m.bias or m.qkv_bias:
         words.append("biases on every projection" if m.bias else "q/k/v biases")
+    words.append(f"rotary base {m.rope_theta:g}")
+    if m.rope_scaling is not None:
+        kind = "YaRN" if getattr(m.rope_scaling, "rope_type", "") == "yarn" else "Llama 3"
+        words.append(f"{kind} rotary scaling, factor {m.rope_scaling.factor:g}")
     return ", ".join(words + [f"ffn {m.ffn_hidden}", f"vocab {m.vocab}"])
 
 

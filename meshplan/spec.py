@@ -161,7 +161,8 @@ class ModelSpec:
             ``--qk-layernorm``). The norm is the model's ``norm``.
         norm_eps: the epsilon of every norm (Hugging Face ``rms_norm_eps`` / ``layer_norm_epsilon``).
         rope_theta: the rotary base (Su et al. 2021: 10000; Llama 3: 500000).
-        rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), or ``None``.
+        rope_scaling: Llama 3's frequency-dependent rotary scaling (:class:`RopeScaling`), YaRN's
+            (:class:`YarnScaling`), or ``None``.
         rotary_dim: the leading features of every query and key head that rotary positions rotate, in the
             "rotate half" layout within them; the rest pass unrotated. 0: all of ``head_dim``. GPT-NeoX and
             Pythia rotate a quarter (Hugging Face ``partial_rotary_factor`` / ``rotary_pct``; Megatron-LM
@@ -197,7 +198,7 @@ class ModelSpec:
     head_dim: int = 0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: "RopeScaling | None" = None
+    rope_scaling: "RopeScaling | YarnScaling | None" = None
     rotary_dim: int = 0
     parallel_residual: bool = False
     dropout: float = 0.0
@@ -215,8 +216,8 @@ class ModelSpec:
         object.__setattr__(self, "norm_eps", _as_float(self.norm_eps, f"{where}: norm_eps"))
         object.__setattr__(self, "rope_theta", _as_float(self.rope_theta, f"{where}: rope_theta"))
         if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling,
-                                                                           f"{where}: rope_scaling"))
+            object.__setattr__(self, "rope_scaling", rope_scaling_from_dict(self.rope_scaling,
+                                                                            f"{where}: rope_scaling"))
         for key in ("layers", "hidden", "heads", "vocab"):
             object.__setattr__(self, key, _as_int(getattr(self, key), f"{where}: {key}", 1, 10**9))
         object.__setattr__(self, "mlp", _as_choice(self.mlp, f"{where}: mlp", MLP_KINDS))
@@ -373,6 +374,61 @@ class RopeScaling:
                                                                 f"{where}.original_max_position_embeddings"))
         except KeyError as exc:
             raise InputError(f"{where}.{exc.args[0]}", "missing", "give all four Llama 3 scaling fields") from None
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rotary scaling (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language
+    Models"; Hugging Face ``rope_type: yarn``, transformers' ``_compute_yarn_parameters``). Pair ``i`` of ``d``
+    rotated features blends the interpolated frequency ``f_i / factor`` and the original ``f_i`` with a ramp
+    over the dimensions between the correction range ``[low, high]`` (the dimensions that turn ``beta_fast``
+    and ``beta_slow`` times over ``original_max_position_embeddings`` positions, rounded out when ``truncate``);
+    ``cos`` and ``sin`` are multiplied by ``attention_factor``.
+
+    Fields:
+        factor: the context extension (Qwen2.5's long-context recipe: 4).
+        original_max_position_embeddings: the context the model was first trained at.
+        beta_fast, beta_slow: the correction range's rotations (the paper's 32 and 1).
+        attention_factor: the scale of ``cos`` and ``sin``; a config without it gets the paper's
+            ``0.1 ln(factor) + 1`` (DeepSeek's ``mscale`` / ``mscale_all_dim``: the ratio of two such terms).
+        truncate: round the correction range outwards to whole dimensions (transformers' default).
+        rope_type: ``yarn``, so that a model file names the kind of scaling.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+    rope_type: str = "yarn"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "YarnScaling":
+        _check_keys(cls, data, where)
+        try:
+            factor = _as_float(data["factor"], f"{where}.factor")
+            original = _as_int(data["original_max_position_embeddings"], f"{where}.original_max_position_embeddings")
+        except KeyError as exc:
+            raise InputError(f"{where}.{exc.args[0]}", "missing", "give YaRN's factor and "
+                             "original_max_position_embeddings") from None
+        return cls(factor, original, _as_float(data.get("beta_fast", 32.0), f"{where}.beta_fast"),
+                   _as_float(data.get("beta_slow", 1.0), f"{where}.beta_slow"),
+                   _as_float(data.get("attention_factor", yarn_attention_factor(factor)), f"{where}.attention_factor"),
+                   _as_bool(data.get("truncate", True), f"{where}.truncate"))
+
+
+def yarn_attention_factor(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's ``cos``/``sin`` scale, ``0.1 * mscale * ln(factor) + 1`` (1 when ``factor`` <= 1; Peng et al. 2023,
+    eq. 21 with transformers' ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_scaling_from_dict(data: Mapping[str, Any], where: str) -> "RopeScaling | YarnScaling":
+    """A model file's ``rope_scaling``: YaRN's when it names ``rope_type: yarn``, Llama 3's otherwise."""
+    if isinstance(data, Mapping) and data.get("rope_type") == "yarn":
+        return YarnScaling.from_dict(data, where)
+    return RopeScaling.from_dict(data, where)
 
 
 @dataclass(frozen=True)
@@ -549,17 +605,40 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 
 def _hf_rope(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The rotary base and scaling of a Hugging Face config: ``rope_parameters`` (transformers 5) or
-    ``rope_theta`` + ``rope_scaling`` (transformers 4). Llama 3 scaling is kept; another scaling type
-    (yarn, dynamic, linear...) is refused in one line (:func:`refuse_rope_type`)."""
+    ``rope_theta`` + ``rope_scaling`` (transformers 4). Llama 3's and YaRN's scaling are kept; another
+    scaling type (linear, dynamic, longrope...) is refused in one line (:func:`refuse_rope_type`)."""
     params = dict(data.get("rope_scaling") or {})
     params.update(data.get("rope_parameters") or {})
     theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    scaling = None
-    if refuse_rope_type(data, where) == "llama3":
-        scaling = RopeScaling.from_dict({k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                               "original_max_position_embeddings") if k in params},
-                                        f"{where}: rope_scaling")
-    return dict(rope_theta=theta, rope_scaling=scaling)
+    return dict(rope_theta=theta, rope_scaling=hf_rope_scaling(data, params, where))
+
+
+def hf_rope_scaling(data: Mapping[str, Any], params: Mapping[str, Any], where: str
+                    ) -> "RopeScaling | YarnScaling | None":
+    """The scaling of a config's rotary parameters ``params`` (see :func:`_hf_rope`). YaRN without a factor
+    takes ``max_position_embeddings / original_max_position_embeddings`` and without an attention factor the
+    one transformers derives (``mscale`` and ``mscale_all_dim`` where given), as transformers does."""
+    kind = refuse_rope_type(data, where)
+    field = f"{where}: rope_scaling"
+    if kind == "llama3":
+        return RopeScaling.from_dict({k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                            "original_max_position_embeddings") if k in params}, field)
+    if kind != "yarn":
+        return None
+    if "original_max_position_embeddings" not in params:
+        raise InputError(f"{field}.original_max_position_embeddings", "missing", "give the context the model was "
+                         "first trained at, as transformers requires for yarn")
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or data.get("max_position_embeddings", original) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (yarn_attention_factor(factor, mscale) / yarn_attention_factor(factor, mscale_all)
+                     if mscale and mscale_all else yarn_attention_factor(factor))
+    return YarnScaling.from_dict({"factor": factor, "original_max_position_embeddings": original,
+                                  "beta_fast": params.get("beta_fast") or 32.0,
+                                  "beta_slow": params.get("beta_slow") or 1.0, "attention_factor": attention,
+                                  "truncate": params.get("truncate", True)}, field)
 
 
 def hf_rope_type(data: Mapping[str, Any]) -> str:
@@ -568,14 +647,17 @@ def hf_rope_type(data: Mapping[str, Any]) -> str:
     return str(params.get("rope_type", params.get("type", "default")))
 
 
+ROPE_TYPES = ("default", "llama3", "yarn")     # the rotary scalings meshplan's model computes
+
+
 def refuse_rope_type(data: Mapping[str, Any], where: str) -> str:
-    """The config's rotary scaling type when meshplan's model computes it (none, or Llama 3's); one line
-    otherwise. Time and memory do not depend on it, so the fix offered is to plan without it."""
+    """The config's rotary scaling type when meshplan's model computes it (none, Llama 3's or YaRN's); one
+    line otherwise. Time and memory do not depend on it, so the fix offered is to plan without it."""
     kind = hf_rope_type(data)
-    if kind not in ("default", "llama3"):
+    if kind not in ROPE_TYPES:
         raise InputError(f"{where}: rope_scaling", f"rotary scaling {kind!r} is not computed by meshplan's model "
-                         "(it computes none and llama3)", "to plan, remove rope_scaling from the config (the time "
-                         "and memory are the same); train this model with its own engine")
+                         f"(it computes {', '.join(ROPE_TYPES[1:])} and none)", "to plan, remove rope_scaling from "
+                         "the config (the time and memory are the same); train this model with its own engine")
     return kind
 
 
@@ -672,13 +754,14 @@ def hf_gelu(activation: str, field: str, where: str) -> str:
 
 def _hf_neox_rotary(data: Mapping[str, Any], head_dim: int, where: str) -> dict[str, Any]:
     """GPT-NeoX's rotary positions: the share of each head rotated (``partial_rotary_factor`` under
-    ``rope_parameters`` in transformers 5, ``rotary_pct`` before; transformers' default 0.25) and the base
-    (``rope_theta``, ``rotary_emb_base`` before; 10000). transformers rotates ``int(head_dim * share)`` features."""
-    refuse_rope_type(data, where)
+    ``rope_parameters`` in transformers 5, ``rotary_pct`` before; transformers' default 0.25), the base
+    (``rope_theta``, ``rotary_emb_base`` before; 10000) and the scaling. transformers rotates
+    ``int(head_dim * share)`` features."""
     params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
     share = params.get("partial_rotary_factor", data.get("partial_rotary_factor", data.get("rotary_pct", 0.25)))
     theta = params.get("rope_theta", data.get("rope_theta", data.get("rotary_emb_base", 10000.0)))
-    return {"rotary_dim": int(head_dim * float(share)), "rope_theta": theta}
+    return {"rotary_dim": int(head_dim * float(share)), "rope_theta": theta,
+            "rope_scaling": hf_rope_scaling(data, params, where)}
 
 
 SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -127,6 +128,24 @@ def test_check_measures_what_the_planner_keeps_per_block(parallel, tp):
     assert sequential - predicted == (2 * 4096 * PYTHIA.hidden / tp if parallel else 0)
 
 
+def test_yarn_is_read_kept_in_plan_files_and_named_where_megatron_cannot_take_it(tmp_path):
+    """A YaRN config (DeepSeek's mscale pair): the attention factor transformers derives, a model file that
+    reads back equal; the Megatron export keeps plain rotary and says so."""
+    path = _config_file(tmp_path, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "partial_rotary_factor": 0.25})
+    config = json.loads(open(path).read())
+    spec = from_hf_config(config, _path("yarn"))
+    assert spec.rope_scaling.attention_factor == 1.0 and spec.rope_scaling.factor == 40.0
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    plain = from_hf_config({**config, "rope_parameters": {**config["rope_parameters"], "mscale": None}},
+                           _path("yarn"))
+    assert plain.rope_scaling.attention_factor == pytest.approx(0.1 * math.log(40.0) + 1.0)
+    warnings: list[str] = []
+    args = to_megatron_args(flat_plan(model=dataclasses.replace(spec, layers=32)), warnings)
+    assert "--use-rope-scaling" not in args and any("YaRN" in w for w in warnings), warnings
+
+
 def test_megatron_export_says_what_megatron_computes():
     """--rotary-percent for the rotated share; Megatron-Core's bias-GELU fusion is the tanh form, so the erf
     GELU turns it off; parallel residual has no Megatron-Core option and is named in a warning."""
@@ -153,8 +172,10 @@ def _config_file(tmp_path, **changes):
 @pytest.mark.parametrize("changes,words", [
     (dict(attention_bias=False), ["attention_bias", "MLP projections"]),
     (dict(hidden_act="relu"), ["hidden_act", "'relu'"]),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "partial_rotary_factor": 0.25}),
+     ["rope_scaling", "'dynamic'", "remove rope_scaling"]),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.25}),
-     ["rope_scaling", "'yarn'", "remove rope_scaling"]),
+     ["rope_scaling.original_max_position_embeddings", "missing"]),
 ])
 def test_plan_refuses_what_the_model_does_not_compute(tmp_path, changes, words):
     result = CliRunner().invoke(app, ["plan", "--model", _config_file(tmp_path, **changes), "--cluster",

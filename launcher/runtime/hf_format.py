@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from meshplan.errors import InputError
-from meshplan.spec import (HF_TANH_GELU, SLIDING_WINDOW_TYPES, ModelSpec, from_hf_config, hf_partial_bias,
-                           hf_rope_type, hf_sliding_window)
+from meshplan.spec import (HF_TANH_GELU, ROPE_TYPES, SLIDING_WINDOW_TYPES, ModelSpec, YarnScaling, from_hf_config,
+                           hf_partial_bias, hf_rope_type, hf_sliding_window)
 
 FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -209,7 +209,7 @@ def _refuse_unmodelled(config: dict[str, Any], family: str, where: str, seq_len:
     if window and (seq_len is None or window < seq_len):
         field = "sliding_window" if family in SLIDING_WINDOW_TYPES else "use_sliding_window"
         problems.append((field, f"sliding-window attention ({window} tokens, shorter than the sequence)"))
-    if family != "gpt2" and hf_rope_type(config) not in ("default", "llama3"):
+    if family != "gpt2" and hf_rope_type(config) not in ROPE_TYPES:
         problems.append(("rope_scaling", f"rotary scaling {hf_rope_type(config)!r}"))
     if family in GELU_FIELDS:
         field, default = GELU_FIELDS[family]
@@ -411,7 +411,7 @@ def hf_family_for(spec: ModelSpec) -> str:
                 and spec.q_width == spec.hidden and not spec.sliding_window)
     if gpt_like and spec.position == "learned" and spec.tied_embeddings and not spec.parallel_residual:
         return "gpt2"
-    if gpt_like and spec.position == "rope" and spec.kv_heads == spec.heads and spec.rope_scaling is None:
+    if gpt_like and spec.position == "rope" and spec.kv_heads == spec.heads:
         return "gpt_neox"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
                      "(llama: SwiGLU, RMSNorm, rotary, biases on every projection or none; qwen2: q/k/v biases; "
@@ -451,11 +451,7 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
                 "embd_pdrop": spec.dropout, "attn_pdrop": spec.dropout, "torch_dtype": dtype}
     if family == "gpt_neox":
         return neox_config(spec, dtype, max_positions, gelu)
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
-    if spec.rope_scaling is not None:
-        rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta,
-                **{k: getattr(spec.rope_scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                              "original_max_position_embeddings")}}
+    rope = rope_parameters(spec)
     arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(family, "LlamaForCausalLM")
@@ -468,6 +464,20 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
     return {**config, **window_config(spec, family), **moe_config(spec, family)}
+
+
+def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
+    """The ``rope_parameters`` of an export's ``config.json``: the base, and Llama 3's or YaRN's scaling."""
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if isinstance(scaling, YarnScaling):
+        fields = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                  "truncate")
+        return {"rope_type": "yarn", "rope_theta": spec.rope_theta, **{k: getattr(scaling, k) for k in fields}}
+    return {"rope_type": "llama3", "rope_theta": spec.rope_theta,
+            **{k: getattr(scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}}
 
 
 def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> dict[str, Any]:
@@ -483,8 +493,7 @@ def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> d
             "layer_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tied_embeddings,
             "use_parallel_residual": spec.parallel_residual, "attention_bias": True,
             "max_position_embeddings": max_positions, "rotary_pct": share, "rotary_emb_base": spec.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta,
-                                "partial_rotary_factor": share},
+            "rope_parameters": {**rope_parameters(spec), "partial_rotary_factor": share},
             "hidden_dropout": spec.dropout, "attention_dropout": spec.dropout, "torch_dtype": dtype}
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshplan.spec import ModelSpec, RopeScaling
+from meshplan.spec import ModelSpec, RopeScaling, YarnScaling
 
 try:  # the fused kernels live in their own package; the reference ops below are the fallback
     from meshplan.launcher.runtime import kernels as _kernels
@@ -83,15 +83,39 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 def rotary_tables(positions: torch.Tensor, rotary: int, theta: float = 10000.0,
-                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scaling: RopeScaling | YarnScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos``/``sin`` of shape ``(len(positions), rotary // 2)`` for the given absolute positions, ``rotary``
     the features rotated (``ModelSpec.rotary_width``): frequency ``theta^(-2i/rotary)`` for pair ``i``,
-    rescaled by Llama 3's rule when ``scaling`` is given."""
+    rescaled by Llama 3's rule or YaRN's when ``scaling`` is given."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary, 2, device=positions.device, dtype=torch.float32) / rotary))
-    if scaling is not None:
+    scale = 1.0
+    if isinstance(scaling, YarnScaling):
+        inv_freq, scale = yarn_scaled_frequencies(inv_freq, scaling, theta), scaling.attention_factor
+    elif scaling is not None:
         inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def yarn_scaled_frequencies(inv_freq: torch.Tensor, scaling: YarnScaling, theta: float) -> torch.Tensor:
+    """YaRN's frequencies (:class:`meshplan.spec.YarnScaling`): pair ``i`` keeps ``f_i`` below the correction
+    range, takes ``f_i / factor`` above it, and blends the two linearly inside it. The range's ends are the
+    dimensions ``d ln(L / (2 pi r)) / (2 ln theta)`` that turn ``r`` = ``beta_fast`` and ``beta_slow`` times
+    over the original context ``L`` (``d`` the rotated features; transformers' ``find_correction_range``)."""
+    dim = 2 * inv_freq.shape[0]
+
+    def dimension(rotations: float) -> float:
+        return dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = dimension(scaling.beta_fast), dimension(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001                                   # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
 
 
 def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
