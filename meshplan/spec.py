@@ -752,6 +752,17 @@ def hf_gelu(activation: str, field: str, where: str) -> str:
                      f"meshplan computes gelu (exact) and {', '.join(HF_TANH_GELU)} (the tanh form)")
 
 
+def _hf_partial_rotary(data: Mapping[str, Any], kind: str) -> int:
+    """``ModelSpec.rotary_dim`` of a Llama-family config: Phi-3's ``partial_rotary_factor`` (Phi-4-mini: 0.75,
+    under ``rope_parameters`` in transformers 5); the other families rotate every feature (0)."""
+    if kind != "phi3":
+        return 0
+    params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
+    share = params.get("partial_rotary_factor") or data.get("partial_rotary_factor") or 1.0
+    head_dim = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
+    return int(head_dim * float(share))
+
+
 def _hf_neox_rotary(data: Mapping[str, Any], head_dim: int, where: str) -> dict[str, Any]:
     """GPT-NeoX's rotary positions: the share of each head rotated (``partial_rotary_factor`` under
     ``rope_parameters`` in transformers 5, ``rotary_pct`` before; transformers' default 0.25), the base
@@ -764,7 +775,7 @@ def _hf_neox_rotary(data: Mapping[str, Any], head_dim: int, where: str) -> dict[
             "rope_scaling": hf_rope_scaling(data, params, where)}
 
 
-SLIDING_WINDOW_TYPES = ("mistral", "mixtral")    # their config's sliding_window applies without a switch
+SLIDING_WINDOW_TYPES = ("mistral", "mixtral", "phi3")    # their config's sliding_window applies without a switch
 
 
 def hf_sliding_window(data: Mapping[str, Any], kind: str) -> int:
@@ -780,8 +791,8 @@ QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")     # RMSNorm of each q and k head 
 
 
 def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
-    """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE, GPT-2, GPT-NeoX)
-    into a ModelSpec."""
+    """Translate a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, Qwen2/3-MoE, GPT-2,
+    GPT-NeoX) into a ModelSpec."""
     where = f"--model {path}"
     kind = str(data.get("model_type", "")).lower()
     name = path.parent.name or kind or "hf-model"
@@ -791,7 +802,7 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                              f"{data['kv_lora_rank']}) is not modelled by meshplan",
                              "write a meshplan model YAML with grouped-query attention of the same size and this "
                              "config's moe section")
-        if kind in ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES):
+        if kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_MODEL_TYPES):
             act = str(data.get("hidden_act", "silu"))
             if act not in ("silu", "swish"):
                 raise InputError(f"{where}: hidden_act", f"{act!r} is not supported for {kind}", "use silu (SwiGLU)")
@@ -802,7 +813,7 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
                 norm_eps=data.get("rms_norm_eps", 1e-6), moe=hf_moe(data, kind, where),
-                sliding_window=hf_sliding_window(data, kind),
+                sliding_window=hf_sliding_window(data, kind), rotary_dim=_hf_partial_rotary(data, kind),
                 **_hf_biases(data, kind, where), **_hf_rope(data, where),
             )
         if kind == "gpt2":
@@ -829,7 +840,7 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
     except KeyError as exc:
         raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None
     raise InputError(f"{where}: model_type", f"unsupported model_type {kind!r}",
-                     "supported: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, gpt2, gpt_neox; "
+                     "supported: llama, mistral, qwen2, qwen3, phi3, mixtral, qwen2_moe, qwen3_moe, gpt2, gpt_neox; "
                      "or write a meshplan model YAML")
 
 

@@ -1,9 +1,10 @@
 """Hugging Face weights in (``--init-from``) and out (``--save-hf``, ``meshplan export-hf``).
 
 Tiny models are made by ``transformers`` here (random weights, ``save_pretrained``): Llama, Qwen2, Qwen3 (per-head
-q/k norms, heads x head_dim wider than hidden), GPT-2, GPT-NeoX (partial rotary, parallel residual, erf GELU;
-and the other choice of each) and the mixtures of experts Mixtral, Qwen2-MoE (with a dense
-block and a gated shared expert) and Qwen3-MoE (a dense block, top-k not renormalised). One process: the loaded
+q/k norms, heads x head_dim wider than hidden), GPT-2, GPT-NeoX (partial rotary, parallel residual, erf GELU; and
+the other choice of each), Phi-3 (fused q/k/v and gate/up projections), YaRN rotary scaling, and the mixtures of
+experts Mixtral, Qwen2-MoE (with a dense block and a gated shared expert) and Qwen3-MoE (a dense block, top-k not
+renormalised). One process: the loaded
 model's logits equal ``transformers``' for every family; an export of a DCP checkpoint loads with
 ``from_pretrained`` and gives the same logits; every bad input is one line before a rank starts. One torchrun
 job (slow): for each layout the first step's loss after ``--init-from`` equals ``transformers``' loss on the
@@ -81,6 +82,11 @@ def make_hf(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
     if kind == "gpt_neox":     # transformers' defaults: parallel residual, a quarter of each head rotated, erf GELU
         config = transformers.GPTNeoXConfig(**{**NEOX, **overrides})
         return _save(_random_biases(transformers.GPTNeoXForCausalLM(config)), directory, max_shard_size="40KB")
+    if kind == "phi3":         # q, k, v in one qkv_proj, gate and up in one gate_up_proj; half of each head rotated
+        config = transformers.Phi3Config(**{**LLAMA, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+                                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                "partial_rotary_factor": 0.5}, **overrides})
+        return _save(transformers.Phi3ForCausalLM(config), directory, max_shard_size="40KB")
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**LLAMA, **overrides}))
         return _save(_random_biases(model), directory)
@@ -130,6 +136,7 @@ def checkpoints(tmp_path_factory):
         "neox": make_hf("gpt_neox", root / "neox"),
         "neox-sequential": make_hf("gpt_neox", root / "neox-sequential", **NEOX_SEQUENTIAL),
         "qwen2-yarn": make_hf("qwen2", root / "qwen2-yarn", rope_parameters=YARN_ROPE),
+        "phi3": make_hf("phi3", root / "phi3"),
         "neox-yarn": make_hf("gpt_neox", root / "neox-yarn", rope_parameters=YARN_MSCALE_ROPE),
         "mixtral": make_hf("mixtral", root / "mixtral"),
         "qwen2-moe": make_hf("qwen2_moe", root / "qwen2-moe"),
@@ -151,8 +158,8 @@ def test_parameter_shapes_match_the_model(name):
 
 
 @pytest.mark.parametrize("name", ["llama-tied", "llama3-rope", "llama-biases", "qwen2", "gpt2", "gpt2-erf-gelu",
-                                  "neox", "neox-sequential", "qwen2-yarn", "neox-yarn", "mixtral", "qwen2-moe",
-                                  "qwen3", "qwen3-moe"])
+                                  "neox", "neox-sequential", "qwen2-yarn", "neox-yarn", "phi3", "mixtral",
+                                  "qwen2-moe", "qwen3", "qwen3-moe"])
 def test_loaded_weights_give_transformers_logits(checkpoints, name):
     directory = checkpoints[name]
     spec = load_model(str(directory / "config.json"))
@@ -206,6 +213,7 @@ def _dcp_of(model, directory: Path, kv_copies: int = 1, ep: int = 1) -> Path:
 @pytest.mark.parametrize("name,kv_copies,ep", [("llama-tied", 2, 1), ("llama-biases", 2, 1), ("qwen2", 1, 1),
                                                ("gpt2", 1, 1), ("gpt2-erf-gelu", 1, 1), ("neox", 1, 1),
                                                ("neox-sequential", 1, 1), ("qwen2-yarn", 1, 1), ("neox-yarn", 1, 1),
+                                               ("phi3", 2, 1),
                                                ("mixtral", 1, 2), ("qwen2-moe", 1, 1),
                                                ("qwen3", 2, 1), ("qwen3-moe", 1, 2)])
 def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path, name, kv_copies, ep):
@@ -300,6 +308,10 @@ def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
     relu = _edit_config(checkpoints["gpt2"], tmp_path / "relu", activation_function="relu")
     gpt_plan = _plan_for(checkpoints["gpt2"], tmp_path)
     _launch_refused([gpt_plan, "--steps", "1", "--no-check", "--init-from", relu], "activation_function", "'relu'")
+    longrope = _edit_config(checkpoints["phi3"], tmp_path / "longrope", rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+    _launch_refused([_plan_for(checkpoints["phi3"], tmp_path), "--steps", "1", "--no-check", "--init-from", longrope],
+                    "--init-from: config.json rope_scaling", "'longrope'")
     neox = checkpoints["neox"]
     _launch_refused([_plan_for(neox, tmp_path, parallel_residual=False), "--steps", "1", "--no-check", "--init-from",
                      neox], "--init-from: parallel_residual", "the checkpoint has parallel_residual True")
@@ -325,6 +337,7 @@ LAYOUTS = {
     "qwen2-moe-dp2-pp2-ep2-zero3": ("qwen2_moe", dict(dp=2, pp=2, ep=2, zero=3)),
     "qwen3-tp4-replicated-kv": ("qwen3", dict(tp=4)),     # q/k norms replicated, a copy of one KV head per rank
     "neox-tp2-cp2-ring": ("gpt_neox", dict(tp=2, cp=2, cp_kind="ring")),   # partial YaRN rotary on zig-zag chunks
+    "phi3-dp2-tp2-zero3": ("phi3", dict(dp=2, tp=2, zero=3)),   # shards of q, k, v and gate, up in fused tensors
 }
 STEPS = 3
 
@@ -349,7 +362,8 @@ def layout_runs(tmp_path_factory):
                "mixtral": make_hf("mixtral", root / "mixtral", seed=6),
                "qwen2_moe": make_hf("qwen2_moe", root / "qwen2_moe", seed=7),
                "qwen3": make_hf("qwen3", root / "qwen3", seed=8),
-               "gpt_neox": make_hf("gpt_neox", root / "gpt_neox", seed=9, rope_parameters=YARN_MSCALE_ROPE)}
+               "gpt_neox": make_hf("gpt_neox", root / "gpt_neox", seed=9, rope_parameters=YARN_MSCALE_ROPE),
+               "phi3": make_hf("phi3", root / "phi3", seed=10)}
     train, held_out = _token_files(root)
     paths = []
     for name, (family, layout) in LAYOUTS.items():

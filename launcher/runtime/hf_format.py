@@ -58,7 +58,7 @@ from meshplan.spec import (HF_TANH_GELU, ROPE_TYPES, SLIDING_WINDOW_TYPES, Model
 
 FIELD = "--init-from"
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_TYPES)
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *MOE_TYPES)
 FAMILIES = (*LLAMA_TYPES, "gpt2", "gpt_neox")
 EXPERT = "{expert}"     # where a stacked expert weight's checkpoint key names the expert
 INDEX = "model.safetensors.index.json"
@@ -83,7 +83,9 @@ class Source:
     (q, k and v), this one part ``part``: GPT-2's ``c_attn`` side by side (``head_stride`` 0: this tensor's
     output rows, columns when transposed, elements for a vector, start at ``offset``), GPT-NeoX's
     ``query_key_value`` head by head (meshplan row ``r`` is stored row ``(r // head_dim) * head_stride +
-    offset + r % head_dim``)."""
+    offset + r % head_dim``), Phi-3's ``qkv_proj`` and ``gate_up_proj`` one after the other (parts of
+    different widths: ``fused_rows``, the stored tensor's output rows, says how many it holds; 0 for ``parts``
+    times this tensor's)."""
 
     key: str
     transposed: bool = False
@@ -91,6 +93,7 @@ class Source:
     parts: int = 1
     part: int = 0
     head_stride: int = 0
+    fused_rows: int = 0
 
     @property
     def per_expert(self) -> bool:
@@ -159,6 +162,8 @@ def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "trans
             return Source(f"model.layers.{block}.{moe_names[f'{inner}.{leaf}']}")
         if inner in moe_names:
             return Source(f"model.layers.{block}.{moe_names[inner]}.{leaf}")
+        if family == "phi3" and inner in _PHI3_PARTS:
+            return phi3_source(block, inner, leaf, spec)
         return Source(f"model.layers.{block}.{_LLAMA_NAMES[inner]}.{leaf}")
     if kind == "gpt_neox":
         if inner in _QKV_PARTS:
@@ -171,6 +176,23 @@ def source_of(name: str, family: str, spec: ModelSpec, gpt2_prefix: str = "trans
         return Source(f"{prefix}h.{block}.attn.c_attn.{leaf}", transposed=leaf == "weight",
                       offset=part * spec.hidden, parts=3, part=part)
     return Source(f"{prefix}h.{block}.{_GPT2_NAMES[inner]}.{leaf}", transposed=leaf == "weight")
+
+
+_PHI3_PARTS = {"attention.wq": ("self_attn.qkv_proj", 0), "attention.wk": ("self_attn.qkv_proj", 1),
+               "attention.wv": ("self_attn.qkv_proj", 2), "feed_forward.w1": ("mlp.gate_up_proj", 0),
+               "feed_forward.w3": ("mlp.gate_up_proj", 1)}
+
+
+def phi3_source(block: str, inner: str, leaf: str, spec: ModelSpec) -> Source:
+    """Phi-3's fused projections: q, k and v rows one after the other in ``qkv_proj`` (``q_width``, then
+    ``kv_width`` each), gate then up in ``gate_up_proj`` (``ffn_hidden`` each)."""
+    key, part = _PHI3_PARTS[inner]
+    if key.endswith("qkv_proj"):
+        widths = (spec.q_width, spec.kv_width, spec.kv_width)
+    else:
+        widths = (spec.ffn_hidden, spec.ffn_hidden)
+    return Source(f"model.layers.{block}.{key}.{leaf}", offset=sum(widths[:part]), parts=len(widths), part=part,
+                  fused_rows=sum(widths))
 
 
 def stored_rows(src: Source, head_dim: int, first: int, end: int) -> list[tuple[int, int]]:
@@ -364,7 +386,8 @@ def expected_shapes(spec: ModelSpec, family: str, files: dict[str, Path]) -> dic
         if src.transposed:
             shape = shape[::-1]
         if src.parts > 1:               # the fused tensor whole: its output dimension holds every part
-            shape = (*shape[:-1], shape[-1] * src.parts) if src.transposed else (shape[0] * src.parts, *shape[1:])
+            rows = src.fused_rows or (shape[-1] if src.transposed else shape[0]) * src.parts
+            shape = (*shape[:-1], rows) if src.transposed else (rows, *shape[1:])
         shapes[src.key] = tuple(shape)
     return shapes
 
@@ -399,13 +422,16 @@ def hf_family_for(spec: ModelSpec) -> str:
         raise InputError("--save-hf: model.qk_norm", f"model {spec.name!r} has both q/k norms (qk_norm) and q/k/v "
                          "biases (qkv_bias), which no Hugging Face architecture holds together (qwen3: the norms, "
                          "qwen2: the biases)", "keep the DCP checkpoint")
-    rotary_swiglu = spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope"
+    rotary_swiglu = (spec.mlp == "swiglu" and spec.norm == "rmsnorm" and spec.position == "rope"
+                     and not spec.parallel_residual)
     llama_like = rotary_swiglu and not spec.bias
     if spec.moe is not None:
-        return _hf_moe_family(spec, llama_like)
-    if llama_like:
+        return _hf_moe_family(spec, llama_like and not spec.rotary_dim)
+    if llama_like and spec.rotary_dim and not spec.qk_norm and not spec.qkv_bias and spec.rope_scaling is None:
+        return "phi3"                                   # rotary on part of each head
+    if llama_like and not spec.rotary_dim:
         return "qwen3" if spec.qk_norm else "qwen2" if spec.qkv_bias else "mistral" if spec.sliding_window else "llama"
-    if rotary_swiglu and not spec.qk_norm and not spec.sliding_window:
+    if rotary_swiglu and not spec.qk_norm and not spec.sliding_window and not spec.rotary_dim:
         return "llama"                                  # attention_bias and mlp_bias
     gpt_like = (spec.mlp == "gelu" and spec.norm == "layernorm" and spec.bias and not spec.qk_norm
                 and spec.q_width == spec.hidden and not spec.sliding_window)
@@ -415,7 +441,8 @@ def hf_family_for(spec: ModelSpec) -> str:
         return "gpt_neox"
     raise InputError("--save-hf", f"no Hugging Face architecture holds model {spec.name!r} exactly "
                      "(llama: SwiGLU, RMSNorm, rotary, biases on every projection or none; qwen2: q/k/v biases; "
-                     "qwen3: q/k norms; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, "
+                     "qwen3: q/k norms; phi3: Llama's without biases, rotary on part of each head, no rotary "
+                     "scaling; gpt2: GELU, LayerNorm, learned positions, biases, tied head, no q/k norms, "
                      "head_dim hidden/heads; gpt_neox: gpt2's block with rotary positions, no grouped-query "
                      "attention)", "keep the DCP checkpoint")
 
@@ -453,6 +480,7 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
         return neox_config(spec, dtype, max_positions, gelu)
     rope = rope_parameters(spec)
     arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "phi3": "Phi3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(family, "LlamaForCausalLM")
     config = {"architectures": [arch], "model_type": family, "hidden_size": spec.hidden,
@@ -463,6 +491,11 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "max_position_embeddings": max_positions, "rope_theta": spec.rope_theta,
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
+    if family == "phi3":
+        rope["partial_rotary_factor"] = rotary_share(spec)
+        # Phi3Config's token ids default to Phi-3's vocabulary (32000), an embedding row a smaller one lacks
+        config.update(original_max_position_embeddings=max_positions, rope_scaling=None, pad_token_id=None,
+                      bos_token_id=None, eos_token_id=None)
     return {**config, **window_config(spec, family), **moe_config(spec, family)}
 
 
@@ -480,13 +513,20 @@ def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
                                                 "original_max_position_embeddings")}}
 
 
-def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> dict[str, Any]:
-    """GPT-NeoX's ``config.json`` for ``spec``, with the rotary share and base under both transformers 5's names
-    (``rope_parameters``) and transformers 4's (``rotary_pct``, ``rotary_emb_base``). The share is one that
-    transformers' ``int(head_dim * share)`` turns back into ``spec.rotary_width``."""
+def rotary_share(spec: ModelSpec) -> float:
+    """The ``partial_rotary_factor`` that transformers' ``int(head_dim * share)`` turns back into
+    ``spec.rotary_width``."""
     share = spec.rotary_width / spec.head_dim
     if int(spec.head_dim * share) != spec.rotary_width:
         share = (spec.rotary_width + 0.5) / spec.head_dim
+    return share
+
+
+def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> dict[str, Any]:
+    """GPT-NeoX's ``config.json`` for ``spec``, with the rotary share and base under both transformers 5's names
+    (``rope_parameters``) and transformers 4's (``rotary_pct``, ``rotary_emb_base``); the share:
+    :func:`rotary_share`."""
+    share = rotary_share(spec)
     return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": spec.hidden,
             "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
             "intermediate_size": spec.ffn_hidden, "vocab_size": spec.vocab, "hidden_act": gelu,
