@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
 def plan_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset name, model YAML, or Hugging Face config.json "
-                                        f"[default: {DEFAULT_MODEL}]"),
+                                        f"or model directory [default: {DEFAULT_MODEL}]"),
     cluster: Optional[str] = typer.Option(None, "--cluster", "-c", help="PRESET:NODES (dgx-a100, dgx-h100, dgx-h200), "
                                           f"localhost:N, or a cluster YAML [default: {DEFAULT_CLUSTER}]"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", help="Sequences per optimizer step "

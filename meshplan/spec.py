@@ -603,19 +603,10 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
-def _hf_rope(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The rotary base and scaling of a Hugging Face config: ``rope_parameters`` (transformers 5) or
-    ``rope_theta`` + ``rope_scaling`` (transformers 4). Llama 3's and YaRN's scaling are kept; another
-    scaling type (linear, dynamic, longrope...) is refused in one line (:func:`refuse_rope_type`)."""
-    params = dict(data.get("rope_scaling") or {})
-    params.update(data.get("rope_parameters") or {})
-    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    return dict(rope_theta=theta, rope_scaling=hf_rope_scaling(data, params, where))
-
-
 def hf_rope_scaling(data: Mapping[str, Any], params: Mapping[str, Any], where: str
                     ) -> "RopeScaling | YarnScaling | None":
-    """The scaling of a config's rotary parameters ``params`` (see :func:`_hf_rope`). YaRN without a factor
+    """The scaling of a config's rotary parameters ``params`` (see :func:`_hf_rotary`): Llama 3's, YaRN's or
+    none; another type is refused in one line (:func:`refuse_rope_type`). YaRN without a factor
     takes ``max_position_embeddings / original_max_position_embeddings`` and without an attention factor the
     one transformers derives (``mscale`` and ``mscale_all_dim`` where given), as transformers does."""
     kind = refuse_rope_type(data, where)
@@ -752,25 +743,20 @@ def hf_gelu(activation: str, field: str, where: str) -> str:
                      f"meshplan computes gelu (exact) and {', '.join(HF_TANH_GELU)} (the tanh form)")
 
 
-def _hf_partial_rotary(data: Mapping[str, Any], kind: str) -> int:
-    """``ModelSpec.rotary_dim`` of a Llama-family config: Phi-3's ``partial_rotary_factor`` (Phi-4-mini: 0.75,
-    under ``rope_parameters`` in transformers 5); the other families rotate every feature (0)."""
-    if kind != "phi3":
-        return 0
+def _hf_rotary(data: Mapping[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """``rotary_dim``, ``rope_theta`` and ``rope_scaling`` of a Hugging Face config, from ``rope_parameters``
+    (transformers 5) or the fields before it (``rope_theta`` + ``rope_scaling``; GPT-NeoX's ``rotary_emb_base``
+    and ``rotary_pct``). The share of each head rotated is GPT-NeoX's (transformers' default 0.25) and Phi-3's
+    ``partial_rotary_factor`` (Phi-4-mini: 0.75); the other families rotate every feature. transformers
+    rotates ``int(head_dim * share)`` features. Scaling: :func:`hf_rope_scaling`."""
     params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
-    share = params.get("partial_rotary_factor") or data.get("partial_rotary_factor") or 1.0
-    head_dim = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
-    return int(head_dim * float(share))
-
-
-def _hf_neox_rotary(data: Mapping[str, Any], head_dim: int, where: str) -> dict[str, Any]:
-    """GPT-NeoX's rotary positions: the share of each head rotated (``partial_rotary_factor`` under
-    ``rope_parameters`` in transformers 5, ``rotary_pct`` before; transformers' default 0.25), the base
-    (``rope_theta``, ``rotary_emb_base`` before; 10000) and the scaling. transformers rotates
-    ``int(head_dim * share)`` features."""
-    params = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
-    share = params.get("partial_rotary_factor", data.get("partial_rotary_factor", data.get("rotary_pct", 0.25)))
     theta = params.get("rope_theta", data.get("rope_theta", data.get("rotary_emb_base", 10000.0)))
+    share = 1.0
+    if kind == "gpt_neox":
+        share = params.get("partial_rotary_factor", data.get("partial_rotary_factor", data.get("rotary_pct", 0.25)))
+    elif kind == "phi3":
+        share = params.get("partial_rotary_factor") or data.get("partial_rotary_factor") or 1.0
+    head_dim = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
     return {"rotary_dim": int(head_dim * float(share)), "rope_theta": theta,
             "rope_scaling": hf_rope_scaling(data, params, where)}
 
@@ -813,8 +799,8 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="swiglu", norm="rmsnorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)),
                 norm_eps=data.get("rms_norm_eps", 1e-6), moe=hf_moe(data, kind, where),
-                sliding_window=hf_sliding_window(data, kind), rotary_dim=_hf_partial_rotary(data, kind),
-                **_hf_biases(data, kind, where), **_hf_rope(data, where),
+                sliding_window=hf_sliding_window(data, kind),
+                **_hf_biases(data, kind, where), **_hf_rotary(data, kind, where),
             )
         if kind == "gpt2":
             hidden = data["n_embd"]
@@ -826,16 +812,14 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
                 bias=True, max_seq_len=data.get("n_positions", 0), norm_eps=data.get("layer_norm_epsilon", 1e-5),
             )
         if kind == "gpt_neox":
-            heads, hidden = data["num_attention_heads"], data["hidden_size"]
             refuse_partial_bias(data, kind, where)
             return ModelSpec(
-                name=name, layers=data["num_hidden_layers"], hidden=hidden, heads=heads,
-                ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"], mlp="gelu",
-                gelu=hf_gelu(str(data.get("hidden_act", "gelu")), "hidden_act", where), norm="layernorm",
+                name=name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
+                heads=data["num_attention_heads"], ffn_hidden=data["intermediate_size"], vocab=data["vocab_size"],
+                mlp="gelu", gelu=hf_gelu(str(data.get("hidden_act", "gelu")), "hidden_act", where), norm="layernorm",
                 position="rope", tied_embeddings=bool(data.get("tie_word_embeddings", False)), bias=True,
-                norm_eps=data.get("layer_norm_eps", 1e-5), parallel_residual=bool(data.get("use_parallel_residual",
-                                                                                            True)),
-                **_hf_neox_rotary(data, hidden // heads, where),
+                norm_eps=data.get("layer_norm_eps", 1e-5),
+                parallel_residual=bool(data.get("use_parallel_residual", True)), **_hf_rotary(data, kind, where),
             )
     except KeyError as exc:
         raise InputError(f"{where}: {exc.args[0]}", "missing from config.json", "give a complete Hugging Face config") from None
@@ -845,7 +829,7 @@ def from_hf_config(data: Mapping[str, Any], path: Path) -> ModelSpec:
 
 
 def load_model(source: str | None) -> ModelSpec:
-    """A preset name, a meshplan model YAML/JSON, or a Hugging Face ``config.json``."""
+    """A preset name, a meshplan model YAML/JSON, a Hugging Face ``config.json`` or the model directory holding it."""
     if source is None:
         return MODEL_PRESETS["llama3-8b"]
     if source in MODEL_PRESETS:
@@ -856,6 +840,11 @@ def load_model(source: str | None) -> ModelSpec:
         hint = f"did you mean {close[0]}? " if close else ""
         raise InputError("--model", f"{source!r} is neither a preset nor a file",
                          f"{hint}presets: {', '.join(MODEL_PRESETS)}")
+    if p.is_dir():      # a Hugging Face model directory: its config.json
+        if not (p / "config.json").is_file():
+            raise InputError("--model", f"{p} is a directory without a config.json",
+                             "give a Hugging Face model directory, its config.json, a model YAML or a preset")
+        p = p / "config.json"
     data = load_structured_file(p, "--model")
     if "model_type" in data or "num_hidden_layers" in data or "n_layer" in data:
         return from_hf_config(data, p)

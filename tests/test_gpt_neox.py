@@ -183,8 +183,14 @@ def test_plan_refuses_what_the_model_does_not_compute(tmp_path, changes, words):
     assert_one_line_error(result, 2, *words)
 
 
-def test_plan_of_a_neox_config_and_preset(tmp_path):
-    for model in (_config_file(tmp_path), "pythia-6.9b"):
+def test_plan_of_a_neox_model_directory_and_preset(tmp_path):
+    """``--model`` takes a Hugging Face model directory (its config.json); one without is refused in one line."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["plan", "--model", str(empty), "--cluster", "dgx-h100:1"])
+    assert_one_line_error(result, 2, "--model", "directory without a config.json")
+    _config_file(tmp_path)
+    for model in (str(tmp_path), "pythia-6.9b"):
         out = tmp_path / "plan.yaml"
         result = CliRunner().invoke(app, ["plan", "--model", model, "--cluster", "dgx-h100:1", "--global-batch",
                                           "64", "--seq-len", "2048", "--top", "1", "--out", str(out)])

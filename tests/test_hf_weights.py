@@ -325,12 +325,12 @@ def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
 # every layout (one torchrun job of 4 ranks)
 # ----------------------------------------------------------------------------------------------
 
+# Each layout is here for a way of reading or writing weights (a shard kind, a fused tensor, a family);
+# context parallelism holds the weights whole and is here once, with the partial rotary positions it splits.
 LAYOUTS = {
-    "dp2-tp2": ("llama", dict(dp=2, tp=2)),
     "tp2-pp2": ("llama", dict(tp=2, pp=2)),
     "dp2-pp2-vocab-parallel": ("llama", dict(dp=2, pp=2, vocab_parallel=True)),
     "dp4-zero3": ("llama", dict(dp=4, zero=3)),
-    "dp2-cp2": ("llama", dict(dp=2, cp=2)),
     "tp4-replicated-kv": ("llama", dict(tp=4)),
     "gpt2-tied-tp2-pp2": ("gpt2", dict(tp=2, pp=2)),
     "mixtral-dp2-tp2-ep2": ("mixtral", dict(dp=2, tp=2, ep=2)),
