@@ -11,6 +11,8 @@
 #                  -> OUT_DIR/titan.json, titan.log
 #   3. kernels     eager / torch.compile / meshplan's Triton / liger-kernel, forward + backward, at Llama 3 8B
 #                  and 70B widths (benchmarks/bench_kernels_gpu.py) -> OUT_DIR/kernels-8b.json, kernels-70b.json
+#   4. moe         an MoE MLP's routed experts, grouped GEMMs against one GEMM per expert, next to the planner's
+#                  price (benchmarks/bench_moe_gpu.py: Mixtral 8x7B, Qwen3-30B-A3B) -> OUT_DIR/moe.json
 #   then benchmarks/gpu_suite_report.py: OUT_DIR/suite.json (the results page's format) and suite.md.
 #
 # Packages the GPU machine lacks travel as wheels: `bash benchmarks/gpu_suite_wheels.sh .whl` where pip reaches
@@ -59,5 +61,9 @@ for shapes in 8b 70b; do
         --json "$out/kernels-$shapes.json" >"$out/kernels-$shapes.log" 2>&1
     echo "kernels $shapes: exit $? after $(( $(date +%s) - begin ))s" | tee -a "$out/kernels-$shapes.log"
 done
+
+begin=$(date +%s)
+timeout 90 $py "$repo"/benchmarks/bench_moe_gpu.py --json "$out/moe.json" >"$out/moe.log" 2>&1
+echo "moe experts: exit $? after $(( $(date +%s) - begin ))s" | tee -a "$out/moe.log"
 
 $py "$repo"/benchmarks/gpu_suite_report.py "$out" | tee "$out/suite.md"

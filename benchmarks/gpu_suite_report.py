@@ -1,4 +1,4 @@
-"""The GPU suite's tables (benchmarks/gpu_suite.sh): measured against predicted, torchtitan, kernels.
+"""The GPU suite's tables (benchmarks/gpu_suite.sh): measured against predicted, torchtitan, kernels, MoE experts.
 
     python benchmarks/gpu_suite_report.py OUT_DIR                 # prints Markdown, writes OUT_DIR/suite.json
     python benchmarks/gpu_suite_report.py OUT_DIR --json benchmarks/results/gpu_suite_h100.json
@@ -105,6 +105,21 @@ def kernel_table(path: Path) -> dict | None:
                                             "peak MiB", "max err"], "rows": rows}
 
 
+def moe_table(path: Path) -> dict | None:
+    """benchmarks/bench_moe_gpu.py's rows: measured against planned milliseconds of the experts' GEMMs."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    rows = [[r["model"], r["impl"], r["rows"], f"{r['fwd_ms']:.3f}", f"{r['predicted_fwd_ms']:.3f}",
+             f"{r['predicted_fwd_ms'] / r['fwd_ms'] - 1:+.0%}", f"{r['fwd_bwd_ms']:.3f}",
+             f"{3 * r['predicted_fwd_ms']:.3f}", f"{r['tflops']:.0f}", f"{r['max_error']:.1e}"]
+            for r in data["rows"]]
+    return {"caption": f"MoE routed experts, {data['tokens']} tokens, {data['dtype']}, every expert on this device; "
+                       f"planned at {data['cluster']}'s rates (backward twice the forward)",
+            "headers": ["model", "impl", "rows", "fwd ms", "planned fwd ms", "planned vs measured",
+                        "fwd+bwd ms", "planned fwd+bwd ms", "TFLOP/s", "max err"], "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -117,6 +132,7 @@ def main() -> int:
     titan = json.loads(titan_path.read_text()) if titan_path.exists() else None
     tables = [launch_table(measured, pred, titan)]
     tables += [t for t in (kernel_table(args.out / f"kernels-{s}.json") for s in ("8b", "70b")) if t]
+    tables += [t for t in (moe_table(args.out / "moe.json"),) if t]
     device = (args.out / "device.txt").read_text().strip().replace("\n", ", ") if (args.out / "device.txt").exists() \
         else "unknown"
     notes = [f"plan: {choice}", *targets(measured, pred, titan)]
