@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshplan.plan import Plan, StagePlan
-from meshplan.spec import MODEL_PRESETS, ModelSpec, TrainSpec, load_cluster
+from meshplan.spec import MODEL_PRESETS, ModelSpec, TrainSpec, YarnScaling, load_cluster, yarn_attention_factor
 
 # 4 blocks, hidden 64, 8 query heads over 4 key/value heads (GQA that splits over tp=4), seq 32.
 TINY_LLAMA = ModelSpec(name="tiny-llama-gqa", layers=4, hidden=64, heads=8, kv_heads=4, ffn_hidden=128, vocab=256)
@@ -31,6 +31,12 @@ TINY_LLAMA_2L = ModelSpec(name="tiny-llama-gqa-2l", layers=2, hidden=64, heads=8
 TINY_QWEN3 = ModelSpec(name="tiny-qwen3", layers=2, hidden=64, heads=8, kv_heads=2, head_dim=16, qk_norm=True,
                        ffn_hidden=128, vocab=256)
 TINY_GPT = MODEL_PRESETS["tiny-gpt"]   # LayerNorm, learned positions, GELU, biases, tied embeddings
+# GPT-NeoX-shaped: attention and MLP side by side, the erf GELU, a quarter of each 16-wide head rotated with
+# YaRN's frequencies over 4 x an original context of 8 (the sequences are 32 long)
+TINY_NEOX = ModelSpec(name="tiny-neox", layers=4, hidden=64, heads=4, ffn_hidden=128, vocab=256, mlp="gelu",
+                      gelu="exact", norm="layernorm", position="rope", bias=True, rotary_dim=4,
+                      parallel_residual=True, rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=8,
+                                                                       attention_factor=yarn_attention_factor(4.0)))
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 32, 4
 # The Triton kernels a plan may run fused (the loss stays the reference: its chunked kernel has its own tests).
 TRITON_KERNELS = {"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "reference"}
@@ -190,6 +196,8 @@ PARITY_LAYOUTS = {
     # GPT family (LayerNorm, learned positions, GELU, biases), tied embeddings over two uneven GPipe stages
     "gpt-tied-tp2-pp2-gpipe-uneven": dict(model=TINY_GPT, tp=2, pp=2, schedule="gpipe", bounds=[0, 1, 4],
                                           recompute="selective"),
+    # the parallel block's norms under sequence parallel, partial YaRN rotary on the ring's zig-zag chunks
+    "neox-tp2-cp2-ring": dict(model=TINY_NEOX, tp=2, cp=2, cp_kind="ring"),
 }
 
 

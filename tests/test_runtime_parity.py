@@ -40,7 +40,7 @@ def test_baseline_learns(llama_baseline):
     assert llama_baseline[-1] < llama_baseline[0] - 0.05
 
 
-# The Llama-shaped layouts (the GPT one has its own test below); a layout names its model or trains TINY_LLAMA.
+# The layouts but the GPT one (which has its own test below); a layout names its model or trains TINY_LLAMA.
 LLAMA_PLANS = {name: kw for name, kw in PARITY_LAYOUTS.items() if kw.get("model", TINY_LLAMA) is not TINY_GPT}
 
 
