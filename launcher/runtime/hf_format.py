@@ -539,8 +539,8 @@ def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> d
 
 def window_config(spec: ModelSpec, family: str) -> dict[str, Any]:
     """The attention window of an export's ``config.json`` (``spec.sliding_window``, read back by
-    meshplan.spec.hf_sliding_window): Mistral's and Mixtral's ``sliding_window``; the Qwen families' switched
-    on in every block."""
+    meshplan.spec.hf_sliding_window): the ``sliding_window`` of Mistral, Mixtral and Phi-3; the Qwen families'
+    switched on in every block."""
     window = spec.sliding_window or None
     if family in SLIDING_WINDOW_TYPES:
         return {"sliding_window": window}
