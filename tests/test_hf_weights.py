@@ -328,10 +328,8 @@ def test_bad_checkpoints_are_refused_in_one_line(checkpoints, tmp_path):
 # Each layout is here for a way of reading or writing weights (a shard kind, a fused tensor, a family);
 # context parallelism holds the weights whole and is here once, with the partial rotary positions it splits.
 LAYOUTS = {
-    "tp2-pp2": ("llama", dict(tp=2, pp=2)),
     "dp2-pp2-vocab-parallel": ("llama", dict(dp=2, pp=2, vocab_parallel=True)),
     "dp4-zero3": ("llama", dict(dp=4, zero=3)),
-    "tp4-replicated-kv": ("llama", dict(tp=4)),
     "gpt2-tied-tp2-pp2": ("gpt2", dict(tp=2, pp=2)),
     "mixtral-dp2-tp2-ep2": ("mixtral", dict(dp=2, tp=2, ep=2)),
     "qwen2-moe-dp2-pp2-ep2-zero3": ("qwen2_moe", dict(dp=2, pp=2, ep=2, zero=3)),
@@ -425,13 +423,13 @@ def test_init_from_and_save_hf_in_every_layout(layout_runs, name):
 
 @pytest.mark.slow
 def test_export_hf_command_converts_a_run_checkpoint(layout_runs, tmp_path):
-    """``meshplan export-hf`` on a --checkpoint-dir of the tp 4 run (key/value heads held twice): the same
+    """``meshplan export-hf`` on a --checkpoint-dir of the Qwen3 tp 4 run (key/value heads held twice): the same
     weights as --save-hf wrote, in bf16 when asked; an existing --out needs --overwrite."""
     import subprocess
     import sys
 
     root, _ = layout_runs
-    run = root / "tp4-replicated-kv"
+    run = root / "qwen3-tp4-replicated-kv"
     command = [sys.executable, "-m", "meshplan.cli", "export-hf", str(run / "ckpt"), "--plan", str(run / "plan.yaml"),
                "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
     proc = subprocess.run(command, capture_output=True, text=True)

@@ -1,7 +1,6 @@
 """Done-when 2 in CI: two "nodes" as network namespaces joined by a tc-throttled veth pair; the profile sees the
 slow inter-node level and the plan keeps tensor parallel inside a node. Needs root, `ip` and `tc`; skipped
-elsewhere. About half a minute (two 2-rank profiles with a 15 s budget), hence ``slow``. It runs beside other
-tests (not ``alone``): it compares a 100 Mbit/s link with loopback, a gap no load on this machine closes."""
+elsewhere. About half a minute (two 2-rank profiles with a 15 s budget), hence ``slow``."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ spec.loader.exec_module(netns)
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_slow_link_is_seen_and_avoided(tmp_path):
     why = netns.netns_available()
     if why:
