@@ -245,7 +245,7 @@ def _megatron_rope(m, args: list[str], warnings: list[str] | None) -> None:
     Llama 3 scaling (``--use-rope-scaling``)."""
     _opt(args, "--rotary-base", int(m.rope_theta))
     if m.rotary_dim:                # RotaryEmbedding rotates int(kv_channels * rotary_percent) features
-        _opt(args, "--rotary-percent", m.rotary_dim / m.head_dim)
+        _opt(args, "--rotary-percent", m.rotary_share)
     if m.rope_theta != int(m.rope_theta):
         warn(warnings, f"megatron: rope_theta {m.rope_theta:g} is not an integer; exported --rotary-base "
                        f"{int(m.rope_theta)}")

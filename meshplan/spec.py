@@ -284,6 +284,15 @@ class ModelSpec:
         return self.rotary_dim or self.head_dim
 
     @property
+    def rotary_share(self) -> float:
+        """The rotated share of each head as the factor that ``int(head_dim * share)`` (transformers'
+        ``partial_rotary_factor``, Megatron-LM's ``--rotary-percent``) turns back into :attr:`rotary_width`."""
+        share = self.rotary_width / self.head_dim
+        if int(self.head_dim * share) != self.rotary_width:
+            share = (self.rotary_width + 0.5) / self.head_dim
+        return share
+
+    @property
     def q_width(self) -> int:
         """The width of all query heads together, ``heads * head_dim`` (the attention output's too); equals
         ``hidden`` unless ``head_dim`` says otherwise."""

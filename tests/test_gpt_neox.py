@@ -81,6 +81,19 @@ def test_defaults_keep_model_files_as_they_were():
     assert ModelSpec.from_dict(PYTHIA.to_dict()) == PYTHIA
 
 
+@pytest.mark.parametrize("head_dim,rotary", [(64, 16), (44, 30), (46, 26)])
+def test_rotary_share_turns_back_into_the_rotated_width(head_dim, rotary):
+    """transformers' ``int(head_dim * partial_rotary_factor)`` and Megatron-LM's ``int(kv_channels *
+    rotary_percent)`` give back the rotated width from the share the exports write (30 / 44 times 44 is
+    29.999... in floating point)."""
+    spec = ModelSpec(name="x", layers=1, hidden=4 * head_dim, heads=4, vocab=8, rotary_dim=rotary)
+    written = hf_format.hf_config(spec, "float32", 64)["rope_parameters"]["partial_rotary_factor"]   # Phi-3's
+    exported = megatron_parser().parse_args(to_megatron_args(flat_plan(model=dataclasses.replace(
+        spec, layers=32)))).rotary_percent
+    assert int(head_dim * spec.rotary_share) == int(head_dim * written) == int(head_dim * exported) == rotary
+    assert dataclasses.replace(spec, rotary_dim=0).rotary_share == 1.0
+
+
 def test_partial_rotary_rotates_the_leading_features_only():
     q, k = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16)
     cos, sin = rotary_tables(torch.arange(8), 4)

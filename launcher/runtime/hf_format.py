@@ -492,7 +492,7 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
     if family == "phi3":
-        rope["partial_rotary_factor"] = rotary_share(spec)
+        rope["partial_rotary_factor"] = spec.rotary_share
         # Phi3Config's token ids default to Phi-3's vocabulary (32000), an embedding row a smaller one lacks
         config.update(original_max_position_embeddings=max_positions, rope_scaling=None, pad_token_id=None,
                       bos_token_id=None, eos_token_id=None)
@@ -513,20 +513,11 @@ def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
                                                 "original_max_position_embeddings")}}
 
 
-def rotary_share(spec: ModelSpec) -> float:
-    """The ``partial_rotary_factor`` that transformers' ``int(head_dim * share)`` turns back into
-    ``spec.rotary_width``."""
-    share = spec.rotary_width / spec.head_dim
-    if int(spec.head_dim * share) != spec.rotary_width:
-        share = (spec.rotary_width + 0.5) / spec.head_dim
-    return share
-
-
 def neox_config(spec: ModelSpec, dtype: str, max_positions: int, gelu: str) -> dict[str, Any]:
     """GPT-NeoX's ``config.json`` for ``spec``, with the rotary share and base under both transformers 5's names
     (``rope_parameters``) and transformers 4's (``rotary_pct``, ``rotary_emb_base``); the share:
-    :func:`rotary_share`."""
-    share = rotary_share(spec)
+    ``ModelSpec.rotary_share``."""
+    share = spec.rotary_share
     return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": spec.hidden,
             "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
             "intermediate_size": spec.ffn_hidden, "vocab_size": spec.vocab, "hidden_act": gelu,
