@@ -492,15 +492,20 @@ def hf_config(spec: ModelSpec, dtype: str, max_positions: int) -> dict[str, Any]
               "rope_scaling": None if spec.rope_scaling is None else dict(rope), "rope_parameters": rope,
               "attention_dropout": 0.0, "torch_dtype": dtype}
     if family == "phi3":
-        rope["partial_rotary_factor"] = spec.rotary_share
         # Phi3Config's token ids default to Phi-3's vocabulary (32000), an embedding row a smaller one lacks
-        config.update(original_max_position_embeddings=max_positions, rope_scaling=None, pad_token_id=None,
-                      bos_token_id=None, eos_token_id=None)
+        config.update(original_max_position_embeddings=max_positions, pad_token_id=None, bos_token_id=None,
+                      eos_token_id=None)
     return {**config, **window_config(spec, family), **moe_config(spec, family)}
 
 
 def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
-    """The ``rope_parameters`` of an export's ``config.json``: the base, and Llama 3's or YaRN's scaling."""
+    """The ``rope_parameters`` of an export's ``config.json``: the base, the rotated share where rotary covers
+    part of each head (``partial_rotary_factor``: ModelSpec.rotary_share), and Llama 3's or YaRN's scaling."""
+    share = {"partial_rotary_factor": spec.rotary_share} if spec.rotary_dim else {}
+    return {**_rope_scaling_parameters(spec), **share}
+
+
+def _rope_scaling_parameters(spec: ModelSpec) -> dict[str, Any]:
     scaling = spec.rope_scaling
     if scaling is None:
         return {"rope_type": "default", "rope_theta": spec.rope_theta}
