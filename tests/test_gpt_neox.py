@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +20,16 @@ from typer.testing import CliRunner
 from meshplan.cli import app
 from meshplan.errors import InputError
 from meshplan.export import to_megatron_args
-from meshplan.launcher.check import check_rank
 from meshplan.launcher.runtime import hf_format
 from meshplan.launcher.runtime.model import apply_rotary, count_parameters, rotary_tables
-from meshplan.plan import Plan, StagePlan
+from meshplan.plan import Plan
 from meshplan.planner import memory
-from meshplan.spec import MODEL_PRESETS, ModelSpec, TrainSpec, from_hf_config, load_cluster
+from meshplan.spec import MODEL_PRESETS, ModelSpec, from_hf_config
 from test_cli_plan import assert_one_line_error
 from test_export import flat_plan, megatron_parser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from neox_block_bytes import measured_block_bytes  # noqa: E402  (the benchmark's one-block measurement)
 
 # Total parameters, embedding and head included: Biderman et al. 2023 (Pythia), table 1 and the model cards;
 # Black et al. 2022 (GPT-NeoX-20B), table 1.
@@ -45,8 +49,7 @@ def test_presets_have_the_published_parameter_counts_and_transformers_shapes(nam
     assert from_hf_config(hf_format.hf_config(spec, "float32", 2048), _path(name)) == dataclasses.replace(spec)
 
 
-def _path(name: str):
-    from pathlib import Path
+def _path(name: str) -> Path:
     return Path(name) / "config.json"
 
 
@@ -119,23 +122,14 @@ def test_fused_partial_rotary_equals_the_reference(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def _one_block_plan(spec: ModelSpec, tp: int, mode: str, layers: int) -> Plan:
-    spec = dataclasses.replace(spec, layers=layers)
-    return Plan(dp=2, tp=tp, pp=1, cp=1, micro_batch=1, num_microbatches=1,
-                stages=(StagePlan((0, layers), {mode: layers}),), model=spec, cluster=load_cluster("dgx-h100:1"),
-                train=TrainSpec(2, 4096, precision="bf16"), sequence_parallel=tp > 1, zero=3,
-                kernels={"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "reference"})
-
-
 @pytest.mark.parametrize("parallel,tp", [(True, 1), (True, 2), (False, 1)])
 def test_check_measures_what_the_planner_keeps_per_block(parallel, tp):
-    """One Pythia-1B block at seq 4096 in bf16 (two blocks minus one): the parallel block keeps the block
-    input once for both LayerNorms, one ``s x b x h`` (/ tp under SP) less than the sequential one."""
+    """One Pythia-1B block at seq 4096 in bf16 (two blocks minus one; benchmarks/neox_block_bytes.py prints
+    every recompute mode): the parallel block keeps the block input once for both LayerNorms, one ``s x b x h`` (/ tp under SP) less than the sequential one."""
     spec = dataclasses.replace(PYTHIA, parallel_residual=parallel)
-    one = check_rank(_one_block_plan(spec, tp, "none", 1), 0).activations_per_microbatch[0]
-    two = check_rank(_one_block_plan(spec, tp, "none", 2), 0).activations_per_microbatch[0]
+    measured = measured_block_bytes(spec, tp, "none", 4096)
     predicted = memory.activation_bytes_per_layer(spec, 4096, 1, tp=tp, sp=tp > 1, act_bytes=2, fused_norm=True)
-    assert abs(predicted - (two - one)) <= 0.01 * (two - one), (predicted / 2**20, (two - one) / 2**20)
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted / 2**20, measured / 2**20)
     sequential = memory.activation_bytes_per_layer(dataclasses.replace(spec, parallel_residual=False), 4096, 1,
                                                    tp=tp, sp=tp > 1, act_bytes=2, fused_norm=True)
     assert sequential - predicted == (2 * 4096 * PYTHIA.hidden / tp if parallel else 0)
