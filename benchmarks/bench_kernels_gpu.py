@@ -9,8 +9,8 @@ on one GPU.
 
 For each kernel and each of ``eager`` (the reference), ``compile`` (``torch.compile`` of the reference),
 ``fused`` (meshplan's Triton kernel) and ``liger`` (liger-kernel's RMSNorm, SiLU-mul, RoPE and fused linear
-cross-entropy, where ``liger_kernel`` imports; its RoPE takes q/k as [B, H, S, D] and full-width cos/sin, so it
-gets transposed views and the tables widened) it measures the median time of the forward and of forward + backward, the peak
+cross-entropy where ``liger_kernel`` imports, called as a plan's ``kernels: {op: liger}`` calls them, through
+``launcher/runtime/kernels/liger.py``) it measures the median time of the forward and of forward + backward, the peak
 memory above the inputs (``torch.cuda.max_memory_allocated``), and for the memory-bound kernels (RMSNorm, SwiGLU,
 rotary) the achieved bandwidth: the minimum bytes the op must move (read inputs once, write outputs once, see
 ``min_bytes``) over the time, next to the device's copy bandwidth measured here (a large device-to-device
@@ -99,14 +99,11 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
 SHAPES = {"llama3-8b": (4096, 14336, 32, 8, 128, 128256), "llama3-70b": (8192, 28672, 64, 8, 128, 128256)}
 
 
-def liger_variants():
-    """liger-kernel's functions for the four kernels, or None where it does not import (it is not a dependency:
-    the GPU suite carries its wheel)."""
-    try:
-        from liger_kernel.transformers import functional as lf
-    except Exception:      # ImportError, or a build that does not load here
-        return None
-    return lf
+def liger_imports() -> bool:
+    """Whether liger-kernel imports here (it is the ``gpu`` extra; the GPU suite carries its wheel)."""
+    from meshplan.launcher.runtime.kernels import liger
+
+    return liger.import_error() is None
 
 
 def main() -> None:
@@ -151,8 +148,7 @@ def main() -> None:
     hidden, w_head = rand(t, h), rand(v, h, scale=h ** -0.5)
     targets = torch.randint(0, v, (t,), generator=gen).to(device)
 
-    liger = liger_variants() if device == "cuda" else None
-    cos_full, sin_full = (torch.cat((c, c), -1)[None] for c in (cos, sin))    # liger: [1, S, D], rotate-half
+    liger = device == "cuda" and liger_imports()
     compiled = {} if args.no_compile else {
         "norm": torch.compile(rms_norm_reference), "swiglu": torch.compile(swiglu_reference),
         "rope": torch.compile(rotary_reference), "loss": torch.compile(linear_cross_entropy_reference)}
@@ -178,13 +174,12 @@ def main() -> None:
                    "fused": lambda: linear_cross_entropy(hidden, w_head, targets, impl="fused")}
             if compiled:
                 out["compile"] = lambda: compiled["loss"](hidden, w_head, targets)
-        if liger is not None:
+        if liger:   # through the runtime's adapters (kernels/liger.py), so the table checks what a plan runs
             out["liger"] = {
-                "norm": lambda: liger.liger_rms_norm(x, w_norm, 1e-6, in_place=False),
-                "swiglu": lambda: liger.liger_swiglu(gate, up),
-                "rope": lambda: tuple(t.transpose(1, 2) for t in liger.liger_rope(
-                    (q_in * 1).transpose(1, 2), (k_in * 1).transpose(1, 2), cos_full, sin_full)),
-                "loss": lambda: liger.liger_fused_linear_cross_entropy(hidden, w_head, targets),
+                "norm": lambda: rms_norm(x, w_norm, impl="liger"),
+                "swiglu": lambda: swiglu(gate, up, impl="liger"),
+                "rope": lambda: apply_rotary(q_in * 1, k_in * 1, cos, sin, impl="liger"),
+                "loss": lambda: linear_cross_entropy(hidden, w_head, targets, impl="liger"),
             }[kernel]
         return out
 

@@ -30,7 +30,19 @@ RUNTIME_PRECISIONS = {"gpu": ("bf16", "fp32"), "cpu": ("fp32",)}
 # The kernels a CPU rank runs fused: the chunked loss (train.make_loss_fn); the Triton norm, SwiGLU and RoPE
 # run on GPUs, or on CPU ranks under Triton's interpreter (``TRITON_INTERPRET=1``, a testing mode: slow but the
 # same kernel code), train._set_kernels.
-CPU_FUSED_KERNELS = ("loss",)
+# liger-kernel's (the ``liger`` choice) are all Triton.
+CPU_FUSED_KERNELS = {"fused": ("loss",), "liger": ()}
+
+
+def check_liger_loss(plan: Plan) -> None:
+    """liger-kernel's linear cross-entropy computes a whole head: refused where the head's rows are split over
+    tensor ranks or the vocabulary over pipeline ranks (meshplan's chunked loss is vocabulary-parallel)."""
+    if plan.kernels.get("loss") != "liger":
+        return
+    if plan.tp > 1 or (plan.vocab_parallel and plan.pp > 1):
+        where = f"tp={plan.tp}" if plan.tp > 1 else f"the vocabulary split over pp={plan.pp} pipeline ranks"
+        raise InputError("plan.kernels.loss", f"liger-kernel's fused linear cross-entropy has no vocabulary-"
+                         f"parallel form, and this plan shards the head ({where})", "set kernels.loss: fused")
 
 
 def token_file_dtype(dtype: str | None, vocab: int, path=None) -> str:
@@ -151,10 +163,11 @@ def check_runtime_values(plan: Plan) -> None:
                          f"not {plan.train.precision}", f"re-plan with --precision {RUNTIME_PRECISIONS[kind][0]}")
     if kind == "cpu":
         for name, impl in plan.kernels.items():
-            if impl == "fused" and name not in CPU_FUSED_KERNELS and not triton_interprets():
-                raise InputError(f"plan.kernels.{name}", "the fused kernel runs on GPU ranks (or on CPU ranks "
+            if impl in ("fused", "liger") and name not in CPU_FUSED_KERNELS[impl] and not triton_interprets():
+                raise InputError(f"plan.kernels.{name}", f"the {impl} kernel runs on GPU ranks (or on CPU ranks "
                                  "under TRITON_INTERPRET=1, for testing)",
                                  f"set kernels.{name}: reference, or re-plan without --fix fused_kernels=true")
+    check_liger_loss(plan)
     if plan.tp_overlap and kind == "cpu":
         raise InputError("plan.tp_overlap", "async tensor parallel runs on CUDA ranks only (symmetric memory and "
                          "Inductor's micro-pipelined TP)", "set tp_overlap: false")
@@ -186,3 +199,17 @@ def check_local(plan: Plan, nproc: int) -> None:
     if want == "gpu" and nproc > torch.cuda.device_count():
         raise InputError("plan: dp*tp*pp*cp", f"{nproc} ranks per node but this node has "
                          f"{torch.cuda.device_count()} GPUs", "pass --nnodes, or re-plan for this node (--replan)")
+    check_liger_installed(plan)
+
+
+def check_liger_installed(plan: Plan) -> None:
+    """A plan that names liger-kernel's kernels launches only where liger-kernel imports (``meshplan check``
+    does not need it: it runs shapes only)."""
+    if "liger" not in plan.kernels.values():
+        return
+    from meshplan.launcher.runtime.kernels import liger
+
+    why = liger.import_error()
+    if why is not None:
+        named = ", ".join(f"kernels.{k}" for k, v in plan.kernels.items() if v == "liger")
+        raise InputError(f"plan.{named}", f"liger-kernel does not import here ({why})", liger.INSTALL_HINT)

@@ -37,7 +37,7 @@ from typing import Any
 
 from meshplan.engines import get_engine
 from meshplan.errors import InputError
-from meshplan.plan import DEFAULT_MESH_ORDER, Plan
+from meshplan.plan import DEFAULT_MESH_ORDER, FUSED_IMPLS, Plan
 from meshplan.spec import YarnScaling
 
 TARGETS = ("megatron", "torchtitan", "torchtitan-toml", "deepspeed", "json")
@@ -366,9 +366,9 @@ def _megatron_kernels(plan: Plan, args: list[str], warnings: list[str] | None) -
             warn(warnings, "megatron: --tp-comm-overlap needs --sequence-parallel; Megatron-LM refuses it without")
         args.append("--tp-comm-overlap")
     kernels = plan.kernels
-    if kernels.get("loss") == "fused":
+    if kernels.get("loss") in FUSED_IMPLS:
         args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
-    if kernels.get("swiglu") != "fused" and plan.model.mlp == "swiglu":
+    if kernels.get("swiglu") not in FUSED_IMPLS and plan.model.mlp == "swiglu":
         args.append("--no-bias-swiglu-fusion")
     if kernels.get("rope") != "fused" and plan.model.position == "rope":
         args.append("--no-rope-fusion")

@@ -22,7 +22,7 @@ from typing import Any
 
 from meshplan.errors import InputError
 from meshplan.export import describe_recompute, mesh_is_default, recompute_counts, recompute_kind, schedule_name, warn
-from meshplan.plan import Plan
+from meshplan.plan import FUSED_IMPLS, Plan
 from meshplan.spec import MODEL_PRESETS, ModelSpec
 
 TORCHTITAN_VERSION = "0.3.0"
@@ -218,7 +218,7 @@ def _titan_compile(plan: Plan, warnings: list[str] | None) -> list[str]:
         warn(warnings, "torchtitan: async tensor parallel needs compile (CompileConfig refuses it without); "
                        "exported without async TP")
         async_tp = False
-    kernels = sorted(k for k, v in plan.kernels.items() if v == "fused")
+    kernels = sorted(k for k, v in plan.kernels.items() if v in FUSED_IMPLS)
     if kernels:
         warn(warnings, f"torchtitan: fused kernels {kernels} are not torchtitan options; it fuses through "
                        "torch.compile")
@@ -379,7 +379,7 @@ def _toml_ac(plan: Plan, warnings: list[str] | None) -> dict[str, Any]:
 
 
 def _toml_compile(plan: Plan, warnings: list[str] | None) -> dict[str, Any]:
-    kernels = sorted(k for k, v in plan.kernels.items() if v == "fused")
+    kernels = sorted(k for k, v in plan.kernels.items() if v in FUSED_IMPLS)
     if kernels:
         warn(warnings, f"torchtitan: fused kernels {kernels} are not job-config options; torchtitan fuses "
                        "through torch.compile")

@@ -36,7 +36,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 CP_KINDS = ("ulysses", "ring")
 ATTENTIONS = ("flash", "unfused")
 KERNEL_NAMES = ("norm", "swiglu", "rope", "loss")
-KERNEL_IMPLS = ("fused", "reference")
+# fused: meshplan's Triton kernels (the chunked loss); liger: liger-kernel's (the gpu extra); reference: eager
+KERNEL_IMPLS = ("fused", "liger", "reference")
+FUSED_IMPLS = ("fused", "liger")   # the choices priced as fused kernels (planner/compute.py pass counts)
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 DEFAULT_MESH_ORDER = ("pp", "dp", "cp", "tp")   # outermost first: tp innermost (NVLink), pp outermost
 
@@ -331,7 +333,7 @@ class Plan:
         schedule under a pipeline, the context-parallel kind with cp > 1."""
         fields: dict[str, Any] = {"zero": self.zero, "vocab_parallel": self.vocab_parallel,
                                   "tp_overlap": self.tp_overlap, "compile": self.compile,
-                                  "fused_kernels": any(v == "fused" for v in self.kernels.values()),
+                                  "fused_kernels": any(v in FUSED_IMPLS for v in self.kernels.values()),
                                   "precision": self.train.precision, "attention": self.attention}
         if self.tp > 1:
             fields["sequence_parallel"] = self.sequence_parallel
@@ -473,7 +475,7 @@ def _kernels_from(data: Any, where: str) -> dict[str, str]:
     if data is None:
         return kernels
     if not isinstance(data, Mapping):
-        raise InputError(where, "expected a mapping kernel -> fused|reference", "write e.g. kernels: {loss: fused}")
+        raise InputError(where, f"expected a mapping kernel -> {'|'.join(KERNEL_IMPLS)}", "write e.g. kernels: {loss: fused}")
     for name, impl in data.items():
         if name not in KERNEL_NAMES:
             raise InputError(f"{where}.{name}", "unknown kernel", f"known kernels: {', '.join(KERNEL_NAMES)}")

@@ -34,9 +34,17 @@ def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
     the planner's memory and time terms (``planner/memory.py``, ``planner/vocab.py``) count it."""
     if tokens <= 0:
         return 1
-    factor = max(1, math.ceil(vocab_local / max(hidden, 1)))
+    return int(min(tokens, max(liger_loss_chunk_tokens(tokens, hidden, vocab_local), MIN_LOSS_CHUNK_TOKENS)))
+
+
+def liger_loss_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk of liger-kernel's fused linear cross-entropy, at most T: ``next_pow2(ceil(T / ceil(V /
+    h)))`` (``liger_kernel/ops/fused_linear_cross_entropy.py`` at its default ``chunk_mem_const = 1``)."""
+    if tokens <= 0:
+        return 1
+    factor = max(1, math.ceil(vocab / max(hidden, 1)))
     chunk = max(1, math.ceil(tokens / factor))
-    return int(min(tokens, max(1 << (chunk - 1).bit_length(), MIN_LOSS_CHUNK_TOKENS)))
+    return int(min(tokens, 1 << (chunk - 1).bit_length()))
 
 
 def grouped_expert_gemms(compute_bytes: int, hidden: int, expert_width: int) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from meshplan.engines import get_engine
 from meshplan.errors import InputError
-from meshplan.plan import Plan
+from meshplan.plan import FUSED_IMPLS, Plan
 from meshplan.planner.evaluate import Config, Context, Evaluation, evaluate
 
 
@@ -18,7 +18,7 @@ def config_of(plan: Plan) -> Config:
     return Config(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, micro_batch=plan.micro_batch,
                   schedule=plan.schedule, virtual_stages=plan.virtual_stages, zero=plan.zero,
                   vocab_parallel=plan.vocab_parallel, cp_kind=plan.cp_kind, tp_overlap=plan.tp_overlap,
-                  compile=plan.compile, fused_kernels=plan.kernels.get("norm") == "fused",
+                  compile=plan.compile, fused_kernels=plan.kernels.get("norm") in FUSED_IMPLS,
                   mesh_order=tuple(plan.mesh_order), sequence_parallel=plan.sequence_parallel or plan.tp == 1,
                   attention=plan.attention, ep=plan.ep, expert_tp=plan.expert_tp,
                   moe_imbalance=plan.moe_imbalance or None)

@@ -2,7 +2,7 @@
 
 A module-level import runs whenever the module is imported, so it must be a core dependency (what a plain
 ``pip install meshplan`` brings). An import inside a function may name an optional extra's package (``report``:
-matplotlib; ``gpu``: triton), because the code that needs it runs only where the extra is installed. A module
+matplotlib; ``gpu``: triton, liger-kernel), because the code that needs it runs only where the extra is installed. A module
 that exists only for an extra (the Triton kernel bodies) may import that extra at module level; it is listed
 below with its extra. The built wheel is checked end to end in a fresh virtual environment by
 ``scripts/check_wheel.sh`` (CI).
@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("meshplan", "planner", "profiler", "launcher", "templates")
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml"}
+DISTRIBUTION = {"yaml": "pyyaml", "liger_kernel": "liger-kernel"}
 # modules imported only where an extra is installed, with that extra
 EXTRA_MODULES = {"launcher/runtime/kernels/triton_kernels.py": "gpu"}
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshplan.plan import FUSED_IMPLS
 from meshplan.spec import ModelSpec, RopeScaling, YarnScaling
 
 try:  # the fused kernels live in their own package; the reference ops below are the fallback
@@ -45,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on which helper landed first
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "reference") -> torch.Tensor:
     """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * weight``, computed in fp32."""
-    if impl == "fused" and _kernels is not None:
+    if impl in FUSED_IMPLS and _kernels is not None:
         return _kernels.rms_norm(x, weight, eps, impl)
     x32 = x.float()         # one fp32 copy, kept for backward by pow and mul (the planner counts 4 + b bytes)
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
@@ -53,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "ref
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
     """SwiGLU activation (Shazeer 2020): ``silu(gate) * up``."""
-    if impl == "fused" and _kernels is not None:
+    if impl in FUSED_IMPLS and _kernels is not None:
         return _kernels.swiglu(gate, up, impl)
     return F.silu(gate) * up
 
@@ -70,7 +71,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if rotary < q.shape[-1]:
         q_rot, k_rot = apply_rotary(q[..., :rotary].contiguous(), k[..., :rotary].contiguous(), cos, sin, impl)
         return torch.cat((q_rot, q[..., rotary:]), -1), torch.cat((k_rot, k[..., rotary:]), -1)
-    if impl == "fused" and _kernels is not None:
+    if impl in FUSED_IMPLS and _kernels is not None:
         return _kernels.apply_rotary(q, k, cos, sin, impl)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:

@@ -164,9 +164,9 @@ def apply_ep(model: Transformer, meshes: Meshes) -> None:
 
 
 def fused_loss(plan: Plan) -> bool:
-    """The plan's loss kernel is the chunked linear + cross-entropy (``kernels.loss`` fused or auto): the
+    """The plan's loss kernel is a chunked linear + cross-entropy (``kernels.loss`` fused, auto or liger): the
     head's stage outputs the normed hidden states and the loss function applies the head."""
-    return plan.kernels.get("loss", "reference") in ("fused", "auto")
+    return plan.kernels.get("loss", "reference") in ("fused", "auto", "liger")
 
 
 def stage_outputs_hidden(plan: Plan) -> bool:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meshplan.errors import InputError
-from meshplan.launcher.checks import check_supported, token_file_dtype, triton_interprets
+from meshplan.launcher.checks import check_liger_installed, check_supported, token_file_dtype, triton_interprets
 from meshplan.launcher.runtime.grad_norm import clip_grads, global_grad_norm
 from meshplan.launcher.runtime import hf_format
 from meshplan.launcher.runtime.hf_weights import HFReader, export_hf, load_hf_weights
@@ -386,7 +386,8 @@ def make_loss_fn(plan: Plan, meshes: par.Meshes, parts, vocab: vp.VocabParallel 
     head = next((part for j, part in parts if j != VOCAB_PART and part.output is not None), None)
     if head is None:          # a pipeline rank without the last stage never computes the loss
         return loss_fn
-    impl = "fused"   # the chunked loss runs everywhere (PyTorch chunk math without Triton)
+    # meshplan's chunked loss runs everywhere (PyTorch chunk math without Triton); liger's on whole heads
+    impl = "liger" if plan.kernels.get("loss") == "liger" else "fused"
 
     def fused_loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor, Shard
@@ -735,6 +736,7 @@ def manual_gc(every: int):
 def run(config: RunConfig) -> list[dict]:
     plan = Plan.load(config.plan_path)
     check_supported(plan)
+    check_liger_installed(plan)
     config.lr_schedule().validate()
     check_weights_io(plan, config)
     device, device_type = init_distributed(plan)

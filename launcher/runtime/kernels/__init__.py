@@ -8,7 +8,11 @@ Every public function takes ``impl``:
   Otherwise a RuntimeError says why. Fake and meta tensors (``meshplan check``) need no Triton.
   Exception: ``linear_cross_entropy(impl="fused")`` is the *chunked* loss (``cross_entropy.py``), whose memory
   saving is plain PyTorch chunking; it runs everywhere and uses the Triton chunk kernels when they can run;
-* ``"auto"``: ``fused`` when it can run here, else ``reference``.
+* ``"auto"``: ``fused`` when it can run here, else ``reference``;
+* ``"liger"``: liger-kernel's kernel of the same op (``liger.py``; the ``gpu`` extra), on CUDA or under
+  ``TRITON_INTERPRET=1``; otherwise a RuntimeError says why. Fake and meta tensors take the fused Functions
+  for the norm, SwiGLU and rotary (liger's keep the same tensors for backward) and a shape-only mirror of
+  liger's loss (``liger.ShapeOnlyLoss``).
 
 The runtime reads the choice per kernel from ``Plan.kernels`` (``norm``, ``swiglu``, ``rope``, ``loss``);
 :func:`kernels_from_plan` binds it. Fused AdamW and flash SDPA are PyTorch's own (see the two ``*_available``
@@ -25,6 +29,7 @@ import torch
 
 from meshplan.launcher.checks import triton_interprets
 
+from . import liger
 from .cross_entropy import chunked_linear_cross_entropy, default_chunk_tokens
 from .reference import (copy_to_group, linear_cross_entropy_reference, rms_norm_reference, rotary_reference,
                         swiglu_reference, _check_rotary)
@@ -35,7 +40,7 @@ __all__ = [
     "KernelSet", "default_chunk_tokens", "chunk_backend",
 ]
 
-IMPLS = ("fused", "reference", "auto")
+IMPLS = ("fused", "reference", "auto", "liger")
 
 
 _TRITON_IMPORT: list[str | None] = []   # memo of _triton_import_error, a plain global that dynamo reads as a constant
@@ -85,17 +90,33 @@ def _shape_only(t: torch.Tensor | None) -> bool:
     return t is not None and (t.is_meta or isinstance(t, FakeTensor))
 
 
+def _why_not_liger(device: torch.device | None) -> str | None:
+    """None when liger-kernel's kernels can run on tensors of ``device`` here, else the reason."""
+    from . import liger
+
+    err = liger.import_error()
+    if err is not None:
+        return f"liger-kernel is not importable ({err}); {liger.INSTALL_HINT}"
+    return _why_not_fused(device)
+
+
 def resolve_impl(impl: str, device: torch.device | None = None, kernel: str = "kernel",
                  tensor: torch.Tensor | None = None) -> str:
-    """``fused`` or ``reference`` for ``impl`` in ``fused``/``reference``/``auto`` (raises if fused cannot run).
-    A fake/meta ``tensor`` takes the fused path with or without Triton: only shapes flow, nothing launches
-    (``fused_functions`` imports Triton only to launch a kernel on real tensors)."""
+    """``fused``, ``reference`` or ``liger`` for ``impl`` in :data:`IMPLS` (raises if fused or liger cannot
+    run). A fake/meta ``tensor`` takes the fused path for ``fused``, ``auto`` and ``liger`` alike, with or
+    without Triton: only shapes flow, nothing launches (``fused_functions`` imports Triton only to launch a
+    kernel on real tensors), and liger's norm, SwiGLU and rotary keep what the fused Functions keep."""
     if impl not in IMPLS:
         raise ValueError(f"{kernel}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return "reference"
     if _shape_only(tensor):
         return "fused"
+    if impl == "liger":
+        why = _why_not_liger(device)
+        if why is not None:
+            raise RuntimeError(f"{kernel}(impl='liger') cannot run: {why}")
+        return "liger"
     why = _why_not_fused(device)
     if why is None:
         return "fused"
@@ -112,8 +133,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str
     (:func:`_rms_norm_on_shards`)."""
     if _is_dtensor(x):
         return _rms_norm_on_shards(x, weight, eps, impl)
-    if resolve_impl(impl, x.device, "rms_norm", x) == "reference":
+    chosen = resolve_impl(impl, x.device, "rms_norm", x)
+    if chosen == "reference":
         return rms_norm_reference(x, weight, eps)
+    if chosen == "liger":
+        return liger.rms_norm(x, weight, eps)
     from .fused_functions import RMSNormFunction
     return RMSNormFunction.apply(x, weight, eps)
 
@@ -148,8 +172,11 @@ def _rms_norm_on_shards(x: torch.Tensor, weight: torch.Tensor, eps: float, impl:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "reference") -> torch.Tensor:
     """``silu(gate) * up`` (SwiGLU's gate·up product). The fused kernel computes in fp32 and rounds once."""
-    if resolve_impl(impl, gate.device, "swiglu", gate) == "reference":
+    chosen = resolve_impl(impl, gate.device, "swiglu", gate)
+    if chosen == "reference":
         return swiglu_reference(gate, up)
+    if chosen == "liger":
+        return liger.swiglu(gate, up)
     from .fused_functions import SwiGLUFunction
     return SwiGLUFunction.apply(gate, up)
 
@@ -164,17 +191,22 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
     ``reference`` returns new tensors. ``fused`` rotates q and k *in place* and returns them (autograd-correct
     through ``mark_dirty``); it copies first only when it must (a leaf that requires grad, or a last dim that is
-    not contiguous). Always use the returned tensors.
+    not contiguous). ``liger`` also rotates in place the storage it is given (liger's Function does not mark
+    it dirty), so it gets the same copies. Always use the returned tensors.
     """
     _check_rotary(q, k, cos, sin)
-    if resolve_impl(impl, q.device, "apply_rotary", q) == "reference":
+    chosen = resolve_impl(impl, q.device, "apply_rotary", q)
+    if chosen == "reference":
         return rotary_reference(q, k, cos, sin)
-    from .fused_functions import RotaryFunction
 
     def writable(x: torch.Tensor) -> torch.Tensor:
         if (x.is_leaf and x.requires_grad) or x.stride(-1) != 1 or _view_autograd_forbids_inplace(x):
             return x.clone(memory_format=torch.contiguous_format)
         return x
+
+    if chosen == "liger":
+        return liger.apply_rotary(writable(q), writable(k), cos, sin)
+    from .fused_functions import RotaryFunction
 
     return RotaryFunction.apply(writable(q), cos, sin), RotaryFunction.apply(writable(k), cos, sin)
 
@@ -203,6 +235,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     over the group). ``fused`` is chunked over ``chunk_tokens`` tokens (default :func:`default_chunk_tokens`)
     and computes both gradients in the forward, so the full logits never exist; it runs everywhere (the
     chunking is PyTorch) and uses the Triton chunk kernels when ``fused_available``. ``auto`` is ``fused``.
+    ``liger`` is liger-kernel's fused linear cross-entropy, for a whole head only (no ``process_group``).
 
     With a group and ``reduce_hidden_grad`` (default) the hidden gradient is all-reduced over the group, so it
     is the full (unsharded) gradient on every rank; pass False when the caller's collective already sums it.
@@ -212,6 +245,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if impl == "reference":
         return linear_cross_entropy_reference(hidden, weight, targets, process_group, ignore_index,
                                               reduce_hidden_grad)
+    if impl == "liger":
+        if process_group is not None:
+            raise ValueError("linear_cross_entropy(impl='liger'): liger's loss has no vocabulary-parallel form; "
+                             "use impl='fused' for a vocabulary-sharded head")
+        shape_only = _shape_only(hidden)
+        if not shape_only:
+            resolve_impl(impl, hidden.device, "linear_cross_entropy", hidden)
+        return liger.linear_cross_entropy(hidden, weight, targets, ignore_index, shape_only)
     return chunked_linear_cross_entropy(hidden, weight, targets, process_group, chunk_tokens, ignore_index,
                                         reduce_hidden_grad, chunk_backend(hidden))
 
@@ -255,7 +296,7 @@ class KernelSet:
 
 
 def kernels_from_plan(kernels: Mapping[str, str] | None) -> KernelSet:
-    """Bind ``{"norm"|"swiglu"|"rope"|"loss": "fused"|"reference"|"auto"}`` (missing names: reference)."""
+    """Bind ``{"norm"|"swiglu"|"rope"|"loss": one of IMPLS}`` (missing names: reference)."""
     chosen = {name: "reference" for name in ("norm", "swiglu", "rope", "loss")}
     for name, impl in (kernels or {}).items():
         if name not in chosen:
@@ -263,7 +304,9 @@ def kernels_from_plan(kernels: Mapping[str, str] | None) -> KernelSet:
         if impl not in IMPLS:
             raise ValueError(f"kernels.{name}: impl must be one of {IMPLS}, got {impl!r}")
         chosen[name] = impl
-    _triton_import_error()   # fill the memo here, eagerly, before any compiled block asks
+    _triton_import_error()   # fill the memos here, eagerly, before any compiled block asks
+    if "liger" in chosen.values():
+        liger.import_error()
     return KernelSet(
         impls=dict(chosen),
         norm=functools.partial(rms_norm, impl=chosen["norm"]),
