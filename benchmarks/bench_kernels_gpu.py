@@ -34,6 +34,7 @@ import torch
 from meshplan.launcher.runtime.kernels import apply_rotary, linear_cross_entropy, rms_norm, swiglu
 from meshplan.launcher.runtime.kernels.reference import (linear_cross_entropy_reference, rms_norm_reference,
                                                          rotary_reference, swiglu_reference)
+from meshplan.profiler.phases.kernels import max_error
 
 
 def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
@@ -55,27 +56,6 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> floa
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def max_error(fn: Callable[[], object], reference: Callable[[], object], inputs: tuple) -> float:
-    """Largest difference from the eager reference over the outputs and the inputs' gradients (backward of
-    all-ones), each relative to the reference's largest magnitude: a kernel that compiles but computes the
-    wrong thing shows here, not in the timings."""
-    def run(f):
-        for inp in inputs:
-            inp.grad = None
-        out = f()
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        got = [o.detach().float() for o in outs] + [inp.grad.float() for inp in inputs]
-        for inp in inputs:
-            inp.grad = None
-        return got
-
-    worst = 0.0
-    for got, want in zip(run(fn), run(reference)):
-        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
-    return worst
 
 
 def copy_bandwidth(device: str, nbytes: int, warmup: int, reps: int) -> float:

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR
 #
 #   1. launch      the planner's first choice for llama3.2-1b, seq 8192, global batch 8 on localhost:1 (the
-#                  quick profile of this GPU included), trained 30 steps by `meshplan launch`
+#                  quick profile of this GPU included: its kernel table picks meshplan's or liger-kernel's
+#                  kernel per op), trained 30 steps by `meshplan launch`
 #                  -> OUT_DIR/plan.yaml, launch.jsonl, launch.log
 #   2. torchtitan  the same model, batch, sequence and recompute in torchtitan's model code and parallelize_llama
 #                  (benchmarks/bench_torchtitan.py), where torchtitan runs with this machine's torch
@@ -42,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 
 begin=$(date +%s)
-timeout 90 $py -m meshplan.cli plan --model "${MODEL:-llama3.2-1b}" --cluster localhost:1 --global-batch "${BATCH:-8}" \
+timeout 150 $py -m meshplan.cli plan --model "${MODEL:-llama3.2-1b}" --cluster localhost:1 --global-batch "${BATCH:-8}" \
     --seq-len "${SEQ:-8192}" --precision bf16 --out "$out/plan.yaml" >"$out/launch.log" 2>&1 \
  && timeout 180 $py -m meshplan.launcher "$out/plan.yaml" --steps "${STEPS:-30}" --metrics-out "$out/launch.jsonl" \
     >>"$out/launch.log" 2>&1

@@ -45,7 +45,8 @@ def predicted(out: Path) -> tuple[dict | None, str]:
     plan = Plan.load(path)
     p = plan.predicted
     fields = plan.fields_for_fix()
-    choice = " ".join(f"{k}={v}" for k, v in fields.items()) + f" compile={plan.compile}"
+    kernels = ",".join(f"{op}:{impl}" for op, impl in plan.kernels.items())
+    choice = " ".join(f"{k}={v}" for k, v in fields.items()) + f" compile={plan.compile} kernels={kernels}"
     return {"step_time_s": p.iteration_s, "tokens_per_s": p.tokens_per_s, "mfu": p.mfu,
             "peak_memory_gib": p.peak_memory_gib / (1 + ALLOCATOR_MARGIN),
             "reserved_memory_gib": p.reserved_memory_gib}, choice

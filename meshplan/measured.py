@@ -6,7 +6,8 @@ migrates older files and rejects a malformed field in one line that names it) in
 * ``compute`` (:class:`Compute`): the precision it was measured in; achieved rates (``matmul_tflops``,
   ``attention_tflops``, ``memory_gbps``); ``matmul_table`` ([forward FLOPs of one GEMM, TFLOP/s]);
   ``block_check`` (the runtime's block timed whole next to the fitted model), ``block_lines`` (per tp, block time
-  against micro-batch), ``vocab`` (LM head and loss timed per shape), ``optimizer`` (AdamW step per parameter);
+  against micro-batch), ``vocab`` (LM head and loss timed per shape), ``optimizer`` (AdamW step per parameter),
+  ``kernels`` (each fused op's implementations timed on a GPU, planner/kernels.py);
 * ``links`` (:class:`Links`): per level (``intra_node``, ``inter_node``) the joint alpha-beta fit and one fit per
   collective, ``pair_bandwidth_gbps`` (world x world, GB/s; 0 where a pair was not measured), ``reduction``
   (data-parallel collectives timed per group shape and size) and ``overlap`` (``exposed_fraction``);
@@ -204,6 +205,25 @@ class VocabRow(_Row):
 
 
 @dataclass(frozen=True)
+class KernelRow(_Row):
+    """One implementation of one fused op (``op``: norm, swiglu, rope, loss; ``impl``: fused, liger) timed
+    forward + backward on ``tokens`` tokens (``seconds``); ``max_error``: its largest difference from eager
+    over the outputs and input gradients, relative to eager's largest magnitude; ``gbps``: the planner's
+    forward + backward bytes of the op at that shape over ``seconds`` (planner/kernels.py), absent for the
+    loss, which the planner prices as its GEMMs. ``error``: why it did not run, where it did not (then no
+    ``seconds``)."""
+
+    op: str = _typed("text", True)
+    impl: str = _typed("text", True)
+    tokens: int = _typed("whole", True)
+    seconds: float | None = _typed("number")
+    max_error: float | None = _typed("number")
+    gbps: float | None = _typed("number")
+    error: str | None = _typed("text")
+    other: Mapping[str, Any] = _other()
+
+
+@dataclass(frozen=True)
 class OptimizerRow(_Row):
     """The runtime's optimizer step on one rank's block at tensor-parallel degree ``tp``."""
 
@@ -229,9 +249,11 @@ class Compute:
     block_lines: tuple[BlockLine, ...] = ()
     vocab: tuple[VocabRow, ...] = ()
     optimizer: tuple[OptimizerRow, ...] = ()
+    kernels: tuple[KernelRow, ...] = ()
     other: Mapping[str, Any] = _other()
 
-    TABLES = {"block_check": BlockCheck, "block_lines": BlockLine, "vocab": VocabRow, "optimizer": OptimizerRow}
+    TABLES = {"block_check": BlockCheck, "block_lines": BlockLine, "vocab": VocabRow, "optimizer": OptimizerRow,
+              "kernels": KernelRow}
 
     @classmethod
     def read(cls, data: Any, where: str) -> "Compute":

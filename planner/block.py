@@ -14,7 +14,7 @@ from functools import lru_cache
 from meshplan import rules
 from meshplan.engines import MESHPLAN, Engine
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec
-from meshplan.planner import comm, compute, flops, memory, moe
+from meshplan.planner import comm, compute, flops, kernels, memory, moe
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.host import HostModel, host_model
 from meshplan.planner.inputs import MODES, Config, Context
@@ -68,7 +68,7 @@ def config_layer_cost(ctx: Context, cfg: Config, moe_share: float | None = None)
         cost = memo[key] = layer_cost(ctx.model, ctx.cluster, ctx.train, *positional, engine=ctx.engine, sp=cfg.sp,
                                       attention=cfg.attention,
                                       experts=ExpertLayout(cfg.ep, cfg.expert_tp, cfg.moe_imbalance),
-                                      moe_share=moe_share)
+                                      moe_share=moe_share, op_rates=kernels.block_kernel_rates(ctx, cfg))
     return cost
 
 
@@ -97,12 +97,13 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
                cp_kind: str, tp_overlap: bool, fused_elementwise: bool, fused_swiglu: bool,
                mesh_order: tuple[str, ...], dp: int, pp: int, engine: Engine = MESHPLAN, sp: bool = True,
                attention: str = "flash", experts: ExpertLayout = DENSE,
-               moe_share: float | None = None) -> LayerCost:
+               moe_share: float | None = None, op_rates: tuple[tuple[str, float], ...] = ()) -> LayerCost:
     """Time and memory of one block for one micro-batch on one rank, as ``engine`` runs it
     (meshplan/engines.py). ``fused_elementwise``: norms, rotary, activation and residual ops run fused
     (compiled or fused kernels); ``fused_swiglu``: the SwiGLU kernel that recomputes silu in backward (saves
-    one f-wide tensor); ``sp``: sequence parallel, in effect where tp > 1; ``attention``: ``flash`` or
-    ``unfused`` (plan.attention).
+    one f-wide tensor); ``op_rates``: the measured rates of the memory-bound ops' chosen kernels
+    (planner/kernels.py block_kernel_rates); ``sp``: sequence parallel, in effect where tp > 1;
+    ``attention``: ``flash`` or ``unfused`` (plan.attention).
 
         fwd = matmul + attention + elementwise + tp + cp        (exposed communication, each direction)
         bwd = 2 matmul + attention_bwd + 2 elementwise + tp + cp
@@ -114,7 +115,7 @@ def layer_cost(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int
     sp = sp and tp > 1
     degrees = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
     c = block_compute(model, cluster, train, tp, cp, micro_batch, fused_elementwise, engine.attention_kernel, sp,
-                      attention)
+                      attention, op_rates)
     estimate = c.matmul_fwd + c.attn_fwd + c.ew_fwd
     tp_link = comm.group_link(cluster, tp, comm.group_stride(mesh_order, degrees, "tp"))
     activation = tokens * model.hidden * act_bytes
@@ -235,10 +236,11 @@ def gather_bytes_ratio(engine: Engine, precision: str, act_bytes: int) -> float:
 
 def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: int, cp: int, micro_batch: int,
                   fused_elementwise: bool, attention_kernel: str = "flash2", sp: bool = True,
-                  attention: str = "flash") -> BlockCompute:
+                  attention: str = "flash", kernel_rates: tuple[tuple[str, float], ...] = ()) -> BlockCompute:
     """The block's GEMMs (compute.layer_matmul_shapes), attention (flash: compute.attention_time; unfused:
-    compute.unfused_attention_time) and memory-bound ops (compute.elementwise_bytes_per_layer at the memory
-    rate; split by tp outside the TP region under sequence parallel ``sp``, in effect where tp > 1), forward; where
+    compute.unfused_attention_time) and memory-bound ops (compute.elementwise_bytes_by_op at the memory rate,
+    those in ``kernel_rates`` at their kernel's measured rate, planner/kernels.py; split by tp
+    outside the TP region under sequence parallel ``sp``, in effect where tp > 1), forward; where
     the profile timed this block (cp = 1), its measured / modelled ratio corrects the fitted parts."""
     rates = compute.achieved_rates(cluster, train.precision, attention_kernel)
     act_bytes = memory.ACT_BYTES[train.precision]
@@ -251,8 +253,8 @@ def block_compute(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, tp: 
     else:
         attention_s = compute.attention_time(model, micro_batch, seq, tp, cp, rates)
     attn_fwd, attn_bwd = (timed * t for t in attention_s)
-    ew_fwd = timed * compute.elementwise_bytes_per_layer(model, tokens, tp, sp and tp > 1, fused_elementwise,
-                                                         act_bytes) / rates.memory
+    moved = compute.elementwise_bytes_by_op(model, tokens, tp, sp and tp > 1, fused_elementwise, act_bytes)
+    ew_fwd = timed * compute.elementwise_seconds(moved, rates.memory, kernel_rates)
     return BlockCompute(sum(gemms), attn_fwd, attn_bwd, ew_fwd, timed, gemms[0] + gemms[2])
 
 

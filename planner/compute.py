@@ -292,39 +292,60 @@ def unfused_attention_time(model: ModelSpec, micro_batch: int, seq: int, tp: int
 
 def elementwise_bytes_per_layer(model: ModelSpec, tokens: float, tp: int, sp: bool, fused: bool,
                                 act_bytes: int) -> float:
-    """Forward bytes moved by the memory-bound ops of one block (backward moves about twice as much).
+    """Forward bytes moved by the memory-bound ops of one block (backward moves about twice as much): the sum
+    of :func:`elementwise_bytes_by_op`."""
+    return sum(elementwise_bytes_by_op(model, tokens, tp, sp, fused, act_bytes).values())
+
+
+# Forward passes (reads + writes of whole tensors) of the fused kernels, per op: RMSNorm reads x and writes y;
+# rotary reads and writes q and k; SwiGLU reads gate and up and writes the product. The profile's kernel table
+# (planner/kernels.py) turns each measured kernel's time into a rate over these same bytes.
+FUSED_PASSES = {"norm": 2, "rope": 2, "swiglu": 3}
+EAGER_PASSES = {"norm": 6, "rope": 6, "swiglu": 5}
+
+
+def elementwise_bytes_by_op(model: ModelSpec, tokens: float, tp: int, sp: bool, fused: bool,
+                            act_bytes: int) -> dict[str, float]:
+    """Forward bytes moved by the memory-bound ops of one block, per op.
 
     Counted as (reads + writes) of whole tensors, per op:
-        norm x2        fused: read x, write y (2 passes over h);  eager: ~6 passes (fp32 upcast, square,
-                       mean, rsqrt-scale, weight multiply, downcast), and where the activations are 16-bit
-                       the NORM_FP32_TOUCHES between the upcast and the downcast move 4 bytes, not 2
-                       (:func:`eager_norm_upcast_bytes`)
-        q/k norms      (``qk_norm``) as the norms, over q and k
-        rotary on q,k  fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k; eager: 6 passes;
-                       over the rotated share ``rotary_width / head_dim`` of them; a share below one adds
-                       the copy of the rotated features (2 passes over the share) and the concatenation
-                       that puts q and k back together (2 passes over q and k)
-        activation     SwiGLU fused: read gate, up, write out (3 passes over f); eager: silu then multiply
-                       (5 passes); GELU fused 2 passes, eager 2
-        residual x2    read two, write one (3 passes over h)
+        norm           two norms, fused: read x, write y (2 passes over h); eager: ~6 passes (fp32 upcast,
+                       square, mean, rsqrt-scale, weight multiply, downcast), and where the activations are
+                       16-bit the NORM_FP32_TOUCHES between the upcast and the downcast move 4 bytes, not 2
+                       (:func:`eager_norm_upcast_bytes`); with ``qk_norm`` the same over q and k
+        rope           rotary on q and k, fused: 2 passes over (h + 2*kv/a*h)/2 ... read and write q and k;
+                       eager: 6 passes; over the rotated share ``rotary_width / head_dim`` of them; a share
+                       below one adds the copy of the rotated features (2 passes over the share) and the
+                       concatenation that puts q and k back together (2 passes over q and k)
+        swiglu         (``activation`` for other MLPs) SwiGLU fused: read gate, up, write out (3 passes over
+                       f); eager: silu then multiply (5 passes); GELU fused 2 passes, eager 2
+        residual       two residual adds: read two, write one (3 passes over h)
     Tensors outside the tensor-parallel region (norms, residuals) are split by tp under sequence parallel.
     """
+    passes = FUSED_PASSES if fused else EAGER_PASSES
     h, f = model.hidden, model.ffn_hidden
     outside = tokens * h / (tp if sp else 1)
     qk = tokens * (model.q_width / tp + flops.kv_heads_per_rank(model, tp) * model.head_dim)
     normed = 2 * outside + (qk if model.qk_norm else 0.0)
-    norm_passes = 2 if fused else 6
-    rope_passes = 0.0
+    upcast = 0.0 if fused else eager_norm_upcast_bytes(act_bytes) * normed
+    out = {"norm": act_bytes * passes["norm"] * normed + upcast}
     if model.position == "rope":
         share = model.rotary_width / model.head_dim
-        rope_passes = (2 if fused else 6) * share + (2 * share + 2 if share < 1 else 0.0)
+        out["rope"] = act_bytes * qk * (passes["rope"] * share + (2 * share + 2 if share < 1 else 0.0))
     if model.mlp == "swiglu":
-        act = (3 if fused else 5) * tokens * f / tp
+        out["swiglu"] = act_bytes * passes["swiglu"] * tokens * f / tp
     else:
-        act = 2 * tokens * f / tp
-    elements = norm_passes * normed + rope_passes * qk + act + 2 * 3 * outside
-    upcast = 0.0 if fused else eager_norm_upcast_bytes(act_bytes) * normed
-    return act_bytes * elements + upcast
+        out["activation"] = act_bytes * 2 * tokens * f / tp
+    out["residual"] = act_bytes * 2 * 3 * outside
+    return out
+
+
+def elementwise_seconds(bytes_by_op: dict[str, float], memory_rate: float,
+                        op_rates: tuple[tuple[str, float], ...] = ()) -> float:
+    """Seconds of the memory-bound ops: each op's bytes at its measured kernel's rate (``op_rates``,
+    planner/kernels.py block_kernel_rates), the rest at ``memory_rate``."""
+    rates = dict(op_rates)
+    return sum(moved / rates.get(op, memory_rate) for op, moved in bytes_by_op.items())
 
 
 # Reads and writes of the eager RMSNorm that touch its fp32 copy (launcher/runtime/model.py rms_norm and

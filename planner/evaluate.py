@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshplan.plan import KERNEL_NAMES, Plan, Prediction, StagePlan, expert_layout_problem
+from meshplan.plan import Plan, Prediction, StagePlan, expert_layout_problem
 from meshplan.planner import data_parallel, flops, memory, pipeline, rank_memory
+from meshplan.planner.kernels import plan_kernels
 from meshplan.planner.layout import Layout, block_split_counts, choose_layout, priced_for_own_blocks, split_counts
 from meshplan.planner.layout import nccl_bytes as layout_nccl_bytes
 from meshplan.planner.pipeline import PipelineTime
@@ -164,7 +165,7 @@ def to_plan(ev: Evaluation, ctx: Context, notes: list[str] | None = None, search
         mfu=tflops / device_peak, peak_memory_gib=ev.peak_bytes / GIB, time_breakdown_s=ev.time_breakdown,
         memory_breakdown_gib=per_rank[ev.worst_rank], reserved_memory_gib=ev.reserved_bytes / GIB,
         nccl_memory_gib=ev.nccl_bytes / GIB)
-    kernels = {k: ("fused" if cfg.fused_kernels else "reference") for k in KERNEL_NAMES}
+    kernels = plan_kernels(ctx, cfg)
     search = dict(search or {})
     search.setdefault("stage_memory_gib", [{k: round(x, 4) for k, x in m.items()} for m in per_rank])
     return Plan(engine=ctx.engine.name, dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, micro_batch=cfg.micro_batch, num_microbatches=num_mb,

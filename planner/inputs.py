@@ -66,13 +66,16 @@ class Context:
     train: TrainSpec
     engine: Engine = MESHPLAN
     memory_headroom: float = memory.DEFAULT_MEMORY_HEADROOM   # share of device memory a plan leaves unused
+    # the implementation of each fused op, ((op, impl), ...): a written plan's (planner/replay.py); None: the
+    # cluster's kernel table decides (planner/kernels.py)
+    kernels: tuple[tuple[str, str], ...] | None = None
 
     def __hash__(self) -> int:
         """Computed once (the planner's caches are keyed on the context: hundreds of thousands of lookups in a
         16,384-GPU search, each hashing the model, cluster, batch and engine again otherwise)."""
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash((self.model, self.cluster, self.train, self.engine, self.memory_headroom))
+            cached = hash((self.model, self.cluster, self.train, self.engine, self.memory_headroom, self.kernels))
             object.__setattr__(self, "_hash", cached)
         return cached
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from meshplan.planner import flops
-from meshplan.rules import ACT_BYTES, MIN_LOSS_CHUNK_TOKENS, loss_chunk_tokens  # noqa: F401  (the nouns decide them)
+from meshplan.rules import ACT_BYTES, MIN_LOSS_CHUNK_TOKENS, liger_loss_chunk_tokens, loss_chunk_tokens  # noqa: F401
 from meshplan.spec import ModelSpec
 
 GIB = 2**30
@@ -490,6 +490,19 @@ def logits_bytes(tokens: float, vocab_local: float, precision: str, fused_loss: 
     per_logit = b + 4 + (4 if b != 4 else 0)
     chunk = loss_chunk_tokens(int(tokens), hidden, int(vocab_local))
     return (tokens + vocab_local) * hidden * b + chunk * vocab_local * per_logit
+
+
+def liger_loss_bytes(tokens: float, vocab: float, precision: str, hidden: int) -> float:
+    """Peak bytes of liger-kernel's fused linear cross-entropy (``kernels.loss: liger``) for ``tokens`` tokens
+    of one micro-batch: the hidden states' and the weight's gradients, computed in the forward and kept,
+    (T + V) * h * b, plus one chunk of logits at b bytes per logit (its kernel writes the gradient over the
+    logits), chunk = next_pow2(ceil(T / ceil(V / h))) tokens (``rules.liger_loss_chunk_tokens``), plus, in
+    fp32, the fresh fp32 [V, h] product each chunk adds to the weight gradient (16-bit logits on CUDA add it
+    in place). ``launcher/runtime/kernels/liger.py`` ShapeOnlyLoss allocates the same for ``meshplan check``."""
+    b = ACT_BYTES[precision]
+    chunk = liger_loss_chunk_tokens(int(tokens), hidden, int(vocab))
+    product = vocab * hidden * 4 if b == 4 else 0.0
+    return (tokens + vocab) * hidden * b + chunk * vocab * b + product
 
 
 def saved_logprob_bytes(tokens: float, vocab_local: float, precision: str = "fp32",

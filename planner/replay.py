@@ -28,7 +28,8 @@ def replay(plan: Plan) -> Evaluation:
     """The cost model's evaluation of exactly this plan (its partition and recompute counts pinned)."""
     partition = [stage.num_layers for stage in plan.stages]
     counts = [dict(stage.recompute_layers) for stage in plan.stages]
-    result = evaluate(config_of(plan), Context(plan.model, plan.cluster, plan.train, get_engine(plan.engine)), partition, counts)
+    ctx = Context(plan.model, plan.cluster, plan.train, get_engine(plan.engine), kernels=tuple(plan.kernels.items()))
+    result = evaluate(config_of(plan), ctx, partition, counts)
     if not isinstance(result, Evaluation):
         raise InputError("plan", f"the cost model rejects this plan ({result.reason}: {result.detail})",
                          "re-plan with `meshplan plan`")

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.inputs import Config, Context
+from meshplan.planner.kernels import plan_kernels
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,11 @@ def head_and_loss(ctx: Context, cfg: VocabKey, rates: compute.Rates) -> HeadLoss
     fused_loss = cfg.fused_kernels or (cfg.vocab_parallel and cfg.pp > 1)
     head_time = head_loss_time(ctx, tokens, vocab_local, fused_loss, rates)
     embed_time = embedding_time(ctx, tokens, vocab_local, cfg.tp, rates)
-    logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden,
-                                      stage_keeps_logits=cfg.pp > 1)
+    if fused_loss and plan_kernels(ctx, cfg)["loss"] == "liger":
+        logits_peak = memory.liger_loss_bytes(tokens, vocab_local, train.precision, model.hidden)
+    else:
+        logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden,
+                                          stage_keeps_logits=cfg.pp > 1)
     logprob = 0.0 if fused_loss else memory.saved_logprob_bytes(tokens, vocab_local, train.precision, cfg.pp > 1)
     return HeadLoss(tokens, vocab_local, fused_loss, head_time, embed_time, logits_peak, logprob)
 

@@ -361,6 +361,9 @@ def summary_text(cluster, elapsed: float) -> str:
         lines.append("block vs micro-batch: " + "; ".join(
             f"tp{line['tp']} {line['fixed_s'] * 1e3:.3g} ms + {line['per_sequence_s'] * 1e3:.3g} ms a sequence"
             + ("" if line["used"] else " (not used: a shape lies off it)") for line in block_lines))
+    kernels = m["compute"].get("kernels") or []
+    if kernels:
+        lines.append("kernels (forward + backward): " + "; ".join(kernel_summary(row) for row in kernels))
     for level in ("intra_node", "inter_node"):
         fit = m["links"].get(level)
         if fit:
@@ -403,3 +406,17 @@ def summary_text(cluster, elapsed: float) -> str:
         lines.append(f"pipeline: one schedule op costs {pipeline['op_overhead_s'] * 1e3:.2f} ms beyond its compute "
                      f"(torch.distributed.pipelining 1F1B over {pipeline['pairs']} pair(s) of ranks)")
     return "\n".join(lines)
+
+
+def kernel_summary(row: dict) -> str:
+    """One kernel-table row for the profile's summary: ``norm/liger 0.21 ms (2.1e3 GB/s)``, or why it did
+    not run, or its difference from eager where that keeps it from being chosen."""
+    from meshplan.planner.kernels import MAX_KERNEL_ERROR
+
+    name = f"{row['op']}/{row['impl']}"
+    if row.get("seconds") is None:
+        return f"{name} did not run ({row.get('error', 'no time')})"
+    text = f"{name} {row['seconds'] * 1e3:.3g} ms" + (f" ({row['gbps']:.3g} GB/s)" if row.get("gbps") else "")
+    if (row.get("max_error") or 0.0) > MAX_KERNEL_ERROR:
+        text += f", not chosen: differs from eager by {row['max_error']:.2g}"
+    return text

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from meshplan.planner import compute as planner_compute
+from meshplan.planner import kernels as planner_kernels
 from meshplan.planner import memory as planner_memory
 from meshplan.measured import MEASURED_SCHEMA_VERSION, MeasuredProfile
 from meshplan.rules import ACT_BYTES
@@ -177,9 +178,25 @@ def fit_compute(raw: dict, spec: ModelSpec) -> dict:
     if optimizer:
         out["optimizer"] = [{"tp": o["tp"], "params": o["params"], "tensors": o["tensors"], "step_s": o["step_s"],
                              "seconds_per_param": o["step_s"] / o["params"]} for o in optimizer]
+    kernels = kernel_table(raw, spec)
+    if kernels:
+        out["kernels"] = kernels
     if raw["compute"]["skipped"]:
         out["skipped_shapes"] = raw["compute"]["skipped"]
     return out
+
+
+def kernel_table(raw: dict, spec: ModelSpec) -> list[dict]:
+    """The kernel phase's rows, each timed memory-bound op with its rate: the planner's forward + backward
+    bytes of the op at the timed shape over the measured seconds (planner/kernels.py)."""
+    act_bytes = ACT_BYTES.get(raw["precision"], 4)
+    rows = []
+    for row in raw["compute"].get("kernels") or ():
+        row = dict(row)
+        if row.get("seconds") and row["op"] in planner_compute.FUSED_PASSES:
+            row["gbps"] = planner_kernels.op_bytes(spec, row["op"], row["tokens"], act_bytes) / row["seconds"] / 1e9
+        rows.append(row)
+    return rows
 
 
 def memory_table(raw: dict, spec: ModelSpec) -> list[dict]:

@@ -1,7 +1,8 @@
 """The compute phase: forward + backward of the runtime's own ``Block`` (``launcher/runtime/model.py``) with its
 projections cut to the per-rank widths of each tensor-parallel degree, for each micro-batch; the same GEMMs alone
-(``F.linear``), causal attention alone, the LM-head GEMM, its loss and the embedding; one optimizer step; the
-bytes one block holds for backward per recompute mode; and rounds of every measured shape's block side by side."""
+(``F.linear``), causal attention alone, the LM-head GEMM, its loss and the embedding; one optimizer step; on
+GPUs, each fused op in each implementation (``kernels.py``); the bytes one block holds for backward per
+recompute mode; and rounds of every measured shape's block side by side."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from meshplan.launcher.runtime.parallelize import apply_ac
 from meshplan.planner.compute import layer_matmul_shapes
 from meshplan.planner.flops import kv_heads_per_rank
 from meshplan.plan import RECOMPUTE_MODES
+from meshplan.profiler.phases.kernels import kernel_phase
 from meshplan.profiler.phases.timing import (LONG_CALL_S, SAMPLE_S, agree, lower_quartile, quiet_stderr, slowest,
                                              sync, time_reps)
 from meshplan.profiler.progress import Progress
@@ -277,6 +279,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     measured = [shape for shape in shapes if {"tp": shape[0], "micro_batch": shape[1]} not in out["skipped"]]
     steps = [measure_optimizer(spec, tp, device, reps) for tp in sorted({tp for tp, _ in measured})]
     out["optimizer"] = [step for step in steps if step is not None]
+    # every rank times the kernels on its own GPU, so that all reach the block rounds' barriers together
+    out["kernels"] = kernel_phase(spec, seq * min(cfg["micro_batches"]), device, dtype, reps)
     rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress,
                           rounds_deadline)
     if dist.get_rank() == 0:

@@ -1,0 +1,104 @@
+"""Which implementation runs each fused op of a plan, and at what rate: the profile's kernel table.
+
+On a GPU, ``meshplan profile`` times each fused op (RMSNorm, SwiGLU, rotary, the linear + cross-entropy) in
+each implementation the runtime has there (``fused``: meshplan's Triton kernels; ``liger``: liger-kernel's,
+where it imports), forward + backward at the model's widths, and checks each against eager
+(``profiler/phases/kernels.py``). A plan with fused kernels runs, per op, the fastest implementation whose
+largest difference from eager stays within :data:`MAX_KERNEL_ERROR` (:func:`kernel_choice`; a written plan
+keeps its own, ``Context.kernels``), and the block's memory-bound terms price the norm, rotary and SwiGLU
+bytes at the chosen implementation's measured rate (:func:`block_kernel_rates`) instead of the device's
+memory rate. Without a table (no profile, a CPU profile, or an older file) every op runs ``fused`` at the
+memory rate. The loss is chosen the same way and priced as before (its GEMMs and bytes per logit); liger's
+keeps less memory (planner/memory.py liger_loss_bytes).
+
+A rate is the planner's own bytes for the op at the timed shape (``compute.FUSED_PASSES``: forward passes,
+and backward moving twice the forward's, as ``block.layer_cost`` counts it) over the measured forward +
+backward seconds (``profiler/cluster_file.py`` kernel_table), so the planner's term reproduces the measured
+time at the timed shape and scales with the bytes elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from meshplan.engines import MESHPLAN
+from meshplan.measured import KernelRow
+from meshplan.spec import ClusterSpec, ModelSpec
+
+from . import compute
+
+if TYPE_CHECKING:
+    from .inputs import Config, Context
+    from .vocab import VocabKey
+
+KERNEL_OPS = ("norm", "swiglu", "rope", "loss")
+# The largest difference from eager (relative to eager's largest magnitude, over outputs and input gradients)
+# an implementation may show and still be chosen: bf16's unit roundoff is 2^-8 = 3.9e-3, and a kernel that
+# rounds once where eager rounds at each step differs by a few units.
+MAX_KERNEL_ERROR = 2e-2
+# Backward moves twice the forward's bytes (block.layer_cost: bwd = ... + 2 elementwise).
+FWD_BWD_BYTES = 3
+
+
+def measured_rows(cluster: ClusterSpec, precision: str) -> tuple[KernelRow, ...]:
+    """The kernel table of the cluster's profile, where it was measured in ``precision``."""
+    return compute.measured_compute(cluster, precision).kernels
+
+
+def usable(row: KernelRow) -> bool:
+    """The implementation ran and computes what eager computes."""
+    return row.seconds is not None and row.seconds > 0 and row.max_error is not None \
+        and row.max_error <= MAX_KERNEL_ERROR
+
+
+def kernel_choice(cluster: ClusterSpec, precision: str) -> dict[str, str]:
+    """Per op, the fastest usable implementation the profile timed; ``fused`` where it timed none."""
+    best: dict[str, KernelRow] = {}
+    for row in measured_rows(cluster, precision):
+        if row.op in KERNEL_OPS and usable(row) and (row.op not in best or row.seconds < best[row.op].seconds):
+            best[row.op] = row
+    return {op: best[op].impl if op in best else "fused" for op in KERNEL_OPS}
+
+
+def chosen_kernels(ctx: Context) -> dict[str, str]:
+    """The implementation of each fused op: the context's (a written plan's), else :func:`kernel_choice`."""
+    if ctx.kernels is not None:
+        return {op: impl for op, impl in ctx.kernels}
+    return kernel_choice(ctx.cluster, ctx.train.precision)
+
+
+def plan_kernels(ctx: Context, cfg: Config | VocabKey) -> dict[str, str]:
+    """The plan's ``kernels`` section: ``reference`` everywhere without fused kernels, ``fused`` everywhere
+    for another engine (it runs its own); with meshplan's runtime, :func:`chosen_kernels`, except that
+    liger's loss needs the head whole on the rank (tp 1 and the vocabulary not split over pipeline ranks),
+    where meshplan's vocabulary-parallel chunked loss runs instead."""
+    if not cfg.fused_kernels:
+        return {op: "reference" for op in KERNEL_OPS}
+    if ctx.engine.name != MESHPLAN.name:
+        return {op: "fused" for op in KERNEL_OPS}
+    chosen = {op: "fused" for op in KERNEL_OPS} | chosen_kernels(ctx)
+    whole_head = cfg.tp == 1 and not (cfg.vocab_parallel and cfg.pp > 1)
+    if chosen["loss"] == "liger" and not whole_head:
+        chosen["loss"] = "fused"
+    return chosen
+
+
+def block_kernel_rates(ctx: Context, cfg: Config) -> tuple[tuple[str, float], ...]:
+    """``(op, bytes/s)`` of each memory-bound op whose chosen implementation the profile timed with a rate;
+    none without fused kernels or for another engine (:func:`plan_kernels`)."""
+    chosen = plan_kernels(ctx, cfg)
+    return tuple((row.op, row.gbps * 1e9) for row in measured_rows(ctx.cluster, ctx.train.precision)
+                 if row.op in compute.FUSED_PASSES and row.impl == chosen[row.op] != "reference"
+                 and usable(row) and row.gbps)
+
+
+def op_bytes(model: ModelSpec, op: str, tokens: int, act_bytes: int) -> float:
+    """Forward + backward bytes the planner counts for one call of ``op`` on ``tokens`` tokens at tp 1: one
+    norm over ``[tokens, hidden]``, SwiGLU over ``[tokens, ffn_hidden]``, rotary over q and k."""
+    if op == "norm":
+        elements = tokens * model.hidden
+    elif op == "swiglu":
+        elements = tokens * model.ffn_hidden
+    else:
+        elements = tokens * (model.q_width + model.kv_heads * model.head_dim)
+    return FWD_BWD_BYTES * compute.FUSED_PASSES[op] * elements * act_bytes
