@@ -143,8 +143,9 @@ def job_env(*plans: Plan, **extra: str) -> dict[str, str]:
 
 def runs_triton_only_kernels(plan: Plan) -> bool:
     """Whether ``plan`` asks for the fused norm, SwiGLU or rotary kernel, which run only in Triton (``auto``
-    counts: it picks them wherever they can run)."""
-    return any(plan.kernels.get(name) in ("fused", "auto") for name in TRITON_ONLY_KERNELS)
+    counts: it picks them wherever they can run), or for any of liger-kernel's (all Triton)."""
+    return any(plan.kernels.get(name) in ("fused", "auto") for name in TRITON_ONLY_KERNELS) or \
+        "liger" in plan.kernels.values()
 
 
 def run_launch(args: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -179,6 +180,9 @@ PARITY_LAYOUTS = {
     # the Triton norm, SwiGLU and rotary with sequence parallel (on CPU under Triton's interpreter: conftest.py
     # sets TRITON_INTERPRET=1 for the session and the jobs it starts)
     "tp2-fused-kernels": dict(model=TINY_LLAMA_2L, tp=2, kernels=TRITON_KERNELS, global_batch=2, seq_len=16),
+    # liger-kernel's rotary and loss (those of its kernels that Triton's interpreter runs) on a whole head
+    "dp2-liger-rope-loss": dict(model=TINY_LLAMA_2L, dp=2, kernels={"rope": "liger", "loss": "liger"},
+                                global_batch=2, seq_len=16),
     "tp2-pp2-1f1b": dict(tp=2, pp=2, schedule="1f1b"),
     "dp2-cp2-ulysses": dict(dp=2, cp=2, cp_kind="ulysses"),
     "dp2-cp2-ring-selective": dict(dp=2, cp=2, cp_kind="ring", recompute="selective"),
