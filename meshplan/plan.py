@@ -475,7 +475,8 @@ def _kernels_from(data: Any, where: str) -> dict[str, str]:
     if data is None:
         return kernels
     if not isinstance(data, Mapping):
-        raise InputError(where, f"expected a mapping kernel -> {'|'.join(KERNEL_IMPLS)}", "write e.g. kernels: {loss: fused}")
+        raise InputError(where, f"expected a mapping kernel -> {'|'.join(KERNEL_IMPLS)}",
+                         "write e.g. kernels: {loss: fused}")
     for name, impl in data.items():
         if name not in KERNEL_NAMES:
             raise InputError(f"{where}.{name}", "unknown kernel", f"known kernels: {', '.join(KERNEL_NAMES)}")

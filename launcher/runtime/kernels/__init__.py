@@ -92,8 +92,6 @@ def _shape_only(t: torch.Tensor | None) -> bool:
 
 def _why_not_liger(device: torch.device | None) -> str | None:
     """None when liger-kernel's kernels can run on tensors of ``device`` here, else the reason."""
-    from . import liger
-
     err = liger.import_error()
     if err is not None:
         return f"liger-kernel is not importable ({err}); {liger.INSTALL_HINT}"

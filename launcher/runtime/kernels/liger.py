@@ -14,10 +14,11 @@ Each adapter computes what the reference of the same name computes (``reference.
   (``cat(cos, cos)``, ``[1, seq, head_dim]``), built from meshplan's half-width ones on each call (``seq x
   head_dim`` elements, beside the ``seq x heads x head_dim`` it rotates). Keeps cos and sin only.
 * :func:`linear_cross_entropy`: liger's fused linear cross-entropy, mean over the tokens whose target is not
-  ``ignore_index``. It computes both gradients in the forward, chunked as meshplan's own chunked loss is
-  (``chunk = next_pow2(ceil(T / ceil(V / h)))`` tokens); each chunk's logits are written once, in the
-  input's dtype, and overwritten by their gradient. It has no vocabulary-parallel form: the runtime uses it
-  only where the head is whole on the rank (``launcher/checks.py`` refuses it otherwise).
+  ``ignore_index``. It computes both gradients in the forward, chunk by chunk of ``next_pow2(ceil(T /
+  ceil(V / h)))`` tokens (``rules.liger_loss_chunk_tokens``: meshplan's chunk rule without its 256-token
+  floor); each chunk's logits are written once, in the input's dtype, and overwritten by their gradient. It
+  has no vocabulary-parallel form: the runtime uses it only where the head is whole on the rank
+  (``launcher/checks.py`` refuses it otherwise).
 """
 
 from __future__ import annotations
@@ -95,12 +96,12 @@ class ShapeOnlyLoss(torch.autograd.Function):
     """What liger's fused linear cross-entropy allocates, on fake or meta tensors (``meshplan check``; its
     Triton kernel cannot run on them). Forward: the hidden states' and the weight's gradients (the input's
     and the weight's dtypes), the fp32 per-token losses, and one chunk of logits in the input's dtype,
-    overwritten in place by their gradient and freed. Each chunk adds its
-    share of the weight gradient in place (``addmm(out=)``) on CUDA with 16-bit logits, and through a fresh
-    fp32 ``[V, h]`` product beside the chunk otherwise (liger's fallback path). meshplan's runtime computes in
-    16 bits only on CUDA ranks (CPU ranks compute in fp32), and ``check``'s fake tensors stand for CUDA ranks
-    though their device reads ``cpu``: the dtype decides. The two
-    gradients are kept until backward, which returns them. The loss is a zero scalar: only shapes matter."""
+    overwritten in place by their gradient and freed. Each chunk adds its share of the weight gradient in
+    place (``addmm(out=)``) on CUDA with 16-bit logits, and through a fresh fp32 ``[V, h]`` product beside
+    the chunk otherwise (liger's fallback path). meshplan's runtime computes in 16 bits only on CUDA ranks
+    (CPU ranks compute in fp32), and ``check``'s fake tensors stand for CUDA ranks though their device reads
+    ``cpu``: the dtype decides. The two gradients are kept until backward, which returns them. The loss is a
+    zero scalar: only shapes matter."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -125,5 +126,3 @@ class ShapeOnlyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden.view(ctx.shape), grad_weight
-
-
