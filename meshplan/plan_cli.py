@@ -271,6 +271,9 @@ def render_text(result, markdown: bool = False) -> str:
     lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {units.human_memory(v)}" for k, v in mb.items()
                                                           if v > 0))
     lines.append(memory_line(best.predicted, c.gpu.memory_gib))
+    if "liger" in best.kernels.values():
+        lines.append("plan 1 kernels: " + ", ".join(f"{op} {impl}" for op, impl in best.kernels.items())
+                     + " (per op the fastest the profile timed on this GPU: planner/kernels.py)")
     for note in best.notes:
         lines.append(f"note: {note}")
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshplan.measured import MeasuredProfile
+from meshplan.plan_cli import render_text
 from meshplan.planner import compute, kernels, memory
 from meshplan.planner.search import search
 from meshplan.profiler.cli import kernel_summary
@@ -56,6 +57,8 @@ def test_plans_name_the_chosen_kernels_and_keep_liger_loss_to_whole_heads():
     assert whole.kernels == {"norm": "liger", "swiglu": "fused", "rope": "fused", "loss": "liger"}
     sharded = search(MODEL, cluster, TRAIN, {"tp": 2}, top=1, engine="meshplan").plans[0]
     assert sharded.kernels["loss"] == "fused" and sharded.kernels["norm"] == "liger"
+    assert "plan 1 kernels: norm liger, swiglu fused, rope fused, loss liger" in render_text(
+        search(MODEL, cluster, TRAIN, {"tp": 1, "pp": 1}, top=1, engine="meshplan"))
     other = search(MODEL, cluster, TRAIN, {"tp": 1}, top=1, engine="megatron").plans[0]
     assert set(other.kernels.values()) <= {"fused", "reference"}
     eager = search(MODEL, cluster, TRAIN, {"tp": 1, "fused_kernels": False}, top=1, engine="meshplan").plans[0]
