@@ -29,14 +29,19 @@ from meshplan.rules import liger_loss_chunk_tokens
 
 INSTALL_HINT = "pip install 'meshplan[gpu]' (liger-kernel), or set the kernel to fused"
 
-_IMPORT: list[str | None] = []   # memo of import_error (a plain global, read as a constant under torch.compile)
+# Memos of import_error and of liger's functional module: plain globals, which torch.compile reads as
+# constants (an import traced inside a compiled block broke its graph on an H200; kernels_from_plan fills them
+# before any block runs).
+_IMPORT: list[str | None] = []
+_FUNCTIONAL: list = []
 
 
 def import_error() -> str | None:
     """None when liger-kernel's functional API imports, else why not (memoized)."""
     if not _IMPORT:
         try:
-            from liger_kernel.transformers import functional  # noqa: F401
+            from liger_kernel.transformers import functional
+            _FUNCTIONAL.append(functional)
             _IMPORT.append(None)
         except Exception as exc:   # ImportError, or an install that does not match this torch / triton
             _IMPORT.append(f"{type(exc).__name__}: {exc}")
@@ -44,9 +49,9 @@ def import_error() -> str | None:
 
 
 def _functional():
-    from liger_kernel.transformers import functional
-
-    return functional
+    if not _FUNCTIONAL:
+        import_error()
+    return _FUNCTIONAL[0]
 
 
 def _arrived(t: torch.Tensor) -> torch.Tensor:
