@@ -139,6 +139,9 @@ def main() -> int:
     notes = [f"plan: {choice}", *targets(measured, pred, titan)]
     if titan is None:
         notes.append("torchtitan did not run here (see titan.log)")
+    if (args.out / "plan-liger.yaml").exists():
+        notes.append("the plan's liger-kernel kernels failed at launch (launch-liger.log): measured with meshplan's "
+                     "fused kernels, against the plan's prediction for liger's")
     suite = {"title": "meshplan's runtime on one GPU", "command": "bash benchmarks/gpu_suite.sh OUT",
              "date": dt.date.today().isoformat(), "machine": device, "tables": tables, "notes": notes}
     for path in {args.out / "suite.json", args.json} - {None}:
