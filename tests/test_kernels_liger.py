@@ -23,20 +23,10 @@ from meshplan.launcher.runtime.kernels.measure import peak_tracked_bytes, saved_
 from meshplan.launcher.runtime.model import build_model
 from meshplan.rules import liger_loss_chunk_tokens
 from runtime_helpers import TINY_LLAMA, make_plan
+from test_kernels import FP32_RTOL, interpret, rel_err  # noqa: F401  (interpret: the fixture)
 
 needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
                                  reason="liger-kernel is not installed (pip install liger-kernel==0.8.5)")
-FP32_RTOL = 1e-5
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def grads(fn, inputs):
