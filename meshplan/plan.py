@@ -324,6 +324,9 @@ class Plan:
             pins["expert_tp"] = self.expert_tp
             if self.moe_imbalance:
                 pins["moe_imbalance"] = self.moe_imbalance
+        for op, impl in self.kernels.items():
+            if impl == "liger":
+                pins[f"{op}_kernel"] = impl
         if pins["recompute"] == "mixed":
             del pins["recompute"]
         return pins

@@ -43,8 +43,9 @@ def plan_command(
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd"),
     fix: List[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable): dp, tp, pp, cp, cp_kind, "
                                   "micro_batch, schedule, virtual_stages, recompute, zero, vocab_parallel, tp_overlap, "
-                                  "compile, fused_kernels, sequence_parallel, attention (flash | unfused); for a mixture of "
-                                  "experts ep, expert_tp, moe_imbalance"),
+                                  "compile, fused_kernels, sequence_parallel, attention (flash | unfused); norm_kernel, "
+                                  "swiglu_kernel, rope_kernel, loss_kernel (fused | liger: meshplan's or liger-kernel's); "
+                                  "for a mixture of experts ep, expert_tp, moe_imbalance"),
     engine: str = typer.Option("meshplan", "--engine", "-e", help="The engine that will run the plan: meshplan "
                                "(meshplan launch), megatron (Megatron-Core) or torchtitan; the search offers what it "
                                "runs and prices it as it behaves"),
@@ -272,8 +273,7 @@ def render_text(result, markdown: bool = False) -> str:
                                                           if v > 0))
     lines.append(memory_line(best.predicted, c.gpu.memory_gib))
     if "liger" in best.kernels.values():
-        lines.append("plan 1 kernels: " + ", ".join(f"{op} {impl}" for op, impl in best.kernels.items())
-                     + " (per op the fastest the profile timed on this GPU: planner/kernels.py)")
+        lines.append("plan 1 kernels: " + ", ".join(f"{op} {impl}" for op, impl in best.kernels.items()))
     for note in best.notes:
         lines.append(f"note: {note}")
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))

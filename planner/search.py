@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from meshplan.engines import MESHPLAN, Engine, get_engine
 from meshplan.errors import InputError, NoFeasiblePlan
-from meshplan.plan import (ATTENTIONS, CP_KINDS, DEFAULT_MESH_ORDER, RECOMPUTE_MODES, SCHEDULES, Plan,
+from meshplan.plan import (ATTENTIONS, CP_KINDS, DEFAULT_MESH_ORDER, FUSED_IMPLS, RECOMPUTE_MODES, SCHEDULES, Plan,
                            expert_layout_problem, schedule_problem)
 from meshplan.spec import ClusterSpec, ModelSpec, TrainSpec, _as_bool, _as_choice, _as_float, _as_int
 from meshplan.units import human_memory
@@ -30,6 +30,7 @@ from meshplan.planner import memory
 from meshplan.planner.block import config_layer_cost
 from meshplan.planner.evaluate import Evaluation, evaluate, to_plan
 from meshplan.planner.inputs import Config, Context, Rejection
+from meshplan.planner.kernels import KERNEL_OPS, kernel_choice
 from meshplan.planner.vocab import vocab_cost
 from meshplan.planner.layout import activation_capacity
 from meshplan.planner.recompute import solve_partition_ilp
@@ -59,6 +60,8 @@ FIX_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "ep": lambda v, w: _as_int(v, w, 1),
     "expert_tp": lambda v, w: _as_int(v, w, 1),
     "moe_imbalance": lambda v, w: _as_float(v, w, 1.0, strict=False),
+    # the implementation of one fused op (plan ``kernels``; planner/kernels.py): meshplan's or liger-kernel's
+    **{f"{op}_kernel": (lambda v, w: _as_choice(v, w, FUSED_IMPLS)) for op in KERNEL_OPS},
 }
 
 
@@ -249,6 +252,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixes: dict
                   memory_headroom)
     model.check_sequence(train.seq_len)
     _check_fixes(ctx, fixes)
+    ctx = pin_kernels(ctx, fixes)
     rejected: Counter[str] = Counter()
     families, closest_oom = _degree_families(ctx, fixes, rejected)
     best, evaluated, closest_oom = _evaluate_families(ctx, families, fixes, top, rejected, closest_oom, progress)
@@ -453,6 +457,35 @@ def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
     if rank > 0:
         notes.append(f"{(ev.iteration_s / best.iteration_s - 1):.1%} slower than plan 1")
     return notes
+
+
+def pin_kernels(ctx: Context, fixes: dict[str, Any]) -> Context:
+    """The context with the ``--fix <op>_kernel`` pins over the profile's choice (planner/kernels.py), and the
+    pins they imply: fused kernels, and for liger's loss a whole head (tp 1, the vocabulary not split over
+    pipeline ranks). A pin that cannot hold is an input error naming it."""
+    pins = {op: fixes[f"{op}_kernel"] for op in KERNEL_OPS if f"{op}_kernel" in fixes}
+    if not pins:
+        return ctx
+    named = f"--fix {next(iter(pins))}_kernel"
+    if ctx.engine.name != MESHPLAN.name:
+        raise InputError(named, f"a kernel per op is meshplan's runtime's choice; {ctx.engine.title} runs its own",
+                         "drop the pin, or plan with --engine meshplan")
+    if ctx.cluster.gpu.kind != "gpu":
+        raise InputError(named, "the fused and liger-kernel kernels run on GPUs", "drop the pin on CPU clusters")
+    if fixes.get("fused_kernels") is False:
+        raise InputError(named, "a kernel pin runs fused kernels, and --fix fused_kernels=false turns them off",
+                         "drop one of the two")
+    fixes["fused_kernels"] = True
+    if pins.get("loss") == "liger":
+        if fixes.get("tp", 1) != 1 or (fixes.get("vocab_parallel") and fixes.get("pp", 1) > 1):
+            raise InputError("--fix loss_kernel", "liger-kernel's loss computes a whole head: tp 1, the "
+                             "vocabulary not split over pipeline ranks", "drop --fix loss_kernel=liger, or the "
+                             "tp / vocab_parallel pin")
+        fixes["tp"] = 1
+        if fixes.get("pp", 1) > 1:
+            fixes["vocab_parallel"] = False
+    chosen = kernel_choice(ctx.cluster, ctx.train.precision) | pins
+    return replace(ctx, kernels=tuple(chosen.items()))
 
 
 def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:

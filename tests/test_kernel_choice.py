@@ -163,3 +163,28 @@ def test_the_phase_records_what_fails_or_differs(monkeypatch):
     wrong = phase.measure_op(TINY, "norm", "fused", 16, cpu, torch.float32, reps=1)
     assert wrong["max_error"] == pytest.approx(1.0) and wrong["seconds"] > 0
     assert phase.kernel_phase(TINY, 16, cpu, torch.float32, reps=1) == []     # CPU ranks: no kernel table
+
+
+def test_kernel_pins_override_the_table_and_imply_what_they_need():
+    """``--fix <op>_kernel``: the pinned implementation whatever the profile says (or where it timed none),
+    fused kernels on, and for liger's loss a whole head; the plan's reproduce pins carry them."""
+    from meshplan.errors import InputError
+    from meshplan.planner.search import parse_fixes
+
+    plain = load_cluster("dgx-h100:1")
+    fixes = parse_fixes(["norm_kernel=liger", "loss_kernel=liger"])
+    plan = search(MODEL, plain, TRAIN, fixes, top=1, engine="meshplan").plans[0]
+    assert plan.kernels == {"norm": "liger", "swiglu": "fused", "rope": "fused", "loss": "liger"} and plan.tp == 1
+    again = search(MODEL, plain, TRAIN, plan.fields_for_fix(), top=1, engine="meshplan").plans[0]
+    assert again.kernels == plan.kernels
+    over = search(MODEL, profiled(TABLE), TRAIN, parse_fixes(["norm_kernel=fused"]), top=1,
+                  engine="meshplan").plans[0]
+    assert over.kernels["norm"] == "fused"
+    refused = {"on a CPU cluster": (load_cluster("localhost:2"), ["rope_kernel=liger"], "meshplan", "run on GPUs"),
+               "for another engine": (plain, ["rope_kernel=liger"], "megatron", "runs its own"),
+               "with fused kernels off": (plain, ["rope_kernel=liger", "fused_kernels=false"], "meshplan",
+                                          "drop one of the two"),
+               "on a sharded head": (plain, ["loss_kernel=liger", "tp=2"], "meshplan", "whole head")}
+    for case, (cluster, pins, engine, why) in refused.items():
+        with pytest.raises(InputError, match=why):
+            search(MODEL, cluster, TRAIN, parse_fixes(pins), top=1, engine=engine)
