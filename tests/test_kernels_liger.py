@@ -58,6 +58,17 @@ def test_liger_rotary_equals_reference(interpret):
 
 
 @needs_liger
+def test_liger_rotary_keeps_what_the_fused_rotary_keeps(interpret):
+    """Only the tables it is given (meshplan's half-width cos and sin, shared by every block): ``check`` runs
+    the fused rotary in its place and the planner counts no bytes for it."""
+    for impl in ("liger", "fused"):
+        q, k, cos, sin = rotary_inputs()
+        q_in, k_in = q * 1, k * 1           # non-leaf, as after the projections
+        saved = saved_tensor_bytes(lambda: K.apply_rotary(q_in, k_in, cos, sin, impl=impl), (cos, sin))
+        assert saved["other"] == 0 and saved["inputs"] == cos.nbytes + sin.nbytes, (impl, saved)
+
+
+@needs_liger
 def test_liger_loss_equals_reference_with_ignored_targets(interpret):
     torch.manual_seed(0)
     hidden = torch.randn(2, 24, 32, requires_grad=True)

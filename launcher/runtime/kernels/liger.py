@@ -8,11 +8,11 @@ Each adapter computes what the reference of the same name computes (``reference.
   not); ``in_place=False`` so the incoming gradient is not overwritten (autograd may hold it elsewhere).
   Keeps for backward what meshplan's fused norm keeps: the input, the weight and one fp32 rstd per row.
 * :func:`swiglu`: liger's SiLU-mul, fp32 inside, keeps gate and up.
-* :func:`apply_rotary`: liger takes q and k as ``[batch, heads, seq, head_dim]``; meshplan's are
-  ``[batch, seq, heads, head_dim]``, so liger gets transposed views (it makes them contiguous, rotates those
-  copies in place and returns them) and the results are transposed back. liger reads full-width tables
-  (``cat(cos, cos)``, ``[1, seq, head_dim]``), built from meshplan's half-width ones on each call (``seq x
-  head_dim`` elements, beside the ``seq x heads x head_dim`` it rotates). Keeps cos and sin only.
+* :func:`apply_rotary`: liger's kernel takes q and k as ``[batch, heads, seq, head_dim]`` views of
+  ``[batch, seq, heads, head_dim]`` storage, meshplan's layout, so it gets transposed views and the results
+  are transposed back. It reads full-width tables (``cat(cos, cos)``, ``[1, seq, head_dim]``), built from
+  meshplan's half-width ones on each call (``seq x head_dim`` elements, beside the ``seq x heads x head_dim``
+  it rotates). :class:`RotaryFunction` keeps the half-width cos and sin for backward, as the fused rotary.
 * :func:`linear_cross_entropy`: liger's fused linear cross-entropy, mean over the tokens whose target is not
   ``ignore_index``. It computes both gradients in the forward, chunk by chunk of ``next_pow2(ceil(T /
   ceil(V / h)))`` tokens (``rules.liger_loss_chunk_tokens``: meshplan's chunk rule without its 256-token
@@ -73,10 +73,42 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cos_full, sin_full = (torch.cat((t, t), dim=-1).to(q.dtype)[None] for t in (cos, sin))
-    q_out, k_out = _functional().liger_rope(_arrived(q).transpose(1, 2), _arrived(k).transpose(1, 2),
-                                            cos_full, sin_full)
-    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return RotaryFunction.apply(_arrived(q), _arrived(k), cos, sin)
+
+
+def full_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger's rotary tables, ``[1, seq, head_dim]`` in the rotated tensors' dtype, from meshplan's
+    ``[seq, head_dim / 2]`` (rotate-half: the two halves share their angles)."""
+    return tuple(torch.cat((t, t), dim=-1).to(dtype)[None] for t in (cos, sin))
+
+
+class RotaryFunction(torch.autograd.Function):
+    """liger-kernel's rotary kernel (``liger_kernel.ops.rope``'s forward and backward) on q and k as
+    ``[batch, seq, heads, head_dim]``, keeping meshplan's half-width tables for backward (shared by every
+    block) and building the full-width ones liger reads on each call. liger's own Function would keep the
+    full-width tables it is given: a new ``seq x head_dim`` pair per block and micro-batch. Like liger's, the
+    forward rotates the storage of q and k in place (callers pass copies where that matters); the backward
+    rotates copies of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,  # type: ignore[override]
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from liger_kernel.ops.rope import rope_forward
+
+        cos_full, sin_full = full_tables(cos, sin, q.dtype)
+        q_out, k_out, _, _ = rope_forward(q.transpose(1, 2), k.transpose(1, 2), cos_full, sin_full)
+        ctx.save_for_backward(cos, sin)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):  # type: ignore[override]
+        from liger_kernel.ops.rope import rope_backward
+
+        cos, sin = ctx.saved_tensors
+        cos_full, sin_full = full_tables(cos, sin, dq.dtype)
+        dq, dk = (_arrived(g).contiguous().clone() for g in (dq, dk))
+        dq, dk = rope_backward(dq.transpose(1, 2), dk.transpose(1, 2), cos_full, sin_full)
+        return dq.transpose(1, 2), dk.transpose(1, 2), None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
