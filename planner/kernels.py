@@ -8,8 +8,9 @@ largest difference from eager stays within :data:`MAX_KERNEL_ERROR` (:func:`kern
 keeps its own, ``Context.kernels``), and the block's memory-bound terms price the norm, rotary and SwiGLU
 bytes at the chosen implementation's measured rate (:func:`block_kernel_rates`) instead of the device's
 memory rate. Without a table (no profile, a CPU profile, or an older file) every op runs ``fused`` at the
-memory rate. The loss is chosen the same way and priced as before (its GEMMs and bytes per logit); liger's
-keeps less memory (planner/memory.py liger_loss_bytes).
+memory rate. The loss is chosen the same way; a plan running liger's prices its head + loss as meshplan's
+chunked loss times the two kernels' measured ratio (:func:`loss_time_ratio`), and its memory with
+planner/memory.py liger_loss_bytes.
 
 A rate is the planner's own bytes for the op at the timed shape (``compute.FUSED_PASSES``: forward passes,
 and backward moving twice the forward's, as ``block.layer_cost`` counts it) over the measured forward +
@@ -90,6 +91,16 @@ def block_kernel_rates(ctx: Context, cfg: Config) -> tuple[tuple[str, float], ..
     return tuple((row.op, row.gbps * 1e9) for row in measured_rows(ctx.cluster, ctx.train.precision)
                  if row.op in compute.FUSED_PASSES and row.impl == chosen[row.op] != "reference"
                  and usable(row) and row.gbps)
+
+
+def loss_time_ratio(cluster: ClusterSpec, precision: str, impl: str) -> float:
+    """The measured time of the loss in ``impl`` over meshplan's chunked loss (``fused``), head GEMMs
+    included, both timed by the profile on the same tokens (1 where either was not): the head + loss term,
+    priced and fitted as meshplan's chunked loss, takes this factor when the plan runs ``impl``."""
+    rows = {row.impl: row for row in measured_rows(cluster, precision) if row.op == "loss" and usable(row)}
+    if impl == "fused" or impl not in rows or "fused" not in rows or rows[impl].tokens != rows["fused"].tokens:
+        return 1.0
+    return rows[impl].seconds / rows["fused"].seconds
 
 
 def op_bytes(model: ModelSpec, op: str, tokens: int, act_bytes: int) -> float:

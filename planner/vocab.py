@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 from meshplan.planner import comm, compute, flops, memory
 from meshplan.planner.comm import GroupLink
 from meshplan.planner.inputs import Config, Context
-from meshplan.planner.kernels import plan_kernels
+from meshplan.planner.kernels import loss_time_ratio, plan_kernels
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def head_and_loss(ctx: Context, cfg: VocabKey, rates: compute.Rates) -> HeadLoss
     head_time = head_loss_time(ctx, tokens, vocab_local, fused_loss, rates)
     embed_time = embedding_time(ctx, tokens, vocab_local, cfg.tp, rates)
     if fused_loss and plan_kernels(ctx, cfg)["loss"] == "liger":
+        head_time *= loss_time_ratio(ctx.cluster, train.precision, "liger")
         logits_peak = memory.liger_loss_bytes(tokens, vocab_local, train.precision, model.hidden)
     else:
         logits_peak = memory.logits_bytes(tokens, vocab_local, train.precision, fused_loss, hidden=model.hidden,

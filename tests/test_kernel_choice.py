@@ -188,3 +188,20 @@ def test_kernel_pins_override_the_table_and_imply_what_they_need():
     for case, (cluster, pins, engine, why) in refused.items():
         with pytest.raises(InputError, match=why):
             search(MODEL, cluster, TRAIN, parse_fixes(pins), top=1, engine=engine)
+
+
+def test_liger_loss_is_priced_at_its_measured_ratio():
+    """The head + loss of a plan running liger's loss: meshplan's chunked loss's price times the two kernels'
+    measured ratio (6 ms / 9 ms in TABLE)."""
+    from meshplan.planner.inputs import Context
+    from meshplan.planner.vocab import VocabKey, head_and_loss
+
+    assert kernels.loss_time_ratio(profiled(TABLE), "bf16", "liger") == pytest.approx(6 / 9)
+    assert kernels.loss_time_ratio(load_cluster("dgx-h100:1"), "bf16", "liger") == 1.0
+    key = VocabKey(micro_batch=1, cp=1, tp=1, pp=1, dp=8, vocab_parallel=False, fused_kernels=True,
+                   mesh_order=("pp", "dp", "cp", "tp"))
+    pinned = tuple({"norm": "fused", "swiglu": "fused", "rope": "fused", "loss": "fused"}.items())
+    times = {name: head_and_loss(Context(MODEL, profiled(TABLE), TRAIN, kernels=k), key,
+                                 compute.achieved_rates(profiled(TABLE), "bf16")).head_time
+             for name, k in (("liger", None), ("fused", pinned))}
+    assert times["liger"] == pytest.approx(times["fused"] * 6 / 9)
