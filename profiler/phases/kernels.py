@@ -18,6 +18,7 @@ import torch
 from meshplan.launcher.runtime import kernels as K
 from meshplan.planner.kernels import KERNEL_OPS
 from meshplan.profiler.phases.timing import SAMPLE_S, lower_quartile, time_reps
+from meshplan.profiler.progress import Progress
 from meshplan.spec import ModelSpec
 
 TIMED_IMPLS = ("fused", "liger")
@@ -112,11 +113,17 @@ def measure_op(spec: ModelSpec, op: str, impl: str, tokens: int, device, dtype, 
     return row
 
 
-def kernel_phase(spec: ModelSpec, tokens: int, device, dtype, reps: int) -> list[dict]:
-    """Every op in every implementation that can run here (none on CPU ranks: Triton runs on GPUs)."""
+def kernel_phase(spec: ModelSpec, tokens: int, device, dtype, reps: int,
+                 progress: Progress | None = None) -> list[dict]:
+    """Every op in every implementation that can run here (none on CPU ranks: Triton runs on GPUs); the
+    progress bar names each as it is timed (the first call of each builds its Triton kernels)."""
     if device.type != "cuda":
         return []
-    rows = [measure_op(spec, op, impl, tokens, device, dtype, reps)
-            for op in KERNEL_OPS for impl in available_impls(device)]
+    todo = [(op, impl) for op in KERNEL_OPS for impl in available_impls(device)]
+    rows = []
+    for done, (op, impl) in enumerate(todo):
+        if progress is not None:
+            progress.update(done, len(todo), f"kernels {op}/{impl}")
+        rows.append(measure_op(spec, op, impl, tokens, device, dtype, reps))
     torch.cuda.empty_cache()
     return rows
