@@ -41,6 +41,7 @@ SECTIONS = [
     ("kernels_gpu_h200", "Fused kernels on one GPU"),
     ("kernels_correctness", "Fused kernels against their references"),
     ("loss_memory_cpu", "Fused loss memory on CPU"),
+    ("loss_kernels_check", "The loss kernels' memory: planner against `meshplan check`"),
     ("vocab_parallel_cpu", "Vocabulary parallelism on CPU ranks"),
     ("vocab_parallel_parity", "Vocabulary parallelism and fused loss: parity"),
     ("gpu_suite_h100", "The runtime on one H100: the GPU suite"),
