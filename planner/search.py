@@ -461,8 +461,8 @@ def _why(ev: Evaluation, best: Evaluation, rank: int) -> list[str]:
 
 def pin_kernels(ctx: Context, fixes: dict[str, Any]) -> Context:
     """The context with the ``--fix <op>_kernel`` pins over the profile's choice (planner/kernels.py), and the
-    pins they imply: fused kernels, and for liger's loss a whole head (tp 1, the vocabulary not split over
-    pipeline ranks). A pin that cannot hold is an input error naming it."""
+    pins they imply: fused kernels, and for liger's loss a whole head (tp 1, no vocabulary parallelism). A pin
+    that cannot hold is an input error naming it."""
     pins = {op: fixes[f"{op}_kernel"] for op in KERNEL_OPS if f"{op}_kernel" in fixes}
     if not pins:
         return ctx
@@ -477,13 +477,11 @@ def pin_kernels(ctx: Context, fixes: dict[str, Any]) -> Context:
                          "drop one of the two")
     fixes["fused_kernels"] = True
     if pins.get("loss") == "liger":
-        if fixes.get("tp", 1) != 1 or (fixes.get("vocab_parallel") and fixes.get("pp", 1) > 1):
+        if fixes.get("tp", 1) != 1 or fixes.get("vocab_parallel"):
             raise InputError("--fix loss_kernel", "liger-kernel's loss computes a whole head: tp 1, the "
                              "vocabulary not split over pipeline ranks", "drop --fix loss_kernel=liger, or the "
                              "tp / vocab_parallel pin")
-        fixes["tp"] = 1
-        if fixes.get("pp", 1) > 1:
-            fixes["vocab_parallel"] = False
+        fixes["tp"], fixes["vocab_parallel"] = 1, False
     chosen = kernel_choice(ctx.cluster, ctx.train.precision) | pins
     return replace(ctx, kernels=tuple(chosen.items()))
 
