@@ -66,8 +66,8 @@ class Context:
     train: TrainSpec
     engine: Engine = MESHPLAN
     memory_headroom: float = memory.DEFAULT_MEMORY_HEADROOM   # share of device memory a plan leaves unused
-    # the implementation of each fused op, ((op, impl), ...): a written plan's (planner/replay.py); None: the
-    # cluster's kernel table decides (planner/kernels.py)
+    # implementations pinned per fused op, ((op, impl), ...), over the cluster's kernel table
+    # (planner/kernels.py): --fix <op>_kernel pins, or a written plan's whole section (planner/replay.py)
     kernels: tuple[tuple[str, str], ...] | None = None
 
     def __hash__(self) -> int:

@@ -4,13 +4,16 @@ On a GPU, ``meshplan profile`` times each fused op (RMSNorm, SwiGLU, rotary, the
 each implementation the runtime has there (``fused``: meshplan's Triton kernels; ``liger``: liger-kernel's,
 where it imports), forward + backward at the model's widths, and checks each against eager
 (``profiler/phases/kernels.py``). A plan with fused kernels runs, per op, the fastest implementation whose
-largest difference from eager stays within :data:`MAX_KERNEL_ERROR` (:func:`kernel_choice`; a written plan
-keeps its own, ``Context.kernels``), and the block's memory-bound terms price the norm, rotary and SwiGLU
-bytes at the chosen implementation's measured rate (:func:`block_kernel_rates`) instead of the device's
-memory rate. Without a table (no profile, a CPU profile, or an older file) every op runs ``fused`` at the
-memory rate. The loss is chosen the same way; a plan running liger's prices its head + loss as meshplan's
-chunked loss times the two kernels' measured ratio (:func:`loss_time_ratio`), and its memory with
-planner/memory.py liger_loss_bytes.
+largest difference from eager stays within :data:`MAX_KERNEL_ERROR` (:func:`kernel_choice`; pins and a
+written plan's own choice, ``Context.kernels``, come first), and the block's memory-bound terms price the
+norm, rotary and SwiGLU bytes at the chosen implementation's measured rate (:func:`block_kernel_rates`)
+instead of the device's memory rate. A full profile also times ``torch.compile`` of the reference norm,
+SwiGLU and rotary (``compile``): where that is fastest, a plan that compiles its blocks runs the reference
+op there (``reference``), which Inductor fuses into the block. Without a table (no profile, a CPU profile,
+or an older file) every op runs ``fused`` at the memory rate. The loss is chosen the same way, between
+``fused`` and ``liger``; a plan running liger's prices its head + loss as meshplan's chunked loss times the
+two kernels' measured ratio (:func:`loss_time_ratio`), and its memory with planner/memory.py
+liger_loss_bytes.
 
 A rate is the planner's own bytes for the op at the timed shape (``compute.FUSED_PASSES``: forward passes,
 and backward moving twice the forward's, as ``block.layer_cost`` counts it) over the measured forward +
@@ -52,32 +55,40 @@ def usable(row: KernelRow) -> bool:
         and row.max_error <= MAX_KERNEL_ERROR
 
 
-def kernel_choice(cluster: ClusterSpec, precision: str) -> dict[str, str]:
-    """Per op, the fastest usable implementation the profile timed; ``fused`` where it timed none."""
+def plan_impl(row: KernelRow) -> str:
+    """The plan's ``kernels`` value a row stands for: ``compile`` (torch.compile of the reference op) is the
+    reference op, which a compiled block's Inductor fuses."""
+    return "reference" if row.impl == "compile" else row.impl
+
+
+def kernel_choice(cluster: ClusterSpec, precision: str, compiled: bool = False) -> dict[str, str]:
+    """Per op, the fastest usable implementation the profile timed, as the plan's ``kernels`` value; ``fused``
+    where it timed none. The ``compile`` rows count only for a plan that compiles its blocks (``compiled``),
+    and only for the norm, SwiGLU and rotary: the reference loss keeps the whole logits, which the search
+    weighs as a memory choice (``fused_kernels``)."""
     best: dict[str, KernelRow] = {}
     for row in measured_rows(cluster, precision):
-        if row.op in KERNEL_OPS and usable(row) and (row.op not in best or row.seconds < best[row.op].seconds):
+        is_compile = row.impl == "compile"
+        if row.op not in KERNEL_OPS or not usable(row) or \
+                (is_compile and (not compiled or row.op not in compute.FUSED_PASSES)):
+            continue
+        if row.op not in best or row.seconds < best[row.op].seconds:
             best[row.op] = row
-    return {op: best[op].impl if op in best else "fused" for op in KERNEL_OPS}
-
-
-def chosen_kernels(ctx: Context) -> dict[str, str]:
-    """The implementation of each fused op: the context's (a written plan's), else :func:`kernel_choice`."""
-    if ctx.kernels is not None:
-        return {op: impl for op, impl in ctx.kernels}
-    return kernel_choice(ctx.cluster, ctx.train.precision)
+    return {op: plan_impl(best[op]) if op in best else "fused" for op in KERNEL_OPS}
 
 
 def plan_kernels(ctx: Context, cfg: Config | VocabKey) -> dict[str, str]:
     """The plan's ``kernels`` section: ``reference`` everywhere without fused kernels, ``fused`` everywhere
-    for another engine (it runs its own); with meshplan's runtime, :func:`chosen_kernels`, except that
-    liger's loss needs the head whole on the rank (tp 1 and the vocabulary not split over pipeline ranks),
-    where meshplan's vocabulary-parallel chunked loss runs instead."""
+    for another engine (it runs its own); with meshplan's runtime, :func:`kernel_choice` for the plan's
+    ``compile`` under the context's pins (``Context.kernels``: ``--fix <op>_kernel``, or a written plan's
+    whole section), except that liger's loss needs the head whole on the rank (tp 1 and the vocabulary not
+    split over pipeline ranks), where meshplan's vocabulary-parallel chunked loss runs instead."""
     if not cfg.fused_kernels:
         return {op: "reference" for op in KERNEL_OPS}
     if ctx.engine.name != MESHPLAN.name:
         return {op: "fused" for op in KERNEL_OPS}
-    chosen = {op: "fused" for op in KERNEL_OPS} | chosen_kernels(ctx)
+    compiled = getattr(cfg, "compile", False)
+    chosen = kernel_choice(ctx.cluster, ctx.train.precision, compiled) | dict(ctx.kernels or ())
     whole_head = cfg.tp == 1 and not (cfg.vocab_parallel and cfg.pp > 1)
     if chosen["loss"] == "liger" and not whole_head:
         chosen["loss"] = "fused"
@@ -85,12 +96,15 @@ def plan_kernels(ctx: Context, cfg: Config | VocabKey) -> dict[str, str]:
 
 
 def block_kernel_rates(ctx: Context, cfg: Config) -> tuple[tuple[str, float], ...]:
-    """``(op, bytes/s)`` of each memory-bound op whose chosen implementation the profile timed with a rate;
-    none without fused kernels or for another engine (:func:`plan_kernels`)."""
+    """``(op, bytes/s)`` of each memory-bound op whose implementation in the plan the profile timed with a
+    rate: a fused or liger kernel's row, or for a reference op in a compiled block its ``compile`` row. None
+    for another engine, which runs kernels of its own."""
+    if ctx.engine.name != MESHPLAN.name:
+        return ()
     chosen = plan_kernels(ctx, cfg)
     return tuple((row.op, row.gbps * 1e9) for row in measured_rows(ctx.cluster, ctx.train.precision)
-                 if row.op in compute.FUSED_PASSES and row.impl == chosen[row.op] != "reference"
-                 and usable(row) and row.gbps)
+                 if row.op in compute.FUSED_PASSES and chosen[row.op] == plan_impl(row)
+                 and (row.impl != "compile" or cfg.compile) and usable(row) and row.gbps)
 
 
 def loss_time_ratio(cluster: ClusterSpec, precision: str, impl: str) -> float:

@@ -18,10 +18,16 @@ def config_of(plan: Plan) -> Config:
     return Config(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, micro_batch=plan.micro_batch,
                   schedule=plan.schedule, virtual_stages=plan.virtual_stages, zero=plan.zero,
                   vocab_parallel=plan.vocab_parallel, cp_kind=plan.cp_kind, tp_overlap=plan.tp_overlap,
-                  compile=plan.compile, fused_kernels=plan.kernels.get("norm") in FUSED_IMPLS,
+                  compile=plan.compile, fused_kernels=fused_kernels(plan),
                   mesh_order=tuple(plan.mesh_order), sequence_parallel=plan.sequence_parallel or plan.tp == 1,
                   attention=plan.attention, ep=plan.ep, expert_tp=plan.expert_tp,
                   moe_imbalance=plan.moe_imbalance or None)
+
+
+def fused_kernels(plan: Plan) -> bool:
+    """The search's ``fused_kernels`` for the plan: its norm runs a fused kernel, or, in a compiled plan, its
+    loss does (the kernel table may leave the norm to Inductor: ``reference`` in a compiled block)."""
+    return plan.kernels.get("norm") in FUSED_IMPLS or (plan.compile and plan.kernels.get("loss") in FUSED_IMPLS)
 
 
 def replay(plan: Plan) -> Evaluation:

@@ -30,7 +30,7 @@ from meshplan.planner import memory
 from meshplan.planner.block import config_layer_cost
 from meshplan.planner.evaluate import Evaluation, evaluate, to_plan
 from meshplan.planner.inputs import Config, Context, Rejection
-from meshplan.planner.kernels import KERNEL_OPS, kernel_choice
+from meshplan.planner.kernels import KERNEL_OPS
 from meshplan.planner.vocab import vocab_cost
 from meshplan.planner.layout import activation_capacity
 from meshplan.planner.recompute import solve_partition_ilp
@@ -482,8 +482,7 @@ def pin_kernels(ctx: Context, fixes: dict[str, Any]) -> Context:
                              "vocabulary not split over pipeline ranks", "drop --fix loss_kernel=liger, or the "
                              "tp / vocab_parallel pin")
         fixes["tp"], fixes["vocab_parallel"] = 1, False
-    chosen = kernel_choice(ctx.cluster, ctx.train.precision) | pins
-    return replace(ctx, kernels=tuple(chosen.items()))
+    return replace(ctx, kernels=tuple(pins.items()))
 
 
 def _check_fixes(ctx: Context, fixes: dict[str, Any]) -> None:

@@ -205,3 +205,40 @@ def test_liger_loss_is_priced_at_its_measured_ratio():
                                  compute.achieved_rates(profiled(TABLE), "bf16")).head_time
              for name, k in (("liger", None), ("fused", pinned))}
     assert times["liger"] == pytest.approx(times["fused"] * 6 / 9)
+
+
+def test_compiled_reference_is_a_candidate_in_compiled_plans_only():
+    """A ``compile`` row (torch.compile of the reference op) that is fastest: a plan compiling its blocks runs
+    the reference op there, priced at the compile row's rate; one that does not keeps the fastest kernel.
+    Replay reads such a plan back as one with fused kernels."""
+    from meshplan.planner.inputs import Context
+    from meshplan.planner.replay import config_of, replay
+
+    cluster = profiled(TABLE + [row("norm", "compile", 5e-5), row("loss", "compile", 1e-4)])
+    assert kernels.kernel_choice(cluster, "bf16", compiled=True)["norm"] == "reference"
+    assert kernels.kernel_choice(cluster, "bf16", compiled=False)["norm"] == "liger"
+    compiled = search(MODEL, cluster, TRAIN, {"tp": 1, "compile": True}, top=1, engine="meshplan").plans[0]
+    eager = search(MODEL, cluster, TRAIN, {"tp": 1, "compile": False}, top=1, engine="meshplan").plans[0]
+    assert compiled.kernels["norm"] == "reference" and eager.kernels["norm"] == "liger"
+    assert compiled.kernels["loss"] == "liger"           # the loss is chosen among fused and liger only
+    cfg = config_of(compiled)
+    assert cfg.fused_kernels
+    rates = dict(kernels.block_kernel_rates(Context(MODEL, cluster, TRAIN, kernels=tuple(compiled.kernels.items())),
+                                            cfg))
+    compile_row = [r for r in cluster.profile.compute.kernels if r.impl == "compile" and r.op == "norm"][0]
+    assert rates["norm"] == pytest.approx(compile_row.gbps * 1e9)
+    assert replay(compiled).iteration_s == pytest.approx(compiled.predicted.iteration_s)
+
+
+def test_the_phase_times_the_compiled_reference(monkeypatch):
+    """The ``compile`` row runs the reference op through torch.compile (here its ``eager`` backend: Inductor's
+    compilation takes seconds on CPU) and is checked against the reference like the kernels."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_eagerly(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(phase.torch, "compile", compile_eagerly)
+    measured = phase.measure_op(TINY, "swiglu", "compile", 16, torch.device("cpu"), torch.float32, reps=1)
+    assert compiled and measured["seconds"] > 0 and measured["max_error"] < 1e-6, measured

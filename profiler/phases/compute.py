@@ -280,7 +280,8 @@ def compute_phase(cfg: dict, spec: ModelSpec, device, dtype, deadline: float, pr
     steps = [measure_optimizer(spec, tp, device, reps) for tp in sorted({tp for tp, _ in measured})]
     out["optimizer"] = [step for step in steps if step is not None]
     # every rank times the kernels on its own GPU, so that all reach the block rounds' barriers together
-    out["kernels"] = kernel_phase(spec, seq * min(cfg["micro_batches"]), device, dtype, reps, progress)
+    out["kernels"] = kernel_phase(spec, seq * min(cfg["micro_batches"]), device, dtype, reps, progress,
+                                  compiled=not cfg.get("quick"))
     rounds = block_rounds(spec, measured, seq, device, dtype, reps, deadline, round_estimate, progress,
                           rounds_deadline)
     if dist.get_rank() == 0:

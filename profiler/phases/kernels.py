@@ -4,9 +4,10 @@ at the model's widths on one rank's tokens, and its largest difference from eage
 Ops and implementations are the runtime's (``launcher/runtime/kernels``): ``norm`` (RMSNorm over
 ``[tokens, hidden]``), ``swiglu`` (over ``[tokens, ffn_hidden]``), ``rope`` (q and k of one sequence,
 ``[1, tokens, heads, head_dim]``), ``loss`` (head + cross-entropy over ``[tokens, hidden]`` and the whole
-vocabulary); ``fused`` (meshplan's Triton kernels) and ``liger`` (liger-kernel's, where it imports). An
-implementation that raises is recorded with its error and left out of the choice; one that differs from eager
-beyond ``planner/kernels.MAX_KERNEL_ERROR`` is recorded and not chosen (planner/kernels.py).
+vocabulary); ``fused`` (meshplan's Triton kernels), ``liger`` (liger-kernel's, where it imports) and, in the
+full profile, ``compile`` (torch.compile of the reference norm, SwiGLU and rotary). An implementation that
+raises is recorded with its error and left out of the choice; one that differs from eager beyond
+``planner/kernels.MAX_KERNEL_ERROR`` is recorded and not chosen (planner/kernels.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from meshplan.profiler.progress import Progress
 from meshplan.spec import ModelSpec
 
 TIMED_IMPLS = ("fused", "liger")
+# torch.compile of the reference, timed in the full profile only (each op's compilation takes seconds) and
+# not for the loss (whose reference keeps the whole [tokens, vocab] logits: a memory choice, the planner's)
+COMPILED_OPS = ("norm", "swiglu", "rope")
 ERROR_CHARS = 200     # an implementation's error, as recorded: its first line, cut here
 
 
@@ -53,7 +57,9 @@ def op_inputs(spec: ModelSpec, op: str, tokens: int, device, dtype) -> tuple[tup
 
 
 def op_call(op: str, impl: str, inputs: tuple[torch.Tensor, ...], fixed: dict) -> Callable[[], Any]:
-    """A closure running ``op`` forward in ``impl``."""
+    """A closure running ``op`` forward in ``impl`` (``compile``: torch.compile of the reference)."""
+    if impl == "compile":
+        return torch.compile(op_call(op, "reference", inputs, fixed))
     if op == "norm":
         return lambda: K.rms_norm(inputs[0], inputs[1], impl=impl)
     if op == "swiglu":
@@ -113,13 +119,15 @@ def measure_op(spec: ModelSpec, op: str, impl: str, tokens: int, device, dtype, 
     return row
 
 
-def kernel_phase(spec: ModelSpec, tokens: int, device, dtype, reps: int,
-                 progress: Progress | None = None) -> list[dict]:
-    """Every op in every implementation that can run here (none on CPU ranks: Triton runs on GPUs); the
-    progress bar names each as it is timed (the first call of each builds its Triton kernels)."""
+def kernel_phase(spec: ModelSpec, tokens: int, device, dtype, reps: int, progress: Progress | None = None,
+                 compiled: bool = True) -> list[dict]:
+    """Every op in every implementation that can run here (none on CPU ranks: Triton runs on GPUs), and with
+    ``compiled`` torch.compile of the reference norm, SwiGLU and rotary; the progress bar names each as it is
+    timed (the first call of each builds its kernels)."""
     if device.type != "cuda":
         return []
     todo = [(op, impl) for op in KERNEL_OPS for impl in available_impls(device)]
+    todo += [(op, "compile") for op in COMPILED_OPS if compiled]
     rows = []
     for done, (op, impl) in enumerate(todo):
         if progress is not None:
