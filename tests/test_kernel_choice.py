@@ -91,6 +91,8 @@ def test_measured_rates_price_the_block():
     moved = compute.elementwise_bytes_by_op(MODEL, TOKENS, 1, False, True, 2)
     change = moved["norm"] * (1 / 4 - 1) / memory_rate + moved["swiglu"] * (2 - 1) / memory_rate
     assert (after.fwd + after.bwd) - (before.fwd + before.bwd) == pytest.approx(kernels.FWD_BWD_BYTES * change)
+    from meshplan.engines import MEGATRON     # another engine runs its own kernels: none of these rates
+    assert kernels.block_kernel_rates(Context(MODEL, profiled(table), TRAIN, MEGATRON), cfg) == ()
 
 
 @pytest.mark.parametrize("impl", ["liger", "fused"])
