@@ -61,7 +61,9 @@ def config_layer_cost(ctx: Context, cfg: Config, moe_share: float | None = None)
     model's mean block, or with ``moe_share`` the mean of blocks of which that share are MoE blocks."""
     positional = (cfg.tp, cfg.cp, cfg.micro_batch, cfg.cp_kind, cfg.tp_overlap, cfg.compile or cfg.fused_kernels,
                   cfg.fused_kernels, cfg.mesh_order, cfg.dp, cfg.pp)
-    key = ("layer_cost", *positional, cfg.sp, cfg.attention, cfg.ep, cfg.expert_tp, cfg.moe_imbalance, moe_share)
+    # compile on its own too: with fused kernels it picks the kernel table's rows (kernels.block_kernel_rates)
+    key = ("layer_cost", *positional, cfg.compile, cfg.sp, cfg.attention, cfg.ep, cfg.expert_tp, cfg.moe_imbalance,
+           moe_share)
     memo = ctx.memo
     cost = memo.get(key)
     if cost is None:
