@@ -272,7 +272,7 @@ def render_text(result, markdown: bool = False) -> str:
     lines.append("plan 1 memory (worst rank): " + ", ".join(f"{k} {units.human_memory(v)}" for k, v in mb.items()
                                                           if v > 0))
     lines.append(memory_line(best.predicted, c.gpu.memory_gib))
-    if "liger" in best.kernels.values():
+    if len(set(best.kernels.values())) > 1 or "liger" in best.kernels.values():   # not one kind for all ops
         lines.append("plan 1 kernels: " + ", ".join(f"{op} {impl}" for op, impl in best.kernels.items()))
     for note in best.notes:
         lines.append(f"note: {note}")

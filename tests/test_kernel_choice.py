@@ -223,6 +223,8 @@ def test_compiled_reference_is_a_candidate_in_compiled_plans_only():
     eager = search(MODEL, cluster, TRAIN, {"tp": 1, "compile": False}, top=1, engine="meshplan").plans[0]
     assert compiled.kernels["norm"] == "reference" and eager.kernels["norm"] == "liger"
     assert compiled.kernels["loss"] == "liger"           # the loss is chosen among fused and liger only
+    assert "plan 1 kernels: norm reference" in render_text(
+        search(MODEL, cluster, TRAIN, {"tp": 1, "compile": True}, top=1, engine="meshplan"))
     cfg = config_of(compiled)
     assert cfg.fused_kernels
     rates = dict(kernels.block_kernel_rates(Context(MODEL, cluster, TRAIN, kernels=tuple(compiled.kernels.items())),
