@@ -8,6 +8,7 @@ import os
 from meshplan.engines import MESHPLAN
 from meshplan.errors import InputError
 from meshplan.plan import Plan, schedule_problem
+from meshplan.rules import head_is_whole
 
 # The engine-field values the runtime reads and runs, each where it is read: MESHPLAN (meshplan/engines.py) may
 # list no other (tests/test_engine_meshplan.py), and a plan with another is refused.
@@ -39,7 +40,7 @@ def check_liger_loss(plan: Plan) -> None:
     tensor ranks or the vocabulary over pipeline ranks (meshplan's chunked loss is vocabulary-parallel)."""
     if plan.kernels.get("loss") != "liger":
         return
-    if plan.tp > 1 or (plan.vocab_parallel and plan.pp > 1):
+    if not head_is_whole(plan.tp, plan.pp, plan.vocab_parallel):
         where = f"tp={plan.tp}" if plan.tp > 1 else f"the vocabulary split over pp={plan.pp} pipeline ranks"
         raise InputError("plan.kernels.loss", f"liger-kernel's fused linear cross-entropy has no vocabulary-"
                          f"parallel form, and this plan shards the head ({where})", "set kernels.loss: fused")

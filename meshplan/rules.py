@@ -20,6 +20,12 @@ MIN_LOSS_CHUNK_TOKENS = 256
 GROUPED_GEMM_ALIGN_BYTES = 16
 
 
+def head_is_whole(tp: int, pp: int, vocab_parallel: bool) -> bool:
+    """Whether the rank holding the LM head holds all of its vocabulary rows: no tensor-parallel split
+    (tp 1) and no split over pipeline ranks (``vocab_parallel`` with pp > 1). liger-kernel's loss needs it."""
+    return tp == 1 and not (vocab_parallel and pp > 1)
+
+
 def loss_chunk_tokens(tokens: int, hidden: int, vocab_local: int) -> int:
     """Tokens per chunk of the fused (chunked) linear + cross-entropy, at most T:
     ``max(next_pow2(ceil(T / ceil(V_local / h))), 256)``.

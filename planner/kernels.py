@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from meshplan.engines import MESHPLAN
 from meshplan.measured import KernelRow
+from meshplan.plan import KERNEL_NAMES
+from meshplan.rules import head_is_whole
 from meshplan.spec import ClusterSpec, ModelSpec
 
 from . import compute
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from .inputs import Config, Context
     from .vocab import VocabKey
 
-KERNEL_OPS = ("norm", "swiglu", "rope", "loss")
+KERNEL_OPS = KERNEL_NAMES
 # The largest difference from eager (relative to eager's largest magnitude, over outputs and input gradients)
 # an implementation may show and still be chosen: bf16's unit roundoff is 2^-8 = 3.9e-3, and a kernel that
 # rounds once where eager rounds at each step differs by a few units.
@@ -89,8 +91,7 @@ def plan_kernels(ctx: Context, cfg: Config | VocabKey) -> dict[str, str]:
         return {op: "fused" for op in KERNEL_OPS}
     compiled = getattr(cfg, "compile", False)
     chosen = kernel_choice(ctx.cluster, ctx.train.precision, compiled) | dict(ctx.kernels or ())
-    whole_head = cfg.tp == 1 and not (cfg.vocab_parallel and cfg.pp > 1)
-    if chosen["loss"] == "liger" and not whole_head:
+    if chosen["loss"] == "liger" and not head_is_whole(cfg.tp, cfg.pp, cfg.vocab_parallel):
         chosen["loss"] = "fused"
     return chosen
 

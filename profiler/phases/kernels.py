@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from meshplan.launcher.runtime import kernels as K
+from meshplan.planner.compute import FUSED_PASSES
 from meshplan.planner.kernels import KERNEL_OPS
 from meshplan.profiler.phases.timing import SAMPLE_S, lower_quartile, time_reps
 from meshplan.profiler.progress import Progress
@@ -25,7 +26,7 @@ from meshplan.spec import ModelSpec
 TIMED_IMPLS = ("fused", "liger")
 # torch.compile of the reference, timed in the full profile only (each op's compilation takes seconds) and
 # not for the loss (whose reference keeps the whole [tokens, vocab] logits: a memory choice, the planner's)
-COMPILED_OPS = ("norm", "swiglu", "rope")
+COMPILED_OPS = tuple(FUSED_PASSES)
 ERROR_CHARS = 200     # an implementation's error, as recorded: its first line, cut here
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from meshplan.launcher.checks import triton_interprets
+from meshplan.plan import KERNEL_NAMES
 
 from . import liger
 from .cross_entropy import chunked_linear_cross_entropy, default_chunk_tokens
@@ -295,7 +296,7 @@ class KernelSet:
 
 def kernels_from_plan(kernels: Mapping[str, str] | None) -> KernelSet:
     """Bind ``{"norm"|"swiglu"|"rope"|"loss": one of IMPLS}`` (missing names: reference)."""
-    chosen = {name: "reference" for name in ("norm", "swiglu", "rope", "loss")}
+    chosen = {name: "reference" for name in KERNEL_NAMES}
     for name, impl in (kernels or {}).items():
         if name not in chosen:
             raise ValueError(f"kernels.{name}: unknown kernel; known: {', '.join(chosen)}")

@@ -16,6 +16,8 @@ saving comes from the chunking, which both backends share; the Triton part saves
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -157,13 +159,28 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     loss runs in autocast's dtype, as autocast runs a matmul, with autocast off inside: the chunk GEMMs write
     into preallocated gradient buffers of the inputs' dtype, and autocast would make their products bf16 (an
     H200 run stopped at ``torch.mm(..., out=)``: "expected out tensor to have dtype BFloat16, got float").
-    The casts are autograd ops, so the gradients reach the fp32 hidden states and weight in fp32."""
+    The casts are autograd ops, so the gradients reach the fp32 hidden states and weight in fp32
+    (:func:`outside_autocast`)."""
+    return outside_autocast(_chunked_linear_cross_entropy, hidden, weight, targets, process_group, chunk_tokens,
+                            ignore_index, reduce_hidden_grad, backend, vocab_start)
+
+
+def outside_autocast(loss: Callable[..., torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor,
+                     *args: Any) -> torch.Tensor:
+    """``loss(hidden, weight, *args)``; under autocast, with both cast to autocast's dtype first and autocast
+    off inside, so a loss that computes its gradients in the forward keeps them in that dtype and writes them
+    into buffers of it (the casts are autograd ops: the gradients reach the original tensors in their dtype)."""
     device_type = hidden.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         low = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return chunked_linear_cross_entropy(hidden.to(low), weight.to(low), targets, process_group,
-                                                chunk_tokens, ignore_index, reduce_hidden_grad, backend, vocab_start)
+            return loss(hidden.to(low), weight.to(low), *args)
+    return loss(hidden, weight, *args)
+
+
+def _chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  process_group, chunk_tokens: int | None, ignore_index: int,
+                                  reduce_hidden_grad: bool, backend: str, vocab_start: int | None) -> torch.Tensor:
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     if hidden.shape[-1] != weight.shape[-1]:

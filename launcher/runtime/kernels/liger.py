@@ -27,6 +27,8 @@ import torch
 
 from meshplan.rules import liger_loss_chunk_tokens
 
+from .cross_entropy import outside_autocast
+
 INSTALL_HINT = "pip install 'meshplan[gpu]' (liger-kernel), or set the kernel to fused"
 
 # Memos of import_error and of liger's functional module: plain globals, which torch.compile reads as
@@ -113,15 +115,15 @@ class RotaryFunction(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, shape_only: bool = False) -> torch.Tensor:
-    """Under autocast, hidden states and weight are cast to autocast's dtype first (autograd ops) and the loss
-    runs with autocast off, as meshplan's chunked loss does: liger then keeps both gradients in that dtype
-    (it would keep an fp32 weight's in fp32) and accumulates the weight's in place. ``shape_only``: fake or
-    meta tensors (:class:`ShapeOnlyLoss`)."""
-    device_type = hidden.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        low = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return linear_cross_entropy(hidden.to(low), weight.to(low), targets, ignore_index, shape_only)
+    """Under autocast, hidden states and weight are cast to autocast's dtype first and the loss runs with
+    autocast off, as meshplan's chunked loss does (``cross_entropy.outside_autocast``): liger then keeps both
+    gradients in that dtype (it would keep an fp32 weight's in fp32) and accumulates the weight's in place.
+    ``shape_only``: fake or meta tensors (:class:`ShapeOnlyLoss`)."""
+    return outside_autocast(_linear_cross_entropy, hidden, weight, targets, ignore_index, shape_only)
+
+
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          shape_only: bool) -> torch.Tensor:
     if shape_only:
         return ShapeOnlyLoss.apply(hidden, weight)
     loss = _functional().liger_fused_linear_cross_entropy(
